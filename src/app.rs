@@ -1,0 +1,120 @@
+//! `Application::build` wires settings into a running service: connects the databases,
+//! obtains a worker id, binds the listener (port 0 works), and serves until a
+//! [`CancellationToken`] fires. Background loops take the same token.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::domain::ids::WorkerId;
+use crate::http::auth::AuthKeys;
+use crate::http::{router, AppState};
+use crate::lease::{lease_worker, IdSource};
+use crate::service::catalog::CatalogService;
+use crate::service::orders::OrderService;
+use crate::service::sweeper;
+use crate::storage::shards::ShardMap;
+use crate::storage::{self, schema};
+
+/// A built, bound, not yet serving application.
+pub struct Application {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    settings: Settings,
+    shutdown: CancellationToken,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl Application {
+    /// Connects everything and binds `server.listen`.
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
+        let shards = ShardMap::connect(&settings).await?;
+        let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
+        let redis = match redis::Client::open(settings.redis.url.as_str()) {
+            Ok(client) => match tokio::time::timeout(Duration::from_secs(3), client.get_connection_manager()).await {
+                Ok(Ok(m)) => Some(m),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "redis unavailable at start");
+                    None
+                }
+                Err(_) => {
+                    tracing::warn!("redis did not answer within 3 s at start");
+                    None
+                }
+            },
+            Err(e) => return Err(e.into()),
+        };
+        let mut background = Vec::new();
+        let ids: Arc<IdSource> = match (settings.ids.worker_id, &redis) {
+            (Some(w), _) => IdSource::fixed(WorkerId::new(w).ok_or_else(|| anyhow::anyhow!("worker id {w} out of range"))?),
+            (None, Some(r)) => {
+                let ttl = Duration::from_secs(settings.ids.lease_ttl_secs);
+                let (source, keeper) = lease_worker(r.clone(), settings.redis.key_prefix.clone(), ttl, shutdown.clone()).await?;
+                background.push(keeper);
+                source
+            }
+            (None, None) => anyhow::bail!("no ids.worker_id set and Redis is unreachable to lease one"),
+        };
+        let orders = OrderService::new(shards, commerce.clone(), settings.orders.clone());
+        let state = AppState {
+            orders,
+            catalog: CatalogService::new(commerce),
+            ids,
+            auth: Arc::new(AuthKeys::new(&settings.auth.jwt_secret)),
+            redis,
+        };
+        let listener = TcpListener::bind(settings.server.listen).await?;
+        let addr = listener.local_addr()?;
+        Ok(Application {
+            listener,
+            addr,
+            state,
+            settings,
+            shutdown,
+            background,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until the shutdown token fires, with the sweeper running beside it.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let s = &self.settings;
+        let sweeper = tokio::spawn(sweeper::run(
+            self.state.orders.clone(),
+            Duration::from_secs(s.orders.reservation_grace_secs),
+            Duration::from_secs(s.sweeper.interval_secs),
+            s.sweeper.batch_size,
+            self.shutdown.clone(),
+        ));
+        let app = router(self.state, s.server.body_limit_bytes, s.request_timeout());
+        let token = self.shutdown.clone();
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { token.cancelled().await })
+            .await?;
+        let _ = sweeper.await;
+        for h in self.background {
+            let _ = h.await;
+        }
+        Ok(())
+    }
+}
+
+/// `orderly migrate`: creates every table on every database of the settings.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateReport> {
+    let shards = ShardMap::connect(settings).await?;
+    let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
+    Ok(schema::migrate(&commerce, &shards).await?)
+}

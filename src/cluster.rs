@@ -1,0 +1,1540 @@
+//! A throwaway local cluster of real servers (MariaDB and Redis), started from the binaries on
+//! `PATH`, for `orderly playground` and the integration-test harness.
+//!
+//! # What it starts
+//!
+//! [`LocalCluster::start`] creates one directory named `orderly-cluster-XXXXXX` (under
+//! `/dev/shm` when it is usable — every server file then lives in RAM — else under the system
+//! temporary directory, or under [`ClusterSpec::base_dir`]) and starts inside it:
+//!
+//! * `mariadb_servers` MariaDB servers (`mariadb-<i>/`), each on its own free TCP port on
+//!   127.0.0.1 with its own socket, pid file, error log and datadir. `mariadb-install-db` runs
+//!   once; the fresh datadir is copied for the other servers (a copy on tmpfs costs a few
+//!   milliseconds, a bootstrap about half a second). Every server has the binary log on with a
+//!   unique `server_id` (`1..=n`), GTID strict mode, `log_slave_updates` and row-based logging,
+//!   so a replica can later be attached with real GTID replication. Each server has the user
+//!   `orderly`@`%` / `orderly`@`localhost`, password `orderly`, with every privilege; see
+//!   [`MariaDbServer::url`].
+//! * optionally one Redis server (`redis/`), without any persistence.
+//!
+//! `start` returns only once every MariaDB server accepts a login as `orderly` over TCP and
+//! Redis answers `PING`.
+//!
+//! # Invariants
+//!
+//! * **Servers never outlive their owner.** Three layers guarantee it:
+//!   1. `Drop` for [`LocalCluster`] stops every server (SIGTERM, a short grace period, then
+//!      SIGKILL), reaps it and removes the directory.
+//!   2. Every server is spawned with `PR_SET_PDEATHSIG = SIGKILL`, so the kernel kills it when
+//!      the owning process dies, however it dies. The kernel fires that signal when the *thread*
+//!      that forked the child exits, not the process; the Rust test harness runs every test on
+//!      its own short-lived thread while one cluster is shared by all the tests of a binary. So
+//!      every `fork` happens on a single dedicated spawner thread, started once per process,
+//!      that never exits: the signal then fires exactly when the process dies.
+//!   3. A cluster kept in a `static` is never dropped, so an `atexit` hook kills the servers of
+//!      every cluster still alive when the process exits normally and removes their directories.
+//!      And a crashed owner (SIGKILL, abort) leaves a directory behind: every `start` first sweeps
+//!      sibling `orderly-cluster-*` directories whose `owner.pid` names a dead process, killing
+//!      any server still recorded in them (`child.pid`, checked against `/proc/<pid>/cwd` so an
+//!      unrelated process that reused the pid is never touched) and removing them.
+//! * **No runtime-bound state.** A cluster holds only plain child processes and paths, no sqlx
+//!   connection or tokio resource, so one cluster started on one tokio runtime can be used from
+//!   any other (each `#[tokio::test]` has its own runtime). [`LocalCluster::start_blocking`]
+//!   starts one from synchronous code, e.g. a `OnceLock` initialiser, even inside a runtime.
+//! * **Nothing is durable.** Durability settings are those of a throwaway cluster on tmpfs, but
+//!   chosen so that killing a *server process* (SIGKILL) loses no committed transaction: fault
+//!   tests see the same data a crashed production server would recover.
+//! * The system MariaDB and Redis services (3306, 6379) are never used or touched: every server
+//!   is started with `--no-defaults` (MariaDB) or without a configuration file (Redis).
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{self, Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Mutex, MutexGuard, Once, OnceLock, PoisonError, TryLockError};
+use std::time::{Duration, Instant};
+
+use sqlx::mysql::MySqlConnection;
+use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+
+/// The MariaDB user every server of the cluster has, with every privilege.
+pub const USER: &str = "orderly";
+/// The password of [`USER`].
+pub const PASSWORD: &str = "orderly";
+
+/// Prefix of every cluster directory; the stale-directory sweep only looks at these.
+const DIR_PREFIX: &str = "orderly-cluster-";
+/// File in a cluster directory holding the pid of the owning process.
+const OWNER_PID_FILE: &str = "owner.pid";
+/// File in each server directory holding the pid of the server process we spawned.
+const CHILD_PID_FILE: &str = "child.pid";
+
+/// How long a server may take to accept connections. A healthy server on tmpfs takes well
+/// under a second; the margin is for loaded CI machines running several test binaries at once.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Readiness polling interval: short, because startup time is paid by every test binary.
+const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// Upper bound for one readiness probe, so a server that accepts TCP but never answers (e.g.
+/// paused) cannot stall the poll loop past [`READY_TIMEOUT`].
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Grace period after SIGTERM in `Drop` before SIGKILL. A throwaway server has nothing worth a
+/// long clean shutdown (MariaDB on tmpfs shuts down in ~20 ms); `Drop` must stay quick.
+const DROP_GRACE: Duration = Duration::from_secs(2);
+/// Grace period of an explicit `stop`: a clean shutdown is what the caller asked for.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often a server is re-spawned on a fresh port when its port was taken between our probe
+/// and its `bind` (the probe releases the port before the server binds it).
+const PORT_ATTEMPTS: usize = 3;
+/// A cluster directory without `owner.pid` may be one being created right now by another
+/// process; only one older than this is considered abandoned.
+const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
+/// Lines of a server log quoted in an error.
+const LOG_TAIL_LINES: usize = 40;
+
+/// `mariadbd` options shared by `mariadb-install-db` (which passes unknown options on to its
+/// bootstrap `mariadbd`) and every server start, so the bootstrap creates the InnoDB files with
+/// the geometry the server then uses unchanged.
+const SHARED_MARIADB_OPTIONS: &[&str] = &[
+    // Write the redo log to the OS at every commit but never fsync it: nothing on tmpfs is
+    // durable anyway, and unlike `=0` a SIGKILLed server (fault tests) still recovers every
+    // committed transaction, as a crashed production server would.
+    "--innodb-flush-log-at-trx-commit=2",
+    // The doublewrite buffer protects against torn pages on power loss, which a throwaway
+    // cluster never sees; a killed process cannot tear a page. Halves page writes.
+    "--innodb-doublewrite=0",
+    // Enough for the test data sets; small so several clusters (one per test binary, run in
+    // parallel) fit in memory. Pages live on tmpfs, so a miss is cheap.
+    "--innodb-buffer-pool-size=128M",
+    // Moderate redo log: large enough that test bursts do not force checkpoint flushing, small
+    // because it is allocated in full on tmpfs (RAM) per server (the default is 96M).
+    "--innodb-log-file-size=32M",
+    // Instrumentation costs memory (~100M per server) and startup time; no test reads it.
+    "--performance-schema=0",
+    // No DNS: the machine may have no resolver, and a lookup per connection is pure latency.
+    // Also keeps `mariadb-install-db` from resolving the host name.
+    "--skip-name-resolve",
+    // `--no-defaults` drops Debian's packaged configuration, whose charset is utf8mb4, and the
+    // compiled-in default is latin1: restore what a packaged server uses.
+    "--character-set-server=utf8mb4",
+    "--collation-server=utf8mb4_general_ci",
+];
+
+/// `mariadbd` options for serving (not for the bootstrap).
+const SERVER_MARIADB_OPTIONS: &[&str] = &[
+    // Binary log with fixed file names (the default is derived from the host name), so a
+    // replica can be attached later.
+    "--log-bin=mariadb-bin",
+    "--relay-log=relay-bin",
+    // Row-based replication, as in production: deterministic for any statement.
+    "--binlog-format=ROW",
+    // Replicas must refuse out-of-order GTIDs instead of silently diverging.
+    "--gtid-strict-mode=1",
+    // A replica re-logs what it applies, so it can be promoted or chained.
+    "--log-slave-updates",
+    // Never fsync the binary log: it is still written to the OS at commit, so a SIGKILLed server
+    // loses nothing, and tmpfs has nothing to sync to.
+    "--sync-binlog=0",
+    // Tests open pools from many threads against every shard, plus fault-test reconnect storms.
+    "--max-connections=500",
+    // No host cache: fault tests abort connections mid-handshake, and after
+    // `max_connect_errors` of those the cache would block 127.0.0.1 for good.
+    "--host-cache-size=0",
+    // Nothing worth warming in a throwaway server; dumping at shutdown only slows `stop`.
+    "--innodb-buffer-pool-dump-at-shutdown=0",
+    "--innodb-buffer-pool-load-at-startup=0",
+];
+
+/// SQL run by every MariaDB server at every start (`--init-file`): one statement per line, no
+/// comments (the init-file parser is minimal). `IF NOT EXISTS` makes restarts work. The
+/// statements are kept out of the binary log: otherwise each server would log GTIDs of its own
+/// (`0-<server_id>-1..4`), and a replica attached later in GTID strict mode would refuse the
+/// primary's lower-numbered GTIDs of the same domain as out of order.
+const INIT_SQL: &str = "SET SESSION sql_log_bin = 0;
+CREATE USER IF NOT EXISTS 'orderly'@'%' IDENTIFIED BY 'orderly';
+CREATE USER IF NOT EXISTS 'orderly'@'localhost' IDENTIFIED BY 'orderly';
+GRANT ALL PRIVILEGES ON *.* TO 'orderly'@'%' WITH GRANT OPTION;
+GRANT ALL PRIVILEGES ON *.* TO 'orderly'@'localhost' WITH GRANT OPTION;
+";
+
+/// Errors of starting or controlling a [`LocalCluster`].
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// A server binary is neither on `PATH` nor in the usual bin/sbin directories.
+    #[error("{binary} not found on PATH: install the Debian package {package} (apt-get install {package})")]
+    MissingBinary {
+        binary: &'static str,
+        package: &'static str,
+    },
+    /// A file-system or process operation failed.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    /// `mariadb-install-db` exited with an error; `output` is the tail of what it printed.
+    #[error("mariadb-install-db failed for {datadir} ({status}):\n{output}")]
+    InstallDb {
+        datadir: PathBuf,
+        status: ExitStatus,
+        output: String,
+    },
+    /// A server exited or did not answer in time; `tail` is the end of its log for this run
+    /// (the log itself disappears with the cluster directory when `start` fails).
+    #[error("{server} did not become ready: {reason}\n--- last lines of {} ---\n{tail}", log.display())]
+    NotReady {
+        server: String,
+        reason: String,
+        log: PathBuf,
+        tail: String,
+    },
+    /// The kernel handed out no usable ephemeral port.
+    #[error("no free TCP port on 127.0.0.1: {0}")]
+    NoFreePort(#[source] io::Error),
+    /// A MariaDB server index out of range.
+    #[error("no MariaDB server with index {index}: the cluster has {count}")]
+    NoSuchServer { index: usize, count: usize },
+    /// A Redis operation on a cluster started without Redis.
+    #[error("the cluster was started without Redis")]
+    NoRedis,
+    /// Pausing or resuming a server that is not running.
+    #[error("{0} is not running")]
+    NotRunning(String),
+    /// The process-wide spawner thread could not be started.
+    #[error("the process spawner thread is unavailable")]
+    SpawnerUnavailable,
+}
+
+impl ClusterError {
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        ClusterError::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// What [`LocalCluster::start`] starts.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    /// Number of independent MariaDB servers (shards), each with a unique `server_id`.
+    pub mariadb_servers: usize,
+    /// Whether to start a Redis server.
+    pub with_redis: bool,
+    /// Directory in which the `orderly-cluster-XXXXXX` directory is created; `None` picks
+    /// `/dev/shm` when usable, else the system temporary directory.
+    pub base_dir: Option<PathBuf>,
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec {
+            mariadb_servers: 1,
+            with_redis: true,
+            base_dir: None,
+        }
+    }
+}
+
+/// A running throwaway cluster. Dropping it stops every server and removes its directory.
+#[derive(Debug)]
+pub struct LocalCluster {
+    /// `None` only while dropping.
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
+    mariadb: Vec<MariaDbServer>,
+    redis: Option<RedisServer>,
+    startup_time: Duration,
+}
+
+impl LocalCluster {
+    /// Starts the servers described by `spec` and waits until all of them serve.
+    ///
+    /// On error everything started so far is stopped and the directory removed.
+    pub async fn start(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
+        let began = Instant::now();
+        let binaries = Binaries::find(&spec)?;
+        let (dir, path) = create_cluster_dir(spec.base_dir.as_deref())?;
+        // From here on an early return drops `cluster`, which cleans up whatever was started.
+        let mut cluster = LocalCluster {
+            dir: Some(dir),
+            path,
+            mariadb: Vec::new(),
+            redis: None,
+            startup_time: Duration::ZERO,
+        };
+        let mut ports = PortPicker::default();
+
+        // Redis first: it boots while MariaDB bootstraps.
+        if let Some(binary) = binaries.redis {
+            let redis = RedisServer::new(&cluster.path, binary, ports.pick()?)?;
+            redis.spawn().await?;
+            cluster.redis = Some(redis);
+        }
+
+        if let Some((mariadbd, install_db)) = binaries.mariadb {
+            let init_file = cluster.path.join("init.sql");
+            fs::write(&init_file, INIT_SQL)
+                .map_err(|e| ClusterError::io(format!("writing {}", init_file.display()), e))?;
+            for index in 0..spec.mariadb_servers {
+                cluster.mariadb.push(MariaDbServer::new(
+                    &cluster.path,
+                    index,
+                    mariadbd.clone(),
+                    init_file.clone(),
+                    ports.pick()?,
+                )?);
+            }
+            let datadirs: Vec<PathBuf> = cluster.mariadb.iter().map(|s| s.datadir()).collect();
+            install_datadirs(install_db, datadirs).await?;
+            for server in &cluster.mariadb {
+                server.spawn(false).await?;
+            }
+            for server in &mut cluster.mariadb {
+                server.await_first_start(&mut ports).await?;
+            }
+        }
+
+        if let Some(redis) = &mut cluster.redis {
+            redis.await_first_start(&mut ports).await?;
+        }
+
+        cluster.startup_time = began.elapsed();
+        tracing::info!(
+            dir = %cluster.path.display(),
+            mariadb_ports = ?cluster.mariadb.iter().map(|s| s.port).collect::<Vec<_>>(),
+            redis_port = ?cluster.redis.as_ref().map(|r| r.port),
+            startup_ms = cluster.startup_time.as_millis() as u64,
+            "local cluster started"
+        );
+        Ok(cluster)
+    }
+
+    /// [`LocalCluster::start`] for synchronous code (e.g. a `OnceLock` initialiser in a test
+    /// harness). Runs on a fresh thread with its own runtime, so it also works when called from
+    /// inside a tokio runtime (blocking that runtime's thread meanwhile).
+    pub fn start_blocking(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
+        let worker = std::thread::Builder::new()
+            .name("orderly-cluster-start".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ClusterError::io("building a runtime to start the cluster", e))?;
+                runtime.block_on(LocalCluster::start(spec))
+            })
+            .map_err(|e| ClusterError::io("spawning the cluster start thread", e))?;
+        match worker.join() {
+            Ok(result) => result,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+
+    /// The cluster directory (removed when the cluster is dropped).
+    pub fn dir(&self) -> &Path {
+        &self.path
+    }
+
+    /// How long [`LocalCluster::start`] took.
+    pub fn startup_time(&self) -> Duration {
+        self.startup_time
+    }
+
+    /// The MariaDB server with index `index`.
+    ///
+    /// # Panics
+    ///
+    /// If `index >= mariadb_servers().len()`, like slice indexing.
+    pub fn mariadb(&self, index: usize) -> &MariaDbServer {
+        &self.mariadb[index]
+    }
+
+    /// Every MariaDB server, by index.
+    pub fn mariadb_servers(&self) -> &[MariaDbServer] {
+        &self.mariadb
+    }
+
+    /// Base URL of every MariaDB server, `mysql://orderly:orderly@127.0.0.1:PORT`, with no
+    /// database path and no parameters: callers append `/dbname?ssl-mode=disabled` themselves
+    /// (the servers have no TLS). [`MariaDbServer::url`] builds the full URL.
+    pub fn mariadb_urls(&self) -> Vec<String> {
+        self.mariadb.iter().map(MariaDbServer::base_url).collect()
+    }
+
+    /// The Redis server, if the cluster has one.
+    pub fn redis(&self) -> Option<&RedisServer> {
+        self.redis.as_ref()
+    }
+
+    /// `redis://127.0.0.1:PORT`, if the cluster has Redis.
+    pub fn redis_url(&self) -> Option<String> {
+        self.redis.as_ref().map(RedisServer::url)
+    }
+
+    fn server(&self, index: usize) -> Result<&MariaDbServer, ClusterError> {
+        self.mariadb.get(index).ok_or(ClusterError::NoSuchServer {
+            index,
+            count: self.mariadb.len(),
+        })
+    }
+
+    fn redis_server(&self) -> Result<&RedisServer, ClusterError> {
+        self.redis.as_ref().ok_or(ClusterError::NoRedis)
+    }
+
+    /// Shuts MariaDB server `index` down cleanly (SIGTERM; SIGKILL after 10 s).
+    pub async fn stop_mariadb(&self, index: usize) -> Result<(), ClusterError> {
+        self.server(index)?.stop().await
+    }
+
+    /// Kills MariaDB server `index` with SIGKILL, as a crash would.
+    pub fn kill_mariadb(&self, index: usize) -> Result<(), ClusterError> {
+        self.server(index)?.kill()
+    }
+
+    /// (Re)starts MariaDB server `index` on its port and datadir and waits until it serves.
+    pub async fn start_mariadb(&self, index: usize) -> Result<(), ClusterError> {
+        self.server(index)?.start().await
+    }
+
+    /// Freezes MariaDB server `index` (SIGSTOP): connections hang instead of failing.
+    pub fn pause_mariadb(&self, index: usize) -> Result<(), ClusterError> {
+        self.server(index)?.pause()
+    }
+
+    /// Unfreezes MariaDB server `index` (SIGCONT).
+    pub fn resume_mariadb(&self, index: usize) -> Result<(), ClusterError> {
+        self.server(index)?.resume()
+    }
+
+    /// Shuts Redis down cleanly (SIGTERM; SIGKILL after 10 s).
+    pub async fn stop_redis(&self) -> Result<(), ClusterError> {
+        self.redis_server()?.stop().await
+    }
+
+    /// Kills Redis with SIGKILL; its data is lost (it has no persistence).
+    pub fn kill_redis(&self) -> Result<(), ClusterError> {
+        self.redis_server()?.kill()
+    }
+
+    /// (Re)starts Redis on its port, empty, and waits until it answers `PING`.
+    pub async fn start_redis(&self) -> Result<(), ClusterError> {
+        self.redis_server()?.start().await
+    }
+
+    /// Freezes Redis (SIGSTOP).
+    pub fn pause_redis(&self) -> Result<(), ClusterError> {
+        self.redis_server()?.pause()
+    }
+
+    /// Unfreezes Redis (SIGCONT).
+    pub fn resume_redis(&self) -> Result<(), ClusterError> {
+        self.redis_server()?.resume()
+    }
+}
+
+impl Drop for LocalCluster {
+    fn drop(&mut self) {
+        let processes: Vec<&ServerProcess> = self
+            .mariadb
+            .iter()
+            .map(|s| &s.process)
+            .chain(self.redis.iter().map(|r| &r.process))
+            .collect();
+        for process in &processes {
+            process.terminate();
+        }
+        let deadline = Instant::now() + DROP_GRACE;
+        while processes.iter().any(|p| !p.reap()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for process in &processes {
+            process.kill();
+        }
+        unregister_live_dir(&self.path);
+        if let Some(dir) = self.dir.take() {
+            if let Err(e) = dir.close() {
+                tracing::warn!(dir = %self.path.display(), error = %e, "cannot remove cluster directory");
+            }
+        }
+    }
+}
+
+/// One MariaDB server of a [`LocalCluster`].
+#[derive(Debug)]
+pub struct MariaDbServer {
+    index: usize,
+    server_id: u32,
+    port: u16,
+    mariadbd: PathBuf,
+    init_file: PathBuf,
+    process: ServerProcess,
+}
+
+impl MariaDbServer {
+    fn new(
+        cluster_dir: &Path,
+        index: usize,
+        mariadbd: PathBuf,
+        init_file: PathBuf,
+        port: u16,
+    ) -> Result<Self, ClusterError> {
+        let dir = cluster_dir.join(format!("mariadb-{index}"));
+        fs::create_dir(&dir)
+            .map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
+        // Cannot saturate: every server needs ~100 MB of memory, so n stays far below u32::MAX.
+        let server_id = u32::try_from(index + 1).unwrap_or(u32::MAX);
+        Ok(MariaDbServer {
+            index,
+            server_id,
+            port,
+            mariadbd,
+            init_file,
+            process: ServerProcess::new(
+                format!("mariadb-{index}"),
+                dir.clone(),
+                dir.join("error.log"),
+            ),
+        })
+    }
+
+    /// Index of this server in the cluster.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// Its `server_id`: `index + 1`. Replicas attached later need ids outside `1..=n`.
+    pub fn server_id(&self) -> u32 {
+        self.server_id
+    }
+
+    /// Its TCP port on 127.0.0.1 (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mysql://orderly:orderly@127.0.0.1:PORT`: no database, no parameters.
+    pub fn base_url(&self) -> String {
+        format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
+    /// `mysql://orderly:orderly@127.0.0.1:PORT/{db}?ssl-mode=disabled` (the servers have no TLS).
+    pub fn url(&self, db: &str) -> String {
+        format!("{}/{db}?ssl-mode=disabled", self.base_url())
+    }
+
+    /// `mysql://orderly:orderly@127.0.0.1:PORT/?ssl-mode=disabled`: no default database, for
+    /// `CREATE DATABASE` and server-wide statements.
+    pub fn admin_url(&self) -> String {
+        self.url("")
+    }
+
+    /// Its Unix socket.
+    pub fn socket(&self) -> PathBuf {
+        self.process.dir.join("mariadbd.sock")
+    }
+
+    /// Its datadir.
+    pub fn datadir(&self) -> PathBuf {
+        self.process.dir.join("data")
+    }
+
+    /// Its error log (which also receives the server's stdout and stderr).
+    pub fn error_log(&self) -> &Path {
+        &self.process.log
+    }
+
+    /// Pid of the running server, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Whether the server process is alive (paused counts as alive).
+    pub fn is_running(&self) -> bool {
+        self.process.pid().is_some()
+    }
+
+    /// (Re)starts the server on the same port and datadir and waits until it serves. Does
+    /// nothing when it already runs.
+    pub async fn start(&self) -> Result<(), ClusterError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let log_offset = self.spawn(true).await?;
+        self.wait_ready()
+            .await
+            .map_err(|f| self.process.not_ready(f, log_offset))
+    }
+
+    /// Shuts the server down cleanly (SIGTERM; SIGKILL after 10 s). Does nothing when stopped.
+    pub async fn stop(&self) -> Result<(), ClusterError> {
+        self.process.stop(STOP_GRACE).await;
+        Ok(())
+    }
+
+    /// Kills the server with SIGKILL, as a crash would. Does nothing when stopped.
+    pub fn kill(&self) -> Result<(), ClusterError> {
+        self.process.kill();
+        Ok(())
+    }
+
+    /// Freezes the server (SIGSTOP).
+    pub fn pause(&self) -> Result<(), ClusterError> {
+        self.process.signal(libc::SIGSTOP)
+    }
+
+    /// Unfreezes the server (SIGCONT).
+    pub fn resume(&self) -> Result<(), ClusterError> {
+        self.process.signal(libc::SIGCONT)
+    }
+
+    /// Spawns `mariadbd`; returns the error-log offset where this run's output starts.
+    async fn spawn(&self, restart: bool) -> Result<u64, ClusterError> {
+        let dir = &self.process.dir;
+        let mut command = Command::new(&self.mariadbd);
+        // `--no-defaults` must come first: no option file (the system server's) is read.
+        command.arg("--no-defaults");
+        if running_as_root() {
+            // mariadbd refuses to run as root unless told to.
+            command.arg("--user=root");
+        }
+        command
+            .arg(path_arg("--datadir=", &self.datadir()))
+            .arg(path_arg("--socket=", &self.socket()))
+            .arg(path_arg("--pid-file=", &dir.join("mariadbd.pid")))
+            .arg(path_arg("--log-error=", &self.process.log))
+            .arg(path_arg("--init-file=", &self.init_file))
+            // Temporary tables and files stay inside the cluster directory (and on tmpfs).
+            .arg(path_arg("--tmpdir=", dir))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--port={}", self.port))
+            .arg(format!("--server-id={}", self.server_id))
+            .args(SHARED_MARIADB_OPTIONS)
+            .args(SERVER_MARIADB_OPTIONS);
+        if restart {
+            // A restart must get the same port back; connections of the previous run may hold
+            // it briefly. mariadbd retries the bind once a second for this long.
+            command.arg("--port-open-timeout=10");
+        }
+        self.process.spawn(command).await
+    }
+
+    /// Waits for the first start, moving to a fresh port when the chosen one was taken.
+    async fn await_first_start(&mut self, ports: &mut PortPicker) -> Result<(), ClusterError> {
+        let mut log_offset = 0;
+        for attempt in 1..=PORT_ATTEMPTS {
+            match self.wait_ready().await {
+                Ok(()) => return Ok(()),
+                Err(failure)
+                    if attempt < PORT_ATTEMPTS && self.process.lost_port(&failure, log_offset) =>
+                {
+                    tracing::debug!(server = %self.process.name, port = self.port, "port taken, retrying");
+                    self.port = ports.pick()?;
+                    log_offset = self.spawn(false).await?;
+                }
+                Err(failure) => return Err(self.process.not_ready(failure, log_offset)),
+            }
+        }
+        Err(self
+            .process
+            .not_ready(Failure::TimedOut("no attempt left".into()), log_offset))
+    }
+
+    async fn wait_ready(&self) -> Result<(), Failure> {
+        let url = self.admin_url();
+        self.process
+            .wait_ready(|| async {
+                let mut conn = MySqlConnection::connect(&url)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                conn.ping().await.map_err(|e| e.to_string())?;
+                // Closing politely keeps "aborted connection" noise out of the error log.
+                let _ = conn.close().await;
+                Ok(())
+            })
+            .await
+    }
+}
+
+/// The Redis server of a [`LocalCluster`].
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    binary: PathBuf,
+    process: ServerProcess,
+}
+
+impl RedisServer {
+    fn new(cluster_dir: &Path, binary: PathBuf, port: u16) -> Result<Self, ClusterError> {
+        let dir = cluster_dir.join("redis");
+        fs::create_dir(&dir)
+            .map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
+        Ok(RedisServer {
+            port,
+            binary,
+            process: ServerProcess::new("redis".into(), dir.clone(), dir.join("redis.log")),
+        })
+    }
+
+    /// Its TCP port on 127.0.0.1 (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Its log (the server's stdout and stderr).
+    pub fn log(&self) -> &Path {
+        &self.process.log
+    }
+
+    /// Pid of the running server, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Whether the server process is alive (paused counts as alive).
+    pub fn is_running(&self) -> bool {
+        self.process.pid().is_some()
+    }
+
+    /// (Re)starts Redis, empty, on the same port and waits until it answers `PING`. Does
+    /// nothing when it already runs.
+    pub async fn start(&self) -> Result<(), ClusterError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let log_offset = self.spawn().await?;
+        self.wait_ready()
+            .await
+            .map_err(|f| self.process.not_ready(f, log_offset))
+    }
+
+    /// Shuts Redis down (SIGTERM; SIGKILL after 10 s). Does nothing when stopped.
+    pub async fn stop(&self) -> Result<(), ClusterError> {
+        self.process.stop(STOP_GRACE).await;
+        Ok(())
+    }
+
+    /// Kills Redis with SIGKILL. Does nothing when stopped.
+    pub fn kill(&self) -> Result<(), ClusterError> {
+        self.process.kill();
+        Ok(())
+    }
+
+    /// Freezes Redis (SIGSTOP).
+    pub fn pause(&self) -> Result<(), ClusterError> {
+        self.process.signal(libc::SIGSTOP)
+    }
+
+    /// Unfreezes Redis (SIGCONT).
+    pub fn resume(&self) -> Result<(), ClusterError> {
+        self.process.signal(libc::SIGCONT)
+    }
+
+    async fn spawn(&self) -> Result<u64, ClusterError> {
+        let mut command = Command::new(&self.binary);
+        command
+            .arg("--port")
+            .arg(self.port.to_string())
+            // Loopback only: nothing outside this machine may reach a password-less server.
+            .arg("--bind")
+            .arg("127.0.0.1")
+            // No RDB snapshots and no AOF: a throwaway cache, and fork-for-save would only cost
+            // memory and latency spikes.
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            // Anything Redis might still write goes into the cluster directory.
+            .arg("--dir")
+            .arg(&self.process.dir)
+            // In the foreground, so it stays our child: we signal and reap it directly.
+            .arg("--daemonize")
+            .arg("no");
+        self.process.spawn(command).await
+    }
+
+    async fn await_first_start(&mut self, ports: &mut PortPicker) -> Result<(), ClusterError> {
+        let mut log_offset = 0;
+        for attempt in 1..=PORT_ATTEMPTS {
+            match self.wait_ready().await {
+                Ok(()) => return Ok(()),
+                Err(failure)
+                    if attempt < PORT_ATTEMPTS && self.process.lost_port(&failure, log_offset) =>
+                {
+                    tracing::debug!(port = self.port, "redis port taken, retrying");
+                    self.port = ports.pick()?;
+                    log_offset = self.spawn().await?;
+                }
+                Err(failure) => return Err(self.process.not_ready(failure, log_offset)),
+            }
+        }
+        Err(self
+            .process
+            .not_ready(Failure::TimedOut("no attempt left".into()), log_offset))
+    }
+
+    async fn wait_ready(&self) -> Result<(), Failure> {
+        let port = self.port;
+        self.process.wait_ready(|| redis_ping(port)).await
+    }
+}
+
+/// Sends `PING` to the Redis server on `port` over a raw connection and expects `+PONG`.
+async fn redis_ping(port: u16) -> Result<(), String> {
+    let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"*1\r\n$4\r\nPING\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 64];
+    while !reply.ends_with(b"\r\n") {
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before a reply".into());
+        }
+        reply.extend_from_slice(&buf[..n]);
+    }
+    if reply.starts_with(b"+PONG") {
+        Ok(())
+    } else {
+        Err(format!(
+            "unexpected reply {:?}",
+            String::from_utf8_lossy(&reply)
+        ))
+    }
+}
+
+/// Why a server did not become ready.
+#[derive(Debug)]
+enum Failure {
+    Exited(String),
+    TimedOut(String),
+}
+
+/// A server child process: spawning, signals, reaping, its log.
+#[derive(Debug)]
+struct ServerProcess {
+    name: String,
+    /// The server's own directory: its working directory and the home of `child.pid`.
+    dir: PathBuf,
+    /// Receives the child's stdout and stderr.
+    log: PathBuf,
+    /// The current child; `None` before the first spawn and once reaped.
+    child: Mutex<Option<Child>>,
+}
+
+impl ServerProcess {
+    fn new(name: String, dir: PathBuf, log: PathBuf) -> Self {
+        ServerProcess {
+            name,
+            dir,
+            log,
+            child: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Option<Child>> {
+        self.child.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Spawns `command` (on the spawner thread, with stdio to the log) as this server's child
+    /// and records its pid; returns the log offset where its output starts.
+    async fn spawn(&self, mut command: Command) -> Result<u64, ClusterError> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .map_err(|e| ClusterError::io(format!("opening {}", self.log.display()), e))?;
+        let log_offset = log
+            .metadata()
+            .map_err(|e| ClusterError::io(format!("reading {}", self.log.display()), e))?
+            .len();
+        let stderr = log
+            .try_clone()
+            .map_err(|e| ClusterError::io(format!("duplicating {}", self.log.display()), e))?;
+        command
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(stderr);
+        let program = command.get_program().to_string_lossy().into_owned();
+        let child = spawn_on_spawner_thread(command)
+            .await?
+            .map_err(|e| ClusterError::io(format!("spawning {program} for {}", self.name), e))?;
+        let pid_file = self.dir.join(CHILD_PID_FILE);
+        let pid = child.id();
+        *self.lock() = Some(child);
+        fs::write(&pid_file, format!("{pid}\n"))
+            .map_err(|e| ClusterError::io(format!("writing {}", pid_file.display()), e))?;
+        Ok(log_offset)
+    }
+
+    /// Pid of the child if it is still alive; reaps it otherwise.
+    fn pid(&self) -> Option<u32> {
+        let mut guard = self.lock();
+        let alive = match guard.as_mut().map(Child::try_wait) {
+            Some(Ok(None)) => true,
+            // Exited, or not waitable any more: either way it is gone.
+            Some(Ok(Some(_)) | Err(_)) | None => false,
+        };
+        if alive {
+            guard.as_ref().map(Child::id)
+        } else {
+            *guard = None;
+            None
+        }
+    }
+
+    /// Reaps the child if it exited; true when no child is left.
+    fn reap(&self) -> bool {
+        self.pid().is_none()
+    }
+
+    /// Sends `signal` to the running child.
+    fn signal(&self, signal: libc::c_int) -> Result<(), ClusterError> {
+        let pid = self
+            .pid()
+            .ok_or_else(|| ClusterError::NotRunning(self.name.clone()))?;
+        send_signal(pid, signal)
+            .map_err(|e| ClusterError::io(format!("signalling {}", self.name), e))
+    }
+
+    /// SIGTERM, plus SIGCONT so that a paused child can act on it.
+    fn terminate(&self) {
+        if let Some(pid) = self.pid() {
+            let _ = send_signal(pid, libc::SIGTERM);
+            let _ = send_signal(pid, libc::SIGCONT);
+        }
+    }
+
+    /// SIGKILL and reap. Infallible in practice: SIGKILL cannot be ignored, and the wait
+    /// returns as soon as the kernel tore the process down.
+    fn kill(&self) {
+        let mut guard = self.lock();
+        if let Some(mut child) = guard.take() {
+            if let Ok(None) = child.try_wait() {
+                if let Err(e) = child.kill() {
+                    tracing::warn!(server = %self.name, error = %e, "cannot kill server");
+                }
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL.
+    async fn stop(&self, grace: Duration) {
+        self.terminate();
+        let deadline = Instant::now() + grace;
+        while !self.reap() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.kill();
+    }
+
+    /// Polls `probe` until it succeeds, the child exits, or [`READY_TIMEOUT`] passes.
+    async fn wait_ready<F, Fut>(&self, probe: F) -> Result<(), Failure>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            {
+                let mut guard = self.lock();
+                match guard.as_mut().map(Child::try_wait) {
+                    Some(Ok(None)) => {}
+                    Some(Ok(Some(status))) => {
+                        *guard = None;
+                        return Err(Failure::Exited(format!("exited during startup ({status})")));
+                    }
+                    Some(Err(e)) => {
+                        return Err(Failure::Exited(format!("cannot wait for it: {e}")))
+                    }
+                    None => return Err(Failure::Exited("not running".into())),
+                }
+            }
+            let last_error = match tokio::time::timeout(PROBE_TIMEOUT, probe()).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => format!("probe timed out after {PROBE_TIMEOUT:?}"),
+            };
+            if Instant::now() >= deadline {
+                return Err(Failure::TimedOut(format!(
+                    "not ready after {READY_TIMEOUT:?}; last probe error: {last_error}"
+                )));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// Whether the child exited because its port was taken (retry on another port).
+    fn lost_port(&self, failure: &Failure, log_offset: u64) -> bool {
+        matches!(failure, Failure::Exited(_))
+            && self.log_tail(log_offset).contains("Address already in use")
+    }
+
+    fn not_ready(&self, failure: Failure, log_offset: u64) -> ClusterError {
+        let reason = match failure {
+            Failure::Exited(reason) | Failure::TimedOut(reason) => reason,
+        };
+        ClusterError::NotReady {
+            server: self.name.clone(),
+            reason,
+            log: self.log.clone(),
+            tail: self.log_tail(log_offset),
+        }
+    }
+
+    /// The last lines written to the log since `offset`.
+    fn log_tail(&self, offset: u64) -> String {
+        let read = || -> io::Result<Vec<u8>> {
+            let mut file = fs::File::open(&self.log)?;
+            file.seek(SeekFrom::Start(offset))?;
+            let mut bytes = Vec::new();
+            file.read_to_end(&mut bytes)?;
+            Ok(bytes)
+        };
+        match read() {
+            Ok(bytes) => tail_lines(&String::from_utf8_lossy(&bytes), LOG_TAIL_LINES),
+            Err(e) => format!("(cannot read the log: {e})"),
+        }
+    }
+}
+
+fn tail_lines(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The server binaries a spec needs.
+struct Binaries {
+    /// `(mariadbd, mariadb-install-db)` when MariaDB servers are wanted.
+    mariadb: Option<(PathBuf, PathBuf)>,
+    redis: Option<PathBuf>,
+}
+
+impl Binaries {
+    fn find(spec: &ClusterSpec) -> Result<Self, ClusterError> {
+        let require = |binary: &'static str, package: &'static str| {
+            find_binary(binary).ok_or(ClusterError::MissingBinary { binary, package })
+        };
+        let mariadb = if spec.mariadb_servers > 0 {
+            Some((
+                require("mariadbd", "mariadb-server")?,
+                require("mariadb-install-db", "mariadb-server")?,
+            ))
+        } else {
+            None
+        };
+        let redis = if spec.with_redis {
+            Some(require("redis-server", "redis-server")?)
+        } else {
+            None
+        };
+        Ok(Binaries { mariadb, redis })
+    }
+}
+
+/// Looks `name` up on `PATH`, then in the sbin/bin directories: `mariadbd` lives in `/usr/sbin`,
+/// which is not on a non-root user's `PATH`.
+fn find_binary(name: &str) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|path| std::env::split_paths(&path).collect())
+        .unwrap_or_default();
+    dirs.extend(
+        ["/usr/sbin", "/usr/local/sbin", "/usr/bin", "/usr/local/bin"]
+            .iter()
+            .map(PathBuf::from),
+    );
+    dirs.into_iter()
+        .map(|dir| dir.join(name))
+        .find(|candidate| {
+            fs::metadata(candidate)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Creates the cluster directory (after sweeping stale siblings) and records its owner.
+fn create_cluster_dir(
+    base_dir: Option<&Path>,
+) -> Result<(tempfile::TempDir, PathBuf), ClusterError> {
+    let candidates: Vec<PathBuf> = match base_dir {
+        Some(dir) => vec![dir.to_path_buf()],
+        None => vec![PathBuf::from("/dev/shm"), std::env::temp_dir()],
+    };
+    let mut last_error = None;
+    for parent in candidates {
+        // Canonical, so the paths we record match what the kernel reports in /proc.
+        let Ok(parent) = parent.canonicalize() else {
+            continue;
+        };
+        sweep_stale_dirs(&parent);
+        match tempfile::Builder::new()
+            .prefix(DIR_PREFIX)
+            .tempdir_in(&parent)
+        {
+            Ok(dir) => {
+                let path = dir.path().to_path_buf();
+                let owner = path.join(OWNER_PID_FILE);
+                fs::write(&owner, format!("{}\n", std::process::id()))
+                    .map_err(|e| ClusterError::io(format!("writing {}", owner.display()), e))?;
+                register_live_dir(&path);
+                return Ok((dir, path));
+            }
+            Err(e) => last_error = Some((parent, e)),
+        }
+    }
+    Err(match last_error {
+        Some((parent, e)) => ClusterError::io(
+            format!("creating a cluster directory in {}", parent.display()),
+            e,
+        ),
+        None => ClusterError::io(
+            "finding a directory for the cluster",
+            io::Error::new(io::ErrorKind::NotFound, "no usable base directory"),
+        ),
+    })
+}
+
+/// Bootstraps the first datadir with `mariadb-install-db` and copies it to the others.
+async fn install_datadirs(install_db: PathBuf, datadirs: Vec<PathBuf>) -> Result<(), ClusterError> {
+    let Some(first) = datadirs.first().cloned() else {
+        return Ok(());
+    };
+    let mut command = Command::new(&install_db);
+    command
+        .arg("--no-defaults")
+        .arg(path_arg("--datadir=", &first))
+        // root@localhost without a password: the cluster's own tooling may use it.
+        .arg("--auth-root-authentication-method=normal")
+        .arg("--skip-test-db")
+        .args(SHARED_MARIADB_OPTIONS)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(parent) = first.parent() {
+        command.current_dir(parent);
+    }
+    if running_as_root() {
+        command.arg("--user=root");
+    }
+    let child = spawn_on_spawner_thread(command)
+        .await?
+        .map_err(|e| ClusterError::io(format!("spawning {}", install_db.display()), e))?;
+    tokio::task::spawn_blocking(move || -> Result<(), ClusterError> {
+        let output = child
+            .wait_with_output()
+            .map_err(|e| ClusterError::io("waiting for mariadb-install-db", e))?;
+        if !output.status.success() {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            return Err(ClusterError::InstallDb {
+                datadir: first,
+                status: output.status,
+                output: tail_lines(&text, LOG_TAIL_LINES),
+            });
+        }
+        for other in &datadirs[1..] {
+            copy_dir(&first, other).map_err(|e| {
+                ClusterError::io(
+                    format!("copying {} to {}", first.display(), other.display()),
+                    e,
+                )
+            })?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| ClusterError::io("bootstrapping MariaDB", io::Error::other(e)))?
+}
+
+fn copy_dir(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+fn path_arg(flag: &str, path: &Path) -> std::ffi::OsString {
+    let mut arg = std::ffi::OsString::from(flag);
+    arg.push(path);
+    arg
+}
+
+fn running_as_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn send_signal(pid: u32, signal: libc::c_int) -> io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
+    // SAFETY: kill has no memory-safety preconditions.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn pid_alive(pid: libc::pid_t) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0;
+    exists || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Free ports on 127.0.0.1, never the same twice within one cluster.
+#[derive(Default)]
+struct PortPicker {
+    handed_out: HashSet<u16>,
+}
+
+impl PortPicker {
+    /// Binds port 0 and releases it. Racy by nature (another process may take the port before
+    /// the server binds it); the callers retry on another port when the server cannot bind.
+    fn pick(&mut self) -> Result<u16, ClusterError> {
+        for _ in 0..32 {
+            let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+                .map_err(ClusterError::NoFreePort)?;
+            let port = listener
+                .local_addr()
+                .map_err(ClusterError::NoFreePort)?
+                .port();
+            if self.handed_out.insert(port) {
+                return Ok(port);
+            }
+        }
+        Err(ClusterError::NoFreePort(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            "the kernel keeps handing out ports already chosen",
+        )))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The spawner thread.
+
+struct SpawnRequest {
+    command: Command,
+    reply: oneshot::Sender<io::Result<Child>>,
+}
+
+/// Spawns `command` on the process-wide spawner thread, dying with this process.
+async fn spawn_on_spawner_thread(mut command: Command) -> Result<io::Result<Child>, ClusterError> {
+    static SPAWNER: OnceLock<Option<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (requests, inbox) = mpsc::channel::<SpawnRequest>();
+        // The sender lives in this static for the whole process, so the loop never ends and
+        // the thread never exits: PR_SET_PDEATHSIG fires only when the process dies.
+        std::thread::Builder::new()
+            .name("orderly-cluster-spawner".into())
+            .spawn(move || {
+                for mut request in inbox {
+                    let _ = request.reply.send(request.command.spawn());
+                }
+            })
+            .ok()
+            .map(|_| requests)
+    });
+    let spawner = spawner.as_ref().ok_or(ClusterError::SpawnerUnavailable)?;
+    die_with_this_process(&mut command);
+    let (reply, result) = oneshot::channel();
+    spawner
+        .send(SpawnRequest { command, reply })
+        .map_err(|_| ClusterError::SpawnerUnavailable)?;
+    result.await.map_err(|_| ClusterError::SpawnerUnavailable)
+}
+
+/// Makes the kernel SIGKILL the child when the thread that forks it exits (see module docs).
+fn die_with_this_process(command: &mut Command) {
+    let parent = libc::pid_t::try_from(std::process::id()).unwrap_or(0);
+    // SAFETY: the closure runs between fork and exec and only makes async-signal-safe calls
+    // (prctl, getppid) and builds an io::Error without allocating.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGKILL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // The parent died between fork and prctl: the signal was never going to come.
+            if libc::getppid() != parent {
+                return Err(io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Leftovers: live clusters at exit, stale clusters of dead owners.
+
+/// Directories of the clusters alive in this process, for the `atexit` hook.
+static LIVE_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn register_live_dir(dir: &Path) {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        // SAFETY: registering a plain `extern "C" fn` that never unwinds.
+        if unsafe { libc::atexit(clean_live_dirs_at_exit) } != 0 {
+            tracing::warn!("cannot register the cluster exit hook; a later start sweeps leftovers");
+        }
+    });
+    LIVE_DIRS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .push(dir.to_path_buf());
+}
+
+fn unregister_live_dir(dir: &Path) {
+    LIVE_DIRS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|live| live != dir);
+}
+
+/// Kills the servers of clusters never dropped (e.g. kept in a `static` by a test harness) and
+/// removes their directories. Must not panic: it runs inside `exit`.
+extern "C" fn clean_live_dirs_at_exit() {
+    let dirs = match LIVE_DIRS.try_lock() {
+        Ok(guard) => guard.clone(),
+        Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner().clone(),
+        // Another thread is mid-start or mid-drop; the next start sweeps what is left.
+        Err(TryLockError::WouldBlock) => return,
+    };
+    for dir in dirs {
+        kill_recorded_servers(&dir);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
+
+/// Removes `orderly-cluster-*` directories in `parent` whose owner process is gone, killing
+/// servers still recorded in them. Best effort: failures only leave the directory behind.
+fn sweep_stale_dirs(parent: &Path) {
+    let Ok(entries) = fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        if !name.as_bytes().starts_with(DIR_PREFIX.as_bytes()) {
+            continue;
+        }
+        let dir = entry.path();
+        let Ok(meta) = fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let owner = fs::read_to_string(dir.join(OWNER_PID_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse::<libc::pid_t>().ok());
+        match owner {
+            Some(pid) if pid_alive(pid) => continue,
+            Some(_) => {}
+            None => {
+                let young = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_none_or(|age| age < ORPHAN_MIN_AGE);
+                if young {
+                    continue;
+                }
+            }
+        }
+        tracing::info!(dir = %dir.display(), "removing a stale cluster directory");
+        kill_recorded_servers(&dir);
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot remove a stale cluster directory");
+        }
+    }
+}
+
+/// SIGKILLs every server recorded by a `child.pid` in `cluster_dir`'s server directories,
+/// provided the process really runs in (or names) that directory, so a pid reused by an
+/// unrelated process is left alone.
+fn kill_recorded_servers(cluster_dir: &Path) {
+    let Ok(entries) = fs::read_dir(cluster_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let server_dir = entry.path();
+        let Some(pid) = fs::read_to_string(server_dir.join(CHILD_PID_FILE))
+            .ok()
+            .and_then(|text| text.trim().parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if pid > 0 && process_belongs_to(pid, cluster_dir) {
+            // SAFETY: kill has no memory-safety preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+fn process_belongs_to(pid: libc::pid_t, cluster_dir: &Path) -> bool {
+    // Servers run with their working directory inside the cluster directory (mariadbd moves to
+    // its datadir, Redis to its --dir); a deleted one reads as "<path> (deleted)".
+    if let Ok(cwd) = fs::read_link(format!("/proc/{pid}/cwd")) {
+        if cwd.starts_with(cluster_dir) {
+            return true;
+        }
+    }
+    let needle: &OsStr = cluster_dir.as_os_str();
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| {
+            cmdline
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::Row;
+
+    #[tokio::test]
+    async fn two_mariadb_servers_and_redis_start_serve_and_vanish_on_drop() {
+        let began = Instant::now();
+        let cluster = LocalCluster::start(ClusterSpec {
+            mariadb_servers: 2,
+            with_redis: true,
+            base_dir: None,
+        })
+        .await
+        .expect("the cluster starts");
+        eprintln!(
+            "local cluster (2 MariaDB + Redis) started in {:?} in {}",
+            began.elapsed(),
+            cluster.dir().display()
+        );
+
+        let mut server_ids = Vec::new();
+        for server in cluster.mariadb_servers() {
+            let mut conn = MySqlConnection::connect(&server.admin_url())
+                .await
+                .expect("orderly can log in");
+            let row = sqlx::query("SELECT @@server_id, @@log_bin, @@gtid_strict_mode")
+                .fetch_one(&mut conn)
+                .await
+                .expect("query runs");
+            let server_id: u64 = row.get(0);
+            let log_bin: i64 = row.get(1);
+            let gtid_strict_mode: i64 = row.get(2);
+            assert_eq!(server_id, u64::from(server.server_id()));
+            assert_eq!(log_bin, 1, "binary log is on");
+            assert_eq!(gtid_strict_mode, 1, "GTID strict mode is on");
+            server_ids.push(server_id);
+            conn.close().await.expect("close");
+        }
+        assert_ne!(server_ids[0], server_ids[1], "server ids are distinct");
+        assert!(cluster.mariadb_urls()[0].starts_with("mysql://orderly:orderly@127.0.0.1:"));
+
+        let redis = cluster.redis().expect("redis is part of the cluster");
+        redis_ping(redis.port()).await.expect("redis answers PING");
+        assert_eq!(
+            cluster.redis_url(),
+            Some(format!("redis://127.0.0.1:{}", redis.port()))
+        );
+
+        let dir = cluster.dir().to_path_buf();
+        let pids: Vec<u32> = cluster
+            .mariadb_servers()
+            .iter()
+            .filter_map(MariaDbServer::pid)
+            .chain(redis.pid())
+            .collect();
+        assert_eq!(pids.len(), 3);
+        drop(cluster);
+        assert!(!dir.exists(), "{} is removed", dir.display());
+        for pid in pids {
+            let pid = libc::pid_t::try_from(pid).expect("pid fits");
+            assert!(!pid_alive(pid), "server {pid} is dead");
+        }
+    }
+
+    #[tokio::test]
+    async fn killed_or_paused_servers_come_back_with_their_data() {
+        let cluster = LocalCluster::start(ClusterSpec {
+            mariadb_servers: 1,
+            with_redis: true,
+            base_dir: None,
+        })
+        .await
+        .expect("the cluster starts");
+        let server = cluster.mariadb(0);
+        let port = server.port();
+        let mut conn = MySqlConnection::connect(&server.admin_url())
+            .await
+            .expect("connect");
+        sqlx::query("CREATE DATABASE survivor")
+            .execute(&mut conn)
+            .await
+            .expect("create");
+        drop(conn);
+
+        cluster.kill_mariadb(0).expect("kill");
+        assert!(!server.is_running());
+        assert!(MySqlConnection::connect(&server.admin_url()).await.is_err());
+        cluster.start_mariadb(0).await.expect("restart after kill");
+        assert_eq!(server.port(), port);
+        let conn = MySqlConnection::connect(&server.url("survivor"))
+            .await
+            .expect("the committed database survived the kill");
+        conn.close().await.expect("close");
+
+        cluster.pause_redis().expect("pause");
+        let port = cluster.redis().map(RedisServer::port).expect("redis");
+        let paused = tokio::time::timeout(Duration::from_millis(200), redis_ping(port)).await;
+        assert!(paused.is_err(), "a paused redis does not answer");
+        cluster.resume_redis().expect("resume");
+        redis_ping(port).await.expect("a resumed redis answers");
+
+        cluster.stop_mariadb(0).await.expect("stop");
+        cluster.stop_redis().await.expect("stop");
+        assert!(matches!(
+            cluster.pause_redis(),
+            Err(ClusterError::NotRunning(_))
+        ));
+        cluster.start_redis().await.expect("restart redis");
+        redis_ping(port).await.expect("restarted redis answers");
+        assert!(matches!(
+            cluster.kill_mariadb(7),
+            Err(ClusterError::NoSuchServer { index: 7, count: 1 })
+        ));
+    }
+}

@@ -1,0 +1,208 @@
+//! Settings: `config.default.toml` (compiled in), then an optional user file, then
+//! `ORDERLY_<SECTION>__<KEY>` environment variables. Validated once, at load; after that the
+//! rest of the code trusts them.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::domain::ids::WorkerId;
+use crate::domain::shard::ShardCount;
+
+pub const DEFAULT_TOML: &str = include_str!("../config.default.toml");
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub auth: AuthSettings,
+    pub ids: IdSettings,
+    pub shards: ShardSettings,
+    pub commerce: CommerceSettings,
+    pub database: DatabaseSettings,
+    pub redis: RedisSettings,
+    pub orders: OrderSettings,
+    pub sweeper: SweeperSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ServerSettings {
+    pub listen: SocketAddr,
+    pub body_limit_bytes: usize,
+    pub request_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AuthSettings {
+    pub jwt_secret: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct IdSettings {
+    pub worker_id: Option<u16>,
+    pub lease_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ShardSettings {
+    pub count: u32,
+    pub databases: Vec<ShardDatabase>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ShardDatabase {
+    pub name: String,
+    pub primary: String,
+    pub first_shard: u32,
+    pub last_shard: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CommerceSettings {
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct DatabaseSettings {
+    pub max_connections: u32,
+    pub acquire_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct RedisSettings {
+    pub url: String,
+    pub key_prefix: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct OrderSettings {
+    pub payment_timeout_secs: u64,
+    pub reservation_grace_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SweeperSettings {
+    pub interval_secs: u64,
+    pub batch_size: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read settings: {0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("invalid settings: {0}")]
+    Invalid(String),
+}
+
+impl Settings {
+    /// Defaults, then `file` if given, then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
+        if let Some(f) = file {
+            fig = fig.merge(Toml::file_exact(f));
+        }
+        let settings: Settings = fig
+            .merge(Env::prefixed("ORDERLY_").split("__"))
+            .extract()
+            .map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The compiled-in defaults alone (tests and the playground start from these).
+    pub fn defaults() -> Settings {
+        Figment::from(Toml::string(DEFAULT_TOML))
+            .extract()
+            .expect("config.default.toml is valid")
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let count = ShardCount::new(self.shards.count).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.auth.jwt_secret.len() < 32 {
+            return bad("auth.jwt_secret must be at least 32 bytes (set ORDERLY_AUTH__JWT_SECRET)".into());
+        }
+        if let Some(w) = self.ids.worker_id {
+            if WorkerId::new(w).is_none() {
+                return bad(format!("ids.worker_id must be below 64, got {w}"));
+            }
+        }
+        if self.ids.lease_ttl_secs < 3 {
+            return bad("ids.lease_ttl_secs must be at least 3".into());
+        }
+        let mut owner = vec![None::<&str>; count.get() as usize];
+        for db in &self.shards.databases {
+            if db.first_shard > db.last_shard || db.last_shard >= count.get() {
+                return bad(format!(
+                    "shard database {}: range {}..={} is not within 0..{}",
+                    db.name,
+                    db.first_shard,
+                    db.last_shard,
+                    count.get()
+                ));
+            }
+            for s in db.first_shard..=db.last_shard {
+                if let Some(other) = owner[s as usize].replace(&db.name) {
+                    return bad(format!("shard {s} is held by both {other} and {}", db.name));
+                }
+            }
+        }
+        if let Some(s) = owner.iter().position(Option::is_none) {
+            return bad(format!("shard {s} is held by no database"));
+        }
+        if self.server.body_limit_bytes < 1024 {
+            return bad("server.body_limit_bytes must be at least 1024".into());
+        }
+        if self.orders.reservation_grace_secs * 1000 <= self.server.request_timeout_ms {
+            return bad("orders.reservation_grace_secs must exceed server.request_timeout_ms".into());
+        }
+        if self.database.max_connections == 0 || self.sweeper.batch_size == 0 {
+            return bad("database.max_connections and sweeper.batch_size must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub fn shard_count(&self) -> ShardCount {
+        ShardCount::new(self.shards.count).expect("validated at load")
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn valid() -> Settings {
+        let mut s = Settings::defaults();
+        s.auth.jwt_secret = "x".repeat(32);
+        s
+    }
+
+    #[test]
+    fn defaults_are_valid_once_a_secret_is_set() {
+        assert!(Settings::defaults().validate().is_err());
+        valid().validate().unwrap();
+    }
+
+    #[test]
+    fn shard_ranges_must_cover_every_shard_once() {
+        let mut s = valid();
+        s.shards.databases[0].last_shard = 30;
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        let mut second = s.shards.databases[0].clone();
+        second.name = "b".into();
+        second.first_shard = 31;
+        s.shards.databases.push(second);
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        s.shards.count = 48;
+        assert!(s.validate().is_err());
+    }
+}

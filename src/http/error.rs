@@ -1,0 +1,147 @@
+//! The one error type at the HTTP edge, and its RFC 9457 problem responses.
+//!
+//! Every refusal carries a stable machine `code`. Internal causes (database errors, broken
+//! invariants) are logged with their chain and never sent to the client: a 5xx says only
+//! that it is our fault or a dependency's.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+use crate::domain::order::{FieldError, FieldErrors};
+use crate::service::Error;
+use crate::storage::StorageError;
+
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    Service(#[from] Error),
+    #[error("unauthorized: {0}")]
+    Unauthorized(&'static str),
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    #[error("unsupported media type")]
+    UnsupportedMediaType,
+    #[error("payload too large")]
+    PayloadTooLarge,
+    #[error("no such route")]
+    NoRoute,
+    #[error("method not allowed")]
+    MethodNotAllowed,
+}
+
+impl From<FieldErrors> for ApiError {
+    fn from(e: FieldErrors) -> Self {
+        ApiError::Service(Error::Validation(e))
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(e: StorageError) -> Self {
+        ApiError::Service(Error::Storage(e))
+    }
+}
+
+/// Builds a problem response: `status`, stable `code`, human `detail`, extra members.
+pub fn problem(status: StatusCode, code: &str, detail: &str, extra: Map<String, Value>) -> Response {
+    let mut body = json!({
+        "type": format!("urn:orderly:problem:{code}"),
+        "title": status.canonical_reason().unwrap_or("error"),
+        "status": status.as_u16(),
+        "code": code,
+        "detail": detail,
+    });
+    if let Value::Object(m) = &mut body {
+        m.extend(extra);
+    }
+    (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body.to_string()).into_response()
+}
+
+fn one(key: &str, v: Value) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(key.into(), v);
+    m
+}
+
+fn field_errors(errors: &[FieldError]) -> Map<String, Value> {
+    one("errors", serde_json::to_value(errors).unwrap_or(Value::Null))
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        use StatusCode as S;
+        let none = Map::new();
+        match self {
+            ApiError::Unauthorized(why) => problem(S::UNAUTHORIZED, "unauthorized", why, none),
+            ApiError::MalformedJson(why) => problem(S::BAD_REQUEST, "malformed_json", &why, none),
+            ApiError::UnsupportedMediaType => problem(
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as application/json",
+                none,
+            ),
+            ApiError::PayloadTooLarge => problem(S::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is too large", none),
+            ApiError::NoRoute => problem(S::NOT_FOUND, "not_found", "no such resource", none),
+            ApiError::MethodNotAllowed => problem(S::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here", none),
+            ApiError::Service(e) => service_problem(e),
+        }
+    }
+}
+
+fn service_problem(e: Error) -> Response {
+    use StatusCode as S;
+    let none = Map::new();
+    match e {
+        Error::Validation(f) => problem(S::UNPROCESSABLE_ENTITY, "validation_failed", "the request has invalid fields", field_errors(&f.0)),
+        Error::NotFound => problem(S::NOT_FOUND, "not_found", "no such resource", none),
+        Error::Forbidden(why) => problem(S::FORBIDDEN, "forbidden", why, none),
+        Error::VersionConflict { current_version } => problem(
+            S::CONFLICT,
+            "version_conflict",
+            "the order changed since you read it; read it again",
+            one("current_version", current_version.into()),
+        ),
+        // RFC 9457 reserves `status` for the HTTP status, so the order's status is
+        // `current_status`.
+        Error::InvalidTransition { status } => problem(
+            S::CONFLICT,
+            "invalid_transition",
+            &format!("not allowed while the order is {status}"),
+            one("current_status", status.name().into()),
+        ),
+        Error::IdempotencyConflict => problem(
+            S::CONFLICT,
+            "idempotency_conflict",
+            "this id was already used with different content",
+            none,
+        ),
+        Error::OutOfStock { product_id } => problem(
+            S::CONFLICT,
+            "out_of_stock",
+            "not enough stock",
+            one("product_id", product_id.to_string().into()),
+        ),
+        Error::CouponUnavailable { coupon_id } => problem(
+            S::CONFLICT,
+            "coupon_unavailable",
+            "the coupon was used by another order",
+            one("coupon_id", coupon_id.to_string().into()),
+        ),
+        Error::PaymentMismatch { detail } => problem(S::CONFLICT, "payment_mismatch", &detail, none),
+        Error::Unavailable(why) => {
+            tracing::warn!(%why, "service unavailable");
+            problem(S::SERVICE_UNAVAILABLE, "unavailable", "temporarily unavailable; retry", none)
+        }
+        Error::Storage(e) => {
+            let transient = e.is_connection_failure() || e.is_retryable();
+            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "storage failure");
+            if transient {
+                problem(S::SERVICE_UNAVAILABLE, "unavailable", "a database is unavailable; retry", none)
+            } else {
+                problem(S::INTERNAL_SERVER_ERROR, "internal", "internal error", none)
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+//! Request extractors that answer bad input with problem responses: JSON bodies (malformed,
+//! unknown fields, wrong types, too large) and the bearer token.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use serde::de::DeserializeOwned;
+
+use crate::domain::order::FieldErrors;
+
+use super::auth::Auth;
+use super::error::ApiError;
+use super::AppState;
+
+/// A JSON body; every way it can be wrong is a 4xx problem.
+pub struct Json<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(Json(v)),
+            Err(JsonRejection::JsonDataError(e)) => {
+                // Wrong types, unknown or missing fields, overflowing numbers. The message
+                // names the path of the failing field.
+                let msg = e.body_text();
+                let detail = msg.rsplit_once("target type: ").map(|(_, d)| d).unwrap_or(&msg);
+                let field = detail.split_once(": ").map(|(f, _)| f).unwrap_or("body");
+                Err(FieldErrors::single(field, detail).into())
+            }
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::MalformedJson(e.body_text())),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::UnsupportedMediaType),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::PayloadTooLarge),
+            Err(e) => Err(ApiError::MalformedJson(e.body_text())),
+        }
+    }
+}
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .ok_or(ApiError::Unauthorized("missing bearer token"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|h| h.strip_prefix("Bearer "))
+            .ok_or(ApiError::Unauthorized("expected 'Authorization: Bearer <token>'"))?;
+        state.auth.verify(token).map(Auth)
+    }
+}

@@ -1,0 +1,247 @@
+//! Order routes: ids, preview, create, read, list and the life cycle.
+
+use std::collections::HashMap;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::domain::actor::Caller;
+use crate::domain::ids::{OrderId, ShopId, UserId};
+use crate::domain::money::{Currency, Money};
+use crate::domain::order::{Address, CreateOrderRequest, FieldErrors, Order, OrderDiscount, OrderLine, Payment, PreviewRequest};
+use crate::domain::status::OrderStatus;
+use crate::lease::IdSourceError;
+use crate::service::orders::{Created, ListParams, PatchRequest, PaymentRequest, RefundRequest, ShipmentRequest, VersionedRequest};
+use crate::service::Error;
+
+use super::auth::Auth;
+use super::error::ApiError;
+use super::extract::Json;
+use super::AppState;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/v1/order-ids", post(new_order_id))
+        .route("/v1/orders/preview", post(preview))
+        .route("/v1/orders", post(create).get(list))
+        .route("/v1/orders/{id}", get(get_order).patch(patch))
+        .route("/v1/orders/{id}/payments", post(pay))
+        .route("/v1/orders/{id}/shipment", post(ship))
+        .route("/v1/orders/{id}/confirm", post(confirm))
+        .route("/v1/orders/{id}/cancel", post(cancel))
+        .route("/v1/orders/{id}/refunds", post(refund))
+        .route("/v1/orders/{id}/invalidate", post(invalidate))
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+/// The order as JSON (SPEC section 3): ids as strings, status as name and code.
+#[derive(Serialize)]
+pub struct OrderView<'a> {
+    order_id: OrderId,
+    user_id: UserId,
+    shop_id: ShopId,
+    status: &'static str,
+    status_code: u8,
+    version: i64,
+    currency: Currency,
+    total_amount: Money,
+    discount_amount: Money,
+    pay_amount: Money,
+    items: &'a [OrderLine],
+    payments: &'a [Payment],
+    discounts: &'a [OrderDiscount],
+    address: &'a Address,
+    remark: &'a str,
+    tracking_number: Option<&'a str>,
+    carrier: Option<&'a str>,
+    close_reason: Option<&'a str>,
+    refund_required: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    pay_deadline: DateTime<Utc>,
+    paid_at: Option<DateTime<Utc>>,
+    shipped_at: Option<DateTime<Utc>>,
+    completed_at: Option<DateTime<Utc>>,
+    closed_at: Option<DateTime<Utc>>,
+    invalidated_at: Option<DateTime<Utc>>,
+}
+
+impl<'a> From<&'a Order> for OrderView<'a> {
+    fn from(o: &'a Order) -> Self {
+        OrderView {
+            order_id: o.order_id,
+            user_id: o.user_id,
+            shop_id: o.shop_id,
+            status: o.status.name(),
+            status_code: o.status.code(),
+            version: o.version,
+            currency: o.currency,
+            total_amount: o.total_amount,
+            discount_amount: o.discount_amount,
+            pay_amount: o.pay_amount,
+            items: &o.items,
+            payments: &o.payments,
+            discounts: &o.discounts,
+            address: &o.address,
+            remark: &o.remark,
+            tracking_number: o.tracking_number.as_deref(),
+            carrier: o.carrier.as_deref(),
+            close_reason: o.close_reason.as_deref(),
+            refund_required: o.refund_required,
+            created_at: o.created_at,
+            updated_at: o.updated_at,
+            pay_deadline: o.pay_deadline,
+            paid_at: o.paid_at,
+            shipped_at: o.shipped_at,
+            completed_at: o.completed_at,
+            closed_at: o.closed_at,
+            invalidated_at: o.invalidated_at,
+        }
+    }
+}
+
+/// The whole order with its version as a strong `ETag`.
+fn order_response(status: StatusCode, order: &Order) -> Response {
+    let etag = format!("\"{}\"", order.version);
+    (status, [(header::ETAG, etag)], axum::Json(OrderView::from(order))).into_response()
+}
+
+fn order_id(raw: &str) -> Result<OrderId, ApiError> {
+    Ok(OrderId::parse(raw).ok_or(Error::NotFound)?)
+}
+
+/// Reads accept `consistency=eventual|session|strong`; every read goes to the primary
+/// for now, which satisfies all three.
+fn check_consistency(params: &HashMap<String, String>) -> Result<(), ApiError> {
+    match params.get("consistency").map(String::as_str) {
+        None | Some("eventual" | "session" | "strong") => Ok(()),
+        Some(_) => Err(FieldErrors::single("consistency", "must be eventual, session or strong").into()),
+    }
+}
+
+async fn new_order_id(State(s): State<AppState>, Auth(c): Auth) -> ApiResult {
+    let Caller::User(user) = c else {
+        return Err(Error::Forbidden("order ids are issued to buyers").into());
+    };
+    let id = s.ids.next_for(user).map_err(|e| match e {
+        IdSourceError::LeaseLost | IdSourceError::Clock(_) => Error::Unavailable(e.to_string()),
+    })?;
+    Ok((StatusCode::CREATED, axum::Json(json!({"order_id": id}))).into_response())
+}
+
+async fn preview(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<PreviewRequest>) -> ApiResult {
+    Ok(axum::Json(s.orders.preview(c, req).await?).into_response())
+}
+
+async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<CreateOrderRequest>) -> ApiResult {
+    let (order, created) = s.orders.create(c, req).await?;
+    let status = match created {
+        Created::New => StatusCode::CREATED,
+        Created::Replay => StatusCode::OK,
+    };
+    Ok(order_response(status, &order))
+}
+
+async fn get_order(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult {
+    check_consistency(&params)?;
+    let order = s.orders.get(c, order_id(&id)?).await?;
+    match params.get("include").map(String::as_str) {
+        None | Some("") => Ok(order_response(StatusCode::OK, &order)),
+        Some("user") => {
+            let buyer = s.catalog.get_user(Caller::Admin(order.user_id), order.user_id).await.ok();
+            let mut body = serde_json::to_value(OrderView::from(&order)).map_err(|e| Error::Unavailable(e.to_string()))?;
+            body["user"] = serde_json::to_value(buyer).unwrap_or_default();
+            let etag = format!("\"{}\"", order.version);
+            Ok(([(header::ETAG, etag)], axum::Json(body)).into_response())
+        }
+        Some(_) => Err(FieldErrors::single("include", "only 'user' can be included").into()),
+    }
+}
+
+fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime<Utc>> {
+    match DateTime::parse_from_rfc3339(v) {
+        Ok(t) => Some(t.with_timezone(&Utc)),
+        Err(_) => {
+            errors.push(field, "must be an RFC 3339 time");
+            None
+        }
+    }
+}
+
+async fn list(State(s): State<AppState>, Auth(c): Auth, Query(params): Query<HashMap<String, String>>) -> ApiResult {
+    check_consistency(&params)?;
+    let mut errors = FieldErrors::default();
+    let mut p = ListParams::default();
+    for (k, v) in &params {
+        match k.as_str() {
+            "user_id" => p.user_id = UserId::parse(v).or_else(|| {
+                errors.push("user_id", "must be a positive decimal id string");
+                None
+            }),
+            "status" => p.status = OrderStatus::parse(v).or_else(|| {
+                errors.push("status", "must be a status name or code");
+                None
+            }),
+            "created_from" => p.created_from = parse_time(k, v, &mut errors),
+            "created_to" => p.created_to = parse_time(k, v, &mut errors),
+            "limit" => p.limit = v.parse().ok().or_else(|| {
+                errors.push("limit", "must be a number between 1 and 100");
+                None
+            }),
+            "cursor" => p.cursor = Some(v.clone()),
+            "consistency" => {}
+            other => errors.push(other, "is not a filter of this list"),
+        }
+    }
+    errors.into_result(())?;
+    let (orders, next) = s.orders.list(c, p).await?;
+    let views: Vec<OrderView> = orders.iter().map(OrderView::from).collect();
+    Ok(axum::Json(json!({"orders": views, "next_cursor": next})).into_response())
+}
+
+async fn patch(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<PatchRequest>) -> ApiResult {
+    let order = s.orders.patch(c, order_id(&id)?, req).await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+async fn pay(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<PaymentRequest>) -> ApiResult {
+    let order = s.orders.pay(c, order_id(&id)?, req).await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+async fn ship(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<ShipmentRequest>) -> ApiResult {
+    let order = s.orders.ship(c, order_id(&id)?, req).await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+async fn confirm(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<VersionedRequest>) -> ApiResult {
+    let order = s.orders.confirm(c, order_id(&id)?, req).await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+async fn cancel(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<VersionedRequest>) -> ApiResult {
+    let order = s.orders.cancel(c, order_id(&id)?, req).await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+async fn refund(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<RefundRequest>) -> ApiResult {
+    let order = s.orders.refund(c, order_id(&id)?, req).await?;
+    Ok(order_response(StatusCode::OK, &order))
+}
+
+async fn invalidate(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<VersionedRequest>) -> ApiResult {
+    let order = s.orders.invalidate(c, order_id(&id)?, req).await?;
+    Ok(order_response(StatusCode::OK, &order))
+}

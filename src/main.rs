@@ -1,0 +1,118 @@
+//! The `orderly` binary: parses the command line and calls into the library.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use orderly::app::{self, Application};
+use orderly::config::Settings;
+use orderly::domain::ids::{OrderId, UserId};
+use orderly::domain::shard::{Gene, ShardCount};
+
+#[derive(Parser)]
+#[command(name = "orderly", version, about = "An e-commerce order service")]
+struct Cli {
+    /// Settings file (TOML), merged over the defaults; ORDERLY_* variables override both.
+    #[arg(long, global = true, env = "ORDERLY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the HTTP API.
+    Serve,
+    /// Create every table on every database (idempotent).
+    Migrate,
+    /// Start a throwaway local cluster, load a demo catalog and serve it.
+    Playground {
+        /// Port of the HTTP API (0 picks a free one).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+    },
+    /// Work with order ids.
+    Id {
+        #[command(subcommand)]
+        command: IdCommand,
+    },
+    /// Print the shard of a user id.
+    ShardOf {
+        user_id: String,
+        /// Number of shards (defaults to the settings').
+        #[arg(long)]
+        shards: Option<u32>,
+    },
+}
+
+#[derive(Subcommand)]
+enum IdCommand {
+    /// Print the time, worker, sequence, gene and shard of an order id.
+    Decode {
+        order_id: String,
+        #[arg(long)]
+        shards: Option<u32>,
+    },
+}
+
+fn shard_count(explicit: Option<u32>, config: Option<&PathBuf>) -> anyhow::Result<ShardCount> {
+    let n = match explicit {
+        Some(n) => n,
+        None => Settings::load(config.map(PathBuf::as_path))
+            .map(|s| s.shards.count)
+            .unwrap_or(Settings::defaults().shards.count),
+    };
+    Ok(ShardCount::new(n)?)
+}
+
+async fn shutdown_signal(token: CancellationToken) {
+    let _ = tokio::signal::ctrl_c().await;
+    token.cancel();
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    orderly::telemetry::init();
+    let cli = Cli::parse();
+    let config = cli.config.as_ref();
+    match cli.command {
+        Command::Serve => {
+            let settings = Settings::load(config.map(PathBuf::as_path))?;
+            let token = CancellationToken::new();
+            tokio::spawn(shutdown_signal(token.clone()));
+            let app = Application::build(settings, token).await?;
+            tracing::info!(address = %app.address(), "serving");
+            app.run().await
+        }
+        Command::Migrate => {
+            let settings = Settings::load(config.map(PathBuf::as_path))?;
+            let report = app::migrate(&settings).await?;
+            println!("applied {} migrations, {} already applied", report.applied.len(), report.already);
+            Ok(())
+        }
+        Command::Playground { port } => orderly::playground::run(config.map(PathBuf::as_path), port).await,
+        Command::Id {
+            command: IdCommand::Decode { order_id, shards },
+        } => {
+            let id = OrderId::parse(&order_id).ok_or_else(|| anyhow::anyhow!("not an order id: {order_id}"))?;
+            let p = id.parts();
+            let count = shard_count(shards, config)?;
+            println!("order_id  {id}");
+            println!("time      {} ({} ms)", id.created_at().to_rfc3339(), p.unix_ms);
+            println!("worker    {}", p.worker);
+            println!("sequence  {}", p.seq);
+            println!("gene      {}", p.gene.get());
+            println!("shard     {} of {}", count.shard_of_gene(p.gene), count.get());
+            Ok(())
+        }
+        Command::ShardOf { user_id, shards } => {
+            let user = UserId::parse(&user_id).ok_or_else(|| anyhow::anyhow!("not a user id: {user_id}"))?;
+            let count = shard_count(shards, config)?;
+            println!("user      {user}");
+            println!("gene      {}", Gene::of_user(user).get());
+            println!("shard     {} of {}", count.shard_of_user(user), count.get());
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! `orderly playground`: a throwaway local cluster (two MariaDB servers holding 16 table
+//! shards each plus the commerce database, and Redis) from the binaries on PATH, migrated,
+//! with a demo catalog, serving the API. It prints tokens and curl lines that work as
+//! printed, and removes everything on Ctrl-C.
+
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{migrate, Application};
+use crate::cluster::{ClusterSpec, LocalCluster};
+use crate::config::{Settings, ShardDatabase};
+use crate::domain::actor::{Caller, Role};
+use crate::domain::ids::{ShopId, UserId};
+use crate::http::auth::AuthKeys;
+use crate::service::catalog::{CatalogService, NewCouponRequest, NewProductRequest, NewShopRequest, NewUserRequest};
+use crate::storage;
+
+/// Settings for a local cluster: `shard_dbs[i]` holds an equal slice of the shards, the
+/// commerce database lives on the first server.
+pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str, shards: u32) -> Settings {
+    let mut s = base;
+    let servers = cluster.mariadb_servers().len() as u32;
+    let per = shards / servers;
+    s.shards.count = shards;
+    s.shards.databases = (0..servers)
+        .map(|i| ShardDatabase {
+            name: format!("orders{i}"),
+            primary: cluster.mariadb(i as usize).url(&format!("{db_prefix}orders{i}")),
+            first_shard: i * per,
+            last_shard: if i + 1 == servers { shards - 1 } else { (i + 1) * per - 1 },
+        })
+        .collect();
+    s.commerce.url = cluster.mariadb(0).url(&format!("{db_prefix}commerce"));
+    if let Some(url) = cluster.redis_url() {
+        s.redis.url = url;
+    }
+    s
+}
+
+/// Creates the databases named by `settings` on their servers.
+pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
+    let urls = settings
+        .shards
+        .databases
+        .iter()
+        .map(|d| d.primary.clone())
+        .chain([settings.commerce.url.clone()]);
+    for url in urls {
+        let (server, rest) = url.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("bad url {url}"))?;
+        let db = rest.split('?').next().unwrap_or(rest);
+        let pool = storage::connect(&format!("{server}/?ssl-mode=disabled"), &settings.database).await?;
+        sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"))
+            .execute(&pool)
+            .await?;
+        pool.close().await;
+    }
+    Ok(())
+}
+
+/// The demo catalog: what the printed curl lines use.
+pub struct DemoCatalog {
+    pub buyer: UserId,
+    pub shop: ShopId,
+    pub product_ids: Vec<String>,
+    pub first_price: i64,
+    pub coupon_id: String,
+}
+
+pub async fn load_demo_catalog(catalog: &CatalogService) -> anyhow::Result<DemoCatalog> {
+    let admin = Caller::Admin(UserId::new(1).unwrap_or_else(|| unreachable!()));
+    catalog
+        .create_user(admin, NewUserRequest { user_id: Some("1".into()), name: "Admin".into(), level: 0 })
+        .await?;
+    let buyer = catalog
+        .create_user(admin, NewUserRequest { user_id: Some("1001".into()), name: "Li Lei".into(), level: 3 })
+        .await?;
+    catalog
+        .create_user(admin, NewUserRequest { user_id: Some("1002".into()), name: "Han Meimei".into(), level: 1 })
+        .await?;
+    let shop = catalog.create_shop(admin, NewShopRequest { name: "Demo Shop".into() }).await?;
+    let mut product_ids = Vec::new();
+    let products = [("Mechanical keyboard", 39_900, 100), ("USB-C cable", 1_999, 1_000), ("Flash-sale phone", 99_900, 10)];
+    for (name, price, stock) in products {
+        let p = catalog
+            .create_product(
+                admin,
+                NewProductRequest {
+                    shop_id: shop.shop_id.to_string(),
+                    name: name.into(),
+                    price,
+                    currency: None,
+                    stock,
+                },
+            )
+            .await?;
+        product_ids.push(p.product_id.to_string());
+    }
+    let coupon = catalog
+        .issue_coupon(
+            admin,
+            NewCouponRequest {
+                user_id: buyer.user_id.to_string(),
+                shop_id: Some(shop.shop_id.to_string()),
+                amount: 5_000,
+                min_spend: 20_000,
+                valid_from: None,
+                valid_to: Utc::now() + TimeDelta::days(30),
+            },
+        )
+        .await?;
+    Ok(DemoCatalog {
+        buyer: buyer.user_id,
+        shop: shop.shop_id,
+        product_ids,
+        first_price: products[0].1,
+        coupon_id: coupon.coupon_id.to_string(),
+    })
+}
+
+pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
+    println!("starting a local cluster (2 MariaDB servers, Redis) from the binaries on PATH ...");
+    let cluster = LocalCluster::start(ClusterSpec {
+        mariadb_servers: 2,
+        with_redis: true,
+        base_dir: None,
+    })
+    .await?;
+    let mut base = match config {
+        Some(_) => Settings::load(config).unwrap_or_else(|_| Settings::defaults()),
+        None => Settings::defaults(),
+    };
+    base.auth.jwt_secret = uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
+    base.server.listen = ([127, 0, 0, 1], port).into();
+    let settings = cluster_settings(base, &cluster, "orderly_", 32);
+    settings.validate()?;
+    create_databases(&settings).await?;
+    let report = migrate(&settings).await?;
+    println!("migrated: {} migrations applied", report.applied.len());
+
+    let token = CancellationToken::new();
+    let app = Application::build(settings.clone(), token.clone()).await?;
+    let demo = load_demo_catalog(&app.state().catalog).await?;
+    let keys = AuthKeys::new(&settings.auth.jwt_secret);
+    let day = Duration::from_secs(24 * 3600);
+    let user_token = keys.issue(&demo.buyer.to_string(), Role::User, None, day);
+    let merchant_token = keys.issue("2001", Role::Merchant, Some(demo.shop), day);
+    let service_token = keys.issue("0", Role::Service, None, day);
+    let admin_token = keys.issue("1", Role::Admin, None, day);
+    let base_url = format!("http://{}", app.address());
+    let amount = demo.first_price * 2;
+    println!(
+        r#"
+orderly playground is serving at {base_url}   (Ctrl-C stops it and removes the cluster)
+
+Tokens (valid 24 h):
+  export USER_TOKEN={user_token}
+  export MERCHANT_TOKEN={merchant_token}
+  export SERVICE_TOKEN={service_token}
+  export ADMIN_TOKEN={admin_token}
+
+Demo catalog: shop {shop}, products {products}, buyer {buyer}, coupon {coupon} (50.00 off 200.00).
+
+Try it (after the exports above):
+  # 1. get a fresh order id
+  ID=$(curl -s -X POST {base_url}/v1/order-ids -H "Authorization: Bearer $USER_TOKEN" | sed 's/.*"order_id":"\([0-9]*\)".*/\1/'); echo $ID
+  # 2. create the order (run it twice: the second answer is 200 with the same order)
+  curl -s -X POST {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"order_id":"'$ID'","items":[{{"product_id":"{p0}","quantity":2}}],"address":{{"name":"Li Lei","phone":"13800000000","detail":"1 Century Avenue, Shanghai"}}}}'
+  # 3. the payment channel reports the payment ({amount} = 2 x {price})
+  curl -s -X POST {base_url}/v1/orders/$ID/payments -H "Authorization: Bearer $SERVICE_TOKEN" -H 'Content-Type: application/json' -d '{{"transaction_no":"demo-'$ID'","channel":"alipay","amount":{amount}}}'
+  # 4. the shop ships it (version 2 after the payment)
+  curl -s -X POST {base_url}/v1/orders/$ID/shipment -H "Authorization: Bearer $MERCHANT_TOKEN" -H 'Content-Type: application/json' -d '{{"expected_version":2,"carrier":"SF Express","tracking_number":"SF1234567890"}}'
+  # 5. read it back, and list my orders
+  curl -s -i {base_url}/v1/orders/$ID -H "Authorization: Bearer $USER_TOKEN"
+  curl -s {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN"
+"#,
+        shop = demo.shop,
+        products = demo.product_ids.join(", "),
+        buyer = demo.buyer,
+        coupon = demo.coupon_id,
+        p0 = demo.product_ids[0],
+        price = demo.first_price,
+    );
+    let stop = token.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        println!("\nstopping ...");
+        stop.cancel();
+    });
+    app.run().await?;
+    drop(cluster);
+    println!("playground stopped; cluster removed");
+    Ok(())
+}

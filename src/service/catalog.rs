@@ -1,0 +1,262 @@
+//! Catalog use cases: enough to set up a shop — users, shops, products with price and stock,
+//! stock top-ups, coupons. Administrators do everything; a merchant manages its own shop.
+
+use chrono::{DateTime, Utc};
+use sqlx::MySqlPool;
+
+use crate::domain::actor::Caller;
+use crate::domain::ids::{ProductId, ShopId, UserId};
+use crate::domain::money::{Currency, Money};
+use crate::domain::order::{check_text, FieldErrors};
+use crate::storage::commerce::{self, NewCoupon, Product, Shop, User};
+use crate::storage::StorageError;
+
+use super::orders::now;
+use super::{Error, Result};
+
+/// The most stock one call adds: keeps `stock + n` far from overflow.
+pub const MAX_STOCK_STEP: i64 = 1_000_000_000;
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewUserRequest {
+    /// Optional explicit id (e.g. imported from an account system), decimal string.
+    pub user_id: Option<String>,
+    pub name: String,
+    #[serde(default)]
+    pub level: i32,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewShopRequest {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProductRequest {
+    pub shop_id: String,
+    pub name: String,
+    pub price: i64,
+    pub currency: Option<String>,
+    pub stock: i64,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddStockRequest {
+    pub quantity: i64,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewCouponRequest {
+    pub user_id: String,
+    pub shop_id: Option<String>,
+    pub amount: i64,
+    #[serde(default)]
+    pub min_spend: i64,
+    pub valid_from: Option<DateTime<Utc>>,
+    pub valid_to: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CouponView {
+    pub coupon_id: crate::domain::ids::CouponId,
+    pub user_id: UserId,
+    pub shop_id: Option<ShopId>,
+    pub amount: Money,
+    pub min_spend: Money,
+    pub valid_from: DateTime<Utc>,
+    pub valid_to: DateTime<Utc>,
+}
+
+#[derive(Clone)]
+pub struct CatalogService {
+    commerce: MySqlPool,
+}
+
+fn money_field(errors: &mut FieldErrors, field: &str, v: i64) -> Money {
+    Money::new(v).unwrap_or_else(|| {
+        errors.push(field, "must be between 0 and 10^15 minor units");
+        Money::ZERO
+    })
+}
+
+impl CatalogService {
+    pub fn new(commerce: MySqlPool) -> Self {
+        CatalogService { commerce }
+    }
+
+    pub async fn create_user(&self, caller: Caller, req: NewUserRequest) -> Result<User> {
+        if !caller.is_admin() {
+            return Err(Error::Forbidden("only an administrator creates users"));
+        }
+        let mut errors = FieldErrors::default();
+        check_text(&mut errors, "name", &req.name, 100, true);
+        let id = match &req.user_id {
+            None => None,
+            Some(s) => {
+                let id = UserId::parse(s);
+                if id.is_none() {
+                    errors.push("user_id", "must be a positive decimal id string");
+                }
+                id
+            }
+        };
+        if !(0..=100).contains(&req.level) {
+            errors.push("level", "must be between 0 and 100");
+        }
+        errors.into_result(())?;
+        let created = now();
+        let user_id = match commerce::insert_user(&self.commerce, id, &req.name, req.level, created).await {
+            Err(StorageError::Duplicate(_)) => return Err(FieldErrors::single("user_id", "is taken").into()),
+            other => other?,
+        };
+        Ok(User {
+            user_id,
+            name: req.name,
+            level: req.level,
+            created_at: created,
+        })
+    }
+
+    pub async fn get_user(&self, caller: Caller, id: UserId) -> Result<User> {
+        let allowed = match caller {
+            Caller::User(u) | Caller::Merchant { user: u, .. } => u == id,
+            Caller::Admin(_) => true,
+            Caller::Service => return Err(Error::Forbidden("the payment channel reads no users")),
+        };
+        if !allowed {
+            return Err(Error::NotFound);
+        }
+        commerce::load_user(&self.commerce, id).await?.ok_or(Error::NotFound)
+    }
+
+    pub async fn create_shop(&self, caller: Caller, req: NewShopRequest) -> Result<Shop> {
+        if !caller.is_admin() {
+            return Err(Error::Forbidden("only an administrator creates shops"));
+        }
+        let mut errors = FieldErrors::default();
+        check_text(&mut errors, "name", &req.name, 100, true);
+        errors.into_result(())?;
+        let shop_id = commerce::insert_shop(&self.commerce, &req.name, now()).await?;
+        Ok(Shop { shop_id, name: req.name })
+    }
+
+    /// Administrators manage every shop, a merchant only its own; for anyone else the shop
+    /// does not exist.
+    fn manages(caller: Caller, shop: ShopId) -> Result<()> {
+        match caller {
+            Caller::Admin(_) => Ok(()),
+            Caller::Merchant { shop: own, .. } if own == shop => Ok(()),
+            Caller::Merchant { .. } => Err(Error::NotFound),
+            _ => Err(Error::Forbidden("only a merchant or an administrator manages a catalog")),
+        }
+    }
+
+    pub async fn create_product(&self, caller: Caller, req: NewProductRequest) -> Result<Product> {
+        let mut errors = FieldErrors::default();
+        let shop = ShopId::parse(&req.shop_id);
+        if shop.is_none() {
+            errors.push("shop_id", "must be a positive decimal id string");
+        }
+        check_text(&mut errors, "name", &req.name, 200, true);
+        let price = money_field(&mut errors, "price", req.price);
+        let currency = match &req.currency {
+            None => Currency::CNY,
+            Some(c) => Currency::parse(c).unwrap_or_else(|| {
+                errors.push("currency", "must be an ISO-4217 code like CNY");
+                Currency::CNY
+            }),
+        };
+        if !(0..=MAX_STOCK_STEP).contains(&req.stock) {
+            errors.push("stock", format!("must be between 0 and {MAX_STOCK_STEP}"));
+        }
+        let shop = errors.into_result(shop)?.ok_or(Error::NotFound)?;
+        Self::manages(caller, shop)?;
+        if !commerce::shop_exists(&self.commerce, shop).await? {
+            return Err(FieldErrors::single("shop_id", "no such shop").into());
+        }
+        let id = commerce::insert_product(&self.commerce, shop, &req.name, price, currency, req.stock, now()).await?;
+        Ok(Product {
+            product_id: id,
+            shop_id: shop,
+            name: req.name,
+            price,
+            currency,
+            stock: req.stock,
+        })
+    }
+
+    pub async fn get_product(&self, id: ProductId) -> Result<Product> {
+        commerce::load_product(&self.commerce, id).await?.ok_or(Error::NotFound)
+    }
+
+    pub async fn add_stock(&self, caller: Caller, id: ProductId, req: AddStockRequest) -> Result<Product> {
+        if !(1..=MAX_STOCK_STEP).contains(&req.quantity) {
+            return Err(FieldErrors::single("quantity", format!("must be between 1 and {MAX_STOCK_STEP}")).into());
+        }
+        let product = self.get_product(id).await?;
+        Self::manages(caller, product.shop_id)?;
+        if !commerce::add_stock(&self.commerce, id, req.quantity, now()).await? {
+            return Err(Error::NotFound);
+        }
+        self.get_product(id).await
+    }
+
+    pub async fn issue_coupon(&self, caller: Caller, req: NewCouponRequest) -> Result<CouponView> {
+        let mut errors = FieldErrors::default();
+        let user = UserId::parse(&req.user_id);
+        if user.is_none() {
+            errors.push("user_id", "must be a positive decimal id string");
+        }
+        let shop = match &req.shop_id {
+            None => None,
+            Some(s) => {
+                let shop = ShopId::parse(s);
+                if shop.is_none() {
+                    errors.push("shop_id", "must be a positive decimal id string");
+                }
+                shop
+            }
+        };
+        let amount = money_field(&mut errors, "amount", req.amount);
+        if amount == Money::ZERO {
+            errors.push("amount", "must be positive");
+        }
+        let min_spend = money_field(&mut errors, "min_spend", req.min_spend);
+        let valid_from = req.valid_from.unwrap_or_else(now);
+        if req.valid_to <= valid_from {
+            errors.push("valid_to", "must be after valid_from");
+        }
+        let user = errors.into_result(user)?.ok_or(Error::NotFound)?;
+        match (caller, shop) {
+            (Caller::Admin(_), _) => {}
+            (Caller::Merchant { shop: own, .. }, Some(s)) if s == own => {}
+            (Caller::Merchant { .. }, _) => {
+                return Err(FieldErrors::single("shop_id", "a merchant issues coupons for its own shop only").into())
+            }
+            _ => return Err(Error::Forbidden("only a merchant or an administrator issues coupons")),
+        }
+        let coupon = NewCoupon {
+            user_id: user,
+            shop_id: shop,
+            amount,
+            min_spend,
+            valid_from,
+            valid_to: req.valid_to,
+        };
+        let id = commerce::insert_coupon(&self.commerce, &coupon, now()).await?;
+        Ok(CouponView {
+            coupon_id: id,
+            user_id: user,
+            shop_id: shop,
+            amount,
+            min_spend,
+            valid_from,
+            valid_to: req.valid_to,
+        })
+    }
+}

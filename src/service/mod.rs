@@ -1,0 +1,56 @@
+//! Services: the use cases behind the HTTP API. They route to shards, run the storage
+//! functions in the right order, and answer in domain terms ([`Error`]); HTTP maps those to
+//! problem responses.
+
+pub mod catalog;
+pub mod orders;
+pub mod sweeper;
+
+use crate::domain::ids::{CouponId, ProductId};
+use crate::domain::order::FieldErrors;
+use crate::domain::status::OrderStatus;
+use crate::storage::StorageError;
+
+/// What a use case can answer besides success.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Validation(#[from] FieldErrors),
+    #[error("not found")]
+    NotFound,
+    #[error("forbidden: {0}")]
+    Forbidden(&'static str),
+    #[error("version conflict, current version {current_version}")]
+    VersionConflict { current_version: i64 },
+    #[error("invalid transition from {status}")]
+    InvalidTransition { status: OrderStatus },
+    #[error("this id was used with different content")]
+    IdempotencyConflict,
+    #[error("product {product_id} is out of stock")]
+    OutOfStock { product_id: ProductId },
+    #[error("coupon {coupon_id} is no longer available")]
+    CouponUnavailable { coupon_id: CouponId },
+    #[error("amount does not match: {detail}")]
+    PaymentMismatch { detail: String },
+    #[error("temporarily unavailable: {0}")]
+    Unavailable(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs `f` again when it failed on a deadlock or lock-wait timeout.
+pub(crate) async fn retry_deadlocks<T, F, Fut>(mut f: F) -> Result<T, StorageError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StorageError>>,
+{
+    let mut tries = 0;
+    loop {
+        match f().await {
+            Err(e) if e.is_retryable() && tries < crate::storage::DEADLOCK_RETRIES => tries += 1,
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,634 @@
+//! The order use cases: create exactly once, read, list, and every life-cycle change as a
+//! compare-and-set.
+//!
+//! # Create, step by step (SPEC 2.1)
+//! 1. Parse: a [`NewOrder`] is valid and its id carries the user's gene.
+//! 2. Replay check on the shard: an existing order with the same request hash is answered
+//!    as it is (200); with another hash, `idempotency_conflict`.
+//! 3. Price from the catalog (server-side prices, coupons checked).
+//! 4. Reserve stock and coupons in the commerce database, keyed by order id (a retry
+//!    reserves nothing twice).
+//! 5. Write order, items and discounts in one transaction on the shard. A duplicate key
+//!    here means a racing identical submit won: answer its order.
+//! 6. If the write failed, give the reservation back at once when no later attempt holds
+//!    it; otherwise (or after a crash) the sweeper returns it after the grace period.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::{MySql, MySqlPool};
+
+use crate::config::OrderSettings;
+use crate::domain::actor::Caller;
+use crate::domain::ids::{OrderId, UserId};
+use crate::domain::money::Money;
+use crate::domain::order::{
+    check_text, parse_preview, price_order, Address, CreateOrderRequest, FieldErrors, NewOrder, Order,
+    PaymentKind, PreviewRequest, Pricing, MAX_CARRIER_CHARS, MAX_REASON_CHARS, MAX_REMARK_CHARS,
+    MAX_TRACKING_CHARS,
+};
+use crate::domain::status::{transition, Command, OrderStatus};
+use crate::storage::commerce::{self, Reservation, ReserveOutcome};
+use crate::storage::orders::{self, FieldChanges, ListQuery, MoneyMovement, MoneyOutcome, StatusChange};
+use crate::storage::shards::{Shard, ShardMap};
+use crate::storage::StorageError;
+
+use super::{retry_deadlocks, Error, Result};
+
+/// The largest page of `GET /v1/orders`.
+pub const MAX_PAGE: u32 = 100;
+pub const DEFAULT_PAGE: u32 = 20;
+
+#[derive(Clone)]
+pub struct OrderService {
+    shards: ShardMap,
+    commerce: MySqlPool,
+    settings: Arc<OrderSettings>,
+}
+
+/// Whether a create wrote a new order or answered an earlier one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    New,
+    Replay,
+}
+
+/// Database time has microseconds; so do the times we hand out, so that an order built in
+/// memory and the same order read back are equal.
+pub(crate) fn now() -> DateTime<Utc> {
+    let t = Utc::now();
+    t.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(t)
+}
+
+/// `PATCH` body, parsed.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PatchRequest {
+    pub expected_version: i64,
+    pub address: Option<Address>,
+    pub remark: Option<String>,
+    pub tracking_number: Option<String>,
+    pub carrier: Option<String>,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentRequest {
+    pub transaction_no: String,
+    pub channel: String,
+    pub amount: i64,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefundRequest {
+    pub refund_no: String,
+    pub amount: i64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipmentRequest {
+    pub expected_version: i64,
+    pub carrier: String,
+    pub tracking_number: String,
+}
+
+/// Body of confirm, cancel and invalidate.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionedRequest {
+    pub expected_version: i64,
+    #[serde(default)]
+    pub reason: String,
+}
+
+/// Filters of `GET /v1/orders`, already parsed.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub user_id: Option<UserId>,
+    pub status: Option<OrderStatus>,
+    pub created_from: Option<DateTime<Utc>>,
+    pub created_to: Option<DateTime<Utc>>,
+    pub limit: Option<u32>,
+    pub cursor: Option<String>,
+}
+
+/// Channel numbers are opaque to us but bounded: letters, digits, `-` and `_`.
+fn check_reference(errors: &mut FieldErrors, field: &str, v: &str, max: usize) {
+    if v.is_empty() || v.len() > max || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+        errors.push(field, format!("must be 1 to {max} letters, digits, '-' or '_'"));
+    }
+}
+
+fn check_amount(errors: &mut FieldErrors, field: &str, amount: i64) -> Money {
+    match Money::new(amount) {
+        Some(m) if m > Money::ZERO => m,
+        _ => {
+            errors.push(field, "must be a positive amount in minor units, at most 10^15");
+            Money::ZERO
+        }
+    }
+}
+
+fn check_version(errors: &mut FieldErrors, v: i64) {
+    if v < 1 {
+        errors.push("expected_version", "must be the positive version you read");
+    }
+}
+
+const CURSOR_PREFIX: &str = "v1.";
+
+fn encode_cursor(o: &Order) -> String {
+    use base64::Engine;
+    let raw = format!("{CURSOR_PREFIX}{}.{}", o.created_at.timestamp_micros(), o.order_id.get());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
+}
+
+fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
+    use base64::Engine;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
+    let raw = String::from_utf8(raw).ok()?;
+    let rest = raw.strip_prefix(CURSOR_PREFIX)?;
+    let (micros, id) = rest.split_once('.')?;
+    let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    Some((at, OrderId::parse(id)?))
+}
+
+impl OrderService {
+    pub fn new(shards: ShardMap, commerce: MySqlPool, settings: OrderSettings) -> Self {
+        OrderService {
+            shards,
+            commerce,
+            settings: Arc::new(settings),
+        }
+    }
+
+    pub fn shards(&self) -> &ShardMap {
+        &self.shards
+    }
+
+    pub fn commerce(&self) -> &MySqlPool {
+        &self.commerce
+    }
+
+    async fn conn(&self, shard: &Shard) -> Result<PoolConnection<MySql>> {
+        Ok(self.shards.primary(shard).acquire().await.map_err(StorageError::from)?)
+    }
+
+    // ------------------------------------------------------------------ create
+
+    pub async fn create(&self, caller: Caller, req: CreateOrderRequest) -> Result<(Order, Created)> {
+        let Caller::User(user) = caller else {
+            return Err(Error::Forbidden("only a buyer creates orders"));
+        };
+        let new = NewOrder::parse(user, req)?;
+        let hash = new.request_hash();
+        let shard = self.shards.of_order(new.order_id);
+        let mut conn = self.conn(shard).await?;
+        if let Some(stored) = orders::request_hash_of(&mut conn, &shard.tables, new.order_id).await? {
+            return self.replay(&mut conn, shard, new.order_id, &stored, &hash).await;
+        }
+        drop(conn);
+
+        let pricing = self.price(user, Some(new.order_id), &new.lines, &new.coupon_ids).await?;
+        let attempt: i64 = rand::random();
+        let reservation = Reservation {
+            order_id: new.order_id,
+            user_id: user,
+            request_hash: &hash,
+            attempt,
+            lines: &new.lines,
+            coupons: &new.coupon_ids,
+        };
+        let outcome = retry_deadlocks(|| async {
+            let mut c = self.commerce.acquire().await?;
+            commerce::reserve(&mut c, &reservation, now()).await
+        })
+        .await?;
+        match outcome {
+            ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved => {}
+            ReserveOutcome::Conflict => return Err(Error::IdempotencyConflict),
+            ReserveOutcome::OutOfStock(product_id) => return Err(Error::OutOfStock { product_id }),
+            ReserveOutcome::CouponUnavailable(coupon_id) => return Err(Error::CouponUnavailable { coupon_id }),
+        }
+
+        let created = now();
+        let deadline = created + TimeDelta::seconds(self.settings.payment_timeout_secs as i64);
+        let mut conn = self.conn(shard).await?;
+        let written = orders::insert_order(&mut conn, &shard.tables, &new, &pricing, &hash, created, deadline).await;
+        match written {
+            Ok(()) => {
+                self.confirm_claim(new.order_id).await;
+                Ok((Order::from_new(&new, pricing, created, deadline), Created::New))
+            }
+            Err(StorageError::Duplicate(_)) => {
+                let stored = orders::request_hash_of(&mut conn, &shard.tables, new.order_id)
+                    .await?
+                    .ok_or_else(|| Error::Unavailable("order vanished after a duplicate key".into()))?;
+                self.confirm_claim(new.order_id).await;
+                self.replay(&mut conn, shard, new.order_id, &stored, &hash).await
+            }
+            Err(e) => {
+                drop(conn);
+                self.abandon(shard, new.order_id, attempt).await;
+                Err(e.into())
+            }
+        }
+    }
+
+    async fn replay(
+        &self,
+        conn: &mut PoolConnection<MySql>,
+        shard: &Shard,
+        id: OrderId,
+        stored_hash: &[u8],
+        hash: &[u8; 32],
+    ) -> Result<(Order, Created)> {
+        if stored_hash != hash.as_slice() {
+            return Err(Error::IdempotencyConflict);
+        }
+        let order = orders::load_order(conn, &shard.tables, id).await?.ok_or(Error::NotFound)?;
+        Ok((order, Created::Replay))
+    }
+
+    async fn confirm_claim(&self, id: OrderId) {
+        if let Err(e) = commerce::confirm_claim(&self.commerce, id).await {
+            // Harmless: the sweeper confirms claims whose order it finds.
+            tracing::warn!(order_id = %id, error = %e, "could not confirm claim");
+        }
+    }
+
+    /// The order write failed: give the reservation back now if the order is surely not
+    /// there and no later attempt holds the claim. Anything uncertain is left to the sweeper.
+    async fn abandon(&self, shard: &Shard, id: OrderId, attempt: i64) {
+        let absent = match self.conn(shard).await {
+            Ok(mut c) => matches!(orders::request_hash_of(&mut c, &shard.tables, id).await, Ok(None)),
+            Err(_) => false,
+        };
+        if !absent {
+            return;
+        }
+        let result = async {
+            let mut c = self.commerce.acquire().await?;
+            commerce::abandon_claim(&mut c, id, attempt, now()).await
+        }
+        .await;
+        match result {
+            Ok(gave_back) => tracing::info!(order_id = %id, gave_back, "create failed; reservation abandoned"),
+            Err(e) => tracing::warn!(order_id = %id, error = %e, "create failed; sweeper will return the reservation"),
+        }
+    }
+
+    async fn price(
+        &self,
+        user: UserId,
+        order: Option<OrderId>,
+        lines: &[crate::domain::order::NewLine],
+        coupons: &[crate::domain::ids::CouponId],
+    ) -> Result<Pricing> {
+        let ids: Vec<_> = lines.iter().map(|l| l.product_id).collect();
+        let products: Vec<_> = commerce::load_products(&self.commerce, &ids)
+            .await?
+            .iter()
+            .map(|p| p.snapshot())
+            .collect();
+        let coupon_rows = commerce::load_coupons(&self.commerce, coupons).await?;
+        Ok(price_order(user, order, lines, coupons, &products, &coupon_rows, Utc::now())?)
+    }
+
+    pub async fn preview(&self, caller: Caller, req: PreviewRequest) -> Result<Pricing> {
+        let Caller::User(user) = caller else {
+            return Err(Error::Forbidden("only a buyer previews orders"));
+        };
+        let (lines, coupons) = parse_preview(&req)?;
+        self.price(user, None, &lines, &coupons).await
+    }
+
+    // ------------------------------------------------------------------ read
+
+    /// The order if `caller` may see it; another party's order is `NotFound`.
+    pub async fn get(&self, caller: Caller, id: OrderId) -> Result<Order> {
+        if caller == Caller::Service {
+            return Err(Error::Forbidden("the payment channel reads no orders"));
+        }
+        let shard = self.shards.of_order(id);
+        let mut conn = self.conn(shard).await?;
+        self.load_visible(&mut conn, shard, caller, id).await
+    }
+
+    async fn load_visible(&self, conn: &mut PoolConnection<MySql>, shard: &Shard, caller: Caller, id: OrderId) -> Result<Order> {
+        match orders::load_order(conn, &shard.tables, id).await? {
+            Some(o) if caller.can_see(&o) => Ok(o),
+            _ => Err(Error::NotFound),
+        }
+    }
+
+    pub async fn list(&self, caller: Caller, p: ListParams) -> Result<(Vec<Order>, Option<String>)> {
+        let user = match (caller, p.user_id) {
+            (Caller::User(u), None) => u,
+            (Caller::User(u), Some(asked)) if asked == u => u,
+            (Caller::User(_), Some(_)) => return Err(FieldErrors::single("user_id", "a buyer lists only their own orders").into()),
+            (Caller::Admin(_), Some(u)) => u,
+            (Caller::Admin(_), None) => return Err(FieldErrors::single("user_id", "required for administrators").into()),
+            (Caller::Merchant { .. } | Caller::Service, _) => return Err(Error::Forbidden("only buyers and administrators list orders")),
+        };
+        let limit = p.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(FieldErrors::single("limit", format!("must be between 1 and {MAX_PAGE}")).into());
+        }
+        let before = match &p.cursor {
+            None => None,
+            Some(c) => Some(decode_cursor(c).ok_or_else(|| FieldErrors::single("cursor", "is not a cursor this service issued"))?),
+        };
+        let shard = self.shards.of_user(user);
+        let query = ListQuery {
+            user_id: user,
+            status: p.status,
+            created_from: p.created_from,
+            created_to: p.created_to,
+            before,
+            limit: limit + 1,
+        };
+        let mut conn = self.conn(shard).await?;
+        let mut page = orders::list_user_orders(&mut conn, &shard.tables, &query).await?;
+        let next = if page.len() > limit as usize {
+            page.truncate(limit as usize);
+            page.last().map(encode_cursor)
+        } else {
+            None
+        };
+        Ok((page, next))
+    }
+
+    // ------------------------------------------------------------------ life cycle
+
+    /// Loads the order for a versioned change by `caller`, checks the version and the move.
+    async fn status_change(
+        &self,
+        caller: Caller,
+        id: OrderId,
+        expected_version: i64,
+        command: Command,
+        change: StatusChange,
+        allowed: impl Fn(Caller, &Order) -> bool,
+    ) -> Result<Order> {
+        let shard = self.shards.of_order(id);
+        let mut conn = self.conn(shard).await?;
+        let order = self.load_visible(&mut conn, shard, caller, id).await?;
+        if !allowed(caller, &order) {
+            return Err(Error::Forbidden("this party may not do this to the order"));
+        }
+        if order.version != expected_version {
+            return Err(Error::VersionConflict { current_version: order.version });
+        }
+        let to = transition(order.status, command).map_err(|e| Error::InvalidTransition { status: e.from })?;
+        let won = orders::cas_status(&mut conn, &shard.tables, id, expected_version, order.status, to, &change, now()).await?;
+        if !won {
+            return Err(self.explain_lost_race(&mut conn, shard, id, expected_version).await);
+        }
+        if to.releases_stock() {
+            self.release_stock(&mut conn, shard, id).await;
+        }
+        orders::load_order(&mut conn, &shard.tables, id).await?.ok_or(Error::NotFound)
+    }
+
+    /// A compare-and-set matched nothing: say whether the version or the status moved.
+    async fn explain_lost_race(&self, conn: &mut PoolConnection<MySql>, shard: &Shard, id: OrderId, expected: i64) -> Error {
+        match orders::load_order(conn, &shard.tables, id).await {
+            Ok(Some(o)) if o.version != expected => Error::VersionConflict { current_version: o.version },
+            Ok(Some(o)) => Error::InvalidTransition { status: o.status },
+            Ok(None) => Error::NotFound,
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Gives back the stock and coupons of a closed or invalidated order. Exactly once: the
+    /// claim's state change guards it. If this fails, the order stays `release_pending` and
+    /// the sweeper finishes the job.
+    pub(crate) async fn release_stock(&self, conn: &mut PoolConnection<MySql>, shard: &Shard, id: OrderId) {
+        let released = async {
+            retry_deadlocks(|| async {
+                let mut c = self.commerce.acquire().await?;
+                commerce::release_claim(&mut c, id, now()).await
+            })
+            .await?;
+            orders::clear_release_pending(conn, &shard.tables, id).await
+        }
+        .await;
+        if let Err(e) = released {
+            tracing::warn!(order_id = %id, error = %e, "stock release deferred to the sweeper");
+        }
+    }
+
+    pub async fn patch(&self, caller: Caller, id: OrderId, req: PatchRequest) -> Result<Order> {
+        let mut errors = FieldErrors::default();
+        check_version(&mut errors, req.expected_version);
+        if let Some(a) = &req.address {
+            a.check(&mut errors, "address");
+        }
+        if let Some(r) = &req.remark {
+            check_text(&mut errors, "remark", r, MAX_REMARK_CHARS, false);
+        }
+        if let Some(t) = &req.tracking_number {
+            check_reference(&mut errors, "tracking_number", t, MAX_TRACKING_CHARS);
+        }
+        if let Some(c) = &req.carrier {
+            check_text(&mut errors, "carrier", c, MAX_CARRIER_CHARS, true);
+        }
+        let buyer_fields = req.address.is_some() || req.remark.is_some();
+        let shop_fields = req.tracking_number.is_some() || req.carrier.is_some();
+        if !buyer_fields && !shop_fields {
+            errors.push("body", "names no field to change");
+        }
+        errors.into_result(())?;
+        // Buyer fields only before shipment; shipping fields once paid and until delivered.
+        let allowed: &[OrderStatus] = match caller {
+            Caller::User(_) if shop_fields => return Err(Error::Forbidden("a buyer cannot set shipping fields")),
+            Caller::Merchant { .. } if buyer_fields => return Err(Error::Forbidden("a merchant cannot change the buyer's address or remark")),
+            Caller::Service => return Err(Error::Forbidden("the payment channel changes no fields")),
+            Caller::User(_) => &[OrderStatus::PendingPayment, OrderStatus::AwaitingShipment],
+            Caller::Merchant { .. } => &[OrderStatus::AwaitingShipment, OrderStatus::Shipped],
+            Caller::Admin(_) if shop_fields && buyer_fields => &[OrderStatus::AwaitingShipment],
+            Caller::Admin(_) if shop_fields => &[OrderStatus::AwaitingShipment, OrderStatus::Shipped],
+            Caller::Admin(_) => &[OrderStatus::PendingPayment, OrderStatus::AwaitingShipment],
+        };
+        let shard = self.shards.of_order(id);
+        let mut conn = self.conn(shard).await?;
+        let order = self.load_visible(&mut conn, shard, caller, id).await?;
+        if order.version != req.expected_version {
+            return Err(Error::VersionConflict { current_version: order.version });
+        }
+        if !allowed.contains(&order.status) {
+            return Err(Error::InvalidTransition { status: order.status });
+        }
+        let changes = FieldChanges {
+            address: req.address,
+            remark: req.remark,
+            tracking_number: req.tracking_number,
+            carrier: req.carrier,
+        };
+        if !orders::cas_fields(&mut conn, &shard.tables, id, req.expected_version, allowed, &changes, now()).await? {
+            return Err(self.explain_lost_race(&mut conn, shard, id, req.expected_version).await);
+        }
+        orders::load_order(&mut conn, &shard.tables, id).await?.ok_or(Error::NotFound)
+    }
+
+    pub async fn ship(&self, caller: Caller, id: OrderId, req: ShipmentRequest) -> Result<Order> {
+        if !matches!(caller, Caller::Merchant { .. }) {
+            return Err(Error::Forbidden("only the shop ships"));
+        }
+        let mut errors = FieldErrors::default();
+        check_version(&mut errors, req.expected_version);
+        check_reference(&mut errors, "tracking_number", &req.tracking_number, MAX_TRACKING_CHARS);
+        check_text(&mut errors, "carrier", &req.carrier, MAX_CARRIER_CHARS, true);
+        errors.into_result(())?;
+        let change = StatusChange {
+            carrier: Some(req.carrier),
+            tracking_number: Some(req.tracking_number),
+            ..Default::default()
+        };
+        self.status_change(caller, id, req.expected_version, Command::Ship, change, |c, o| c.is_shop_of(o))
+            .await
+    }
+
+    pub async fn confirm(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
+        if !matches!(caller, Caller::User(_)) {
+            return Err(Error::Forbidden("only the buyer confirms receipt"));
+        }
+        self.versioned_checks(&req)?;
+        self.status_change(caller, id, req.expected_version, Command::Confirm, StatusChange::default(), |c, o| c.is_owner(o))
+            .await
+    }
+
+    pub async fn cancel(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
+        if !matches!(caller, Caller::User(_) | Caller::Admin(_)) {
+            return Err(Error::Forbidden("only the buyer or an administrator cancels"));
+        }
+        self.versioned_checks(&req)?;
+        let change = StatusChange {
+            close_reason: Some(if req.reason.is_empty() { "cancelled".into() } else { req.reason }),
+            ..Default::default()
+        };
+        self.status_change(caller, id, req.expected_version, Command::Cancel, change, |c, o| c.is_owner(o) || c.is_admin())
+            .await
+    }
+
+    pub async fn invalidate(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
+        if !caller.is_admin() {
+            return Err(Error::Forbidden("only an administrator invalidates orders"));
+        }
+        self.versioned_checks(&req)?;
+        let shard = self.shards.of_order(id);
+        let mut conn = self.conn(shard).await?;
+        let current = self.load_visible(&mut conn, shard, caller, id).await?;
+        drop(conn);
+        let change = StatusChange {
+            close_reason: Some(if req.reason.is_empty() { "invalidated".into() } else { req.reason }),
+            // Money already received must go back to the buyer.
+            refund_required: current.net_paid() > 0,
+            ..Default::default()
+        };
+        self.status_change(caller, id, req.expected_version, Command::Invalidate, change, |c, _| c.is_admin())
+            .await
+    }
+
+    fn versioned_checks(&self, req: &VersionedRequest) -> Result<()> {
+        let mut errors = FieldErrors::default();
+        check_version(&mut errors, req.expected_version);
+        check_text(&mut errors, "reason", &req.reason, MAX_REASON_CHARS, false);
+        Ok(errors.into_result(())?)
+    }
+
+    pub async fn pay(&self, caller: Caller, id: OrderId, req: PaymentRequest) -> Result<Order> {
+        if caller != Caller::Service {
+            return Err(Error::Forbidden("only the payment channel reports payments"));
+        }
+        let mut errors = FieldErrors::default();
+        check_reference(&mut errors, "transaction_no", &req.transaction_no, 64);
+        check_reference(&mut errors, "channel", &req.channel, 32);
+        let amount = check_amount(&mut errors, "amount", req.amount);
+        errors.into_result(())?;
+        let movement = MoneyMovement {
+            kind: PaymentKind::Payment,
+            transaction_no: req.transaction_no,
+            channel: req.channel,
+            amount,
+            reason: String::new(),
+        };
+        self.move_money(caller, id, movement).await
+    }
+
+    pub async fn refund(&self, caller: Caller, id: OrderId, req: RefundRequest) -> Result<Order> {
+        if !matches!(caller, Caller::Service | Caller::Admin(_)) {
+            return Err(Error::Forbidden("only the payment channel or an administrator refunds"));
+        }
+        let mut errors = FieldErrors::default();
+        check_reference(&mut errors, "refund_no", &req.refund_no, 64);
+        check_text(&mut errors, "reason", &req.reason, MAX_REASON_CHARS, false);
+        let amount = check_amount(&mut errors, "amount", req.amount);
+        errors.into_result(())?;
+        let movement = MoneyMovement {
+            kind: PaymentKind::Refund,
+            transaction_no: req.refund_no,
+            channel: "refund".into(),
+            amount,
+            reason: req.reason,
+        };
+        self.move_money(caller, id, movement).await
+    }
+
+    async fn move_money(&self, caller: Caller, id: OrderId, m: MoneyMovement) -> Result<Order> {
+        let shard = self.shards.of_order(id);
+        let pool = self.shards.primary(shard);
+        let recorded = retry_deadlocks(|| async {
+            let mut c = pool.acquire().await?;
+            orders::record_money(&mut c, &shard.tables, id, &m, now()).await
+        })
+        .await;
+        let mut conn = self.conn(shard).await?;
+        match recorded {
+            Ok(MoneyOutcome::Recorded { from, to }) => {
+                if to.releases_stock() && !from.releases_stock() {
+                    self.release_stock(&mut conn, shard, id).await;
+                }
+            }
+            Ok(MoneyOutcome::Replay) => {}
+            Ok(MoneyOutcome::Conflict) | Err(StorageError::Duplicate(_)) => return Err(Error::IdempotencyConflict),
+            Ok(MoneyOutcome::Mismatch { due }) => {
+                return Err(Error::PaymentMismatch {
+                    detail: format!("amount {} against {due} due", m.amount),
+                })
+            }
+            Ok(MoneyOutcome::InvalidTransition(status)) => return Err(Error::InvalidTransition { status }),
+            Ok(MoneyOutcome::NotFound) => return Err(Error::NotFound),
+            Err(e) => return Err(e.into()),
+        }
+        let order = orders::load_order(&mut conn, &shard.tables, id).await?.ok_or(Error::NotFound)?;
+        if !caller.can_see(&order) {
+            return Err(Error::NotFound);
+        }
+        Ok(order)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cursors_round_trip_and_reject_garbage() {
+        let at = DateTime::from_timestamp_micros(1_760_000_000_123_456).unwrap();
+        let id = OrderId::new(123456789).unwrap();
+        let raw = format!("{CURSOR_PREFIX}{}.{}", at.timestamp_micros(), id.get());
+        use base64::Engine;
+        let c = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw);
+        assert_eq!(decode_cursor(&c), Some((at, id)));
+        for bad in ["", "!!", "djEuMTIz", "eDEuMS4y"] {
+            assert_eq!(decode_cursor(bad), None, "{bad}");
+        }
+    }
+}

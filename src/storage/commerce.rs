@@ -1,0 +1,512 @@
+//! SQL of the commerce database: users, shops, products, coupons, and the claim and stock
+//! reservations each order id takes before its order is written.
+//!
+//! # Reserving exactly once
+//! `reserve` runs one short transaction. Its first statement inserts the order's *claim*
+//! (`order_claims`, keyed by order id), which serialises every create of one order id:
+//! - a new claim takes the stock (`stock = stock - q WHERE stock >= q`, never read-then-write)
+//!   and redeems the coupons (`WHERE redeemed_order_id IS NULL`), or rolls back entirely;
+//! - an existing claim with the same request hash means "already reserved": nothing is taken
+//!   twice; with another hash it is an idempotency conflict and nothing is taken at all.
+//!
+//! A claim stays `reserved` until the order is seen on its shard (`confirmed`), and becomes
+//! `released` exactly once when the order is closed or invalidated. A claim whose order never
+//! appears is given back by the sweeper after a grace period, or at once by the failed
+//! create itself if no later attempt has touched it.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::mysql::MySqlRow;
+use sqlx::{MySqlConnection, MySqlPool, Row};
+
+use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
+use crate::domain::money::{Currency, Money};
+use crate::domain::order::{CouponSnapshot, NewLine, ProductSnapshot};
+
+use super::{Result, StorageError};
+
+fn ts(t: DateTime<Utc>) -> NaiveDateTime {
+    t.naive_utc()
+}
+
+fn corrupt(what: &str, v: impl std::fmt::Debug) -> StorageError {
+    StorageError::Corrupt(format!("{what}: {v:?}"))
+}
+
+// ---------------------------------------------------------------- users and shops
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct User {
+    pub user_id: UserId,
+    pub name: String,
+    pub level: i32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Creates a user; with `id` given, under that id (Duplicate if taken).
+pub async fn insert_user(pool: &MySqlPool, id: Option<UserId>, name: &str, level: i32, now: DateTime<Utc>) -> Result<UserId> {
+    let done = sqlx::query("INSERT INTO users (id, name, level, created_at) VALUES (?, ?, ?, ?)")
+        .bind(id.map(|u| u.get()))
+        .bind(name)
+        .bind(level)
+        .bind(ts(now))
+        .execute(pool)
+        .await?;
+    let v = id.map(|u| u.get()).unwrap_or(done.last_insert_id() as i64);
+    UserId::new(v).ok_or_else(|| corrupt("user id", v))
+}
+
+pub async fn load_user(pool: &MySqlPool, id: UserId) -> Result<Option<User>> {
+    let row = sqlx::query("SELECT id, name, level, created_at FROM users WHERE id = ?")
+        .bind(id.get())
+        .fetch_optional(pool)
+        .await?;
+    row.map(|r| {
+        Ok(User {
+            user_id: id,
+            name: r.try_get("name")?,
+            level: r.try_get("level")?,
+            created_at: r.try_get::<NaiveDateTime, _>("created_at")?.and_utc(),
+        })
+    })
+    .transpose()
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Shop {
+    pub shop_id: ShopId,
+    pub name: String,
+}
+
+pub async fn insert_shop(pool: &MySqlPool, name: &str, now: DateTime<Utc>) -> Result<ShopId> {
+    let done = sqlx::query("INSERT INTO shops (name, created_at) VALUES (?, ?)")
+        .bind(name)
+        .bind(ts(now))
+        .execute(pool)
+        .await?;
+    let v = done.last_insert_id() as i64;
+    ShopId::new(v).ok_or_else(|| corrupt("shop id", v))
+}
+
+pub async fn shop_exists(pool: &MySqlPool, id: ShopId) -> Result<bool> {
+    Ok(sqlx::query("SELECT 1 FROM shops WHERE id = ?")
+        .bind(id.get())
+        .fetch_optional(pool)
+        .await?
+        .is_some())
+}
+
+// ---------------------------------------------------------------- products
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Product {
+    pub product_id: ProductId,
+    pub shop_id: ShopId,
+    pub name: String,
+    pub price: Money,
+    pub currency: Currency,
+    pub stock: i64,
+}
+
+impl Product {
+    pub fn snapshot(&self) -> ProductSnapshot {
+        ProductSnapshot {
+            id: self.product_id,
+            shop_id: self.shop_id,
+            name: self.name.clone(),
+            price: self.price,
+            currency: self.currency,
+        }
+    }
+}
+
+fn product_from_row(r: &MySqlRow) -> Result<Product> {
+    let id: i64 = r.try_get("id")?;
+    let shop: i64 = r.try_get("shop_id")?;
+    let price: i64 = r.try_get("price")?;
+    let currency: String = r.try_get("currency")?;
+    Ok(Product {
+        product_id: ProductId::new(id).ok_or_else(|| corrupt("product id", id))?,
+        shop_id: ShopId::new(shop).ok_or_else(|| corrupt("shop id", shop))?,
+        name: r.try_get("name")?,
+        price: Money::new(price).ok_or_else(|| corrupt("price", price))?,
+        currency: Currency::parse(&currency).ok_or_else(|| corrupt("currency", &currency))?,
+        stock: r.try_get("stock")?,
+    })
+}
+
+pub async fn insert_product(
+    pool: &MySqlPool,
+    shop: ShopId,
+    name: &str,
+    price: Money,
+    currency: Currency,
+    stock: i64,
+    now: DateTime<Utc>,
+) -> Result<ProductId> {
+    let done = sqlx::query(
+        "INSERT INTO products (shop_id, name, price, currency, stock, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(shop.get())
+    .bind(name)
+    .bind(price.minor())
+    .bind(currency.as_str())
+    .bind(stock)
+    .bind(ts(now))
+    .bind(ts(now))
+    .execute(pool)
+    .await?;
+    let v = done.last_insert_id() as i64;
+    ProductId::new(v).ok_or_else(|| corrupt("product id", v))
+}
+
+pub async fn load_product(pool: &MySqlPool, id: ProductId) -> Result<Option<Product>> {
+    let row = sqlx::query("SELECT id, shop_id, name, price, currency, stock FROM products WHERE id = ?")
+        .bind(id.get())
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(product_from_row).transpose()
+}
+
+pub async fn load_products(pool: &MySqlPool, ids: &[ProductId]) -> Result<Vec<Product>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT id, shop_id, name, price, currency, stock FROM products WHERE id IN ({})",
+        vec!["?"; ids.len()].join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for id in ids {
+        q = q.bind(id.get());
+    }
+    q.fetch_all(pool).await?.iter().map(product_from_row).collect()
+}
+
+/// Adds `quantity` units of stock; `false` if there is no such product.
+pub async fn add_stock(pool: &MySqlPool, id: ProductId, quantity: i64, now: DateTime<Utc>) -> Result<bool> {
+    let done = sqlx::query("UPDATE products SET stock = stock + ?, updated_at = ? WHERE id = ?")
+        .bind(quantity)
+        .bind(ts(now))
+        .bind(id.get())
+        .execute(pool)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+// ---------------------------------------------------------------- coupons
+
+#[derive(Debug, Clone)]
+pub struct NewCoupon {
+    pub user_id: UserId,
+    pub shop_id: Option<ShopId>,
+    pub amount: Money,
+    pub min_spend: Money,
+    pub valid_from: DateTime<Utc>,
+    pub valid_to: DateTime<Utc>,
+}
+
+pub async fn insert_coupon(pool: &MySqlPool, c: &NewCoupon, now: DateTime<Utc>) -> Result<CouponId> {
+    let done = sqlx::query(
+        "INSERT INTO coupons (user_id, shop_id, amount, min_spend, valid_from, valid_to, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(c.user_id.get())
+    .bind(c.shop_id.map(|s| s.get()))
+    .bind(c.amount.minor())
+    .bind(c.min_spend.minor())
+    .bind(ts(c.valid_from))
+    .bind(ts(c.valid_to))
+    .bind(ts(now))
+    .execute(pool)
+    .await?;
+    let v = done.last_insert_id() as i64;
+    CouponId::new(v).ok_or_else(|| corrupt("coupon id", v))
+}
+
+fn coupon_from_row(r: &MySqlRow) -> Result<CouponSnapshot> {
+    let id: i64 = r.try_get("id")?;
+    let user: i64 = r.try_get("user_id")?;
+    let shop: Option<i64> = r.try_get("shop_id")?;
+    let amount: i64 = r.try_get("amount")?;
+    let min_spend: i64 = r.try_get("min_spend")?;
+    let redeemed: Option<i64> = r.try_get("redeemed_order_id")?;
+    Ok(CouponSnapshot {
+        id: CouponId::new(id).ok_or_else(|| corrupt("coupon id", id))?,
+        user_id: UserId::new(user).ok_or_else(|| corrupt("user id", user))?,
+        shop_id: shop.and_then(ShopId::new),
+        amount: Money::new(amount).ok_or_else(|| corrupt("amount", amount))?,
+        min_spend: Money::new(min_spend).ok_or_else(|| corrupt("min_spend", min_spend))?,
+        valid_from: r.try_get::<NaiveDateTime, _>("valid_from")?.and_utc(),
+        valid_to: r.try_get::<NaiveDateTime, _>("valid_to")?.and_utc(),
+        redeemed_order_id: redeemed.and_then(OrderId::new),
+    })
+}
+
+pub async fn load_coupons(pool: &MySqlPool, ids: &[CouponId]) -> Result<Vec<CouponSnapshot>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT id, user_id, shop_id, amount, min_spend, valid_from, valid_to, redeemed_order_id
+         FROM coupons WHERE id IN ({})",
+        vec!["?"; ids.len()].join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for id in ids {
+        q = q.bind(id.get());
+    }
+    q.fetch_all(pool).await?.iter().map(coupon_from_row).collect()
+}
+
+// ---------------------------------------------------------------- claims and reservations
+
+/// Claim states, as stored.
+pub const CLAIM_RESERVED: i8 = 0;
+pub const CLAIM_CONFIRMED: i8 = 1;
+pub const CLAIM_RELEASED: i8 = 2;
+
+/// What `reserve` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReserveOutcome {
+    /// Stock taken and coupons redeemed now.
+    Reserved,
+    /// An earlier attempt with the same content reserved already; nothing taken now.
+    AlreadyReserved,
+    /// This order id was claimed with other content; nothing taken.
+    Conflict,
+    OutOfStock(ProductId),
+    CouponUnavailable(CouponId),
+}
+
+/// A reservation request: the order, its content hash, a random attempt token, the lines
+/// and coupons.
+#[derive(Debug, Clone)]
+pub struct Reservation<'a> {
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub request_hash: &'a [u8; 32],
+    pub attempt: i64,
+    pub lines: &'a [NewLine],
+    pub coupons: &'a [CouponId],
+}
+
+/// Takes stock and coupons for an order id exactly once; see the module docs.
+pub async fn reserve(conn: &mut MySqlConnection, r: &Reservation<'_>, now: DateTime<Utc>) -> Result<ReserveOutcome> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    // A plain insert: the duplicate-key error of a second attempt is the signal (it waits
+    // for the first attempt's transaction, so attempts of one order id serialise here).
+    let inserted = sqlx::query(
+        "INSERT INTO order_claims (order_id, user_id, request_hash, state, attempt, created_at, touched_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(r.order_id.get())
+    .bind(r.user_id.get())
+    .bind(&r.request_hash[..])
+    .bind(CLAIM_RESERVED)
+    .bind(r.attempt)
+    .bind(ts(now))
+    .bind(ts(now))
+    .execute(&mut *tx)
+    .await;
+    match inserted.map_err(StorageError::from) {
+        Ok(_) => {}
+        Err(StorageError::Duplicate(_)) => {
+            let hash: Vec<u8> = sqlx::query_scalar("SELECT request_hash FROM order_claims WHERE order_id = ? FOR UPDATE")
+                .bind(r.order_id.get())
+                .fetch_one(&mut *tx)
+                .await?;
+            if hash != r.request_hash[..] {
+                return Ok(ReserveOutcome::Conflict);
+            }
+            // Record this attempt as the latest, so an earlier attempt that fails now does
+            // not give back what this one is about to use.
+            sqlx::query("UPDATE order_claims SET attempt = ?, touched_at = ? WHERE order_id = ?")
+                .bind(r.attempt)
+                .bind(ts(now))
+                .bind(r.order_id.get())
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            return Ok(ReserveOutcome::AlreadyReserved);
+        }
+        Err(e) => return Err(e),
+    }
+    // Lock products in id order so two orders of the same products cannot deadlock.
+    let mut lines = r.lines.to_vec();
+    lines.sort_by_key(|l| l.product_id);
+    for l in &lines {
+        let taken = sqlx::query("UPDATE products SET stock = stock - ?, updated_at = ? WHERE id = ? AND stock >= ?")
+            .bind(l.quantity)
+            .bind(ts(now))
+            .bind(l.product_id.get())
+            .bind(l.quantity)
+            .execute(&mut *tx)
+            .await?;
+        if taken.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(ReserveOutcome::OutOfStock(l.product_id));
+        }
+    }
+    let placeholders = vec!["(?, ?, ?, ?, ?, ?)"; lines.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO stock_reservations (order_id, product_id, quantity, state, created_at, updated_at) VALUES {placeholders}"
+    );
+    let mut q = sqlx::query(&sql);
+    for l in &lines {
+        q = q
+            .bind(r.order_id.get())
+            .bind(l.product_id.get())
+            .bind(l.quantity)
+            .bind(CLAIM_RESERVED)
+            .bind(ts(now))
+            .bind(ts(now));
+    }
+    q.execute(&mut *tx).await?;
+    for c in r.coupons {
+        let redeemed = sqlx::query(
+            "UPDATE coupons SET redeemed_order_id = ?, redeemed_at = ?
+             WHERE id = ? AND user_id = ? AND redeemed_order_id IS NULL",
+        )
+        .bind(r.order_id.get())
+        .bind(ts(now))
+        .bind(c.get())
+        .bind(r.user_id.get())
+        .execute(&mut *tx)
+        .await?;
+        if redeemed.rows_affected() != 1 {
+            tx.rollback().await?;
+            return Ok(ReserveOutcome::CouponUnavailable(*c));
+        }
+    }
+    tx.commit().await?;
+    Ok(ReserveOutcome::Reserved)
+}
+
+/// Marks a claim confirmed once its order is known to be written.
+pub async fn confirm_claim(pool: &MySqlPool, order: OrderId) -> Result<()> {
+    sqlx::query("UPDATE order_claims SET state = ? WHERE order_id = ? AND state = ?")
+        .bind(CLAIM_CONFIRMED)
+        .bind(order.get())
+        .bind(CLAIM_RESERVED)
+        .execute(pool)
+        .await?;
+    sqlx::query("UPDATE stock_reservations SET state = ? WHERE order_id = ? AND state = ?")
+        .bind(CLAIM_CONFIRMED)
+        .bind(order.get())
+        .bind(CLAIM_RESERVED)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Gives back every unit and coupon of an order inside `tx` (the claim row is locked).
+async fn give_back(tx: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<()> {
+    let rows = sqlx::query(
+        "SELECT product_id, quantity FROM stock_reservations WHERE order_id = ? AND state <> ? ORDER BY product_id",
+    )
+    .bind(order.get())
+    .bind(CLAIM_RELEASED)
+    .fetch_all(&mut *tx)
+    .await?;
+    for row in rows {
+        let (pid, qty): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        sqlx::query("UPDATE products SET stock = stock + ?, updated_at = ? WHERE id = ?")
+            .bind(qty)
+            .bind(ts(now))
+            .bind(pid)
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("UPDATE coupons SET redeemed_order_id = NULL, redeemed_at = NULL WHERE redeemed_order_id = ?")
+        .bind(order.get())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// A failed create gives its reservation back, unless another attempt touched the claim
+/// since (that attempt may be writing the order right now). Returns whether it gave back.
+pub async fn abandon_claim(conn: &mut MySqlConnection, order: OrderId, attempt: i64, now: DateTime<Utc>) -> Result<bool> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let locked = sqlx::query("SELECT 1 FROM order_claims WHERE order_id = ? AND state = ? AND attempt = ? FOR UPDATE")
+        .bind(order.get())
+        .bind(CLAIM_RESERVED)
+        .bind(attempt)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if locked.is_none() {
+        return Ok(false);
+    }
+    give_back(&mut tx, order, now).await?;
+    delete_claim(&mut tx, order).await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Deleting (rather than marking) an abandoned claim lets a later retry of the same create
+/// reserve afresh.
+async fn delete_claim(tx: &mut MySqlConnection, order: OrderId) -> Result<()> {
+    sqlx::query("DELETE FROM stock_reservations WHERE order_id = ?")
+        .bind(order.get())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM order_claims WHERE order_id = ?")
+        .bind(order.get())
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Gives back the stock and coupons of a closed or invalidated order, exactly once: the
+/// claim's state moves to released in the same transaction. Returns whether this call did it.
+pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<bool> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let moved = sqlx::query("UPDATE order_claims SET state = ?, touched_at = ? WHERE order_id = ? AND state <> ?")
+        .bind(CLAIM_RELEASED)
+        .bind(ts(now))
+        .bind(order.get())
+        .bind(CLAIM_RELEASED)
+        .execute(&mut *tx)
+        .await?;
+    if moved.rows_affected() != 1 {
+        return Ok(false);
+    }
+    give_back(&mut tx, order, now).await?;
+    sqlx::query("UPDATE stock_reservations SET state = ?, updated_at = ? WHERE order_id = ?")
+        .bind(CLAIM_RELEASED)
+        .bind(ts(now))
+        .bind(order.get())
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// A reserved claim the sweeper looks at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StaleClaim {
+    pub order_id: OrderId,
+    pub attempt: i64,
+}
+
+/// Claims still `reserved` and untouched since `before`, oldest first.
+pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -> Result<Vec<StaleClaim>> {
+    let rows = sqlx::query(
+        "SELECT order_id, attempt FROM order_claims WHERE state = ? AND touched_at < ? ORDER BY touched_at LIMIT ?",
+    )
+    .bind(CLAIM_RESERVED)
+    .bind(ts(before))
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let id: i64 = r.try_get(0)?;
+            Ok(StaleClaim {
+                order_id: OrderId::new(id).ok_or_else(|| corrupt("order id", id))?,
+                attempt: r.try_get(1)?,
+            })
+        })
+        .collect()
+}

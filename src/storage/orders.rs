@@ -1,0 +1,596 @@
+//! SQL of the four order tables of a shard.
+//!
+//! Every function names the shard's tables it touches through [`ShardTables`]; the id and
+//! user routing happened before. Changes are compare-and-set statements on `version` and
+//! `status`: a caller learns whether it won (`true`) and, if not, reloads to say why.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::mysql::MySqlRow;
+use sqlx::{MySqlConnection, Row};
+
+use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
+use crate::domain::money::{Currency, Money};
+use crate::domain::order::{Address, NewOrder, Order, OrderDiscount, OrderLine, Payment, PaymentKind, Pricing};
+use crate::domain::status::OrderStatus;
+
+use super::shards::ShardTables;
+use super::{Result, StorageError};
+
+const ORDER_COLUMNS: &str = "order_id, user_id, shop_id, status, version, currency, total_amount, \
+    discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region, receiver_detail, \
+    remark, tracking_number, carrier, close_reason, refund_required, created_at, updated_at, \
+    pay_deadline, paid_at, shipped_at, completed_at, closed_at, invalidated_at";
+
+fn ts(t: DateTime<Utc>) -> NaiveDateTime {
+    t.naive_utc()
+}
+
+fn corrupt(what: &str, v: impl std::fmt::Debug) -> StorageError {
+    StorageError::Corrupt(format!("{what}: {v:?}"))
+}
+
+fn money(row: &MySqlRow, col: &str) -> Result<Money> {
+    let v: i64 = row.try_get(col)?;
+    Money::new(v).ok_or_else(|| corrupt(col, v))
+}
+
+fn opt_time(row: &MySqlRow, col: &str) -> Result<Option<DateTime<Utc>>> {
+    let v: Option<NaiveDateTime> = row.try_get(col)?;
+    Ok(v.map(|t| t.and_utc()))
+}
+
+fn time(row: &MySqlRow, col: &str) -> Result<DateTime<Utc>> {
+    let v: NaiveDateTime = row.try_get(col)?;
+    Ok(v.and_utc())
+}
+
+fn order_from_row(row: &MySqlRow) -> Result<Order> {
+    let id: i64 = row.try_get("order_id")?;
+    let user: i64 = row.try_get("user_id")?;
+    let shop: i64 = row.try_get("shop_id")?;
+    let status: i8 = row.try_get("status")?;
+    let currency: String = row.try_get("currency")?;
+    let refund_required: i8 = row.try_get("refund_required")?;
+    Ok(Order {
+        order_id: OrderId::new(id).ok_or_else(|| corrupt("order_id", id))?,
+        user_id: UserId::new(user).ok_or_else(|| corrupt("user_id", user))?,
+        shop_id: ShopId::new(shop).ok_or_else(|| corrupt("shop_id", shop))?,
+        status: OrderStatus::from_code(i64::from(status)).ok_or_else(|| corrupt("status", status))?,
+        version: row.try_get("version")?,
+        currency: Currency::parse(&currency).ok_or_else(|| corrupt("currency", &currency))?,
+        total_amount: money(row, "total_amount")?,
+        discount_amount: money(row, "discount_amount")?,
+        pay_amount: money(row, "pay_amount")?,
+        address: Address {
+            name: row.try_get("receiver_name")?,
+            phone: row.try_get("receiver_phone")?,
+            region: row.try_get("receiver_region")?,
+            detail: row.try_get("receiver_detail")?,
+        },
+        remark: row.try_get("remark")?,
+        tracking_number: row.try_get("tracking_number")?,
+        carrier: row.try_get("carrier")?,
+        close_reason: row.try_get("close_reason")?,
+        refund_required: refund_required != 0,
+        created_at: time(row, "created_at")?,
+        updated_at: time(row, "updated_at")?,
+        pay_deadline: time(row, "pay_deadline")?,
+        paid_at: opt_time(row, "paid_at")?,
+        shipped_at: opt_time(row, "shipped_at")?,
+        completed_at: opt_time(row, "completed_at")?,
+        closed_at: opt_time(row, "closed_at")?,
+        invalidated_at: opt_time(row, "invalidated_at")?,
+        items: Vec::new(),
+        payments: Vec::new(),
+        discounts: Vec::new(),
+    })
+}
+
+/// Writes a new order with its lines and discounts in one transaction. A second create of
+/// the same id fails with [`StorageError::Duplicate`] and writes nothing.
+pub async fn insert_order(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    order: &NewOrder,
+    pricing: &Pricing,
+    request_hash: &[u8; 32],
+    now: DateTime<Utc>,
+    pay_deadline: DateTime<Utc>,
+) -> Result<()> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let a = &order.address;
+    sqlx::query(&format!(
+        "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
+            discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region,
+            receiver_detail, remark, request_hash, created_at, updated_at, pay_deadline)
+         VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        t.orders
+    ))
+    .bind(order.order_id.get())
+    .bind(order.user_id.get())
+    .bind(pricing.shop_id.get())
+    .bind(OrderStatus::PendingPayment.code())
+    .bind(pricing.currency.as_str())
+    .bind(pricing.total_amount.minor())
+    .bind(pricing.discount_amount.minor())
+    .bind(pricing.pay_amount.minor())
+    .bind(&a.name)
+    .bind(&a.phone)
+    .bind(&a.region)
+    .bind(&a.detail)
+    .bind(&order.remark)
+    .bind(&request_hash[..])
+    .bind(ts(now))
+    .bind(ts(now))
+    .bind(ts(pay_deadline))
+    .execute(&mut *tx)
+    .await?;
+
+    let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?)"; pricing.items.len()].join(", ");
+    let sql = format!(
+        "INSERT INTO {} (order_id, line_no, product_id, product_name, unit_price, quantity, line_total) VALUES {placeholders}",
+        t.items
+    );
+    let mut q = sqlx::query(&sql);
+    for l in &pricing.items {
+        q = q
+            .bind(order.order_id.get())
+            .bind(l.line_no)
+            .bind(l.product_id.get())
+            .bind(&l.product_name)
+            .bind(l.unit_price.minor())
+            .bind(l.quantity)
+            .bind(l.line_total.minor());
+    }
+    q.execute(&mut *tx).await?;
+
+    if !pricing.discounts.is_empty() {
+        let placeholders = vec!["(?, ?, ?, ?, ?, ?)"; pricing.discounts.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO {} (order_id, line_no, coupon_id, kind, amount, description) VALUES {placeholders}",
+            t.discounts
+        );
+        let mut q = sqlx::query(&sql);
+        for d in &pricing.discounts {
+            q = q
+                .bind(order.order_id.get())
+                .bind(d.line_no)
+                .bind(d.coupon_id.map(|c| c.get()))
+                .bind(&d.kind)
+                .bind(d.amount.minor())
+                .bind(&d.description);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// The create-request hash of a stored order, or `None` if there is no such order.
+pub async fn request_hash_of(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<Option<Vec<u8>>> {
+    let row = sqlx::query(&format!("SELECT request_hash FROM {} WHERE order_id = ?", t.orders))
+        .bind(id.get())
+        .fetch_optional(conn)
+        .await?;
+    Ok(row.map(|r| r.try_get(0)).transpose()?)
+}
+
+async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut [Order]) -> Result<()> {
+    if orders.is_empty() {
+        return Ok(());
+    }
+    let ids = vec!["?"; orders.len()].join(", ");
+    let pos = |orders: &[Order], id: i64| orders.iter().position(|o| o.order_id.get() == id);
+
+    let sql = format!(
+        "SELECT order_id, line_no, product_id, product_name, unit_price, quantity, line_total
+         FROM {} WHERE order_id IN ({ids}) ORDER BY order_id, line_no",
+        t.items
+    );
+    let mut q = sqlx::query(&sql);
+    for o in orders.iter() {
+        q = q.bind(o.order_id.get());
+    }
+    for row in q.fetch_all(&mut *conn).await? {
+        let Some(i) = pos(orders, row.try_get("order_id")?) else { continue };
+        let pid: i64 = row.try_get("product_id")?;
+        let line_no: i16 = row.try_get("line_no")?;
+        let quantity: i32 = row.try_get("quantity")?;
+        orders[i].items.push(OrderLine {
+            line_no: line_no as u32,
+            product_id: ProductId::new(pid).ok_or_else(|| corrupt("product_id", pid))?,
+            product_name: row.try_get("product_name")?,
+            unit_price: money(&row, "unit_price")?,
+            quantity: i64::from(quantity),
+            line_total: money(&row, "line_total")?,
+        });
+    }
+
+    let sql = format!(
+        "SELECT order_id, kind, transaction_no, channel, amount, created_at
+         FROM {} WHERE order_id IN ({ids}) ORDER BY id",
+        t.payments
+    );
+    let mut q = sqlx::query(&sql);
+    for o in orders.iter() {
+        q = q.bind(o.order_id.get());
+    }
+    for row in q.fetch_all(&mut *conn).await? {
+        let Some(i) = pos(orders, row.try_get("order_id")?) else { continue };
+        let kind: i8 = row.try_get("kind")?;
+        orders[i].payments.push(Payment {
+            kind: if kind == 0 { PaymentKind::Payment } else { PaymentKind::Refund },
+            transaction_no: row.try_get("transaction_no")?,
+            channel: row.try_get("channel")?,
+            amount: money(&row, "amount")?,
+            created_at: time(&row, "created_at")?,
+        });
+    }
+
+    let sql = format!(
+        "SELECT order_id, line_no, coupon_id, kind, amount, description
+         FROM {} WHERE order_id IN ({ids}) ORDER BY order_id, line_no",
+        t.discounts
+    );
+    let mut q = sqlx::query(&sql);
+    for o in orders.iter() {
+        q = q.bind(o.order_id.get());
+    }
+    for row in q.fetch_all(&mut *conn).await? {
+        let Some(i) = pos(orders, row.try_get("order_id")?) else { continue };
+        let line_no: i16 = row.try_get("line_no")?;
+        let coupon: Option<i64> = row.try_get("coupon_id")?;
+        orders[i].discounts.push(OrderDiscount {
+            line_no: line_no as u32,
+            coupon_id: coupon.and_then(CouponId::new),
+            kind: row.try_get("kind")?,
+            amount: money(&row, "amount")?,
+            description: row.try_get("description")?,
+        });
+    }
+    Ok(())
+}
+
+/// The whole order, or `None`.
+pub async fn load_order(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<Option<Order>> {
+    let row = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM {} WHERE order_id = ?", t.orders))
+        .bind(id.get())
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    let mut orders = [order_from_row(&row)?];
+    load_children(conn, t, &mut orders).await?;
+    let [order] = orders;
+    Ok(Some(order))
+}
+
+/// One page of a user's orders, newest first.
+#[derive(Debug, Clone)]
+pub struct ListQuery {
+    pub user_id: UserId,
+    pub status: Option<OrderStatus>,
+    pub created_from: Option<DateTime<Utc>>,
+    pub created_to: Option<DateTime<Utc>>,
+    /// Keyset position: strictly older than this (created_at, order_id).
+    pub before: Option<(DateTime<Utc>, OrderId)>,
+    pub limit: u32,
+}
+
+pub async fn list_user_orders(conn: &mut MySqlConnection, t: &ShardTables, q: &ListQuery) -> Result<Vec<Order>> {
+    let mut sql = format!("SELECT {ORDER_COLUMNS} FROM {} WHERE user_id = ?", t.orders);
+    if q.status.is_some() {
+        sql.push_str(" AND status = ?");
+    }
+    if q.created_from.is_some() {
+        sql.push_str(" AND created_at >= ?");
+    }
+    if q.created_to.is_some() {
+        sql.push_str(" AND created_at < ?");
+    }
+    if q.before.is_some() {
+        sql.push_str(" AND (created_at, order_id) < (?, ?)");
+    }
+    sql.push_str(" ORDER BY created_at DESC, order_id DESC LIMIT ?");
+    let mut query = sqlx::query(&sql).bind(q.user_id.get());
+    if let Some(s) = q.status {
+        query = query.bind(s.code());
+    }
+    if let Some(f) = q.created_from {
+        query = query.bind(ts(f));
+    }
+    if let Some(to) = q.created_to {
+        query = query.bind(ts(to));
+    }
+    if let Some((at, id)) = q.before {
+        query = query.bind(ts(at)).bind(id.get());
+    }
+    let rows = query.bind(q.limit).fetch_all(&mut *conn).await?;
+    let mut orders = rows.iter().map(order_from_row).collect::<Result<Vec<_>>>()?;
+    load_children(conn, t, &mut orders).await?;
+    Ok(orders)
+}
+
+/// A status change as a compare-and-set on (version, status).
+#[derive(Debug, Clone, Default)]
+pub struct StatusChange {
+    pub carrier: Option<String>,
+    pub tracking_number: Option<String>,
+    pub close_reason: Option<String>,
+    /// Money was received that must go back (invalidating a paid order).
+    pub refund_required: bool,
+}
+
+fn timestamp_column(to: OrderStatus) -> &'static str {
+    match to {
+        OrderStatus::PendingPayment => "updated_at",
+        OrderStatus::AwaitingShipment => "paid_at",
+        OrderStatus::Shipped => "shipped_at",
+        OrderStatus::Completed => "completed_at",
+        OrderStatus::Closed => "closed_at",
+        OrderStatus::Invalid => "invalidated_at",
+    }
+}
+
+/// Moves `id` from `from` to `to` if it is still at `expected_version` and `from`.
+/// Closing or invalidating marks the order `release_pending` in the same statement, so the
+/// stock and coupons are given back even if the process dies right after.
+#[allow(clippy::too_many_arguments)]
+pub async fn cas_status(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    id: OrderId,
+    expected_version: i64,
+    from: OrderStatus,
+    to: OrderStatus,
+    change: &StatusChange,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let sql = format!(
+        "UPDATE {} SET status = ?, version = version + 1, updated_at = ?, {} = ?,
+            carrier = COALESCE(?, carrier), tracking_number = COALESCE(?, tracking_number),
+            close_reason = COALESCE(?, close_reason),
+            refund_required = refund_required OR ?,
+            release_pending = release_pending OR ?
+         WHERE order_id = ? AND version = ? AND status = ?",
+        t.orders,
+        timestamp_column(to)
+    );
+    let done = sqlx::query(&sql)
+        .bind(to.code())
+        .bind(ts(now))
+        .bind(ts(now))
+        .bind(&change.carrier)
+        .bind(&change.tracking_number)
+        .bind(&change.close_reason)
+        .bind(change.refund_required)
+        .bind(to.releases_stock())
+        .bind(id.get())
+        .bind(expected_version)
+        .bind(from.code())
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Field changes of `PATCH`; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FieldChanges {
+    pub address: Option<Address>,
+    pub remark: Option<String>,
+    pub tracking_number: Option<String>,
+    pub carrier: Option<String>,
+}
+
+/// Applies `changes` if the order is still at `expected_version` and in one of `allowed`.
+pub async fn cas_fields(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    id: OrderId,
+    expected_version: i64,
+    allowed: &[OrderStatus],
+    changes: &FieldChanges,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let statuses = allowed
+        .iter()
+        .map(|s| s.code().to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let sql = format!(
+        "UPDATE {} SET receiver_name = COALESCE(?, receiver_name),
+            receiver_phone = COALESCE(?, receiver_phone),
+            receiver_region = COALESCE(?, receiver_region),
+            receiver_detail = COALESCE(?, receiver_detail),
+            remark = COALESCE(?, remark),
+            tracking_number = COALESCE(?, tracking_number),
+            carrier = COALESCE(?, carrier),
+            version = version + 1, updated_at = ?
+         WHERE order_id = ? AND version = ? AND status IN ({statuses})",
+        t.orders
+    );
+    let a = changes.address.as_ref();
+    let done = sqlx::query(&sql)
+        .bind(a.map(|a| &a.name))
+        .bind(a.map(|a| &a.phone))
+        .bind(a.map(|a| &a.region))
+        .bind(a.map(|a| &a.detail))
+        .bind(&changes.remark)
+        .bind(&changes.tracking_number)
+        .bind(&changes.carrier)
+        .bind(ts(now))
+        .bind(id.get())
+        .bind(expected_version)
+        .execute(conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// A payment or refund callback from the channel.
+#[derive(Debug, Clone)]
+pub struct MoneyMovement {
+    pub kind: PaymentKind,
+    pub transaction_no: String,
+    pub channel: String,
+    pub amount: Money,
+    pub reason: String,
+}
+
+/// What recording a payment or refund did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MoneyOutcome {
+    /// Recorded; the order moved from the first status to the second (maybe the same).
+    Recorded { from: OrderStatus, to: OrderStatus },
+    /// This transaction number was recorded before for this order: nothing changed.
+    Replay,
+    /// This transaction number belongs to another order or kind.
+    Conflict,
+    /// The amount is not what is due (payment) or more than was paid (refund).
+    Mismatch { due: i64 },
+    /// The order cannot take this (e.g. a refund of an unpaid order).
+    InvalidTransition(OrderStatus),
+    NotFound,
+}
+
+/// Records a payment or refund and moves the status, in one transaction with the order row
+/// locked, so it serialises with every other change of the order.
+///
+/// - payment, order pending: must be the amount due; the order becomes awaiting shipment.
+/// - payment, any other status (closed, invalidated, already paid): recorded and the order
+///   is flagged `refund_required`; money received is never dropped.
+/// - refund: at most what was paid net; a full refund of an awaiting-shipment order closes
+///   it (and marks its stock for release); a refund that settles a flagged order clears the
+///   flag.
+pub async fn record_money(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    id: OrderId,
+    m: &MoneyMovement,
+    now: DateTime<Utc>,
+) -> Result<MoneyOutcome> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let row = sqlx::query(&format!(
+        "SELECT status, pay_amount, refund_required FROM {} WHERE order_id = ? FOR UPDATE",
+        t.orders
+    ))
+    .bind(id.get())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(MoneyOutcome::NotFound) };
+    let code: i8 = row.try_get("status")?;
+    let status = OrderStatus::from_code(i64::from(code)).ok_or_else(|| corrupt("status", code))?;
+    let pay_amount: i64 = row.try_get("pay_amount")?;
+    let refund_required: i8 = row.try_get("refund_required")?;
+
+    let existing = sqlx::query(&format!("SELECT order_id, kind FROM {} WHERE transaction_no = ?", t.payments))
+        .bind(&m.transaction_no)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(e) = existing {
+        let (oid, kind): (i64, i8) = (e.try_get(0)?, e.try_get(1)?);
+        return Ok(if oid == id.get() && kind == m.kind as i8 {
+            MoneyOutcome::Replay
+        } else {
+            MoneyOutcome::Conflict
+        });
+    }
+    let net: i64 = sqlx::query_scalar(&format!(
+        "SELECT CAST(COALESCE(SUM(IF(kind = 0, amount, -amount)), 0) AS SIGNED) FROM {} WHERE order_id = ?",
+        t.payments
+    ))
+    .bind(id.get())
+    .fetch_one(&mut *tx)
+    .await?;
+
+    let (to, set_refund_flag, closes) = match m.kind {
+        PaymentKind::Payment if status == OrderStatus::PendingPayment => {
+            if m.amount.minor() != pay_amount {
+                return Ok(MoneyOutcome::Mismatch { due: pay_amount });
+            }
+            (OrderStatus::AwaitingShipment, None, false)
+        }
+        PaymentKind::Payment => (status, Some(true), false),
+        PaymentKind::Refund => {
+            if m.amount.minor() > net || m.amount.minor() == 0 {
+                return Ok(MoneyOutcome::Mismatch { due: net });
+            }
+            let full = m.amount.minor() == net;
+            match status {
+                OrderStatus::AwaitingShipment if full => (OrderStatus::Closed, None, true),
+                OrderStatus::AwaitingShipment => (status, None, false),
+                _ if refund_required != 0 => (status, Some(!full), false),
+                _ => return Ok(MoneyOutcome::InvalidTransition(status)),
+            }
+        }
+    };
+
+    sqlx::query(&format!(
+        "INSERT INTO {} (order_id, kind, transaction_no, channel, amount, reason, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        t.payments
+    ))
+    .bind(id.get())
+    .bind(m.kind as i8)
+    .bind(&m.transaction_no)
+    .bind(&m.channel)
+    .bind(m.amount.minor())
+    .bind(&m.reason)
+    .bind(ts(now))
+    .execute(&mut *tx)
+    .await?;
+
+    let mut sql = format!("UPDATE {} SET version = version + 1, updated_at = ?", t.orders);
+    if to != status {
+        sql.push_str(&format!(", status = {}, {} = ?", to.code(), timestamp_column(to)));
+    }
+    if closes {
+        sql.push_str(", release_pending = 1, close_reason = COALESCE(?, close_reason)");
+    }
+    if let Some(flag) = set_refund_flag {
+        sql.push_str(if flag { ", refund_required = 1" } else { ", refund_required = 0" });
+    }
+    sql.push_str(" WHERE order_id = ?");
+    let mut q = sqlx::query(&sql).bind(ts(now));
+    if to != status {
+        q = q.bind(ts(now));
+    }
+    if closes {
+        q = q.bind(format!("full refund: {}", m.reason));
+    }
+    q.bind(id.get()).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(MoneyOutcome::Recorded { from: status, to })
+}
+
+/// Orders of this shard that were closed or invalidated but whose stock and coupons have
+/// not been confirmed as given back, last touched before `before`.
+pub async fn release_pending(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<OrderId>> {
+    let rows = sqlx::query(&format!(
+        "SELECT order_id FROM {} WHERE release_pending = 1 AND updated_at < ? LIMIT ?",
+        t.orders
+    ))
+    .bind(ts(before))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let v: i64 = r.try_get(0)?;
+            OrderId::new(v).ok_or_else(|| corrupt("order_id", v))
+        })
+        .collect()
+}
+
+/// Marks the stock of a closed order as given back. Touches no version: it is bookkeeping,
+/// not a change the client sees.
+pub async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<()> {
+    sqlx::query(&format!("UPDATE {} SET release_pending = 0 WHERE order_id = ?", t.orders))
+        .bind(id.get())
+        .execute(conn)
+        .await?;
+    Ok(())
+}

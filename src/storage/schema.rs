@@ -1,0 +1,249 @@
+//! The schema and `orderly migrate`.
+//!
+//! Migrations are numbered and recorded per *scope* in `schema_migrations` on each database:
+//! `commerce` on the commerce database, `shard_NN` for each table shard on the server that
+//! holds it. Applying is idempotent (`CREATE TABLE IF NOT EXISTS` plus the record), so a
+//! migrate interrupted halfway is simply run again.
+
+use sqlx::{MySqlPool, Row};
+
+use super::shards::{ShardMap, ShardTables};
+use super::Result;
+
+const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
+    scope VARCHAR(32) NOT NULL,
+    version INT NOT NULL,
+    description VARCHAR(200) NOT NULL,
+    applied_at DATETIME(6) NOT NULL,
+    PRIMARY KEY (scope, version)
+) ENGINE=InnoDB";
+
+/// Commerce tables. One database, not sharded: the catalog is small next to the orders.
+const COMMERCE_V1: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS users (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        name VARCHAR(100) NOT NULL,
+        level INT NOT NULL DEFAULT 0,
+        created_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS shops (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        name VARCHAR(100) NOT NULL,
+        created_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // stock is only ever changed by `stock = stock - ? WHERE stock >= ?` (never read, then
+    // written); the CHECK is the last line of defence against overselling.
+    "CREATE TABLE IF NOT EXISTS products (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        shop_id BIGINT NOT NULL,
+        name VARCHAR(200) NOT NULL,
+        price BIGINT NOT NULL,
+        currency CHAR(3) NOT NULL,
+        stock BIGINT NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        updated_at DATETIME(6) NOT NULL,
+        KEY idx_products_shop (shop_id),
+        CONSTRAINT stock_never_negative CHECK (stock >= 0),
+        CONSTRAINT price_never_negative CHECK (price >= 0)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // redeemed_order_id is the compare-and-set target of redemption: set only when NULL,
+    // cleared only by the order that set it.
+    "CREATE TABLE IF NOT EXISTS coupons (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        user_id BIGINT NOT NULL,
+        shop_id BIGINT NULL,
+        amount BIGINT NOT NULL,
+        min_spend BIGINT NOT NULL,
+        valid_from DATETIME(6) NOT NULL,
+        valid_to DATETIME(6) NOT NULL,
+        redeemed_order_id BIGINT NULL,
+        redeemed_at DATETIME(6) NULL,
+        created_at DATETIME(6) NOT NULL,
+        KEY idx_coupons_user (user_id),
+        KEY idx_coupons_order (redeemed_order_id)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // One row per order id that ever reserved stock: the idempotency record of the
+    // reservation step. state 0 = reserved (order not yet seen), 1 = confirmed (order
+    // written), 2 = released (order closed or invalidated; stock and coupons given back).
+    // attempt is a random token of the last create that passed through: a failed create
+    // gives the reservation back only if no later attempt has touched it. The
+    // (state, touched_at) index serves the sweeper.
+    "CREATE TABLE IF NOT EXISTS order_claims (
+        order_id BIGINT NOT NULL PRIMARY KEY,
+        user_id BIGINT NOT NULL,
+        request_hash BINARY(32) NOT NULL,
+        state TINYINT NOT NULL,
+        attempt BIGINT NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        touched_at DATETIME(6) NOT NULL,
+        KEY idx_claims_sweep (state, touched_at)
+    ) ENGINE=InnoDB",
+    // Keyed by (order, product): a retried create can never reserve a product twice.
+    "CREATE TABLE IF NOT EXISTS stock_reservations (
+        order_id BIGINT NOT NULL,
+        product_id BIGINT NOT NULL,
+        quantity BIGINT NOT NULL,
+        state TINYINT NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        updated_at DATETIME(6) NOT NULL,
+        PRIMARY KEY (order_id, product_id),
+        KEY idx_reservations_product (product_id)
+    ) ENGINE=InnoDB",
+];
+
+/// The four order tables of one shard. `{orders}` etc. are replaced by the shard's names.
+const SHARD_V1: &[&str] = &[
+    // order_id is the primary key: a retried create cannot insert a second row.
+    // idx_user_created serves "my orders" newest first with a keyset cursor;
+    // idx_shop_created the merchant's view; idx_status_deadline the payment-timeout sweep;
+    // idx_release_pending the sweep that finishes giving stock back after a crash.
+    "CREATE TABLE IF NOT EXISTS {orders} (
+        order_id BIGINT NOT NULL PRIMARY KEY,
+        user_id BIGINT NOT NULL,
+        shop_id BIGINT NOT NULL,
+        status TINYINT NOT NULL,
+        version BIGINT NOT NULL,
+        currency CHAR(3) NOT NULL,
+        total_amount BIGINT NOT NULL,
+        discount_amount BIGINT NOT NULL,
+        pay_amount BIGINT NOT NULL,
+        receiver_name VARCHAR(200) NOT NULL,
+        receiver_phone VARCHAR(32) NOT NULL,
+        receiver_region VARCHAR(200) NOT NULL,
+        receiver_detail VARCHAR(200) NOT NULL,
+        remark VARCHAR(500) NOT NULL,
+        tracking_number VARCHAR(64) NULL,
+        carrier VARCHAR(64) NULL,
+        close_reason VARCHAR(500) NULL,
+        refund_required TINYINT NOT NULL DEFAULT 0,
+        release_pending TINYINT NOT NULL DEFAULT 0,
+        request_hash BINARY(32) NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        updated_at DATETIME(6) NOT NULL,
+        pay_deadline DATETIME(6) NOT NULL,
+        paid_at DATETIME(6) NULL,
+        shipped_at DATETIME(6) NULL,
+        completed_at DATETIME(6) NULL,
+        closed_at DATETIME(6) NULL,
+        invalidated_at DATETIME(6) NULL,
+        KEY idx_user_created (user_id, created_at, order_id),
+        KEY idx_shop_created (shop_id, created_at),
+        KEY idx_status_deadline (status, pay_deadline),
+        KEY idx_release_pending (release_pending, updated_at)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // The product as it was when ordered: later catalog changes do not rewrite history.
+    "CREATE TABLE IF NOT EXISTS {items} (
+        order_id BIGINT NOT NULL,
+        line_no SMALLINT NOT NULL,
+        product_id BIGINT NOT NULL,
+        product_name VARCHAR(200) NOT NULL,
+        unit_price BIGINT NOT NULL,
+        quantity INT NOT NULL,
+        line_total BIGINT NOT NULL,
+        PRIMARY KEY (order_id, line_no)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    // transaction_no (payment or refund number of the channel) is unique: a repeated
+    // callback finds its first record instead of paying twice.
+    "CREATE TABLE IF NOT EXISTS {payments} (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        order_id BIGINT NOT NULL,
+        kind TINYINT NOT NULL,
+        transaction_no VARCHAR(64) NOT NULL,
+        channel VARCHAR(32) NOT NULL,
+        amount BIGINT NOT NULL,
+        reason VARCHAR(500) NOT NULL DEFAULT '',
+        created_at DATETIME(6) NOT NULL,
+        UNIQUE KEY uq_transaction_no (transaction_no),
+        KEY idx_payments_order (order_id)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS {discounts} (
+        order_id BIGINT NOT NULL,
+        line_no SMALLINT NOT NULL,
+        coupon_id BIGINT NULL,
+        kind VARCHAR(16) NOT NULL,
+        amount BIGINT NOT NULL,
+        description VARCHAR(200) NOT NULL,
+        PRIMARY KEY (order_id, line_no)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+];
+
+struct Migration {
+    version: i32,
+    description: &'static str,
+    statements: &'static [&'static str],
+}
+
+const COMMERCE: &[Migration] = &[Migration {
+    version: 1,
+    description: "users, shops, products, coupons, order claims, stock reservations",
+    statements: COMMERCE_V1,
+}];
+
+const SHARD: &[Migration] = &[Migration {
+    version: 1,
+    description: "orders, order_items, order_payments, order_discounts",
+    statements: SHARD_V1,
+}];
+
+/// What a migrate run did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MigrateReport {
+    pub applied: Vec<String>,
+    pub already: usize,
+}
+
+fn render(stmt: &str, t: &ShardTables) -> String {
+    stmt.replace("{orders}", &t.orders)
+        .replace("{items}", &t.items)
+        .replace("{payments}", &t.payments)
+        .replace("{discounts}", &t.discounts)
+}
+
+async fn apply(
+    pool: &MySqlPool,
+    scope: &str,
+    migrations: &[Migration],
+    render_stmt: impl Fn(&str) -> String,
+    report: &mut MigrateReport,
+) -> Result<()> {
+    sqlx::query(MIGRATIONS_TABLE).execute(pool).await?;
+    let done: Vec<i32> = sqlx::query("SELECT version FROM schema_migrations WHERE scope = ?")
+        .bind(scope)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<Result<_, _>>()?;
+    for m in migrations {
+        if done.contains(&m.version) {
+            report.already += 1;
+            continue;
+        }
+        for stmt in m.statements {
+            sqlx::query(&render_stmt(stmt)).execute(pool).await?;
+        }
+        sqlx::query(
+            "INSERT IGNORE INTO schema_migrations (scope, version, description, applied_at)
+             VALUES (?, ?, ?, NOW(6))",
+        )
+        .bind(scope)
+        .bind(m.version)
+        .bind(m.description)
+        .execute(pool)
+        .await?;
+        report.applied.push(format!("{scope} v{}", m.version));
+    }
+    Ok(())
+}
+
+/// Creates every table of the commerce database and of every shard on its server.
+pub async fn migrate(commerce: &MySqlPool, shards: &ShardMap) -> Result<MigrateReport> {
+    let mut report = MigrateReport::default();
+    apply(commerce, "commerce", COMMERCE, str::to_owned, &mut report).await?;
+    for shard in shards.all() {
+        let scope = format!("shard_{}", shard.index.suffix());
+        let pool = shards.primary(shard);
+        apply(pool, &scope, SHARD, |s| render(s, &shard.tables), &mut report).await?;
+    }
+    Ok(report)
+}

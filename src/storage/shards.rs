@@ -1,0 +1,118 @@
+//! The shard map: for each table shard, the database that holds it and its table names.
+//!
+//! Built once from settings. A request finds its shard from the order id's gene or the
+//! user's hash ([`crate::domain::shard`]) and gets a [`Shard`]: the primary pool and the four
+//! table names. Moving shards to more servers is a change of the settings, not of code.
+
+use sqlx::MySqlPool;
+
+use crate::config::Settings;
+use crate::domain::ids::{OrderId, UserId};
+use crate::domain::shard::{ShardCount, ShardIndex};
+
+use super::{connect, Result};
+
+/// The four table names of one shard.
+#[derive(Debug, Clone)]
+pub struct ShardTables {
+    pub orders: String,
+    pub items: String,
+    pub payments: String,
+    pub discounts: String,
+}
+
+impl ShardTables {
+    pub fn of(index: ShardIndex) -> Self {
+        let s = index.suffix();
+        ShardTables {
+            orders: format!("orders_{s}"),
+            items: format!("order_items_{s}"),
+            payments: format!("order_payments_{s}"),
+            discounts: format!("order_discounts_{s}"),
+        }
+    }
+}
+
+/// One table shard: where it lives and what its tables are called.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    pub index: ShardIndex,
+    /// Index into [`ShardMap::databases`].
+    pub database: usize,
+    pub tables: ShardTables,
+}
+
+/// One server of the shard map.
+#[derive(Debug, Clone)]
+pub struct ShardDatabase {
+    pub name: String,
+    /// Writes and `strong` reads. (Replica handles join here in a later step.)
+    pub primary: MySqlPool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ShardMap {
+    count: ShardCount,
+    shards: Vec<Shard>,
+    databases: Vec<ShardDatabase>,
+}
+
+impl ShardMap {
+    /// Connects to every shard database of the settings.
+    pub async fn connect(settings: &Settings) -> Result<ShardMap> {
+        let count = settings.shard_count();
+        let mut databases = Vec::new();
+        let mut owner = vec![0usize; count.get() as usize];
+        for (i, db) in settings.shards.databases.iter().enumerate() {
+            databases.push(ShardDatabase {
+                name: db.name.clone(),
+                primary: connect(&db.primary, &settings.database).await?,
+            });
+            for s in db.first_shard..=db.last_shard {
+                owner[s as usize] = i;
+            }
+        }
+        let shards = count
+            .all()
+            .map(|index| Shard {
+                index,
+                database: owner[index.get() as usize],
+                tables: ShardTables::of(index),
+            })
+            .collect();
+        Ok(ShardMap {
+            count,
+            shards,
+            databases,
+        })
+    }
+
+    pub fn count(&self) -> ShardCount {
+        self.count
+    }
+
+    pub fn shard(&self, index: ShardIndex) -> &Shard {
+        &self.shards[index.get() as usize]
+    }
+
+    pub fn of_order(&self, id: OrderId) -> &Shard {
+        self.shard(self.count.shard_of_gene(id.gene()))
+    }
+
+    pub fn of_user(&self, user: UserId) -> &Shard {
+        self.shard(self.count.shard_of_user(user))
+    }
+
+    pub fn all(&self) -> &[Shard] {
+        &self.shards
+    }
+
+    pub fn databases(&self) -> &[ShardDatabase] {
+        &self.databases
+    }
+
+    /// The primary pool of a shard: the only handle that writes.
+    pub fn primary(&self, shard: &Shard) -> &MySqlPool {
+        &self.databases[shard.database].primary
+    }
+}

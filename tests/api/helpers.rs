@@ -1,0 +1,282 @@
+//! The test harness: one local cluster (two MariaDB servers and Redis, started from the
+//! binaries on PATH) per test binary, and a [`TestApp`] per test with its own databases, its
+//! own Redis key prefix and its own server bound on port 0.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use orderly::app::{migrate, Application};
+use orderly::cluster::{ClusterSpec, LocalCluster};
+use orderly::config::Settings;
+use orderly::domain::actor::Role;
+use orderly::domain::ids::ShopId;
+use orderly::http::auth::AuthKeys;
+use orderly::playground::{cluster_settings, create_databases};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
+
+/// Shards used by tests: the default, on two servers (16 each).
+pub const TEST_SHARDS: u32 = 32;
+pub const SECRET: &str = "test-secret-test-secret-test-secret!";
+
+static CLUSTER: OnceLock<Arc<LocalCluster>> = OnceLock::new();
+static NEXT: AtomicUsize = AtomicUsize::new(0);
+
+/// The cluster of this test binary, started on first use.
+pub fn cluster() -> Arc<LocalCluster> {
+    CLUSTER
+        .get_or_init(|| {
+            // Started on its own runtime: tests each have their own, and the cluster outlives
+            // every one of them.
+            std::thread::spawn(|| {
+                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                rt.block_on(LocalCluster::start(ClusterSpec {
+                    mariadb_servers: 2,
+                    with_redis: true,
+                    base_dir: None,
+                }))
+            })
+            .join()
+            .expect("cluster thread")
+            .map(Arc::new)
+            .unwrap_or_else(|e| panic!("cannot start the test cluster: {e}"))
+        })
+        .clone()
+}
+
+pub struct TestApp {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub settings: Settings,
+    pub keys: AuthKeys,
+    pub commerce: MySqlPool,
+    pub app: orderly::http::AppState,
+    shutdown: CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A shop with products, set up through the API.
+pub struct Catalog {
+    pub shop: ShopId,
+    pub products: Vec<String>,
+}
+
+impl TestApp {
+    pub async fn spawn() -> TestApp {
+        Self::spawn_with(|_| {}).await
+    }
+
+    pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        let cluster = cluster();
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let prefix = format!("t{}_{n}_", std::process::id());
+        let mut base = Settings::defaults();
+        base.auth.jwt_secret = SECRET.into();
+        base.server.listen = ([127, 0, 0, 1], 0).into();
+        base.redis.key_prefix = format!("{prefix}:");
+        base.database.max_connections = 8;
+        let mut settings = cluster_settings(base, &cluster, &prefix, TEST_SHARDS);
+        tweak(&mut settings);
+        settings.validate().expect("test settings");
+        create_databases(&settings).await.expect("create databases");
+        migrate(&settings).await.expect("migrate");
+        let shutdown = CancellationToken::new();
+        let app = Application::build(settings.clone(), shutdown.clone()).await.expect("build app");
+        let base_url = format!("http://{}", app.address());
+        let state = app.state().clone();
+        tokio::spawn(app.run());
+        let commerce = orderly::storage::connect(&settings.commerce.url, &settings.database).await.unwrap();
+        TestApp {
+            base: base_url,
+            client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            keys: AuthKeys::new(SECRET),
+            settings,
+            commerce,
+            app: state,
+            shutdown,
+        }
+    }
+
+    // ------------------------------------------------------------ tokens
+
+    pub fn user_token(&self, user: i64) -> String {
+        self.keys.issue(&user.to_string(), Role::User, None, Duration::from_secs(3600))
+    }
+
+    pub fn merchant_token(&self, shop: ShopId) -> String {
+        self.keys.issue("900", Role::Merchant, Some(shop), Duration::from_secs(3600))
+    }
+
+    pub fn service_token(&self) -> String {
+        self.keys.issue("0", Role::Service, None, Duration::from_secs(3600))
+    }
+
+    pub fn admin_token(&self) -> String {
+        self.keys.issue("1", Role::Admin, None, Duration::from_secs(3600))
+    }
+
+    // ------------------------------------------------------------ raw HTTP
+
+    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+        let (status, _, body) = self.call_full(method, path, token, body).await;
+        (status, body)
+    }
+
+    pub async fn call_full(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let mut req = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", self.base));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        (status, headers, body)
+    }
+
+    pub async fn call_raw(&self, method: &str, path: &str, token: &str, body: String, content_type: &str) -> (StatusCode, Value) {
+        let resp = self
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        let status = resp.status();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    // ------------------------------------------------------------ catalog
+
+    /// A shop with one product per entry of `stocks` (price 1000 each).
+    pub async fn catalog(&self, stocks: &[i64]) -> Catalog {
+        let admin = self.admin_token();
+        let (s, shop) = self.call("POST", "/v1/shops", Some(&admin), Some(json!({"name": "shop"}))).await;
+        assert_eq!(s, StatusCode::CREATED, "{shop}");
+        let shop_id = ShopId::parse(shop["shop_id"].as_str().unwrap()).unwrap();
+        let mut products = Vec::new();
+        for (i, stock) in stocks.iter().enumerate() {
+            let (s, p) = self
+                .call(
+                    "POST",
+                    "/v1/products",
+                    Some(&admin),
+                    Some(json!({"shop_id": shop_id.to_string(), "name": format!("product {i}"), "price": 1000, "stock": stock})),
+                )
+                .await;
+            assert_eq!(s, StatusCode::CREATED, "{p}");
+            products.push(p["product_id"].as_str().unwrap().to_owned());
+        }
+        Catalog { shop: shop_id, products }
+    }
+
+    pub async fn coupon(&self, user: i64, amount: i64, min_spend: i64) -> String {
+        let (s, c) = self
+            .call(
+                "POST",
+                "/v1/coupons",
+                Some(&self.admin_token()),
+                Some(json!({"user_id": user.to_string(), "amount": amount, "min_spend": min_spend,
+                            "valid_to": (Utc::now() + TimeDelta::days(1)).to_rfc3339()})),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{c}");
+        c["coupon_id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn stock_of(&self, product: &str) -> i64 {
+        sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
+            .bind(product.parse::<i64>().unwrap())
+            .fetch_one(&self.commerce)
+            .await
+            .unwrap()
+    }
+
+    // ------------------------------------------------------------ orders
+
+    pub async fn new_order_id(&self, user: i64) -> String {
+        let (s, b) = self.call("POST", "/v1/order-ids", Some(&self.user_token(user)), None).await;
+        assert_eq!(s, StatusCode::CREATED, "{b}");
+        b["order_id"].as_str().unwrap().to_owned()
+    }
+
+    pub fn order_body(id: &str, items: &[(&str, i64)]) -> Value {
+        json!({
+            "order_id": id,
+            "items": items.iter().map(|(p, q)| json!({"product_id": p, "quantity": q})).collect::<Vec<_>>(),
+            "address": {"name": "Li Lei", "phone": "13800000000", "detail": "1 Century Avenue"},
+            "remark": "",
+        })
+    }
+
+    pub async fn create_order(&self, user: i64, body: Value) -> (StatusCode, Value) {
+        self.call("POST", "/v1/orders", Some(&self.user_token(user)), Some(body)).await
+    }
+
+    /// Gets an id and creates an order of `items`; asserts 201.
+    pub async fn place_order(&self, user: i64, items: &[(&str, i64)]) -> Value {
+        let id = self.new_order_id(user).await;
+        let (s, o) = self.create_order(user, Self::order_body(&id, items)).await;
+        assert_eq!(s, StatusCode::CREATED, "{o}");
+        o
+    }
+
+    pub async fn pay(&self, order: &Value) -> (StatusCode, Value) {
+        let id = order["order_id"].as_str().unwrap();
+        let body = json!({"transaction_no": format!("tx-{id}"), "channel": "alipay", "amount": order["pay_amount"]});
+        self.call("POST", &format!("/v1/orders/{id}/payments"), Some(&self.service_token()), Some(body)).await
+    }
+
+    pub async fn get_order(&self, user: i64, id: &str) -> (StatusCode, Value) {
+        self.call("GET", &format!("/v1/orders/{id}"), Some(&self.user_token(user)), None).await
+    }
+
+    // ------------------------------------------------------------ database checks
+
+    /// Rows of `table_prefix` over every shard table on every server (`orders`, `order_items`, …).
+    pub async fn count_shard_rows(&self, table_prefix: &str) -> i64 {
+        let mut total = 0;
+        for shard in self.app.orders.shards().all() {
+            let t = &shard.tables;
+            let table = match table_prefix {
+                "orders" => &t.orders,
+                "order_items" => &t.items,
+                "order_payments" => &t.payments,
+                "order_discounts" => &t.discounts,
+                other => panic!("no shard table {other}"),
+            };
+            let pool = self.app.orders.shards().primary(shard);
+            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(pool).await.unwrap();
+            total += n;
+        }
+        total
+    }
+
+    pub async fn count_commerce_rows(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&self.commerce).await.unwrap()
+    }
+}

@@ -1,0 +1,11 @@
+//! Integration tests: HTTP against a real server, real MariaDB and Redis processes.
+
+mod helpers;
+
+mod authorization;
+mod bad_input;
+mod exactly_once;
+mod lifecycle;
+mod no_lost_update;
+mod no_oversell;
+mod routing;
