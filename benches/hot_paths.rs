@@ -29,7 +29,9 @@ fn ids(c: &mut Criterion) {
 
 fn validation(c: &mut Criterion) {
     let user = UserId::new(77).unwrap();
-    let id = IdGenerator::new(WorkerId::new(1).unwrap()).next_for(user).unwrap();
+    let id = IdGenerator::new(WorkerId::new(1).unwrap())
+        .next_for(user)
+        .unwrap();
     let req = CreateOrderRequest {
         order_id: id.to_string(),
         items: (1..=10)

@@ -37,25 +37,35 @@ impl Application {
         let shards = ShardMap::connect(&settings).await?;
         let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
         let redis = match redis::Client::open(settings.redis.url.as_str()) {
-            Ok(client) => match tokio::time::timeout(Duration::from_secs(3), client.get_connection_manager()).await {
-                Ok(Ok(m)) => Some(m),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "redis unavailable at start");
-                    None
+            Ok(client) => {
+                match tokio::time::timeout(Duration::from_secs(3), client.get_connection_manager()).await {
+                    Ok(Ok(m)) => Some(m),
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "redis unavailable at start");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::warn!("redis did not answer within 3 s at start");
+                        None
+                    }
                 }
-                Err(_) => {
-                    tracing::warn!("redis did not answer within 3 s at start");
-                    None
-                }
-            },
+            }
             Err(e) => return Err(e.into()),
         };
         let mut background = Vec::new();
         let ids: Arc<IdSource> = match (settings.ids.worker_id, &redis) {
-            (Some(w), _) => IdSource::fixed(WorkerId::new(w).ok_or_else(|| anyhow::anyhow!("worker id {w} out of range"))?),
+            (Some(w), _) => IdSource::fixed(
+                WorkerId::new(w).ok_or_else(|| anyhow::anyhow!("worker id {w} out of range"))?,
+            ),
             (None, Some(r)) => {
                 let ttl = Duration::from_secs(settings.ids.lease_ttl_secs);
-                let (source, keeper) = lease_worker(r.clone(), settings.redis.key_prefix.clone(), ttl, shutdown.clone()).await?;
+                let (source, keeper) = lease_worker(
+                    r.clone(),
+                    settings.redis.key_prefix.clone(),
+                    ttl,
+                    shutdown.clone(),
+                )
+                .await?;
                 background.push(keeper);
                 source
             }

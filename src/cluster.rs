@@ -488,8 +488,7 @@ impl MariaDbServer {
         port: u16,
     ) -> Result<Self, ClusterError> {
         let dir = cluster_dir.join(format!("mariadb-{index}"));
-        fs::create_dir(&dir)
-            .map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir(&dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
         // Cannot saturate: every server needs ~100 MB of memory, so n stays far below u32::MAX.
         let server_id = u32::try_from(index + 1).unwrap_or(u32::MAX);
         Ok(MariaDbServer {
@@ -498,11 +497,7 @@ impl MariaDbServer {
             port,
             mariadbd,
             init_file,
-            process: ServerProcess::new(
-                format!("mariadb-{index}"),
-                dir.clone(),
-                dir.join("error.log"),
-            ),
+            process: ServerProcess::new(format!("mariadb-{index}"), dir.clone(), dir.join("error.log")),
         })
     }
 
@@ -633,9 +628,7 @@ impl MariaDbServer {
         for attempt in 1..=PORT_ATTEMPTS {
             match self.wait_ready().await {
                 Ok(()) => return Ok(()),
-                Err(failure)
-                    if attempt < PORT_ATTEMPTS && self.process.lost_port(&failure, log_offset) =>
-                {
+                Err(failure) if attempt < PORT_ATTEMPTS && self.process.lost_port(&failure, log_offset) => {
                     tracing::debug!(server = %self.process.name, port = self.port, "port taken, retrying");
                     self.port = ports.pick()?;
                     log_offset = self.spawn(false).await?;
@@ -652,9 +645,7 @@ impl MariaDbServer {
         let url = self.admin_url();
         self.process
             .wait_ready(|| async {
-                let mut conn = MySqlConnection::connect(&url)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let mut conn = MySqlConnection::connect(&url).await.map_err(|e| e.to_string())?;
                 conn.ping().await.map_err(|e| e.to_string())?;
                 // Closing politely keeps "aborted connection" noise out of the error log.
                 let _ = conn.close().await;
@@ -675,8 +666,7 @@ pub struct RedisServer {
 impl RedisServer {
     fn new(cluster_dir: &Path, binary: PathBuf, port: u16) -> Result<Self, ClusterError> {
         let dir = cluster_dir.join("redis");
-        fs::create_dir(&dir)
-            .map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir(&dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
         Ok(RedisServer {
             port,
             binary,
@@ -771,9 +761,7 @@ impl RedisServer {
         for attempt in 1..=PORT_ATTEMPTS {
             match self.wait_ready().await {
                 Ok(()) => return Ok(()),
-                Err(failure)
-                    if attempt < PORT_ATTEMPTS && self.process.lost_port(&failure, log_offset) =>
-                {
+                Err(failure) if attempt < PORT_ATTEMPTS && self.process.lost_port(&failure, log_offset) => {
                     tracing::debug!(port = self.port, "redis port taken, retrying");
                     self.port = ports.pick()?;
                     log_offset = self.spawn().await?;
@@ -813,10 +801,7 @@ async fn redis_ping(port: u16) -> Result<(), String> {
     if reply.starts_with(b"+PONG") {
         Ok(())
     } else {
-        Err(format!(
-            "unexpected reply {:?}",
-            String::from_utf8_lossy(&reply)
-        ))
+        Err(format!("unexpected reply {:?}", String::from_utf8_lossy(&reply)))
     }
 }
 
@@ -911,8 +896,7 @@ impl ServerProcess {
         let pid = self
             .pid()
             .ok_or_else(|| ClusterError::NotRunning(self.name.clone()))?;
-        send_signal(pid, signal)
-            .map_err(|e| ClusterError::io(format!("signalling {}", self.name), e))
+        send_signal(pid, signal).map_err(|e| ClusterError::io(format!("signalling {}", self.name), e))
     }
 
     /// SIGTERM, plus SIGCONT so that a paused child can act on it.
@@ -963,9 +947,7 @@ impl ServerProcess {
                         *guard = None;
                         return Err(Failure::Exited(format!("exited during startup ({status})")));
                     }
-                    Some(Err(e)) => {
-                        return Err(Failure::Exited(format!("cannot wait for it: {e}")))
-                    }
+                    Some(Err(e)) => return Err(Failure::Exited(format!("cannot wait for it: {e}"))),
                     None => return Err(Failure::Exited("not running".into())),
                 }
             }
@@ -985,8 +967,7 @@ impl ServerProcess {
 
     /// Whether the child exited because its port was taken (retry on another port).
     fn lost_port(&self, failure: &Failure, log_offset: u64) -> bool {
-        matches!(failure, Failure::Exited(_))
-            && self.log_tail(log_offset).contains("Address already in use")
+        matches!(failure, Failure::Exited(_)) && self.log_tail(log_offset).contains("Address already in use")
     }
 
     fn not_ready(&self, failure: Failure, log_offset: u64) -> ClusterError {
@@ -1062,19 +1043,15 @@ fn find_binary(name: &str) -> Option<PathBuf> {
             .iter()
             .map(PathBuf::from),
     );
-    dirs.into_iter()
-        .map(|dir| dir.join(name))
-        .find(|candidate| {
-            fs::metadata(candidate)
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
+    dirs.into_iter().map(|dir| dir.join(name)).find(|candidate| {
+        fs::metadata(candidate)
+            .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            .unwrap_or(false)
+    })
 }
 
 /// Creates the cluster directory (after sweeping stale siblings) and records its owner.
-fn create_cluster_dir(
-    base_dir: Option<&Path>,
-) -> Result<(tempfile::TempDir, PathBuf), ClusterError> {
+fn create_cluster_dir(base_dir: Option<&Path>) -> Result<(tempfile::TempDir, PathBuf), ClusterError> {
     let candidates: Vec<PathBuf> = match base_dir {
         Some(dir) => vec![dir.to_path_buf()],
         None => vec![PathBuf::from("/dev/shm"), std::env::temp_dir()],
@@ -1086,10 +1063,7 @@ fn create_cluster_dir(
             continue;
         };
         sweep_stale_dirs(&parent);
-        match tempfile::Builder::new()
-            .prefix(DIR_PREFIX)
-            .tempdir_in(&parent)
-        {
+        match tempfile::Builder::new().prefix(DIR_PREFIX).tempdir_in(&parent) {
             Ok(dir) => {
                 let path = dir.path().to_path_buf();
                 let owner = path.join(OWNER_PID_FILE);
@@ -1102,10 +1076,9 @@ fn create_cluster_dir(
         }
     }
     Err(match last_error {
-        Some((parent, e)) => ClusterError::io(
-            format!("creating a cluster directory in {}", parent.display()),
-            e,
-        ),
+        Some((parent, e)) => {
+            ClusterError::io(format!("creating a cluster directory in {}", parent.display()), e)
+        }
         None => ClusterError::io(
             "finding a directory for the cluster",
             io::Error::new(io::ErrorKind::NotFound, "no usable base directory"),
@@ -1131,6 +1104,9 @@ async fn install_datadirs(install_db: PathBuf, datadirs: Vec<PathBuf>) -> Result
         .stderr(Stdio::piped());
     if let Some(parent) = first.parent() {
         command.current_dir(parent);
+        // The bootstrap's temporary tables stay in the cluster directory: two bootstraps
+        // sharing /tmp have been seen to lose each other's temporary files.
+        command.arg(path_arg("--tmpdir=", parent));
     }
     if running_as_root() {
         command.arg("--user=root");
@@ -1156,10 +1132,7 @@ async fn install_datadirs(install_db: PathBuf, datadirs: Vec<PathBuf>) -> Result
         }
         for other in &datadirs[1..] {
             copy_dir(&first, other).map_err(|e| {
-                ClusterError::io(
-                    format!("copying {} to {}", first.display(), other.display()),
-                    e,
-                )
+                ClusterError::io(format!("copying {} to {}", first.display(), other.display()), e)
             })?;
         }
         Ok(())
@@ -1222,10 +1195,7 @@ impl PortPicker {
         for _ in 0..32 {
             let listener = TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
                 .map_err(ClusterError::NoFreePort)?;
-            let port = listener
-                .local_addr()
-                .map_err(ClusterError::NoFreePort)?
-                .port();
+            let port = listener.local_addr().map_err(ClusterError::NoFreePort)?.port();
             if self.handed_out.insert(port) {
                 return Ok(port);
             }
@@ -1278,14 +1248,7 @@ fn die_with_this_process(command: &mut Command) {
     // (prctl, getppid) and builds an io::Error without allocating.
     unsafe {
         command.pre_exec(move || {
-            if libc::prctl(
-                libc::PR_SET_PDEATHSIG,
-                libc::SIGKILL as libc::c_ulong,
-                0,
-                0,
-                0,
-            ) != 0
-            {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong, 0, 0, 0) != 0 {
                 return Err(io::Error::last_os_error());
             }
             // The parent died between fork and prctl: the signal was never going to come.
@@ -1414,11 +1377,7 @@ fn process_belongs_to(pid: libc::pid_t, cluster_dir: &Path) -> bool {
     }
     let needle: &OsStr = cluster_dir.as_os_str();
     fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| {
-            cmdline
-                .windows(needle.len())
-                .any(|w| w == needle.as_bytes())
-        })
+        .map(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle.as_bytes()))
         .unwrap_or(false)
 }
 
@@ -1526,10 +1485,7 @@ mod tests {
 
         cluster.stop_mariadb(0).await.expect("stop");
         cluster.stop_redis().await.expect("stop");
-        assert!(matches!(
-            cluster.pause_redis(),
-            Err(ClusterError::NotRunning(_))
-        ));
+        assert!(matches!(cluster.pause_redis(), Err(ClusterError::NotRunning(_))));
         cluster.start_redis().await.expect("restart redis");
         redis_ping(port).await.expect("restarted redis answers");
         assert!(matches!(

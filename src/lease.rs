@@ -122,7 +122,12 @@ async fn keep(
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(ttl / 3) => {}
         }
-        let extended: Result<i64, _> = renew.key(&key).arg(&token).arg(ttl_ms).invoke_async(&mut redis).await;
+        let extended: Result<i64, _> = renew
+            .key(&key)
+            .arg(&token)
+            .arg(ttl_ms)
+            .invoke_async(&mut redis)
+            .await;
         let held = match extended {
             Ok(1) => {
                 last_renewed = tokio::time::Instant::now();
@@ -153,5 +158,9 @@ async fn keep(
             tracing::warn!(%key, held, "worker-id lease changed");
         }
     }
-    let _: Result<i64, _> = redis::Script::new(RELEASE).key(&key).arg(&token).invoke_async(&mut redis).await;
+    let _: Result<i64, _> = redis::Script::new(RELEASE)
+        .key(&key)
+        .arg(&token)
+        .invoke_async(&mut redis)
+        .await;
 }

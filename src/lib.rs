@@ -1,19 +1,19 @@
 //! orderly: an e-commerce order service on sharded MariaDB and Redis.
 //!
 //! # Layout, in reading order
-//! - [`domain`]: the pure order domain — ids and their layout, shard routing, money, the
+//! - [`domain`] — the pure order domain — ids and their layout, shard routing, money, the
 //!   status machine, request validation and pricing, who may see what. No I/O.
-//! - [`config`]: settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
-//! - [`storage`]: MariaDB: the shard map, the schema, the SQL of order shards and commerce.
-//! - [`lease`]: worker-id leases in Redis, so processes never share an id space.
-//! - [`service`]: the use cases — create exactly once, the life cycle, the catalog, and the
+//! - [`config`] — settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
+//! - [`storage`] — MariaDB: the shard map, the schema, the SQL of order shards and commerce.
+//! - [`lease`] — worker-id leases in Redis, so processes never share an id space.
+//! - [`service`] — the use cases — create exactly once, the life cycle, the catalog, and the
 //!   reservation sweeper.
-//! - [`http`]: the JSON API on axum, auth, and problem responses.
-//! - [`app`]: `Application::build` and `run`, wiring it all together.
-//! - [`cluster`]: a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
+//! - [`http`] — the JSON API on axum, auth, and problem responses.
+//! - [`app`] — `Application::build` and `run`, wiring it all together.
+//! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
 //!   the playground and the tests.
-//! - [`playground`]: `orderly playground`.
-//! - [`telemetry`]: logging.
+//! - [`playground`] — `orderly playground`.
+//! - [`telemetry`] — logging.
 
 pub mod app;
 pub mod cluster;

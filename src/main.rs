@@ -88,14 +88,19 @@ async fn main() -> anyhow::Result<()> {
         Command::Migrate => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let report = app::migrate(&settings).await?;
-            println!("applied {} migrations, {} already applied", report.applied.len(), report.already);
+            println!(
+                "applied {} migrations, {} already applied",
+                report.applied.len(),
+                report.already
+            );
             Ok(())
         }
         Command::Playground { port } => orderly::playground::run(config.map(PathBuf::as_path), port).await,
         Command::Id {
             command: IdCommand::Decode { order_id, shards },
         } => {
-            let id = OrderId::parse(&order_id).ok_or_else(|| anyhow::anyhow!("not an order id: {order_id}"))?;
+            let id =
+                OrderId::parse(&order_id).ok_or_else(|| anyhow::anyhow!("not an order id: {order_id}"))?;
             let p = id.parts();
             let count = shard_count(shards, config)?;
             println!("order_id  {id}");

@@ -15,7 +15,9 @@ use crate::config::{Settings, ShardDatabase};
 use crate::domain::actor::{Caller, Role};
 use crate::domain::ids::{ShopId, UserId};
 use crate::http::auth::AuthKeys;
-use crate::service::catalog::{CatalogService, NewCouponRequest, NewProductRequest, NewShopRequest, NewUserRequest};
+use crate::service::catalog::{
+    CatalogService, NewCouponRequest, NewProductRequest, NewShopRequest, NewUserRequest,
+};
 use crate::storage;
 
 /// Settings for a local cluster: `shard_dbs[i]` holds an equal slice of the shards, the
@@ -30,7 +32,11 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
             name: format!("orders{i}"),
             primary: cluster.mariadb(i as usize).url(&format!("{db_prefix}orders{i}")),
             first_shard: i * per,
-            last_shard: if i + 1 == servers { shards - 1 } else { (i + 1) * per - 1 },
+            last_shard: if i + 1 == servers {
+                shards - 1
+            } else {
+                (i + 1) * per - 1
+            },
         })
         .collect();
     s.commerce.url = cluster.mariadb(0).url(&format!("{db_prefix}commerce"));
@@ -49,12 +55,16 @@ pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
         .map(|d| d.primary.clone())
         .chain([settings.commerce.url.clone()]);
     for url in urls {
-        let (server, rest) = url.rsplit_once('/').ok_or_else(|| anyhow::anyhow!("bad url {url}"))?;
+        let (server, rest) = url
+            .rsplit_once('/')
+            .ok_or_else(|| anyhow::anyhow!("bad url {url}"))?;
         let db = rest.split('?').next().unwrap_or(rest);
         let pool = storage::connect(&format!("{server}/?ssl-mode=disabled"), &settings.database).await?;
-        sqlx::query(&format!("CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"))
-            .execute(&pool)
-            .await?;
+        sqlx::query(&format!(
+            "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"
+        ))
+        .execute(&pool)
+        .await?;
         pool.close().await;
     }
     Ok(())
@@ -72,17 +82,49 @@ pub struct DemoCatalog {
 pub async fn load_demo_catalog(catalog: &CatalogService) -> anyhow::Result<DemoCatalog> {
     let admin = Caller::Admin(UserId::new(1).unwrap_or_else(|| unreachable!()));
     catalog
-        .create_user(admin, NewUserRequest { user_id: Some("1".into()), name: "Admin".into(), level: 0 })
+        .create_user(
+            admin,
+            NewUserRequest {
+                user_id: Some("1".into()),
+                name: "Admin".into(),
+                level: 0,
+            },
+        )
         .await?;
     let buyer = catalog
-        .create_user(admin, NewUserRequest { user_id: Some("1001".into()), name: "Li Lei".into(), level: 3 })
+        .create_user(
+            admin,
+            NewUserRequest {
+                user_id: Some("1001".into()),
+                name: "Li Lei".into(),
+                level: 3,
+            },
+        )
         .await?;
     catalog
-        .create_user(admin, NewUserRequest { user_id: Some("1002".into()), name: "Han Meimei".into(), level: 1 })
+        .create_user(
+            admin,
+            NewUserRequest {
+                user_id: Some("1002".into()),
+                name: "Han Meimei".into(),
+                level: 1,
+            },
+        )
         .await?;
-    let shop = catalog.create_shop(admin, NewShopRequest { name: "Demo Shop".into() }).await?;
+    let shop = catalog
+        .create_shop(
+            admin,
+            NewShopRequest {
+                name: "Demo Shop".into(),
+            },
+        )
+        .await?;
     let mut product_ids = Vec::new();
-    let products = [("Mechanical keyboard", 39_900, 100), ("USB-C cable", 1_999, 1_000), ("Flash-sale phone", 99_900, 10)];
+    let products = [
+        ("Mechanical keyboard", 39_900, 100),
+        ("USB-C cable", 1_999, 1_000),
+        ("Flash-sale phone", 99_900, 10),
+    ];
     for (name, price, stock) in products {
         let p = catalog
             .create_product(
@@ -132,7 +174,8 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
         Some(_) => Settings::load(config).unwrap_or_else(|_| Settings::defaults()),
         None => Settings::defaults(),
     };
-    base.auth.jwt_secret = uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
+    base.auth.jwt_secret =
+        uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
     base.server.listen = ([127, 0, 0, 1], port).into();
     let settings = cluster_settings(base, &cluster, "orderly_", 32);
     settings.validate()?;

@@ -158,8 +158,10 @@ impl OrderId {
     /// The smallest id that can have been made at or after `at`: `id >= lower_bound_at(t)`
     /// selects orders created from `t` on, whatever their gene or worker.
     pub fn lower_bound_at(at: DateTime<Utc>) -> i64 {
-        let ms = at.timestamp_millis().clamp(EPOCH_MS, EPOCH_MS + (1 << TIME_BITS) - 1);
-        ((ms - EPOCH_MS) as i64) << TIME_SHIFT
+        let ms = at
+            .timestamp_millis()
+            .clamp(EPOCH_MS, EPOCH_MS + (1 << TIME_BITS) - 1);
+        (ms - EPOCH_MS) << TIME_SHIFT
     }
 }
 

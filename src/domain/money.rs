@@ -100,7 +100,10 @@ mod tests {
         assert!(m.checked_add(Money::new(1).unwrap()).is_none());
         assert!(Money::new(i64::MAX / 2).is_none());
         assert!(Money::new(10).unwrap().checked_mul(i64::MAX).is_none());
-        assert_eq!(Money::new(5).unwrap().saturating_sub(Money::new(9).unwrap()), Money::ZERO);
+        assert_eq!(
+            Money::new(5).unwrap().saturating_sub(Money::new(9).unwrap()),
+            Money::ZERO
+        );
     }
 
     #[test]

@@ -156,7 +156,10 @@ fn parse_lines(items: &[LineRequest], errors: &mut FieldErrors) -> Vec<NewLine> 
     for (i, item) in items.iter().enumerate() {
         let pid = ProductId::parse(&item.product_id);
         if pid.is_none() {
-            errors.push(format!("items[{i}].product_id"), "must be a positive decimal id string");
+            errors.push(
+                format!("items[{i}].product_id"),
+                "must be a positive decimal id string",
+            );
         }
         if !(1..=MAX_QUANTITY).contains(&item.quantity) {
             errors.push(
@@ -335,7 +338,10 @@ pub fn price_order(
             continue;
         };
         if *shop.get_or_insert(p.shop_id) != p.shop_id {
-            errors.push(field, "comes from another shop; an order holds one shop's products");
+            errors.push(
+                field,
+                "comes from another shop; an order holds one shop's products",
+            );
             continue;
         }
         if *currency.get_or_insert(p.currency) != p.currency {
@@ -472,7 +478,11 @@ impl Order {
 impl Order {
     /// The order exactly as `insert_order` wrote it, without reading it back.
     pub fn from_new(
-        new: &NewOrder, pricing: Pricing, created: DateTime<Utc>, pay_deadline: DateTime<Utc>) -> Order {
+        new: &NewOrder,
+        pricing: Pricing,
+        created: DateTime<Utc>,
+        pay_deadline: DateTime<Utc>,
+    ) -> Order {
         Order {
             order_id: new.order_id,
             user_id: new.user_id,
@@ -572,15 +582,24 @@ mod tests {
     #[test]
     fn pricing_refuses_two_shops_and_overflow() {
         let lines = [
-            NewLine { product_id: ProductId::new(1).unwrap(), quantity: 1 },
-            NewLine { product_id: ProductId::new(2).unwrap(), quantity: 1 },
+            NewLine {
+                product_id: ProductId::new(1).unwrap(),
+                quantity: 1,
+            },
+            NewLine {
+                product_id: ProductId::new(2).unwrap(),
+                quantity: 1,
+            },
         ];
         let products = [product(1, 1, 100), product(2, 2, 100)];
         let err = price_order(user(), None, &lines, &[], &products, &[], Utc::now()).unwrap_err();
         assert_eq!(err.0[0].field, "items[1].product_id");
 
         let huge = [product(1, 1, crate::domain::money::MAX_AMOUNT)];
-        let lines = [NewLine { product_id: ProductId::new(1).unwrap(), quantity: 2 }];
+        let lines = [NewLine {
+            product_id: ProductId::new(1).unwrap(),
+            quantity: 2,
+        }];
         assert!(price_order(user(), None, &lines, &[], &huge, &[], Utc::now()).is_err());
     }
 
@@ -597,15 +616,48 @@ mod tests {
             valid_to: now + chrono::Duration::days(1),
             redeemed_order_id: None,
         };
-        let lines = [NewLine { product_id: ProductId::new(1).unwrap(), quantity: 3 }];
+        let lines = [NewLine {
+            product_id: ProductId::new(1).unwrap(),
+            quantity: 3,
+        }];
         let products = [product(1, 1, 100)];
-        let p = price_order(user(), None, &lines, &[coupon.id], &products, &[coupon.clone()], now)
-            .unwrap();
-        assert_eq!((p.total_amount.minor(), p.discount_amount.minor(), p.pay_amount.minor()), (300, 300, 0));
+        let p = price_order(
+            user(),
+            None,
+            &lines,
+            &[coupon.id],
+            &products,
+            std::slice::from_ref(&coupon),
+            now,
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                p.total_amount.minor(),
+                p.discount_amount.minor(),
+                p.pay_amount.minor()
+            ),
+            (300, 300, 0)
+        );
 
-        let used = CouponSnapshot { redeemed_order_id: OrderId::new(9), ..coupon.clone() };
+        let used = CouponSnapshot {
+            redeemed_order_id: OrderId::new(9),
+            ..coupon.clone()
+        };
         assert!(price_order(user(), None, &lines, &[coupon.id], &products, &[used], now).is_err());
-        let other_owner = CouponSnapshot { user_id: UserId::new(8).unwrap(), ..coupon };
-        assert!(price_order(user(), None, &lines, &[other_owner.id], &products, &[other_owner], now).is_err());
+        let other_owner = CouponSnapshot {
+            user_id: UserId::new(8).unwrap(),
+            ..coupon
+        };
+        assert!(price_order(
+            user(),
+            None,
+            &lines,
+            &[other_owner.id],
+            &products,
+            &[other_owner],
+            now
+        )
+        .is_err());
     }
 }

@@ -7,7 +7,9 @@ use axum::routing::{get, post};
 use axum::Router;
 
 use crate::domain::ids::{ProductId, UserId};
-use crate::service::catalog::{AddStockRequest, NewCouponRequest, NewProductRequest, NewShopRequest, NewUserRequest};
+use crate::service::catalog::{
+    AddStockRequest, NewCouponRequest, NewProductRequest, NewShopRequest, NewUserRequest,
+};
 use crate::service::Error;
 
 use super::auth::Auth;
@@ -45,7 +47,11 @@ async fn create_shop(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<N
     Ok(created(s.catalog.create_shop(c, req).await?))
 }
 
-async fn create_product(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<NewProductRequest>) -> ApiResult {
+async fn create_product(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Json(req): Json<NewProductRequest>,
+) -> ApiResult {
     Ok(created(s.catalog.create_product(c, req).await?))
 }
 
@@ -64,6 +70,10 @@ async fn add_stock(
     Ok(axum::Json(s.catalog.add_stock(c, id, req).await?).into_response())
 }
 
-async fn issue_coupon(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<NewCouponRequest>) -> ApiResult {
+async fn issue_coupon(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Json(req): Json<NewCouponRequest>,
+) -> ApiResult {
     Ok(created(s.catalog.issue_coupon(c, req).await?))
 }

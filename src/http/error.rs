@@ -82,9 +82,19 @@ impl IntoResponse for ApiError {
                 "send the body as application/json",
                 none,
             ),
-            ApiError::PayloadTooLarge => problem(S::PAYLOAD_TOO_LARGE, "payload_too_large", "the body is too large", none),
+            ApiError::PayloadTooLarge => problem(
+                S::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the body is too large",
+                none,
+            ),
             ApiError::NoRoute => problem(S::NOT_FOUND, "not_found", "no such resource", none),
-            ApiError::MethodNotAllowed => problem(S::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed here", none),
+            ApiError::MethodNotAllowed => problem(
+                S::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed here",
+                none,
+            ),
             ApiError::Service(e) => service_problem(e),
         }
     }
@@ -94,7 +104,12 @@ fn service_problem(e: Error) -> Response {
     use StatusCode as S;
     let none = Map::new();
     match e {
-        Error::Validation(f) => problem(S::UNPROCESSABLE_ENTITY, "validation_failed", "the request has invalid fields", field_errors(&f.0)),
+        Error::Validation(f) => problem(
+            S::UNPROCESSABLE_ENTITY,
+            "validation_failed",
+            "the request has invalid fields",
+            field_errors(&f.0),
+        ),
         Error::NotFound => problem(S::NOT_FOUND, "not_found", "no such resource", none),
         Error::Forbidden(why) => problem(S::FORBIDDEN, "forbidden", why, none),
         Error::VersionConflict { current_version } => problem(
@@ -132,13 +147,23 @@ fn service_problem(e: Error) -> Response {
         Error::PaymentMismatch { detail } => problem(S::CONFLICT, "payment_mismatch", &detail, none),
         Error::Unavailable(why) => {
             tracing::warn!(%why, "service unavailable");
-            problem(S::SERVICE_UNAVAILABLE, "unavailable", "temporarily unavailable; retry", none)
+            problem(
+                S::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "temporarily unavailable; retry",
+                none,
+            )
         }
         Error::Storage(e) => {
             let transient = e.is_connection_failure() || e.is_retryable();
             tracing::error!(error = %e, source = ?std::error::Error::source(&e), "storage failure");
             if transient {
-                problem(S::SERVICE_UNAVAILABLE, "unavailable", "a database is unavailable; retry", none)
+                problem(
+                    S::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "a database is unavailable; retry",
+                    none,
+                )
             } else {
                 problem(S::INTERNAL_SERVER_ERROR, "internal", "internal error", none)
             }

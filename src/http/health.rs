@@ -10,7 +10,9 @@ use serde_json::json;
 use super::AppState;
 
 pub fn router() -> Router<AppState> {
-    Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
 }
 
 async fn healthz() -> impl IntoResponse {
@@ -20,7 +22,10 @@ async fn healthz() -> impl IntoResponse {
 async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     let mut checks = serde_json::Map::new();
     let mut ready = true;
-    let commerce = sqlx::query("SELECT 1").execute(state.orders.commerce()).await.is_ok();
+    let commerce = sqlx::query("SELECT 1")
+        .execute(state.orders.commerce())
+        .await
+        .is_ok();
     ready &= commerce;
     checks.insert("commerce".into(), commerce.into());
     for db in state.orders.shards().databases() {
@@ -34,6 +39,10 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         // reported but does not make the service unready.
         checks.insert("redis".into(), ok.into());
     }
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (status, Json(json!({"ready": ready, "checks": checks})))
 }

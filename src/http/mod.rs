@@ -13,7 +13,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::Router;
-use tower_http::limit::RequestBodyLimitLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
@@ -42,9 +41,12 @@ pub fn router(state: AppState, body_limit: usize, timeout: Duration) -> Router {
         .merge(health::router())
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // Enforced by the JSON extractor, which answers with a 413 problem.
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .layer(RequestBodyLimitLayer::new(body_limit))
-        .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, timeout))
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            timeout,
+        ))
         .layer(TraceLayer::new_for_http())
         .with_state(state)
 }

@@ -14,10 +14,14 @@ use serde_json::json;
 use crate::domain::actor::Caller;
 use crate::domain::ids::{OrderId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
-use crate::domain::order::{Address, CreateOrderRequest, FieldErrors, Order, OrderDiscount, OrderLine, Payment, PreviewRequest};
+use crate::domain::order::{
+    Address, CreateOrderRequest, FieldErrors, Order, OrderDiscount, OrderLine, Payment, PreviewRequest,
+};
 use crate::domain::status::OrderStatus;
 use crate::lease::IdSourceError;
-use crate::service::orders::{Created, ListParams, PatchRequest, PaymentRequest, RefundRequest, ShipmentRequest, VersionedRequest};
+use crate::service::orders::{
+    Created, ListParams, PatchRequest, PaymentRequest, RefundRequest, ShipmentRequest, VersionedRequest,
+};
 use crate::service::Error;
 
 use super::auth::Auth;
@@ -160,8 +164,13 @@ async fn get_order(
     match params.get("include").map(String::as_str) {
         None | Some("") => Ok(order_response(StatusCode::OK, &order)),
         Some("user") => {
-            let buyer = s.catalog.get_user(Caller::Admin(order.user_id), order.user_id).await.ok();
-            let mut body = serde_json::to_value(OrderView::from(&order)).map_err(|e| Error::Unavailable(e.to_string()))?;
+            let buyer = s
+                .catalog
+                .get_user(Caller::Admin(order.user_id), order.user_id)
+                .await
+                .ok();
+            let mut body = serde_json::to_value(OrderView::from(&order))
+                .map_err(|e| Error::Unavailable(e.to_string()))?;
             body["user"] = serde_json::to_value(buyer).unwrap_or_default();
             let etag = format!("\"{}\"", order.version);
             Ok(([(header::ETAG, etag)], axum::Json(body)).into_response())
@@ -180,26 +189,36 @@ fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime
     }
 }
 
-async fn list(State(s): State<AppState>, Auth(c): Auth, Query(params): Query<HashMap<String, String>>) -> ApiResult {
+async fn list(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Query(params): Query<HashMap<String, String>>,
+) -> ApiResult {
     check_consistency(&params)?;
     let mut errors = FieldErrors::default();
     let mut p = ListParams::default();
     for (k, v) in &params {
         match k.as_str() {
-            "user_id" => p.user_id = UserId::parse(v).or_else(|| {
-                errors.push("user_id", "must be a positive decimal id string");
-                None
-            }),
-            "status" => p.status = OrderStatus::parse(v).or_else(|| {
-                errors.push("status", "must be a status name or code");
-                None
-            }),
+            "user_id" => {
+                p.user_id = UserId::parse(v).or_else(|| {
+                    errors.push("user_id", "must be a positive decimal id string");
+                    None
+                })
+            }
+            "status" => {
+                p.status = OrderStatus::parse(v).or_else(|| {
+                    errors.push("status", "must be a status name or code");
+                    None
+                })
+            }
             "created_from" => p.created_from = parse_time(k, v, &mut errors),
             "created_to" => p.created_to = parse_time(k, v, &mut errors),
-            "limit" => p.limit = v.parse().ok().or_else(|| {
-                errors.push("limit", "must be a number between 1 and 100");
-                None
-            }),
+            "limit" => {
+                p.limit = v.parse().ok().or_else(|| {
+                    errors.push("limit", "must be a number between 1 and 100");
+                    None
+                })
+            }
             "cursor" => p.cursor = Some(v.clone()),
             "consistency" => {}
             other => errors.push(other, "is not a filter of this list"),
@@ -211,37 +230,72 @@ async fn list(State(s): State<AppState>, Auth(c): Auth, Query(params): Query<Has
     Ok(axum::Json(json!({"orders": views, "next_cursor": next})).into_response())
 }
 
-async fn patch(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<PatchRequest>) -> ApiResult {
+async fn patch(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Json(req): Json<PatchRequest>,
+) -> ApiResult {
     let order = s.orders.patch(c, order_id(&id)?, req).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
-async fn pay(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<PaymentRequest>) -> ApiResult {
+async fn pay(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Json(req): Json<PaymentRequest>,
+) -> ApiResult {
     let order = s.orders.pay(c, order_id(&id)?, req).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
-async fn ship(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<ShipmentRequest>) -> ApiResult {
+async fn ship(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Json(req): Json<ShipmentRequest>,
+) -> ApiResult {
     let order = s.orders.ship(c, order_id(&id)?, req).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
-async fn confirm(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<VersionedRequest>) -> ApiResult {
+async fn confirm(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Json(req): Json<VersionedRequest>,
+) -> ApiResult {
     let order = s.orders.confirm(c, order_id(&id)?, req).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
-async fn cancel(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<VersionedRequest>) -> ApiResult {
+async fn cancel(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Json(req): Json<VersionedRequest>,
+) -> ApiResult {
     let order = s.orders.cancel(c, order_id(&id)?, req).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
-async fn refund(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<RefundRequest>) -> ApiResult {
+async fn refund(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Json(req): Json<RefundRequest>,
+) -> ApiResult {
     let order = s.orders.refund(c, order_id(&id)?, req).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
-async fn invalidate(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>, Json(req): Json<VersionedRequest>) -> ApiResult {
+async fn invalidate(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Path(id): Path<String>,
+    Json(req): Json<VersionedRequest>,
+) -> ApiResult {
     let order = s.orders.invalidate(c, order_id(&id)?, req).await?;
     Ok(order_response(StatusCode::OK, &order))
 }

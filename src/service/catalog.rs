@@ -131,7 +131,9 @@ impl CatalogService {
         if !allowed {
             return Err(Error::NotFound);
         }
-        commerce::load_user(&self.commerce, id).await?.ok_or(Error::NotFound)
+        commerce::load_user(&self.commerce, id)
+            .await?
+            .ok_or(Error::NotFound)
     }
 
     pub async fn create_shop(&self, caller: Caller, req: NewShopRequest) -> Result<Shop> {
@@ -142,7 +144,10 @@ impl CatalogService {
         check_text(&mut errors, "name", &req.name, 100, true);
         errors.into_result(())?;
         let shop_id = commerce::insert_shop(&self.commerce, &req.name, now()).await?;
-        Ok(Shop { shop_id, name: req.name })
+        Ok(Shop {
+            shop_id,
+            name: req.name,
+        })
     }
 
     /// Administrators manage every shop, a merchant only its own; for anyone else the shop
@@ -152,7 +157,9 @@ impl CatalogService {
             Caller::Admin(_) => Ok(()),
             Caller::Merchant { shop: own, .. } if own == shop => Ok(()),
             Caller::Merchant { .. } => Err(Error::NotFound),
-            _ => Err(Error::Forbidden("only a merchant or an administrator manages a catalog")),
+            _ => Err(Error::Forbidden(
+                "only a merchant or an administrator manages a catalog",
+            )),
         }
     }
 
@@ -179,7 +186,8 @@ impl CatalogService {
         if !commerce::shop_exists(&self.commerce, shop).await? {
             return Err(FieldErrors::single("shop_id", "no such shop").into());
         }
-        let id = commerce::insert_product(&self.commerce, shop, &req.name, price, currency, req.stock, now()).await?;
+        let id = commerce::insert_product(&self.commerce, shop, &req.name, price, currency, req.stock, now())
+            .await?;
         Ok(Product {
             product_id: id,
             shop_id: shop,
@@ -191,12 +199,16 @@ impl CatalogService {
     }
 
     pub async fn get_product(&self, id: ProductId) -> Result<Product> {
-        commerce::load_product(&self.commerce, id).await?.ok_or(Error::NotFound)
+        commerce::load_product(&self.commerce, id)
+            .await?
+            .ok_or(Error::NotFound)
     }
 
     pub async fn add_stock(&self, caller: Caller, id: ProductId, req: AddStockRequest) -> Result<Product> {
         if !(1..=MAX_STOCK_STEP).contains(&req.quantity) {
-            return Err(FieldErrors::single("quantity", format!("must be between 1 and {MAX_STOCK_STEP}")).into());
+            return Err(
+                FieldErrors::single("quantity", format!("must be between 1 and {MAX_STOCK_STEP}")).into(),
+            );
         }
         let product = self.get_product(id).await?;
         Self::manages(caller, product.shop_id)?;
@@ -236,9 +248,15 @@ impl CatalogService {
             (Caller::Admin(_), _) => {}
             (Caller::Merchant { shop: own, .. }, Some(s)) if s == own => {}
             (Caller::Merchant { .. }, _) => {
-                return Err(FieldErrors::single("shop_id", "a merchant issues coupons for its own shop only").into())
+                return Err(
+                    FieldErrors::single("shop_id", "a merchant issues coupons for its own shop only").into(),
+                )
             }
-            _ => return Err(Error::Forbidden("only a merchant or an administrator issues coupons")),
+            _ => {
+                return Err(Error::Forbidden(
+                    "only a merchant or an administrator issues coupons",
+                ))
+            }
         }
         let coupon = NewCoupon {
             user_id: user,

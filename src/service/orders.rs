@@ -119,7 +119,12 @@ pub struct ListParams {
 
 /// Channel numbers are opaque to us but bounded: letters, digits, `-` and `_`.
 fn check_reference(errors: &mut FieldErrors, field: &str, v: &str, max: usize) {
-    if v.is_empty() || v.len() > max || !v.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+    if v.is_empty()
+        || v.len() > max
+        || !v
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
         errors.push(field, format!("must be 1 to {max} letters, digits, '-' or '_'"));
     }
 }
@@ -144,7 +149,11 @@ const CURSOR_PREFIX: &str = "v1.";
 
 fn encode_cursor(o: &Order) -> String {
     use base64::Engine;
-    let raw = format!("{CURSOR_PREFIX}{}.{}", o.created_at.timestamp_micros(), o.order_id.get());
+    let raw = format!(
+        "{CURSOR_PREFIX}{}.{}",
+        o.created_at.timestamp_micros(),
+        o.order_id.get()
+    );
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
@@ -176,7 +185,12 @@ impl OrderService {
     }
 
     async fn conn(&self, shard: &Shard) -> Result<PoolConnection<MySql>> {
-        Ok(self.shards.primary(shard).acquire().await.map_err(StorageError::from)?)
+        Ok(self
+            .shards
+            .primary(shard)
+            .acquire()
+            .await
+            .map_err(StorageError::from)?)
     }
 
     // ------------------------------------------------------------------ create
@@ -194,7 +208,9 @@ impl OrderService {
         }
         drop(conn);
 
-        let pricing = self.price(user, Some(new.order_id), &new.lines, &new.coupon_ids).await?;
+        let pricing = self
+            .price(user, Some(new.order_id), &new.lines, &new.coupon_ids)
+            .await?;
         let attempt: i64 = rand::random();
         let reservation = Reservation {
             order_id: new.order_id,
@@ -204,22 +220,34 @@ impl OrderService {
             lines: &new.lines,
             coupons: &new.coupon_ids,
         };
-        let outcome = retry_deadlocks(|| async {
-            let mut c = self.commerce.acquire().await?;
-            commerce::reserve(&mut c, &reservation, now()).await
-        })
-        .await?;
+        let mut outcome = ReserveOutcome::Vanished;
+        for _ in 0..3 {
+            outcome = retry_deadlocks(|| async {
+                let mut c = self.commerce.acquire().await?;
+                commerce::reserve(&mut c, &reservation, now()).await
+            })
+            .await?;
+            if outcome != ReserveOutcome::Vanished {
+                break;
+            }
+        }
         match outcome {
             ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved => {}
+            ReserveOutcome::Vanished => {
+                return Err(Error::Unavailable("the order's claim keeps changing".into()))
+            }
             ReserveOutcome::Conflict => return Err(Error::IdempotencyConflict),
             ReserveOutcome::OutOfStock(product_id) => return Err(Error::OutOfStock { product_id }),
-            ReserveOutcome::CouponUnavailable(coupon_id) => return Err(Error::CouponUnavailable { coupon_id }),
+            ReserveOutcome::CouponUnavailable(coupon_id) => {
+                return Err(Error::CouponUnavailable { coupon_id })
+            }
         }
 
         let created = now();
         let deadline = created + TimeDelta::seconds(self.settings.payment_timeout_secs as i64);
         let mut conn = self.conn(shard).await?;
-        let written = orders::insert_order(&mut conn, &shard.tables, &new, &pricing, &hash, created, deadline).await;
+        let written =
+            orders::insert_order(&mut conn, &shard.tables, &new, &pricing, &hash, created, deadline).await;
         match written {
             Ok(()) => {
                 self.confirm_claim(new.order_id).await;
@@ -251,12 +279,14 @@ impl OrderService {
         if stored_hash != hash.as_slice() {
             return Err(Error::IdempotencyConflict);
         }
-        let order = orders::load_order(conn, &shard.tables, id).await?.ok_or(Error::NotFound)?;
+        let order = orders::load_order(conn, &shard.tables, id)
+            .await?
+            .ok_or(Error::NotFound)?;
         Ok((order, Created::Replay))
     }
 
     async fn confirm_claim(&self, id: OrderId) {
-        if let Err(e) = commerce::confirm_claim(&self.commerce, id).await {
+        if let Err(e) = retry_deadlocks(|| commerce::confirm_claim(&self.commerce, id)).await {
             // Harmless: the sweeper confirms claims whose order it finds.
             tracing::warn!(order_id = %id, error = %e, "could not confirm claim");
         }
@@ -278,8 +308,12 @@ impl OrderService {
         }
         .await;
         match result {
-            Ok(gave_back) => tracing::info!(order_id = %id, gave_back, "create failed; reservation abandoned"),
-            Err(e) => tracing::warn!(order_id = %id, error = %e, "create failed; sweeper will return the reservation"),
+            Ok(gave_back) => {
+                tracing::info!(order_id = %id, gave_back, "create failed; reservation abandoned")
+            }
+            Err(e) => {
+                tracing::warn!(order_id = %id, error = %e, "create failed; sweeper will return the reservation")
+            }
         }
     }
 
@@ -297,7 +331,15 @@ impl OrderService {
             .map(|p| p.snapshot())
             .collect();
         let coupon_rows = commerce::load_coupons(&self.commerce, coupons).await?;
-        Ok(price_order(user, order, lines, coupons, &products, &coupon_rows, Utc::now())?)
+        Ok(price_order(
+            user,
+            order,
+            lines,
+            coupons,
+            &products,
+            &coupon_rows,
+            Utc::now(),
+        )?)
     }
 
     pub async fn preview(&self, caller: Caller, req: PreviewRequest) -> Result<Pricing> {
@@ -320,7 +362,13 @@ impl OrderService {
         self.load_visible(&mut conn, shard, caller, id).await
     }
 
-    async fn load_visible(&self, conn: &mut PoolConnection<MySql>, shard: &Shard, caller: Caller, id: OrderId) -> Result<Order> {
+    async fn load_visible(
+        &self,
+        conn: &mut PoolConnection<MySql>,
+        shard: &Shard,
+        caller: Caller,
+        id: OrderId,
+    ) -> Result<Order> {
         match orders::load_order(conn, &shard.tables, id).await? {
             Some(o) if caller.can_see(&o) => Ok(o),
             _ => Err(Error::NotFound),
@@ -331,10 +379,16 @@ impl OrderService {
         let user = match (caller, p.user_id) {
             (Caller::User(u), None) => u,
             (Caller::User(u), Some(asked)) if asked == u => u,
-            (Caller::User(_), Some(_)) => return Err(FieldErrors::single("user_id", "a buyer lists only their own orders").into()),
+            (Caller::User(_), Some(_)) => {
+                return Err(FieldErrors::single("user_id", "a buyer lists only their own orders").into())
+            }
             (Caller::Admin(_), Some(u)) => u,
-            (Caller::Admin(_), None) => return Err(FieldErrors::single("user_id", "required for administrators").into()),
-            (Caller::Merchant { .. } | Caller::Service, _) => return Err(Error::Forbidden("only buyers and administrators list orders")),
+            (Caller::Admin(_), None) => {
+                return Err(FieldErrors::single("user_id", "required for administrators").into())
+            }
+            (Caller::Merchant { .. } | Caller::Service, _) => {
+                return Err(Error::Forbidden("only buyers and administrators list orders"))
+            }
         };
         let limit = p.limit.unwrap_or(DEFAULT_PAGE);
         if !(1..=MAX_PAGE).contains(&limit) {
@@ -342,7 +396,10 @@ impl OrderService {
         }
         let before = match &p.cursor {
             None => None,
-            Some(c) => Some(decode_cursor(c).ok_or_else(|| FieldErrors::single("cursor", "is not a cursor this service issued"))?),
+            Some(c) => Some(
+                decode_cursor(c)
+                    .ok_or_else(|| FieldErrors::single("cursor", "is not a cursor this service issued"))?,
+            ),
         };
         let shard = self.shards.of_user(user);
         let query = ListQuery {
@@ -383,23 +440,48 @@ impl OrderService {
             return Err(Error::Forbidden("this party may not do this to the order"));
         }
         if order.version != expected_version {
-            return Err(Error::VersionConflict { current_version: order.version });
+            return Err(Error::VersionConflict {
+                current_version: order.version,
+            });
         }
-        let to = transition(order.status, command).map_err(|e| Error::InvalidTransition { status: e.from })?;
-        let won = orders::cas_status(&mut conn, &shard.tables, id, expected_version, order.status, to, &change, now()).await?;
+        let to =
+            transition(order.status, command).map_err(|e| Error::InvalidTransition { status: e.from })?;
+        let won = orders::cas_status(
+            &mut conn,
+            &shard.tables,
+            id,
+            expected_version,
+            order.status,
+            to,
+            &change,
+            now(),
+        )
+        .await?;
         if !won {
-            return Err(self.explain_lost_race(&mut conn, shard, id, expected_version).await);
+            return Err(self
+                .explain_lost_race(&mut conn, shard, id, expected_version)
+                .await);
         }
         if to.releases_stock() {
             self.release_stock(&mut conn, shard, id).await;
         }
-        orders::load_order(&mut conn, &shard.tables, id).await?.ok_or(Error::NotFound)
+        orders::load_order(&mut conn, &shard.tables, id)
+            .await?
+            .ok_or(Error::NotFound)
     }
 
     /// A compare-and-set matched nothing: say whether the version or the status moved.
-    async fn explain_lost_race(&self, conn: &mut PoolConnection<MySql>, shard: &Shard, id: OrderId, expected: i64) -> Error {
+    async fn explain_lost_race(
+        &self,
+        conn: &mut PoolConnection<MySql>,
+        shard: &Shard,
+        id: OrderId,
+        expected: i64,
+    ) -> Error {
         match orders::load_order(conn, &shard.tables, id).await {
-            Ok(Some(o)) if o.version != expected => Error::VersionConflict { current_version: o.version },
+            Ok(Some(o)) if o.version != expected => Error::VersionConflict {
+                current_version: o.version,
+            },
             Ok(Some(o)) => Error::InvalidTransition { status: o.status },
             Ok(None) => Error::NotFound,
             Err(e) => e.into(),
@@ -447,8 +529,14 @@ impl OrderService {
         errors.into_result(())?;
         // Buyer fields only before shipment; shipping fields once paid and until delivered.
         let allowed: &[OrderStatus] = match caller {
-            Caller::User(_) if shop_fields => return Err(Error::Forbidden("a buyer cannot set shipping fields")),
-            Caller::Merchant { .. } if buyer_fields => return Err(Error::Forbidden("a merchant cannot change the buyer's address or remark")),
+            Caller::User(_) if shop_fields => {
+                return Err(Error::Forbidden("a buyer cannot set shipping fields"))
+            }
+            Caller::Merchant { .. } if buyer_fields => {
+                return Err(Error::Forbidden(
+                    "a merchant cannot change the buyer's address or remark",
+                ))
+            }
             Caller::Service => return Err(Error::Forbidden("the payment channel changes no fields")),
             Caller::User(_) => &[OrderStatus::PendingPayment, OrderStatus::AwaitingShipment],
             Caller::Merchant { .. } => &[OrderStatus::AwaitingShipment, OrderStatus::Shipped],
@@ -460,7 +548,9 @@ impl OrderService {
         let mut conn = self.conn(shard).await?;
         let order = self.load_visible(&mut conn, shard, caller, id).await?;
         if order.version != req.expected_version {
-            return Err(Error::VersionConflict { current_version: order.version });
+            return Err(Error::VersionConflict {
+                current_version: order.version,
+            });
         }
         if !allowed.contains(&order.status) {
             return Err(Error::InvalidTransition { status: order.status });
@@ -471,10 +561,24 @@ impl OrderService {
             tracking_number: req.tracking_number,
             carrier: req.carrier,
         };
-        if !orders::cas_fields(&mut conn, &shard.tables, id, req.expected_version, allowed, &changes, now()).await? {
-            return Err(self.explain_lost_race(&mut conn, shard, id, req.expected_version).await);
+        if !orders::cas_fields(
+            &mut conn,
+            &shard.tables,
+            id,
+            req.expected_version,
+            allowed,
+            &changes,
+            now(),
+        )
+        .await?
+        {
+            return Err(self
+                .explain_lost_race(&mut conn, shard, id, req.expected_version)
+                .await);
         }
-        orders::load_order(&mut conn, &shard.tables, id).await?.ok_or(Error::NotFound)
+        orders::load_order(&mut conn, &shard.tables, id)
+            .await?
+            .ok_or(Error::NotFound)
     }
 
     pub async fn ship(&self, caller: Caller, id: OrderId, req: ShipmentRequest) -> Result<Order> {
@@ -483,7 +587,12 @@ impl OrderService {
         }
         let mut errors = FieldErrors::default();
         check_version(&mut errors, req.expected_version);
-        check_reference(&mut errors, "tracking_number", &req.tracking_number, MAX_TRACKING_CHARS);
+        check_reference(
+            &mut errors,
+            "tracking_number",
+            &req.tracking_number,
+            MAX_TRACKING_CHARS,
+        );
         check_text(&mut errors, "carrier", &req.carrier, MAX_CARRIER_CHARS, true);
         errors.into_result(())?;
         let change = StatusChange {
@@ -491,8 +600,10 @@ impl OrderService {
             tracking_number: Some(req.tracking_number),
             ..Default::default()
         };
-        self.status_change(caller, id, req.expected_version, Command::Ship, change, |c, o| c.is_shop_of(o))
-            .await
+        self.status_change(caller, id, req.expected_version, Command::Ship, change, |c, o| {
+            c.is_shop_of(o)
+        })
+        .await
     }
 
     pub async fn confirm(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
@@ -500,8 +611,15 @@ impl OrderService {
             return Err(Error::Forbidden("only the buyer confirms receipt"));
         }
         self.versioned_checks(&req)?;
-        self.status_change(caller, id, req.expected_version, Command::Confirm, StatusChange::default(), |c, o| c.is_owner(o))
-            .await
+        self.status_change(
+            caller,
+            id,
+            req.expected_version,
+            Command::Confirm,
+            StatusChange::default(),
+            |c, o| c.is_owner(o),
+        )
+        .await
     }
 
     pub async fn cancel(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
@@ -510,11 +628,22 @@ impl OrderService {
         }
         self.versioned_checks(&req)?;
         let change = StatusChange {
-            close_reason: Some(if req.reason.is_empty() { "cancelled".into() } else { req.reason }),
+            close_reason: Some(if req.reason.is_empty() {
+                "cancelled".into()
+            } else {
+                req.reason
+            }),
             ..Default::default()
         };
-        self.status_change(caller, id, req.expected_version, Command::Cancel, change, |c, o| c.is_owner(o) || c.is_admin())
-            .await
+        self.status_change(
+            caller,
+            id,
+            req.expected_version,
+            Command::Cancel,
+            change,
+            |c, o| c.is_owner(o) || c.is_admin(),
+        )
+        .await
     }
 
     pub async fn invalidate(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
@@ -527,13 +656,24 @@ impl OrderService {
         let current = self.load_visible(&mut conn, shard, caller, id).await?;
         drop(conn);
         let change = StatusChange {
-            close_reason: Some(if req.reason.is_empty() { "invalidated".into() } else { req.reason }),
+            close_reason: Some(if req.reason.is_empty() {
+                "invalidated".into()
+            } else {
+                req.reason
+            }),
             // Money already received must go back to the buyer.
             refund_required: current.net_paid() > 0,
             ..Default::default()
         };
-        self.status_change(caller, id, req.expected_version, Command::Invalidate, change, |c, _| c.is_admin())
-            .await
+        self.status_change(
+            caller,
+            id,
+            req.expected_version,
+            Command::Invalidate,
+            change,
+            |c, _| c.is_admin(),
+        )
+        .await
     }
 
     fn versioned_checks(&self, req: &VersionedRequest) -> Result<()> {
@@ -564,7 +704,9 @@ impl OrderService {
 
     pub async fn refund(&self, caller: Caller, id: OrderId, req: RefundRequest) -> Result<Order> {
         if !matches!(caller, Caller::Service | Caller::Admin(_)) {
-            return Err(Error::Forbidden("only the payment channel or an administrator refunds"));
+            return Err(Error::Forbidden(
+                "only the payment channel or an administrator refunds",
+            ));
         }
         let mut errors = FieldErrors::default();
         check_reference(&mut errors, "refund_no", &req.refund_no, 64);
@@ -597,7 +739,9 @@ impl OrderService {
                 }
             }
             Ok(MoneyOutcome::Replay) => {}
-            Ok(MoneyOutcome::Conflict) | Err(StorageError::Duplicate(_)) => return Err(Error::IdempotencyConflict),
+            Ok(MoneyOutcome::Conflict) | Err(StorageError::Duplicate(_)) => {
+                return Err(Error::IdempotencyConflict)
+            }
             Ok(MoneyOutcome::Mismatch { due }) => {
                 return Err(Error::PaymentMismatch {
                     detail: format!("amount {} against {due} due", m.amount),
@@ -607,7 +751,9 @@ impl OrderService {
             Ok(MoneyOutcome::NotFound) => return Err(Error::NotFound),
             Err(e) => return Err(e.into()),
         }
-        let order = orders::load_order(&mut conn, &shard.tables, id).await?.ok_or(Error::NotFound)?;
+        let order = orders::load_order(&mut conn, &shard.tables, id)
+            .await?
+            .ok_or(Error::NotFound)?;
         if !caller.can_see(&order) {
             return Err(Error::NotFound);
         }

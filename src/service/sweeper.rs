@@ -39,8 +39,16 @@ impl OrderService {
         let mut out = SweepOutcome::default();
         for claim in commerce::stale_claims(self.commerce(), before, batch).await? {
             let shard = self.shards().of_order(claim.order_id);
-            let mut conn = self.shards().primary(shard).acquire().await.map_err(StorageError::from)?;
-            if orders::request_hash_of(&mut conn, &shard.tables, claim.order_id).await?.is_some() {
+            let mut conn = self
+                .shards()
+                .primary(shard)
+                .acquire()
+                .await
+                .map_err(StorageError::from)?;
+            if orders::request_hash_of(&mut conn, &shard.tables, claim.order_id)
+                .await?
+                .is_some()
+            {
                 commerce::confirm_claim(self.commerce(), claim.order_id).await?;
                 out.confirmed += 1;
                 continue;
@@ -52,7 +60,12 @@ impl OrderService {
             }
         }
         for shard in self.shards().all() {
-            let mut conn = self.shards().primary(shard).acquire().await.map_err(StorageError::from)?;
+            let mut conn = self
+                .shards()
+                .primary(shard)
+                .acquire()
+                .await
+                .map_err(StorageError::from)?;
             for id in orders::release_pending(&mut conn, &shard.tables, before, batch).await? {
                 self.release_stock(&mut conn, shard, id).await;
                 out.released += 1;
@@ -63,7 +76,13 @@ impl OrderService {
 }
 
 /// Sweeps every `interval` until `shutdown` fires; stops between steps.
-pub async fn run(service: OrderService, grace: Duration, interval: Duration, batch: u32, shutdown: CancellationToken) {
+pub async fn run(
+    service: OrderService,
+    grace: Duration,
+    interval: Duration,
+    batch: u32,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,

@@ -43,7 +43,13 @@ pub struct User {
 }
 
 /// Creates a user; with `id` given, under that id (Duplicate if taken).
-pub async fn insert_user(pool: &MySqlPool, id: Option<UserId>, name: &str, level: i32, now: DateTime<Utc>) -> Result<UserId> {
+pub async fn insert_user(
+    pool: &MySqlPool,
+    id: Option<UserId>,
+    name: &str,
+    level: i32,
+    now: DateTime<Utc>,
+) -> Result<UserId> {
     let done = sqlx::query("INSERT INTO users (id, name, level, created_at) VALUES (?, ?, ?, ?)")
         .bind(id.map(|u| u.get()))
         .bind(name)
@@ -277,6 +283,8 @@ pub enum ReserveOutcome {
     Conflict,
     OutOfStock(ProductId),
     CouponUnavailable(CouponId),
+    /// The claim disappeared while we looked (a failed attempt gave it back): try again.
+    Vanished,
 }
 
 /// A reservation request: the order, its content hash, a random attempt token, the lines
@@ -292,8 +300,12 @@ pub struct Reservation<'a> {
 }
 
 /// Takes stock and coupons for an order id exactly once; see the module docs.
-pub async fn reserve(conn: &mut MySqlConnection, r: &Reservation<'_>, now: DateTime<Utc>) -> Result<ReserveOutcome> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+pub async fn reserve(
+    conn: &mut MySqlConnection,
+    r: &Reservation<'_>,
+    now: DateTime<Utc>,
+) -> Result<ReserveOutcome> {
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     // A plain insert: the duplicate-key error of a second attempt is the signal (it waits
     // for the first attempt's transaction, so attempts of one order id serialise here).
     let inserted = sqlx::query(
@@ -312,23 +324,11 @@ pub async fn reserve(conn: &mut MySqlConnection, r: &Reservation<'_>, now: DateT
     match inserted.map_err(StorageError::from) {
         Ok(_) => {}
         Err(StorageError::Duplicate(_)) => {
-            let hash: Vec<u8> = sqlx::query_scalar("SELECT request_hash FROM order_claims WHERE order_id = ? FOR UPDATE")
-                .bind(r.order_id.get())
-                .fetch_one(&mut *tx)
-                .await?;
-            if hash != r.request_hash[..] {
-                return Ok(ReserveOutcome::Conflict);
-            }
-            // Record this attempt as the latest, so an earlier attempt that fails now does
-            // not give back what this one is about to use.
-            sqlx::query("UPDATE order_claims SET attempt = ?, touched_at = ? WHERE order_id = ?")
-                .bind(r.attempt)
-                .bind(ts(now))
-                .bind(r.order_id.get())
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            return Ok(ReserveOutcome::AlreadyReserved);
+            // Another attempt holds the claim. Roll back first: the failed insert left a
+            // shared lock on the claim, and upgrading it while other waiters hold theirs is
+            // InnoDB's classic insert deadlock.
+            tx.rollback().await?;
+            return touch_claim(conn, r, now).await;
         }
         Err(e) => return Err(e),
     }
@@ -336,13 +336,14 @@ pub async fn reserve(conn: &mut MySqlConnection, r: &Reservation<'_>, now: DateT
     let mut lines = r.lines.to_vec();
     lines.sort_by_key(|l| l.product_id);
     for l in &lines {
-        let taken = sqlx::query("UPDATE products SET stock = stock - ?, updated_at = ? WHERE id = ? AND stock >= ?")
-            .bind(l.quantity)
-            .bind(ts(now))
-            .bind(l.product_id.get())
-            .bind(l.quantity)
-            .execute(&mut *tx)
-            .await?;
+        let taken =
+            sqlx::query("UPDATE products SET stock = stock - ?, updated_at = ? WHERE id = ? AND stock >= ?")
+                .bind(l.quantity)
+                .bind(ts(now))
+                .bind(l.product_id.get())
+                .bind(l.quantity)
+                .execute(&mut *tx)
+                .await?;
         if taken.rows_affected() != 1 {
             tx.rollback().await?;
             return Ok(ReserveOutcome::OutOfStock(l.product_id));
@@ -383,6 +384,38 @@ pub async fn reserve(conn: &mut MySqlConnection, r: &Reservation<'_>, now: DateT
     Ok(ReserveOutcome::Reserved)
 }
 
+/// An existing claim: the same content means "already reserved" (and this attempt becomes
+/// the latest, so an earlier attempt that fails now does not give back what this one is
+/// about to use); other content is a conflict.
+async fn touch_claim(
+    conn: &mut MySqlConnection,
+    r: &Reservation<'_>,
+    now: DateTime<Utc>,
+) -> Result<ReserveOutcome> {
+    let touched = sqlx::query(
+        "UPDATE order_claims SET attempt = ?, touched_at = ? WHERE order_id = ? AND request_hash = ?",
+    )
+    .bind(r.attempt)
+    .bind(ts(now))
+    .bind(r.order_id.get())
+    .bind(&r.request_hash[..])
+    .execute(&mut *conn)
+    .await?;
+    if touched.rows_affected() == 1 {
+        return Ok(ReserveOutcome::AlreadyReserved);
+    }
+    let exists = sqlx::query("SELECT 1 FROM order_claims WHERE order_id = ?")
+        .bind(r.order_id.get())
+        .fetch_optional(&mut *conn)
+        .await?;
+    Ok(if exists.is_some() {
+        ReserveOutcome::Conflict
+    } else {
+        // The claim was abandoned in between: the caller retries from the start.
+        ReserveOutcome::Vanished
+    })
+}
+
 /// Marks a claim confirmed once its order is known to be written.
 pub async fn confirm_claim(pool: &MySqlPool, order: OrderId) -> Result<()> {
     sqlx::query("UPDATE order_claims SET state = ? WHERE order_id = ? AND state = ?")
@@ -418,23 +451,31 @@ async fn give_back(tx: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>)
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("UPDATE coupons SET redeemed_order_id = NULL, redeemed_at = NULL WHERE redeemed_order_id = ?")
-        .bind(order.get())
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query(
+        "UPDATE coupons SET redeemed_order_id = NULL, redeemed_at = NULL WHERE redeemed_order_id = ?",
+    )
+    .bind(order.get())
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 
 /// A failed create gives its reservation back, unless another attempt touched the claim
 /// since (that attempt may be writing the order right now). Returns whether it gave back.
-pub async fn abandon_claim(conn: &mut MySqlConnection, order: OrderId, attempt: i64, now: DateTime<Utc>) -> Result<bool> {
+pub async fn abandon_claim(
+    conn: &mut MySqlConnection,
+    order: OrderId,
+    attempt: i64,
+    now: DateTime<Utc>,
+) -> Result<bool> {
     let mut tx = sqlx::Connection::begin(conn).await?;
-    let locked = sqlx::query("SELECT 1 FROM order_claims WHERE order_id = ? AND state = ? AND attempt = ? FOR UPDATE")
-        .bind(order.get())
-        .bind(CLAIM_RESERVED)
-        .bind(attempt)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let locked =
+        sqlx::query("SELECT 1 FROM order_claims WHERE order_id = ? AND state = ? AND attempt = ? FOR UPDATE")
+            .bind(order.get())
+            .bind(CLAIM_RESERVED)
+            .bind(attempt)
+            .fetch_optional(&mut *tx)
+            .await?;
     if locked.is_none() {
         return Ok(false);
     }
@@ -462,13 +503,14 @@ async fn delete_claim(tx: &mut MySqlConnection, order: OrderId) -> Result<()> {
 /// claim's state moves to released in the same transaction. Returns whether this call did it.
 pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<bool> {
     let mut tx = sqlx::Connection::begin(conn).await?;
-    let moved = sqlx::query("UPDATE order_claims SET state = ?, touched_at = ? WHERE order_id = ? AND state <> ?")
-        .bind(CLAIM_RELEASED)
-        .bind(ts(now))
-        .bind(order.get())
-        .bind(CLAIM_RELEASED)
-        .execute(&mut *tx)
-        .await?;
+    let moved =
+        sqlx::query("UPDATE order_claims SET state = ?, touched_at = ? WHERE order_id = ? AND state <> ?")
+            .bind(CLAIM_RELEASED)
+            .bind(ts(now))
+            .bind(order.get())
+            .bind(CLAIM_RELEASED)
+            .execute(&mut *tx)
+            .await?;
     if moved.rows_affected() != 1 {
         return Ok(false);
     }

@@ -17,7 +17,7 @@ pub mod shards;
 
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
 
 use crate::config::DatabaseSettings;
 
@@ -32,14 +32,22 @@ pub enum StorageError {
     Corrupt(String),
 }
 
-const ER_DUP_ENTRY: &str = "1062";
-const ER_LOCK_DEADLOCK: &str = "1213";
-const ER_LOCK_WAIT_TIMEOUT: &str = "1205";
+const ER_DUP_ENTRY: u16 = 1062;
+const ER_LOCK_DEADLOCK: u16 = 1213;
+const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
+
+/// The MySQL error number (not the SQLSTATE) of a server error.
+fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
+    match e {
+        sqlx::Error::Database(db) => db.try_downcast_ref::<MySqlDatabaseError>().map(|m| m.number()),
+        _ => None,
+    }
+}
 
 impl From<sqlx::Error> for StorageError {
     fn from(e: sqlx::Error) -> Self {
-        if let sqlx::Error::Database(db) = &e {
-            if db.code().as_deref() == Some(ER_DUP_ENTRY) {
+        if mysql_error_number(&e) == Some(ER_DUP_ENTRY) {
+            if let sqlx::Error::Database(db) = &e {
                 return StorageError::Duplicate(db.message().to_owned());
             }
         }
@@ -51,9 +59,10 @@ impl StorageError {
     /// A deadlock or lock-wait timeout: the whole transaction may be retried.
     pub fn is_retryable(&self) -> bool {
         match self {
-            StorageError::Db(sqlx::Error::Database(db)) => {
-                matches!(db.code().as_deref(), Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT))
-            }
+            StorageError::Db(e) => matches!(
+                mysql_error_number(e),
+                Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)
+            ),
             _ => false,
         }
     }
@@ -63,7 +72,10 @@ impl StorageError {
         matches!(
             self,
             StorageError::Db(
-                sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Protocol(_)
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Protocol(_)
             )
         )
     }

@@ -10,7 +10,9 @@ use sqlx::{MySqlConnection, Row};
 
 use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
-use crate::domain::order::{Address, NewOrder, Order, OrderDiscount, OrderLine, Payment, PaymentKind, Pricing};
+use crate::domain::order::{
+    Address, NewOrder, Order, OrderDiscount, OrderLine, Payment, PaymentKind, Pricing,
+};
 use crate::domain::status::OrderStatus;
 
 use super::shards::ShardTables;
@@ -167,11 +169,18 @@ pub async fn insert_order(
 }
 
 /// The create-request hash of a stored order, or `None` if there is no such order.
-pub async fn request_hash_of(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<Option<Vec<u8>>> {
-    let row = sqlx::query(&format!("SELECT request_hash FROM {} WHERE order_id = ?", t.orders))
-        .bind(id.get())
-        .fetch_optional(conn)
-        .await?;
+pub async fn request_hash_of(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    id: OrderId,
+) -> Result<Option<Vec<u8>>> {
+    let row = sqlx::query(&format!(
+        "SELECT request_hash FROM {} WHERE order_id = ?",
+        t.orders
+    ))
+    .bind(id.get())
+    .fetch_optional(conn)
+    .await?;
     Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
@@ -192,7 +201,9 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
         q = q.bind(o.order_id.get());
     }
     for row in q.fetch_all(&mut *conn).await? {
-        let Some(i) = pos(orders, row.try_get("order_id")?) else { continue };
+        let Some(i) = pos(orders, row.try_get("order_id")?) else {
+            continue;
+        };
         let pid: i64 = row.try_get("product_id")?;
         let line_no: i16 = row.try_get("line_no")?;
         let quantity: i32 = row.try_get("quantity")?;
@@ -216,10 +227,16 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
         q = q.bind(o.order_id.get());
     }
     for row in q.fetch_all(&mut *conn).await? {
-        let Some(i) = pos(orders, row.try_get("order_id")?) else { continue };
+        let Some(i) = pos(orders, row.try_get("order_id")?) else {
+            continue;
+        };
         let kind: i8 = row.try_get("kind")?;
         orders[i].payments.push(Payment {
-            kind: if kind == 0 { PaymentKind::Payment } else { PaymentKind::Refund },
+            kind: if kind == 0 {
+                PaymentKind::Payment
+            } else {
+                PaymentKind::Refund
+            },
             transaction_no: row.try_get("transaction_no")?,
             channel: row.try_get("channel")?,
             amount: money(&row, "amount")?,
@@ -237,7 +254,9 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
         q = q.bind(o.order_id.get());
     }
     for row in q.fetch_all(&mut *conn).await? {
-        let Some(i) = pos(orders, row.try_get("order_id")?) else { continue };
+        let Some(i) = pos(orders, row.try_get("order_id")?) else {
+            continue;
+        };
         let line_no: i16 = row.try_get("line_no")?;
         let coupon: Option<i64> = row.try_get("coupon_id")?;
         orders[i].discounts.push(OrderDiscount {
@@ -253,10 +272,13 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
 
 /// The whole order, or `None`.
 pub async fn load_order(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<Option<Order>> {
-    let row = sqlx::query(&format!("SELECT {ORDER_COLUMNS} FROM {} WHERE order_id = ?", t.orders))
-        .bind(id.get())
-        .fetch_optional(&mut *conn)
-        .await?;
+    let row = sqlx::query(&format!(
+        "SELECT {ORDER_COLUMNS} FROM {} WHERE order_id = ?",
+        t.orders
+    ))
+    .bind(id.get())
+    .fetch_optional(&mut *conn)
+    .await?;
     let Some(row) = row else { return Ok(None) };
     let mut orders = [order_from_row(&row)?];
     load_children(conn, t, &mut orders).await?;
@@ -276,7 +298,11 @@ pub struct ListQuery {
     pub limit: u32,
 }
 
-pub async fn list_user_orders(conn: &mut MySqlConnection, t: &ShardTables, q: &ListQuery) -> Result<Vec<Order>> {
+pub async fn list_user_orders(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    q: &ListQuery,
+) -> Result<Vec<Order>> {
     let mut sql = format!("SELECT {ORDER_COLUMNS} FROM {} WHERE user_id = ?", t.orders);
     if q.status.is_some() {
         sql.push_str(" AND status = ?");
@@ -331,6 +357,12 @@ fn timestamp_column(to: OrderStatus) -> &'static str {
     }
 }
 
+/// `FORCE INDEX (PRIMARY)` on every compare-and-set: with `status = ?` in the condition the
+/// optimizer may read through `idx_status_deadline` and lock that index entry before the
+/// row, the opposite order of a transaction that locked the row first (`FOR UPDATE`) and then
+/// changes the status: a deadlock between a payment and a cancel.
+const BY_PRIMARY: &str = "FORCE INDEX (PRIMARY)";
+
 /// Moves `id` from `from` to `to` if it is still at `expected_version` and `from`.
 /// Closing or invalidating marks the order `release_pending` in the same statement, so the
 /// stock and coupons are given back even if the process dies right after.
@@ -346,7 +378,7 @@ pub async fn cas_status(
     now: DateTime<Utc>,
 ) -> Result<bool> {
     let sql = format!(
-        "UPDATE {} SET status = ?, version = version + 1, updated_at = ?, {} = ?,
+        "UPDATE {} {BY_PRIMARY} SET status = ?, version = version + 1, updated_at = ?, {} = ?,
             carrier = COALESCE(?, carrier), tracking_number = COALESCE(?, tracking_number),
             close_reason = COALESCE(?, close_reason),
             refund_required = refund_required OR ?,
@@ -397,7 +429,7 @@ pub async fn cas_fields(
         .collect::<Vec<_>>()
         .join(", ");
     let sql = format!(
-        "UPDATE {} SET receiver_name = COALESCE(?, receiver_name),
+        "UPDATE {} {BY_PRIMARY} SET receiver_name = COALESCE(?, receiver_name),
             receiver_phone = COALESCE(?, receiver_phone),
             receiver_region = COALESCE(?, receiver_region),
             receiver_detail = COALESCE(?, receiver_detail),
@@ -439,13 +471,18 @@ pub struct MoneyMovement {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MoneyOutcome {
     /// Recorded; the order moved from the first status to the second (maybe the same).
-    Recorded { from: OrderStatus, to: OrderStatus },
+    Recorded {
+        from: OrderStatus,
+        to: OrderStatus,
+    },
     /// This transaction number was recorded before for this order: nothing changed.
     Replay,
     /// This transaction number belongs to another order or kind.
     Conflict,
     /// The amount is not what is due (payment) or more than was paid (refund).
-    Mismatch { due: i64 },
+    Mismatch {
+        due: i64,
+    },
     /// The order cannot take this (e.g. a refund of an unpaid order).
     InvalidTransition(OrderStatus),
     NotFound,
@@ -475,16 +512,21 @@ pub async fn record_money(
     .bind(id.get())
     .fetch_optional(&mut *tx)
     .await?;
-    let Some(row) = row else { return Ok(MoneyOutcome::NotFound) };
+    let Some(row) = row else {
+        return Ok(MoneyOutcome::NotFound);
+    };
     let code: i8 = row.try_get("status")?;
     let status = OrderStatus::from_code(i64::from(code)).ok_or_else(|| corrupt("status", code))?;
     let pay_amount: i64 = row.try_get("pay_amount")?;
     let refund_required: i8 = row.try_get("refund_required")?;
 
-    let existing = sqlx::query(&format!("SELECT order_id, kind FROM {} WHERE transaction_no = ?", t.payments))
-        .bind(&m.transaction_no)
-        .fetch_optional(&mut *tx)
-        .await?;
+    let existing = sqlx::query(&format!(
+        "SELECT order_id, kind FROM {} WHERE transaction_no = ?",
+        t.payments
+    ))
+    .bind(&m.transaction_no)
+    .fetch_optional(&mut *tx)
+    .await?;
     if let Some(e) = existing {
         let (oid, kind): (i64, i8) = (e.try_get(0)?, e.try_get(1)?);
         return Ok(if oid == id.get() && kind == m.kind as i8 {
@@ -546,7 +588,11 @@ pub async fn record_money(
         sql.push_str(", release_pending = 1, close_reason = COALESCE(?, close_reason)");
     }
     if let Some(flag) = set_refund_flag {
-        sql.push_str(if flag { ", refund_required = 1" } else { ", refund_required = 0" });
+        sql.push_str(if flag {
+            ", refund_required = 1"
+        } else {
+            ", refund_required = 0"
+        });
     }
     sql.push_str(" WHERE order_id = ?");
     let mut q = sqlx::query(&sql).bind(ts(now));
@@ -588,9 +634,12 @@ pub async fn release_pending(
 /// Marks the stock of a closed order as given back. Touches no version: it is bookkeeping,
 /// not a change the client sees.
 pub async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<()> {
-    sqlx::query(&format!("UPDATE {} SET release_pending = 0 WHERE order_id = ?", t.orders))
-        .bind(id.get())
-        .execute(conn)
-        .await?;
+    sqlx::query(&format!(
+        "UPDATE {} SET release_pending = 0 WHERE order_id = ?",
+        t.orders
+    ))
+    .bind(id.get())
+    .execute(conn)
+    .await?;
     Ok(())
 }

@@ -32,58 +32,201 @@ async fn bad_input_is_refused_with_a_4xx_and_writes_nothing() {
         b
     };
     let long = "x".repeat(501);
-    let many_lines: Vec<Value> = (1..=101).map(|i| json!({"product_id": i.to_string(), "quantity": 1})).collect();
+    let many_lines: Vec<Value> = (1..=101)
+        .map(|i| json!({"product_id": i.to_string(), "quantity": 1}))
+        .collect();
     let stock_before = app.stock_of(&p).await;
     let before = row_counts(&app).await;
 
     // (name, body, expected status, field named in the problem)
     let cases: Vec<(&str, Value, u16, Option<&str>)> = vec![
-        ("zero quantity", with(&|b| b["items"][0]["quantity"] = json!(0)), 422, Some("items[0].quantity")),
-        ("negative quantity", with(&|b| b["items"][0]["quantity"] = json!(-3)), 422, Some("items[0].quantity")),
-        ("absurd quantity", with(&|b| b["items"][0]["quantity"] = json!(1_000_000)), 422, Some("items[0].quantity")),
-        ("overflowing quantity", with(&|b| b["items"][0]["quantity"] = json!(99999999999999999999u128.to_string().parse::<f64>().unwrap())), 422, None),
-        ("fractional quantity", with(&|b| b["items"][0]["quantity"] = json!(1.5)), 422, None),
-        ("quantity as string", with(&|b| b["items"][0]["quantity"] = json!("1")), 422, None),
+        (
+            "zero quantity",
+            with(&|b| b["items"][0]["quantity"] = json!(0)),
+            422,
+            Some("items[0].quantity"),
+        ),
+        (
+            "negative quantity",
+            with(&|b| b["items"][0]["quantity"] = json!(-3)),
+            422,
+            Some("items[0].quantity"),
+        ),
+        (
+            "absurd quantity",
+            with(&|b| b["items"][0]["quantity"] = json!(1_000_000)),
+            422,
+            Some("items[0].quantity"),
+        ),
+        (
+            "overflowing quantity",
+            with(&|b| {
+                b["items"][0]["quantity"] =
+                    json!(99999999999999999999u128.to_string().parse::<f64>().unwrap())
+            }),
+            422,
+            None,
+        ),
+        (
+            "fractional quantity",
+            with(&|b| b["items"][0]["quantity"] = json!(1.5)),
+            422,
+            None,
+        ),
+        (
+            "quantity as string",
+            with(&|b| b["items"][0]["quantity"] = json!("1")),
+            422,
+            None,
+        ),
         ("no lines", with(&|b| b["items"] = json!([])), 422, Some("items")),
-        ("101 lines", with(&|b| b["items"] = json!(many_lines.clone())), 422, Some("items")),
-        ("duplicate product", with(&|b| b["items"] = json!([{"product_id": p, "quantity": 1}, {"product_id": p, "quantity": 2}])), 422, Some("items[1].product_id")),
-        ("unknown product", with(&|b| b["items"][0]["product_id"] = json!("999999")), 422, Some("items[0].product_id")),
-        ("bad product id", with(&|b| b["items"][0]["product_id"] = json!("abc")), 422, Some("items[0].product_id")),
-        ("numeric product id", with(&|b| b["items"][0]["product_id"] = json!(5)), 422, None),
-        ("two shops", with(&|b| b["items"] = json!([{"product_id": p, "quantity": 1}, {"product_id": other_shop.products[0], "quantity": 1}])), 422, Some("items[1].product_id")),
+        (
+            "101 lines",
+            with(&|b| b["items"] = json!(many_lines.clone())),
+            422,
+            Some("items"),
+        ),
+        (
+            "duplicate product",
+            with(&|b| {
+                b["items"] = json!([{"product_id": p, "quantity": 1}, {"product_id": p, "quantity": 2}])
+            }),
+            422,
+            Some("items[1].product_id"),
+        ),
+        (
+            "unknown product",
+            with(&|b| b["items"][0]["product_id"] = json!("999999")),
+            422,
+            Some("items[0].product_id"),
+        ),
+        (
+            "bad product id",
+            with(&|b| b["items"][0]["product_id"] = json!("abc")),
+            422,
+            Some("items[0].product_id"),
+        ),
+        (
+            "numeric product id",
+            with(&|b| b["items"][0]["product_id"] = json!(5)),
+            422,
+            None,
+        ),
+        (
+            "two shops",
+            with(
+                &|b| b["items"] = json!([{"product_id": p, "quantity": 1}, {"product_id": other_shop.products[0], "quantity": 1}]),
+            ),
+            422,
+            Some("items[1].product_id"),
+        ),
         ("unknown field", with(&|b| b["price"] = json!(1)), 422, None),
-        ("unknown field in a line", with(&|b| b["items"][0]["unit_price"] = json!(1)), 422, None),
-        ("missing address", with(&|b| { b.as_object_mut().unwrap().remove("address"); }), 422, None),
-        ("empty receiver name", with(&|b| b["address"]["name"] = json!("")), 422, Some("address.name")),
-        ("over-long remark", with(&|b| b["remark"] = json!(long.clone())), 422, Some("remark")),
-        ("control characters", with(&|b| b["address"]["detail"] = json!("a\u{0}b")), 422, Some("address.detail")),
-        ("order id not a number", with(&|b| b["order_id"] = json!("12ab")), 422, Some("order_id")),
-        ("negative order id", with(&|b| b["order_id"] = json!("-5")), 422, Some("order_id")),
-        ("order id of another user", with(&|b| b["order_id"] = json!(someone_elses_id)), 422, Some("order_id")),
-        ("order id as number", with(&|b| b["order_id"] = json!(12345)), 422, None),
-        ("unknown coupon", with(&|b| b["coupon_ids"] = json!(["424242"])), 422, Some("coupon_ids[0]")),
-        ("too many coupons", with(&|b| b["coupon_ids"] = json!(["1", "2", "3", "4", "5", "6"])), 422, Some("coupon_ids")),
+        (
+            "unknown field in a line",
+            with(&|b| b["items"][0]["unit_price"] = json!(1)),
+            422,
+            None,
+        ),
+        (
+            "missing address",
+            with(&|b| {
+                b.as_object_mut().unwrap().remove("address");
+            }),
+            422,
+            None,
+        ),
+        (
+            "empty receiver name",
+            with(&|b| b["address"]["name"] = json!("")),
+            422,
+            Some("address.name"),
+        ),
+        (
+            "over-long remark",
+            with(&|b| b["remark"] = json!(long.clone())),
+            422,
+            Some("remark"),
+        ),
+        (
+            "control characters",
+            with(&|b| b["address"]["detail"] = json!("a\u{0}b")),
+            422,
+            Some("address.detail"),
+        ),
+        (
+            "order id not a number",
+            with(&|b| b["order_id"] = json!("12ab")),
+            422,
+            Some("order_id"),
+        ),
+        (
+            "negative order id",
+            with(&|b| b["order_id"] = json!("-5")),
+            422,
+            Some("order_id"),
+        ),
+        (
+            "order id of another user",
+            with(&|b| b["order_id"] = json!(someone_elses_id)),
+            422,
+            Some("order_id"),
+        ),
+        (
+            "order id as number",
+            with(&|b| b["order_id"] = json!(12345)),
+            422,
+            None,
+        ),
+        (
+            "unknown coupon",
+            with(&|b| b["coupon_ids"] = json!(["424242"])),
+            422,
+            Some("coupon_ids[0]"),
+        ),
+        (
+            "too many coupons",
+            with(&|b| b["coupon_ids"] = json!(["1", "2", "3", "4", "5", "6"])),
+            422,
+            Some("coupon_ids"),
+        ),
         ("body is an array", json!([1, 2]), 422, None),
     ];
     let mut failures = Vec::new();
     for (name, body, status, field) in &cases {
-        let (s, problem) = app.call("POST", "/v1/orders", Some(&token), Some(body.clone())).await;
+        let (s, problem) = app
+            .call("POST", "/v1/orders", Some(&token), Some(body.clone()))
+            .await;
         let ok_status = s.as_u16() == *status;
-        let ok_type = problem["code"].is_string() && problem["status"].as_u64() == Some(u64::from(s.as_u16()));
+        let ok_type =
+            problem["code"].is_string() && problem["status"].as_u64() == Some(u64::from(s.as_u16()));
         let ok_field = field.is_none_or(|f| {
-            problem["errors"].as_array().is_some_and(|e| e.iter().any(|x| x["field"] == f))
+            problem["errors"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|x| x["field"] == f))
         });
         if !(ok_status && ok_type && ok_field) {
-            failures.push(format!("{name}: expected {status} naming {field:?}, got {s} {problem}"));
+            failures.push(format!(
+                "{name}: expected {status} naming {field:?}, got {s} {problem}"
+            ));
         }
     }
 
     // Raw bodies: malformed JSON, wrong content type, oversize.
     let raw: Vec<(&str, String, &str, u16)> = vec![
-        ("malformed JSON", "{\"order_id\": ".into(), "application/json", 400),
+        (
+            "malformed JSON",
+            "{\"order_id\": ".into(),
+            "application/json",
+            400,
+        ),
         ("not JSON at all", "hello".into(), "application/json", 400),
         ("wrong content type", good.to_string(), "text/plain", 415),
-        ("oversize body", format!("{{\"remark\": \"{}\"}}", "y".repeat(70 * 1024)), "application/json", 413),
+        (
+            "oversize body",
+            format!("{{\"remark\": \"{}\"}}", "y".repeat(70 * 1024)),
+            "application/json",
+            413,
+        ),
     ];
     for (name, body, ct, status) in raw {
         let (s, problem) = app.call_raw("POST", "/v1/orders", &token, body, ct).await;
@@ -98,14 +241,62 @@ async fn bad_input_is_refused_with_a_4xx_and_writes_nothing() {
     let oid = order["order_id"].as_str().unwrap();
     let service = app.service_token();
     let life: Vec<(&str, String, String, Value, u16)> = vec![
-        ("zero payment", format!("/v1/orders/{oid}/payments"), service.clone(), json!({"transaction_no": "t1", "channel": "c", "amount": 0}), 422),
-        ("overflowing payment", format!("/v1/orders/{oid}/payments"), service.clone(), json!({"transaction_no": "t1", "channel": "c", "amount": i64::MAX}), 422),
-        ("wrong payment amount", format!("/v1/orders/{oid}/payments"), service.clone(), json!({"transaction_no": "t1", "channel": "c", "amount": 1}), 409),
-        ("bad transaction number", format!("/v1/orders/{oid}/payments"), service.clone(), json!({"transaction_no": "a b", "channel": "c", "amount": 1000}), 422),
-        ("version zero", format!("/v1/orders/{oid}/cancel"), token.clone(), json!({"expected_version": 0}), 422),
-        ("missing version", format!("/v1/orders/{oid}/cancel"), token.clone(), json!({}), 422),
-        ("empty patch", format!("/v1/orders/{oid}"), token.clone(), json!({"expected_version": 1}), 422),
-        ("bad order id in path", "/v1/orders/notanid/cancel".into(), token.clone(), json!({"expected_version": 1}), 404),
+        (
+            "zero payment",
+            format!("/v1/orders/{oid}/payments"),
+            service.clone(),
+            json!({"transaction_no": "t1", "channel": "c", "amount": 0}),
+            422,
+        ),
+        (
+            "overflowing payment",
+            format!("/v1/orders/{oid}/payments"),
+            service.clone(),
+            json!({"transaction_no": "t1", "channel": "c", "amount": i64::MAX}),
+            422,
+        ),
+        (
+            "wrong payment amount",
+            format!("/v1/orders/{oid}/payments"),
+            service.clone(),
+            json!({"transaction_no": "t1", "channel": "c", "amount": 1}),
+            409,
+        ),
+        (
+            "bad transaction number",
+            format!("/v1/orders/{oid}/payments"),
+            service.clone(),
+            json!({"transaction_no": "a b", "channel": "c", "amount": 1000}),
+            422,
+        ),
+        (
+            "version zero",
+            format!("/v1/orders/{oid}/cancel"),
+            token.clone(),
+            json!({"expected_version": 0}),
+            422,
+        ),
+        (
+            "missing version",
+            format!("/v1/orders/{oid}/cancel"),
+            token.clone(),
+            json!({}),
+            422,
+        ),
+        (
+            "empty patch",
+            format!("/v1/orders/{oid}"),
+            token.clone(),
+            json!({"expected_version": 1}),
+            422,
+        ),
+        (
+            "bad order id in path",
+            "/v1/orders/notanid/cancel".into(),
+            token.clone(),
+            json!({"expected_version": 1}),
+            404,
+        ),
     ];
     for (name, path, tok, body, status) in life {
         let method = if path.ends_with(oid) { "PATCH" } else { "POST" };
@@ -114,12 +305,29 @@ async fn bad_input_is_refused_with_a_4xx_and_writes_nothing() {
             failures.push(format!("{name}: expected {status}, got {s} {problem}"));
         }
     }
-    assert_eq!(row_counts(&app).await, before_changes, "bad life-cycle input wrote something");
+    assert_eq!(
+        row_counts(&app).await,
+        before_changes,
+        "bad life-cycle input wrote something"
+    );
     let (_, still) = app.get_order(user, oid).await;
     assert_eq!(still["version"], 1);
 
-    assert!(failures.is_empty(), "{} cases failed:\n{}", failures.len(), failures.join("\n"));
-    let after: Vec<i64> = before.iter().zip(&[1, 1, 0, 0, 1, 1]).map(|(b, d)| b + d).collect();
-    assert_eq!(row_counts(&app).await, after, "only the one good order was written");
+    assert!(
+        failures.is_empty(),
+        "{} cases failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    let after: Vec<i64> = before
+        .iter()
+        .zip(&[1, 1, 0, 0, 1, 1])
+        .map(|(b, d)| b + d)
+        .collect();
+    assert_eq!(
+        row_counts(&app).await,
+        after,
+        "only the one good order was written"
+    );
     assert_eq!(app.stock_of(&p).await, stock_before - 1);
 }

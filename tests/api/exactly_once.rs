@@ -22,9 +22,17 @@ async fn exactly_once_creation_under_50_concurrent_identical_submits() {
 
     let answers = join_all((0..50).map(|_| app.create_order(user, body.clone()))).await;
     let created = answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
-    assert_eq!(created, 1, "exactly one 201: {:?}", answers.iter().map(|a| a.0).collect::<Vec<_>>());
+    assert_eq!(
+        created,
+        1,
+        "exactly one 201: {:?}",
+        answers.iter().map(|a| a.0).collect::<Vec<_>>()
+    );
     for (status, b) in &answers {
-        assert!(*status == StatusCode::CREATED || *status == StatusCode::OK, "{status}: {b}");
+        assert!(
+            *status == StatusCode::CREATED || *status == StatusCode::OK,
+            "{status}: {b}"
+        );
         assert_eq!(b, &answers[0].1, "every answer carries the same order");
     }
     assert_eq!(app.count_shard_rows("orders").await, 1);
@@ -55,13 +63,23 @@ async fn exactly_once_creation_with_different_content_racing() {
     let id = app.new_order_id(user).await;
     let a = TestApp::order_body(&id, &[(&cat.products[0], 1)]);
     let b = TestApp::order_body(&id, &[(&cat.products[1], 2)]);
-    let answers = join_all((0..10).map(|i| app.create_order(user, if i % 2 == 0 { a.clone() } else { b.clone() }))).await;
+    let answers =
+        join_all((0..10).map(|i| app.create_order(user, if i % 2 == 0 { a.clone() } else { b.clone() })))
+            .await;
     let won: Vec<_> = answers.iter().filter(|(s, _)| s.is_success()).collect();
-    let refused = answers.iter().filter(|(s, p)| *s == StatusCode::CONFLICT && p["code"] == "idempotency_conflict").count();
+    let refused = answers
+        .iter()
+        .filter(|(s, p)| *s == StatusCode::CONFLICT && p["code"] == "idempotency_conflict")
+        .count();
     assert_eq!(won.len() + refused, 10);
     // Only the winning content took stock.
     let taken = (100 - app.stock_of(&cat.products[0]).await) + (100 - app.stock_of(&cat.products[1]).await);
-    let winner_units: i64 = won[0].1["items"].as_array().unwrap().iter().map(|i| i["quantity"].as_i64().unwrap()).sum();
+    let winner_units: i64 = won[0].1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["quantity"].as_i64().unwrap())
+        .sum();
     assert_eq!(taken, winner_units);
     assert_eq!(app.count_shard_rows("orders").await, 1);
 }
@@ -73,18 +91,37 @@ async fn exactly_once_creation_gives_stock_back_when_the_order_write_fails() {
     let user = 31;
     let id = app.new_order_id(user).await;
     // Break the user's shard table so the order write fails after the reservation.
-    let shard = app.app.orders.shards().of_order(OrderId::parse(&id).unwrap()).clone();
+    let shard = app
+        .app
+        .orders
+        .shards()
+        .of_order(OrderId::parse(&id).unwrap())
+        .clone();
     let pool = app.app.orders.shards().primary(&shard).clone();
     let t = &shard.tables.orders;
-    sqlx::query(&format!("RENAME TABLE {t} TO {t}_away")).execute(&pool).await.unwrap();
-    let (s, p) = app.create_order(user, TestApp::order_body(&id, &[(&cat.products[0], 4)])).await;
+    sqlx::query(&format!("RENAME TABLE {t} TO {t}_away"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (s, p) = app
+        .create_order(user, TestApp::order_body(&id, &[(&cat.products[0], 4)]))
+        .await;
     assert!(s.is_server_error(), "{s} {p}");
-    assert_eq!(app.stock_of(&cat.products[0]).await, 10, "the failed create gave its stock back");
+    assert_eq!(
+        app.stock_of(&cat.products[0]).await,
+        10,
+        "the failed create gave its stock back"
+    );
     assert_eq!(app.count_commerce_rows("order_claims").await, 0);
 
     // Repaired, the retry of the same request succeeds and takes the stock once.
-    sqlx::query(&format!("RENAME TABLE {t}_away TO {t}")).execute(&pool).await.unwrap();
-    let (s, _) = app.create_order(user, TestApp::order_body(&id, &[(&cat.products[0], 4)])).await;
+    sqlx::query(&format!("RENAME TABLE {t}_away TO {t}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (s, _) = app
+        .create_order(user, TestApp::order_body(&id, &[(&cat.products[0], 4)]))
+        .await;
     assert_eq!(s, StatusCode::CREATED);
     assert_eq!(app.stock_of(&cat.products[0]).await, 6);
 }
@@ -98,11 +135,25 @@ async fn exactly_once_creation_sweeper_returns_stock_after_a_crash() {
     let user = UserId::new(55).unwrap();
     let id = OrderId::parse(&app.new_order_id(55).await).unwrap();
     // The first half of a create, then the process "dies": stock and coupon taken, no order.
-    let lines = [NewLine { product_id: cat.products[0].parse().ok().and_then(orderly::domain::ids::ProductId::new).unwrap(), quantity: 3 }];
+    let lines = [NewLine {
+        product_id: cat.products[0]
+            .parse()
+            .ok()
+            .and_then(orderly::domain::ids::ProductId::new)
+            .unwrap(),
+        quantity: 3,
+    }];
     let coupons = [orderly::domain::ids::CouponId::parse(&coupon).unwrap()];
     let hash = [7u8; 32];
     let mut conn = app.commerce.acquire().await.unwrap();
-    let r = Reservation { order_id: id, user_id: user, request_hash: &hash, attempt: 1, lines: &lines, coupons: &coupons };
+    let r = Reservation {
+        order_id: id,
+        user_id: user,
+        request_hash: &hash,
+        attempt: 1,
+        lines: &lines,
+        coupons: &coupons,
+    };
     commerce::reserve(&mut conn, &r, Utc::now()).await.unwrap();
     assert_eq!(app.stock_of(&cat.products[0]).await, 7);
 
@@ -150,7 +201,14 @@ async fn exactly_once_creation_takes_a_coupon_once() {
     body["coupon_ids"] = json!([coupon]);
     let (s, o) = app.create_order(8, body.clone()).await;
     assert_eq!(s, StatusCode::CREATED, "{o}");
-    assert_eq!((o["total_amount"].as_i64(), o["discount_amount"].as_i64(), o["pay_amount"].as_i64()), (Some(2000), Some(500), Some(1500)));
+    assert_eq!(
+        (
+            o["total_amount"].as_i64(),
+            o["discount_amount"].as_i64(),
+            o["pay_amount"].as_i64()
+        ),
+        (Some(2000), Some(500), Some(1500))
+    );
     let (s, _) = app.create_order(8, body).await;
     assert_eq!(s, StatusCode::OK);
     // A second order cannot use it.

@@ -33,7 +33,10 @@ pub fn cluster() -> Arc<LocalCluster> {
             // Started on its own runtime: tests each have their own, and the cluster outlives
             // every one of them.
             std::thread::spawn(|| {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
                 rt.block_on(LocalCluster::start(ClusterSpec {
                     mariadb_servers: 2,
                     with_redis: true,
@@ -76,6 +79,9 @@ impl TestApp {
     }
 
     pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        if std::env::var_os("TEST_LOG").is_some() {
+            orderly::telemetry::init();
+        }
         let cluster = cluster();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("t{}_{n}_", std::process::id());
@@ -90,14 +96,21 @@ impl TestApp {
         create_databases(&settings).await.expect("create databases");
         migrate(&settings).await.expect("migrate");
         let shutdown = CancellationToken::new();
-        let app = Application::build(settings.clone(), shutdown.clone()).await.expect("build app");
+        let app = Application::build(settings.clone(), shutdown.clone())
+            .await
+            .expect("build app");
         let base_url = format!("http://{}", app.address());
         let state = app.state().clone();
         tokio::spawn(app.run());
-        let commerce = orderly::storage::connect(&settings.commerce.url, &settings.database).await.unwrap();
+        let commerce = orderly::storage::connect(&settings.commerce.url, &settings.database)
+            .await
+            .unwrap();
         TestApp {
             base: base_url,
-            client: reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
             keys: AuthKeys::new(SECRET),
             settings,
             commerce,
@@ -109,15 +122,18 @@ impl TestApp {
     // ------------------------------------------------------------ tokens
 
     pub fn user_token(&self, user: i64) -> String {
-        self.keys.issue(&user.to_string(), Role::User, None, Duration::from_secs(3600))
+        self.keys
+            .issue(&user.to_string(), Role::User, None, Duration::from_secs(3600))
     }
 
     pub fn merchant_token(&self, shop: ShopId) -> String {
-        self.keys.issue("900", Role::Merchant, Some(shop), Duration::from_secs(3600))
+        self.keys
+            .issue("900", Role::Merchant, Some(shop), Duration::from_secs(3600))
     }
 
     pub fn service_token(&self) -> String {
-        self.keys.issue("0", Role::Service, None, Duration::from_secs(3600))
+        self.keys
+            .issue("0", Role::Service, None, Duration::from_secs(3600))
     }
 
     pub fn admin_token(&self) -> String {
@@ -126,7 +142,13 @@ impl TestApp {
 
     // ------------------------------------------------------------ raw HTTP
 
-    pub async fn call(&self, method: &str, path: &str, token: Option<&str>, body: Option<Value>) -> (StatusCode, Value) {
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
         let (status, _, body) = self.call_full(method, path, token, body).await;
         (status, body)
     }
@@ -155,7 +177,14 @@ impl TestApp {
         (status, headers, body)
     }
 
-    pub async fn call_raw(&self, method: &str, path: &str, token: &str, body: String, content_type: &str) -> (StatusCode, Value) {
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: String,
+        content_type: &str,
+    ) -> (StatusCode, Value) {
         let resp = self
             .client
             .request(method.parse().unwrap(), format!("{}{path}", self.base))
@@ -175,7 +204,9 @@ impl TestApp {
     /// A shop with one product per entry of `stocks` (price 1000 each).
     pub async fn catalog(&self, stocks: &[i64]) -> Catalog {
         let admin = self.admin_token();
-        let (s, shop) = self.call("POST", "/v1/shops", Some(&admin), Some(json!({"name": "shop"}))).await;
+        let (s, shop) = self
+            .call("POST", "/v1/shops", Some(&admin), Some(json!({"name": "shop"})))
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{shop}");
         let shop_id = ShopId::parse(shop["shop_id"].as_str().unwrap()).unwrap();
         let mut products = Vec::new();
@@ -191,7 +222,10 @@ impl TestApp {
             assert_eq!(s, StatusCode::CREATED, "{p}");
             products.push(p["product_id"].as_str().unwrap().to_owned());
         }
-        Catalog { shop: shop_id, products }
+        Catalog {
+            shop: shop_id,
+            products,
+        }
     }
 
     pub async fn coupon(&self, user: i64, amount: i64, min_spend: i64) -> String {
@@ -200,8 +234,10 @@ impl TestApp {
                 "POST",
                 "/v1/coupons",
                 Some(&self.admin_token()),
-                Some(json!({"user_id": user.to_string(), "amount": amount, "min_spend": min_spend,
-                            "valid_to": (Utc::now() + TimeDelta::days(1)).to_rfc3339()})),
+                Some(
+                    json!({"user_id": user.to_string(), "amount": amount, "min_spend": min_spend,
+                            "valid_to": (Utc::now() + TimeDelta::days(1)).to_rfc3339()}),
+                ),
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{c}");
@@ -219,7 +255,9 @@ impl TestApp {
     // ------------------------------------------------------------ orders
 
     pub async fn new_order_id(&self, user: i64) -> String {
-        let (s, b) = self.call("POST", "/v1/order-ids", Some(&self.user_token(user)), None).await;
+        let (s, b) = self
+            .call("POST", "/v1/order-ids", Some(&self.user_token(user)), None)
+            .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
         b["order_id"].as_str().unwrap().to_owned()
     }
@@ -234,7 +272,8 @@ impl TestApp {
     }
 
     pub async fn create_order(&self, user: i64, body: Value) -> (StatusCode, Value) {
-        self.call("POST", "/v1/orders", Some(&self.user_token(user)), Some(body)).await
+        self.call("POST", "/v1/orders", Some(&self.user_token(user)), Some(body))
+            .await
     }
 
     /// Gets an id and creates an order of `items`; asserts 201.
@@ -247,12 +286,25 @@ impl TestApp {
 
     pub async fn pay(&self, order: &Value) -> (StatusCode, Value) {
         let id = order["order_id"].as_str().unwrap();
-        let body = json!({"transaction_no": format!("tx-{id}"), "channel": "alipay", "amount": order["pay_amount"]});
-        self.call("POST", &format!("/v1/orders/{id}/payments"), Some(&self.service_token()), Some(body)).await
+        let body =
+            json!({"transaction_no": format!("tx-{id}"), "channel": "alipay", "amount": order["pay_amount"]});
+        self.call(
+            "POST",
+            &format!("/v1/orders/{id}/payments"),
+            Some(&self.service_token()),
+            Some(body),
+        )
+        .await
     }
 
     pub async fn get_order(&self, user: i64, id: &str) -> (StatusCode, Value) {
-        self.call("GET", &format!("/v1/orders/{id}"), Some(&self.user_token(user)), None).await
+        self.call(
+            "GET",
+            &format!("/v1/orders/{id}"),
+            Some(&self.user_token(user)),
+            None,
+        )
+        .await
     }
 
     // ------------------------------------------------------------ database checks
@@ -270,13 +322,19 @@ impl TestApp {
                 other => panic!("no shard table {other}"),
             };
             let pool = self.app.orders.shards().primary(shard);
-            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(pool).await.unwrap();
+            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+                .fetch_one(pool)
+                .await
+                .unwrap();
             total += n;
         }
         total
     }
 
     pub async fn count_commerce_rows(&self, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(&self.commerce).await.unwrap()
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(&self.commerce)
+            .await
+            .unwrap()
     }
 }

@@ -15,14 +15,24 @@ async fn lifecycle_create_pay_ship_confirm() {
     let token = app.user_token(user);
     let order = app.place_order(user, &[(&cat.products[0], 2)]).await;
     let id = order["order_id"].as_str().unwrap();
-    assert_eq!((order["status"].as_str(), order["status_code"].as_i64(), order["version"].as_i64()), (Some("pending_payment"), Some(0), Some(1)));
+    assert_eq!(
+        (
+            order["status"].as_str(),
+            order["status_code"].as_i64(),
+            order["version"].as_i64()
+        ),
+        (Some("pending_payment"), Some(0), Some(1))
+    );
     assert_eq!(order["pay_amount"], 2000);
     assert_eq!(order["items"][0]["line_total"], 2000);
     assert_eq!(order["currency"], "CNY");
 
     let (s, paid) = app.pay(&order).await;
     assert_eq!(s, StatusCode::OK, "{paid}");
-    assert_eq!((paid["status"].as_str(), paid["version"].as_i64()), (Some("awaiting_shipment"), Some(2)));
+    assert_eq!(
+        (paid["status"].as_str(), paid["version"].as_i64()),
+        (Some("awaiting_shipment"), Some(2))
+    );
     assert!(paid["paid_at"].is_string());
     // The channel calls back twice: same answer, one payment.
     let (s, again) = app.pay(&order).await;
@@ -31,28 +41,76 @@ async fn lifecycle_create_pay_ship_confirm() {
     assert_eq!(again["payments"].as_array().unwrap().len(), 1);
 
     // Confirm before shipment is not a move of the machine.
-    let (s, p) = app.call("POST", &format!("/v1/orders/{id}/confirm"), Some(&token), Some(json!({"expected_version": 2}))).await;
+    let (s, p) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/confirm"),
+            Some(&token),
+            Some(json!({"expected_version": 2})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CONFLICT);
-    assert_eq!((p["code"].as_str(), p["current_status"].as_str()), (Some("invalid_transition"), Some("awaiting_shipment")));
+    assert_eq!(
+        (p["code"].as_str(), p["current_status"].as_str()),
+        (Some("invalid_transition"), Some("awaiting_shipment"))
+    );
 
     let merchant = app.merchant_token(cat.shop);
     let (s, shipped) = app
-        .call("POST", &format!("/v1/orders/{id}/shipment"), Some(&merchant), Some(json!({"expected_version": 2, "carrier": "SF", "tracking_number": "SF001"})))
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/shipment"),
+            Some(&merchant),
+            Some(json!({"expected_version": 2, "carrier": "SF", "tracking_number": "SF001"})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{shipped}");
-    assert_eq!((shipped["status"].as_str(), shipped["tracking_number"].as_str(), shipped["version"].as_i64()), (Some("shipped"), Some("SF001"), Some(3)));
+    assert_eq!(
+        (
+            shipped["status"].as_str(),
+            shipped["tracking_number"].as_str(),
+            shipped["version"].as_i64()
+        ),
+        (Some("shipped"), Some("SF001"), Some(3))
+    );
 
     // The buyer cannot change the address once shipped.
     let (s, p) = app
-        .call("PATCH", &format!("/v1/orders/{id}"), Some(&token), Some(json!({"expected_version": 3, "remark": "late"})))
+        .call(
+            "PATCH",
+            &format!("/v1/orders/{id}"),
+            Some(&token),
+            Some(json!({"expected_version": 3, "remark": "late"})),
+        )
         .await;
-    assert_eq!((s, p["code"].as_str()), (StatusCode::CONFLICT, Some("invalid_transition")));
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_transition"))
+    );
 
-    let (s, done) = app.call("POST", &format!("/v1/orders/{id}/confirm"), Some(&token), Some(json!({"expected_version": 3}))).await;
+    let (s, done) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/confirm"),
+            Some(&token),
+            Some(json!({"expected_version": 3})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!((done["status"].as_str(), done["status_code"].as_i64(), done["version"].as_i64()), (Some("completed"), Some(3), Some(4)));
+    assert_eq!(
+        (
+            done["status"].as_str(),
+            done["status_code"].as_i64(),
+            done["version"].as_i64()
+        ),
+        (Some("completed"), Some(3), Some(4))
+    );
     assert!(done["completed_at"].is_string());
-    assert_eq!(app.stock_of(&cat.products[0]).await, 8, "a completed order keeps its stock");
+    assert_eq!(
+        app.stock_of(&cat.products[0]).await,
+        8,
+        "a completed order keeps its stock"
+    );
 }
 
 #[tokio::test]
@@ -69,15 +127,40 @@ async fn lifecycle_cancel_gives_stock_and_coupon_back_once() {
     assert_eq!(app.stock_of(&cat.products[0]).await, 6);
 
     let token = app.user_token(user);
-    let (s, closed) = app.call("POST", &format!("/v1/orders/{id}/cancel"), Some(&token), Some(json!({"expected_version": 1, "reason": "changed my mind"}))).await;
+    let (s, closed) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/cancel"),
+            Some(&token),
+            Some(json!({"expected_version": 1, "reason": "changed my mind"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{closed}");
-    assert_eq!((closed["status"].as_str(), closed["close_reason"].as_str()), (Some("closed"), Some("changed my mind")));
+    assert_eq!(
+        (closed["status"].as_str(), closed["close_reason"].as_str()),
+        (Some("closed"), Some("changed my mind"))
+    );
     assert_eq!(app.stock_of(&cat.products[0]).await, 10);
     // Cancelling again changes nothing.
-    let (s, _) = app.call("POST", &format!("/v1/orders/{id}/cancel"), Some(&token), Some(json!({"expected_version": 2}))).await;
+    let (s, _) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/cancel"),
+            Some(&token),
+            Some(json!({"expected_version": 2})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CONFLICT);
     // A sweep does not release twice.
-    app.app.orders.sweep_once(Utc::now() + chrono::TimeDelta::hours(1), std::time::Duration::from_secs(60), 100).await.unwrap();
+    app.app
+        .orders
+        .sweep_once(
+            Utc::now() + chrono::TimeDelta::hours(1),
+            std::time::Duration::from_secs(60),
+            100,
+        )
+        .await
+        .unwrap();
     assert_eq!(app.stock_of(&cat.products[0]).await, 10);
     // The coupon can be used again.
     let id2 = app.new_order_id(user).await;
@@ -95,18 +178,36 @@ async fn lifecycle_sweeper_finishes_a_release_the_close_could_not() {
     let order = app.place_order(702, &[(&cat.products[0], 3)]).await;
     let id: i64 = order["order_id"].as_str().unwrap().parse().unwrap();
     // As if the process died between closing the order and giving the stock back.
-    let shard = app.app.orders.shards().of_order(orderly::domain::ids::OrderId::new(id).unwrap()).clone();
-    sqlx::query(&format!("UPDATE {} SET status = 4, version = version + 1, release_pending = 1 WHERE order_id = ?", shard.tables.orders))
-        .bind(id)
-        .execute(app.app.orders.shards().primary(&shard))
-        .await
-        .unwrap();
+    let shard = app
+        .app
+        .orders
+        .shards()
+        .of_order(orderly::domain::ids::OrderId::new(id).unwrap())
+        .clone();
+    sqlx::query(&format!(
+        "UPDATE {} SET status = 4, version = version + 1, release_pending = 1 WHERE order_id = ?",
+        shard.tables.orders
+    ))
+    .bind(id)
+    .execute(app.app.orders.shards().primary(&shard))
+    .await
+    .unwrap();
     assert_eq!(app.stock_of(&cat.products[0]).await, 7);
     let later = Utc::now() + chrono::TimeDelta::hours(1);
-    let out = app.app.orders.sweep_once(later, std::time::Duration::from_secs(60), 100).await.unwrap();
+    let out = app
+        .app
+        .orders
+        .sweep_once(later, std::time::Duration::from_secs(60), 100)
+        .await
+        .unwrap();
     assert_eq!(out.released, 1);
     assert_eq!(app.stock_of(&cat.products[0]).await, 10);
-    let out = app.app.orders.sweep_once(later, std::time::Duration::from_secs(60), 100).await.unwrap();
+    let out = app
+        .app
+        .orders
+        .sweep_once(later, std::time::Duration::from_secs(60), 100)
+        .await
+        .unwrap();
     assert_eq!(out.released, 0);
     assert_eq!(app.stock_of(&cat.products[0]).await, 10);
 }
@@ -124,32 +225,83 @@ async fn lifecycle_refunds_and_invalidation() {
     let id = order["order_id"].as_str().unwrap();
     app.pay(&order).await;
     let refunds = format!("/v1/orders/{id}/refunds");
-    let (s, part) = app.call("POST", &refunds, Some(&service), Some(json!({"refund_no": "rf-a", "amount": 500, "reason": "broken"}))).await;
+    let (s, part) = app
+        .call(
+            "POST",
+            &refunds,
+            Some(&service),
+            Some(json!({"refund_no": "rf-a", "amount": 500, "reason": "broken"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{part}");
     assert_eq!(part["status"], "awaiting_shipment");
-    let (s, too_much) = app.call("POST", &refunds, Some(&service), Some(json!({"refund_no": "rf-b", "amount": 1600}))).await;
-    assert_eq!((s, too_much["code"].as_str()), (StatusCode::CONFLICT, Some("payment_mismatch")));
-    let (s, full) = app.call("POST", &refunds, Some(&service), Some(json!({"refund_no": "rf-c", "amount": 1500}))).await;
+    let (s, too_much) = app
+        .call(
+            "POST",
+            &refunds,
+            Some(&service),
+            Some(json!({"refund_no": "rf-b", "amount": 1600})),
+        )
+        .await;
+    assert_eq!(
+        (s, too_much["code"].as_str()),
+        (StatusCode::CONFLICT, Some("payment_mismatch"))
+    );
+    let (s, full) = app
+        .call(
+            "POST",
+            &refunds,
+            Some(&service),
+            Some(json!({"refund_no": "rf-c", "amount": 1500})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{full}");
     assert_eq!(full["status"], "closed");
     assert_eq!(app.stock_of(&cat.products[0]).await, 10);
     // Replay of a refund: same answer.
-    let (s, again) = app.call("POST", &refunds, Some(&service), Some(json!({"refund_no": "rf-c", "amount": 1500}))).await;
-    assert_eq!((s, again["version"].clone()), (StatusCode::OK, full["version"].clone()));
+    let (s, again) = app
+        .call(
+            "POST",
+            &refunds,
+            Some(&service),
+            Some(json!({"refund_no": "rf-c", "amount": 1500})),
+        )
+        .await;
+    assert_eq!(
+        (s, again["version"].clone()),
+        (StatusCode::OK, full["version"].clone())
+    );
 
     // Invalidating a paid order: invalid, flagged for refund, stock back.
     let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
     let id = order["order_id"].as_str().unwrap();
     let (_, paid) = app.pay(&order).await;
     let (s, inv) = app
-        .call("POST", &format!("/v1/orders/{id}/invalidate"), Some(&admin), Some(json!({"expected_version": paid["version"], "reason": "fraud"})))
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/invalidate"),
+            Some(&admin),
+            Some(json!({"expected_version": paid["version"], "reason": "fraud"})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{inv}");
-    assert_eq!((inv["status"].as_str(), inv["status_code"].as_i64(), inv["refund_required"].as_bool()), (Some("invalid"), Some(5), Some(true)));
+    assert_eq!(
+        (
+            inv["status"].as_str(),
+            inv["status_code"].as_i64(),
+            inv["refund_required"].as_bool()
+        ),
+        (Some("invalid"), Some(5), Some(true))
+    );
     assert_eq!(app.stock_of(&cat.products[0]).await, 10);
     // Refunding it settles the flag.
     let (s, settled) = app
-        .call("POST", &format!("/v1/orders/{id}/refunds"), Some(&service), Some(json!({"refund_no": "rf-d", "amount": 1000})))
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/refunds"),
+            Some(&service),
+            Some(json!({"refund_no": "rf-d", "amount": 1000})),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{settled}");
     assert_eq!(settled["refund_required"], false);
@@ -158,9 +310,17 @@ async fn lifecycle_refunds_and_invalidation() {
     let other = app.place_order(user, &[(&cat.products[0], 1)]).await;
     let oid = other["order_id"].as_str().unwrap();
     let (s, p) = app
-        .call("POST", &format!("/v1/orders/{oid}/payments"), Some(&service), Some(json!({"transaction_no": format!("tx-{id}"), "channel": "alipay", "amount": 1000})))
+        .call(
+            "POST",
+            &format!("/v1/orders/{oid}/payments"),
+            Some(&service),
+            Some(json!({"transaction_no": format!("tx-{id}"), "channel": "alipay", "amount": 1000})),
+        )
         .await;
-    assert_eq!((s, p["code"].as_str()), (StatusCode::CONFLICT, Some("idempotency_conflict")));
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_conflict"))
+    );
 }
 
 #[tokio::test]
@@ -178,10 +338,21 @@ async fn lifecycle_preview_prices_without_side_effects() {
         )
         .await;
     assert_eq!(s, StatusCode::OK, "{price}");
-    assert_eq!((price["total_amount"].as_i64(), price["discount_amount"].as_i64(), price["pay_amount"].as_i64()), (Some(3000), Some(700), Some(2300)));
+    assert_eq!(
+        (
+            price["total_amount"].as_i64(),
+            price["discount_amount"].as_i64(),
+            price["pay_amount"].as_i64()
+        ),
+        (Some(3000), Some(700), Some(2300))
+    );
     assert_eq!(app.stock_of(&cat.products[0]).await, 10);
     assert_eq!(app.count_commerce_rows("order_claims").await, 0);
-    let redeemed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM coupons WHERE redeemed_order_id IS NOT NULL").fetch_one(&app.commerce).await.unwrap();
+    let redeemed: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM coupons WHERE redeemed_order_id IS NOT NULL")
+            .fetch_one(&app.commerce)
+            .await
+            .unwrap();
     assert_eq!(redeemed, 0);
 }
 
@@ -190,14 +361,38 @@ async fn lifecycle_user_profile_and_include() {
     let app = TestApp::spawn().await;
     let cat = app.catalog(&[10]).await;
     let user = 705;
-    let (s, _) = app.call("POST", "/v1/users", Some(&app.admin_token()), Some(json!({"user_id": user.to_string(), "name": "Wang", "level": 2}))).await;
+    let (s, _) = app
+        .call(
+            "POST",
+            "/v1/users",
+            Some(&app.admin_token()),
+            Some(json!({"user_id": user.to_string(), "name": "Wang", "level": 2})),
+        )
+        .await;
     assert_eq!(s, StatusCode::CREATED);
-    let (s, me) = app.call("GET", &format!("/v1/users/{user}"), Some(&app.user_token(user)), None).await;
+    let (s, me) = app
+        .call(
+            "GET",
+            &format!("/v1/users/{user}"),
+            Some(&app.user_token(user)),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
-    assert_eq!((me["name"].as_str(), me["level"].as_i64()), (Some("Wang"), Some(2)));
+    assert_eq!(
+        (me["name"].as_str(), me["level"].as_i64()),
+        (Some("Wang"), Some(2))
+    );
     let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
     let id = order["order_id"].as_str().unwrap();
-    let (s, with_user) = app.call("GET", &format!("/v1/orders/{id}?include=user"), Some(&app.user_token(user)), None).await;
+    let (s, with_user) = app
+        .call(
+            "GET",
+            &format!("/v1/orders/{id}?include=user"),
+            Some(&app.user_token(user)),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(with_user["user"]["name"], "Wang");
     let (s, ready) = app.call("GET", "/readyz", None, None).await;

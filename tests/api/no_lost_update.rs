@@ -19,10 +19,19 @@ async fn no_lost_or_doubled_update_aba_tracking_number() {
     let path = format!("/v1/orders/{id}");
 
     let set_666 = json!({"expected_version": v, "tracking_number": "666"});
-    let (s, a) = app.call("PATCH", &path, Some(&merchant), Some(set_666.clone())).await;
+    let (s, a) = app
+        .call("PATCH", &path, Some(&merchant), Some(set_666.clone()))
+        .await;
     assert_eq!(s, StatusCode::OK, "{a}");
     assert_eq!(a["version"].as_i64(), Some(v + 1));
-    let (s, b) = app.call("PATCH", &path, Some(&merchant), Some(json!({"expected_version": v + 1, "tracking_number": "888"}))).await;
+    let (s, b) = app
+        .call(
+            "PATCH",
+            &path,
+            Some(&merchant),
+            Some(json!({"expected_version": v + 1, "tracking_number": "888"})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK, "{b}");
     assert_eq!(b["version"].as_i64(), Some(v + 2));
 
@@ -48,12 +57,19 @@ async fn no_lost_or_doubled_update_concurrent_patches_one_winner() {
     let token = app.user_token(6);
     let path = format!("/v1/orders/{id}");
     let answers = join_all((0..20).map(|i| {
-        app.call("PATCH", &path, Some(&token), Some(json!({"expected_version": 1, "remark": format!("r{i}")})))
+        app.call(
+            "PATCH",
+            &path,
+            Some(&token),
+            Some(json!({"expected_version": 1, "remark": format!("r{i}")})),
+        )
     }))
     .await;
     let winners: Vec<_> = answers.iter().filter(|(s, _)| *s == StatusCode::OK).collect();
     assert_eq!(winners.len(), 1);
-    assert!(answers.iter().all(|(s, p)| *s == StatusCode::OK || p["code"] == "version_conflict"));
+    assert!(answers
+        .iter()
+        .all(|(s, p)| *s == StatusCode::OK || p["code"] == "version_conflict"));
     let (_, now) = app.get_order(6, id).await;
     assert_eq!(now["version"].as_i64(), Some(2));
     assert_eq!(now["remark"], winners[0].1["remark"]);
@@ -70,7 +86,12 @@ async fn no_lost_or_doubled_update_pay_racing_cancel_has_one_winner() {
         let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
         let id = order["order_id"].as_str().unwrap().to_owned();
         let cancel_path = format!("/v1/orders/{id}/cancel");
-        let cancel = app.call("POST", &cancel_path, Some(&token), Some(json!({"expected_version": 1})));
+        let cancel = app.call(
+            "POST",
+            &cancel_path,
+            Some(&token),
+            Some(json!({"expected_version": 1})),
+        );
         let (pay, cancel) = tokio::join!(app.pay(&order), cancel);
         let (s, now) = app.get_order(user, &id).await;
         assert_eq!(s, StatusCode::OK);

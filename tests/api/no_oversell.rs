@@ -15,23 +15,34 @@ async fn no_oversell_200_buyers_for_50_units() {
         let product = product.clone();
         async move {
             let id = app.new_order_id(10_000 + u).await;
-            app.create_order(10_000 + u, TestApp::order_body(&id, &[(&product, 1)])).await
+            app.create_order(10_000 + u, TestApp::order_body(&id, &[(&product, 1)]))
+                .await
         }
     });
     let answers = join_all(buyers).await;
     let sold = answers.iter().filter(|(s, _)| *s == StatusCode::CREATED).count();
     let refused = answers
         .iter()
-        .filter(|(s, p)| *s == StatusCode::CONFLICT && p["code"] == "out_of_stock" && p["product_id"] == product.as_str())
+        .filter(|(s, p)| {
+            *s == StatusCode::CONFLICT && p["code"] == "out_of_stock" && p["product_id"] == product.as_str()
+        })
         .count();
     assert_eq!(sold, 50);
-    assert_eq!(refused, 150, "{:?}", answers.iter().find(|(s, _)| !s.is_success() && *s != StatusCode::CONFLICT));
+    assert_eq!(
+        refused,
+        150,
+        "{:?}",
+        answers
+            .iter()
+            .find(|(s, _)| !s.is_success() && *s != StatusCode::CONFLICT)
+    );
     assert_eq!(app.stock_of(&product).await, 0);
     assert_eq!(app.count_shard_rows("orders").await, 50);
-    let reserved: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED) FROM stock_reservations")
-        .fetch_one(&app.commerce)
-        .await
-        .unwrap();
+    let reserved: i64 =
+        sqlx::query_scalar("SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED) FROM stock_reservations")
+            .fetch_one(&app.commerce)
+            .await
+            .unwrap();
     assert_eq!(reserved, 50);
 }
 

@@ -25,12 +25,15 @@ async fn routing_by_order_id_and_user_id() {
         // The order's shard from its id alone is its user's shard.
         assert_eq!(shard.index, shards.of_user(UserId::new(*user).unwrap()).index);
         // And the row is really there, in that table on that server.
-        let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {} WHERE order_id = ? AND user_id = ?", shard.tables.orders))
-            .bind(oid.get())
-            .bind(user)
-            .fetch_one(shards.primary(shard))
-            .await
-            .unwrap();
+        let n: i64 = sqlx::query_scalar(&format!(
+            "SELECT COUNT(*) FROM {} WHERE order_id = ? AND user_id = ?",
+            shard.tables.orders
+        ))
+        .bind(oid.get())
+        .bind(user)
+        .fetch_one(shards.primary(shard))
+        .await
+        .unwrap();
         assert_eq!(n, 1, "order {id} of user {user} is in {}", shard.tables.orders);
         databases_used.insert(shard.database);
         // Found by id alone.
@@ -49,7 +52,12 @@ async fn routing_lists_my_orders_newest_first_with_a_keyset_cursor() {
     let user = 314;
     let mut ids = Vec::new();
     for _ in 0..7 {
-        ids.push(app.place_order(user, &[(&cat.products[0], 1)]).await["order_id"].as_str().unwrap().to_owned());
+        ids.push(
+            app.place_order(user, &[(&cat.products[0], 1)]).await["order_id"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     app.place_order(315, &[(&cat.products[0], 1)]).await;
     let token = app.user_token(user);
@@ -76,16 +84,34 @@ async fn routing_lists_my_orders_newest_first_with_a_keyset_cursor() {
 
     // Filters.
     let first = &ids[0];
-    let (s, _) = app.call("POST", &format!("/v1/orders/{first}/cancel"), Some(&token), Some(json!({"expected_version": 1}))).await;
+    let (s, _) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{first}/cancel"),
+            Some(&token),
+            Some(json!({"expected_version": 1})),
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
-    let (_, closed) = app.call("GET", "/v1/orders?status=closed", Some(&token), None).await;
+    let (_, closed) = app
+        .call("GET", "/v1/orders?status=closed", Some(&token), None)
+        .await;
     assert_eq!(closed["orders"].as_array().unwrap().len(), 1);
-    let (s, p) = app.call("GET", "/v1/orders?cursor=bogus", Some(&token), None).await;
+    let (s, p) = app
+        .call("GET", "/v1/orders?cursor=bogus", Some(&token), None)
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
     let (s, _) = app.call("GET", "/v1/orders?limit=101", Some(&token), None).await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
     // An administrator lists a given user's orders.
-    let (s, admin_view) = app.call("GET", &format!("/v1/orders?user_id={user}&limit=100"), Some(&app.admin_token()), None).await;
+    let (s, admin_view) = app
+        .call(
+            "GET",
+            &format!("/v1/orders?user_id={user}&limit=100"),
+            Some(&app.admin_token()),
+            None,
+        )
+        .await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(admin_view["orders"].as_array().unwrap().len(), 7);
 }
@@ -96,7 +122,9 @@ async fn routing_worker_ids_are_leased_so_two_processes_never_share_one() {
     let mut settings = app.settings.clone();
     settings.server.listen = ([127, 0, 0, 1], 0).into();
     let token = tokio_util::sync::CancellationToken::new();
-    let second = orderly::app::Application::build(settings, token.clone()).await.unwrap();
+    let second = orderly::app::Application::build(settings, token.clone())
+        .await
+        .unwrap();
     assert_ne!(app.app.ids.worker(), second.state().ids.worker());
     token.cancel();
 }
