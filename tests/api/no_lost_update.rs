@@ -92,7 +92,21 @@ async fn no_lost_or_doubled_update_pay_racing_cancel_has_one_winner() {
             Some(&token),
             Some(json!({"expected_version": 1})),
         );
-        let (pay, cancel) = tokio::join!(app.pay(&order), cancel);
+        // Jitter one side so that both orders of arrival (and true overlaps) happen.
+        let jitter = std::time::Duration::from_micros(rand::random::<u64>() % 4000);
+        let pay = async {
+            if round % 2 == 0 {
+                tokio::time::sleep(jitter).await;
+            }
+            app.pay(&order).await
+        };
+        let cancel = async {
+            if round % 2 == 1 {
+                tokio::time::sleep(jitter).await;
+            }
+            cancel.await
+        };
+        let (pay, cancel) = tokio::join!(pay, cancel);
         let (s, now) = app.get_order(user, &id).await;
         assert_eq!(s, StatusCode::OK);
         match now["status"].as_str().unwrap() {
@@ -112,6 +126,8 @@ async fn no_lost_or_doubled_update_pay_racing_cancel_has_one_winner() {
             other => panic!("round {round}: unexpected status {other}"),
         }
     }
+    // Both outcomes happened, so the race was really run.
+    assert!((5..=95).contains(&paid_count), "payment won {paid_count} of 100 races");
     // Stock agrees with the statuses: only paid orders still hold a unit.
     assert_eq!(app.stock_of(&cat.products[0]).await, 1000 - paid_count);
 }
