@@ -3,17 +3,19 @@
 //! A process claims `{prefix}worker:{n}` with `SET NX PX ttl` for the first free `n` in
 //! `0..64` and renews it every third of the TTL with a compare-and-extend script (only the
 //! holder's token extends it). If a renewal finds the lease gone or taken (Redis lost it, the
-//! process was paused past the TTL), the id source stops issuing ids at once — answering
-//! 503 is better than risking a duplicate — until it holds a lease again.
+//! process was paused past the TTL), the id source stops issuing ids — answering 503 is
+//! better than risking a duplicate — until it holds a lease again. The id source checks a
+//! deadline on every id: the time the last successful renewal *started* plus the TTL, so
+//! even a keeper stuck on a slow Redis never issues an id under an expired lease.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
-use crate::domain::ids::{IdError, IdGenerator, OrderId, UserId, WorkerId, MAX_WORKERS};
+use crate::domain::ids::{Clock, IdError, IdGenerator, OrderId, SystemClock, UserId, WorkerId, MAX_WORKERS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
@@ -33,7 +35,8 @@ const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
 /// The id generator of this process, usable only while its worker id is held.
 pub struct IdSource {
     generator: IdGenerator,
-    valid: AtomicBool,
+    /// Wall-clock ms until which the worker id is surely ours (`i64::MAX` when fixed).
+    valid_until_ms: AtomicI64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +52,7 @@ impl IdSource {
     pub fn fixed(worker: WorkerId) -> Arc<IdSource> {
         Arc::new(IdSource {
             generator: IdGenerator::new(worker),
-            valid: AtomicBool::new(true),
+            valid_until_ms: AtomicI64::new(i64::MAX),
         })
     }
 
@@ -58,7 +61,7 @@ impl IdSource {
     }
 
     pub fn next_for(&self, user: UserId) -> Result<OrderId, IdSourceError> {
-        if !self.valid.load(Ordering::Acquire) {
+        if SystemClock.now_ms() >= self.valid_until_ms.load(Ordering::Acquire) {
             return Err(IdSourceError::LeaseLost);
         }
         Ok(self.generator.next_for(user)?)
@@ -78,6 +81,7 @@ pub async fn lease_worker(
 ) -> Result<(Arc<IdSource>, tokio::task::JoinHandle<()>), LeaseError> {
     let token = uuid::Uuid::new_v4().to_string();
     let ttl_ms = ttl.as_millis() as u64;
+    let started = SystemClock.now_ms();
     let start: u16 = rand::random::<u16>() % MAX_WORKERS;
     let mut held = None;
     for i in 0..MAX_WORKERS {
@@ -100,7 +104,7 @@ pub async fn lease_worker(
     tracing::info!(worker = w, "leased worker id");
     let source = Arc::new(IdSource {
         generator: IdGenerator::new(worker),
-        valid: AtomicBool::new(true),
+        valid_until_ms: AtomicI64::new(started + ttl_ms as i64),
     });
     let keeper = tokio::spawn(keep(redis, key(&prefix, w), token, ttl, source.clone(), shutdown));
     Ok((source, keeper))
@@ -116,12 +120,12 @@ async fn keep(
 ) {
     let ttl_ms = ttl.as_millis() as u64;
     let renew = redis::Script::new(RENEW);
-    let mut last_renewed = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(ttl / 3) => {}
         }
+        let started = SystemClock.now_ms();
         let extended: Result<i64, _> = renew
             .key(&key)
             .arg(&token)
@@ -129,10 +133,7 @@ async fn keep(
             .invoke_async(&mut redis)
             .await;
         let held = match extended {
-            Ok(1) => {
-                last_renewed = tokio::time::Instant::now();
-                true
-            }
+            Ok(1) => true,
             Ok(_) => {
                 // Gone: take it back if it is free, otherwise stay invalid.
                 let again: Result<Option<String>, _> = redis::cmd("SET")
@@ -143,18 +144,17 @@ async fn keep(
                     .arg(ttl_ms)
                     .query_async(&mut redis)
                     .await;
-                let back = matches!(again, Ok(Some(_)));
-                if back {
-                    last_renewed = tokio::time::Instant::now();
-                }
-                back
+                matches!(again, Ok(Some(_)))
             }
-            // Redis unreachable: nobody else can take the id from an unreachable Redis, and
-            // what we last renewed holds until its TTL runs out. Past that, stop issuing.
-            Err(_) => last_renewed.elapsed() < ttl,
+            // Redis unreachable: the deadline of the last renewal stands.
+            Err(e) => {
+                tracing::warn!(%key, error = %e, "cannot renew the worker-id lease");
+                continue;
+            }
         };
-        let was = source.valid.swap(held, Ordering::AcqRel);
-        if was != held {
+        let until = if held { started + ttl_ms as i64 } else { 0 };
+        let before = source.valid_until_ms.swap(until, Ordering::AcqRel);
+        if (before > 0) != held {
             tracing::warn!(%key, held, "worker-id lease changed");
         }
     }

@@ -28,6 +28,13 @@ pub const MAX_REASON_CHARS: usize = 500;
 pub const MAX_TRACKING_CHARS: usize = 64;
 pub const MAX_CARRIER_CHARS: usize = 64;
 
+/// Times we store: years 1970 to 9999 (what DATETIME and the id epoch can hold). Anything
+/// else in a request is a validation failure, never a database error.
+pub fn is_storable_time(t: &DateTime<Utc>) -> bool {
+    use chrono::Datelike;
+    (1970..=9999).contains(&t.year())
+}
+
 /// One failing field of a request.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct FieldError {
@@ -392,8 +399,16 @@ pub fn price_order(
             errors.push(field, msg);
             continue;
         }
-        // A discount never takes more than what is left to pay.
-        let amount = c.amount.min(total.saturating_sub(discount));
+        // A discount never takes the amount to pay below one minor unit: an order must be
+        // paid to move on, and a payment of zero is no payment.
+        let left = total
+            .saturating_sub(discount)
+            .saturating_sub(Money::new(1).unwrap_or_default());
+        let amount = c.amount.min(left);
+        if amount == Money::ZERO {
+            errors.push(field, "gives no discount on this order");
+            continue;
+        }
         discount = discount.checked_add(amount).unwrap_or(total);
         discounts.push(OrderDiscount {
             line_no: discounts.len() as u32 + 1,
@@ -637,7 +652,7 @@ mod tests {
                 p.discount_amount.minor(),
                 p.pay_amount.minor()
             ),
-            (300, 300, 0)
+            (300, 299, 1)
         );
 
         let used = CouponSnapshot {

@@ -180,10 +180,10 @@ async fn get_order(
 }
 
 fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime<Utc>> {
-    match DateTime::parse_from_rfc3339(v) {
-        Ok(t) => Some(t.with_timezone(&Utc)),
-        Err(_) => {
-            errors.push(field, "must be an RFC 3339 time");
+    match DateTime::parse_from_rfc3339(v).map(|t| t.with_timezone(&Utc)) {
+        Ok(t) if crate::domain::order::is_storable_time(&t) => Some(t),
+        _ => {
+            errors.push(field, "must be an RFC 3339 time between the years 1970 and 9999");
             None
         }
     }

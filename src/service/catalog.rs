@@ -7,15 +7,17 @@ use sqlx::MySqlPool;
 use crate::domain::actor::Caller;
 use crate::domain::ids::{ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
-use crate::domain::order::{check_text, FieldErrors};
+use crate::domain::order::{check_text, is_storable_time, FieldErrors};
 use crate::storage::commerce::{self, NewCoupon, Product, Shop, User};
 use crate::storage::StorageError;
 
 use super::orders::now;
 use super::{Error, Result};
 
-/// The most stock one call adds: keeps `stock + n` far from overflow.
+/// The most stock one call adds, and the most a product holds: far from overflowing
+/// `BIGINT`, far beyond any real warehouse.
 pub const MAX_STOCK_STEP: i64 = 1_000_000_000;
+pub const MAX_STOCK: i64 = 1_000_000_000_000;
 
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -212,8 +214,8 @@ impl CatalogService {
         }
         let product = self.get_product(id).await?;
         Self::manages(caller, product.shop_id)?;
-        if !commerce::add_stock(&self.commerce, id, req.quantity, now()).await? {
-            return Err(Error::NotFound);
+        if !commerce::add_stock(&self.commerce, id, req.quantity, MAX_STOCK, now()).await? {
+            return Err(FieldErrors::single("quantity", format!("stock would exceed {MAX_STOCK}")).into());
         }
         self.get_product(id).await
     }
@@ -240,7 +242,12 @@ impl CatalogService {
         }
         let min_spend = money_field(&mut errors, "min_spend", req.min_spend);
         let valid_from = req.valid_from.unwrap_or_else(now);
-        if req.valid_to <= valid_from {
+        if !is_storable_time(&valid_from) {
+            errors.push("valid_from", "must be between the years 1970 and 9999");
+        }
+        if !is_storable_time(&req.valid_to) {
+            errors.push("valid_to", "must be between the years 1970 and 9999");
+        } else if req.valid_to <= valid_from {
             errors.push("valid_to", "must be after valid_from");
         }
         let user = errors.into_result(user)?.ok_or(Error::NotFound)?;

@@ -145,6 +145,24 @@ fn check_version(errors: &mut FieldErrors, v: i64) {
     }
 }
 
+/// A new order's id must have been issued recently: ids are time-ordered and archive and
+/// range queries rely on it, so an id from the future or long ago is refused. A day covers
+/// any client that fetched an id and retries later; a minute covers clock skew between
+/// service processes.
+const ID_MAX_AGE: TimeDelta = TimeDelta::days(1);
+const ID_MAX_SKEW: TimeDelta = TimeDelta::minutes(1);
+
+fn check_id_is_fresh(id: OrderId, now: DateTime<Utc>) -> Result<(), FieldErrors> {
+    let at = id.created_at();
+    if at > now + ID_MAX_SKEW || at < now - ID_MAX_AGE {
+        return Err(FieldErrors::single(
+            "order_id",
+            "was not issued recently; ask POST /v1/order-ids for a fresh one",
+        ));
+    }
+    Ok(())
+}
+
 const CURSOR_PREFIX: &str = "v1.";
 
 fn encode_cursor(o: &Order) -> String {
@@ -164,6 +182,9 @@ fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
     let rest = raw.strip_prefix(CURSOR_PREFIX)?;
     let (micros, id) = rest.split_once('.')?;
     let at = DateTime::from_timestamp_micros(micros.parse().ok()?)?;
+    if !crate::domain::order::is_storable_time(&at) {
+        return None;
+    }
     Some((at, OrderId::parse(id)?))
 }
 
@@ -207,6 +228,7 @@ impl OrderService {
             return self.replay(&mut conn, shard, new.order_id, &stored, &hash).await;
         }
         drop(conn);
+        check_id_is_fresh(new.order_id, Utc::now())?;
 
         let pricing = self
             .price(user, Some(new.order_id), &new.lines, &new.coupon_ids)
@@ -260,6 +282,9 @@ impl OrderService {
                 self.confirm_claim(new.order_id).await;
                 self.replay(&mut conn, shard, new.order_id, &stored, &hash).await
             }
+            // A lost connection leaves the outcome unknown (the commit may have happened):
+            // only the sweeper, after the grace period, may decide.
+            Err(e) if e.is_connection_failure() => Err(e.into()),
             Err(e) => {
                 drop(conn);
                 self.abandon(shard, new.order_id, attempt).await;
@@ -293,7 +318,7 @@ impl OrderService {
     }
 
     /// The order write failed: give the reservation back now if the order is surely not
-    /// there and no later attempt holds the claim. Anything uncertain is left to the sweeper.
+    /// there and this was the only attempt ever. Anything uncertain is left to the sweeper.
     async fn abandon(&self, shard: &Shard, id: OrderId, attempt: i64) {
         let absent = match self.conn(shard).await {
             Ok(mut c) => matches!(orders::request_hash_of(&mut c, &shard.tables, id).await, Ok(None)),
@@ -304,7 +329,7 @@ impl OrderService {
         }
         let result = async {
             let mut c = self.commerce.acquire().await?;
-            commerce::abandon_claim(&mut c, id, attempt, now()).await
+            commerce::abandon_claim(&mut c, id, attempt, true, now()).await
         }
         .await;
         match result {

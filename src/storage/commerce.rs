@@ -189,14 +189,23 @@ pub async fn load_products(pool: &MySqlPool, ids: &[ProductId]) -> Result<Vec<Pr
     q.fetch_all(pool).await?.iter().map(product_from_row).collect()
 }
 
-/// Adds `quantity` units of stock; `false` if there is no such product.
-pub async fn add_stock(pool: &MySqlPool, id: ProductId, quantity: i64, now: DateTime<Utc>) -> Result<bool> {
-    let done = sqlx::query("UPDATE products SET stock = stock + ?, updated_at = ? WHERE id = ?")
-        .bind(quantity)
-        .bind(ts(now))
-        .bind(id.get())
-        .execute(pool)
-        .await?;
+/// Adds `quantity` units of stock unless that would exceed `max`; `false` if it would (or
+/// there is no such product).
+pub async fn add_stock(
+    pool: &MySqlPool,
+    id: ProductId,
+    quantity: i64,
+    max: i64,
+    now: DateTime<Utc>,
+) -> Result<bool> {
+    let done =
+        sqlx::query("UPDATE products SET stock = stock + ?, updated_at = ? WHERE id = ? AND stock <= ?")
+            .bind(quantity)
+            .bind(ts(now))
+            .bind(id.get())
+            .bind(max - quantity)
+            .execute(pool)
+            .await?;
     Ok(done.rows_affected() == 1)
 }
 
@@ -364,7 +373,10 @@ pub async fn reserve(
             .bind(ts(now));
     }
     q.execute(&mut *tx).await?;
-    for c in r.coupons {
+    // Coupons in id order too, for the same reason as products.
+    let mut coupons = r.coupons.to_vec();
+    coupons.sort_unstable();
+    for c in &coupons {
         let redeemed = sqlx::query(
             "UPDATE coupons SET redeemed_order_id = ?, redeemed_at = ?
              WHERE id = ? AND user_id = ? AND redeemed_order_id IS NULL",
@@ -393,7 +405,8 @@ async fn touch_claim(
     now: DateTime<Utc>,
 ) -> Result<ReserveOutcome> {
     let touched = sqlx::query(
-        "UPDATE order_claims SET attempt = ?, touched_at = ? WHERE order_id = ? AND request_hash = ?",
+        "UPDATE order_claims SET attempt = ?, touches = touches + 1, touched_at = ?
+         WHERE order_id = ? AND request_hash = ?",
     )
     .bind(r.attempt)
     .bind(ts(now))
@@ -460,23 +473,31 @@ async fn give_back(tx: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>)
     Ok(())
 }
 
-/// A failed create gives its reservation back, unless another attempt touched the claim
-/// since (that attempt may be writing the order right now). Returns whether it gave back.
+/// Gives a reservation back and deletes its claim, if the claim is still reserved by
+/// `attempt`. With `sole_attempt`, only if no other attempt ever touched it: a failed create
+/// uses that, because any other attempt may be writing the order right now. The sweeper
+/// does not: after the grace period every attempt is over. Returns whether it gave back.
 pub async fn abandon_claim(
     conn: &mut MySqlConnection,
     order: OrderId,
     attempt: i64,
+    sole_attempt: bool,
     now: DateTime<Utc>,
 ) -> Result<bool> {
     let mut tx = sqlx::Connection::begin(conn).await?;
-    let locked =
-        sqlx::query("SELECT 1 FROM order_claims WHERE order_id = ? AND state = ? AND attempt = ? FOR UPDATE")
-            .bind(order.get())
-            .bind(CLAIM_RESERVED)
-            .bind(attempt)
-            .fetch_optional(&mut *tx)
-            .await?;
-    if locked.is_none() {
+    let locked = sqlx::query(
+        "SELECT touches FROM order_claims WHERE order_id = ? AND state = ? AND attempt = ? FOR UPDATE",
+    )
+    .bind(order.get())
+    .bind(CLAIM_RESERVED)
+    .bind(attempt)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let touches: i32 = match locked {
+        Some(row) => row.try_get(0)?,
+        None => return Ok(false),
+    };
+    if sole_attempt && touches > 0 {
         return Ok(false);
     }
     give_back(&mut tx, order, now).await?;

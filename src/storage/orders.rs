@@ -506,7 +506,7 @@ pub async fn record_money(
 ) -> Result<MoneyOutcome> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     let row = sqlx::query(&format!(
-        "SELECT status, pay_amount, refund_required FROM {} WHERE order_id = ? FOR UPDATE",
+        "SELECT status, pay_amount FROM {} WHERE order_id = ? FOR UPDATE",
         t.orders
     ))
     .bind(id.get())
@@ -518,18 +518,22 @@ pub async fn record_money(
     let code: i8 = row.try_get("status")?;
     let status = OrderStatus::from_code(i64::from(code)).ok_or_else(|| corrupt("status", code))?;
     let pay_amount: i64 = row.try_get("pay_amount")?;
-    let refund_required: i8 = row.try_get("refund_required")?;
 
     let existing = sqlx::query(&format!(
-        "SELECT order_id, kind FROM {} WHERE transaction_no = ?",
+        "SELECT order_id, kind, amount, channel FROM {} WHERE transaction_no = ?",
         t.payments
     ))
     .bind(&m.transaction_no)
     .fetch_optional(&mut *tx)
     .await?;
     if let Some(e) = existing {
-        let (oid, kind): (i64, i8) = (e.try_get(0)?, e.try_get(1)?);
-        return Ok(if oid == id.get() && kind == m.kind as i8 {
+        let (oid, kind, amount, channel): (i64, i8, i64, String) =
+            (e.try_get(0)?, e.try_get(1)?, e.try_get(2)?, e.try_get(3)?);
+        // The same callback again answers the same; the same number with other content is
+        // not a retry.
+        let same =
+            oid == id.get() && kind == m.kind as i8 && amount == m.amount.minor() && channel == m.channel;
+        return Ok(if same {
             MoneyOutcome::Replay
         } else {
             MoneyOutcome::Conflict
@@ -542,27 +546,12 @@ pub async fn record_money(
     .bind(id.get())
     .fetch_one(&mut *tx)
     .await?;
-
-    let (to, set_refund_flag, closes) = match m.kind {
-        PaymentKind::Payment if status == OrderStatus::PendingPayment => {
-            if m.amount.minor() != pay_amount {
-                return Ok(MoneyOutcome::Mismatch { due: pay_amount });
-            }
-            (OrderStatus::AwaitingShipment, None, false)
-        }
-        PaymentKind::Payment => (status, Some(true), false),
-        PaymentKind::Refund => {
-            if m.amount.minor() > net || m.amount.minor() == 0 {
-                return Ok(MoneyOutcome::Mismatch { due: net });
-            }
-            let full = m.amount.minor() == net;
-            match status {
-                OrderStatus::AwaitingShipment if full => (OrderStatus::Closed, None, true),
-                OrderStatus::AwaitingShipment => (status, None, false),
-                _ if refund_required != 0 => (status, Some(!full), false),
-                _ => return Ok(MoneyOutcome::InvalidTransition(status)),
-            }
-        }
+    let Some(next) = money_rule(status, m.kind, m.amount.minor(), pay_amount, net) else {
+        return Ok(MoneyOutcome::InvalidTransition(status));
+    };
+    let (to, set_refund_flag, closes) = match next {
+        Ok(n) => n,
+        Err(due) => return Ok(MoneyOutcome::Mismatch { due }),
     };
 
     sqlx::query(&format!(
@@ -600,11 +589,52 @@ pub async fn record_money(
         q = q.bind(ts(now));
     }
     if closes {
-        q = q.bind(format!("full refund: {}", m.reason));
+        let reason: String = format!("full refund: {}", m.reason).chars().take(500).collect();
+        q = q.bind(reason);
     }
     q.bind(id.get()).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(MoneyOutcome::Recorded { from: status, to })
+}
+
+/// What a payment or refund does to an order: `(new status, refund_required flag to set, closes)`;
+/// `Err(limit)` when the amount is wrong (the amount due, or the most that can be refunded);
+/// `None` when the order cannot take it at all.
+///
+/// Money beyond what the order is worth — a second payment, a payment for a closed or
+/// invalidated order — must go back: the order carries `refund_required` until refunds have
+/// brought the net paid down to what is due (to zero for a closed or invalid order).
+type MoneyRule = Option<std::result::Result<(OrderStatus, Option<bool>, bool), i64>>;
+
+fn money_rule(status: OrderStatus, kind: PaymentKind, amount: i64, due: i64, net: i64) -> MoneyRule {
+    use OrderStatus::*;
+    let keeps = |s: OrderStatus| if s.releases_stock() { 0 } else { due };
+    Some(match (kind, status) {
+        (PaymentKind::Payment, PendingPayment) if amount != due => Err(due),
+        (PaymentKind::Payment, PendingPayment) => Ok((AwaitingShipment, None, false)),
+        (PaymentKind::Payment, _) => Ok((status, Some(true), false)),
+        (PaymentKind::Refund, PendingPayment) => return None,
+        // A paid, unshipped order can be refunded in full (closing it) or in part.
+        (PaymentKind::Refund, AwaitingShipment) if amount > net => Err(net),
+        (PaymentKind::Refund, AwaitingShipment) if amount == net => {
+            let to =
+                crate::domain::status::transition(status, crate::domain::status::Command::FullRefund).ok()?;
+            Ok((to, Some(false), true))
+        }
+        (PaymentKind::Refund, AwaitingShipment) => Ok((status, Some(net - amount > due), false)),
+        // Otherwise only the excess goes back.
+        (PaymentKind::Refund, _) => {
+            let excess = net - keeps(status);
+            if excess <= 0 {
+                return None;
+            }
+            if amount > excess {
+                Err(excess)
+            } else {
+                Ok((status, Some(excess - amount > 0), false))
+            }
+        }
+    })
 }
 
 /// Orders of this shard that were closed or invalidated but whose stock and coupons have
@@ -631,6 +661,34 @@ pub async fn release_pending(
         .collect()
 }
 
+/// Unpaid orders whose payment deadline passed before `at`, with their versions
+/// (`idx_status_deadline` serves this).
+pub async fn expired_unpaid(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    at: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<(OrderId, i64)>> {
+    let rows = sqlx::query(&format!(
+        "SELECT order_id, version FROM {} WHERE status = ? AND pay_deadline < ? ORDER BY pay_deadline LIMIT ?",
+        t.orders
+    ))
+    .bind(OrderStatus::PendingPayment.code())
+    .bind(ts(at))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let v: i64 = r.try_get(0)?;
+            Ok((
+                OrderId::new(v).ok_or_else(|| corrupt("order_id", v))?,
+                r.try_get(1)?,
+            ))
+        })
+        .collect()
+}
+
 /// Marks the stock of a closed order as given back. Touches no version: it is bookkeeping,
 /// not a change the client sees.
 pub async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<()> {
@@ -642,4 +700,97 @@ pub async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, 
     .execute(conn)
     .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use OrderStatus::*;
+    use PaymentKind::{Payment as Pay, Refund};
+
+    #[test]
+    fn money_rules() {
+        // (status, kind, amount, due, net) -> expected
+        let cases: &[(OrderStatus, PaymentKind, i64, i64, i64, MoneyRule)] = &[
+            (
+                PendingPayment,
+                Pay,
+                100,
+                100,
+                0,
+                Some(Ok((AwaitingShipment, None, false))),
+            ),
+            (PendingPayment, Pay, 99, 100, 0, Some(Err(100))),
+            (
+                AwaitingShipment,
+                Pay,
+                100,
+                100,
+                100,
+                Some(Ok((AwaitingShipment, Some(true), false))),
+            ),
+            (Closed, Pay, 100, 100, 0, Some(Ok((Closed, Some(true), false)))),
+            (PendingPayment, Refund, 1, 100, 0, None),
+            (
+                AwaitingShipment,
+                Refund,
+                100,
+                100,
+                100,
+                Some(Ok((Closed, Some(false), true))),
+            ),
+            (
+                AwaitingShipment,
+                Refund,
+                40,
+                100,
+                100,
+                Some(Ok((AwaitingShipment, Some(false), false))),
+            ),
+            (AwaitingShipment, Refund, 101, 100, 100, Some(Err(100))),
+            // Paid twice, the duplicate refunded: the flag clears, the order stays paid.
+            (
+                AwaitingShipment,
+                Refund,
+                100,
+                100,
+                200,
+                Some(Ok((AwaitingShipment, Some(false), false))),
+            ),
+            // Shipped: only the excess can go back.
+            (Shipped, Refund, 100, 100, 100, None),
+            (Shipped, Refund, 150, 100, 200, Some(Err(100))),
+            (
+                Completed,
+                Refund,
+                100,
+                100,
+                200,
+                Some(Ok((Completed, Some(false), false))),
+            ),
+            (
+                Closed,
+                Refund,
+                60,
+                100,
+                100,
+                Some(Ok((Closed, Some(true), false))),
+            ),
+            (
+                Invalid,
+                Refund,
+                100,
+                100,
+                100,
+                Some(Ok((Invalid, Some(false), false))),
+            ),
+        ];
+        for (status, kind, amount, due, net, expected) in cases {
+            assert_eq!(
+                &money_rule(*status, *kind, *amount, *due, *net),
+                expected,
+                "{status:?} {kind:?} {amount}"
+            );
+        }
+    }
 }

@@ -65,8 +65,10 @@ const COMMERCE_V1: &[&str] = &[
     // One row per order id that ever reserved stock: the idempotency record of the
     // reservation step. state 0 = reserved (order not yet seen), 1 = confirmed (order
     // written), 2 = released (order closed or invalidated; stock and coupons given back).
-    // attempt is a random token of the last create that passed through: a failed create
-    // gives the reservation back only if no later attempt has touched it. The
+    // attempt is a random token of the last create that passed through, touches counts
+    // the creates after the first: a failed create gives the reservation back at once only
+    // if it is the only attempt there ever was (touches = 0); otherwise another attempt
+    // may be writing the order right now, and the sweeper decides after the grace. The
     // (state, touched_at) index serves the sweeper.
     "CREATE TABLE IF NOT EXISTS order_claims (
         order_id BIGINT NOT NULL PRIMARY KEY,
@@ -74,6 +76,7 @@ const COMMERCE_V1: &[&str] = &[
         request_hash BINARY(32) NOT NULL,
         state TINYINT NOT NULL,
         attempt BIGINT NOT NULL,
+        touches INT NOT NULL DEFAULT 0,
         created_at DATETIME(6) NOT NULL,
         touched_at DATETIME(6) NOT NULL,
         KEY idx_claims_sweep (state, touched_at)

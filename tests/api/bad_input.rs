@@ -4,6 +4,19 @@ use serde_json::{json, Value};
 
 use crate::helpers::TestApp;
 
+/// An order id for `user` made `offset_ms` from now.
+fn id_at(user: i64, offset_ms: i64) -> String {
+    use orderly::domain::ids::{IdParts, OrderId, UserId};
+    use orderly::domain::shard::Gene;
+    OrderId::compose(IdParts {
+        unix_ms: chrono::Utc::now().timestamp_millis() + offset_ms,
+        gene: Gene::of_user(UserId::new(user).unwrap()),
+        worker: 0,
+        seq: 0,
+    })
+    .to_string()
+}
+
 async fn row_counts(app: &TestApp) -> Vec<i64> {
     let mut v = Vec::new();
     for t in ["orders", "order_items", "order_payments", "order_discounts"] {
@@ -208,6 +221,27 @@ async fn bad_input_is_refused_with_a_4xx_and_writes_nothing() {
             failures.push(format!(
                 "{name}: expected {status} naming {field:?}, got {s} {problem}"
             ));
+        }
+    }
+
+    // Query strings.
+    for (name, query) in [
+        (
+            "year 0 in a filter",
+            "/v1/orders?created_from=0000-01-01T00:00:00%2B01:00",
+        ),
+        ("not a time", "/v1/orders?created_to=yesterday"),
+        (
+            "forged cursor with a negative time",
+            "/v1/orders?cursor=djEuLTk5OTk5OTk5OTk5OTk5OTk5LjE",
+        ),
+        ("unknown filter", "/v1/orders?colour=red"),
+        ("bad status", "/v1/orders?status=paid"),
+        ("bad consistency", "/v1/orders?consistency=psychic"),
+    ] {
+        let (s, problem) = app.call("GET", query, Some(&token), None).await;
+        if s != reqwest::StatusCode::UNPROCESSABLE_ENTITY || problem["code"] != "validation_failed" {
+            failures.push(format!("{name}: expected 422, got {s} {problem}"));
         }
     }
 

@@ -398,3 +398,75 @@ async fn lifecycle_user_profile_and_include() {
     let (s, ready) = app.call("GET", "/readyz", None, None).await;
     assert_eq!(s, StatusCode::OK, "{ready}");
 }
+
+#[tokio::test]
+async fn lifecycle_unpaid_orders_close_at_their_payment_deadline() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let user = 706;
+    let late = app.place_order(user, &[(&cat.products[0], 2)]).await;
+    let paid = app.place_order(user, &[(&cat.products[0], 1)]).await;
+    app.pay(&paid).await;
+    assert_eq!(app.stock_of(&cat.products[0]).await, 7);
+
+    // Before the deadline nothing happens.
+    let out = app.app.orders.close_expired_once(Utc::now(), 100).await.unwrap();
+    assert_eq!(out.closed, 0);
+    // After it, the unpaid order closes and gives its stock back; the paid one stays.
+    let after = Utc::now() + chrono::TimeDelta::seconds(app.settings.orders.payment_timeout_secs as i64 + 1);
+    let out = app.app.orders.close_expired_once(after, 100).await.unwrap();
+    assert_eq!(out.closed, 1);
+    let id = late["order_id"].as_str().unwrap();
+    let (_, closed) = app.get_order(user, id).await;
+    assert_eq!(
+        (closed["status"].as_str(), closed["close_reason"].as_str()),
+        (Some("closed"), Some("payment timeout"))
+    );
+    assert_eq!(app.stock_of(&cat.products[0]).await, 9);
+    let out = app.app.orders.close_expired_once(after, 100).await.unwrap();
+    assert_eq!(out.closed, 0);
+
+    // A payment arriving after the close is recorded and flagged for refund.
+    let (s, flagged) = app.pay(&late).await;
+    assert_eq!(s, StatusCode::OK, "{flagged}");
+    assert_eq!(
+        (flagged["status"].as_str(), flagged["refund_required"].as_bool()),
+        (Some("closed"), Some(true))
+    );
+    // The same transaction number with another amount is not a retry.
+    let (s, p) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/payments"),
+            Some(&app.service_token()),
+            Some(json!({"transaction_no": format!("tx-{id}"), "channel": "alipay", "amount": 1})),
+        )
+        .await;
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_conflict"))
+    );
+    assert_eq!(app.stock_of(&cat.products[0]).await, 9);
+}
+
+#[tokio::test]
+async fn lifecycle_coupons_never_make_an_order_free() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let user = 707;
+    let big = app.coupon(user, 5_000, 0).await;
+    let id = app.new_order_id(user).await;
+    let mut body = TestApp::order_body(&id, &[(&cat.products[0], 1)]);
+    body["coupon_ids"] = json!([big]);
+    let (s, o) = app.create_order(user, body).await;
+    assert_eq!(s, StatusCode::CREATED, "{o}");
+    assert_eq!(
+        (o["discount_amount"].as_i64(), o["pay_amount"].as_i64()),
+        (Some(999), Some(1))
+    );
+    let (s, paid) = app.pay(&o).await;
+    assert_eq!(
+        (s, paid["status"].as_str()),
+        (StatusCode::OK, Some("awaiting_shipment"))
+    );
+}

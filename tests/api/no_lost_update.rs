@@ -127,7 +127,10 @@ async fn no_lost_or_doubled_update_pay_racing_cancel_has_one_winner() {
         }
     }
     // Both outcomes happened, so the race was really run.
-    assert!((5..=95).contains(&paid_count), "payment won {paid_count} of 100 races");
+    assert!(
+        (5..=95).contains(&paid_count),
+        "payment won {paid_count} of 100 races"
+    );
     // Stock agrees with the statuses: only paid orders still hold a unit.
     assert_eq!(app.stock_of(&cat.products[0]).await, 1000 - paid_count);
 }
