@@ -191,6 +191,18 @@ async fn bad_input_is_refused_with_a_4xx_and_writes_nothing() {
             None,
         ),
         (
+            "order id from the future",
+            with(&|b| b["order_id"] = json!(id_at(user, 3_600_000))),
+            422,
+            Some("order_id"),
+        ),
+        (
+            "order id from last week",
+            with(&|b| b["order_id"] = json!(id_at(user, -7 * 86_400_000))),
+            422,
+            Some("order_id"),
+        ),
+        (
             "unknown coupon",
             with(&|b| b["coupon_ids"] = json!(["424242"])),
             422,
