@@ -10,12 +10,14 @@
 //!   reservation sweeper.
 //! - [`http`] — the JSON API on axum, auth, and problem responses.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
+//! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
 //! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
 //!   the playground and the tests.
 //! - [`playground`] — `orderly playground`.
 //! - [`telemetry`] — logging.
 
 pub mod app;
+pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod domain;

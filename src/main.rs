@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use orderly::app::{self, Application};
+use orderly::bench::{self, BenchOptions, Scenario, Target};
 use orderly::config::Settings;
 use orderly::domain::ids::{OrderId, UserId};
 use orderly::domain::shard::{Gene, ShardCount};
@@ -31,6 +32,35 @@ enum Command {
         /// Port of the HTTP API (0 picks a free one).
         #[arg(long, default_value_t = 8080)]
         port: u16,
+    },
+    /// Run load scenarios with raw baselines and correctness checks (SPEC section 5).
+    Bench {
+        /// Scenarios to run (default: all).
+        #[arg(value_enum)]
+        scenarios: Vec<Scenario>,
+        /// Time per phase (each scenario runs once against the service, once raw).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// A running service; --config must name its databases and secret.
+        #[arg(long, conflicts_with = "self_start")]
+        target: Option<String>,
+        /// Start a local cluster and the service in this process (the default).
+        #[arg(long)]
+        self_start: bool,
+        /// Where results.json and results.md go.
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+        /// Buyers in the catalog.
+        #[arg(long, default_value_t = 10_000)]
+        users: u32,
+        /// Normal products in the catalog.
+        #[arg(long, default_value_t = 1_000)]
+        products: u32,
+        /// Units of the flash-sale product (demand is ten times this).
+        #[arg(long, default_value_t = 1_000)]
+        flash_stock: i64,
     },
     /// Work with order ids.
     Id {
@@ -94,6 +124,38 @@ async fn main() -> anyhow::Result<()> {
                 report.already
             );
             Ok(())
+        }
+        Command::Bench {
+            scenarios,
+            duration,
+            concurrency,
+            target,
+            self_start: _,
+            out,
+            users,
+            products,
+            flash_stock,
+        } => {
+            let settings = match (&target, config) {
+                (_, Some(path)) => Some(Settings::load(Some(path))?),
+                (Some(_), None) => Some(Settings::load(None)?),
+                (None, None) => None,
+            };
+            let opts = BenchOptions {
+                scenarios: if scenarios.is_empty() { Scenario::ALL.to_vec() } else { scenarios },
+                duration,
+                concurrency,
+                users,
+                products,
+                flash_stock,
+                progress: true,
+            };
+            let target = target.map_or(Target::SelfStart, Target::Url);
+            if bench::run(target, settings, opts, out).await? {
+                Ok(())
+            } else {
+                anyhow::bail!("correctness checks failed")
+            }
         }
         Command::Playground { port } => orderly::playground::run(config.map(PathBuf::as_path), port).await,
         Command::Id {

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod authorization;
+mod bench;
 mod bad_input;
 mod exactly_once;
 mod lifecycle;

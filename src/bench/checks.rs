@@ -1,0 +1,161 @@
+//! Correctness checks after a scenario, straight against the databases. Each returns a
+//! named [`Check`]; a failed one fails the run.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+use sqlx::{MySqlPool, Row};
+
+use crate::domain::ids::{OrderId, ProductId};
+use crate::storage::commerce::CLAIM_RELEASED;
+use crate::storage::shards::ShardMap;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Check {
+    pub name: String,
+    pub ok: bool,
+    pub detail: String,
+}
+
+fn check(name: &str, problems: Vec<String>, what: &str) -> Check {
+    Check {
+        name: name.into(),
+        ok: problems.is_empty(),
+        detail: if problems.is_empty() {
+            what.into()
+        } else {
+            let n = problems.len();
+            let mut shown: Vec<_> = problems.into_iter().take(5).collect();
+            if n > 5 {
+                shown.push(format!("... {} more", n - 5));
+            }
+            shown.join("; ")
+        },
+    }
+}
+
+/// Live reserved units per product (reservations not released).
+async fn reserved_units(commerce: &MySqlPool) -> anyhow::Result<HashMap<i64, i64>> {
+    let rows = sqlx::query(
+        "SELECT product_id, CAST(SUM(quantity) AS SIGNED) FROM stock_reservations WHERE state <> ? GROUP BY product_id",
+    )
+    .bind(CLAIM_RELEASED)
+    .fetch_all(commerce)
+    .await?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+}
+
+/// Every check that holds after any scenario. `loaded` is the stock put on the shelf per
+/// product; `acked` the order ids answered with success.
+pub async fn run(
+    shards: &ShardMap,
+    commerce: &MySqlPool,
+    loaded: &HashMap<ProductId, i64>,
+    acked: &[OrderId],
+) -> anyhow::Result<Vec<Check>> {
+    let mut dup = Vec::new();
+    let mut misplaced = Vec::new();
+    let mut without_items = Vec::new();
+    let mut acked_missing = Vec::new();
+    let mut seen: HashSet<i64> = HashSet::new();
+    let mut units_in_live_orders: HashMap<i64, i64> = HashMap::new();
+    let mut acked_by_shard: HashMap<u16, Vec<i64>> = HashMap::new();
+    for id in acked {
+        acked_by_shard.entry(shards.of_order(*id).index.get()).or_default().push(id.get());
+    }
+    for shard in shards.all() {
+        let pool = shards.primary(shard);
+        let t = &shard.tables;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT order_id FROM {}", t.orders)).fetch_all(pool).await?;
+        for id in ids {
+            if !seen.insert(id) {
+                dup.push(format!("order {id} appears twice"));
+            }
+            if OrderId::new(id).is_none_or(|o| shards.of_order(o).index != shard.index) {
+                misplaced.push(format!("order {id} is in {}", t.orders));
+            }
+        }
+        let orphans: Vec<i64> = sqlx::query_scalar(&format!(
+            "SELECT o.order_id FROM {} o WHERE NOT EXISTS (SELECT 1 FROM {} i WHERE i.order_id = o.order_id) LIMIT 10",
+            t.orders, t.items
+        ))
+        .fetch_all(pool)
+        .await?;
+        without_items.extend(orphans.iter().map(|id| format!("order {id} has no items")));
+        let rows = sqlx::query(&format!(
+            "SELECT i.product_id, CAST(SUM(i.quantity) AS SIGNED) FROM {} i JOIN {} o ON o.order_id = i.order_id
+             WHERE o.status NOT IN (4, 5) GROUP BY i.product_id",
+            t.items, t.orders
+        ))
+        .fetch_all(pool)
+        .await?;
+        for r in rows {
+            *units_in_live_orders.entry(r.try_get(0)?).or_default() += r.try_get::<i64, _>(1)?;
+        }
+        if let Some(want) = acked_by_shard.get(&shard.index.get()) {
+            for chunk in want.chunks(1000) {
+                let sql = format!(
+                    "SELECT order_id FROM {} WHERE order_id IN ({})",
+                    t.orders,
+                    vec!["?"; chunk.len()].join(", ")
+                );
+                let mut q = sqlx::query_scalar::<_, i64>(&sql);
+                for id in chunk {
+                    q = q.bind(id);
+                }
+                let found: HashSet<i64> = q.fetch_all(pool).await?.into_iter().collect();
+                acked_missing.extend(chunk.iter().filter(|id| !found.contains(id)).map(|id| format!("acknowledged order {id} is missing")));
+            }
+        }
+    }
+
+    let reserved = reserved_units(commerce).await?;
+    let mut conserved = Vec::new();
+    let mut negative = Vec::new();
+    let mut unaccounted = Vec::new();
+    for (&product, &stock_loaded) in loaded {
+        let stock: i64 = sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
+            .bind(product.get())
+            .fetch_one(commerce)
+            .await?;
+        let held = reserved.get(&product.get()).copied().unwrap_or(0);
+        if stock < 0 {
+            negative.push(format!("product {product} has stock {stock}"));
+        }
+        if stock + held != stock_loaded {
+            conserved.push(format!("product {product}: {stock} on the shelf + {held} reserved != {stock_loaded} loaded"));
+        }
+        let in_orders = units_in_live_orders.get(&product.get()).copied().unwrap_or(0);
+        if in_orders != held {
+            unaccounted.push(format!("product {product}: {held} units reserved but {in_orders} in live orders"));
+        }
+    }
+    Ok(vec![
+        check("no_duplicate_orders", dup, &format!("{} orders, each once", seen.len())),
+        check("orders_in_their_shard", misplaced, "every order in the shard of its id"),
+        check("no_order_without_items", without_items, "every order has items"),
+        check("stock_conserved", conserved, "shelf + reserved = loaded, per product"),
+        check("stock_never_negative", negative, "no negative stock"),
+        check("reserved_units_in_live_orders", unaccounted, "every reserved unit is in a live order"),
+        check(
+            "acknowledged_creates_present",
+            acked_missing,
+            &format!("{} acknowledged creates, all present", acked.len()),
+        ),
+    ])
+}
+
+/// A flash sale sold exactly its stock: nothing left, exactly `stock` units reserved.
+pub async fn sold_exactly(commerce: &MySqlPool, product: ProductId, stock: i64) -> anyhow::Result<Check> {
+    let left: i64 = sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
+        .bind(product.get())
+        .fetch_one(commerce)
+        .await?;
+    let sold = reserved_units(commerce).await?.get(&product.get()).copied().unwrap_or(0);
+    let problems = if left == 0 && sold == stock {
+        Vec::new()
+    } else {
+        vec![format!("product {product}: sold {sold} of {stock}, {left} left")]
+    };
+    Ok(check("flash_sold_exactly_stock", problems, &format!("product {product}: sold {sold} of {stock}")))
+}

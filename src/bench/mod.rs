@@ -1,0 +1,406 @@
+//! `orderly bench`: the 11.11 load generator (SPEC section 5).
+//!
+//! Every scenario runs twice at the same concurrency for the same time: once against the
+//! service over HTTP (keep-alive clients, one JWT per user), once as a **raw baseline**: the
+//! same SQL statements issued directly by this process through the same driver, with no
+//! HTTP and no service around them. The figure we steer by is `service / raw`, which holds
+//! on a shared, noisy machine where absolute numbers drift.
+//!
+//! Clients are closed-loop (each waits for its answer before the next request), so latency
+//! is recorded as measured: there is no coordinated omission to correct for.
+//!
+//! After each scenario the databases are checked: no duplicate order, no order without
+//! items, every unit of stock either in a live order or still on the shelf, stock never
+//! negative, every acknowledged create present, and for the flash sale exactly the stock
+//! sold. Any violation fails the run.
+//!
+//! # Layout
+//! - this file: options, environment (self-started or given), the phase driver, reports;
+//! - [`workload`]: what one operation of each scenario does, over HTTP and raw;
+//! - [`checks`]: the correctness checks.
+
+pub mod checks;
+pub mod workload;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::{migrate, Application};
+use crate::cluster::{ClusterSpec, LocalCluster};
+use crate::config::Settings;
+use crate::playground::{cluster_settings, create_databases};
+
+use self::checks::Check;
+use self::workload::{Outcome, Workload};
+
+/// The scenarios of SPEC section 5.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Scenario {
+    /// Get an id and create an order: many users, normal products.
+    Create,
+    /// One hot product, demand ten times its stock.
+    Flash,
+    /// Reads of a few orders, again and again (cache hits once there is a cache).
+    GetHot,
+    /// Each read a different order.
+    GetCold,
+    /// The first page of "my orders".
+    List,
+    /// Create, pay, ship, confirm.
+    Lifecycle,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Create,
+        Scenario::Flash,
+        Scenario::GetHot,
+        Scenario::GetCold,
+        Scenario::List,
+        Scenario::Lifecycle,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Create => "create",
+            Scenario::Flash => "flash",
+            Scenario::GetHot => "get-hot",
+            Scenario::GetCold => "get-cold",
+            Scenario::List => "list",
+            Scenario::Lifecycle => "lifecycle",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    pub scenarios: Vec<Scenario>,
+    /// Per phase: each scenario runs this long against the service and again raw.
+    pub duration: Duration,
+    pub concurrency: usize,
+    /// Buyers in the catalog (each with a token).
+    pub users: u32,
+    /// Normal products.
+    pub products: u32,
+    /// Units of the flash-sale product; demand is ten times this.
+    pub flash_stock: i64,
+    /// Show a progress bar (off in tests).
+    pub progress: bool,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        BenchOptions {
+            scenarios: Scenario::ALL.to_vec(),
+            // Six scenarios, each twice: 10 s per phase keeps a full run near two minutes.
+            duration: Duration::from_secs(10),
+            concurrency: 64,
+            users: 10_000,
+            products: 1_000,
+            flash_stock: 1_000,
+            progress: true,
+        }
+    }
+}
+
+/// Throughput and latency of one phase.
+#[derive(Debug, Clone, Serialize)]
+pub struct PhaseStats {
+    pub ops: u64,
+    pub seconds: f64,
+    pub ops_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    /// Unexpected failures by code (problem `code`, `http_NNN` or `transport`).
+    pub errors: BTreeMap<String, u64>,
+    /// Expected business refusals by code (`out_of_stock` in a flash sale).
+    pub refused: BTreeMap<String, u64>,
+}
+
+/// One scenario's line of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioResult {
+    pub scenario: Scenario,
+    pub service: PhaseStats,
+    pub raw: PhaseStats,
+    /// `service.ops_per_sec / raw.ops_per_sec`.
+    pub ratio: f64,
+    pub checks: Vec<Check>,
+}
+
+impl ScenarioResult {
+    pub fn passed(&self) -> bool {
+        self.checks.iter().all(|c| c.ok)
+    }
+}
+
+/// Runs `op` from `concurrency` closed-loop tasks until `duration` passes or `max_ops`
+/// operations were started.
+pub async fn drive<F, Fut>(
+    label: &str,
+    concurrency: usize,
+    duration: Duration,
+    max_ops: Option<u64>,
+    progress: bool,
+    op: F,
+) -> PhaseStats
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Outcome> + Send,
+{
+    let op = Arc::new(op);
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + duration;
+    let bar = progress.then(|| {
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(
+            ProgressStyle::with_template("{spinner} {prefix:>18} {elapsed:>4} {msg}").unwrap_or(ProgressStyle::default_spinner()),
+        );
+        bar.set_prefix(label.to_owned());
+        bar.enable_steady_tick(Duration::from_millis(200));
+        bar
+    });
+    let ticker = bar.clone().map(|bar| {
+        let done = done.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let n = done.load(Ordering::Relaxed);
+                let secs = start.elapsed().as_secs_f64().max(0.001);
+                bar.set_message(format!("{n} ops, {:.0} ops/s", n as f64 / secs));
+            }
+        })
+    });
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|_| {
+            let (op, next, done) = (op.clone(), next.clone(), done.clone());
+            tokio::spawn(async move {
+                // Microseconds, up to a minute, 3 significant digits.
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut errors: BTreeMap<String, u64> = BTreeMap::new();
+                let mut refused: BTreeMap<String, u64> = BTreeMap::new();
+                loop {
+                    if Instant::now() >= deadline {
+                        break;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if max_ops.is_some_and(|m| i >= m) {
+                        break;
+                    }
+                    let t = Instant::now();
+                    let outcome = op(i).await;
+                    let _ = hist.record((t.elapsed().as_micros() as u64).clamp(1, 60_000_000));
+                    done.fetch_add(1, Ordering::Relaxed);
+                    match outcome {
+                        Outcome::Ok => {}
+                        Outcome::Refused(code) => *refused.entry(code).or_default() += 1,
+                        Outcome::Error(code) => *errors.entry(code).or_default() += 1,
+                    }
+                }
+                (hist, errors, refused)
+            })
+        })
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut errors = BTreeMap::new();
+    let mut refused = BTreeMap::new();
+    for t in tasks {
+        if let Ok((h, e, r)) = t.await {
+            let _ = hist.add(&h);
+            for (k, v) in e {
+                *errors.entry(k).or_default() += v;
+            }
+            for (k, v) in r {
+                *refused.entry(k).or_default() += v;
+            }
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    if let Some(t) = ticker {
+        t.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    PhaseStats {
+        ops: hist.len(),
+        seconds,
+        ops_per_sec: hist.len() as f64 / seconds.max(0.001),
+        p50_ms: ms(0.5),
+        p99_ms: ms(0.99),
+        p999_ms: ms(0.999),
+        errors,
+        refused,
+    }
+}
+
+/// Runs the scenarios against a prepared workload (service running at its base URL).
+pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Result<Vec<ScenarioResult>> {
+    let mut results = Vec::new();
+    for &scenario in &opts.scenarios {
+        w.prepare(scenario, opts).await?;
+        let max_ops = (scenario == Scenario::Flash).then(|| 10 * opts.flash_stock as u64);
+        let label = format!("{} service", scenario.name());
+        let ww = w.clone();
+        let service = drive(&label, opts.concurrency, opts.duration, max_ops, opts.progress, move |i| {
+            let w = ww.clone();
+            async move { w.service_op(scenario, i).await }
+        })
+        .await;
+        let label = format!("{} raw", scenario.name());
+        let ww = w.clone();
+        let raw = drive(&label, opts.concurrency, opts.duration, max_ops, opts.progress, move |i| {
+            let w = ww.clone();
+            async move { w.raw_op(scenario, i).await }
+        })
+        .await;
+        let checks = w.check(scenario, opts).await?;
+        let result = ScenarioResult {
+            scenario,
+            ratio: service.ops_per_sec / raw.ops_per_sec.max(f64::MIN_POSITIVE),
+            service,
+            raw,
+            checks,
+        };
+        if opts.progress {
+            eprintln!("{}", summary_line(&result));
+        }
+        results.push(result);
+    }
+    Ok(results)
+}
+
+fn summary_line(r: &ScenarioResult) -> String {
+    format!(
+        "{:<10} service {:>8.0} ops/s  raw {:>8.0} ops/s  ratio {:.2}  checks {}",
+        r.scenario.name(),
+        r.service.ops_per_sec,
+        r.raw.ops_per_sec,
+        r.ratio,
+        if r.passed() { "ok" } else { "FAILED" }
+    )
+}
+
+fn codes(m: &BTreeMap<String, u64>) -> String {
+    if m.is_empty() {
+        return "0".into();
+    }
+    m.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+}
+
+/// The Markdown table of a run.
+pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
+    let mut s = format!(
+        "{} s per phase, {} concurrent clients.\n\n\
+         | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p50 ms | raw p99 ms | service / raw | checks |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n",
+        opts.duration.as_secs_f64(),
+        opts.concurrency
+    );
+    for r in results {
+        let (a, b) = (&r.service, &r.raw);
+        let mut errors = codes(&a.errors);
+        if !a.refused.is_empty() {
+            errors.push_str(&format!(" (refused {})", codes(&a.refused)));
+        }
+        let failed: Vec<_> = r.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} | **{:.2}** | {} |\n",
+            r.scenario.name(),
+            a.ops_per_sec,
+            a.p50_ms,
+            a.p99_ms,
+            a.p999_ms,
+            errors,
+            b.ops_per_sec,
+            b.p50_ms,
+            b.p99_ms,
+            r.ratio,
+            if failed.is_empty() {
+                format!("{} passed", r.checks.len())
+            } else {
+                format!("FAILED: {}", failed.join(", "))
+            }
+        ));
+    }
+    s
+}
+
+/// Where the service under test is.
+pub enum Target {
+    /// Start a local cluster and the service in this process.
+    SelfStart,
+    /// A running service at this URL; `settings` name its databases and secret.
+    Url(String),
+}
+
+/// `orderly bench`: prepares the target, runs, writes `out/results.json` and
+/// `out/results.md`, prints the table. Returns whether every check passed.
+pub async fn run(target: Target, settings: Option<Settings>, opts: BenchOptions, out: PathBuf) -> anyhow::Result<bool> {
+    let mut _cluster = None;
+    let shutdown = CancellationToken::new();
+    let (settings, base_url) = match target {
+        Target::SelfStart => {
+            eprintln!("starting a local cluster (2 MariaDB servers, Redis) and the service ...");
+            let cluster = LocalCluster::start(ClusterSpec {
+                mariadb_servers: 2,
+                with_redis: true,
+                base_dir: None,
+            })
+            .await?;
+            let mut base = settings.unwrap_or_else(Settings::defaults);
+            if base.auth.jwt_secret.len() < 32 {
+                base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
+            }
+            base.server.listen = ([127, 0, 0, 1], 0).into();
+            // The service gets as many connections per server as the raw baseline may use.
+            base.database.max_connections = base.database.max_connections.max(opts.concurrency as u32);
+            let s = cluster_settings(base, &cluster, "bench_", 32);
+            s.validate()?;
+            create_databases(&s).await?;
+            migrate(&s).await?;
+            let app = Application::build(s.clone(), shutdown.clone()).await?;
+            let url = format!("http://{}", app.address());
+            tokio::spawn(app.run());
+            _cluster = Some(cluster);
+            (s, url)
+        }
+        Target::Url(url) => {
+            let s = settings.ok_or_else(|| anyhow::anyhow!("--target needs --config naming the service's databases and secret"))?;
+            (s, url)
+        }
+    };
+    let workload = Arc::new(Workload::setup(&settings, &base_url, &opts).await?);
+    let results = run_scenarios(workload, &opts).await?;
+    shutdown.cancel();
+
+    std::fs::create_dir_all(&out)?;
+    let table = markdown(&results, &opts);
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(out.join("results.md"), &table)?;
+    println!("{table}");
+    let passed = results.iter().all(ScenarioResult::passed);
+    for r in results.iter().filter(|r| !r.passed()) {
+        for c in r.checks.iter().filter(|c| !c.ok) {
+            eprintln!("check failed after {}: {}: {}", r.scenario.name(), c.name, c.detail);
+        }
+    }
+    Ok(passed)
+}
+
+/// Shared list of acknowledged order ids (per scenario).
+pub type Acked = Mutex<Vec<crate::domain::ids::OrderId>>;

@@ -1,0 +1,477 @@
+//! One operation of each scenario, over HTTP (the service) and raw (the same SQL through
+//! the same storage functions, no HTTP, no service), plus the catalog and the order pools the
+//! operations draw from.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use rand::Rng;
+use serde_json::{json, Value};
+use sqlx::MySqlPool;
+
+use crate::config::Settings;
+use crate::domain::actor::Role;
+use crate::domain::ids::{OrderId, ProductId, ShopId, UserId, WorkerId};
+use crate::domain::money::{Currency, Money};
+use crate::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
+use crate::domain::status::OrderStatus;
+use crate::http::auth::AuthKeys;
+use crate::lease::{lease_worker, IdSource};
+use crate::storage::commerce::{self, Reservation, ReserveOutcome};
+use crate::storage::orders::{self, ListQuery, MoneyMovement, StatusChange};
+use crate::storage::shards::ShardMap;
+use crate::storage::{self, StorageError};
+
+use super::checks::{self, Check};
+use super::{drive, BenchOptions, Scenario};
+
+/// How one operation ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    /// An expected business refusal (a flash sale selling out).
+    Refused(String),
+    Error(String),
+}
+
+impl From<StorageError> for Outcome {
+    fn from(e: StorageError) -> Self {
+        Outcome::Error(match e {
+            StorageError::Duplicate(_) => "duplicate".into(),
+            e if e.is_retryable() => "deadlock".into(),
+            e if e.is_connection_failure() => "connection".into(),
+            _ => "database".into(),
+        })
+    }
+}
+
+impl From<sqlx::Error> for Outcome {
+    fn from(e: sqlx::Error) -> Self {
+        StorageError::from(e).into()
+    }
+}
+
+/// Orders the read scenarios draw from: (index of the buyer, order id).
+type Pool = Arc<Vec<(usize, OrderId)>>;
+
+/// Everything the operations share.
+pub struct Workload {
+    base: String,
+    client: reqwest::Client,
+    shards: ShardMap,
+    commerce: MySqlPool,
+    ids: Arc<IdSource>,
+    users: Vec<UserId>,
+    tokens: Vec<String>,
+    merchant: String,
+    service_token: String,
+    products: Vec<ProductSnapshot>,
+    hot: ProductSnapshot,
+    hot_raw: ProductSnapshot,
+    address: Address,
+    pay_timeout: TimeDelta,
+    /// Stock loaded per product: what "units sold + stock left" must add up to.
+    loaded: HashMap<ProductId, i64>,
+    /// Order ids acknowledged (2xx, or written raw) in the current scenario.
+    acked: Mutex<Vec<OrderId>>,
+    /// Every order the bench made, for the read scenarios.
+    made: Mutex<Vec<(usize, OrderId)>>,
+    hot_pool: Mutex<Pool>,
+    cold_pool: Mutex<Pool>,
+    list_users: Mutex<Arc<Vec<usize>>>,
+}
+
+/// Products of the catalog hold this much stock: no normal scenario sells out.
+const NORMAL_STOCK: i64 = 100_000_000;
+
+impl Workload {
+    /// Connects to the databases of `settings`, loads the catalog (users, a shop, products,
+    /// two flash-sale products: one for the service phase, one for the raw phase) and mints
+    /// tokens.
+    pub async fn setup(settings: &Settings, base: &str, opts: &BenchOptions) -> anyhow::Result<Workload> {
+        let mut db = settings.database.clone();
+        db.max_connections = db.max_connections.max(opts.concurrency as u32);
+        let mut s = settings.clone();
+        s.database = db.clone();
+        let shards = ShardMap::connect(&s).await?;
+        let commerce = storage::connect(&settings.commerce.url, &db).await?;
+        let ids = match redis::Client::open(settings.redis.url.as_str())?.get_connection_manager().await {
+            Ok(r) => {
+                lease_worker(
+                    r,
+                    settings.redis.key_prefix.clone(),
+                    Duration::from_secs(settings.ids.lease_ttl_secs),
+                    tokio_util::sync::CancellationToken::new(),
+                )
+                .await?
+                .0
+            }
+            Err(_) => IdSource::fixed(WorkerId::new(63).unwrap_or_else(|| unreachable!())),
+        };
+        let now = Utc::now().naive_utc();
+        let shop: i64 = sqlx::query("INSERT INTO shops (name, created_at) VALUES ('bench shop', ?)")
+            .bind(now)
+            .execute(&commerce)
+            .await?
+            .last_insert_id() as i64;
+        let shop = ShopId::new(shop).ok_or_else(|| anyhow::anyhow!("bad shop id"))?;
+
+        // Buyers: ids far above anything else, so repeated runs against one database do not
+        // collide.
+        let first_user: i64 = sqlx::query_scalar("SELECT CAST(COALESCE(MAX(id), 0) AS SIGNED) FROM users")
+            .fetch_one(&commerce)
+            .await?;
+        let first_user = first_user.max(1_000_000) + 1;
+        let users: Vec<UserId> = (0..i64::from(opts.users)).filter_map(|i| UserId::new(first_user + i)).collect();
+        for chunk in users.chunks(1000) {
+            let sql = format!(
+                "INSERT INTO users (id, name, level, created_at) VALUES {}",
+                vec!["(?, ?, 1, ?)"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query(&sql);
+            for u in chunk {
+                q = q.bind(u.get()).bind(format!("buyer {u}")).bind(now);
+            }
+            q.execute(&commerce).await?;
+        }
+
+        let mut products = Vec::new();
+        let mut loaded = HashMap::new();
+        for i in 0..opts.products + 2 {
+            let flash = i >= opts.products;
+            let (name, stock) = if flash {
+                (format!("flash {i}"), opts.flash_stock)
+            } else {
+                (format!("product {i}"), NORMAL_STOCK)
+            };
+            let price = Money::new(1000 + i64::from(i % 50) * 100).unwrap_or(Money::ZERO);
+            let id = commerce::insert_product(&commerce, shop, &name, price, Currency::CNY, stock, Utc::now()).await?;
+            loaded.insert(id, stock);
+            products.push(ProductSnapshot {
+                id,
+                shop_id: shop,
+                name,
+                price,
+                currency: Currency::CNY,
+            });
+        }
+        let hot_raw = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
+        let hot = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
+
+        let keys = AuthKeys::new(&settings.auth.jwt_secret);
+        let day = Duration::from_secs(24 * 3600);
+        let tokens = users.iter().map(|u| keys.issue(&u.to_string(), Role::User, None, day)).collect();
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(opts.concurrency)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        Ok(Workload {
+            base: base.trim_end_matches('/').to_owned(),
+            client,
+            shards,
+            commerce,
+            ids,
+            users,
+            tokens,
+            merchant: keys.issue("1", Role::Merchant, Some(shop), day),
+            service_token: keys.issue("0", Role::Service, None, day),
+            products,
+            hot,
+            hot_raw,
+            address: Address {
+                name: "Bench Buyer".into(),
+                phone: "13800000000".into(),
+                region: "Shanghai".into(),
+                detail: "11 November Road".into(),
+            },
+            pay_timeout: TimeDelta::seconds(settings.orders.payment_timeout_secs as i64),
+            loaded,
+            acked: Mutex::new(Vec::new()),
+            made: Mutex::new(Vec::new()),
+            hot_pool: Mutex::new(Arc::new(Vec::new())),
+            cold_pool: Mutex::new(Arc::new(Vec::new())),
+            list_users: Mutex::new(Arc::new(Vec::new())),
+        })
+    }
+
+    fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+        m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Gets the order pools ready for `scenario` (seeding orders raw where too few exist).
+    pub async fn prepare(self: &Arc<Self>, scenario: Scenario, opts: &BenchOptions) -> anyhow::Result<()> {
+        Self::lock(&self.acked).clear();
+        let have = Self::lock(&self.made).len();
+        let want = match scenario {
+            Scenario::GetHot => 10,
+            // Enough that each read of both phases can take a different order.
+            Scenario::GetCold => (opts.duration.as_secs().max(1) as usize * 2_000).clamp(200, 20_000),
+            Scenario::List => 1_000,
+            _ => 0,
+        };
+        if have < want {
+            let w = self.clone();
+            drive("seeding orders", opts.concurrency.min(32), Duration::from_secs(600), Some((want - have) as u64), opts.progress, move |i| {
+                let w = w.clone();
+                async move {
+                    let product = w.products[i as usize % w.products.len()].clone();
+                    match w.raw_create(i as usize % w.users.len(), &product, 1).await {
+                        Ok(_) => Outcome::Ok,
+                        Err(o) => o,
+                    }
+                }
+            })
+            .await;
+        }
+        let made = Self::lock(&self.made).clone();
+        let mut shuffled = made.clone();
+        {
+            use rand::seq::SliceRandom;
+            shuffled.shuffle(&mut rand::thread_rng());
+        }
+        *Self::lock(&self.hot_pool) = Arc::new(shuffled.iter().take(10).copied().collect());
+        *Self::lock(&self.cold_pool) = Arc::new(shuffled);
+        let mut listers: Vec<usize> = made.iter().map(|(u, _)| *u).collect();
+        listers.sort_unstable();
+        listers.dedup();
+        *Self::lock(&self.list_users) = Arc::new(listers);
+        Self::lock(&self.acked).clear();
+        Ok(())
+    }
+
+    pub async fn check(&self, scenario: Scenario, opts: &BenchOptions) -> anyhow::Result<Vec<Check>> {
+        let acked = Self::lock(&self.acked).clone();
+        let mut out = checks::run(&self.shards, &self.commerce, &self.loaded, &acked).await?;
+        if scenario == Scenario::Flash {
+            for hot in [&self.hot, &self.hot_raw] {
+                out.push(checks::sold_exactly(&self.commerce, hot.id, opts.flash_stock).await?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn record(&self, user: usize, id: OrderId) {
+        Self::lock(&self.acked).push(id);
+        Self::lock(&self.made).push((user, id));
+    }
+
+    fn random_line(&self) -> (&ProductSnapshot, i64) {
+        let mut rng = rand::thread_rng();
+        (&self.products[rng.gen_range(0..self.products.len())], rng.gen_range(1..=3))
+    }
+
+    // ------------------------------------------------------------------ service (HTTP)
+
+    async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> Result<Value, Outcome> {
+        let mut req = self.client.request(method, format!("{}{path}", self.base)).bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|_| Outcome::Error("transport".into()))?;
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let code = body["code"].as_str().map(str::to_owned).unwrap_or_else(|| format!("http_{}", status.as_u16()));
+        Err(if code == "out_of_stock" { Outcome::Refused(code) } else { Outcome::Error(code) })
+    }
+
+    async fn http_create(&self, user: usize, product: &ProductSnapshot, quantity: i64) -> Result<Value, Outcome> {
+        let token = &self.tokens[user];
+        let id = self.call(reqwest::Method::POST, "/v1/order-ids", token, None).await?;
+        let body = json!({
+            "order_id": id["order_id"],
+            "items": [{"product_id": product.id.to_string(), "quantity": quantity}],
+            "address": self.address,
+        });
+        let order = self.call(reqwest::Method::POST, "/v1/orders", token, Some(body)).await?;
+        if let Some(id) = order["order_id"].as_str().and_then(OrderId::parse) {
+            self.record(user, id);
+        }
+        Ok(order)
+    }
+
+    pub async fn service_op(&self, scenario: Scenario, i: u64) -> Outcome {
+        let result = match scenario {
+            Scenario::Create => {
+                let user = rand::thread_rng().gen_range(0..self.users.len());
+                let (p, q) = self.random_line();
+                self.http_create(user, p, q).await.map(drop)
+            }
+            Scenario::Flash => self.http_create(i as usize % self.users.len(), &self.hot, 1).await.map(drop),
+            Scenario::GetHot | Scenario::GetCold => {
+                let pool = if scenario == Scenario::GetHot { &self.hot_pool } else { &self.cold_pool };
+                let pool = Self::lock(pool).clone();
+                let (user, id) = pool[i as usize % pool.len().max(1)];
+                self.call(reqwest::Method::GET, &format!("/v1/orders/{id}"), &self.tokens[user], None).await.map(drop)
+            }
+            Scenario::List => {
+                let users = Self::lock(&self.list_users).clone();
+                let user = users[i as usize % users.len().max(1)];
+                self.call(reqwest::Method::GET, "/v1/orders?limit=20", &self.tokens[user], None).await.map(drop)
+            }
+            Scenario::Lifecycle => self.http_lifecycle().await,
+        };
+        result.err().unwrap_or(Outcome::Ok)
+    }
+
+    async fn http_lifecycle(&self) -> Result<(), Outcome> {
+        let user = rand::thread_rng().gen_range(0..self.users.len());
+        let (p, q) = self.random_line();
+        let order = self.http_create(user, p, q).await?;
+        let id = order["order_id"].as_str().unwrap_or_default().to_owned();
+        let pay = json!({"transaction_no": format!("bench-{id}"), "channel": "bench", "amount": order["pay_amount"]});
+        let post = reqwest::Method::POST;
+        self.call(post.clone(), &format!("/v1/orders/{id}/payments"), &self.service_token, Some(pay)).await?;
+        let ship = json!({"expected_version": 2, "carrier": "SF", "tracking_number": format!("SF{id}")});
+        self.call(post.clone(), &format!("/v1/orders/{id}/shipment"), &self.merchant, Some(ship)).await?;
+        let confirm = json!({"expected_version": 3});
+        self.call(post, &format!("/v1/orders/{id}/confirm"), &self.tokens[user], Some(confirm)).await?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------------ raw (same SQL)
+
+    /// The SQL of a create, in the service's order: replay check, product read,
+    /// reservation, order write, claim confirmation.
+    async fn raw_create(&self, user: usize, product: &ProductSnapshot, quantity: i64) -> Result<OrderId, Outcome> {
+        let user_id = self.users[user];
+        let id = self.ids.next_for(user_id).map_err(|_| Outcome::Error("ids".into()))?;
+        let new = NewOrder {
+            order_id: id,
+            user_id,
+            lines: vec![NewLine {
+                product_id: product.id,
+                quantity,
+            }],
+            coupon_ids: Vec::new(),
+            address: self.address.clone(),
+            remark: String::new(),
+        };
+        let hash = new.request_hash();
+        let shard = self.shards.of_order(id);
+        let pool = self.shards.primary(shard);
+        let mut conn = pool.acquire().await?;
+        orders::request_hash_of(&mut conn, &shard.tables, id).await?;
+        drop(conn);
+        let snapshots: Vec<_> = commerce::load_products(&self.commerce, &[product.id])
+            .await?
+            .iter()
+            .map(|p| p.snapshot())
+            .collect();
+        let pricing = price_order(user_id, Some(id), &new.lines, &[], &snapshots, &[], Utc::now())
+            .map_err(|_| Outcome::Error("pricing".into()))?;
+        let reservation = Reservation {
+            order_id: id,
+            user_id,
+            request_hash: &hash,
+            attempt: rand::random(),
+            lines: &new.lines,
+            coupons: &[],
+        };
+        let mut c = self.commerce.acquire().await?;
+        match commerce::reserve(&mut c, &reservation, Utc::now()).await? {
+            ReserveOutcome::Reserved => {}
+            ReserveOutcome::OutOfStock(_) => return Err(Outcome::Refused("out_of_stock".into())),
+            other => return Err(Outcome::Error(format!("{other:?}"))),
+        }
+        drop(c);
+        let now = Utc::now();
+        let mut conn = pool.acquire().await?;
+        orders::insert_order(&mut conn, &shard.tables, &new, &pricing, &hash, now, now + self.pay_timeout).await?;
+        commerce::confirm_claim(&self.commerce, id).await?;
+        self.record(user, id);
+        Ok(id)
+    }
+
+    pub async fn raw_op(&self, scenario: Scenario, i: u64) -> Outcome {
+        let result = match scenario {
+            Scenario::Create => {
+                let user = rand::thread_rng().gen_range(0..self.users.len());
+                let (p, q) = self.random_line();
+                let p = p.clone();
+                self.raw_create(user, &p, q).await.map(drop)
+            }
+            Scenario::Flash => self.raw_create(i as usize % self.users.len(), &self.hot_raw.clone(), 1).await.map(drop),
+            Scenario::GetHot | Scenario::GetCold => {
+                let pool = if scenario == Scenario::GetHot { &self.hot_pool } else { &self.cold_pool };
+                let pool = Self::lock(pool).clone();
+                // The raw phase of get-cold starts half-way, away from what the service read.
+                let offset = if scenario == Scenario::GetCold { pool.len() / 2 } else { 0 };
+                let (_, id) = pool[(i as usize + offset) % pool.len().max(1)];
+                self.raw_get(id).await
+            }
+            Scenario::List => {
+                let users = Self::lock(&self.list_users).clone();
+                let user = self.users[users[i as usize % users.len().max(1)]];
+                self.raw_list(user).await
+            }
+            Scenario::Lifecycle => self.raw_lifecycle().await,
+        };
+        result.err().unwrap_or(Outcome::Ok)
+    }
+
+    async fn raw_get(&self, id: OrderId) -> Result<(), Outcome> {
+        let shard = self.shards.of_order(id);
+        let mut conn = self.shards.primary(shard).acquire().await?;
+        orders::load_order(&mut conn, &shard.tables, id).await?;
+        Ok(())
+    }
+
+    async fn raw_list(&self, user: UserId) -> Result<(), Outcome> {
+        let shard = self.shards.of_user(user);
+        let mut conn = self.shards.primary(shard).acquire().await?;
+        let q = ListQuery {
+            user_id: user,
+            status: None,
+            created_from: None,
+            created_to: None,
+            before: None,
+            limit: 21,
+        };
+        orders::list_user_orders(&mut conn, &shard.tables, &q).await?;
+        Ok(())
+    }
+
+    /// Create, then the service's SQL of pay, ship and confirm: each change is preceded by a
+    /// read of the order (authorisation, version) and followed by one (the answer).
+    async fn raw_lifecycle(&self) -> Result<(), Outcome> {
+        let user = rand::thread_rng().gen_range(0..self.users.len());
+        let (p, q) = self.random_line();
+        let p = p.clone();
+        let id = self.raw_create(user, &p, q).await?;
+        let shard = self.shards.of_order(id);
+        let t = &shard.tables;
+        let mut conn = self.shards.primary(shard).acquire().await?;
+        let order = orders::load_order(&mut conn, t, id).await?.ok_or_else(|| Outcome::Error("vanished".into()))?;
+        let pay = MoneyMovement {
+            kind: PaymentKind::Payment,
+            transaction_no: format!("raw-{id}"),
+            channel: "bench".into(),
+            amount: order.pay_amount,
+            reason: String::new(),
+        };
+        orders::record_money(&mut conn, t, id, &pay, Utc::now()).await?;
+        orders::load_order(&mut conn, t, id).await?;
+        let steps = [
+            (2, OrderStatus::AwaitingShipment, OrderStatus::Shipped),
+            (3, OrderStatus::Shipped, OrderStatus::Completed),
+        ];
+        for (version, from, to) in steps {
+            orders::load_order(&mut conn, t, id).await?;
+            let change = StatusChange {
+                carrier: (to == OrderStatus::Shipped).then(|| "SF".into()),
+                tracking_number: (to == OrderStatus::Shipped).then(|| format!("SF{id}")),
+                ..Default::default()
+            };
+            if !orders::cas_status(&mut conn, t, id, version, from, to, &change, Utc::now()).await? {
+                return Err(Outcome::Error("lost_race".into()));
+            }
+            orders::load_order(&mut conn, t, id).await?;
+        }
+        Ok(())
+    }
+}
