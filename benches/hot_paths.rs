@@ -69,5 +69,55 @@ fn validation(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, ids, validation);
+fn encoding(c: &mut Criterion) {
+    use chrono::Utc;
+    use orderly::domain::ids::{ProductId, ShopId};
+    use orderly::domain::money::{Currency, Money};
+    use orderly::domain::order::{price_order, NewLine, Order, ProductSnapshot};
+    use orderly::http::orders::OrderView;
+    let user = UserId::new(77).unwrap();
+    let id = IdGenerator::new(WorkerId::new(1).unwrap())
+        .next_for(user)
+        .unwrap();
+    let products: Vec<ProductSnapshot> = (1..=10)
+        .map(|p| ProductSnapshot {
+            id: ProductId::new(p).unwrap(),
+            shop_id: ShopId::new(1).unwrap(),
+            name: format!("product number {p}"),
+            price: Money::new(1999 * p).unwrap(),
+            currency: Currency::CNY,
+        })
+        .collect();
+    let lines: Vec<NewLine> = products
+        .iter()
+        .map(|p| NewLine {
+            product_id: p.id,
+            quantity: 2,
+        })
+        .collect();
+    let new = NewOrder {
+        order_id: id,
+        user_id: user,
+        lines: lines.clone(),
+        coupon_ids: vec![],
+        address: Address {
+            name: "Li Lei".into(),
+            phone: "13800000000".into(),
+            region: "Shanghai".into(),
+            detail: "1 Century Avenue".into(),
+        },
+        remark: String::new(),
+    };
+    let pricing = price_order(user, Some(id), &lines, &[], &products, &[], Utc::now()).unwrap();
+    let now = Utc::now();
+    let order = Order::from_new(&new, pricing, now, now);
+    c.bench_function("encode_order_json_10_lines", |b| {
+        b.iter(|| black_box(serde_json::to_vec(&OrderView::from(black_box(&order))).unwrap()))
+    });
+    c.bench_function("price_order_10_lines", |b| {
+        b.iter(|| black_box(price_order(user, Some(id), &lines, &[], &products, &[], now).unwrap()))
+    });
+}
+
+criterion_group!(benches, ids, validation, encoding);
 criterion_main!(benches);

@@ -142,7 +142,11 @@ async fn main() -> anyhow::Result<()> {
                 (None, None) => None,
             };
             let opts = BenchOptions {
-                scenarios: if scenarios.is_empty() { Scenario::ALL.to_vec() } else { scenarios },
+                scenarios: if scenarios.is_empty() {
+                    Scenario::ALL.to_vec()
+                } else {
+                    scenarios
+                },
                 duration,
                 concurrency,
                 users,

@@ -61,12 +61,17 @@ pub async fn run(
     let mut units_in_live_orders: HashMap<i64, i64> = HashMap::new();
     let mut acked_by_shard: HashMap<u16, Vec<i64>> = HashMap::new();
     for id in acked {
-        acked_by_shard.entry(shards.of_order(*id).index.get()).or_default().push(id.get());
+        acked_by_shard
+            .entry(shards.of_order(*id).index.get())
+            .or_default()
+            .push(id.get());
     }
     for shard in shards.all() {
         let pool = shards.primary(shard);
         let t = &shard.tables;
-        let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT order_id FROM {}", t.orders)).fetch_all(pool).await?;
+        let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT order_id FROM {}", t.orders))
+            .fetch_all(pool)
+            .await?;
         for id in ids {
             if !seen.insert(id) {
                 dup.push(format!("order {id} appears twice"));
@@ -104,7 +109,12 @@ pub async fn run(
                     q = q.bind(id);
                 }
                 let found: HashSet<i64> = q.fetch_all(pool).await?.into_iter().collect();
-                acked_missing.extend(chunk.iter().filter(|id| !found.contains(id)).map(|id| format!("acknowledged order {id} is missing")));
+                acked_missing.extend(
+                    chunk
+                        .iter()
+                        .filter(|id| !found.contains(id))
+                        .map(|id| format!("acknowledged order {id} is missing")),
+                );
             }
         }
     }
@@ -123,20 +133,40 @@ pub async fn run(
             negative.push(format!("product {product} has stock {stock}"));
         }
         if stock + held != stock_loaded {
-            conserved.push(format!("product {product}: {stock} on the shelf + {held} reserved != {stock_loaded} loaded"));
+            conserved.push(format!(
+                "product {product}: {stock} on the shelf + {held} reserved != {stock_loaded} loaded"
+            ));
         }
         let in_orders = units_in_live_orders.get(&product.get()).copied().unwrap_or(0);
         if in_orders != held {
-            unaccounted.push(format!("product {product}: {held} units reserved but {in_orders} in live orders"));
+            unaccounted.push(format!(
+                "product {product}: {held} units reserved but {in_orders} in live orders"
+            ));
         }
     }
     Ok(vec![
-        check("no_duplicate_orders", dup, &format!("{} orders, each once", seen.len())),
-        check("orders_in_their_shard", misplaced, "every order in the shard of its id"),
+        check(
+            "no_duplicate_orders",
+            dup,
+            &format!("{} orders, each once", seen.len()),
+        ),
+        check(
+            "orders_in_their_shard",
+            misplaced,
+            "every order in the shard of its id",
+        ),
         check("no_order_without_items", without_items, "every order has items"),
-        check("stock_conserved", conserved, "shelf + reserved = loaded, per product"),
+        check(
+            "stock_conserved",
+            conserved,
+            "shelf + reserved = loaded, per product",
+        ),
         check("stock_never_negative", negative, "no negative stock"),
-        check("reserved_units_in_live_orders", unaccounted, "every reserved unit is in a live order"),
+        check(
+            "reserved_units_in_live_orders",
+            unaccounted,
+            "every reserved unit is in a live order",
+        ),
         check(
             "acknowledged_creates_present",
             acked_missing,
@@ -151,11 +181,19 @@ pub async fn sold_exactly(commerce: &MySqlPool, product: ProductId, stock: i64) 
         .bind(product.get())
         .fetch_one(commerce)
         .await?;
-    let sold = reserved_units(commerce).await?.get(&product.get()).copied().unwrap_or(0);
+    let sold = reserved_units(commerce)
+        .await?
+        .get(&product.get())
+        .copied()
+        .unwrap_or(0);
     let problems = if left == 0 && sold == stock {
         Vec::new()
     } else {
         vec![format!("product {product}: sold {sold} of {stock}, {left} left")]
     };
-    Ok(check("flash_sold_exactly_stock", problems, &format!("product {product}: sold {sold} of {stock}")))
+    Ok(check(
+        "flash_sold_exactly_stock",
+        problems,
+        &format!("product {product}: sold {sold} of {stock}"),
+    ))
 }

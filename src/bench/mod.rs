@@ -167,7 +167,8 @@ where
     let bar = progress.then(|| {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {prefix:>18} {elapsed:>4} {msg}").unwrap_or(ProgressStyle::default_spinner()),
+            ProgressStyle::with_template("{spinner} {prefix:>18} {elapsed:>4} {msg}")
+                .unwrap_or(ProgressStyle::default_spinner()),
         );
         bar.set_prefix(label.to_owned());
         bar.enable_steady_tick(Duration::from_millis(200));
@@ -256,17 +257,31 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
         let max_ops = (scenario == Scenario::Flash).then(|| 10 * opts.flash_stock as u64);
         let label = format!("{} service", scenario.name());
         let ww = w.clone();
-        let service = drive(&label, opts.concurrency, opts.duration, max_ops, opts.progress, move |i| {
-            let w = ww.clone();
-            async move { w.service_op(scenario, i).await }
-        })
+        let service = drive(
+            &label,
+            opts.concurrency,
+            opts.duration,
+            max_ops,
+            opts.progress,
+            move |i| {
+                let w = ww.clone();
+                async move { w.service_op(scenario, i).await }
+            },
+        )
         .await;
         let label = format!("{} raw", scenario.name());
         let ww = w.clone();
-        let raw = drive(&label, opts.concurrency, opts.duration, max_ops, opts.progress, move |i| {
-            let w = ww.clone();
-            async move { w.raw_op(scenario, i).await }
-        })
+        let raw = drive(
+            &label,
+            opts.concurrency,
+            opts.duration,
+            max_ops,
+            opts.progress,
+            move |i| {
+                let w = ww.clone();
+                async move { w.raw_op(scenario, i).await }
+            },
+        )
         .await;
         let checks = w.check(scenario, opts).await?;
         let result = ScenarioResult {
@@ -299,7 +314,10 @@ fn codes(m: &BTreeMap<String, u64>) -> String {
     if m.is_empty() {
         return "0".into();
     }
-    m.iter().map(|(k, v)| format!("{k}: {v}")).collect::<Vec<_>>().join(", ")
+    m.iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The Markdown table of a run.
@@ -317,7 +335,12 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
         if !a.refused.is_empty() {
             errors.push_str(&format!(" (refused {})", codes(&a.refused)));
         }
-        let failed: Vec<_> = r.checks.iter().filter(|c| !c.ok).map(|c| c.name.as_str()).collect();
+        let failed: Vec<_> = r
+            .checks
+            .iter()
+            .filter(|c| !c.ok)
+            .map(|c| c.name.as_str())
+            .collect();
         s.push_str(&format!(
             "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} | **{:.2}** | {} |\n",
             r.scenario.name(),
@@ -350,7 +373,12 @@ pub enum Target {
 
 /// `orderly bench`: prepares the target, runs, writes `out/results.json` and
 /// `out/results.md`, prints the table. Returns whether every check passed.
-pub async fn run(target: Target, settings: Option<Settings>, opts: BenchOptions, out: PathBuf) -> anyhow::Result<bool> {
+pub async fn run(
+    target: Target,
+    settings: Option<Settings>,
+    opts: BenchOptions,
+    out: PathBuf,
+) -> anyhow::Result<bool> {
     let mut _cluster = None;
     let shutdown = CancellationToken::new();
     let (settings, base_url) = match target {
@@ -380,7 +408,9 @@ pub async fn run(target: Target, settings: Option<Settings>, opts: BenchOptions,
             (s, url)
         }
         Target::Url(url) => {
-            let s = settings.ok_or_else(|| anyhow::anyhow!("--target needs --config naming the service's databases and secret"))?;
+            let s = settings.ok_or_else(|| {
+                anyhow::anyhow!("--target needs --config naming the service's databases and secret")
+            })?;
             (s, url)
         }
     };
@@ -396,7 +426,12 @@ pub async fn run(target: Target, settings: Option<Settings>, opts: BenchOptions,
     let passed = results.iter().all(ScenarioResult::passed);
     for r in results.iter().filter(|r| !r.passed()) {
         for c in r.checks.iter().filter(|c| !c.ok) {
-            eprintln!("check failed after {}: {}: {}", r.scenario.name(), c.name, c.detail);
+            eprintln!(
+                "check failed after {}: {}: {}",
+                r.scenario.name(),
+                c.name,
+                c.detail
+            );
         }
     }
     Ok(passed)

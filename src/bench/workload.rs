@@ -97,7 +97,10 @@ impl Workload {
         s.database = db.clone();
         let shards = ShardMap::connect(&s).await?;
         let commerce = storage::connect(&settings.commerce.url, &db).await?;
-        let ids = match redis::Client::open(settings.redis.url.as_str())?.get_connection_manager().await {
+        let ids = match redis::Client::open(settings.redis.url.as_str())?
+            .get_connection_manager()
+            .await
+        {
             Ok(r) => {
                 lease_worker(
                     r,
@@ -124,7 +127,9 @@ impl Workload {
             .fetch_one(&commerce)
             .await?;
         let first_user = first_user.max(1_000_000) + 1;
-        let users: Vec<UserId> = (0..i64::from(opts.users)).filter_map(|i| UserId::new(first_user + i)).collect();
+        let users: Vec<UserId> = (0..i64::from(opts.users))
+            .filter_map(|i| UserId::new(first_user + i))
+            .collect();
         for chunk in users.chunks(1000) {
             let sql = format!(
                 "INSERT INTO users (id, name, level, created_at) VALUES {}",
@@ -147,7 +152,9 @@ impl Workload {
                 (format!("product {i}"), NORMAL_STOCK)
             };
             let price = Money::new(1000 + i64::from(i % 50) * 100).unwrap_or(Money::ZERO);
-            let id = commerce::insert_product(&commerce, shop, &name, price, Currency::CNY, stock, Utc::now()).await?;
+            let id =
+                commerce::insert_product(&commerce, shop, &name, price, Currency::CNY, stock, Utc::now())
+                    .await?;
             loaded.insert(id, stock);
             products.push(ProductSnapshot {
                 id,
@@ -162,7 +169,10 @@ impl Workload {
 
         let keys = AuthKeys::new(&settings.auth.jwt_secret);
         let day = Duration::from_secs(24 * 3600);
-        let tokens = users.iter().map(|u| keys.issue(&u.to_string(), Role::User, None, day)).collect();
+        let tokens = users
+            .iter()
+            .map(|u| keys.issue(&u.to_string(), Role::User, None, day))
+            .collect();
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(opts.concurrency)
             .timeout(Duration::from_secs(30))
@@ -213,16 +223,23 @@ impl Workload {
         };
         if have < want {
             let w = self.clone();
-            drive("seeding orders", opts.concurrency.min(32), Duration::from_secs(600), Some((want - have) as u64), opts.progress, move |i| {
-                let w = w.clone();
-                async move {
-                    let product = w.products[i as usize % w.products.len()].clone();
-                    match w.raw_create(i as usize % w.users.len(), &product, 1).await {
-                        Ok(_) => Outcome::Ok,
-                        Err(o) => o,
+            drive(
+                "seeding orders",
+                opts.concurrency.min(32),
+                Duration::from_secs(600),
+                Some((want - have) as u64),
+                opts.progress,
+                move |i| {
+                    let w = w.clone();
+                    async move {
+                        let product = w.products[i as usize % w.products.len()].clone();
+                        match w.raw_create(i as usize % w.users.len(), &product, 1).await {
+                            Ok(_) => Outcome::Ok,
+                            Err(o) => o,
+                        }
                     }
-                }
-            })
+                },
+            )
             .await;
         }
         let made = Self::lock(&self.made).clone();
@@ -259,35 +276,90 @@ impl Workload {
 
     fn random_line(&self) -> (&ProductSnapshot, i64) {
         let mut rng = rand::thread_rng();
-        (&self.products[rng.gen_range(0..self.products.len())], rng.gen_range(1..=3))
+        (
+            &self.products[rng.gen_range(0..self.products.len())],
+            rng.gen_range(1..=3),
+        )
     }
 
     // ------------------------------------------------------------------ service (HTTP)
 
-    async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> Result<Value, Outcome> {
-        let mut req = self.client.request(method, format!("{}{path}", self.base)).bearer_auth(token);
+    /// One request; the body of a success is parsed only when the caller needs it (`parse`),
+    /// so the client's own work does not weigh on the service's figure.
+    async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        parse: bool,
+    ) -> Result<Value, Outcome> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
         }
         let resp = req.send().await.map_err(|_| Outcome::Error("transport".into()))?;
         let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|_| Outcome::Error("transport".into()))?;
         if status.is_success() {
-            return Ok(body);
+            return Ok(if parse {
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+            } else {
+                Value::Null
+            });
         }
-        let code = body["code"].as_str().map(str::to_owned).unwrap_or_else(|| format!("http_{}", status.as_u16()));
-        Err(if code == "out_of_stock" { Outcome::Refused(code) } else { Outcome::Error(code) })
+        let body: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let code = body["code"]
+            .as_str()
+            .map(str::to_owned)
+            .unwrap_or_else(|| format!("http_{}", status.as_u16()));
+        Err(if code == "out_of_stock" {
+            Outcome::Refused(code)
+        } else {
+            Outcome::Error(code)
+        })
     }
 
-    async fn http_create(&self, user: usize, product: &ProductSnapshot, quantity: i64) -> Result<Value, Outcome> {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> Result<Value, Outcome> {
+        self.request(method, path, token, body, true).await
+    }
+
+    async fn get(&self, path: &str, token: &str) -> Result<(), Outcome> {
+        self.request(reqwest::Method::GET, path, token, None, false)
+            .await
+            .map(drop)
+    }
+
+    async fn http_create(
+        &self,
+        user: usize,
+        product: &ProductSnapshot,
+        quantity: i64,
+    ) -> Result<Value, Outcome> {
         let token = &self.tokens[user];
-        let id = self.call(reqwest::Method::POST, "/v1/order-ids", token, None).await?;
+        let id = self
+            .call(reqwest::Method::POST, "/v1/order-ids", token, None)
+            .await?;
         let body = json!({
             "order_id": id["order_id"],
             "items": [{"product_id": product.id.to_string(), "quantity": quantity}],
             "address": self.address,
         });
-        let order = self.call(reqwest::Method::POST, "/v1/orders", token, Some(body)).await?;
+        let order = self
+            .call(reqwest::Method::POST, "/v1/orders", token, Some(body))
+            .await?;
         if let Some(id) = order["order_id"].as_str().and_then(OrderId::parse) {
             self.record(user, id);
         }
@@ -301,17 +373,24 @@ impl Workload {
                 let (p, q) = self.random_line();
                 self.http_create(user, p, q).await.map(drop)
             }
-            Scenario::Flash => self.http_create(i as usize % self.users.len(), &self.hot, 1).await.map(drop),
+            Scenario::Flash => self
+                .http_create(i as usize % self.users.len(), &self.hot, 1)
+                .await
+                .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let pool = if scenario == Scenario::GetHot { &self.hot_pool } else { &self.cold_pool };
+                let pool = if scenario == Scenario::GetHot {
+                    &self.hot_pool
+                } else {
+                    &self.cold_pool
+                };
                 let pool = Self::lock(pool).clone();
                 let (user, id) = pool[i as usize % pool.len().max(1)];
-                self.call(reqwest::Method::GET, &format!("/v1/orders/{id}"), &self.tokens[user], None).await.map(drop)
+                self.get(&format!("/v1/orders/{id}"), &self.tokens[user]).await
             }
             Scenario::List => {
                 let users = Self::lock(&self.list_users).clone();
                 let user = users[i as usize % users.len().max(1)];
-                self.call(reqwest::Method::GET, "/v1/orders?limit=20", &self.tokens[user], None).await.map(drop)
+                self.get("/v1/orders?limit=20", &self.tokens[user]).await
             }
             Scenario::Lifecycle => self.http_lifecycle().await,
         };
@@ -325,11 +404,32 @@ impl Workload {
         let id = order["order_id"].as_str().unwrap_or_default().to_owned();
         let pay = json!({"transaction_no": format!("bench-{id}"), "channel": "bench", "amount": order["pay_amount"]});
         let post = reqwest::Method::POST;
-        self.call(post.clone(), &format!("/v1/orders/{id}/payments"), &self.service_token, Some(pay)).await?;
+        self.request(
+            post.clone(),
+            &format!("/v1/orders/{id}/payments"),
+            &self.service_token,
+            Some(pay),
+            false,
+        )
+        .await?;
         let ship = json!({"expected_version": 2, "carrier": "SF", "tracking_number": format!("SF{id}")});
-        self.call(post.clone(), &format!("/v1/orders/{id}/shipment"), &self.merchant, Some(ship)).await?;
+        self.request(
+            post.clone(),
+            &format!("/v1/orders/{id}/shipment"),
+            &self.merchant,
+            Some(ship),
+            false,
+        )
+        .await?;
         let confirm = json!({"expected_version": 3});
-        self.call(post, &format!("/v1/orders/{id}/confirm"), &self.tokens[user], Some(confirm)).await?;
+        self.request(
+            post,
+            &format!("/v1/orders/{id}/confirm"),
+            &self.tokens[user],
+            Some(confirm),
+            false,
+        )
+        .await?;
         Ok(())
     }
 
@@ -337,9 +437,17 @@ impl Workload {
 
     /// The SQL of a create, in the service's order: replay check, product read,
     /// reservation, order write, claim confirmation.
-    async fn raw_create(&self, user: usize, product: &ProductSnapshot, quantity: i64) -> Result<OrderId, Outcome> {
+    async fn raw_create(
+        &self,
+        user: usize,
+        product: &ProductSnapshot,
+        quantity: i64,
+    ) -> Result<OrderId, Outcome> {
         let user_id = self.users[user];
-        let id = self.ids.next_for(user_id).map_err(|_| Outcome::Error("ids".into()))?;
+        let id = self
+            .ids
+            .next_for(user_id)
+            .map_err(|_| Outcome::Error("ids".into()))?;
         let new = NewOrder {
             order_id: id,
             user_id,
@@ -381,7 +489,16 @@ impl Workload {
         drop(c);
         let now = Utc::now();
         let mut conn = pool.acquire().await?;
-        orders::insert_order(&mut conn, &shard.tables, &new, &pricing, &hash, now, now + self.pay_timeout).await?;
+        orders::insert_order(
+            &mut conn,
+            &shard.tables,
+            &new,
+            &pricing,
+            &hash,
+            now,
+            now + self.pay_timeout,
+        )
+        .await?;
         commerce::confirm_claim(&self.commerce, id).await?;
         self.record(user, id);
         Ok(id)
@@ -395,12 +512,23 @@ impl Workload {
                 let p = p.clone();
                 self.raw_create(user, &p, q).await.map(drop)
             }
-            Scenario::Flash => self.raw_create(i as usize % self.users.len(), &self.hot_raw.clone(), 1).await.map(drop),
+            Scenario::Flash => self
+                .raw_create(i as usize % self.users.len(), &self.hot_raw.clone(), 1)
+                .await
+                .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let pool = if scenario == Scenario::GetHot { &self.hot_pool } else { &self.cold_pool };
+                let pool = if scenario == Scenario::GetHot {
+                    &self.hot_pool
+                } else {
+                    &self.cold_pool
+                };
                 let pool = Self::lock(pool).clone();
                 // The raw phase of get-cold starts half-way, away from what the service read.
-                let offset = if scenario == Scenario::GetCold { pool.len() / 2 } else { 0 };
+                let offset = if scenario == Scenario::GetCold {
+                    pool.len() / 2
+                } else {
+                    0
+                };
                 let (_, id) = pool[(i as usize + offset) % pool.len().max(1)];
                 self.raw_get(id).await
             }
@@ -446,7 +574,9 @@ impl Workload {
         let shard = self.shards.of_order(id);
         let t = &shard.tables;
         let mut conn = self.shards.primary(shard).acquire().await?;
-        let order = orders::load_order(&mut conn, t, id).await?.ok_or_else(|| Outcome::Error("vanished".into()))?;
+        let order = orders::load_order(&mut conn, t, id)
+            .await?
+            .ok_or_else(|| Outcome::Error("vanished".into()))?;
         let pay = MoneyMovement {
             kind: PaymentKind::Payment,
             transaction_no: format!("raw-{id}"),

@@ -87,9 +87,18 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 /// racing creates of one order are expected and short; three tries resolve them in practice.
 pub const DEADLOCK_RETRIES: usize = 3;
 
+/// Prepared statements kept per connection: ~20 statements × the shards of one server, with
+/// room for the `IN (?, …)` variants. The server's `max_prepared_stmt_count` must allow
+/// this times the connections of every client (the local cluster sets it to 1M).
+const STATEMENT_CACHE: usize = 512;
+
 /// Opens a pool against `url` with the shared pool settings.
 pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<MySqlPool> {
     let opts: MySqlConnectOptions = url.parse().map_err(StorageError::Db)?;
+    // Every shard has its own table names, so one server sees 16+ copies of each statement;
+    // sqlx's default cache of 100 prepared statements per connection would thrash and
+    // re-prepare on nearly every query.
+    let opts = opts.statement_cache_capacity(STATEMENT_CACHE);
     let pool = MySqlPoolOptions::new()
         .max_connections(settings.max_connections)
         // Keep a couple of connections warm so the first requests after idle are not slow.

@@ -32,9 +32,23 @@ async fn bench_runs_every_scenario_with_passing_checks() {
     let results = run_scenarios(w, &opts).await.unwrap();
     assert_eq!(results.len(), 6);
     for r in &results {
-        assert!(r.service.ops > 0 && r.raw.ops > 0, "{:?} ran no operation", r.scenario);
-        assert!(r.service.errors.is_empty(), "{:?} service errors: {:?}", r.scenario, r.service.errors);
-        assert!(r.raw.errors.is_empty(), "{:?} raw errors: {:?}", r.scenario, r.raw.errors);
+        assert!(
+            r.service.ops > 0 && r.raw.ops > 0,
+            "{:?} ran no operation",
+            r.scenario
+        );
+        assert!(
+            r.service.errors.is_empty(),
+            "{:?} service errors: {:?}",
+            r.scenario,
+            r.service.errors
+        );
+        assert!(
+            r.raw.errors.is_empty(),
+            "{:?} raw errors: {:?}",
+            r.scenario,
+            r.raw.errors
+        );
         assert!(r.passed(), "{:?}: {:?}", r.scenario, r.checks);
         assert!(r.ratio > 0.0);
     }
@@ -77,17 +91,27 @@ async fn bench_checks_fail_on_a_corrupted_database() {
         .await
         .unwrap();
     let bump = |delta: i64| {
-        sqlx::query("UPDATE products SET stock = stock + ? WHERE id = ?").bind(delta).bind(product).execute(&app.commerce)
+        sqlx::query("UPDATE products SET stock = stock + ? WHERE id = ?")
+            .bind(delta)
+            .bind(product)
+            .execute(&app.commerce)
     };
     bump(1).await.unwrap();
-    assert_eq!(failing(checks::run(shards, &app.commerce, &loaded, &[]).await.unwrap()), ["stock_conserved"]);
+    assert_eq!(
+        failing(checks::run(shards, &app.commerce, &loaded, &[]).await.unwrap()),
+        ["stock_conserved"]
+    );
     bump(-1).await.unwrap();
 
     // An item row duplicated: the live orders hold more units than were reserved.
     let mut found = None;
     for shard in shards.all() {
         let sql = format!("SELECT order_id FROM {} LIMIT 1", shard.tables.items);
-        if let Some(id) = sqlx::query_scalar::<_, i64>(&sql).fetch_optional(shards.primary(shard)).await.unwrap() {
+        if let Some(id) = sqlx::query_scalar::<_, i64>(&sql)
+            .fetch_optional(shards.primary(shard))
+            .await
+            .unwrap()
+        {
             found = Some((id, shard.clone()));
             break;
         }
@@ -110,6 +134,10 @@ async fn bench_checks_fail_on_a_corrupted_database() {
 
     // An acknowledged order that is not there.
     let ghost = OrderId::new(order + 1).unwrap();
-    assert!(failing(checks::run(shards, &app.commerce, &loaded, &[ghost]).await.unwrap())
-        .contains(&"acknowledged_creates_present".to_owned()));
+    assert!(failing(
+        checks::run(shards, &app.commerce, &loaded, &[ghost])
+            .await
+            .unwrap()
+    )
+    .contains(&"acknowledged_creates_present".to_owned()));
 }

@@ -3,8 +3,8 @@
 mod helpers;
 
 mod authorization;
-mod bench;
 mod bad_input;
+mod bench;
 mod exactly_once;
 mod lifecycle;
 mod no_lost_update;
