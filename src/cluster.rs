@@ -147,6 +147,7 @@ const SERVER_MARIADB_OPTIONS: &[&str] = &[
     // Every connection keeps its prepared statements (one per shard table and statement):
     // hundreds of connections × hundreds of statements exceed the default of 16382.
     "--max-prepared-stmt-count=1048576",
+    "--thread-handling=pool-of-threads",
     // No host cache: fault tests abort connections mid-handshake, and after
     // `max_connect_errors` of those the cache would block 127.0.0.1 for good.
     "--host-cache-size=0",

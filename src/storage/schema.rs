@@ -82,6 +82,7 @@ const COMMERCE_V1: &[&str] = &[
         KEY idx_claims_sweep (state, touched_at)
     ) ENGINE=InnoDB",
     // Keyed by (order, product): a retried create can never reserve a product twice.
+    // state 0 = held, 2 = released with its claim.
     "CREATE TABLE IF NOT EXISTS stock_reservations (
         order_id BIGINT NOT NULL,
         product_id BIGINT NOT NULL,

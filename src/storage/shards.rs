@@ -4,6 +4,8 @@
 //! user's hash ([`crate::domain::shard`]) and gets a [`Shard`]: the primary pool and the four
 //! table names. Moving shards to more servers is a change of the settings, not of code.
 
+use std::sync::Arc;
+
 use sqlx::MySqlPool;
 
 use crate::config::Settings;
@@ -50,8 +52,12 @@ pub struct ShardDatabase {
     pub primary: MySqlPool,
 }
 
+/// Cheap to clone (one `Arc`): every request's state holds one.
 #[derive(Debug, Clone)]
-pub struct ShardMap {
+pub struct ShardMap(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
     count: ShardCount,
     shards: Vec<Shard>,
     databases: Vec<ShardDatabase>,
@@ -80,39 +86,39 @@ impl ShardMap {
                 tables: ShardTables::of(index),
             })
             .collect();
-        Ok(ShardMap {
+        Ok(ShardMap(Arc::new(Inner {
             count,
             shards,
             databases,
-        })
+        })))
     }
 
     pub fn count(&self) -> ShardCount {
-        self.count
+        self.0.count
     }
 
     pub fn shard(&self, index: ShardIndex) -> &Shard {
-        &self.shards[index.get() as usize]
+        &self.0.shards[index.get() as usize]
     }
 
     pub fn of_order(&self, id: OrderId) -> &Shard {
-        self.shard(self.count.shard_of_gene(id.gene()))
+        self.shard(self.0.count.shard_of_gene(id.gene()))
     }
 
     pub fn of_user(&self, user: UserId) -> &Shard {
-        self.shard(self.count.shard_of_user(user))
+        self.shard(self.0.count.shard_of_user(user))
     }
 
     pub fn all(&self) -> &[Shard] {
-        &self.shards
+        &self.0.shards
     }
 
     pub fn databases(&self) -> &[ShardDatabase] {
-        &self.databases
+        &self.0.databases
     }
 
     /// The primary pool of a shard: the only handle that writes.
     pub fn primary(&self, shard: &Shard) -> &MySqlPool {
-        &self.databases[shard.database].primary
+        &self.0.databases[shard.database].primary
     }
 }
