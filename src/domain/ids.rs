@@ -42,6 +42,14 @@ const TIME_SHIFT: u32 = SEQ_BITS + WORKER_BITS + GENE_BITS;
 /// refused so that an operator notices rather than the service stalling for minutes.
 pub const MAX_BACKWARD_WAIT_MS: i64 = 50;
 
+/// Plain ASCII digits only: no sign, no spaces, no exponent, at most 19 digits.
+fn parse_decimal(s: &str) -> Option<i64> {
+    if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// One macro for the plain positive 64-bit ids of the commerce data.
 macro_rules! positive_id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -58,10 +66,7 @@ macro_rules! positive_id {
             }
             /// Parses the decimal-string form used in JSON and paths.
             pub fn parse(s: &str) -> Option<Self> {
-                if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
-                    return None;
-                }
-                s.parse::<i64>().ok().and_then(Self::new)
+                parse_decimal(s).and_then(Self::new)
             }
         }
 
@@ -120,10 +125,7 @@ impl OrderId {
     }
 
     pub fn parse(s: &str) -> Option<Self> {
-        if s.is_empty() || s.len() > 19 || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        s.parse::<i64>().ok().and_then(Self::new)
+        parse_decimal(s).and_then(Self::new)
     }
 
     pub fn compose(parts: IdParts) -> Self {

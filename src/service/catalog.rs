@@ -63,15 +63,12 @@ pub struct NewCouponRequest {
     pub valid_to: DateTime<Utc>,
 }
 
+/// An issued coupon: its id and what it grants.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CouponView {
     pub coupon_id: crate::domain::ids::CouponId,
-    pub user_id: UserId,
-    pub shop_id: Option<ShopId>,
-    pub amount: Money,
-    pub min_spend: Money,
-    pub valid_from: DateTime<Utc>,
-    pub valid_to: DateTime<Utc>,
+    #[serde(flatten)]
+    pub coupon: NewCoupon,
 }
 
 #[derive(Clone)]
@@ -273,15 +270,7 @@ impl CatalogService {
             valid_from,
             valid_to: req.valid_to,
         };
-        let id = commerce::insert_coupon(&self.commerce, &coupon, now()).await?;
-        Ok(CouponView {
-            coupon_id: id,
-            user_id: user,
-            shop_id: shop,
-            amount,
-            min_spend,
-            valid_from,
-            valid_to: req.valid_to,
-        })
+        let coupon_id = commerce::insert_coupon(&self.commerce, &coupon, now()).await?;
+        Ok(CouponView { coupon_id, coupon })
     }
 }

@@ -22,15 +22,7 @@ use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{CouponSnapshot, NewLine, ProductSnapshot};
 
-use super::{Result, StorageError};
-
-fn ts(t: DateTime<Utc>) -> NaiveDateTime {
-    t.naive_utc()
-}
-
-fn corrupt(what: &str, v: impl std::fmt::Debug) -> StorageError {
-    StorageError::Corrupt(format!("{what}: {v:?}"))
-}
+use super::{corrupt, ts, Result, StorageError};
 
 // ---------------------------------------------------------------- users and shops
 
@@ -211,7 +203,7 @@ pub async fn add_stock(
 
 // ---------------------------------------------------------------- coupons
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize)]
 pub struct NewCoupon {
     pub user_id: UserId,
     pub shop_id: Option<ShopId>,

@@ -83,6 +83,16 @@ impl StorageError {
 
 pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 
+/// Times are stored as UTC `DATETIME(6)`.
+pub(crate) fn ts(t: chrono::DateTime<chrono::Utc>) -> chrono::NaiveDateTime {
+    t.naive_utc()
+}
+
+/// A stored value that no valid write could have produced.
+pub(crate) fn corrupt(what: &str, v: impl std::fmt::Debug) -> StorageError {
+    StorageError::Corrupt(format!("{what}: {v:?}"))
+}
+
 /// How many times a transaction that hit a deadlock is retried. InnoDB deadlocks between
 /// racing creates of one order are expected and short; three tries resolve them in practice.
 pub const DEADLOCK_RETRIES: usize = 3;

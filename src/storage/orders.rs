@@ -16,20 +16,12 @@ use crate::domain::order::{
 use crate::domain::status::OrderStatus;
 
 use super::shards::ShardTables;
-use super::{Result, StorageError};
+use super::{corrupt, ts, Result};
 
 const ORDER_COLUMNS: &str = "order_id, user_id, shop_id, status, version, currency, total_amount, \
     discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region, receiver_detail, \
     remark, tracking_number, carrier, close_reason, refund_required, created_at, updated_at, \
     pay_deadline, paid_at, shipped_at, completed_at, closed_at, invalidated_at";
-
-fn ts(t: DateTime<Utc>) -> NaiveDateTime {
-    t.naive_utc()
-}
-
-fn corrupt(what: &str, v: impl std::fmt::Debug) -> StorageError {
-    StorageError::Corrupt(format!("{what}: {v:?}"))
-}
 
 fn money(row: &MySqlRow, col: &str) -> Result<Money> {
     let v: i64 = row.try_get(col)?;
@@ -184,6 +176,15 @@ pub async fn request_hash_of(
     Ok(row.map(|r| r.try_get(0)).transpose()?)
 }
 
+/// Runs `sql`, whose `IN (…)` has one placeholder per order, for these orders.
+async fn rows_of(conn: &mut MySqlConnection, sql: &str, orders: &[Order]) -> Result<Vec<MySqlRow>> {
+    let mut q = sqlx::query(sql);
+    for o in orders {
+        q = q.bind(o.order_id.get());
+    }
+    Ok(q.fetch_all(conn).await?)
+}
+
 async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut [Order]) -> Result<()> {
     if orders.is_empty() {
         return Ok(());
@@ -196,11 +197,7 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
          FROM {} WHERE order_id IN ({ids}) ORDER BY order_id, line_no",
         t.items
     );
-    let mut q = sqlx::query(&sql);
-    for o in orders.iter() {
-        q = q.bind(o.order_id.get());
-    }
-    for row in q.fetch_all(&mut *conn).await? {
+    for row in rows_of(conn, &sql, orders).await? {
         let Some(i) = pos(orders, row.try_get("order_id")?) else {
             continue;
         };
@@ -222,11 +219,7 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
          FROM {} WHERE order_id IN ({ids}) ORDER BY id",
         t.payments
     );
-    let mut q = sqlx::query(&sql);
-    for o in orders.iter() {
-        q = q.bind(o.order_id.get());
-    }
-    for row in q.fetch_all(&mut *conn).await? {
+    for row in rows_of(conn, &sql, orders).await? {
         let Some(i) = pos(orders, row.try_get("order_id")?) else {
             continue;
         };
@@ -249,11 +242,7 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
          FROM {} WHERE order_id IN ({ids}) ORDER BY order_id, line_no",
         t.discounts
     );
-    let mut q = sqlx::query(&sql);
-    for o in orders.iter() {
-        q = q.bind(o.order_id.get());
-    }
-    for row in q.fetch_all(&mut *conn).await? {
+    for row in rows_of(conn, &sql, orders).await? {
         let Some(i) = pos(orders, row.try_get("order_id")?) else {
             continue;
         };
