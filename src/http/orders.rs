@@ -164,11 +164,7 @@ async fn get_order(
     match params.get("include").map(String::as_str) {
         None | Some("") => Ok(order_response(StatusCode::OK, &order)),
         Some("user") => {
-            let buyer = s
-                .catalog
-                .get_user(Caller::Admin(order.user_id), order.user_id)
-                .await
-                .ok();
+            let buyer = s.catalog.buyer_of(&order).await?;
             let mut body = serde_json::to_value(OrderView::from(&order))
                 .map_err(|e| Error::Unavailable(e.to_string()))?;
             body["user"] = serde_json::to_value(buyer).unwrap_or_default();

@@ -121,6 +121,12 @@ impl CatalogService {
         })
     }
 
+    /// The buyer's profile, for `?include=user`: whoever may see an order may see who
+    /// placed it (a shop ships to them). `None` when no profile was ever created.
+    pub async fn buyer_of(&self, order: &crate::domain::order::Order) -> Result<Option<User>> {
+        Ok(commerce::load_user(&self.commerce, order.user_id).await?)
+    }
+
     pub async fn get_user(&self, caller: Caller, id: UserId) -> Result<User> {
         let allowed = match caller {
             Caller::User(u) | Caller::Merchant { user: u, .. } => u == id,
