@@ -4,7 +4,7 @@ use orderly::domain::ids::{OrderId, UserId};
 use reqwest::StatusCode;
 use serde_json::json;
 
-use crate::helpers::TestApp;
+use crate::helpers::{TestApp, TEST_SHARDS};
 
 #[tokio::test]
 async fn routing_by_order_id_and_user_id() {
@@ -127,4 +127,36 @@ async fn routing_worker_ids_are_leased_so_two_processes_never_share_one() {
         .unwrap();
     assert_ne!(app.app.ids.worker(), second.state().ids.worker());
     token.cancel();
+}
+
+#[tokio::test]
+async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
+    let app = TestApp::spawn().await;
+    // TestApp::spawn migrated already: a second run applies nothing.
+    let again = orderly::app::migrate(&app.settings).await.unwrap();
+    assert!(again.applied.is_empty(), "{:?}", again.applied);
+    assert_eq!(again.already, 1 + TEST_SHARDS as usize);
+    // Every shard's four tables exist on the server that holds it, and only there.
+    let shards = app.app.orders.shards();
+    for shard in shards.all() {
+        for db in 0..shards.databases().len() {
+            let pool = &shards.databases()[db].primary;
+            let n: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?, ?, ?)",
+            )
+            .bind(&shard.tables.orders)
+            .bind(&shard.tables.items)
+            .bind(&shard.tables.payments)
+            .bind(&shard.tables.discounts)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+            assert_eq!(
+                n,
+                if db == shard.database { 4 } else { 0 },
+                "shard {} on database {db}",
+                shard.index
+            );
+        }
+    }
 }
