@@ -98,6 +98,24 @@ pub struct BenchOptions {
     pub progress: bool,
 }
 
+/// A flash sale's demand is served to the end; this bounds it if the service stalls.
+const FLASH_MAX_TIME: Duration = Duration::from_secs(600);
+
+impl BenchOptions {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.concurrency >= 1, "--concurrency must be at least 1");
+        anyhow::ensure!(
+            self.users >= 1 && self.products >= 1,
+            "--users and --products must be at least 1"
+        );
+        anyhow::ensure!(
+            (1..=10_000_000).contains(&self.flash_stock),
+            "--flash-stock must be between 1 and 10 000 000"
+        );
+        Ok(())
+    }
+}
+
 impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
@@ -116,6 +134,8 @@ impl Default for BenchOptions {
 /// Throughput and latency of one phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseStats {
+    /// Operations that completed (answered, or refused as the business demands); errors
+    /// are not counted here.
     pub ops: u64,
     pub seconds: f64,
     pub ops_per_sec: f64,
@@ -203,13 +223,19 @@ where
                     }
                     let t = Instant::now();
                     let outcome = op(i).await;
-                    let _ = hist.record((t.elapsed().as_micros() as u64).clamp(1, 60_000_000));
-                    done.fetch_add(1, Ordering::Relaxed);
+                    let micros = (t.elapsed().as_micros() as u64).clamp(1, 60_000_000);
+                    // Failures are counted, not timed: a fast error is no throughput.
                     match outcome {
-                        Outcome::Ok => {}
-                        Outcome::Refused(code) => *refused.entry(code).or_default() += 1,
+                        Outcome::Ok => {
+                            let _ = hist.record(micros);
+                        }
+                        Outcome::Refused(code) => {
+                            let _ = hist.record(micros);
+                            *refused.entry(code).or_default() += 1;
+                        }
                         Outcome::Error(code) => *errors.entry(code).or_default() += 1,
                     }
+                    done.fetch_add(1, Ordering::Relaxed);
                 }
                 (hist, errors, refused)
             })
@@ -219,7 +245,13 @@ where
     let mut errors = BTreeMap::new();
     let mut refused = BTreeMap::new();
     for t in tasks {
-        if let Ok((h, e, r)) = t.await {
+        let (h, e, r) = match t.await {
+            Ok(v) => v,
+            // A panicking operation is a bug of the bench: let it end the run loudly.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => continue,
+        };
+        {
             let _ = hist.add(&h);
             for (k, v) in e {
                 *errors.entry(k).or_default() += v;
@@ -252,15 +284,25 @@ where
 /// Runs the scenarios against a prepared workload (service running at its base URL).
 pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Result<Vec<ScenarioResult>> {
     let mut results = Vec::new();
+    opts.validate()?;
     for &scenario in &opts.scenarios {
         w.prepare(scenario, opts).await?;
-        let max_ops = (scenario == Scenario::Flash).then(|| 10 * opts.flash_stock as u64);
+        // A flash sale runs until its whole demand has bought (or been refused), whatever
+        // the duration; get-cold until each phase has read its half of the orders once.
+        let (max_ops, duration) = match scenario {
+            Scenario::Flash => (
+                Some(10 * opts.flash_stock as u64),
+                opts.duration.max(FLASH_MAX_TIME),
+            ),
+            Scenario::GetCold => (Some(w.cold_reads_per_phase()), opts.duration),
+            _ => (None, opts.duration),
+        };
         let label = format!("{} service", scenario.name());
         let ww = w.clone();
         let service = drive(
             &label,
             opts.concurrency,
-            opts.duration,
+            duration,
             max_ops,
             opts.progress,
             move |i| {
@@ -274,7 +316,7 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
         let raw = drive(
             &label,
             opts.concurrency,
-            opts.duration,
+            duration,
             max_ops,
             opts.progress,
             move |i| {
@@ -283,7 +325,8 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             },
         )
         .await;
-        let checks = w.check(scenario, opts).await?;
+        let mut checks = w.check(scenario, opts).await?;
+        checks.push(checks::phases_ran(&service, &raw));
         let result = ScenarioResult {
             scenario,
             ratio: service.ops_per_sec / raw.ops_per_sec.max(f64::MIN_POSITIVE),
@@ -324,8 +367,8 @@ fn codes(m: &BTreeMap<String, u64>) -> String {
 pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
     let mut s = format!(
         "{} s per phase, {} concurrent clients.\n\n\
-         | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p50 ms | raw p99 ms | service / raw | checks |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|---:|---:|---|\n",
+         | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | checks |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---|\n",
         opts.duration.as_secs_f64(),
         opts.concurrency
     );
@@ -342,7 +385,7 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             .map(|c| c.name.as_str())
             .collect();
         s.push_str(&format!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} | **{:.2}** | {} |\n",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} | {} | **{:.2}** | {} |\n",
             r.scenario.name(),
             a.ops_per_sec,
             a.p50_ms,
@@ -352,6 +395,7 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             b.ops_per_sec,
             b.p50_ms,
             b.p99_ms,
+            codes(&b.errors),
             r.ratio,
             if failed.is_empty() {
                 format!("{} passed", r.checks.len())

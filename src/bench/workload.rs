@@ -91,12 +91,9 @@ impl Workload {
     /// two flash-sale products: one for the service phase, one for the raw phase) and mints
     /// tokens.
     pub async fn setup(settings: &Settings, base: &str, opts: &BenchOptions) -> anyhow::Result<Workload> {
-        let mut db = settings.database.clone();
-        db.max_connections = db.max_connections.max(opts.concurrency as u32);
-        let mut s = settings.clone();
-        s.database = db.clone();
-        let shards = ShardMap::connect(&s).await?;
-        let commerce = storage::connect(&settings.commerce.url, &db).await?;
+        // The raw baseline gets the same pool sizes as the service under test.
+        let shards = ShardMap::connect(settings).await?;
+        let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
         let ids = match redis::Client::open(settings.redis.url.as_str())?
             .get_connection_manager()
             .await
@@ -216,14 +213,20 @@ impl Workload {
         let have = Self::lock(&self.made).len();
         let want = match scenario {
             Scenario::GetHot => 10,
-            // Enough that each read of both phases can take a different order.
+            // Each phase reads its own half of the pool, each order once.
             Scenario::GetCold => (opts.duration.as_secs().max(1) as usize * 2_000).clamp(200, 20_000),
             Scenario::List => 1_000,
             _ => 0,
         };
+        // List seeds go to a few buyers, so that their first page is a full page.
+        let seed_buyers = if scenario == Scenario::List {
+            40.min(self.users.len())
+        } else {
+            self.users.len()
+        };
         if have < want {
             let w = self.clone();
-            drive(
+            let seeded = drive(
                 "seeding orders",
                 opts.concurrency.min(32),
                 Duration::from_secs(600),
@@ -233,7 +236,7 @@ impl Workload {
                     let w = w.clone();
                     async move {
                         let product = w.products[i as usize % w.products.len()].clone();
-                        match w.raw_create(i as usize % w.users.len(), &product, 1).await {
+                        match w.raw_create(i as usize % seed_buyers, &product, 1).await {
                             Ok(_) => Outcome::Ok,
                             Err(o) => o,
                         }
@@ -241,8 +244,14 @@ impl Workload {
                 },
             )
             .await;
+            anyhow::ensure!(
+                seeded.errors.is_empty(),
+                "seeding orders failed: {:?}",
+                seeded.errors
+            );
         }
         let made = Self::lock(&self.made).clone();
+        anyhow::ensure!(!made.is_empty() || want == 0, "no orders to read");
         let mut shuffled = made.clone();
         {
             use rand::seq::SliceRandom;
@@ -250,9 +259,21 @@ impl Workload {
         }
         *Self::lock(&self.hot_pool) = Arc::new(shuffled.iter().take(10).copied().collect());
         *Self::lock(&self.cold_pool) = Arc::new(shuffled);
-        let mut listers: Vec<usize> = made.iter().map(|(u, _)| *u).collect();
-        listers.sort_unstable();
-        listers.dedup();
+        // Buyers with a full first page if there are any, otherwise everyone with an order.
+        let mut per_buyer: HashMap<usize, usize> = HashMap::new();
+        for (u, _) in &made {
+            *per_buyer.entry(*u).or_default() += 1;
+        }
+        let full: Vec<usize> = per_buyer
+            .iter()
+            .filter(|(_, n)| **n >= 20)
+            .map(|(u, _)| *u)
+            .collect();
+        let listers = if full.is_empty() {
+            per_buyer.into_keys().collect()
+        } else {
+            full
+        };
         *Self::lock(&self.list_users) = Arc::new(listers);
         Self::lock(&self.acked).clear();
         if matches!(scenario, Scenario::GetHot | Scenario::GetCold | Scenario::List) {
@@ -286,6 +307,12 @@ impl Workload {
             }
         }
         Ok(())
+    }
+
+    /// Orders available to one phase of get-cold: each phase reads its own half, each order
+    /// at most once.
+    pub fn cold_reads_per_phase(&self) -> u64 {
+        (Self::lock(&self.cold_pool).len() / 2) as u64
     }
 
     pub async fn check(&self, scenario: Scenario, opts: &BenchOptions) -> anyhow::Result<Vec<Check>> {
@@ -379,19 +406,26 @@ impl Workload {
         quantity: i64,
     ) -> Result<Value, Outcome> {
         let token = &self.tokens[user];
-        let id = self
+        let issued = self
             .call(reqwest::Method::POST, "/v1/order-ids", token, None)
             .await?;
+        let id = issued["order_id"]
+            .as_str()
+            .and_then(OrderId::parse)
+            .ok_or_else(|| Outcome::Error("bad_order_id".into()))?;
         let body = json!({
-            "order_id": id["order_id"],
+            "order_id": id.to_string(),
             "items": [{"product_id": product.id.to_string(), "quantity": quantity}],
             "address": self.address,
         });
         let order = self
             .call(reqwest::Method::POST, "/v1/orders", token, Some(body))
             .await?;
-        if let Some(id) = order["order_id"].as_str().and_then(OrderId::parse) {
-            self.record(user, id);
+        // Acknowledged is what we sent and the service answered 2xx for; an answer about
+        // another order is an error of its own.
+        self.record(user, id);
+        if order["order_id"].as_str() != Some(id.to_string().as_str()) {
+            return Err(Outcome::Error("wrong_order_in_answer".into()));
         }
         Ok(order)
     }
@@ -414,12 +448,12 @@ impl Workload {
                     &self.cold_pool
                 };
                 let pool = Self::lock(pool).clone();
-                let (user, id) = pool[i as usize % pool.len().max(1)];
+                let (user, id) = pool[i as usize % pool.len()];
                 self.get(&format!("/v1/orders/{id}"), &self.tokens[user]).await
             }
             Scenario::List => {
                 let users = Self::lock(&self.list_users).clone();
-                let user = users[i as usize % users.len().max(1)];
+                let user = users[i as usize % users.len()];
                 self.get("/v1/orders?limit=20", &self.tokens[user]).await
             }
             Scenario::Lifecycle => self.http_lifecycle().await,
@@ -472,7 +506,7 @@ impl Workload {
         user: usize,
         product: &ProductSnapshot,
         quantity: i64,
-    ) -> Result<OrderId, Outcome> {
+    ) -> Result<(OrderId, Money), Outcome> {
         let user_id = self.users[user];
         let id = self
             .ids
@@ -531,7 +565,7 @@ impl Workload {
         .await?;
         commerce::confirm_claim(&self.commerce, id).await?;
         self.record(user, id);
-        Ok(id)
+        Ok((id, pricing.pay_amount))
     }
 
     pub async fn raw_op(&self, scenario: Scenario, i: u64) -> Outcome {
@@ -553,18 +587,19 @@ impl Workload {
                     &self.cold_pool
                 };
                 let pool = Self::lock(pool).clone();
-                // The raw phase of get-cold starts half-way, away from what the service read.
+                // The raw phase of get-cold reads the second half of the pool, the service
+                // the first (each phase stops when its half is used up).
                 let offset = if scenario == Scenario::GetCold {
                     pool.len() / 2
                 } else {
                     0
                 };
-                let (_, id) = pool[(i as usize + offset) % pool.len().max(1)];
+                let (_, id) = pool[(i as usize + offset) % pool.len()];
                 self.raw_get(id).await
             }
             Scenario::List => {
                 let users = Self::lock(&self.list_users).clone();
-                let user = self.users[users[i as usize % users.len().max(1)]];
+                let user = self.users[users[i as usize % users.len()]];
                 self.raw_list(user).await
             }
             Scenario::Lifecycle => self.raw_lifecycle().await,
@@ -594,24 +629,23 @@ impl Workload {
         Ok(())
     }
 
-    /// Create, then the service's SQL of pay, ship and confirm: each change is preceded by a
-    /// read of the order (authorisation, version) and followed by one (the answer).
+    /// Create, then the service's SQL of pay, ship and confirm. A payment is recorded and
+    /// the order read back (the answer); ship and confirm read the order first (authorisation,
+    /// version), then compare-and-set, then read it back. The amount to pay comes from the
+    /// create, as the HTTP client takes it from the create's answer.
     async fn raw_lifecycle(&self) -> Result<(), Outcome> {
         let user = rand::thread_rng().gen_range(0..self.users.len());
         let (p, q) = self.random_line();
         let p = p.clone();
-        let id = self.raw_create(user, &p, q).await?;
+        let (id, pay_amount) = self.raw_create(user, &p, q).await?;
         let shard = self.shards.of_order(id);
         let t = &shard.tables;
         let mut conn = self.shards.primary(shard).acquire().await?;
-        let order = orders::load_order(&mut conn, t, id)
-            .await?
-            .ok_or_else(|| Outcome::Error("vanished".into()))?;
         let pay = MoneyMovement {
             kind: PaymentKind::Payment,
             transaction_no: format!("raw-{id}"),
             channel: "bench".into(),
-            amount: order.pay_amount,
+            amount: pay_amount,
             reason: String::new(),
         };
         orders::record_money(&mut conn, t, id, &pay, Utc::now()).await?;
