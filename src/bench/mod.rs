@@ -297,34 +297,25 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             Scenario::GetCold => (Some(w.cold_reads_per_phase()), opts.duration),
             _ => (None, opts.duration),
         };
-        let label = format!("{} service", scenario.name());
-        let ww = w.clone();
-        let service = drive(
-            &label,
-            opts.concurrency,
-            duration,
-            max_ops,
-            opts.progress,
-            move |i| {
-                let w = ww.clone();
-                async move { w.service_op(scenario, i).await }
-            },
-        )
-        .await;
-        let label = format!("{} raw", scenario.name());
-        let ww = w.clone();
-        let raw = drive(
-            &label,
-            opts.concurrency,
-            duration,
-            max_ops,
-            opts.progress,
-            move |i| {
-                let w = ww.clone();
-                async move { w.raw_op(scenario, i).await }
-            },
-        )
-        .await;
+        let mut phases = Vec::with_capacity(2);
+        for raw in [false, true] {
+            let label = format!("{} {}", scenario.name(), if raw { "raw" } else { "service" });
+            let w = w.clone();
+            let op = move |i| {
+                let w = w.clone();
+                async move {
+                    if raw {
+                        w.raw_op(scenario, i).await
+                    } else {
+                        w.service_op(scenario, i).await
+                    }
+                }
+            };
+            phases.push(drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await);
+        }
+        let [service, raw]: [PhaseStats; 2] = phases
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("expected a service and a raw phase"))?;
         let mut checks = w.check(scenario, opts).await?;
         checks.push(checks::phases_ran(&service, &raw));
         let result = ScenarioResult {
