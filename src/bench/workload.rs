@@ -442,13 +442,7 @@ impl Workload {
                 .await
                 .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let pool = if scenario == Scenario::GetHot {
-                    &self.hot_pool
-                } else {
-                    &self.cold_pool
-                };
-                let pool = Self::lock(pool).clone();
-                let (user, id) = pool[i as usize % pool.len()];
+                let (user, id) = self.read_target(scenario, i, false);
                 self.get(&format!("/v1/orders/{id}"), &self.tokens[user]).await
             }
             Scenario::List => {
@@ -581,20 +575,7 @@ impl Workload {
                 .await
                 .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let pool = if scenario == Scenario::GetHot {
-                    &self.hot_pool
-                } else {
-                    &self.cold_pool
-                };
-                let pool = Self::lock(pool).clone();
-                // The raw phase of get-cold reads the second half of the pool, the service
-                // the first (each phase stops when its half is used up).
-                let offset = if scenario == Scenario::GetCold {
-                    pool.len() / 2
-                } else {
-                    0
-                };
-                let (_, id) = pool[(i as usize + offset) % pool.len()];
+                let (_, id) = self.read_target(scenario, i, true);
                 self.raw_get(id).await
             }
             Scenario::List => {
@@ -605,6 +586,24 @@ impl Workload {
             Scenario::Lifecycle => self.raw_lifecycle().await,
         };
         result.err().unwrap_or(Outcome::Ok)
+    }
+
+    /// The `i`-th order a read scenario reads: from the hot pool, or for get-cold from the
+    /// service's (first) or the raw phase's (second) half of the cold pool, so that each
+    /// phase stops when its half is used up and no order is read twice.
+    fn read_target(&self, scenario: Scenario, i: u64, raw: bool) -> (usize, OrderId) {
+        let pool = if scenario == Scenario::GetHot {
+            &self.hot_pool
+        } else {
+            &self.cold_pool
+        };
+        let pool = Self::lock(pool).clone();
+        let offset = if scenario == Scenario::GetCold && raw {
+            pool.len() / 2
+        } else {
+            0
+        };
+        pool[(i as usize + offset) % pool.len()]
     }
 
     async fn raw_get(&self, id: OrderId) -> Result<(), Outcome> {

@@ -455,7 +455,7 @@ impl OrderService {
         id: OrderId,
         expected_version: i64,
         command: Command,
-        change: StatusChange,
+        change: impl FnOnce(&Order) -> StatusChange,
         allowed: impl Fn(Caller, &Order) -> bool,
     ) -> Result<Order> {
         let shard = self.shards.of_order(id);
@@ -471,6 +471,7 @@ impl OrderService {
         }
         let to =
             transition(order.status, command).map_err(|e| Error::InvalidTransition { status: e.from })?;
+        let change = change(&order);
         let won = orders::cas_status(
             &mut conn,
             &shard.tables,
@@ -625,9 +626,14 @@ impl OrderService {
             tracking_number: Some(req.tracking_number),
             ..Default::default()
         };
-        self.status_change(caller, id, req.expected_version, Command::Ship, change, |c, o| {
-            c.is_shop_of(o)
-        })
+        self.status_change(
+            caller,
+            id,
+            req.expected_version,
+            Command::Ship,
+            |_| change,
+            |c, o| c.is_shop_of(o),
+        )
         .await
     }
 
@@ -641,7 +647,7 @@ impl OrderService {
             id,
             req.expected_version,
             Command::Confirm,
-            StatusChange::default(),
+            |_| StatusChange::default(),
             |c, o| c.is_owner(o),
         )
         .await
@@ -665,7 +671,7 @@ impl OrderService {
             id,
             req.expected_version,
             Command::Cancel,
-            change,
+            |_| change,
             |c, o| c.is_owner(o) || c.is_admin(),
         )
         .await
@@ -676,16 +682,13 @@ impl OrderService {
             return Err(Error::Forbidden("only an administrator invalidates orders"));
         }
         self.versioned_checks(&req)?;
-        let shard = self.shards.of_order(id);
-        let mut conn = self.conn(shard).await?;
-        let current = self.load_visible(&mut conn, shard, caller, id).await?;
-        drop(conn);
-        let change = StatusChange {
-            close_reason: Some(if req.reason.is_empty() {
-                "invalidated".into()
-            } else {
-                req.reason
-            }),
+        let reason = if req.reason.is_empty() {
+            "invalidated".into()
+        } else {
+            req.reason
+        };
+        let change = |current: &Order| StatusChange {
+            close_reason: Some(reason),
             // Money already received must go back to the buyer.
             refund_required: current.net_paid() > 0,
             ..Default::default()
