@@ -3,6 +3,7 @@
 //! with a demo catalog, serving the API. It prints tokens and curl lines that work as
 //! printed, and removes everything on Ctrl-C.
 
+use sqlx::AssertSqlSafe;
 use std::path::Path;
 use std::time::Duration;
 
@@ -60,9 +61,9 @@ pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("bad url {url}"))?;
         let db = rest.split('?').next().unwrap_or(rest);
         let pool = storage::connect(&format!("{server}/?ssl-mode=disabled"), &settings.database).await?;
-        sqlx::query(&format!(
+        sqlx::query(AssertSqlSafe(format!(
             "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"
-        ))
+        )))
         .execute(&pool)
         .await?;
         pool.close().await;

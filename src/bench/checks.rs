@@ -1,6 +1,7 @@
 //! Correctness checks after a scenario, straight against the databases. Each returns a
 //! named [`Check`]; a failed one fails the run.
 
+use sqlx::AssertSqlSafe;
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
@@ -85,7 +86,7 @@ pub async fn run(
     for shard in shards.all() {
         let pool = shards.primary(shard);
         let t = &shard.tables;
-        let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT order_id FROM {}", t.orders))
+        let ids: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!("SELECT order_id FROM {}", t.orders)))
             .fetch_all(pool)
             .await?;
         for id in ids {
@@ -96,18 +97,18 @@ pub async fn run(
                 misplaced.push(format!("order {id} is in {}", t.orders));
             }
         }
-        let orphans: Vec<i64> = sqlx::query_scalar(&format!(
+        let orphans: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT o.order_id FROM {} o WHERE NOT EXISTS (SELECT 1 FROM {} i WHERE i.order_id = o.order_id) LIMIT 10",
             t.orders, t.items
-        ))
+        )))
         .fetch_all(pool)
         .await?;
         without_items.extend(orphans.iter().map(|id| format!("order {id} has no items")));
-        let rows = sqlx::query(&format!(
+        let rows = sqlx::query(AssertSqlSafe(format!(
             "SELECT i.product_id, CAST(SUM(i.quantity) AS SIGNED) FROM {} i JOIN {} o ON o.order_id = i.order_id
              WHERE o.status NOT IN (4, 5) GROUP BY i.product_id",
             t.items, t.orders
-        ))
+        )))
         .fetch_all(pool)
         .await?;
         for r in rows {
@@ -120,7 +121,7 @@ pub async fn run(
                     t.orders,
                     vec!["?"; chunk.len()].join(", ")
                 );
-                let mut q = sqlx::query_scalar::<_, i64>(&sql);
+                let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(&*sql));
                 for id in chunk {
                     q = q.bind(id);
                 }

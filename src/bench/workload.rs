@@ -2,6 +2,7 @@
 //! the same storage functions, no HTTP, no service), plus the catalog and the order pools the
 //! operations draw from.
 
+use sqlx::AssertSqlSafe;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -132,7 +133,7 @@ impl Workload {
                 "INSERT INTO users (id, name, level, created_at) VALUES {}",
                 vec!["(?, ?, 1, ?)"; chunk.len()].join(", ")
             );
-            let mut q = sqlx::query(&sql);
+            let mut q = sqlx::query(AssertSqlSafe(&*sql));
             for u in chunk {
                 q = q.bind(u.get()).bind(format!("buyer {u}")).bind(now);
             }
@@ -303,7 +304,7 @@ impl Workload {
                 ),
                 format!("SELECT COUNT(description) FROM {}", t.discounts),
             ] {
-                sqlx::query(&sql).execute(pool).await?;
+                sqlx::query(AssertSqlSafe(&*sql)).execute(pool).await?;
             }
         }
         Ok(())

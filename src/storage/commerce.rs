@@ -16,6 +16,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlRow;
+use sqlx::AssertSqlSafe;
 use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
@@ -174,7 +175,7 @@ pub async fn load_products(pool: &MySqlPool, ids: &[ProductId]) -> Result<Vec<Pr
         "SELECT id, shop_id, name, price, currency, stock FROM products WHERE id IN ({})",
         vec!["?"; ids.len()].join(", ")
     );
-    let mut q = sqlx::query(&sql);
+    let mut q = sqlx::query(AssertSqlSafe(&*sql));
     for id in ids {
         q = q.bind(id.get());
     }
@@ -259,7 +260,7 @@ pub async fn load_coupons(pool: &MySqlPool, ids: &[CouponId]) -> Result<Vec<Coup
          FROM coupons WHERE id IN ({})",
         vec!["?"; ids.len()].join(", ")
     );
-    let mut q = sqlx::query(&sql);
+    let mut q = sqlx::query(AssertSqlSafe(&*sql));
     for id in ids {
         q = q.bind(id.get());
     }
@@ -354,7 +355,7 @@ pub async fn reserve(
     let sql = format!(
         "INSERT INTO stock_reservations (order_id, product_id, quantity, state, created_at, updated_at) VALUES {placeholders}"
     );
-    let mut q = sqlx::query(&sql);
+    let mut q = sqlx::query(AssertSqlSafe(&*sql));
     for l in &lines {
         q = q
             .bind(r.order_id.get())

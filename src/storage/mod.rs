@@ -102,9 +102,12 @@ pub const DEADLOCK_RETRIES: usize = 3;
 /// this times the connections of every client (the local cluster sets it to 1M).
 const STATEMENT_CACHE: usize = 512;
 
-/// Opens a pool against `url` with the shared pool settings.
+/// Opens a pool against `url` with the shared pool settings and the transaction guard
+/// ([`release_guard`]).
 pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<MySqlPool> {
     let opts: MySqlConnectOptions = url.parse().map_err(StorageError::Db)?;
+    // The pool's name in logs and metrics: the database, never the credentials.
+    let name: std::sync::Arc<str> = opts.get_database().unwrap_or("-").into();
     // Every shard has its own table names, so one server sees 16+ copies of each statement;
     // sqlx's default cache of 100 prepared statements per connection would thrash and
     // re-prepare on nearly every query.
@@ -117,6 +120,10 @@ pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<MySqlPool
         // No ping before every checkout: it is a round trip per request. A dead connection
         // fails its statement instead, is dropped by the pool, and the request answers 503.
         .test_before_acquire(false)
+        .after_release(move |conn, _| {
+            let name = name.clone();
+            Box::pin(async move { release_guard(conn, &name).await })
+        })
         .after_connect(|conn, _| {
             Box::pin(async move {
                 // READ COMMITTED: our transactions are compare-and-set updates that never
@@ -132,4 +139,36 @@ pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<MySqlPool
         .connect_with(opts)
         .await?;
     Ok(pool)
+}
+
+/// The pool guard: no connection goes back to the pool inside a transaction.
+///
+/// A request future dropped while its `BEGIN` was in flight leaves the server-side
+/// transaction open while the driver believes there is none (sqlx counts a transaction only
+/// once `BEGIN` answered). The next borrower's autocommit statements would then run inside
+/// that transaction and never commit: a 2xx for a write that is lost. So every connection
+/// is asked on release whether the server holds a transaction for it; one that does is
+/// closed (which rolls the transaction back) and counted, and the pool opens a fresh one.
+///
+/// The question costs one round trip per release. It runs on the pool's release task, after
+/// the request has its answer, and the driver cannot tell without it: the server's
+/// in-transaction flag is in every OK packet, but sqlx keeps it private. A queued `ROLLBACK`
+/// of a dropped [`sqlx::Transaction`] is flushed before the question, so a properly rolled
+/// back transaction is not counted. It must be zero in normal operation.
+async fn release_guard(
+    conn: &mut sqlx::MySqlConnection,
+    pool: &str,
+) -> std::result::Result<bool, sqlx::Error> {
+    let open: i64 = sqlx::query_scalar("SELECT @@in_transaction")
+        .fetch_one(&mut *conn)
+        .await?;
+    if open == 0 {
+        return Ok(true);
+    }
+    metrics::counter!("orderly_db_connections_in_transaction_total", "pool" => pool.to_owned()).increment(1);
+    tracing::error!(
+        pool,
+        "a pooled connection was released inside a transaction; closing it"
+    );
+    Ok(false)
 }

@@ -6,6 +6,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlRow;
+use sqlx::AssertSqlSafe;
 use sqlx::{MySqlConnection, Row};
 
 use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
@@ -93,13 +94,13 @@ pub async fn insert_order(
 ) -> Result<()> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     let a = &order.address;
-    sqlx::query(&format!(
+    sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
             discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region,
             receiver_detail, remark, request_hash, created_at, updated_at, pay_deadline)
          VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         t.orders
-    ))
+    )))
     .bind(order.order_id.get())
     .bind(order.user_id.get())
     .bind(pricing.shop_id.get())
@@ -125,7 +126,7 @@ pub async fn insert_order(
         "INSERT INTO {} (order_id, line_no, product_id, product_name, unit_price, quantity, line_total) VALUES {placeholders}",
         t.items
     );
-    let mut q = sqlx::query(&sql);
+    let mut q = sqlx::query(AssertSqlSafe(&*sql));
     for l in &pricing.items {
         q = q
             .bind(order.order_id.get())
@@ -144,7 +145,7 @@ pub async fn insert_order(
             "INSERT INTO {} (order_id, line_no, coupon_id, kind, amount, description) VALUES {placeholders}",
             t.discounts
         );
-        let mut q = sqlx::query(&sql);
+        let mut q = sqlx::query(AssertSqlSafe(&*sql));
         for d in &pricing.discounts {
             q = q
                 .bind(order.order_id.get())
@@ -166,10 +167,10 @@ pub async fn request_hash_of(
     t: &ShardTables,
     id: OrderId,
 ) -> Result<Option<Vec<u8>>> {
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT request_hash FROM {} WHERE order_id = ?",
         t.orders
-    ))
+    )))
     .bind(id.get())
     .fetch_optional(conn)
     .await?;
@@ -178,7 +179,7 @@ pub async fn request_hash_of(
 
 /// Runs `sql`, whose `IN (…)` has one placeholder per order, for these orders.
 async fn rows_of(conn: &mut MySqlConnection, sql: &str, orders: &[Order]) -> Result<Vec<MySqlRow>> {
-    let mut q = sqlx::query(sql);
+    let mut q = sqlx::query(AssertSqlSafe(sql));
     for o in orders {
         q = q.bind(o.order_id.get());
     }
@@ -261,10 +262,10 @@ async fn load_children(conn: &mut MySqlConnection, t: &ShardTables, orders: &mut
 
 /// The whole order, or `None`.
 pub async fn load_order(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<Option<Order>> {
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT {ORDER_COLUMNS} FROM {} WHERE order_id = ?",
         t.orders
-    ))
+    )))
     .bind(id.get())
     .fetch_optional(&mut *conn)
     .await?;
@@ -306,7 +307,7 @@ pub async fn list_user_orders(
         sql.push_str(" AND (created_at, order_id) < (?, ?)");
     }
     sql.push_str(" ORDER BY created_at DESC, order_id DESC LIMIT ?");
-    let mut query = sqlx::query(&sql).bind(q.user_id.get());
+    let mut query = sqlx::query(AssertSqlSafe(&*sql)).bind(q.user_id.get());
     if let Some(s) = q.status {
         query = query.bind(s.code());
     }
@@ -376,7 +377,7 @@ pub async fn cas_status(
         t.orders,
         timestamp_column(to)
     );
-    let done = sqlx::query(&sql)
+    let done = sqlx::query(AssertSqlSafe(&*sql))
         .bind(to.code())
         .bind(ts(now))
         .bind(ts(now))
@@ -430,7 +431,7 @@ pub async fn cas_fields(
         t.orders
     );
     let a = changes.address.as_ref();
-    let done = sqlx::query(&sql)
+    let done = sqlx::query(AssertSqlSafe(&*sql))
         .bind(a.map(|a| &a.name))
         .bind(a.map(|a| &a.phone))
         .bind(a.map(|a| &a.region))
@@ -494,10 +495,10 @@ pub async fn record_money(
     now: DateTime<Utc>,
 ) -> Result<MoneyOutcome> {
     let mut tx = sqlx::Connection::begin(conn).await?;
-    let row = sqlx::query(&format!(
+    let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT status, pay_amount FROM {} WHERE order_id = ? FOR UPDATE",
         t.orders
-    ))
+    )))
     .bind(id.get())
     .fetch_optional(&mut *tx)
     .await?;
@@ -508,10 +509,10 @@ pub async fn record_money(
     let status = OrderStatus::from_code(i64::from(code)).ok_or_else(|| corrupt("status", code))?;
     let pay_amount: i64 = row.try_get("pay_amount")?;
 
-    let existing = sqlx::query(&format!(
+    let existing = sqlx::query(AssertSqlSafe(format!(
         "SELECT order_id, kind, amount, channel FROM {} WHERE transaction_no = ?",
         t.payments
-    ))
+    )))
     .bind(&m.transaction_no)
     .fetch_optional(&mut *tx)
     .await?;
@@ -528,10 +529,10 @@ pub async fn record_money(
             MoneyOutcome::Conflict
         });
     }
-    let net: i64 = sqlx::query_scalar(&format!(
+    let net: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT CAST(COALESCE(SUM(IF(kind = 0, amount, -amount)), 0) AS SIGNED) FROM {} WHERE order_id = ?",
         t.payments
-    ))
+    )))
     .bind(id.get())
     .fetch_one(&mut *tx)
     .await?;
@@ -543,11 +544,11 @@ pub async fn record_money(
         Err(due) => return Ok(MoneyOutcome::Mismatch { due }),
     };
 
-    sqlx::query(&format!(
+    sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (order_id, kind, transaction_no, channel, amount, reason, created_at)
          VALUES (?, ?, ?, ?, ?, ?, ?)",
         t.payments
-    ))
+    )))
     .bind(id.get())
     .bind(m.kind as i8)
     .bind(&m.transaction_no)
@@ -573,7 +574,7 @@ pub async fn record_money(
         });
     }
     sql.push_str(" WHERE order_id = ?");
-    let mut q = sqlx::query(&sql).bind(ts(now));
+    let mut q = sqlx::query(AssertSqlSafe(&*sql)).bind(ts(now));
     if to != status {
         q = q.bind(ts(now));
     }
@@ -634,10 +635,10 @@ pub async fn release_pending(
     before: DateTime<Utc>,
     limit: u32,
 ) -> Result<Vec<OrderId>> {
-    let rows = sqlx::query(&format!(
+    let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT order_id FROM {} WHERE release_pending = 1 AND updated_at < ? LIMIT ?",
         t.orders
-    ))
+    )))
     .bind(ts(before))
     .bind(limit)
     .fetch_all(conn)
@@ -658,10 +659,10 @@ pub async fn expired_unpaid(
     at: DateTime<Utc>,
     limit: u32,
 ) -> Result<Vec<(OrderId, i64)>> {
-    let rows = sqlx::query(&format!(
+    let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT order_id, version FROM {} WHERE status = ? AND pay_deadline < ? ORDER BY pay_deadline LIMIT ?",
         t.orders
-    ))
+    )))
     .bind(OrderStatus::PendingPayment.code())
     .bind(ts(at))
     .bind(limit)
@@ -681,10 +682,10 @@ pub async fn expired_unpaid(
 /// Marks the stock of a closed order as given back. Touches no version: it is bookkeeping,
 /// not a change the client sees.
 pub async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<()> {
-    sqlx::query(&format!(
+    sqlx::query(AssertSqlSafe(format!(
         "UPDATE {} SET release_pending = 0 WHERE order_id = ?",
         t.orders
-    ))
+    )))
     .bind(id.get())
     .execute(conn)
     .await?;

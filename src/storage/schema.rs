@@ -5,6 +5,7 @@
 //! holds it. Applying is idempotent (`CREATE TABLE IF NOT EXISTS` plus the record), so a
 //! migrate interrupted halfway is simply run again.
 
+use sqlx::AssertSqlSafe;
 use sqlx::{MySqlPool, Row};
 
 use super::shards::{ShardMap, ShardTables};
@@ -224,7 +225,9 @@ async fn apply(
             continue;
         }
         for stmt in m.statements {
-            sqlx::query(&render_stmt(stmt)).execute(pool).await?;
+            sqlx::query(AssertSqlSafe(&*render_stmt(stmt)))
+                .execute(pool)
+                .await?;
         }
         sqlx::query(
             "INSERT IGNORE INTO schema_migrations (scope, version, description, applied_at)

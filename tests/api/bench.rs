@@ -2,6 +2,7 @@
 //! checks passing, and the checks really fail on a corrupted database. (A test of the tool,
 //! not a speed test.)
 
+use sqlx::AssertSqlSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -107,7 +108,7 @@ async fn bench_checks_fail_on_a_corrupted_database() {
     let mut found = None;
     for shard in shards.all() {
         let sql = format!("SELECT order_id FROM {} LIMIT 1", shard.tables.items);
-        if let Some(id) = sqlx::query_scalar::<_, i64>(&sql)
+        if let Some(id) = sqlx::query_scalar::<_, i64>(AssertSqlSafe(&*sql))
             .fetch_optional(shards.primary(shard))
             .await
             .unwrap()
@@ -118,11 +119,11 @@ async fn bench_checks_fail_on_a_corrupted_database() {
     }
     let (order, shard) = found.expect("an order with items");
     let t = &shard.tables.items;
-    sqlx::query(&format!(
+    sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {t} (order_id, line_no, product_id, product_name, unit_price, quantity, line_total)
          SELECT order_id, line_no + 100, product_id, product_name, unit_price, quantity, line_total
          FROM {t} WHERE order_id = ? AND line_no = 1"
-    ))
+    )))
     .bind(order)
     .execute(shards.primary(&shard))
     .await

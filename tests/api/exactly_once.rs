@@ -1,5 +1,6 @@
 //! SPEC 2.1: exactly-once creation.
 
+use sqlx::AssertSqlSafe;
 use std::time::Duration;
 
 use chrono::Utc;
@@ -99,7 +100,7 @@ async fn exactly_once_creation_gives_stock_back_when_the_order_write_fails() {
         .clone();
     let pool = app.app.orders.shards().primary(&shard).clone();
     let t = &shard.tables.orders;
-    sqlx::query(&format!("RENAME TABLE {t} TO {t}_away"))
+    sqlx::query(AssertSqlSafe(format!("RENAME TABLE {t} TO {t}_away")))
         .execute(&pool)
         .await
         .unwrap();
@@ -115,7 +116,7 @@ async fn exactly_once_creation_gives_stock_back_when_the_order_write_fails() {
     assert_eq!(app.count_commerce_rows("order_claims").await, 0);
 
     // Repaired, the retry of the same request succeeds and takes the stock once.
-    sqlx::query(&format!("RENAME TABLE {t}_away TO {t}"))
+    sqlx::query(AssertSqlSafe(format!("RENAME TABLE {t}_away TO {t}")))
         .execute(&pool)
         .await
         .unwrap();

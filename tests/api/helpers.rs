@@ -2,6 +2,7 @@
 //! binaries on PATH) per test binary, and a [`TestApp`] per test with its own databases, its
 //! own Redis key prefix and its own server bound on port 0.
 
+use sqlx::AssertSqlSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -322,7 +323,7 @@ impl TestApp {
                 other => panic!("no shard table {other}"),
             };
             let pool = self.app.orders.shards().primary(shard);
-            let n: i64 = sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
                 .fetch_one(pool)
                 .await
                 .unwrap();
@@ -332,7 +333,7 @@ impl TestApp {
     }
 
     pub async fn count_commerce_rows(&self, table: &str) -> i64 {
-        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+        sqlx::query_scalar(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
             .fetch_one(&self.commerce)
             .await
             .unwrap()

@@ -4,6 +4,7 @@
 use chrono::Utc;
 use reqwest::StatusCode;
 use serde_json::json;
+use sqlx::AssertSqlSafe;
 
 use crate::helpers::TestApp;
 
@@ -184,10 +185,10 @@ async fn lifecycle_sweeper_finishes_a_release_the_close_could_not() {
         .shards()
         .of_order(orderly::domain::ids::OrderId::new(id).unwrap())
         .clone();
-    sqlx::query(&format!(
+    sqlx::query(AssertSqlSafe(format!(
         "UPDATE {} SET status = 4, version = version + 1, release_pending = 1 WHERE order_id = ?",
         shard.tables.orders
-    ))
+    )))
     .bind(id)
     .execute(app.app.orders.shards().primary(&shard))
     .await

@@ -3,6 +3,7 @@
 use orderly::domain::ids::{OrderId, UserId};
 use reqwest::StatusCode;
 use serde_json::json;
+use sqlx::AssertSqlSafe;
 
 use crate::helpers::{TestApp, TEST_SHARDS};
 
@@ -25,10 +26,10 @@ async fn routing_by_order_id_and_user_id() {
         // The order's shard from its id alone is its user's shard.
         assert_eq!(shard.index, shards.of_user(UserId::new(*user).unwrap()).index);
         // And the row is really there, in that table on that server.
-        let n: i64 = sqlx::query_scalar(&format!(
+        let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
             "SELECT COUNT(*) FROM {} WHERE order_id = ? AND user_id = ?",
             shard.tables.orders
-        ))
+        )))
         .bind(oid.get())
         .bind(user)
         .fetch_one(shards.primary(shard))
