@@ -172,23 +172,83 @@ const SHARD_V1: &[&str] = &[
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
 ];
 
+/// Worker-id leases (one row per worker id, seeded once: a lease is only ever taken by
+/// updating an existing row, so a row that vanished is a worker id nobody can take, never
+/// one two processes share). `expires_at` is in the database's clock; `issued_below_ms` is
+/// the bound under which the holder may have issued ids (its lease deadline, or its last id
+/// on a clean release), so the next holder never issues an id at or below it, whatever its
+/// clock says. `generation` counts the takes (a fencing token for logs).
+const COMMERCE_V2: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS worker_leases (
+        worker_id SMALLINT NOT NULL PRIMARY KEY,
+        holder VARCHAR(64) NULL,
+        expires_at DATETIME(6) NOT NULL,
+        issued_below_ms BIGINT NOT NULL DEFAULT 0,
+        generation BIGINT NOT NULL DEFAULT 0,
+        updated_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB",
+    "INSERT IGNORE INTO worker_leases (worker_id, holder, expires_at, updated_at)
+     WITH RECURSIVE w(id) AS (SELECT 0 UNION ALL SELECT id + 1 FROM w WHERE id < 63)
+     SELECT id, NULL, '1970-01-01 00:00:01', UTC_TIMESTAMP(6) FROM w",
+];
+
+/// Payment and refund numbers of the channel are unique across every shard: the number is
+/// claimed here before the shard records the payment, so one number can never pay two
+/// orders on two shards. Coupons carry the currency they are worth.
+const COMMERCE_V3: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS payment_numbers (
+        transaction_no VARCHAR(64) NOT NULL PRIMARY KEY,
+        kind TINYINT NOT NULL,
+        order_id BIGINT NOT NULL,
+        channel VARCHAR(32) NOT NULL,
+        amount BIGINT NOT NULL,
+        created_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "ALTER TABLE coupons ADD COLUMN IF NOT EXISTS currency CHAR(3) NOT NULL DEFAULT 'CNY' AFTER min_spend",
+];
+
+/// Void order ids of a shard: see [`ShardTables::voids`].
+const SHARD_V2: &[&str] = &["CREATE TABLE IF NOT EXISTS {voids} (
+        order_id BIGINT NOT NULL PRIMARY KEY,
+        voided_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB"];
+
 struct Migration {
     version: i32,
     description: &'static str,
     statements: &'static [&'static str],
 }
 
-const COMMERCE: &[Migration] = &[Migration {
-    version: 1,
-    description: "users, shops, products, coupons, order claims, stock reservations",
-    statements: COMMERCE_V1,
-}];
+const COMMERCE: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "users, shops, products, coupons, order claims, stock reservations",
+        statements: COMMERCE_V1,
+    },
+    Migration {
+        version: 2,
+        description: "worker-id leases",
+        statements: COMMERCE_V2,
+    },
+    Migration {
+        version: 3,
+        description: "payment numbers unique across shards; coupon currency",
+        statements: COMMERCE_V3,
+    },
+];
 
-const SHARD: &[Migration] = &[Migration {
-    version: 1,
-    description: "orders, order_items, order_payments, order_discounts",
-    statements: SHARD_V1,
-}];
+const SHARD: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "orders, order_items, order_payments, order_discounts",
+        statements: SHARD_V1,
+    },
+    Migration {
+        version: 2,
+        description: "void order ids",
+        statements: SHARD_V2,
+    },
+];
 
 /// What a migrate run did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -202,6 +262,7 @@ fn render(stmt: &str, t: &ShardTables) -> String {
         .replace("{items}", &t.items)
         .replace("{payments}", &t.payments)
         .replace("{discounts}", &t.discounts)
+        .replace("{voids}", &t.voids)
 }
 
 async fn apply(

@@ -21,6 +21,9 @@ pub struct ShardTables {
     pub items: String,
     pub payments: String,
     pub discounts: String,
+    /// Order ids the sweeper declared dead (their reservation was given back): a create of
+    /// such an id that arrives late must not write the order.
+    pub voids: String,
 }
 
 impl ShardTables {
@@ -31,6 +34,7 @@ impl ShardTables {
             items: format!("order_items_{s}"),
             payments: format!("order_payments_{s}"),
             discounts: format!("order_discounts_{s}"),
+            voids: format!("order_voids_{s}"),
         }
     }
 }

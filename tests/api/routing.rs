@@ -136,25 +136,27 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
     // TestApp::spawn migrated already: a second run applies nothing.
     let again = orderly::app::migrate(&app.settings).await.unwrap();
     assert!(again.applied.is_empty(), "{:?}", again.applied);
-    assert_eq!(again.already, 1 + TEST_SHARDS as usize);
-    // Every shard's four tables exist on the server that holds it, and only there.
+    // Three commerce migrations, two per shard.
+    assert_eq!(again.already, 3 + 2 * TEST_SHARDS as usize);
+    // Every shard's five tables exist on the server that holds it, and only there.
     let shards = app.app.orders.shards();
     for shard in shards.all() {
         for db in 0..shards.databases().len() {
             let pool = &shards.databases()[db].primary;
             let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?, ?, ?)",
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?, ?, ?, ?)",
             )
             .bind(&shard.tables.orders)
             .bind(&shard.tables.items)
             .bind(&shard.tables.payments)
             .bind(&shard.tables.discounts)
+            .bind(&shard.tables.voids)
             .fetch_one(pool)
             .await
             .unwrap();
             assert_eq!(
                 n,
-                if db == shard.database { 4 } else { 0 },
+                if db == shard.database { 5 } else { 0 },
                 "shard {} on database {db}",
                 shard.index
             );
