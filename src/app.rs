@@ -2,6 +2,7 @@
 //! obtains a worker id, binds the listener (port 0 works), and serves until a
 //! [`CancellationToken`] fires. Background loops take the same token.
 
+use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +10,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::domain::ids::WorkerId;
@@ -78,6 +80,7 @@ impl Application {
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth.jwt_secret)),
             redis,
+            writes: TaskTracker::new(),
         };
         let listener = TcpListener::bind(settings.server.listen).await?;
         let addr = listener.local_addr()?;
@@ -100,6 +103,11 @@ impl Application {
     }
 
     /// Serves until the shutdown token fires, with the sweeper running beside it.
+    ///
+    /// Shutdown (Ctrl-C, SIGTERM, or the token): stop accepting, let requests in flight
+    /// finish and every write task complete, all within `server.shutdown_grace_ms`; then
+    /// stop the background loops. A write cut off by the end of the grace period is one the
+    /// client never got a 2xx for, and the sweeper repairs what it leaves.
     pub async fn run(self) -> anyhow::Result<()> {
         let s = &self.settings;
         let sweeper = tokio::spawn(sweeper::run(
@@ -109,15 +117,42 @@ impl Application {
             s.sweeper.batch_size,
             self.shutdown.clone(),
         ));
+        let writes = self.state.writes.clone();
         let app = router(self.state, s.server.body_limit_bytes, s.request_timeout());
         let token = self.shutdown.clone();
-        axum::serve(self.listener, app)
+        let grace = Duration::from_millis(s.server.shutdown_grace_ms);
+        let server = axum::serve(self.listener, app)
             .with_graceful_shutdown(async move { token.cancelled().await })
-            .await?;
+            .into_future();
+        tokio::pin!(server);
+        // The grace period starts when shutdown is asked for, not when serving starts.
+        let served = tokio::select! {
+            r = &mut server => Some(r),
+            _ = self.shutdown.cancelled() => None,
+        };
+        let deadline = tokio::time::Instant::now() + grace;
+        let served = match served {
+            Some(r) => r,
+            None => match tokio::time::timeout_at(deadline, &mut server).await {
+                Ok(r) => r,
+                Err(_) => {
+                    tracing::warn!(?grace, "requests still in flight at the end of the grace period");
+                    Ok(())
+                }
+            },
+        };
+        writes.close();
+        if tokio::time::timeout_at(deadline, writes.wait()).await.is_err() {
+            tracing::warn!(
+                in_flight = writes.len(),
+                "write tasks still running at the end of the grace period"
+            );
+        }
         let _ = sweeper.await;
         for h in self.background {
             let _ = h.await;
         }
+        served?;
         Ok(())
     }
 }

@@ -33,6 +33,7 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     pub body_limit_bytes: usize,
     pub request_timeout_ms: u64,
+    pub shutdown_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -102,8 +102,27 @@ fn shard_count(explicit: Option<u32>, config: Option<&PathBuf>) -> anyhow::Resul
     Ok(ShardCount::new(n)?)
 }
 
+/// Ctrl-C and SIGTERM (what an orchestrator sends) both start a graceful shutdown.
 async fn shutdown_signal(token: CancellationToken) {
-    let _ = tokio::signal::ctrl_c().await;
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutting down");
     token.cancel();
 }
 

@@ -1,6 +1,6 @@
 //! Catalog routes: users, shops, products, stock, coupons.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
@@ -14,8 +14,8 @@ use crate::service::Error;
 
 use super::auth::Auth;
 use super::error::ApiError;
-use super::extract::Json;
-use super::AppState;
+use super::extract::{Json, PathParam};
+use super::{write, AppState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -35,16 +35,22 @@ fn created<T: serde::Serialize>(v: T) -> axum::response::Response {
 }
 
 async fn create_user(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<NewUserRequest>) -> ApiResult {
-    Ok(created(s.catalog.create_user(c, req).await?))
+    let catalog = s.catalog.clone();
+    Ok(created(
+        write(&s, async move { catalog.create_user(c, req).await }).await?,
+    ))
 }
 
-async fn get_user(State(s): State<AppState>, Auth(c): Auth, Path(id): Path<String>) -> ApiResult {
+async fn get_user(State(s): State<AppState>, Auth(c): Auth, PathParam(id): PathParam) -> ApiResult {
     let id = UserId::parse(&id).ok_or(Error::NotFound)?;
     Ok(axum::Json(s.catalog.get_user(c, id).await?).into_response())
 }
 
 async fn create_shop(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<NewShopRequest>) -> ApiResult {
-    Ok(created(s.catalog.create_shop(c, req).await?))
+    let catalog = s.catalog.clone();
+    Ok(created(
+        write(&s, async move { catalog.create_shop(c, req).await }).await?,
+    ))
 }
 
 async fn create_product(
@@ -52,10 +58,13 @@ async fn create_product(
     Auth(c): Auth,
     Json(req): Json<NewProductRequest>,
 ) -> ApiResult {
-    Ok(created(s.catalog.create_product(c, req).await?))
+    let catalog = s.catalog.clone();
+    Ok(created(
+        write(&s, async move { catalog.create_product(c, req).await }).await?,
+    ))
 }
 
-async fn get_product(State(s): State<AppState>, Auth(_): Auth, Path(id): Path<String>) -> ApiResult {
+async fn get_product(State(s): State<AppState>, Auth(_): Auth, PathParam(id): PathParam) -> ApiResult {
     let id = ProductId::parse(&id).ok_or(Error::NotFound)?;
     Ok(axum::Json(s.catalog.get_product(id).await?).into_response())
 }
@@ -63,11 +72,12 @@ async fn get_product(State(s): State<AppState>, Auth(_): Auth, Path(id): Path<St
 async fn add_stock(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<AddStockRequest>,
 ) -> ApiResult {
     let id = ProductId::parse(&id).ok_or(Error::NotFound)?;
-    Ok(axum::Json(s.catalog.add_stock(c, id, req).await?).into_response())
+    let catalog = s.catalog.clone();
+    Ok(axum::Json(write(&s, async move { catalog.add_stock(c, id, req).await }).await?).into_response())
 }
 
 async fn issue_coupon(
@@ -75,5 +85,8 @@ async fn issue_coupon(
     Auth(c): Auth,
     Json(req): Json<NewCouponRequest>,
 ) -> ApiResult {
-    Ok(created(s.catalog.issue_coupon(c, req).await?))
+    let catalog = s.catalog.clone();
+    Ok(created(
+        write(&s, async move { catalog.issue_coupon(c, req).await }).await?,
+    ))
 }

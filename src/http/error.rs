@@ -30,6 +30,14 @@ pub enum ApiError {
     NoRoute,
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The request ran past `server.request_timeout_ms`. A write it started still runs to
+    /// completion (see [`super::write`]), so the outcome is unknown to the client: a retry
+    /// with the same ids is safe.
+    #[error("request timed out")]
+    Timeout,
+    /// A bug: a handler or a write task panicked. Logged; the client learns nothing more.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<FieldErrors> for ApiError {
@@ -95,6 +103,17 @@ impl IntoResponse for ApiError {
                 "method not allowed here",
                 none,
             ),
+            ApiError::Timeout => problem(
+                S::SERVICE_UNAVAILABLE,
+                "timeout",
+                "the request took too long; a change it started may still complete, so retry it \
+                 with the same ids",
+                none,
+            ),
+            ApiError::Internal(why) => {
+                tracing::error!(%why, "internal error");
+                problem(S::INTERNAL_SERVER_ERROR, "internal", "internal error", none)
+            }
             ApiError::Service(e) => service_problem(e),
         }
     }

@@ -54,3 +54,32 @@ impl FromRequestParts<AppState> for Auth {
         state.auth.verify(token).map(Auth)
     }
 }
+
+/// One path segment as text. A segment that is not UTF-8 (or missing) names nothing this
+/// service holds: a 404 problem, like any other id that does not parse.
+pub struct PathParam(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for PathParam {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Path::<String>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Path(v)) => Ok(PathParam(v)),
+            Err(_) => Err(ApiError::NoRoute),
+        }
+    }
+}
+
+/// The query string as name/value pairs; one that does not decode is a 422 problem.
+pub struct QueryMap(pub std::collections::HashMap<String, String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(QueryMap(v)),
+            Err(e) => Err(FieldErrors::single("query", e.body_text()).into()),
+        }
+    }
+}

@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -26,8 +26,8 @@ use crate::service::Error;
 
 use super::auth::Auth;
 use super::error::ApiError;
-use super::extract::Json;
-use super::AppState;
+use super::extract::{Json, PathParam, QueryMap};
+use super::{write, AppState};
 
 pub fn router() -> Router<AppState> {
     Router::new()
@@ -145,7 +145,8 @@ async fn preview(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Previ
 }
 
 async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<CreateOrderRequest>) -> ApiResult {
-    let (order, created) = s.orders.create(c, req).await?;
+    let orders = s.orders.clone();
+    let (order, created) = write(&s, async move { orders.create(c, req).await }).await?;
     let status = match created {
         Created::New => StatusCode::CREATED,
         Created::Replay => StatusCode::OK,
@@ -156,8 +157,8 @@ async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Create
 async fn get_order(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
-    Query(params): Query<HashMap<String, String>>,
+    PathParam(id): PathParam,
+    QueryMap(params): QueryMap,
 ) -> ApiResult {
     check_consistency(&params)?;
     let order = s.orders.get(c, order_id(&id)?).await?;
@@ -185,11 +186,7 @@ fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime
     }
 }
 
-async fn list(
-    State(s): State<AppState>,
-    Auth(c): Auth,
-    Query(params): Query<HashMap<String, String>>,
-) -> ApiResult {
+async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryMap) -> ApiResult {
     check_consistency(&params)?;
     let mut errors = FieldErrors::default();
     let mut p = ListParams::default();
@@ -229,69 +226,76 @@ async fn list(
 async fn patch(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<PatchRequest>,
 ) -> ApiResult {
-    let order = s.orders.patch(c, order_id(&id)?, req).await?;
+    let (orders, id) = (s.orders.clone(), order_id(&id)?);
+    let order = write(&s, async move { orders.patch(c, id, req).await }).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
 async fn pay(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<PaymentRequest>,
 ) -> ApiResult {
-    let order = s.orders.pay(c, order_id(&id)?, req).await?;
+    let (orders, id) = (s.orders.clone(), order_id(&id)?);
+    let order = write(&s, async move { orders.pay(c, id, req).await }).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
 async fn ship(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<ShipmentRequest>,
 ) -> ApiResult {
-    let order = s.orders.ship(c, order_id(&id)?, req).await?;
+    let (orders, id) = (s.orders.clone(), order_id(&id)?);
+    let order = write(&s, async move { orders.ship(c, id, req).await }).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
 async fn confirm(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<VersionedRequest>,
 ) -> ApiResult {
-    let order = s.orders.confirm(c, order_id(&id)?, req).await?;
+    let (orders, id) = (s.orders.clone(), order_id(&id)?);
+    let order = write(&s, async move { orders.confirm(c, id, req).await }).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
 async fn cancel(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<VersionedRequest>,
 ) -> ApiResult {
-    let order = s.orders.cancel(c, order_id(&id)?, req).await?;
+    let (orders, id) = (s.orders.clone(), order_id(&id)?);
+    let order = write(&s, async move { orders.cancel(c, id, req).await }).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
 async fn refund(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<RefundRequest>,
 ) -> ApiResult {
-    let order = s.orders.refund(c, order_id(&id)?, req).await?;
+    let (orders, id) = (s.orders.clone(), order_id(&id)?);
+    let order = write(&s, async move { orders.refund(c, id, req).await }).await?;
     Ok(order_response(StatusCode::OK, &order))
 }
 
 async fn invalidate(
     State(s): State<AppState>,
     Auth(c): Auth,
-    Path(id): Path<String>,
+    PathParam(id): PathParam,
     Json(req): Json<VersionedRequest>,
 ) -> ApiResult {
-    let order = s.orders.invalidate(c, order_id(&id)?, req).await?;
+    let (orders, id) = (s.orders.clone(), order_id(&id)?);
+    let order = write(&s, async move { orders.invalidate(c, id, req).await }).await?;
     Ok(order_response(StatusCode::OK, &order))
 }

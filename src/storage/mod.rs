@@ -159,7 +159,7 @@ async fn release_guard(
     conn: &mut sqlx::MySqlConnection,
     pool: &str,
 ) -> std::result::Result<bool, sqlx::Error> {
-    let open: i64 = sqlx::query_scalar("SELECT @@in_transaction")
+    let open: u64 = sqlx::query_scalar("SELECT @@in_transaction")
         .fetch_one(&mut *conn)
         .await?;
     if open == 0 {
