@@ -11,3 +11,4 @@ mod lifecycle;
 mod no_lost_update;
 mod no_oversell;
 mod routing;
+mod shutdown;
