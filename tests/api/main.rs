@@ -10,5 +10,6 @@ mod exactly_once;
 mod lifecycle;
 mod no_lost_update;
 mod no_oversell;
+mod problems;
 mod routing;
 mod shutdown;
