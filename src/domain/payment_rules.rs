@@ -92,21 +92,70 @@ mod tests {
         let wrong = |limit| Err(MoneyRefusal::WrongAmount { limit });
         let not_now = Err(MoneyRefusal::NotNow);
         // (status, kind, amount, due, net) -> expected
-        let cases: &[(OrderStatus, PaymentKind, i64, i64, i64, Result<MoneyEffect, MoneyRefusal>)] = &[
-            (PendingPayment, Pay, 100, 100, 0, ok(AwaitingShipment, None, false)),
+        let cases: &[(
+            OrderStatus,
+            PaymentKind,
+            i64,
+            i64,
+            i64,
+            Result<MoneyEffect, MoneyRefusal>,
+        )] = &[
+            (
+                PendingPayment,
+                Pay,
+                100,
+                100,
+                0,
+                ok(AwaitingShipment, None, false),
+            ),
             (PendingPayment, Pay, 99, 100, 0, wrong(100)),
-            (AwaitingShipment, Pay, 100, 100, 100, ok(AwaitingShipment, Some(true), false)),
+            (
+                AwaitingShipment,
+                Pay,
+                100,
+                100,
+                100,
+                ok(AwaitingShipment, Some(true), false),
+            ),
             (Closed, Pay, 100, 100, 0, ok(Closed, Some(true), false)),
             (PendingPayment, Refund, 1, 100, 0, not_now),
-            (AwaitingShipment, Refund, 100, 100, 100, ok(Closed, Some(false), true)),
-            (AwaitingShipment, Refund, 40, 100, 100, ok(AwaitingShipment, Some(false), false)),
+            (
+                AwaitingShipment,
+                Refund,
+                100,
+                100,
+                100,
+                ok(Closed, Some(false), true),
+            ),
+            (
+                AwaitingShipment,
+                Refund,
+                40,
+                100,
+                100,
+                ok(AwaitingShipment, Some(false), false),
+            ),
             (AwaitingShipment, Refund, 101, 100, 100, wrong(100)),
             // Paid twice, the duplicate refunded: the flag clears, the order stays paid.
-            (AwaitingShipment, Refund, 100, 100, 200, ok(AwaitingShipment, Some(false), false)),
+            (
+                AwaitingShipment,
+                Refund,
+                100,
+                100,
+                200,
+                ok(AwaitingShipment, Some(false), false),
+            ),
             // Shipped: only the excess can go back.
             (Shipped, Refund, 100, 100, 100, not_now),
             (Shipped, Refund, 150, 100, 200, wrong(100)),
-            (Completed, Refund, 100, 100, 200, ok(Completed, Some(false), false)),
+            (
+                Completed,
+                Refund,
+                100,
+                100,
+                200,
+                ok(Completed, Some(false), false),
+            ),
             (Closed, Refund, 60, 100, 100, ok(Closed, Some(true), false)),
             (Invalid, Refund, 100, 100, 100, ok(Invalid, Some(false), false)),
         ];

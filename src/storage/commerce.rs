@@ -21,7 +21,7 @@ use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
-use crate::domain::order::{CouponSnapshot, NewLine, ProductSnapshot};
+use crate::domain::order::{CouponSnapshot, NewLine, PaymentKind, ProductSnapshot};
 
 use super::{corrupt, ts, Result, StorageError};
 
@@ -561,4 +561,87 @@ pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -
             })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------- payment numbers
+
+/// A payment or refund number as claimed across every shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentNumber<'a> {
+    pub transaction_no: &'a str,
+    pub kind: PaymentKind,
+    pub order_id: OrderId,
+    pub channel: &'a str,
+    pub amount: Money,
+}
+
+/// What claiming a payment number did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberClaim {
+    /// This call claimed the number.
+    Claimed,
+    /// The number was claimed before with the same order, kind, channel and amount: a
+    /// replay, or a retry after a crash between the claim and the shard's record.
+    Same,
+    /// The number belongs to another order, kind, channel or amount.
+    Conflict,
+    /// The claim was given back while we looked (a refused attempt): try again.
+    Vanished,
+}
+
+/// Claims a payment or refund number for one order, so that one number can never be
+/// recorded on two orders (the shards only see their own tables).
+pub async fn claim_payment_number(
+    pool: &MySqlPool,
+    n: &PaymentNumber<'_>,
+    now: DateTime<Utc>,
+) -> Result<NumberClaim> {
+    let inserted = sqlx::query(
+        "INSERT INTO payment_numbers (transaction_no, kind, order_id, channel, amount, created_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(n.transaction_no)
+    .bind(n.kind as i8)
+    .bind(n.order_id.get())
+    .bind(n.channel)
+    .bind(n.amount.minor())
+    .bind(ts(now))
+    .execute(pool)
+    .await;
+    match inserted.map_err(StorageError::from) {
+        Ok(_) => return Ok(NumberClaim::Claimed),
+        Err(StorageError::Duplicate(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let row =
+        sqlx::query("SELECT kind, order_id, channel, amount FROM payment_numbers WHERE transaction_no = ?")
+            .bind(n.transaction_no)
+            .fetch_optional(pool)
+            .await?;
+    let Some(row) = row else {
+        return Ok(NumberClaim::Vanished);
+    };
+    let (kind, order, channel, amount): (i8, i64, String, i64) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+    let same = kind == n.kind as i8
+        && order == n.order_id.get()
+        && channel == n.channel
+        && amount == n.amount.minor();
+    Ok(if same {
+        NumberClaim::Same
+    } else {
+        NumberClaim::Conflict
+    })
+}
+
+/// Gives a number back that this order claimed but the shard refused for good (wrong amount,
+/// invalid transition, no such order), so the channel may use it again.
+pub async fn release_payment_number(pool: &MySqlPool, n: &PaymentNumber<'_>) -> Result<()> {
+    sqlx::query("DELETE FROM payment_numbers WHERE transaction_no = ? AND order_id = ? AND kind = ?")
+        .bind(n.transaction_no)
+        .bind(n.order_id.get())
+        .bind(n.kind as i8)
+        .execute(pool)
+        .await?;
+    Ok(())
 }

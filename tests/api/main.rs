@@ -9,4 +9,5 @@ mod exactly_once;
 mod lifecycle;
 mod no_lost_update;
 mod no_oversell;
+mod payments;
 mod routing;
