@@ -76,7 +76,7 @@ impl Application {
             orders,
             catalog: CatalogService::new(commerce),
             ids,
-            auth: Arc::new(AuthKeys::new(&settings.auth.jwt_secret)),
+            auth: Arc::new(AuthKeys::new(&settings.auth)),
             redis,
         };
         let listener = TcpListener::bind(settings.server.listen).await?;

@@ -38,6 +38,12 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct AuthSettings {
     pub jwt_secret: String,
+    /// Required `iss` of every token; empty: not checked.
+    pub issuer: String,
+    /// Required `aud` of every token; empty: not checked.
+    pub audience: String,
+    /// The longest a token may live (`exp - iat`).
+    pub max_token_lifetime_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -124,6 +130,9 @@ impl Settings {
         let count = ShardCount::new(self.shards.count).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.auth.jwt_secret.len() < 32 {
             return bad("auth.jwt_secret must be at least 32 bytes (set ORDERLY_AUTH__JWT_SECRET)".into());
+        }
+        if self.auth.max_token_lifetime_secs == 0 {
+            return bad("auth.max_token_lifetime_secs must be positive".into());
         }
         if let Some(w) = self.ids.worker_id {
             if WorkerId::new(w).is_none() {
