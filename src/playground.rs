@@ -151,6 +151,7 @@ pub async fn load_demo_catalog(catalog: &CatalogService) -> anyhow::Result<DemoC
                 min_spend: 20_000,
                 valid_from: None,
                 valid_to: Utc::now() + TimeDelta::days(30),
+                currency: None,
             },
         )
         .await?;

@@ -212,17 +212,19 @@ pub struct NewCoupon {
     pub min_spend: Money,
     pub valid_from: DateTime<Utc>,
     pub valid_to: DateTime<Utc>,
+    pub currency: Currency,
 }
 
 pub async fn insert_coupon(pool: &MySqlPool, c: &NewCoupon, now: DateTime<Utc>) -> Result<CouponId> {
     let done = sqlx::query(
-        "INSERT INTO coupons (user_id, shop_id, amount, min_spend, valid_from, valid_to, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO coupons (user_id, shop_id, amount, min_spend, currency, valid_from, valid_to, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(c.user_id.get())
     .bind(c.shop_id.map(|s| s.get()))
     .bind(c.amount.minor())
     .bind(c.min_spend.minor())
+    .bind(c.currency.as_str())
     .bind(ts(c.valid_from))
     .bind(ts(c.valid_to))
     .bind(ts(now))
@@ -239,12 +241,14 @@ fn coupon_from_row(r: &MySqlRow) -> Result<CouponSnapshot> {
     let amount: i64 = r.try_get("amount")?;
     let min_spend: i64 = r.try_get("min_spend")?;
     let redeemed: Option<i64> = r.try_get("redeemed_order_id")?;
+    let currency: String = r.try_get("currency")?;
     Ok(CouponSnapshot {
         id: CouponId::new(id).ok_or_else(|| corrupt("coupon id", id))?,
         user_id: UserId::new(user).ok_or_else(|| corrupt("user id", user))?,
         shop_id: shop.and_then(ShopId::new),
         amount: Money::new(amount).ok_or_else(|| corrupt("amount", amount))?,
         min_spend: Money::new(min_spend).ok_or_else(|| corrupt("min_spend", min_spend))?,
+        currency: Currency::parse(&currency).ok_or_else(|| corrupt("currency", &currency))?,
         valid_from: r.try_get::<NaiveDateTime, _>("valid_from")?.and_utc(),
         valid_to: r.try_get::<NaiveDateTime, _>("valid_to")?.and_utc(),
         redeemed_order_id: redeemed.and_then(OrderId::new),
@@ -256,7 +260,7 @@ pub async fn load_coupons(pool: &MySqlPool, ids: &[CouponId]) -> Result<Vec<Coup
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT id, user_id, shop_id, amount, min_spend, valid_from, valid_to, redeemed_order_id
+        "SELECT id, user_id, shop_id, amount, min_spend, currency, valid_from, valid_to, redeemed_order_id
          FROM coupons WHERE id IN ({})",
         vec!["?"; ids.len()].join(", ")
     );

@@ -5,6 +5,7 @@ mod helpers;
 mod authorization;
 mod bad_input;
 mod bench;
+mod catalog;
 mod exactly_once;
 mod lifecycle;
 mod no_lost_update;
