@@ -95,3 +95,50 @@ async fn payment_numbers_refused_by_the_order_are_not_burned() {
     assert_eq!(s, StatusCode::OK, "{paid}");
     assert_eq!(app.count_commerce_rows("payment_numbers").await, 1);
 }
+
+#[tokio::test]
+async fn payment_channel_answers_carry_no_buyer_data() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let user = 840;
+    let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
+    let id = order["order_id"].as_str().unwrap();
+    let phone = order["address"]["phone"].as_str().unwrap().to_owned();
+    let name = order["address"]["name"].as_str().unwrap().to_owned();
+    let leaks = |answer: &Value| {
+        let text = answer.to_string();
+        answer.get("address").is_some()
+            || answer.get("remark").is_some()
+            || text.contains(&phone)
+            || text.contains(&name)
+    };
+
+    let (s, paid) = pay_with(&app, &order, "tx-private", 1000).await;
+    assert_eq!(
+        (s, paid["status"].as_str()),
+        (StatusCode::OK, Some("awaiting_shipment")),
+        "{paid}"
+    );
+    assert!(!leaks(&paid), "{paid}");
+    // A replay answers the same, redacted too.
+    let (_, again) = pay_with(&app, &order, "tx-private", 1000).await;
+    assert!(!leaks(&again), "{again}");
+
+    let (s, refunded) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/refunds"),
+            Some(&app.service_token()),
+            Some(json!({"refund_no": "rf-private", "amount": 100})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{refunded}");
+    assert!(!leaks(&refunded), "{refunded}");
+
+    // The buyer still sees the whole order.
+    let (s, own) = app.get_order(user, id).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(own["address"]["phone"].as_str(), Some(phone.as_str()));
+    assert_eq!(own["address"]["name"].as_str(), Some(name.as_str()));
+    assert_eq!(own["remark"], "");
+}
