@@ -92,14 +92,15 @@ mod tests {
         let wrong = |limit| Err(MoneyRefusal::WrongAmount { limit });
         let not_now = Err(MoneyRefusal::NotNow);
         // (status, kind, amount, due, net) -> expected
-        let cases: &[(
+        type Case = (
             OrderStatus,
             PaymentKind,
             i64,
             i64,
             i64,
             Result<MoneyEffect, MoneyRefusal>,
-        )] = &[
+        );
+        let cases: &[Case] = &[
             (
                 PendingPayment,
                 Pay,
