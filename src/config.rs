@@ -200,6 +200,16 @@ mod tests {
     }
 
     #[test]
+    fn auth_defaults_check_no_issuer_and_bound_token_lifetime() {
+        let s = valid();
+        assert_eq!((s.auth.issuer.as_str(), s.auth.audience.as_str()), ("", ""));
+        assert_eq!(s.auth.max_token_lifetime_secs, 86400);
+        let mut s = valid();
+        s.auth.max_token_lifetime_secs = 0;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
     fn shard_ranges_must_cover_every_shard_once() {
         let mut s = valid();
         s.shards.databases[0].last_shard = 30;
