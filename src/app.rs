@@ -78,7 +78,7 @@ impl Application {
             orders,
             catalog: CatalogService::new(commerce),
             ids,
-            auth: Arc::new(AuthKeys::new(&settings.auth.jwt_secret)),
+            auth: Arc::new(AuthKeys::new(&settings.auth)),
             redis,
             writes: TaskTracker::new(),
         };

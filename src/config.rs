@@ -39,6 +39,12 @@ pub struct ServerSettings {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct AuthSettings {
     pub jwt_secret: String,
+    /// Required `iss` of every token; empty: not checked.
+    pub issuer: String,
+    /// Required `aud` of every token; empty: not checked.
+    pub audience: String,
+    /// The longest a token may live (`exp - iat`).
+    pub max_token_lifetime_secs: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -126,6 +132,9 @@ impl Settings {
         if self.auth.jwt_secret.len() < 32 {
             return bad("auth.jwt_secret must be at least 32 bytes (set ORDERLY_AUTH__JWT_SECRET)".into());
         }
+        if self.auth.max_token_lifetime_secs == 0 {
+            return bad("auth.max_token_lifetime_secs must be positive".into());
+        }
         if let Some(w) = self.ids.worker_id {
             if WorkerId::new(w).is_none() {
                 return bad(format!("ids.worker_id must be below 64, got {w}"));
@@ -189,6 +198,16 @@ mod tests {
     fn defaults_are_valid_once_a_secret_is_set() {
         assert!(Settings::defaults().validate().is_err());
         valid().validate().unwrap();
+    }
+
+    #[test]
+    fn auth_defaults_check_no_issuer_and_bound_token_lifetime() {
+        let s = valid();
+        assert_eq!((s.auth.issuer.as_str(), s.auth.audience.as_str()), ("", ""));
+        assert_eq!(s.auth.max_token_lifetime_secs, 86400);
+        let mut s = valid();
+        s.auth.max_token_lifetime_secs = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -151,6 +151,7 @@ pub async fn load_demo_catalog(catalog: &CatalogService) -> anyhow::Result<DemoC
                 min_spend: 20_000,
                 valid_from: None,
                 valid_to: Utc::now() + TimeDelta::days(30),
+                currency: None,
             },
         )
         .await?;
@@ -187,7 +188,7 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     let app = Application::build(settings.clone(), token.clone()).await?;
     let demo = load_demo_catalog(&app.state().catalog).await?;
-    let keys = AuthKeys::new(&settings.auth.jwt_secret);
+    let keys = AuthKeys::new(&settings.auth);
     let day = Duration::from_secs(24 * 3600);
     let user_token = keys.issue(&demo.buyer.to_string(), Role::User, None, day);
     let merchant_token = keys.issue("2001", Role::Merchant, Some(demo.shop), day);

@@ -165,7 +165,7 @@ impl Workload {
         let hot_raw = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
         let hot = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
 
-        let keys = AuthKeys::new(&settings.auth.jwt_secret);
+        let keys = AuthKeys::new(&settings.auth);
         let day = Duration::from_secs(24 * 3600);
         let tokens = users
             .iter()

@@ -285,7 +285,10 @@ pub struct CouponSnapshot {
     pub user_id: UserId,
     pub shop_id: Option<ShopId>,
     pub amount: Money,
+    /// In `currency`.
     pub min_spend: Money,
+    /// The coupon applies only to orders in this currency.
+    pub currency: Currency,
     pub valid_from: DateTime<Utc>,
     pub valid_to: DateTime<Utc>,
     pub redeemed_order_id: Option<OrderId>,
@@ -386,6 +389,8 @@ pub fn price_order(
         };
         let problem = if c.shop_id.is_some_and(|s| s != shop_id) {
             Some("is for another shop")
+        } else if c.currency != currency {
+            Some("is in another currency than the order")
         } else if c.redeemed_order_id.is_some() && c.redeemed_order_id != order_id {
             Some("has already been used")
         } else if now < c.valid_from || now >= c.valid_to {
@@ -627,6 +632,7 @@ mod tests {
             shop_id: None,
             amount: Money::new(500).unwrap(),
             min_spend: Money::new(100).unwrap(),
+            currency: Currency::CNY,
             valid_from: now - chrono::Duration::days(1),
             valid_to: now + chrono::Duration::days(1),
             redeemed_order_id: None,
@@ -674,5 +680,43 @@ mod tests {
             now
         )
         .is_err());
+    }
+
+    #[test]
+    fn coupons_apply_only_in_their_currency() {
+        let now = Utc::now();
+        let coupon = CouponSnapshot {
+            id: CouponId::new(5).unwrap(),
+            user_id: user(),
+            shop_id: None,
+            amount: Money::new(50).unwrap(),
+            min_spend: Money::ZERO,
+            currency: Currency::parse("USD").unwrap(),
+            valid_from: now - chrono::Duration::days(1),
+            valid_to: now + chrono::Duration::days(1),
+            redeemed_order_id: None,
+        };
+        let lines = [NewLine {
+            product_id: ProductId::new(1).unwrap(),
+            quantity: 1,
+        }];
+        let cny = [product(1, 1, 100)];
+        let err = price_order(
+            user(),
+            None,
+            &lines,
+            &[coupon.id],
+            &cny,
+            std::slice::from_ref(&coupon),
+            now,
+        )
+        .unwrap_err();
+        assert_eq!(err.0[0].field, "coupon_ids[0]");
+        let usd = [ProductSnapshot {
+            currency: Currency::parse("USD").unwrap(),
+            ..product(1, 1, 100)
+        }];
+        let p = price_order(user(), None, &lines, &[coupon.id], &usd, &[coupon], now).unwrap();
+        assert_eq!(p.pay_amount.minor(), 50);
     }
 }

@@ -61,8 +61,11 @@ pub struct OrderView<'a> {
     items: &'a [OrderLine],
     payments: &'a [Payment],
     discounts: &'a [OrderDiscount],
-    address: &'a Address,
-    remark: &'a str,
+    /// Absent when redacted for the caller (see [`OrderView::redacted_for`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    address: Option<&'a Address>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remark: Option<&'a str>,
     tracking_number: Option<&'a str>,
     carrier: Option<&'a str>,
     close_reason: Option<&'a str>,
@@ -93,8 +96,8 @@ impl<'a> From<&'a Order> for OrderView<'a> {
             items: &o.items,
             payments: &o.payments,
             discounts: &o.discounts,
-            address: &o.address,
-            remark: &o.remark,
+            address: Some(&o.address),
+            remark: Some(&o.remark),
             tracking_number: o.tracking_number.as_deref(),
             carrier: o.carrier.as_deref(),
             close_reason: o.close_reason.as_deref(),
@@ -111,10 +114,29 @@ impl<'a> From<&'a Order> for OrderView<'a> {
     }
 }
 
+impl OrderView<'_> {
+    /// The view `caller` may receive: the payment channel (`service`) learns nothing about
+    /// the buyer — no receiver name, phone or address, no remark.
+    pub fn redacted_for(mut self, caller: Caller) -> Self {
+        if caller == Caller::Service {
+            self.address = None;
+            self.remark = None;
+        }
+        self
+    }
+}
+
 /// The whole order with its version as a strong `ETag`.
 fn order_response(status: StatusCode, order: &Order) -> Response {
     let etag = format!("\"{}\"", order.version);
     (status, [(header::ETAG, etag)], axum::Json(OrderView::from(order))).into_response()
+}
+
+/// [`order_response`] with the view redacted for `caller`.
+fn order_response_for(caller: Caller, status: StatusCode, order: &Order) -> Response {
+    let etag = format!("\"{}\"", order.version);
+    let view = OrderView::from(order).redacted_for(caller);
+    (status, [(header::ETAG, etag)], axum::Json(view)).into_response()
 }
 
 fn order_id(raw: &str) -> Result<OrderId, ApiError> {
@@ -242,7 +264,7 @@ async fn pay(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.pay(c, id, req).await }).await?;
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response_for(c, StatusCode::OK, &order))
 }
 
 async fn ship(
@@ -286,7 +308,7 @@ async fn refund(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.refund(c, id, req).await }).await?;
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response_for(c, StatusCode::OK, &order))
 }
 
 async fn invalidate(

@@ -19,6 +19,13 @@ use super::{Error, Result};
 pub const MAX_STOCK_STEP: i64 = 1_000_000_000;
 pub const MAX_STOCK: i64 = 1_000_000_000_000;
 
+/// The largest id an administrator may give a user explicitly. `users.id` is an
+/// AUTO_INCREMENT `BIGINT`: after an explicit id the counter continues above it, so an id
+/// near `i64::MAX` would make every later create without an id fail on overflow (a 500).
+/// 2^53 leaves the counter 2^63 - 2^53 ids of room, and is also the largest integer a
+/// JavaScript client can hold exactly, so no imported id needs more.
+pub const MAX_EXPLICIT_USER_ID: i64 = 1 << 53;
+
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewUserRequest {
@@ -61,6 +68,8 @@ pub struct NewCouponRequest {
     pub min_spend: i64,
     pub valid_from: Option<DateTime<Utc>>,
     pub valid_to: DateTime<Utc>,
+    /// ISO-4217; the coupon applies only to orders in it. Default CNY.
+    pub currency: Option<String>,
 }
 
 /// An issued coupon: its id and what it grants.
@@ -83,6 +92,17 @@ fn money_field(errors: &mut FieldErrors, field: &str, v: i64) -> Money {
     })
 }
 
+/// An optional ISO-4217 code; CNY when absent.
+fn currency_field(errors: &mut FieldErrors, v: Option<&str>) -> Currency {
+    match v {
+        None => Currency::CNY,
+        Some(c) => Currency::parse(c).unwrap_or_else(|| {
+            errors.push("currency", "must be an ISO-4217 code like CNY");
+            Currency::CNY
+        }),
+    }
+}
+
 impl CatalogService {
     pub fn new(commerce: MySqlPool) -> Self {
         CatalogService { commerce }
@@ -97,9 +117,12 @@ impl CatalogService {
         let id = match &req.user_id {
             None => None,
             Some(s) => {
-                let id = UserId::parse(s);
+                let id = UserId::parse(s).filter(|u| u.get() <= MAX_EXPLICIT_USER_ID);
                 if id.is_none() {
-                    errors.push("user_id", "must be a positive decimal id string");
+                    errors.push(
+                        "user_id",
+                        format!("must be a positive decimal id string, at most {MAX_EXPLICIT_USER_ID}"),
+                    );
                 }
                 id
             }
@@ -176,13 +199,7 @@ impl CatalogService {
         }
         check_text(&mut errors, "name", &req.name, 200, true);
         let price = money_field(&mut errors, "price", req.price);
-        let currency = match &req.currency {
-            None => Currency::CNY,
-            Some(c) => Currency::parse(c).unwrap_or_else(|| {
-                errors.push("currency", "must be an ISO-4217 code like CNY");
-                Currency::CNY
-            }),
-        };
+        let currency = currency_field(&mut errors, req.currency.as_deref());
         if !(0..=MAX_STOCK_STEP).contains(&req.stock) {
             errors.push("stock", format!("must be between 0 and {MAX_STOCK_STEP}"));
         }
@@ -244,6 +261,7 @@ impl CatalogService {
             errors.push("amount", "must be positive");
         }
         let min_spend = money_field(&mut errors, "min_spend", req.min_spend);
+        let currency = currency_field(&mut errors, req.currency.as_deref());
         let valid_from = req.valid_from.unwrap_or_else(now);
         if !is_storable_time(&valid_from) {
             errors.push("valid_from", "must be between the years 1970 and 9999");
@@ -275,6 +293,7 @@ impl CatalogService {
             min_spend,
             valid_from,
             valid_to: req.valid_to,
+            currency,
         };
         let coupon_id = commerce::insert_coupon(&self.commerce, &coupon, now()).await?;
         Ok(CouponView { coupon_id, coupon })

@@ -751,7 +751,37 @@ impl OrderService {
         self.move_money(caller, id, movement).await
     }
 
+    /// Records a payment or refund. The number is first claimed in the commerce database,
+    /// so one number can pay or refund only one order across every shard; the shard then
+    /// records it (idempotent by number on its own). A claim that this call made and the
+    /// shard refused for good is given back, so the number is not burned.
     async fn move_money(&self, caller: Caller, id: OrderId, m: MoneyMovement) -> Result<Order> {
+        let number = commerce::PaymentNumber {
+            transaction_no: &m.transaction_no,
+            kind: m.kind,
+            order_id: id,
+            channel: &m.channel,
+            amount: m.amount,
+        };
+        let mut claim = commerce::NumberClaim::Vanished;
+        for _ in 0..3 {
+            claim =
+                retry_deadlocks(|| commerce::claim_payment_number(&self.commerce, &number, now())).await?;
+            if claim != commerce::NumberClaim::Vanished {
+                break;
+            }
+        }
+        let claimed_now = match claim {
+            commerce::NumberClaim::Claimed => true,
+            commerce::NumberClaim::Same => false,
+            commerce::NumberClaim::Conflict => return Err(Error::IdempotencyConflict),
+            commerce::NumberClaim::Vanished => {
+                return Err(Error::Unavailable(
+                    "the payment number's claim keeps changing".into(),
+                ))
+            }
+        };
+
         let shard = self.shards.of_order(id);
         let pool = self.shards.primary(shard);
         let recorded = retry_deadlocks(|| async {
@@ -759,6 +789,23 @@ impl OrderService {
             orders::record_money(&mut c, &shard.tables, id, &m, now()).await
         })
         .await;
+        let refused = matches!(
+            recorded,
+            Ok(MoneyOutcome::Conflict
+                | MoneyOutcome::Mismatch { .. }
+                | MoneyOutcome::InvalidTransition(_)
+                | MoneyOutcome::NotFound)
+                | Err(StorageError::Duplicate(_))
+        );
+        if refused && claimed_now {
+            if let Err(e) =
+                retry_deadlocks(|| commerce::release_payment_number(&self.commerce, &number)).await
+            {
+                // The number stays claimed for this order: a retry with the same content
+                // still goes through; only its reuse elsewhere is refused.
+                tracing::warn!(order_id = %id, error = %e, "could not give a refused payment number back");
+            }
+        }
         let mut conn = self.conn(shard).await?;
         match recorded {
             Ok(MoneyOutcome::Recorded { from, to }) => {

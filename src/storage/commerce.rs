@@ -21,7 +21,7 @@ use sqlx::{MySqlConnection, MySqlPool, Row};
 
 use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
-use crate::domain::order::{CouponSnapshot, NewLine, ProductSnapshot};
+use crate::domain::order::{CouponSnapshot, NewLine, PaymentKind, ProductSnapshot};
 
 use super::{corrupt, ts, Result, StorageError};
 
@@ -212,17 +212,19 @@ pub struct NewCoupon {
     pub min_spend: Money,
     pub valid_from: DateTime<Utc>,
     pub valid_to: DateTime<Utc>,
+    pub currency: Currency,
 }
 
 pub async fn insert_coupon(pool: &MySqlPool, c: &NewCoupon, now: DateTime<Utc>) -> Result<CouponId> {
     let done = sqlx::query(
-        "INSERT INTO coupons (user_id, shop_id, amount, min_spend, valid_from, valid_to, created_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO coupons (user_id, shop_id, amount, min_spend, currency, valid_from, valid_to, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(c.user_id.get())
     .bind(c.shop_id.map(|s| s.get()))
     .bind(c.amount.minor())
     .bind(c.min_spend.minor())
+    .bind(c.currency.as_str())
     .bind(ts(c.valid_from))
     .bind(ts(c.valid_to))
     .bind(ts(now))
@@ -239,12 +241,14 @@ fn coupon_from_row(r: &MySqlRow) -> Result<CouponSnapshot> {
     let amount: i64 = r.try_get("amount")?;
     let min_spend: i64 = r.try_get("min_spend")?;
     let redeemed: Option<i64> = r.try_get("redeemed_order_id")?;
+    let currency: String = r.try_get("currency")?;
     Ok(CouponSnapshot {
         id: CouponId::new(id).ok_or_else(|| corrupt("coupon id", id))?,
         user_id: UserId::new(user).ok_or_else(|| corrupt("user id", user))?,
         shop_id: shop.and_then(ShopId::new),
         amount: Money::new(amount).ok_or_else(|| corrupt("amount", amount))?,
         min_spend: Money::new(min_spend).ok_or_else(|| corrupt("min_spend", min_spend))?,
+        currency: Currency::parse(&currency).ok_or_else(|| corrupt("currency", &currency))?,
         valid_from: r.try_get::<NaiveDateTime, _>("valid_from")?.and_utc(),
         valid_to: r.try_get::<NaiveDateTime, _>("valid_to")?.and_utc(),
         redeemed_order_id: redeemed.and_then(OrderId::new),
@@ -256,7 +260,7 @@ pub async fn load_coupons(pool: &MySqlPool, ids: &[CouponId]) -> Result<Vec<Coup
         return Ok(Vec::new());
     }
     let sql = format!(
-        "SELECT id, user_id, shop_id, amount, min_spend, valid_from, valid_to, redeemed_order_id
+        "SELECT id, user_id, shop_id, amount, min_spend, currency, valid_from, valid_to, redeemed_order_id
          FROM coupons WHERE id IN ({})",
         vec!["?"; ids.len()].join(", ")
     );
@@ -561,4 +565,87 @@ pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -
             })
         })
         .collect()
+}
+
+// ---------------------------------------------------------------- payment numbers
+
+/// A payment or refund number as claimed across every shard.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentNumber<'a> {
+    pub transaction_no: &'a str,
+    pub kind: PaymentKind,
+    pub order_id: OrderId,
+    pub channel: &'a str,
+    pub amount: Money,
+}
+
+/// What claiming a payment number did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NumberClaim {
+    /// This call claimed the number.
+    Claimed,
+    /// The number was claimed before with the same order, kind, channel and amount: a
+    /// replay, or a retry after a crash between the claim and the shard's record.
+    Same,
+    /// The number belongs to another order, kind, channel or amount.
+    Conflict,
+    /// The claim was given back while we looked (a refused attempt): try again.
+    Vanished,
+}
+
+/// Claims a payment or refund number for one order, so that one number can never be
+/// recorded on two orders (the shards only see their own tables).
+pub async fn claim_payment_number(
+    pool: &MySqlPool,
+    n: &PaymentNumber<'_>,
+    now: DateTime<Utc>,
+) -> Result<NumberClaim> {
+    let inserted = sqlx::query(
+        "INSERT INTO payment_numbers (transaction_no, kind, order_id, channel, amount, created_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(n.transaction_no)
+    .bind(n.kind as i8)
+    .bind(n.order_id.get())
+    .bind(n.channel)
+    .bind(n.amount.minor())
+    .bind(ts(now))
+    .execute(pool)
+    .await;
+    match inserted.map_err(StorageError::from) {
+        Ok(_) => return Ok(NumberClaim::Claimed),
+        Err(StorageError::Duplicate(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let row =
+        sqlx::query("SELECT kind, order_id, channel, amount FROM payment_numbers WHERE transaction_no = ?")
+            .bind(n.transaction_no)
+            .fetch_optional(pool)
+            .await?;
+    let Some(row) = row else {
+        return Ok(NumberClaim::Vanished);
+    };
+    let (kind, order, channel, amount): (i8, i64, String, i64) =
+        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+    let same = kind == n.kind as i8
+        && order == n.order_id.get()
+        && channel == n.channel
+        && amount == n.amount.minor();
+    Ok(if same {
+        NumberClaim::Same
+    } else {
+        NumberClaim::Conflict
+    })
+}
+
+/// Gives a number back that this order claimed but the shard refused for good (wrong amount,
+/// invalid transition, no such order), so the channel may use it again.
+pub async fn release_payment_number(pool: &MySqlPool, n: &PaymentNumber<'_>) -> Result<()> {
+    sqlx::query("DELETE FROM payment_numbers WHERE transaction_no = ? AND order_id = ? AND kind = ?")
+        .bind(n.transaction_no)
+        .bind(n.order_id.get())
+        .bind(n.kind as i8)
+        .execute(pool)
+        .await?;
+    Ok(())
 }

@@ -14,6 +14,7 @@ use crate::domain::money::{Currency, Money};
 use crate::domain::order::{
     Address, NewOrder, Order, OrderDiscount, OrderLine, Payment, PaymentKind, Pricing,
 };
+use crate::domain::payment_rules::{money_rule, MoneyEffect, MoneyRefusal};
 use crate::domain::status::OrderStatus;
 
 use super::shards::ShardTables;
@@ -479,14 +480,11 @@ pub enum MoneyOutcome {
 }
 
 /// Records a payment or refund and moves the status, in one transaction with the order row
-/// locked, so it serialises with every other change of the order.
+/// locked, so it serialises with every other change of the order. What it does is
+/// [`money_rule`]'s answer for the status, amount due and net paid read here.
 ///
-/// - payment, order pending: must be the amount due; the order becomes awaiting shipment.
-/// - payment, any other status (closed, invalidated, already paid): recorded and the order
-///   is flagged `refund_required`; money received is never dropped.
-/// - refund: at most what was paid net; a full refund of an awaiting-shipment order closes
-///   it (and marks its stock for release); a refund that settles a flagged order clears the
-///   flag.
+/// The transaction number is unique per shard here; across shards the service claims it in
+/// the commerce database first (`commerce::claim_payment_number`).
 pub async fn record_money(
     conn: &mut MySqlConnection,
     t: &ShardTables,
@@ -536,12 +534,14 @@ pub async fn record_money(
     .bind(id.get())
     .fetch_one(&mut *tx)
     .await?;
-    let Some(next) = money_rule(status, m.kind, m.amount.minor(), pay_amount, net) else {
-        return Ok(MoneyOutcome::InvalidTransition(status));
-    };
-    let (to, set_refund_flag, closes) = match next {
-        Ok(n) => n,
-        Err(due) => return Ok(MoneyOutcome::Mismatch { due }),
+    let MoneyEffect {
+        to,
+        refund_required: set_refund_flag,
+        closes,
+    } = match money_rule(status, m.kind, m.amount.minor(), pay_amount, net) {
+        Ok(e) => e,
+        Err(MoneyRefusal::WrongAmount { limit }) => return Ok(MoneyOutcome::Mismatch { due: limit }),
+        Err(MoneyRefusal::NotNow) => return Ok(MoneyOutcome::InvalidTransition(status)),
     };
 
     sqlx::query(AssertSqlSafe(format!(
@@ -585,46 +585,6 @@ pub async fn record_money(
     q.bind(id.get()).execute(&mut *tx).await?;
     tx.commit().await?;
     Ok(MoneyOutcome::Recorded { from: status, to })
-}
-
-/// What a payment or refund does to an order: `(new status, refund_required flag to set, closes)`;
-/// `Err(limit)` when the amount is wrong (the amount due, or the most that can be refunded);
-/// `None` when the order cannot take it at all.
-///
-/// Money beyond what the order is worth — a second payment, a payment for a closed or
-/// invalidated order — must go back: the order carries `refund_required` until refunds have
-/// brought the net paid down to what is due (to zero for a closed or invalid order).
-type MoneyRule = Option<std::result::Result<(OrderStatus, Option<bool>, bool), i64>>;
-
-fn money_rule(status: OrderStatus, kind: PaymentKind, amount: i64, due: i64, net: i64) -> MoneyRule {
-    use OrderStatus::*;
-    let keeps = |s: OrderStatus| if s.releases_stock() { 0 } else { due };
-    Some(match (kind, status) {
-        (PaymentKind::Payment, PendingPayment) if amount != due => Err(due),
-        (PaymentKind::Payment, PendingPayment) => Ok((AwaitingShipment, None, false)),
-        (PaymentKind::Payment, _) => Ok((status, Some(true), false)),
-        (PaymentKind::Refund, PendingPayment) => return None,
-        // A paid, unshipped order can be refunded in full (closing it) or in part.
-        (PaymentKind::Refund, AwaitingShipment) if amount > net => Err(net),
-        (PaymentKind::Refund, AwaitingShipment) if amount == net => {
-            let to =
-                crate::domain::status::transition(status, crate::domain::status::Command::FullRefund).ok()?;
-            Ok((to, Some(false), true))
-        }
-        (PaymentKind::Refund, AwaitingShipment) => Ok((status, Some(net - amount > due), false)),
-        // Otherwise only the excess goes back.
-        (PaymentKind::Refund, _) => {
-            let excess = net - keeps(status);
-            if excess <= 0 {
-                return None;
-            }
-            if amount > excess {
-                Err(excess)
-            } else {
-                Ok((status, Some(excess - amount > 0), false))
-            }
-        }
-    })
 }
 
 /// Orders of this shard that were closed or invalidated but whose stock and coupons have
@@ -690,97 +650,4 @@ pub async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, 
     .execute(conn)
     .await?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use OrderStatus::*;
-    use PaymentKind::{Payment as Pay, Refund};
-
-    #[test]
-    fn money_rules() {
-        // (status, kind, amount, due, net) -> expected
-        let cases: &[(OrderStatus, PaymentKind, i64, i64, i64, MoneyRule)] = &[
-            (
-                PendingPayment,
-                Pay,
-                100,
-                100,
-                0,
-                Some(Ok((AwaitingShipment, None, false))),
-            ),
-            (PendingPayment, Pay, 99, 100, 0, Some(Err(100))),
-            (
-                AwaitingShipment,
-                Pay,
-                100,
-                100,
-                100,
-                Some(Ok((AwaitingShipment, Some(true), false))),
-            ),
-            (Closed, Pay, 100, 100, 0, Some(Ok((Closed, Some(true), false)))),
-            (PendingPayment, Refund, 1, 100, 0, None),
-            (
-                AwaitingShipment,
-                Refund,
-                100,
-                100,
-                100,
-                Some(Ok((Closed, Some(false), true))),
-            ),
-            (
-                AwaitingShipment,
-                Refund,
-                40,
-                100,
-                100,
-                Some(Ok((AwaitingShipment, Some(false), false))),
-            ),
-            (AwaitingShipment, Refund, 101, 100, 100, Some(Err(100))),
-            // Paid twice, the duplicate refunded: the flag clears, the order stays paid.
-            (
-                AwaitingShipment,
-                Refund,
-                100,
-                100,
-                200,
-                Some(Ok((AwaitingShipment, Some(false), false))),
-            ),
-            // Shipped: only the excess can go back.
-            (Shipped, Refund, 100, 100, 100, None),
-            (Shipped, Refund, 150, 100, 200, Some(Err(100))),
-            (
-                Completed,
-                Refund,
-                100,
-                100,
-                200,
-                Some(Ok((Completed, Some(false), false))),
-            ),
-            (
-                Closed,
-                Refund,
-                60,
-                100,
-                100,
-                Some(Ok((Closed, Some(true), false))),
-            ),
-            (
-                Invalid,
-                Refund,
-                100,
-                100,
-                100,
-                Some(Ok((Invalid, Some(false), false))),
-            ),
-        ];
-        for (status, kind, amount, due, net, expected) in cases {
-            assert_eq!(
-                &money_rule(*status, *kind, *amount, *due, *net),
-                expected,
-                "{status:?} {kind:?} {amount}"
-            );
-        }
-    }
 }

@@ -366,7 +366,10 @@ fn matches_expect(status: StatusCode, expect: Expect) -> bool {
 #[tokio::test]
 async fn authorization_rejects_forged_tokens() {
     let app = TestApp::spawn().await;
-    let other = orderly::http::auth::AuthKeys::new("another-secret-another-secret-another!");
+    let other = orderly::http::auth::AuthKeys::new(&orderly::config::AuthSettings {
+        jwt_secret: "another-secret-another-secret-another!".into(),
+        ..app.settings.auth.clone()
+    });
     let forged = other.issue(
         "5",
         orderly::domain::actor::Role::Admin,

@@ -112,7 +112,7 @@ impl TestApp {
                 .timeout(Duration::from_secs(30))
                 .build()
                 .unwrap(),
-            keys: AuthKeys::new(SECRET),
+            keys: AuthKeys::new(&settings.auth),
             settings,
             commerce,
             app: state,

@@ -1,0 +1,144 @@
+//! Payments and refunds: channel numbers are unique across every shard, refused numbers are
+//! not burned, and the payment channel's answers carry no buyer data.
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use orderly::domain::ids::UserId;
+
+use crate::helpers::TestApp;
+
+/// A user whose orders live on another database server than `user`'s.
+fn user_on_other_server(app: &TestApp, user: i64) -> i64 {
+    let shards = app.app.orders.shards();
+    let db = |u: i64| shards.of_user(UserId::new(u).unwrap()).database;
+    (user + 1..).find(|u| db(*u) != db(user)).expect("two servers")
+}
+
+async fn pay_with(app: &TestApp, order: &Value, transaction_no: &str, amount: i64) -> (StatusCode, Value) {
+    let id = order["order_id"].as_str().unwrap();
+    app.call(
+        "POST",
+        &format!("/v1/orders/{id}/payments"),
+        Some(&app.service_token()),
+        Some(json!({"transaction_no": transaction_no, "channel": "alipay", "amount": amount})),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn payment_numbers_are_unique_across_shards() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let (a, b) = (810, user_on_other_server(&app, 810));
+    let order_a = app.place_order(a, &[(&cat.products[0], 1)]).await;
+    let order_b = app.place_order(b, &[(&cat.products[0], 1)]).await;
+
+    let (s, paid) = pay_with(&app, &order_a, "tx-shared", 1000).await;
+    assert_eq!(s, StatusCode::OK, "{paid}");
+    assert_eq!(paid["status"], "awaiting_shipment");
+
+    // The same number for another order on another shard is not a second payment.
+    let (s, p) = pay_with(&app, &order_b, "tx-shared", 1000).await;
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_conflict")),
+        "{p}"
+    );
+    let (s, still) = app.get_order(b, order_b["order_id"].as_str().unwrap()).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        (still["status"].as_str(), still["version"].as_i64()),
+        (Some("pending_payment"), Some(1))
+    );
+    assert_eq!(still["payments"], json!([]));
+    assert_eq!(app.count_shard_rows("order_payments").await, 1);
+
+    // The first order's callback replays fine.
+    let (s, again) = pay_with(&app, &order_a, "tx-shared", 1000).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+    assert_eq!(again, paid);
+
+    // A refund number cannot reuse a payment number either.
+    let id_a = order_a["order_id"].as_str().unwrap();
+    let (s, p) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id_a}/refunds"),
+            Some(&app.service_token()),
+            Some(json!({"refund_no": "tx-shared", "amount": 1000})),
+        )
+        .await;
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_conflict")),
+        "{p}"
+    );
+}
+
+#[tokio::test]
+async fn payment_numbers_refused_by_the_order_are_not_burned() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let user = 820;
+    let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
+
+    let (s, p) = pay_with(&app, &order, "tx-retry", 999).await;
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (StatusCode::CONFLICT, Some("payment_mismatch")),
+        "{p}"
+    );
+    assert_eq!(app.count_commerce_rows("payment_numbers").await, 0);
+    // The channel corrects the amount under the same number.
+    let (s, paid) = pay_with(&app, &order, "tx-retry", 1000).await;
+    assert_eq!(s, StatusCode::OK, "{paid}");
+    assert_eq!(app.count_commerce_rows("payment_numbers").await, 1);
+}
+
+#[tokio::test]
+async fn payment_channel_answers_carry_no_buyer_data() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let user = 840;
+    let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
+    let id = order["order_id"].as_str().unwrap();
+    let phone = order["address"]["phone"].as_str().unwrap().to_owned();
+    let name = order["address"]["name"].as_str().unwrap().to_owned();
+    let leaks = |answer: &Value| {
+        let text = answer.to_string();
+        answer.get("address").is_some()
+            || answer.get("remark").is_some()
+            || text.contains(&phone)
+            || text.contains(&name)
+    };
+
+    let (s, paid) = pay_with(&app, &order, "tx-private", 1000).await;
+    assert_eq!(
+        (s, paid["status"].as_str()),
+        (StatusCode::OK, Some("awaiting_shipment")),
+        "{paid}"
+    );
+    assert!(!leaks(&paid), "{paid}");
+    // A replay answers the same, redacted too.
+    let (_, again) = pay_with(&app, &order, "tx-private", 1000).await;
+    assert!(!leaks(&again), "{again}");
+
+    let (s, refunded) = app
+        .call(
+            "POST",
+            &format!("/v1/orders/{id}/refunds"),
+            Some(&app.service_token()),
+            Some(json!({"refund_no": "rf-private", "amount": 100})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{refunded}");
+    assert!(!leaks(&refunded), "{refunded}");
+
+    // The buyer still sees the whole order.
+    let (s, own) = app.get_order(user, id).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(own["address"]["phone"].as_str(), Some(phone.as_str()));
+    assert_eq!(own["address"]["name"].as_str(), Some(name.as_str()));
+    assert_eq!(own["remark"], "");
+}
