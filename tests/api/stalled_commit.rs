@@ -247,6 +247,63 @@ async fn reserve_by_hand(
     (new, pricing)
 }
 
+/// The same without BACKUP STAGE (which also holds back the sweeper's own commit): the
+/// create's shard transaction has written the order and is simply not committed yet, while
+/// the rest of the server runs freely. Only the sweeper's locking read of the order stands
+/// between it and returning stock that a moment later belongs to a live order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_commit_open_order_transaction_is_never_swept() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let user = 6001;
+    let id = app.new_order_id(user).await;
+    let body = TestApp::order_body(&id, &[(&cat.products[0], 4)]);
+    let (new, pricing) = reserve_by_hand(&app, user, &body).await;
+    let shard = app.app.orders.shards().of_order(new.order_id).clone();
+
+    // insert_order's statements, up to (not including) its COMMIT.
+    let mut conn = app.app.orders.shards().primary(&shard).acquire().await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
+            discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region,
+            receiver_detail, remark, request_hash, created_at, updated_at, pay_deadline)
+         VALUES (?, ?, ?, 0, 1, 'CNY', ?, 0, ?, 'n', 'p', 'r', 'd', '', ?,
+                 UTC_TIMESTAMP(6), UTC_TIMESTAMP(6), UTC_TIMESTAMP(6) + INTERVAL 1 HOUR)",
+        shard.tables.orders
+    )))
+    .bind(new.order_id.get())
+    .bind(user)
+    .bind(pricing.shop_id.get())
+    .bind(pricing.total_amount.minor())
+    .bind(pricing.pay_amount.minor())
+    .bind(&new.request_hash()[..])
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let void: Option<i32> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE order_id = ? LOCK IN SHARE MODE",
+        shard.tables.voids
+    )))
+    .bind(new.order_id.get())
+    .fetch_optional(&mut *tx)
+    .await
+    .unwrap();
+    assert_eq!(void, None);
+
+    let later = Utc::now() + TimeDelta::from_std(GRACE * 2).unwrap();
+    let out = app.app.orders.sweep_once(later, GRACE, 500).await.unwrap();
+    assert_eq!((out.returned, out.confirmed, out.failed), (0, 0, 1), "{out:?}");
+    assert_eq!(app.stock_of(&cat.products[0]).await, 6, "stock still held");
+    assert!(!is_void(&app, &id).await);
+
+    tx.commit().await.unwrap();
+    let out = app.app.orders.sweep_once(later, GRACE, 500).await.unwrap();
+    assert_eq!((out.returned, out.confirmed, out.failed), (0, 1, 0), "{out:?}");
+    assert_eq!(claim_state(&app, &id).await, Some(commerce::CLAIM_CONFIRMED));
+    assert_eq!(app.stock_of(&cat.products[0]).await, 6);
+}
+
 #[tokio::test]
 async fn stalled_commit_late_insert_after_a_void_writes_nothing() {
     let app = TestApp::spawn().await;
