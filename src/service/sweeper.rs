@@ -32,7 +32,8 @@ use std::ops::AddAssign;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use sqlx::MySqlConnection;
+use sqlx::pool::PoolConnection;
+use sqlx::{MySql, MySqlConnection};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -59,6 +60,13 @@ pub struct SweepOutcome {
     /// order's commit is still in flight).
     pub failed: usize,
 }
+
+/// The longest one shard database may hold up a sweep step. A healthy database settles a
+/// batch in milliseconds, and a claim whose order commit is in flight costs at most
+/// [`orders::SWEEPER_LOCK_WAIT_SECS`]; a server that hangs (frozen, network gone silent)
+/// would otherwise hold the step forever. Whatever is cut off is safe to redo: the void
+/// handshake and the give-back are each one transaction.
+const DATABASE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl AddAssign for SweepOutcome {
     fn add_assign(&mut self, o: SweepOutcome) {
@@ -91,7 +99,21 @@ impl OrderService {
         let mut steps = JoinSet::new();
         for (database, claims) in per_database.into_iter().enumerate() {
             let service = self.clone();
-            steps.spawn(async move { service.sweep_database(database, claims, before, batch).await });
+            steps.spawn(async move {
+                let n = claims.len();
+                let step = service.sweep_database(database, claims, before, batch);
+                match tokio::time::timeout(DATABASE_STEP_TIMEOUT, step).await {
+                    Ok(out) => out,
+                    Err(_) => {
+                        let name = &service.shards().databases()[database].name;
+                        tracing::warn!(database = %name, "sweep: database too slow; left for the next step");
+                        SweepOutcome {
+                            failed: n.max(1),
+                            ..SweepOutcome::default()
+                        }
+                    }
+                }
+            });
         }
         let mut out = SweepOutcome::default();
         while let Some(step) = steps.join_next().await {
@@ -114,11 +136,22 @@ impl OrderService {
         batch: u32,
     ) -> SweepOutcome {
         let mut out = SweepOutcome::default();
+        // One connection for the reads of every shard here: a server that is down costs one
+        // failed acquire, not one per shard.
+        let db = &self.shards().databases()[database];
+        let mut conn = match db.primary.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(database = %db.name, error = %e, "sweep: database left for the next step");
+                out.failed += claims.len().max(1);
+                return out;
+            }
+        };
         if !claims.is_empty() {
-            self.settle_claims(database, claims, &mut out).await;
+            self.settle_claims(&mut conn, database, claims, &mut out).await;
         }
         for shard in self.shards().all().iter().filter(|s| s.database == database) {
-            match self.finish_releases(shard, before, batch).await {
+            match self.finish_releases(&mut conn, shard, before, batch).await {
                 Ok(n) => out.released += n,
                 Err(e) => {
                     tracing::warn!(shard = %shard.index, error = %e, "sweep: shard left for the next step");
@@ -131,7 +164,13 @@ impl OrderService {
 
     /// Confirms the claims whose order is committed (one read per shard, one update for
     /// all); puts each of the others through the void handshake.
-    async fn settle_claims(&self, database: usize, claims: Vec<StaleClaim>, out: &mut SweepOutcome) {
+    async fn settle_claims(
+        &self,
+        conn: &mut PoolConnection<MySql>,
+        database: usize,
+        claims: Vec<StaleClaim>,
+        out: &mut SweepOutcome,
+    ) {
         let db = &self.shards().databases()[database];
         let mut by_shard: BTreeMap<_, (&Shard, Vec<StaleClaim>)> = BTreeMap::new();
         for claim in claims {
@@ -144,17 +183,9 @@ impl OrderService {
         }
         let mut written = Vec::new();
         let mut unseen = Vec::new();
-        let mut conn = match db.primary.acquire().await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(database = %db.name, error = %e, "sweep: claims left for the next step");
-                out.failed += by_shard.values().map(|(_, c)| c.len()).sum::<usize>();
-                return;
-            }
-        };
         for (shard, claims) in by_shard.into_values() {
             let ids: Vec<OrderId> = claims.iter().map(|c| c.order_id).collect();
-            let found = match orders::request_hashes(&mut conn, &shard.tables, &ids).await {
+            let found = match orders::request_hashes(conn, &shard.tables, &ids).await {
                 Ok(found) => found,
                 Err(e) => {
                     tracing::warn!(shard = %shard.index, error = %e, "sweep: claims left for the next step");
@@ -173,7 +204,6 @@ impl OrderService {
                 }
             }
         }
-        drop(conn);
         if !written.is_empty() {
             match retry_deadlocks(|| commerce::confirm_claims(self.commerce(), &written)).await {
                 Ok(n) => out.confirmed += n as usize,
@@ -244,14 +274,14 @@ impl OrderService {
 
     async fn finish_releases(
         &self,
+        conn: &mut PoolConnection<MySql>,
         shard: &Shard,
         before: DateTime<Utc>,
         batch: u32,
     ) -> Result<usize, StorageError> {
-        let mut conn = self.shards().primary(shard).acquire().await?;
-        let ids = orders::release_pending(&mut conn, &shard.tables, before, batch).await?;
+        let ids = orders::release_pending(conn, &shard.tables, before, batch).await?;
         for &id in &ids {
-            self.release_stock(&mut conn, shard, id).await;
+            self.release_stock(conn, shard, id).await;
         }
         Ok(ids.len())
     }

@@ -460,3 +460,97 @@ async fn stalled_commit_claims_are_confirmed_lazily_in_batches() {
     assert_eq!(s, StatusCode::OK, "{closed}");
     assert_eq!(app.stock_of(&cat.products[0]).await, 81);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_commit_a_down_shard_server_does_not_hold_up_the_others() {
+    let (app, private) = spawn_with_private_orders_server(10_000).await;
+    let cat = app.catalog(&[100]).await;
+    let line: [(&str, i64); 1] = [(&cat.products[0], 1)];
+    let mut per_server = [Vec::new(), Vec::new()];
+    for (i, server) in [0, 1, 0, 1, 0, 1].into_iter().enumerate() {
+        let user = user_on(&app, server, 8000 + 100 * i as i64);
+        let o = app.place_order(user, &line).await;
+        per_server[server].push(o["order_id"].as_str().unwrap().to_owned());
+    }
+
+    private.stop_mariadb(0).await.unwrap();
+    let later = Utc::now() + TimeDelta::from_std(GRACE * 2).unwrap();
+    let out = app.app.orders.sweep_once(later, GRACE, 500).await.unwrap();
+    assert_eq!((out.confirmed, out.returned), (3, 0), "{out:?}");
+    assert!(out.failed >= 3, "{out:?}");
+    for id in &per_server[0] {
+        assert_eq!(claim_state(&app, id).await, Some(commerce::CLAIM_CONFIRMED));
+    }
+    for id in &per_server[1] {
+        assert_eq!(claim_state(&app, id).await, Some(commerce::CLAIM_RESERVED));
+    }
+    assert_eq!(app.stock_of(&cat.products[0]).await, 94);
+
+    // Back up, the next steps settle the rest (the first may still meet dead connections).
+    private.start_mariadb(0).await.unwrap();
+    let mut confirmed = 0;
+    for _ in 0..5 {
+        let out = app.app.orders.sweep_once(later, GRACE, 500).await.unwrap();
+        assert_eq!(out.returned, 0, "{out:?}");
+        confirmed += out.confirmed;
+        if confirmed == 3 {
+            break;
+        }
+    }
+    assert_eq!(confirmed, 3);
+    assert_eq!(app.stock_of(&cat.products[0]).await, 94);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_commit_a_frozen_shard_server_does_not_hold_up_the_others() {
+    let (app, private) = spawn_with_private_orders_server(10_000).await;
+    let cat = app.catalog(&[100]).await;
+    let line: [(&str, i64); 1] = [(&cat.products[0], 1)];
+    let mut per_server = [Vec::new(), Vec::new()];
+    for (i, server) in [1, 0, 1, 0].into_iter().enumerate() {
+        let user = user_on(&app, server, 9000 + 100 * i as i64);
+        let o = app.place_order(user, &line).await;
+        per_server[server].push(o["order_id"].as_str().unwrap().to_owned());
+    }
+
+    // Frozen: its connections hang instead of failing.
+    private.pause_mariadb(0).unwrap();
+    let later = Utc::now() + TimeDelta::from_std(GRACE * 2).unwrap();
+    let orders = app.app.orders.clone();
+    let sweep = tokio::spawn(async move { orders.sweep_once(later, GRACE, 500).await });
+    // The other server's claims are settled while the frozen one still holds its part.
+    let mut settled = false;
+    for _ in 0..200 {
+        let mut states = Vec::new();
+        for id in &per_server[0] {
+            states.push(claim_state(&app, id).await);
+        }
+        if states.iter().all(|s| *s == Some(commerce::CLAIM_CONFIRMED)) {
+            settled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let still_running = !sweep.is_finished();
+    private.resume_mariadb(0).unwrap();
+    assert!(
+        settled,
+        "the healthy server's claims were confirmed during the stall"
+    );
+    assert!(
+        still_running,
+        "the frozen server did hold its own part of the step"
+    );
+    let out = sweep.await.unwrap().unwrap();
+    assert_eq!(out.returned, 0, "{out:?}");
+    let out = app.app.orders.sweep_once(later, GRACE, 500).await.unwrap();
+    assert_eq!(out.returned, 0, "{out:?}");
+    for id in per_server.iter().flatten() {
+        assert_eq!(
+            claim_state(&app, id).await,
+            Some(commerce::CLAIM_CONFIRMED),
+            "{id}"
+        );
+    }
+    assert_eq!(app.stock_of(&cat.products[0]).await, 96);
+}
