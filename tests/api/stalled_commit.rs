@@ -44,9 +44,9 @@ async fn admin(server: usize) -> MySqlConnection {
 }
 
 /// A test app whose second shard database lives on a MariaDB server of its own, so that
-/// stalling that server's commits does not stall the tests running beside this one. (The
-/// app is dropped before the server: tuple fields drop in order.)
-async fn spawn_with_private_orders_server(request_timeout_ms: u64) -> (TestApp, LocalCluster) {
+/// stalling that server's commits does not stall the tests running beside this one. Bind it
+/// as `let (private, app)`: locals drop in reverse order, so the app stops before its server.
+async fn spawn_with_private_orders_server(request_timeout_ms: u64) -> (LocalCluster, TestApp) {
     let private = LocalCluster::start(ClusterSpec {
         mariadb_servers: 1,
         with_redis: false,
@@ -62,17 +62,13 @@ async fn spawn_with_private_orders_server(request_timeout_ms: u64) -> (TestApp, 
         db.primary = format!("{server}/{name}");
     })
     .await;
-    (app, private)
+    (private, app)
 }
 
 /// Waits until a session on `db` matches `condition` (over `information_schema.processlist
-/// p`, left-joined with `innodb_trx t`).
+/// p`: what a session is executing and waiting for).
 async fn wait_for_session(admin: &mut MySqlConnection, db: &str, condition: &str) {
-    let sql = format!(
-        "SELECT COUNT(*) FROM information_schema.processlist p
-         LEFT JOIN information_schema.innodb_trx t ON p.id = t.trx_mysql_thread_id
-         WHERE p.db = ? AND {condition}"
-    );
+    let sql = format!("SELECT COUNT(*) FROM information_schema.processlist p WHERE p.db = ? AND {condition}");
     for _ in 0..400 {
         let n: i64 = sqlx::query_scalar(AssertSqlSafe(&*sql))
             .bind(db)
@@ -139,7 +135,7 @@ fn spawn_create(app: &TestApp, user: i64, body: Value) -> tokio::task::JoinHandl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_commit_is_never_swept() {
     // The create below waits out the sweeper's lock timeout: give it time to answer.
-    let (app, private) = spawn_with_private_orders_server(40_000).await;
+    let (private, app) = spawn_with_private_orders_server(40_000).await;
     let cat = app.catalog(&[10]).await;
     let user = user_on(&app, ORDERS_ONLY_SERVER, 5000);
     let coupon = app.coupon(user, 300, 0).await;
@@ -463,7 +459,7 @@ async fn stalled_commit_claims_are_confirmed_lazily_in_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_commit_a_down_shard_server_does_not_hold_up_the_others() {
-    let (app, private) = spawn_with_private_orders_server(10_000).await;
+    let (private, app) = spawn_with_private_orders_server(10_000).await;
     let cat = app.catalog(&[100]).await;
     let line: [(&str, i64); 1] = [(&cat.products[0], 1)];
     let mut per_server = [Vec::new(), Vec::new()];
@@ -503,7 +499,7 @@ async fn stalled_commit_a_down_shard_server_does_not_hold_up_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_commit_a_frozen_shard_server_does_not_hold_up_the_others() {
-    let (app, private) = spawn_with_private_orders_server(10_000).await;
+    let (private, app) = spawn_with_private_orders_server(10_000).await;
     let cat = app.catalog(&[100]).await;
     let line: [(&str, i64); 1] = [(&cat.products[0], 1)];
     let mut per_server = [Vec::new(), Vec::new()];
