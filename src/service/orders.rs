@@ -4,12 +4,17 @@
 //! # Create, step by step (SPEC 2.1)
 //! 1. Parse: a [`NewOrder`] is valid and its id carries the user's gene.
 //! 2. Replay check on the shard: an existing order with the same request hash is answered
-//!    as it is (200); with another hash, `idempotency_conflict`.
+//!    as it is (200); with another hash, `idempotency_conflict`; an id the sweeper voided is
+//!    refused (422 on `order_id`: the client asks for a fresh id).
 //! 3. Price from the catalog (server-side prices, coupons checked).
 //! 4. Reserve stock and coupons in the commerce database, keyed by order id (a retry
-//!    reserves nothing twice).
-//! 5. Write order, items and discounts in one transaction on the shard. A duplicate key
-//!    here means a racing identical submit won: answer its order.
+//!    reserves nothing twice). Commit one.
+//! 5. Write order, items and discounts in one transaction on the shard, which also checks
+//!    that the id is not void (see [`crate::storage::orders`] for the handshake with the
+//!    sweeper). Commit two, and the last: the claim stays `reserved` and the sweeper
+//!    confirms it later, in batches, when it finds the order. A duplicate key here means a
+//!    racing identical submit won: answer its order. A void id means the sweeper gave the
+//!    reservation back already: refused like step 2.
 //! 6. If the write failed, give the reservation back at once when no later attempt holds
 //!    it; otherwise (or after a crash) the sweeper returns it after the grace period.
 
@@ -30,7 +35,9 @@ use crate::domain::order::{
 };
 use crate::domain::status::{transition, Command, OrderStatus};
 use crate::storage::commerce::{self, Reservation, ReserveOutcome};
-use crate::storage::orders::{self, FieldChanges, ListQuery, MoneyMovement, MoneyOutcome, StatusChange};
+use crate::storage::orders::{
+    self, FieldChanges, IdState, Inserted, ListQuery, MoneyMovement, MoneyOutcome, StatusChange,
+};
 use crate::storage::shards::{Shard, ShardMap};
 use crate::storage::StorageError;
 
@@ -163,6 +170,16 @@ fn check_id_is_fresh(id: OrderId, now: DateTime<Utc>) -> Result<(), FieldErrors>
     Ok(())
 }
 
+/// The sweeper gave this id's reservation back and voided it: no order can ever be written
+/// under it, so the client must start over with a new id.
+fn voided_id() -> Error {
+    FieldErrors::single(
+        "order_id",
+        "was abandoned after a failure; ask POST /v1/order-ids for a fresh one",
+    )
+    .into()
+}
+
 const CURSOR_PREFIX: &str = "v1.";
 
 fn encode_cursor(o: &Order) -> String {
@@ -224,8 +241,12 @@ impl OrderService {
         let hash = new.request_hash();
         let shard = self.shards.of_order(new.order_id);
         let mut conn = self.conn(shard).await?;
-        if let Some(stored) = orders::request_hash_of(&mut conn, &shard.tables, new.order_id).await? {
-            return self.replay(&mut conn, shard, new.order_id, &stored, &hash).await;
+        match orders::id_state(&mut conn, &shard.tables, new.order_id).await? {
+            IdState::Taken(stored) => {
+                return self.replay(&mut conn, shard, new.order_id, &stored, &hash).await
+            }
+            IdState::Voided => return Err(voided_id()),
+            IdState::Free => {}
         }
         drop(conn);
         check_id_is_fresh(new.order_id, Utc::now())?;
@@ -267,26 +288,32 @@ impl OrderService {
 
         let created = now();
         let deadline = created + TimeDelta::seconds(self.settings.payment_timeout_secs as i64);
-        let mut conn = self.conn(shard).await?;
-        let written =
-            orders::insert_order(&mut conn, &shard.tables, &new, &pricing, &hash, created, deadline).await;
+        // A deadlock with the sweeper's void transaction is retried: the retry either writes
+        // the order or finds the void.
+        let written = retry_deadlocks(|| async {
+            let mut c = self.shards.primary(shard).acquire().await?;
+            orders::insert_order(&mut c, &shard.tables, &new, &pricing, &hash, created, deadline).await
+        })
+        .await;
+        // No claim confirmation here: it would be a third commit on every create. The sweeper
+        // confirms the claims whose order it finds.
         match written {
-            Ok(()) => {
-                self.confirm_claim(new.order_id).await;
-                Ok((Order::from_new(&new, pricing, created, deadline), Created::New))
+            Ok(Inserted::Written) => Ok((Order::from_new(&new, pricing, created, deadline), Created::New)),
+            Ok(Inserted::Voided) => {
+                self.abandon(shard, new.order_id, attempt).await;
+                Err(voided_id())
             }
             Err(StorageError::Duplicate(_)) => {
+                let mut conn = self.conn(shard).await?;
                 let stored = orders::request_hash_of(&mut conn, &shard.tables, new.order_id)
                     .await?
                     .ok_or_else(|| Error::Unavailable("order vanished after a duplicate key".into()))?;
-                self.confirm_claim(new.order_id).await;
                 self.replay(&mut conn, shard, new.order_id, &stored, &hash).await
             }
             // A lost connection leaves the outcome unknown (the commit may have happened):
             // only the sweeper, after the grace period, may decide.
             Err(e) if e.is_connection_failure() => Err(e.into()),
             Err(e) => {
-                drop(conn);
                 self.abandon(shard, new.order_id, attempt).await;
                 Err(e.into())
             }
@@ -310,15 +337,9 @@ impl OrderService {
         Ok((order, Created::Replay))
     }
 
-    async fn confirm_claim(&self, id: OrderId) {
-        if let Err(e) = retry_deadlocks(|| commerce::confirm_claim(&self.commerce, id)).await {
-            // Harmless: the sweeper confirms claims whose order it finds.
-            tracing::warn!(order_id = %id, error = %e, "could not confirm claim");
-        }
-    }
-
-    /// The order write failed: give the reservation back now if the order is surely not
-    /// there and this was the only attempt ever. Anything uncertain is left to the sweeper.
+    /// The order write failed or found its id void: give the reservation back now if the
+    /// order is surely not there and this was the only attempt ever. Anything uncertain is
+    /// left to the sweeper (which voids the id before it gives back).
     async fn abandon(&self, shard: &Shard, id: OrderId, attempt: i64) {
         let absent = match self.conn(shard).await {
             Ok(mut c) => matches!(orders::request_hash_of(&mut c, &shard.tables, id).await, Ok(None)),

@@ -1,10 +1,21 @@
 //! Background steps: the reservation sweeper and the payment-timeout closer.
 //!
-//! The sweeper gives stock and coupons back when a create died half-way or a close could not
-//! finish its release. Two kinds of leftovers, both found by an index:
-//! - claims still `reserved` and untouched for the grace period: if the order is on its
-//!   shard the claim is confirmed, otherwise the reservation is returned (guarded by the
-//!   claim's attempt token, so a create that touched it since is left alone);
+//! The sweeper settles claims and finishes releases. Two kinds of work, both found by an
+//! index:
+//! - claims still `reserved` and untouched for the grace period. Creates do not confirm
+//!   their claims (two commits per create, not three), so most of these belong to orders
+//!   that are simply written. The claims are grouped by shard database and each database is
+//!   settled on its own task, so a server that is down or stalled holds up only its own
+//!   claims (counted `failed`, left for the next step). Per shard, one non-locking read finds
+//!   the committed orders; those carrying the claim's request hash are confirmed in one
+//!   statement. Each remaining claim goes through the void handshake
+//!   ([`orders::void_unless_written`]) on a connection with short lock waits: the order id is
+//!   voided on its shard unless the order is there (then the claim is confirmed), and only
+//!   after the void committed is the reservation returned (guarded by the claim's attempt
+//!   token, so a create that touched it since is left alone until a later step). An order
+//!   whose shard commit is in flight holds its row lock: the handshake times out and the
+//!   claim is skipped, never returned; a create that arrives after the void finds it and
+//!   writes nothing.
 //! - closed or invalidated orders still marked `release_pending`: the release is finished
 //!   (exactly once, guarded by the claim state).
 //!
@@ -16,32 +27,54 @@
 //! (tests call them directly with a chosen time); [`run`] loops until its token is
 //! cancelled. A failure on one claim or shard is logged and the step goes on with the rest.
 
+use std::collections::BTreeMap;
+use std::ops::AddAssign;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
+use sqlx::pool::PoolConnection;
+use sqlx::{MySql, MySqlConnection};
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ids::OrderId;
 use crate::domain::status::{Command, OrderStatus};
 use crate::storage::commerce::{self, StaleClaim};
-use crate::storage::orders::{self, StatusChange};
+use crate::storage::orders::{self, StatusChange, VoidOutcome};
 use crate::storage::shards::Shard;
 use crate::storage::StorageError;
 
 use super::orders::{now, OrderService};
-use super::Result;
+use super::{retry_deadlocks, Result};
 
 /// What one sweep step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepOutcome {
     /// Claims whose order was found and which are now confirmed.
     pub confirmed: usize,
-    /// Reservations of orders that never appeared, given back.
+    /// Reservations of orders that never appeared (their ids now void), given back.
     pub returned: usize,
     /// Closed or invalidated orders whose stock release was finished.
     pub released: usize,
-    /// Claims or shards that failed and are left for the next step.
+    /// Claims or shards that failed and are left for the next step (among them claims whose
+    /// order's commit is still in flight).
     pub failed: usize,
+}
+
+/// The longest one shard database may hold up a sweep step. A healthy database settles a
+/// batch in milliseconds, and a claim whose order commit is in flight costs at most
+/// [`orders::SWEEPER_LOCK_WAIT_SECS`]; a server that hangs (frozen, network gone silent)
+/// would otherwise hold the step forever. Whatever is cut off is safe to redo: the void
+/// handshake and the give-back are each one transaction.
+const DATABASE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl AddAssign for SweepOutcome {
+    fn add_assign(&mut self, o: SweepOutcome) {
+        self.confirmed += o.confirmed;
+        self.returned += o.returned;
+        self.released += o.released;
+        self.failed += o.failed;
+    }
 }
 
 /// What one payment-timeout step did.
@@ -55,26 +88,39 @@ pub struct CloseOutcome {
 }
 
 impl OrderService {
-    /// One sweep at time `at`: looks at claims untouched since `at - grace`, up to `batch`.
+    /// One sweep at time `at`: looks at claims untouched since `at - grace`, up to `batch`,
+    /// and at releases left pending, each shard database on its own task.
     pub async fn sweep_once(&self, at: DateTime<Utc>, grace: Duration, batch: u32) -> Result<SweepOutcome> {
         let before = at - TimeDelta::from_std(grace).unwrap_or(TimeDelta::zero());
-        let mut out = SweepOutcome::default();
+        let mut per_database = vec![Vec::new(); self.shards().databases().len()];
         for claim in commerce::stale_claims(self.commerce(), before, batch).await? {
-            match self.settle_claim(claim).await {
-                Ok(Settled::Confirmed) => out.confirmed += 1,
-                Ok(Settled::Returned) => out.returned += 1,
-                Ok(Settled::Untouched) => {}
-                Err(e) => {
-                    tracing::warn!(order_id = %claim.order_id, error = %e, "sweep: claim left for the next step");
-                    out.failed += 1;
-                }
-            }
+            per_database[self.shards().of_order(claim.order_id).database].push(claim);
         }
-        for shard in self.shards().all() {
-            match self.finish_releases(shard, before, batch).await {
-                Ok(n) => out.released += n,
+        let mut steps = JoinSet::new();
+        for (database, claims) in per_database.into_iter().enumerate() {
+            let service = self.clone();
+            steps.spawn(async move {
+                let n = claims.len();
+                let step = service.sweep_database(database, claims, before, batch);
+                match tokio::time::timeout(DATABASE_STEP_TIMEOUT, step).await {
+                    Ok(out) => out,
+                    Err(_) => {
+                        let name = &service.shards().databases()[database].name;
+                        tracing::warn!(database = %name, "sweep: database too slow; left for the next step");
+                        SweepOutcome {
+                            failed: n.max(1),
+                            ..SweepOutcome::default()
+                        }
+                    }
+                }
+            });
+        }
+        let mut out = SweepOutcome::default();
+        while let Some(step) = steps.join_next().await {
+            match step {
+                Ok(o) => out += o,
                 Err(e) => {
-                    tracing::warn!(shard = %shard.index, error = %e, "sweep: shard left for the next step");
+                    tracing::error!(error = %e, "sweep: a database step panicked");
                     out.failed += 1;
                 }
             }
@@ -82,34 +128,160 @@ impl OrderService {
         Ok(out)
     }
 
-    async fn settle_claim(&self, claim: StaleClaim) -> Result<Settled, StorageError> {
-        let shard = self.shards().of_order(claim.order_id);
-        let mut conn = self.shards().primary(shard).acquire().await?;
-        if orders::request_hash_of(&mut conn, &shard.tables, claim.order_id)
-            .await?
-            .is_some()
-        {
-            commerce::confirm_claim(self.commerce(), claim.order_id).await?;
-            return Ok(Settled::Confirmed);
+    async fn sweep_database(
+        &self,
+        database: usize,
+        claims: Vec<StaleClaim>,
+        before: DateTime<Utc>,
+        batch: u32,
+    ) -> SweepOutcome {
+        let mut out = SweepOutcome::default();
+        // One connection for the reads of every shard here: a server that is down costs one
+        // failed acquire, not one per shard.
+        let db = &self.shards().databases()[database];
+        let mut conn = match db.primary.acquire().await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(database = %db.name, error = %e, "sweep: database left for the next step");
+                out.failed += claims.len().max(1);
+                return out;
+            }
+        };
+        if !claims.is_empty() {
+            self.settle_claims(&mut conn, database, claims, &mut out).await;
         }
-        let mut c = self.commerce().acquire().await?;
-        if commerce::abandon_claim(&mut c, claim.order_id, claim.attempt, false, now()).await? {
-            tracing::info!(order_id = %claim.order_id, "returned the reservation of an order that never appeared");
-            return Ok(Settled::Returned);
+        for shard in self.shards().all().iter().filter(|s| s.database == database) {
+            match self.finish_releases(&mut conn, shard, before, batch).await {
+                Ok(n) => out.released += n,
+                Err(e) => {
+                    tracing::warn!(shard = %shard.index, error = %e, "sweep: shard left for the next step");
+                    out.failed += 1;
+                }
+            }
         }
-        Ok(Settled::Untouched)
+        out
+    }
+
+    /// Confirms the claims whose order is committed (one read per shard, one update for
+    /// all); puts each of the others through the void handshake.
+    async fn settle_claims(
+        &self,
+        conn: &mut PoolConnection<MySql>,
+        database: usize,
+        claims: Vec<StaleClaim>,
+        out: &mut SweepOutcome,
+    ) {
+        let db = &self.shards().databases()[database];
+        let mut by_shard: BTreeMap<_, (&Shard, Vec<StaleClaim>)> = BTreeMap::new();
+        for claim in claims {
+            let shard = self.shards().of_order(claim.order_id);
+            by_shard
+                .entry(shard.index.get())
+                .or_insert_with(|| (shard, Vec::new()))
+                .1
+                .push(claim);
+        }
+        let mut written = Vec::new();
+        let mut unseen = Vec::new();
+        for (shard, claims) in by_shard.into_values() {
+            let ids: Vec<OrderId> = claims.iter().map(|c| c.order_id).collect();
+            let found = match orders::request_hashes(conn, &shard.tables, &ids).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(shard = %shard.index, error = %e, "sweep: claims left for the next step");
+                    out.failed += claims.len();
+                    continue;
+                }
+            };
+            for claim in claims {
+                match found.iter().find(|(id, _)| *id == claim.order_id) {
+                    Some((_, hash)) if hash[..] == claim.request_hash[..] => written.push(claim.order_id),
+                    Some(_) => {
+                        mismatch(&claim);
+                        out.failed += 1;
+                    }
+                    None => unseen.push((shard, claim)),
+                }
+            }
+        }
+        if !written.is_empty() {
+            match retry_deadlocks(|| commerce::confirm_claims(self.commerce(), &written)).await {
+                Ok(n) => out.confirmed += n as usize,
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep: confirmations left for the next step");
+                    out.failed += written.len();
+                }
+            }
+        }
+        if unseen.is_empty() {
+            return;
+        }
+        let mut conn = match orders::sweeper_connection(&db.primary).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(database = %db.name, error = %e, "sweep: claims left for the next step");
+                out.failed += unseen.len();
+                return;
+            }
+        };
+        for (shard, claim) in unseen {
+            match self.void_or_confirm(&mut conn, shard, &claim).await {
+                Ok(Settled::Confirmed) => out.confirmed += 1,
+                Ok(Settled::Returned) => out.returned += 1,
+                Ok(Settled::Untouched) => {}
+                Ok(Settled::Mismatch) => {
+                    mismatch(&claim);
+                    out.failed += 1;
+                }
+                Err(e) => {
+                    tracing::warn!(order_id = %claim.order_id, error = %e, "sweep: claim left for the next step");
+                    out.failed += 1;
+                }
+            }
+        }
+    }
+
+    /// The careful path for a claim whose order was not seen: void the id unless the order
+    /// is there; give the reservation back only once the void is committed.
+    async fn void_or_confirm(
+        &self,
+        conn: &mut MySqlConnection,
+        shard: &Shard,
+        claim: &StaleClaim,
+    ) -> Result<Settled, StorageError> {
+        let id = claim.order_id;
+        match orders::void_unless_written(conn, &shard.tables, id, now()).await? {
+            VoidOutcome::Written(hash) if hash[..] == claim.request_hash[..] => {
+                let ids = [id];
+                let n = retry_deadlocks(|| commerce::confirm_claims(self.commerce(), &ids)).await?;
+                Ok(if n == 1 {
+                    Settled::Confirmed
+                } else {
+                    Settled::Untouched
+                })
+            }
+            VoidOutcome::Written(_) => Ok(Settled::Mismatch),
+            VoidOutcome::Voided => {
+                let mut c = self.commerce().acquire().await?;
+                if commerce::abandon_claim(&mut c, id, claim.attempt, false, now()).await? {
+                    tracing::info!(order_id = %id, "voided an order that never appeared and returned its reservation");
+                    return Ok(Settled::Returned);
+                }
+                Ok(Settled::Untouched)
+            }
+        }
     }
 
     async fn finish_releases(
         &self,
+        conn: &mut PoolConnection<MySql>,
         shard: &Shard,
         before: DateTime<Utc>,
         batch: u32,
     ) -> Result<usize, StorageError> {
-        let mut conn = self.shards().primary(shard).acquire().await?;
-        let ids = orders::release_pending(&mut conn, &shard.tables, before, batch).await?;
+        let ids = orders::release_pending(conn, &shard.tables, before, batch).await?;
         for &id in &ids {
-            self.release_stock(&mut conn, shard, id).await;
+            self.release_stock(conn, shard, id).await;
         }
         Ok(ids.len())
     }
@@ -168,7 +340,19 @@ impl OrderService {
 enum Settled {
     Confirmed,
     Returned,
+    /// Changed by someone else since we looked (touched, released): a later step decides.
     Untouched,
+    /// The order on the shard is not the one the claim reserved for.
+    Mismatch,
+}
+
+/// No create writes an order whose hash differs from its claim's: this is a bug or a hand
+/// edit, for a person to look at. The claim is left as it is.
+fn mismatch(claim: &StaleClaim) {
+    tracing::error!(
+        order_id = %claim.order_id,
+        "sweep: the order on the shard does not carry its claim's request hash; claim left alone"
+    );
 }
 
 /// Sweeps and closes expired orders every `interval` until `shutdown` fires; stops between

@@ -9,10 +9,16 @@
 //! - an existing claim with the same request hash means "already reserved": nothing is taken
 //!   twice; with another hash it is an idempotency conflict and nothing is taken at all.
 //!
-//! A claim stays `reserved` until the order is seen on its shard (`confirmed`), and becomes
-//! `released` exactly once when the order is closed or invalidated. A claim whose order never
-//! appears is given back by the sweeper after a grace period, or at once by the failed
-//! create itself if no later attempt has touched it.
+//! # A claim's life
+//! A claim is `reserved` from `reserve` on. The create does not confirm it (that would be a
+//! third commit on every create): the sweeper confirms, in batches ([`confirm_claims`]),
+//! the stale claims whose order it finds on the shard with the claim's request hash. A claim
+//! becomes `released` exactly once when its order is closed or invalidated, from `reserved`
+//! or `confirmed` alike ([`release_claim`]). A claim whose order never appears is given back
+//! and deleted ([`abandon_claim`]): by the sweeper after a grace period, once it has voided
+//! the order id on its shard (so the order can never be written later; see
+//! [`super::orders::void_unless_written`]), or at once by the failed create itself if no later
+//! attempt has touched it.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlRow;
@@ -428,15 +434,28 @@ async fn touch_claim(
 
 /// Marks a claim confirmed once its order is known to be written. (Its reservations stay
 /// `reserved` until released: whether the order exists is the claim's business, and one
-/// statement less on every create.)
+/// statement less.) The service confirms in batches with [`confirm_claims`]; this one is for
+/// callers that wrote one order themselves.
 pub async fn confirm_claim(pool: &MySqlPool, order: OrderId) -> Result<()> {
-    sqlx::query("UPDATE order_claims SET state = ? WHERE order_id = ? AND state = ?")
-        .bind(CLAIM_CONFIRMED)
-        .bind(order.get())
-        .bind(CLAIM_RESERVED)
-        .execute(pool)
-        .await?;
-    Ok(())
+    confirm_claims(pool, &[order]).await.map(drop)
+}
+
+/// Confirms the still-reserved claims of these orders, whose orders were seen on their
+/// shards, in one statement. Returns how many moved (a claim released meanwhile stays
+/// released).
+pub async fn confirm_claims(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64> {
+    if orders.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        "UPDATE order_claims SET state = ? WHERE order_id IN ({}) AND state = ?",
+        vec!["?"; orders.len()].join(", ")
+    );
+    let mut q = sqlx::query(AssertSqlSafe(&*sql)).bind(CLAIM_CONFIRMED);
+    for o in orders {
+        q = q.bind(o.get());
+    }
+    Ok(q.bind(CLAIM_RESERVED).execute(pool).await?.rows_affected())
 }
 
 /// Gives back every unit and coupon of an order inside `tx` (the claim row is locked).
@@ -544,12 +563,16 @@ pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: Date
 pub struct StaleClaim {
     pub order_id: OrderId,
     pub attempt: i64,
+    /// The hash of the create request that reserved: the order found on the shard must
+    /// carry it for the claim to be confirmed.
+    pub request_hash: [u8; 32],
 }
 
 /// Claims still `reserved` and untouched since `before`, oldest first.
 pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -> Result<Vec<StaleClaim>> {
     let rows = sqlx::query(
-        "SELECT order_id, attempt FROM order_claims WHERE state = ? AND touched_at < ? ORDER BY touched_at LIMIT ?",
+        "SELECT order_id, attempt, request_hash FROM order_claims
+         WHERE state = ? AND touched_at < ? ORDER BY touched_at LIMIT ?",
     )
     .bind(CLAIM_RESERVED)
     .bind(ts(before))
@@ -559,9 +582,14 @@ pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -
     rows.iter()
         .map(|r| {
             let id: i64 = r.try_get(0)?;
+            let hash: Vec<u8> = r.try_get(2)?;
             Ok(StaleClaim {
                 order_id: OrderId::new(id).ok_or_else(|| corrupt("order id", id))?,
                 attempt: r.try_get(1)?,
+                request_hash: hash
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| corrupt("claim request hash", &hash))?,
             })
         })
         .collect()

@@ -1,8 +1,25 @@
-//! SQL of the four order tables of a shard.
+//! SQL of the order tables of a shard.
 //!
 //! Every function names the shard's tables it touches through [`ShardTables`]; the id and
 //! user routing happened before. Changes are compare-and-set statements on `version` and
 //! `status`: a caller learns whether it won (`true`) and, if not, reloads to say why.
+//!
+//! # Void order ids: a late create never lands after its stock went back
+//! The sweeper may give back the reservation of an order it did not find; a create whose
+//! shard commit is merely slow must then never commit. Both sides use the shard's void table
+//! in a Dekker-style handshake, each writing its own row first and then reading the other's
+//! with a locking read, inside one shard transaction:
+//! - [`insert_order`] inserts the order row (and its lines), then reads the void row `LOCK IN
+//!   SHARE MODE`; if the id is void it rolls back ([`Inserted::Voided`]).
+//! - [`void_unless_written`] inserts the void row, then reads the order row `FOR UPDATE`; if
+//!   the order is there it rolls back, otherwise it commits the void.
+//!
+//! Whichever read comes second waits for the other transaction's row lock, so it sees the
+//! other side's outcome: either the order commits and the sweeper finds it, or the void
+//! commits and the create finds it; never both absent, never both present. (Racing reads
+//! that wait on each other are a deadlock: InnoDB rolls one side back, and either outcome
+//! is safe.) The sweeper's session has short lock-wait timeouts ([`sweeper_connection`]),
+//! so an order whose commit is stalled makes it skip the claim, never return it.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlRow;
@@ -82,8 +99,18 @@ fn order_from_row(row: &MySqlRow) -> Result<Order> {
     })
 }
 
-/// Writes a new order with its lines and discounts in one transaction. A second create of
-/// the same id fails with [`StorageError::Duplicate`] and writes nothing.
+/// What [`insert_order`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Inserted {
+    /// The order is committed.
+    Written,
+    /// The sweeper voided this id (and gave its reservation back): nothing was written.
+    Voided,
+}
+
+/// Writes a new order with its lines and discounts in one transaction, unless the id is void
+/// (see the module docs: the order row first, then the void check). A second create of the
+/// same id fails with [`super::StorageError::Duplicate`] and writes nothing.
 pub async fn insert_order(
     conn: &mut MySqlConnection,
     t: &ShardTables,
@@ -92,7 +119,7 @@ pub async fn insert_order(
     request_hash: &[u8; 32],
     now: DateTime<Utc>,
     pay_deadline: DateTime<Utc>,
-) -> Result<()> {
+) -> Result<Inserted> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     let a = &order.address;
     sqlx::query(AssertSqlSafe(format!(
@@ -158,8 +185,152 @@ pub async fn insert_order(
         }
         q.execute(&mut *tx).await?;
     }
+    // After the order row, never before: see the module docs.
+    let void = sqlx::query(AssertSqlSafe(format!(
+        "SELECT 1 FROM {} WHERE order_id = ? LOCK IN SHARE MODE",
+        t.voids
+    )))
+    .bind(order.order_id.get())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if void.is_some() {
+        tx.rollback().await?;
+        return Ok(Inserted::Voided);
+    }
     tx.commit().await?;
-    Ok(())
+    Ok(Inserted::Written)
+}
+
+/// What a create finds for its id before reserving anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdState {
+    Free,
+    /// An order exists, with this request hash.
+    Taken(Vec<u8>),
+    /// The sweeper voided the id: no order will ever be written under it.
+    Voided,
+}
+
+/// The order's request hash or the void mark of `id`, in one read (not locking: the insert
+/// itself decides; this only spares a doomed create its reservation).
+pub async fn id_state(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<IdState> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT (SELECT request_hash FROM {} WHERE order_id = ?),
+                EXISTS (SELECT 1 FROM {} WHERE order_id = ?)",
+        t.orders, t.voids
+    )))
+    .bind(id.get())
+    .bind(id.get())
+    .fetch_one(conn)
+    .await?;
+    let hash: Option<Vec<u8>> = row.try_get(0)?;
+    let voided: i64 = row.try_get(1)?;
+    Ok(match hash {
+        Some(h) => IdState::Taken(h),
+        None if voided != 0 => IdState::Voided,
+        None => IdState::Free,
+    })
+}
+
+/// The request hashes of those of `ids` whose order is committed on this shard, in one
+/// non-locking read (an order whose commit is in flight is simply not there yet).
+pub async fn request_hashes(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    ids: &[OrderId],
+) -> Result<Vec<(OrderId, Vec<u8>)>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT order_id, request_hash FROM {} WHERE order_id IN ({})",
+        t.orders,
+        vec!["?"; ids.len()].join(", ")
+    );
+    let mut q = sqlx::query(AssertSqlSafe(&*sql));
+    for id in ids {
+        q = q.bind(id.get());
+    }
+    q.fetch_all(conn)
+        .await?
+        .iter()
+        .map(|r| {
+            let id: i64 = r.try_get(0)?;
+            Ok((
+                OrderId::new(id).ok_or_else(|| corrupt("order_id", id))?,
+                r.try_get(1)?,
+            ))
+        })
+        .collect()
+}
+
+/// How long the sweeper waits for a row lock (InnoDB) or a metadata or backup lock (the
+/// server) before it gives up on a claim. An order insert holding the row is a create whose
+/// commit is in flight; normally that takes milliseconds, so seconds mean the shard server
+/// is stalled, and the claim is better left for the next step than waited on (the server
+/// default is 50 s for row locks and a year for the others).
+pub const SWEEPER_LOCK_WAIT_SECS: u32 = 5;
+
+/// A connection of its own for the sweeper's void transactions, with short lock waits. It is
+/// detached from the pool, so its session settings never reach another request; it closes
+/// when dropped.
+pub async fn sweeper_connection(pool: &sqlx::MySqlPool) -> Result<MySqlConnection> {
+    let mut conn = pool.acquire().await?.detach();
+    sqlx::query(AssertSqlSafe(format!(
+        "SET SESSION innodb_lock_wait_timeout = {SWEEPER_LOCK_WAIT_SECS},
+                     lock_wait_timeout = {SWEEPER_LOCK_WAIT_SECS}"
+    )))
+    .execute(&mut conn)
+    .await?;
+    Ok(conn)
+}
+
+/// What [`void_unless_written`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VoidOutcome {
+    /// The id is void (now or before): no order will ever be written under it.
+    Voided,
+    /// The order is committed, with this request hash; nothing was voided.
+    Written(Vec<u8>),
+}
+
+/// Declares `id` dead unless its order is written, in one transaction (the sweeper's half of
+/// the handshake in the module docs: the void row first, then the locking read of the order).
+/// A lock-wait timeout here is an order whose commit is in flight: the caller must leave the
+/// claim alone.
+pub async fn void_unless_written(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    id: OrderId,
+    now: DateTime<Utc>,
+) -> Result<VoidOutcome> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let inserted = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (order_id, voided_at) VALUES (?, ?)",
+        t.voids
+    )))
+    .bind(id.get())
+    .bind(ts(now))
+    .execute(&mut *tx)
+    .await;
+    match inserted.map_err(super::StorageError::from) {
+        // Already void: an earlier sweep committed it and then failed to give back.
+        Ok(_) | Err(super::StorageError::Duplicate(_)) => {}
+        Err(e) => return Err(e),
+    }
+    let order = sqlx::query(AssertSqlSafe(format!(
+        "SELECT request_hash FROM {} WHERE order_id = ? FOR UPDATE",
+        t.orders
+    )))
+    .bind(id.get())
+    .fetch_optional(&mut *tx)
+    .await?;
+    if let Some(row) = order {
+        tx.rollback().await?;
+        return Ok(VoidOutcome::Written(row.try_get(0)?));
+    }
+    tx.commit().await?;
+    Ok(VoidOutcome::Voided)
 }
 
 /// The create-request hash of a stored order, or `None` if there is no such order.

@@ -180,15 +180,26 @@ async fn exactly_once_creation_sweeper_returns_stock_after_a_crash() {
     assert_eq!(redeemed, None);
     let _ = admin;
 
-    // A claim whose order exists is confirmed, not returned.
+    // The abandoned id is void: the late create is refused and reserves nothing.
+    let late = TestApp::order_body(&id.to_string(), &[(&cat.products[0], 3)]);
+    let (s, p) = app.create_order(55, late).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{p}");
+    assert_eq!(p["errors"][0]["field"], "order_id", "{p}");
+    assert_eq!(app.stock_of(&cat.products[0]).await, 10);
+
+    // A claim whose order exists (creates leave it reserved) is confirmed, not returned.
     let o = app.place_order(56, &[(&cat.products[0], 1)]).await;
-    sqlx::query("UPDATE order_claims SET state = 0 WHERE order_id = ?")
-        .bind(o["order_id"].as_str().unwrap().parse::<i64>().unwrap())
-        .execute(&app.commerce)
-        .await
-        .unwrap();
+    let claim_state = || async {
+        sqlx::query_scalar::<_, i8>("SELECT state FROM order_claims WHERE order_id = ?")
+            .bind(o["order_id"].as_str().unwrap().parse::<i64>().unwrap())
+            .fetch_one(&app.commerce)
+            .await
+            .unwrap()
+    };
+    assert_eq!(claim_state().await, commerce::CLAIM_RESERVED);
     let out = app.app.orders.sweep_once(later, grace, 100).await.unwrap();
     assert_eq!((out.confirmed, out.returned), (1, 0));
+    assert_eq!(claim_state().await, commerce::CLAIM_CONFIRMED);
     assert_eq!(app.stock_of(&cat.products[0]).await, 9);
 }
 

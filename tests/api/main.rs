@@ -15,3 +15,4 @@ mod payments;
 mod problems;
 mod routing;
 mod shutdown;
+mod stalled_commit;
