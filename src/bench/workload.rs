@@ -14,12 +14,12 @@ use sqlx::MySqlPool;
 
 use crate::config::Settings;
 use crate::domain::actor::Role;
-use crate::domain::ids::{OrderId, ProductId, ShopId, UserId, WorkerId};
+use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
 use crate::domain::status::OrderStatus;
 use crate::http::auth::AuthKeys;
-use crate::lease::{lease_worker, IdSource};
+use crate::lease::IdSource;
 use crate::storage::commerce::{self, Reservation, ReserveOutcome};
 use crate::storage::orders::{self, ListQuery, MoneyMovement, StatusChange};
 use crate::storage::shards::ShardMap;
@@ -64,6 +64,8 @@ pub struct Workload {
     shards: ShardMap,
     commerce: MySqlPool,
     ids: Arc<IdSource>,
+    /// Releases the raw phase's worker id when the workload goes.
+    _lease: tokio_util::sync::DropGuard,
     users: Vec<UserId>,
     tokens: Vec<String>,
     merchant: String,
@@ -95,22 +97,10 @@ impl Workload {
         // The raw baseline gets the same pool sizes as the service under test.
         let shards = ShardMap::connect(settings).await?;
         let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
-        let ids = match redis::Client::open(settings.redis.url.as_str())?
-            .get_connection_manager()
-            .await
-        {
-            Ok(r) => {
-                lease_worker(
-                    r,
-                    settings.redis.key_prefix.clone(),
-                    Duration::from_secs(settings.ids.lease_ttl_secs),
-                    tokio_util::sync::CancellationToken::new(),
-                )
-                .await?
-                .0
-            }
-            Err(_) => IdSource::fixed(WorkerId::new(63).unwrap_or_else(|| unreachable!())),
-        };
+        // The raw phase issues ids as the service does: under a worker id of its own, leased
+        // in the commerce database, released when the workload is dropped.
+        let lease_stop = tokio_util::sync::CancellationToken::new();
+        let (ids, _keeper) = crate::app::lease_worker_from(settings, lease_stop.clone()).await?;
         let now = Utc::now().naive_utc();
         let shop: i64 = sqlx::query("INSERT INTO shops (name, created_at) VALUES ('bench shop', ?)")
             .bind(now)
@@ -181,6 +171,7 @@ impl Workload {
             shards,
             commerce,
             ids,
+            _lease: lease_stop.drop_guard(),
             users,
             tokens,
             merchant: keys.issue("1", Role::Merchant, Some(shop), day),

@@ -538,7 +538,7 @@ mod tests {
                     Ok(id) => {
                         let ms = id.parts().unix_ms;
                         proptest::prop_assert!(ms >= floor && ms < until_now);
-                        proptest::prop_assert!(last.map_or(true, |l| id > l));
+                        proptest::prop_assert!(last.is_none_or(|l| id > l));
                         last = Some(id);
                     }
                     Err(IdError::NotHeld) => proptest::prop_assert!(now >= until_now),
@@ -549,7 +549,7 @@ mod tests {
             }
             let below = g.revoke();
             proptest::prop_assert!(below >= floor);
-            proptest::prop_assert!(last.map_or(true, |l| l.parts().unix_ms < below));
+            proptest::prop_assert!(last.is_none_or(|l| l.parts().unix_ms < below));
             proptest::prop_assert_eq!(g.next_for(user(9)), Err(IdError::NotHeld));
         }
     }

@@ -10,3 +10,4 @@ mod lifecycle;
 mod no_lost_update;
 mod no_oversell;
 mod routing;
+mod worker_ids;
