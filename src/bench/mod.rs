@@ -423,6 +423,7 @@ pub async fn run(
                 mariadb_servers: 2,
                 with_redis: true,
                 base_dir: None,
+                durable: false,
             })
             .await?;
             let mut base = settings.unwrap_or_else(Settings::defaults);
