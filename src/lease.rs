@@ -6,10 +6,12 @@
 //!
 //! - **Take**: one `UPDATE` of an expired row (`expires_at < NOW(6)`, the database's clock, so
 //!   the skew of our clock does not matter) that sets our random `holder` token, `expires_at =
-//!   NOW(6) + ttl` and `generation + 1`. `rows_affected == 1` means it is ours. Candidates are
-//!   the expired rows, tried from a random one on; the `UPDATE` also requires the
-//!   `generation` and `issued_below_ms` we read, so the floor we read is the floor we got.
-//!   A row that vanished is a worker id nobody can take (never one two processes share).
+//!   NOW(6) + ttl` and `generation + 1`. `rows_affected == 1` means it is ours. (`NOW(6)` is
+//!   in the session time zone, UTC on every sqlx connection, so all holders compare in one
+//!   clock.) Candidates are the expired rows, tried from a random one on; the `UPDATE` also
+//!   requires the `generation` and `issued_below_ms` we read, so the floor we read is the
+//!   floor we got. A row that vanished is a worker id nobody can take (never one two
+//!   processes share).
 //! - **Local deadline**: our local time when the take or renewal was *sent*, plus the TTL.
 //!   The database's expiry is set after that moment, so it is always later in real time: we
 //!   stop issuing before anybody else can take the row. The id generator refuses every id
