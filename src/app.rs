@@ -1,5 +1,6 @@
 //! `Application::build` wires settings into a running service: connects the databases,
-//! obtains a worker id, binds the listener (port 0 works), and serves until a
+//! obtains a worker id (fixed in settings, or leased in the commerce database: see
+//! [`crate::lease`]; Redis is never needed for it), binds the listener (port 0 works), and serves until a
 //! [`CancellationToken`] fires. Background loops take the same token.
 
 use std::future::IntoFuture;
@@ -12,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::Settings;
+use crate::config::{DatabaseSettings, Settings};
 use crate::domain::ids::WorkerId;
 use crate::http::auth::AuthKeys;
 use crate::http::{router, AppState};
@@ -54,24 +55,19 @@ impl Application {
             }
             Err(e) => return Err(e.into()),
         };
+        // Bound before the lease, so a taken port does not cost a worker id.
+        let listener = TcpListener::bind(settings.server.listen).await?;
+        let addr = listener.local_addr()?;
         let mut background = Vec::new();
-        let ids: Arc<IdSource> = match (settings.ids.worker_id, &redis) {
-            (Some(w), _) => IdSource::fixed(
+        let ids: Arc<IdSource> = match settings.ids.worker_id {
+            Some(w) => IdSource::fixed(
                 WorkerId::new(w).ok_or_else(|| anyhow::anyhow!("worker id {w} out of range"))?,
             ),
-            (None, Some(r)) => {
-                let ttl = Duration::from_secs(settings.ids.lease_ttl_secs);
-                let (source, keeper) = lease_worker(
-                    r.clone(),
-                    settings.redis.key_prefix.clone(),
-                    ttl,
-                    shutdown.clone(),
-                )
-                .await?;
+            None => {
+                let (source, keeper) = lease_worker_from(&settings, shutdown.clone()).await?;
                 background.push(keeper);
                 source
             }
-            (None, None) => anyhow::bail!("no ids.worker_id set and Redis is unreachable to lease one"),
         };
         let orders = OrderService::new(shards, commerce.clone(), settings.orders.clone());
         let state = AppState {
@@ -82,8 +78,6 @@ impl Application {
             redis,
             writes: TaskTracker::new(),
         };
-        let listener = TcpListener::bind(settings.server.listen).await?;
-        let addr = listener.local_addr()?;
         Ok(Application {
             listener,
             addr,
@@ -155,6 +149,26 @@ impl Application {
         served?;
         Ok(())
     }
+}
+
+/// Leases a worker id in the commerce database of `settings` (see [`crate::lease`]), on a
+/// pool of its own: a renewal never queues behind request traffic for a connection, so a
+/// busy service does not lose its lease (and answer 503) for lack of one.
+pub async fn lease_worker_from(
+    settings: &Settings,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(Arc<IdSource>, JoinHandle<()>)> {
+    let pool = storage::connect(
+        &settings.commerce.url,
+        &DatabaseSettings {
+            // One renewal at a time, plus one for the release racing a last renewal.
+            max_connections: 2,
+            ..settings.database.clone()
+        },
+    )
+    .await?;
+    let ttl = Duration::from_secs(settings.ids.lease_ttl_secs);
+    Ok(lease_worker(pool, ttl, shutdown).await?)
 }
 
 /// `orderly migrate`: creates every table on every database of the settings.

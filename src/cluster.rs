@@ -5,7 +5,8 @@
 //!
 //! [`LocalCluster::start`] creates one directory named `orderly-cluster-XXXXXX` (under
 //! `/dev/shm` when it is usable — every server file then lives in RAM — else under the system
-//! temporary directory, or under [`ClusterSpec::base_dir`]) and starts inside it:
+//! temporary directory, or under [`ClusterSpec::base_dir`]; a [`ClusterSpec::durable`]
+//! cluster never uses `/dev/shm`) and starts inside it:
 //!
 //! * `mariadb_servers` MariaDB servers (`mariadb-<i>/`), each on its own free TCP port on
 //!   127.0.0.1 with its own socket, pid file, error log and datadir. `mariadb-install-db` runs
@@ -41,9 +42,12 @@
 //!   connection or tokio resource, so one cluster started on one tokio runtime can be used from
 //!   any other (each `#[tokio::test]` has its own runtime). [`LocalCluster::start_blocking`]
 //!   starts one from synchronous code, e.g. a `OnceLock` initialiser, even inside a runtime.
-//! * **Nothing is durable.** Durability settings are those of a throwaway cluster on tmpfs, but
-//!   chosen so that killing a *server process* (SIGKILL) loses no committed transaction: fault
-//!   tests see the same data a crashed production server would recover.
+//! * **Nothing is durable** (unless [`ClusterSpec::durable`]). Durability settings are those of
+//!   a throwaway cluster on tmpfs, but chosen so that killing a *server process* (SIGKILL)
+//!   loses no committed transaction: fault tests see the same data a crashed production server
+//!   would recover. A durable cluster (`orderly bench --durable`) keeps its files on disk and
+//!   syncs like a production server ([`DURABLE_MARIADB_OPTIONS`]), so that a benchmark pays
+//!   the real price of every commit.
 //! * The system MariaDB and Redis services (3306, 6379) are never used or touched: every server
 //!   is started with `--no-defaults` (MariaDB) or without a configuration file (Redis).
 
@@ -156,6 +160,20 @@ const SERVER_MARIADB_OPTIONS: &[&str] = &[
     "--innodb-buffer-pool-load-at-startup=0",
 ];
 
+/// `mariadbd` options of a [`ClusterSpec::durable`] cluster, given after the others (the last
+/// occurrence of an option wins): what a production server that must not lose an
+/// acknowledged write on power loss runs with.
+pub const DURABLE_MARIADB_OPTIONS: &[&str] = &[
+    // fsync the redo log at every commit (group commit shares one fsync among the
+    // transactions committing together).
+    "--innodb-flush-log-at-trx-commit=1",
+    // fsync the binary log at every commit group, so a replica never holds a transaction the
+    // primary lost.
+    "--sync-binlog=1",
+    // Torn-page protection for data pages written during a power loss.
+    "--innodb-doublewrite=1",
+];
+
 /// SQL run by every MariaDB server at every start (`--init-file`): one statement per line, no
 /// comments (the init-file parser is minimal). `IF NOT EXISTS` makes restarts work. The
 /// statements are kept out of the binary log: otherwise each server would log GTIDs of its own
@@ -234,8 +252,12 @@ pub struct ClusterSpec {
     /// Whether to start a Redis server.
     pub with_redis: bool,
     /// Directory in which the `orderly-cluster-XXXXXX` directory is created; `None` picks
-    /// `/dev/shm` when usable, else the system temporary directory.
+    /// `/dev/shm` when usable (never for a durable cluster), else the system temporary
+    /// directory.
     pub base_dir: Option<PathBuf>,
+    /// Production durability: data on disk, redo log and binary log synced at every commit,
+    /// doublewrite on ([`DURABLE_MARIADB_OPTIONS`]). Off for tests and the playground.
+    pub durable: bool,
 }
 
 impl Default for ClusterSpec {
@@ -244,6 +266,7 @@ impl Default for ClusterSpec {
             mariadb_servers: 1,
             with_redis: true,
             base_dir: None,
+            durable: false,
         }
     }
 }
@@ -266,7 +289,7 @@ impl LocalCluster {
     pub async fn start(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
         let began = Instant::now();
         let binaries = Binaries::find(&spec)?;
-        let (dir, path) = create_cluster_dir(spec.base_dir.as_deref())?;
+        let (dir, path) = create_cluster_dir(spec.base_dir.as_deref(), spec.durable)?;
         // From here on an early return drops `cluster`, which cleans up whatever was started.
         let mut cluster = LocalCluster {
             dir: Some(dir),
@@ -295,6 +318,7 @@ impl LocalCluster {
                     mariadbd.clone(),
                     init_file.clone(),
                     ports.pick()?,
+                    spec.durable,
                 )?);
             }
             let datadirs: Vec<PathBuf> = cluster.mariadb.iter().map(|s| s.datadir()).collect();
@@ -478,6 +502,7 @@ pub struct MariaDbServer {
     index: usize,
     server_id: u32,
     port: u16,
+    durable: bool,
     mariadbd: PathBuf,
     init_file: PathBuf,
     process: ServerProcess,
@@ -490,6 +515,7 @@ impl MariaDbServer {
         mariadbd: PathBuf,
         init_file: PathBuf,
         port: u16,
+        durable: bool,
     ) -> Result<Self, ClusterError> {
         let dir = cluster_dir.join(format!("mariadb-{index}"));
         fs::create_dir(&dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
@@ -499,6 +525,7 @@ impl MariaDbServer {
             index,
             server_id,
             port,
+            durable,
             mariadbd,
             init_file,
             process: ServerProcess::new(format!("mariadb-{index}"), dir.clone(), dir.join("error.log")),
@@ -618,6 +645,9 @@ impl MariaDbServer {
             .arg(format!("--server-id={}", self.server_id))
             .args(SHARED_MARIADB_OPTIONS)
             .args(SERVER_MARIADB_OPTIONS);
+        if self.durable {
+            command.args(DURABLE_MARIADB_OPTIONS);
+        }
         if restart {
             // A restart must get the same port back; connections of the previous run may hold
             // it briefly. mariadbd retries the bind once a second for this long.
@@ -1055,9 +1085,14 @@ fn find_binary(name: &str) -> Option<PathBuf> {
 }
 
 /// Creates the cluster directory (after sweeping stale siblings) and records its owner.
-fn create_cluster_dir(base_dir: Option<&Path>) -> Result<(tempfile::TempDir, PathBuf), ClusterError> {
+fn create_cluster_dir(
+    base_dir: Option<&Path>,
+    durable: bool,
+) -> Result<(tempfile::TempDir, PathBuf), ClusterError> {
     let candidates: Vec<PathBuf> = match base_dir {
         Some(dir) => vec![dir.to_path_buf()],
+        // Durable data must be on a disk: tmpfs would make every fsync free.
+        None if durable => vec![std::env::temp_dir()],
         None => vec![PathBuf::from("/dev/shm"), std::env::temp_dir()],
     };
     let mut last_error = None;
@@ -1397,6 +1432,7 @@ mod tests {
             mariadb_servers: 2,
             with_redis: true,
             base_dir: None,
+            durable: false,
         })
         .await
         .expect("the cluster starts");
@@ -1451,11 +1487,44 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_durable_cluster_lives_on_disk_and_syncs_every_commit() {
+        let cluster = LocalCluster::start(ClusterSpec {
+            mariadb_servers: 1,
+            with_redis: false,
+            base_dir: None,
+            durable: true,
+        })
+        .await
+        .expect("the cluster starts");
+        assert!(
+            !cluster.dir().starts_with("/dev/shm"),
+            "{}",
+            cluster.dir().display()
+        );
+        let mut conn = MySqlConnection::connect(&cluster.mariadb(0).admin_url())
+            .await
+            .expect("login");
+        let row = sqlx::query(
+            "SELECT @@innodb_flush_log_at_trx_commit, @@sync_binlog, @@innodb_doublewrite, @@log_bin",
+        )
+        .fetch_one(&mut conn)
+        .await
+        .expect("query runs");
+        let flush: u64 = row.get(0);
+        let sync: u64 = row.get(1);
+        let doublewrite: i64 = row.get(2);
+        let log_bin: i64 = row.get(3);
+        assert_eq!((flush, sync, doublewrite, log_bin), (1, 1, 1, 1));
+        conn.close().await.expect("close");
+    }
+
+    #[tokio::test]
     async fn killed_or_paused_servers_come_back_with_their_data() {
         let cluster = LocalCluster::start(ClusterSpec {
             mariadb_servers: 1,
             with_redis: true,
             base_dir: None,
+            durable: false,
         })
         .await
         .expect("the cluster starts");

@@ -1,42 +1,57 @@
-//! Worker-id leases in Redis: two live processes never share a worker id.
+//! Worker-id leases in the commerce database: two live processes never share a worker id,
+//! and a new holder of a worker id never issues an id at or below one of an earlier holder.
 //!
-//! A process claims `{prefix}worker:{n}` with `SET NX PX ttl` for the first free `n` in
-//! `0..64` and renews it every third of the TTL with a compare-and-extend script (only the
-//! holder's token extends it). If a renewal finds the lease gone or taken (Redis lost it, the
-//! process was paused past the TTL), the id source stops issuing ids — answering 503 is
-//! better than risking a duplicate — until it holds a lease again. The id source checks a
-//! deadline on every id: the time the last successful renewal *started* plus the TTL, so
-//! even a keeper stuck on a slow Redis never issues an id under an expired lease.
+//! The table `worker_leases` (commerce migration v2, see its comment) has one row per worker
+//! id, seeded once. Rows are never inserted here:
+//!
+//! - **Take**: one `UPDATE` of an expired row (`expires_at < NOW(6)`, the database's clock, so
+//!   the skew of our clock does not matter) that sets our random `holder` token, `expires_at =
+//!   NOW(6) + ttl` and `generation + 1`. `rows_affected == 1` means it is ours. (`NOW(6)` is
+//!   in the session time zone, UTC on every sqlx connection, so all holders compare in one
+//!   clock.) Candidates are the expired rows, tried from a random one on; the `UPDATE` also
+//!   requires the `generation` and `issued_below_ms` we read, so the floor we read is the
+//!   floor we got. A row that vanished is a worker id nobody can take (never one two
+//!   processes share).
+//! - **Local deadline**: our local time when the take or renewal was *sent*, plus the TTL.
+//!   The database's expiry is set after that moment, so it is always later in real time: we
+//!   stop issuing before anybody else can take the row. The id generator refuses every id
+//!   whose millisecond is at or past the deadline (`IdSourceError::LeaseLost`, a 503).
+//! - **Floor**: `issued_below_ms` is the bound under which the holder may have issued ids.
+//!   The take and every renewal raise it to the new deadline *before* we may issue under it;
+//!   a clean release lowers it to our last issued millisecond + 1. A new holder reads it as
+//!   the floor of its generator, so a clock stepped back across a restart is refused like a
+//!   step back within one process.
+//! - **Renew** every third of the TTL (`WHERE worker_id = ? AND holder = ?`). If the row is
+//!   no longer ours (expired and taken, or deleted) the source stops issuing at once and tries
+//!   to take back the *same* worker id whenever it is free (the generator keeps its worker id
+//!   for life, so it can never mix two); until then ids answer 503 and an error is logged. A
+//!   renewal that fails on a database error leaves the deadline of the last success standing.
+//! - **Release** on shutdown: first close the generator (no id after this), then give the row
+//!   back with `expires_at` in the past and the exact floor for the next holder.
+//!
+//! Redis plays no part: its outage cannot stop ids or creates.
 
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use rand::Rng;
+use sqlx::{MySqlPool, Row};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::domain::ids::{Clock, IdError, IdGenerator, OrderId, SystemClock, UserId, WorkerId, MAX_WORKERS};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LeaseError {
-    #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("all {MAX_WORKERS} worker ids are leased by live processes")]
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("no free worker id: all {MAX_WORKERS} are leased by live processes (or their rows are gone)")]
     Exhausted,
 }
-
-/// Extends the lease only if we still hold it.
-const RENEW: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                       return redis.call('PEXPIRE', KEYS[1], ARGV[2]) else return 0 end";
-/// Deletes the lease only if we still hold it.
-const RELEASE: &str = "if redis.call('GET', KEYS[1]) == ARGV[1] then \
-                         return redis.call('DEL', KEYS[1]) else return 0 end";
 
 /// The id generator of this process, usable only while its worker id is held.
 pub struct IdSource {
     generator: IdGenerator,
-    /// Wall-clock ms until which the worker id is surely ours (`i64::MAX` when fixed).
-    valid_until_ms: AtomicI64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -44,15 +59,23 @@ pub enum IdSourceError {
     #[error("this process's worker-id lease is lost; not issuing ids until it is back")]
     LeaseLost,
     #[error(transparent)]
-    Clock(#[from] IdError),
+    Clock(IdError),
+}
+
+impl From<IdError> for IdSourceError {
+    fn from(e: IdError) -> Self {
+        match e {
+            IdError::NotHeld => IdSourceError::LeaseLost,
+            e => IdSourceError::Clock(e),
+        }
+    }
 }
 
 impl IdSource {
-    /// A source with a fixed worker id from settings (no lease).
+    /// A source with a fixed worker id from settings (no lease, no deadline).
     pub fn fixed(worker: WorkerId) -> Arc<IdSource> {
         Arc::new(IdSource {
             generator: IdGenerator::new(worker),
-            valid_until_ms: AtomicI64::new(i64::MAX),
         })
     }
 
@@ -61,106 +84,239 @@ impl IdSource {
     }
 
     pub fn next_for(&self, user: UserId) -> Result<OrderId, IdSourceError> {
-        if SystemClock.now_ms() >= self.valid_until_ms.load(Ordering::Acquire) {
-            return Err(IdSourceError::LeaseLost);
-        }
         Ok(self.generator.next_for(user)?)
     }
 }
 
-fn key(prefix: &str, w: u16) -> String {
-    format!("{prefix}worker:{w}")
+/// A few rounds of "list the free rows, try to take one": another process starting at the
+/// same moment may take the row we picked; more rounds than this means there is none left.
+const TAKE_ROUNDS: usize = 3;
+/// How long the release at shutdown may take; after that the row simply expires.
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
+/// `expires_at` of a released row: long past in any clock (the seed uses the same).
+const RELEASED_AT: &str = "1970-01-01 00:00:01";
+
+/// One row that was free when we looked.
+#[derive(Debug, Clone, Copy)]
+struct Free {
+    worker: u16,
+    issued_below_ms: i64,
+    generation: i64,
 }
 
-/// Leases the first free worker id and keeps it renewed until `shutdown`, then releases it.
+/// Our hold on one row of `worker_leases`.
+struct Lease {
+    pool: MySqlPool,
+    worker: u16,
+    holder: String,
+    ttl: Duration,
+}
+
+impl Lease {
+    fn ttl_ms(&self) -> i64 {
+        self.ttl.as_millis() as i64
+    }
+
+    fn ttl_us(&self) -> i64 {
+        self.ttl.as_micros() as i64
+    }
+
+    /// Takes `free` if it is still as we saw it. Returns the local deadline.
+    async fn take(&self, free: Free) -> Result<Option<i64>, sqlx::Error> {
+        let deadline = SystemClock.now_ms() + self.ttl_ms();
+        let done = sqlx::query(
+            "UPDATE worker_leases
+             SET holder = ?, expires_at = NOW(6) + INTERVAL ? MICROSECOND,
+                 generation = generation + 1, issued_below_ms = GREATEST(issued_below_ms, ?),
+                 updated_at = NOW(6)
+             WHERE worker_id = ? AND expires_at < NOW(6) AND generation = ? AND issued_below_ms = ?",
+        )
+        .bind(&self.holder)
+        .bind(self.ttl_us())
+        .bind(deadline)
+        .bind(free.worker)
+        .bind(free.generation)
+        .bind(free.issued_below_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok((done.rows_affected() == 1).then_some(deadline))
+    }
+
+    /// Extends our hold. `None`: the row is not ours any more (or is gone).
+    async fn renew(&self) -> Result<Option<i64>, sqlx::Error> {
+        let deadline = SystemClock.now_ms() + self.ttl_ms();
+        let done = sqlx::query(
+            "UPDATE worker_leases
+             SET expires_at = NOW(6) + INTERVAL ? MICROSECOND,
+                 issued_below_ms = GREATEST(issued_below_ms, ?), updated_at = NOW(6)
+             WHERE worker_id = ? AND holder = ?",
+        )
+        .bind(self.ttl_us())
+        .bind(deadline)
+        .bind(self.worker)
+        .bind(&self.holder)
+        .execute(&self.pool)
+        .await?;
+        Ok((done.rows_affected() == 1).then_some(deadline))
+    }
+
+    /// Gives the row back: expired now, and the next holder's floor is `issued_below_ms`.
+    async fn release(&self, issued_below_ms: i64) -> Result<bool, sqlx::Error> {
+        let done = sqlx::query(
+            "UPDATE worker_leases
+             SET holder = NULL, expires_at = ?, issued_below_ms = ?, updated_at = NOW(6)
+             WHERE worker_id = ? AND holder = ?",
+        )
+        .bind(RELEASED_AT)
+        .bind(issued_below_ms)
+        .bind(self.worker)
+        .bind(&self.holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
+
+/// The rows that are free now (all of them, or only `worker`'s).
+async fn free_rows(pool: &MySqlPool, worker: Option<u16>) -> Result<Vec<Free>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT worker_id, issued_below_ms, generation FROM worker_leases
+         WHERE expires_at < NOW(6) AND (? IS NULL OR worker_id = ?) ORDER BY worker_id",
+    )
+    .bind(worker)
+    .bind(worker)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(Free {
+                worker: r.try_get::<i16, _>(0)? as u16,
+                issued_below_ms: r.try_get(1)?,
+                generation: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+/// Opens the generator of a taken row: floor from the row, deadline from the take. The
+/// floor goes first, so no id is ever issued under the deadline but below the floor.
+fn open(generator: &IdGenerator, free: Free, deadline: i64) {
+    generator.raise_floor(free.issued_below_ms);
+    generator.set_until(deadline);
+}
+
+/// Leases a free worker id (a random one of the free rows) in the commerce database `pool`
+/// and keeps it renewed until `shutdown`, then releases it. The keeper is the returned task.
 pub async fn lease_worker(
-    mut redis: ConnectionManager,
-    prefix: String,
+    pool: MySqlPool,
     ttl: Duration,
     shutdown: CancellationToken,
-) -> Result<(Arc<IdSource>, tokio::task::JoinHandle<()>), LeaseError> {
-    let token = uuid::Uuid::new_v4().to_string();
-    let ttl_ms = ttl.as_millis() as u64;
-    let started = SystemClock.now_ms();
-    let start: u16 = rand::random::<u16>() % MAX_WORKERS;
-    let mut held = None;
-    for i in 0..MAX_WORKERS {
-        let w = (start + i) % MAX_WORKERS;
-        let ok: Option<String> = redis::cmd("SET")
-            .arg(key(&prefix, w))
-            .arg(&token)
-            .arg("NX")
-            .arg("PX")
-            .arg(ttl_ms)
-            .query_async(&mut redis)
-            .await?;
-        if ok.is_some() {
-            held = Some(w);
+) -> Result<(Arc<IdSource>, JoinHandle<()>), LeaseError> {
+    let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+    for _ in 0..TAKE_ROUNDS {
+        let free = free_rows(&pool, None).await?;
+        if free.is_empty() {
             break;
         }
+        let start = rand::thread_rng().gen_range(0..free.len());
+        for i in 0..free.len() {
+            let candidate = free[(start + i) % free.len()];
+            let Some(worker) = WorkerId::new(candidate.worker) else {
+                continue;
+            };
+            let lease = Lease {
+                pool: pool.clone(),
+                worker: candidate.worker,
+                holder: holder.clone(),
+                ttl,
+            };
+            let Some(deadline) = lease.take(candidate).await? else {
+                continue;
+            };
+            let generator = IdGenerator::new(worker);
+            open(&generator, candidate, deadline);
+            tracing::info!(
+                worker = candidate.worker,
+                generation = candidate.generation + 1,
+                floor_ms = candidate.issued_below_ms,
+                "leased worker id"
+            );
+            let source = Arc::new(IdSource { generator });
+            let keeper = tokio::spawn(keep(lease, source.clone(), shutdown));
+            return Ok((source, keeper));
+        }
     }
-    let w = held.ok_or(LeaseError::Exhausted)?;
-    let worker = WorkerId::new(w).ok_or(LeaseError::Exhausted)?;
-    tracing::info!(worker = w, "leased worker id");
-    let source = Arc::new(IdSource {
-        generator: IdGenerator::new(worker),
-        valid_until_ms: AtomicI64::new(started + ttl_ms as i64),
-    });
-    let keeper = tokio::spawn(keep(redis, key(&prefix, w), token, ttl, source.clone(), shutdown));
-    Ok((source, keeper))
+    Err(LeaseError::Exhausted)
 }
 
-async fn keep(
-    mut redis: ConnectionManager,
-    key: String,
-    token: String,
-    ttl: Duration,
-    source: Arc<IdSource>,
-    shutdown: CancellationToken,
-) {
-    let ttl_ms = ttl.as_millis() as u64;
-    let renew = redis::Script::new(RENEW);
+/// Renews every third of the TTL; takes the same row back after a loss; releases on shutdown.
+async fn keep(lease: Lease, source: Arc<IdSource>, shutdown: CancellationToken) {
+    let generator = &source.generator;
+    let mut held = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(ttl / 3) => {}
+            _ = tokio::time::sleep(lease.ttl / 3) => {}
         }
-        let started = SystemClock.now_ms();
-        let extended: Result<i64, _> = renew
-            .key(&key)
-            .arg(&token)
-            .arg(ttl_ms)
-            .invoke_async(&mut redis)
-            .await;
-        let held = match extended {
-            Ok(1) => true,
-            Ok(_) => {
-                // Gone: take it back if it is free, otherwise stay invalid.
-                let again: Result<Option<String>, _> = redis::cmd("SET")
-                    .arg(&key)
-                    .arg(&token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ttl_ms)
-                    .query_async(&mut redis)
-                    .await;
-                matches!(again, Ok(Some(_)))
+        if held {
+            // A renewal slower than the TTL is useless: the deadline it would set has passed.
+            match tokio::time::timeout(lease.ttl, lease.renew()).await {
+                Ok(Ok(Some(deadline))) => {
+                    generator.set_until(deadline);
+                    continue;
+                }
+                Ok(Ok(None)) => {
+                    generator.set_until(i64::MIN);
+                    held = false;
+                    tracing::error!(worker = lease.worker, "worker-id lease lost; not issuing ids");
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(worker = lease.worker, error = %e, "cannot renew the worker-id lease");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!(worker = lease.worker, "renewing the worker-id lease timed out");
+                    continue;
+                }
             }
-            // Redis unreachable: the deadline of the last renewal stands.
-            Err(e) => {
-                tracing::warn!(%key, error = %e, "cannot renew the worker-id lease");
-                continue;
+        }
+        // Not held: take the same row back if it is free.
+        let retaken = async {
+            for free in free_rows(&lease.pool, Some(lease.worker)).await? {
+                if let Some(deadline) = lease.take(free).await? {
+                    open(generator, free, deadline);
+                    return Ok::<_, sqlx::Error>(true);
+                }
             }
+            Ok(false)
         };
-        let until = if held { started + ttl_ms as i64 } else { 0 };
-        let before = source.valid_until_ms.swap(until, Ordering::AcqRel);
-        if (before > 0) != held {
-            tracing::warn!(%key, held, "worker-id lease changed");
+        match tokio::time::timeout(lease.ttl, retaken).await {
+            Ok(Ok(true)) => {
+                held = true;
+                tracing::warn!(
+                    worker = lease.worker,
+                    "worker-id lease taken back; issuing ids again"
+                );
+            }
+            Ok(Ok(false)) => tracing::error!(
+                worker = lease.worker,
+                "worker id is held by another process or its lease row is gone; not issuing ids"
+            ),
+            Ok(Err(e)) => tracing::warn!(worker = lease.worker, error = %e, "cannot take the worker id back"),
+            Err(_) => tracing::warn!(worker = lease.worker, "taking the worker id back timed out"),
         }
     }
-    let _: Result<i64, _> = redis::Script::new(RELEASE)
-        .key(&key)
-        .arg(&token)
-        .invoke_async(&mut redis)
-        .await;
+    // Shutdown: no id after this line, then the next holder's floor is exactly our last id.
+    let issued_below = generator.revoke();
+    match tokio::time::timeout(RELEASE_TIMEOUT, lease.release(issued_below)).await {
+        Ok(Ok(true)) => tracing::info!(worker = lease.worker, issued_below, "released worker id"),
+        Ok(Ok(false)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(worker = lease.worker, error = %e, "cannot release the worker id; it expires")
+        }
+        Err(_) => tracing::warn!(
+            worker = lease.worker,
+            "releasing the worker id timed out; it expires"
+        ),
+    }
 }

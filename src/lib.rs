@@ -5,7 +5,7 @@
 //!   status machine, request validation and pricing, who may see what. No I/O.
 //! - [`config`] — settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
 //! - [`storage`] — MariaDB: the shard map, the schema, the SQL of order shards and commerce.
-//! - [`lease`] — worker-id leases in Redis, so processes never share an id space.
+//! - [`lease`] — worker-id leases in the commerce database: processes never share an id space.
 //! - [`service`] — the use cases — create exactly once, the life cycle, the catalog, and the
 //!   reservation sweeper.
 //! - [`http`] — the JSON API on axum, auth, and problem responses.

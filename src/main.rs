@@ -55,6 +55,10 @@ enum Command {
         /// Start a local cluster and the service in this process (the default).
         #[arg(long)]
         self_start: bool,
+        /// Run the self-started cluster durably (data on disk, redo and binary log synced at
+        /// every commit, doublewrite on) instead of on tmpfs with nothing synced.
+        #[arg(long, conflicts_with = "target")]
+        durable: bool,
         /// Where results.json and results.md go.
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
@@ -156,6 +160,7 @@ async fn main() -> anyhow::Result<()> {
             concurrency,
             target,
             self_start: _,
+            durable,
             out,
             users,
             products,
@@ -179,7 +184,7 @@ async fn main() -> anyhow::Result<()> {
                 flash_stock,
                 progress: true,
             };
-            let target = target.map_or(Target::SelfStart, Target::Url);
+            let target = target.map_or(Target::SelfStart { durable }, Target::Url);
             if bench::run(target, settings, opts, out).await? {
                 Ok(())
             } else {

@@ -170,6 +170,7 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
         mariadb_servers: 2,
         with_redis: true,
         base_dir: None,
+        durable: false,
     })
     .await?;
     let mut base = match config {

@@ -9,6 +9,14 @@
 //! Clients are closed-loop (each waits for its answer before the next request), so latency
 //! is recorded as measured: there is no coordinated omission to correct for.
 //!
+//! For `create`, each phase also counts the transactions committed to the binary log on every
+//! server (`Binlog_commits`) per order created: `commits_per_create`, the number of durable
+//! commits (each an fsync under `--durable`) one order costs.
+//!
+//! `--durable` runs the self-started cluster as production would (data on disk, redo and
+//! binary log synced at every commit, doublewrite on); without it the cluster lives on tmpfs
+//! and syncs nothing. The results name the profile that ran and each server's settings.
+//!
 //! After each scenario the databases are checked: no duplicate order, no order without
 //! items, every unit of stock either in a live order or still on the shelf, stock never
 //! negative, every acknowledged create present, and for the flash sale exactly the stock
@@ -146,6 +154,11 @@ pub struct PhaseStats {
     pub errors: BTreeMap<String, u64>,
     /// Expected business refusals by code (`out_of_stock` in a flash sale).
     pub refused: BTreeMap<String, u64>,
+    /// `create` only: transactions committed to the binary log over every server during the
+    /// phase, per order created (refusals and errors excluded). Background work of the
+    /// service (lease renewals, the sweeper) is counted too; it is a few commits in 10 s.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub commits_per_create: Option<f64>,
 }
 
 /// One scenario's line of the report.
@@ -278,6 +291,7 @@ where
         p999_ms: ms(0.999),
         errors,
         refused,
+        commits_per_create: None,
     }
 }
 
@@ -300,9 +314,9 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
         let mut phases = Vec::with_capacity(2);
         for raw in [false, true] {
             let label = format!("{} {}", scenario.name(), if raw { "raw" } else { "service" });
-            let w = w.clone();
+            let op_w = w.clone();
             let op = move |i| {
-                let w = w.clone();
+                let w = op_w.clone();
                 async move {
                     if raw {
                         w.raw_op(scenario, i).await
@@ -311,7 +325,25 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                     }
                 }
             };
-            phases.push(drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await);
+            // Commits are counted around the phase, after the previous one's writes settled.
+            let count_commits = scenario == Scenario::Create;
+            let before = if count_commits {
+                binlog_commits(&w).await
+            } else {
+                None
+            };
+            let mut stats = drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await;
+            let after = if count_commits {
+                binlog_commits(&w).await
+            } else {
+                None
+            };
+            if let (Some(before), Some(after)) = (before, after) {
+                let created = stats.ops - stats.refused.values().sum::<u64>();
+                stats.commits_per_create =
+                    (created > 0).then(|| after.saturating_sub(before) as f64 / created as f64);
+            }
+            phases.push(stats);
         }
         let [service, raw]: [PhaseStats; 2] = phases
             .try_into()
@@ -333,15 +365,34 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
     Ok(results)
 }
 
+/// `Binlog_commits` summed over the servers; `None` (and a warning) when it cannot be had.
+async fn binlog_commits(w: &Workload) -> Option<u64> {
+    match w.binlog_commits().await {
+        Ok(Some(n)) => Some(n),
+        Ok(None) => {
+            tracing::warn!("a server has its binary log off: commits per create not measured");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read Binlog_commits: commits per create not measured");
+            None
+        }
+    }
+}
+
 fn summary_line(r: &ScenarioResult) -> String {
-    format!(
+    let mut line = format!(
         "{:<10} service {:>8.0} ops/s  raw {:>8.0} ops/s  ratio {:.2}  checks {}",
         r.scenario.name(),
         r.service.ops_per_sec,
         r.raw.ops_per_sec,
         r.ratio,
         if r.passed() { "ok" } else { "FAILED" }
-    )
+    );
+    if r.scenario == Scenario::Create {
+        line.push_str(&format!("  commits/create {}", commits_cell(r)));
+    }
+    line
 }
 
 fn codes(m: &BTreeMap<String, u64>) -> String {
@@ -354,12 +405,21 @@ fn codes(m: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
+/// `service / raw` commits per create, `–` where not measured.
+fn commits_cell(r: &ScenarioResult) -> String {
+    let f = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}"));
+    match (r.service.commits_per_create, r.raw.commits_per_create) {
+        (None, None) => "–".into(),
+        (a, b) => format!("{} / {}", f(a), f(b)),
+    }
+}
+
 /// The Markdown table of a run.
 pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
     let mut s = format!(
         "{} s per phase, {} concurrent clients.\n\n\
-         | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | checks |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---|\n",
+         | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | commits / create (service / raw) | checks |\n\
+         |---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|\n",
         opts.duration.as_secs_f64(),
         opts.concurrency
     );
@@ -376,7 +436,7 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             .map(|c| c.name.as_str())
             .collect();
         s.push_str(&format!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} | {} | **{:.2}** | {} |\n",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} | {} | **{:.2}** | {} | {} |\n",
             r.scenario.name(),
             a.ops_per_sec,
             a.p50_ms,
@@ -388,6 +448,7 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             b.p99_ms,
             codes(&b.errors),
             r.ratio,
+            commits_cell(r),
             if failed.is_empty() {
                 format!("{} passed", r.checks.len())
             } else {
@@ -398,10 +459,52 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
     s
 }
 
+/// Which database setup a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Profile {
+    /// `tmpfs` (self-started, nothing synced), `durable` (self-started, `--durable`) or
+    /// `target` (a running service: whatever its servers run with).
+    pub name: &'static str,
+    /// The self-started cluster's directory (tmpfs or disk).
+    pub data_dir: Option<String>,
+    /// Each server's durability settings, as it reports them.
+    pub servers: Vec<workload::ServerSettings>,
+}
+
+impl Profile {
+    fn markdown(&self) -> String {
+        let mut s = format!("Profile: **{}**", self.name);
+        if let Some(dir) = &self.data_dir {
+            s.push_str(&format!(", data in `{dir}`"));
+        }
+        s.push('.');
+        for v in &self.servers {
+            s.push_str(&format!(
+                " {}: innodb_flush_log_at_trx_commit={}, sync_binlog={}, doublewrite={}, log_bin={}.",
+                v.server,
+                v.innodb_flush_log_at_trx_commit,
+                v.sync_binlog,
+                if v.innodb_doublewrite { "on" } else { "off" },
+                if v.log_bin { "on" } else { "off" },
+            ));
+        }
+        s.push('\n');
+        s
+    }
+}
+
+/// `results.json`.
+#[derive(Serialize)]
+struct Report<'a> {
+    profile: &'a Profile,
+    scenarios: &'a [ScenarioResult],
+}
+
 /// Where the service under test is.
 pub enum Target {
-    /// Start a local cluster and the service in this process.
-    SelfStart,
+    /// Start a local cluster and the service in this process; `durable` picks the durable
+    /// profile ([`ClusterSpec::durable`]) over the tmpfs one.
+    SelfStart { durable: bool },
     /// A running service at this URL; `settings` name its databases and secret.
     Url(String),
 }
@@ -415,16 +518,28 @@ pub async fn run(
     out: PathBuf,
 ) -> anyhow::Result<bool> {
     let mut _cluster = None;
+    let mut service = None;
     let shutdown = CancellationToken::new();
+    let mut profile = Profile {
+        name: "target",
+        data_dir: None,
+        servers: Vec::new(),
+    };
     let (settings, base_url) = match target {
-        Target::SelfStart => {
-            eprintln!("starting a local cluster (2 MariaDB servers, Redis) and the service ...");
+        Target::SelfStart { durable } => {
+            profile.name = if durable { "durable" } else { "tmpfs" };
+            eprintln!(
+                "starting a local cluster (2 MariaDB servers, Redis; {} profile) and the service ...",
+                profile.name
+            );
             let cluster = LocalCluster::start(ClusterSpec {
                 mariadb_servers: 2,
                 with_redis: true,
                 base_dir: None,
+                durable,
             })
             .await?;
+            profile.data_dir = Some(cluster.dir().display().to_string());
             let mut base = settings.unwrap_or_else(Settings::defaults);
             if base.auth.jwt_secret.len() < 32 {
                 base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
@@ -438,7 +553,7 @@ pub async fn run(
             migrate(&s).await?;
             let app = Application::build(s.clone(), shutdown.clone()).await?;
             let url = format!("http://{}", app.address());
-            tokio::spawn(app.run());
+            service = Some(tokio::spawn(app.run()));
             _cluster = Some(cluster);
             (s, url)
         }
@@ -450,12 +565,23 @@ pub async fn run(
         }
     };
     let workload = Arc::new(Workload::setup(&settings, &base_url, &opts).await?);
-    let results = run_scenarios(workload, &opts).await?;
+    profile.servers = workload.server_settings().await?;
+    let results = run_scenarios(workload.clone(), &opts).await?;
+    // Both worker ids go back before the cluster goes (the service releases its own on the
+    // way out of `run`).
     shutdown.cancel();
+    workload.release_lease().await;
+    if let Some(service) = service {
+        let _ = service.await;
+    }
 
     std::fs::create_dir_all(&out)?;
-    let table = markdown(&results, &opts);
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    let table = format!("{}\n{}", profile.markdown(), markdown(&results, &opts));
+    let report = Report {
+        profile: &profile,
+        scenarios: &results,
+    };
+    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(out.join("results.md"), &table)?;
     println!("{table}");
     let passed = results.iter().all(ScenarioResult::passed);

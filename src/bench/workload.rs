@@ -14,12 +14,12 @@ use sqlx::MySqlPool;
 
 use crate::config::Settings;
 use crate::domain::actor::Role;
-use crate::domain::ids::{OrderId, ProductId, ShopId, UserId, WorkerId};
+use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
 use crate::domain::status::OrderStatus;
 use crate::http::auth::AuthKeys;
-use crate::lease::{lease_worker, IdSource};
+use crate::lease::IdSource;
 use crate::storage::commerce::{self, Reservation, ReserveOutcome};
 use crate::storage::orders::{self, ListQuery, MoneyMovement, StatusChange};
 use crate::storage::shards::ShardMap;
@@ -27,6 +27,17 @@ use crate::storage::{self, StorageError};
 
 use super::checks::{self, Check};
 use super::{drive, BenchOptions, Scenario};
+
+/// The durability settings of one MariaDB server, as it reports them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ServerSettings {
+    /// `host:port`.
+    pub server: String,
+    pub innodb_flush_log_at_trx_commit: i64,
+    pub sync_binlog: i64,
+    pub innodb_doublewrite: bool,
+    pub log_bin: bool,
+}
 
 /// How one operation ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +75,11 @@ pub struct Workload {
     shards: ShardMap,
     commerce: MySqlPool,
     ids: Arc<IdSource>,
+    /// Stops the keeper of the raw phase's worker id; the guard also when the workload is
+    /// dropped.
+    lease_stop: tokio_util::sync::CancellationToken,
+    _lease_guard: tokio_util::sync::DropGuard,
+    lease_keeper: Mutex<Option<tokio::task::JoinHandle<()>>>,
     users: Vec<UserId>,
     tokens: Vec<String>,
     merchant: String,
@@ -95,22 +111,10 @@ impl Workload {
         // The raw baseline gets the same pool sizes as the service under test.
         let shards = ShardMap::connect(settings).await?;
         let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
-        let ids = match redis::Client::open(settings.redis.url.as_str())?
-            .get_connection_manager()
-            .await
-        {
-            Ok(r) => {
-                lease_worker(
-                    r,
-                    settings.redis.key_prefix.clone(),
-                    Duration::from_secs(settings.ids.lease_ttl_secs),
-                    tokio_util::sync::CancellationToken::new(),
-                )
-                .await?
-                .0
-            }
-            Err(_) => IdSource::fixed(WorkerId::new(63).unwrap_or_else(|| unreachable!())),
-        };
+        // The raw phase issues ids as the service does: under a worker id of its own, leased
+        // in the commerce database, released when the workload is dropped.
+        let lease_stop = tokio_util::sync::CancellationToken::new();
+        let (ids, keeper) = crate::app::lease_worker_from(settings, lease_stop.clone()).await?;
         let now = Utc::now().naive_utc();
         let shop: i64 = sqlx::query("INSERT INTO shops (name, created_at) VALUES ('bench shop', ?)")
             .bind(now)
@@ -181,6 +185,9 @@ impl Workload {
             shards,
             commerce,
             ids,
+            _lease_guard: lease_stop.clone().drop_guard(),
+            lease_stop,
+            lease_keeper: Mutex::new(Some(keeper)),
             users,
             tokens,
             merchant: keys.issue("1", Role::Merchant, Some(shop), day),
@@ -312,6 +319,72 @@ impl Workload {
 
     /// Orders available to one phase of get-cold: each phase reads its own half, each order
     /// at most once.
+    /// Every distinct MariaDB server the service writes to (commerce and shard primaries; a
+    /// server holding several of them counts once), keyed by host name and port.
+    async fn servers(&self) -> anyhow::Result<Vec<(String, &MySqlPool)>> {
+        let mut seen = Vec::new();
+        let pools = std::iter::once(&self.commerce).chain(self.shards.databases().iter().map(|d| &d.primary));
+        for pool in pools {
+            let (host, port): (String, i64) = sqlx::query_as("SELECT @@hostname, CAST(@@port AS SIGNED)")
+                .fetch_one(pool)
+                .await?;
+            let key = format!("{host}:{port}");
+            if !seen.iter().any(|(k, _)| *k == key) {
+                seen.push((key, pool));
+            }
+        }
+        Ok(seen)
+    }
+
+    /// The durability settings every server runs with (what the run measured).
+    pub async fn server_settings(&self) -> anyhow::Result<Vec<ServerSettings>> {
+        let mut out = Vec::new();
+        for (server, pool) in self.servers().await? {
+            let (flush, sync, doublewrite, log_bin): (i64, i64, i64, i64) = sqlx::query_as(
+                "SELECT CAST(@@innodb_flush_log_at_trx_commit AS SIGNED), CAST(@@sync_binlog AS SIGNED),
+                        CAST(@@innodb_doublewrite AS SIGNED), CAST(@@log_bin AS SIGNED)",
+            )
+            .fetch_one(pool)
+            .await?;
+            out.push(ServerSettings {
+                server,
+                innodb_flush_log_at_trx_commit: flush,
+                sync_binlog: sync,
+                innodb_doublewrite: doublewrite == 1,
+                log_bin: log_bin == 1,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Transactions committed to the binary log so far, summed over every server
+    /// (`Binlog_commits`); `None` if a server has its binary log off (nothing to count).
+    pub async fn binlog_commits(&self) -> anyhow::Result<Option<u64>> {
+        let mut total = 0;
+        for (_, pool) in self.servers().await? {
+            let log_bin: i64 = sqlx::query_scalar("SELECT CAST(@@log_bin AS SIGNED)")
+                .fetch_one(pool)
+                .await?;
+            if log_bin != 1 {
+                return Ok(None);
+            }
+            let (_, value): (String, String) = sqlx::query_as("SHOW GLOBAL STATUS LIKE 'Binlog_commits'")
+                .fetch_one(pool)
+                .await?;
+            total += value.parse::<u64>()?;
+        }
+        Ok(Some(total))
+    }
+
+    /// Gives the raw phase's worker id back and waits until it is released (or expires).
+    pub async fn release_lease(&self) {
+        self.lease_stop.cancel();
+        let keeper = self.lease_keeper.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(keeper) = keeper {
+            let _ = keeper.await;
+        }
+    }
+
     pub fn cold_reads_per_phase(&self) -> u64 {
         (Self::lock(&self.cold_pool).len() / 2) as u64
     }

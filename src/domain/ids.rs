@@ -13,12 +13,28 @@
 //! - *time* first, so ids sort by creation time and a date converts to an id bound
 //!   ([`OrderId::lower_bound_at`]). 40 bits of milliseconds last 34 years from 2025.
 //! - *gene*: the user's shard bits ([`Gene::of_user`]); the order is found from its id alone.
-//! - *worker*: one per live process (settings or a Redis lease), so processes never collide.
+//! - *worker*: one per live process (settings, or a lease in the commerce database), so
+//!   processes never collide.
 //! - *seq*: 128 ids per millisecond per process = 128 000 ids/s; when a millisecond is used
 //!   up the generator moves to the next one.
 //!
 //! The generator never goes back in time: when the clock steps back by up to
 //! [`MAX_BACKWARD_WAIT_MS`] it waits it out, beyond that it refuses.
+//!
+//! # The issuing window
+//!
+//! A generator issues ids only for milliseconds in `[floor, until)`:
+//! - the *floor* ([`IdGenerator::raise_floor`]) is the bound under which an earlier holder of
+//!   the same worker id may have issued ids; it carries the "never back in time" rule across
+//!   processes and restarts, so a clock stepped back across a restart is refused (or waited
+//!   out, if within [`MAX_BACKWARD_WAIT_MS`]) like a step back within one process;
+//! - *until* ([`IdGenerator::set_until`]) is the local deadline of the worker-id lease: no id
+//!   carries a millisecond at or after it, so the next holder (whose floor is at least that
+//!   deadline) can never issue one of ours. [`IdGenerator::revoke`] closes the window and
+//!   says below which millisecond every issued id lies.
+//!
+//! The window is checked on the millisecond the id actually carries, under the same lock that
+//! moves it, so an id is never issued past a deadline that was checked a moment earlier.
 
 use std::fmt;
 use std::sync::Mutex;
@@ -215,6 +231,13 @@ pub enum IdError {
     ClockMovedBack(i64),
     #[error("clock is before the id epoch")]
     BeforeEpoch,
+    /// An earlier holder of this worker id may have issued ids up to the floor: the clock is
+    /// behind it (stepped back across a restart) by this many ms.
+    #[error("clock is {0} ms behind the ids already issued under this worker id; refusing to issue ids")]
+    BelowFloor(i64),
+    /// The window is closed: the lease deadline passed or was revoked.
+    #[error("the worker id is not held; not issuing ids")]
+    NotHeld,
 }
 
 /// Makes order ids for one process. Cheap to share (`Arc`); a mutex guards two integers.
@@ -224,10 +247,36 @@ pub struct IdGenerator<C = SystemClock> {
     state: Mutex<GenState>,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct GenState {
+    /// Millisecond of the last id issued (0 before the first).
     last_ms: i64,
     seq: u64,
+    /// No id below this millisecond (see the module docs).
+    floor_ms: i64,
+    /// No id at or after this millisecond.
+    until_ms: i64,
+}
+
+impl Default for GenState {
+    fn default() -> Self {
+        GenState {
+            last_ms: 0,
+            seq: 0,
+            floor_ms: 0,
+            until_ms: i64::MAX,
+        }
+    }
+}
+
+impl GenState {
+    fn issued_below(&self) -> i64 {
+        if self.last_ms > 0 {
+            self.floor_ms.max(self.last_ms + 1)
+        } else {
+            self.floor_ms
+        }
+    }
 }
 
 impl IdGenerator<SystemClock> {
@@ -249,6 +298,34 @@ impl<C: Clock> IdGenerator<C> {
         self.worker
     }
 
+    fn state(&self) -> std::sync::MutexGuard<'_, GenState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// From now on no id below millisecond `ms` (never lowers the floor).
+    pub fn raise_floor(&self, ms: i64) {
+        let mut st = self.state();
+        st.floor_ms = st.floor_ms.max(ms);
+    }
+
+    /// Ids only below millisecond `ms` from now on (the lease deadline; may move either way).
+    pub fn set_until(&self, ms: i64) {
+        self.state().until_ms = ms;
+    }
+
+    /// Closes the window and returns the millisecond below which every id this generator
+    /// issued lies (at least the floor): what the next holder's floor must be.
+    pub fn revoke(&self) -> i64 {
+        let mut st = self.state();
+        st.until_ms = i64::MIN;
+        st.issued_below()
+    }
+
+    /// The millisecond below which every id issued so far lies (at least the floor).
+    pub fn issued_below(&self) -> i64 {
+        self.state().issued_below()
+    }
+
     /// A fresh id for an order of `user`.
     pub fn next_for(&self, user: UserId) -> Result<OrderId, IdError> {
         let gene = Gene::of_user(user);
@@ -263,11 +340,14 @@ impl<C: Clock> IdGenerator<C> {
 
     /// The next (millisecond, sequence) pair, strictly increasing per process.
     fn next_slot(&self) -> Result<(i64, u64), IdError> {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.state();
         loop {
             let now = self.clock.now_ms();
             if now < EPOCH_MS {
                 return Err(IdError::BeforeEpoch);
+            }
+            if now >= st.until_ms {
+                return Err(IdError::NotHeld);
             }
             if now < st.last_ms {
                 let back = st.last_ms - now;
@@ -275,6 +355,14 @@ impl<C: Clock> IdGenerator<C> {
                     return Err(IdError::ClockMovedBack(back));
                 }
                 std::thread::sleep(Duration::from_millis(back as u64));
+                continue;
+            }
+            if now < st.floor_ms {
+                let behind = st.floor_ms - now;
+                if behind > MAX_BACKWARD_WAIT_MS {
+                    return Err(IdError::BelowFloor(behind));
+                }
+                std::thread::sleep(Duration::from_millis(behind as u64));
                 continue;
             }
             if now == st.last_ms {
@@ -350,6 +438,120 @@ mod tests {
         let next = h.join().unwrap();
         assert_eq!(next.parts().unix_ms, EPOCH_MS + 2);
         assert!(seen.insert(next));
+    }
+
+    #[test]
+    fn never_issues_below_the_floor_waits_a_small_gap_and_refuses_a_large_one() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(EPOCH_MS + 10_000)));
+        let g = IdGenerator::with_clock(WorkerId::new(1).unwrap(), clock.clone());
+        // A previous holder issued ids up to 10 s after our clock: refuse, like a step back.
+        g.raise_floor(EPOCH_MS + 20_000);
+        assert_eq!(g.next_for(user(1)), Err(IdError::BelowFloor(10_000)));
+        // The floor never goes down.
+        g.raise_floor(EPOCH_MS);
+        assert_eq!(g.next_for(user(1)), Err(IdError::BelowFloor(10_000)));
+        clock.0.store(EPOCH_MS + 20_000, Ordering::SeqCst);
+        let id = g.next_for(user(1)).unwrap();
+        assert_eq!(id.parts().unix_ms, EPOCH_MS + 20_000);
+        assert_eq!(g.issued_below(), EPOCH_MS + 20_001);
+    }
+
+    #[test]
+    fn a_floor_within_the_tolerance_is_waited_out() {
+        let g = IdGenerator::new(WorkerId::new(2).unwrap());
+        let floor = SystemClock.now_ms() + 30;
+        g.raise_floor(floor);
+        let id = g.next_for(user(7)).unwrap();
+        assert!(id.parts().unix_ms >= floor);
+    }
+
+    #[test]
+    fn the_window_closes_at_the_deadline_and_on_revoke() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(EPOCH_MS + 1_000)));
+        let g = IdGenerator::with_clock(WorkerId::new(3).unwrap(), clock.clone());
+        assert_eq!(g.issued_below(), 0, "nothing issued, no floor");
+        g.set_until(EPOCH_MS + 1_001);
+        g.next_for(user(1)).unwrap();
+        clock.0.store(EPOCH_MS + 1_001, Ordering::SeqCst);
+        assert_eq!(g.next_for(user(1)), Err(IdError::NotHeld));
+        g.set_until(EPOCH_MS + 5_000);
+        g.next_for(user(1)).unwrap();
+        assert_eq!(g.revoke(), EPOCH_MS + 1_002);
+        assert_eq!(g.next_for(user(1)), Err(IdError::NotHeld));
+    }
+
+    #[test]
+    fn a_used_up_millisecond_never_spills_past_the_deadline() {
+        let clock = Arc::new(FakeClock(AtomicI64::new(EPOCH_MS + 1)));
+        let g = IdGenerator::with_clock(WorkerId::new(1).unwrap(), clock.clone());
+        g.set_until(EPOCH_MS + 2);
+        for _ in 0..128 {
+            g.next_for(user(1)).unwrap();
+        }
+        // The 129th id would need the next millisecond, which is the deadline.
+        let g = Arc::new(g);
+        let g2 = g.clone();
+        let h = std::thread::spawn(move || g2.next_for(user(1)));
+        std::thread::sleep(Duration::from_millis(20));
+        clock.0.store(EPOCH_MS + 2, Ordering::SeqCst);
+        assert_eq!(h.join().unwrap(), Err(IdError::NotHeld));
+    }
+
+    proptest::proptest! {
+        /// Whatever the clock does and however the floor and deadline move, every id issued
+        /// lies in the window of its moment, ids strictly increase, and `revoke` bounds them.
+        #[test]
+        fn ids_stay_within_the_window_and_increase(
+            steps in proptest::collection::vec((-100i64..100, 0i64..300, 0i64..300, 0u8..4), 1..200)
+        ) {
+            let base = EPOCH_MS + 1_000_000;
+            let clock = Arc::new(FakeClock(AtomicI64::new(base)));
+            let g = IdGenerator::with_clock(WorkerId::new(5).unwrap(), clock.clone());
+            let mut floor = 0i64;
+            let mut last: Option<OrderId> = None;
+            for (jump, floor_ahead, until_ahead, action) in steps {
+                // The clock moves either way, but not into a backward wait (no sleeping here).
+                let now = (clock.0.load(Ordering::SeqCst) + jump).max(base);
+                clock.0.store(now, Ordering::SeqCst);
+                let until = now + until_ahead;
+                match action {
+                    0 => {
+                        floor = floor.max(now + floor_ahead);
+                        g.raise_floor(now + floor_ahead);
+                    }
+                    1 => g.set_until(until),
+                    _ => {}
+                }
+                let (floor_now, until_now) = {
+                    let st = g.state();
+                    (st.floor_ms, st.until_ms)
+                };
+                proptest::prop_assert_eq!(floor_now, floor);
+                let last_ms = last.map_or(0, |l| l.parts().unix_ms);
+                // Skip the cases that would make the generator sleep (covered above).
+                if (last_ms > now && last_ms - now <= MAX_BACKWARD_WAIT_MS)
+                    || (floor > now && floor - now <= MAX_BACKWARD_WAIT_MS)
+                {
+                    continue;
+                }
+                match g.next_for(user(9)) {
+                    Ok(id) => {
+                        let ms = id.parts().unix_ms;
+                        proptest::prop_assert!(ms >= floor && ms < until_now);
+                        proptest::prop_assert!(last.is_none_or(|l| id > l));
+                        last = Some(id);
+                    }
+                    Err(IdError::NotHeld) => proptest::prop_assert!(now >= until_now),
+                    Err(IdError::BelowFloor(b)) => proptest::prop_assert_eq!(b, floor - now),
+                    Err(IdError::ClockMovedBack(b)) => proptest::prop_assert_eq!(b, last_ms - now),
+                    Err(IdError::BeforeEpoch) => proptest::prop_assert!(false, "clock after epoch"),
+                }
+            }
+            let below = g.revoke();
+            proptest::prop_assert!(below >= floor);
+            proptest::prop_assert!(last.is_none_or(|l| l.parts().unix_ms < below));
+            proptest::prop_assert_eq!(g.next_for(user(9)), Err(IdError::NotHeld));
+        }
     }
 
     #[test]

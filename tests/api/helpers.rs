@@ -42,6 +42,7 @@ pub fn cluster() -> Arc<LocalCluster> {
                     mariadb_servers: 2,
                     with_redis: true,
                     base_dir: None,
+                    durable: false,
                 }))
             })
             .join()

@@ -16,3 +16,4 @@ mod problems;
 mod routing;
 mod shutdown;
 mod stalled_commit;
+mod worker_ids;

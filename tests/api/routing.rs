@@ -126,7 +126,23 @@ async fn routing_worker_ids_are_leased_so_two_processes_never_share_one() {
     let second = orderly::app::Application::build(settings, token.clone())
         .await
         .unwrap();
-    assert_ne!(app.app.ids.worker(), second.state().ids.worker());
+    let (a, b) = (app.app.ids.worker().get(), second.state().ids.worker().get());
+    assert_ne!(a, b);
+    // Each holds its row of worker_leases, unexpired, under a holder token of its own.
+    let held: Vec<(i16, Option<String>)> = sqlx::query_as(
+        "SELECT worker_id, holder FROM worker_leases WHERE expires_at > NOW(6) ORDER BY worker_id",
+    )
+    .fetch_all(&app.commerce)
+    .await
+    .unwrap();
+    let workers: Vec<u16> = held.iter().map(|(w, _)| *w as u16).collect();
+    assert_eq!(workers, {
+        let mut v = vec![a, b];
+        v.sort();
+        v
+    });
+    assert!(held.iter().all(|(_, h)| h.is_some()));
+    assert_ne!(held[0].1, held[1].1);
     token.cancel();
 }
 

@@ -51,6 +51,7 @@ async fn spawn_with_private_orders_server(request_timeout_ms: u64) -> (LocalClus
         mariadb_servers: 1,
         with_redis: false,
         base_dir: None,
+        durable: false,
     })
     .await
     .expect("private MariaDB server");
