@@ -621,7 +621,8 @@ impl Workload {
         drop(c);
         let now = Utc::now();
         let mut conn = pool.acquire().await?;
-        orders::insert_order(
+        // Like the service, no claim confirmation: two commits per create.
+        let written = orders::insert_order(
             &mut conn,
             &shard.tables,
             &new,
@@ -631,7 +632,9 @@ impl Workload {
             now + self.pay_timeout,
         )
         .await?;
-        commerce::confirm_claim(&self.commerce, id).await?;
+        if written != orders::Inserted::Written {
+            return Err(Outcome::Error(format!("{written:?}")));
+        }
         self.record(user, id);
         Ok((id, pricing.pay_amount))
     }

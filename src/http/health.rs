@@ -35,7 +35,7 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
     if let Some(mut r) = state.redis.clone() {
         let ok = redis::cmd("PING").query_async::<String>(&mut r).await.is_ok();
-        // Redis is not required to serve (it only leases worker ids here), so it is
+        // Redis is not required to serve (nothing depends on it yet), so it is
         // reported but does not make the service unready.
         checks.insert("redis".into(), ok.into());
     }

@@ -432,14 +432,6 @@ async fn touch_claim(
     })
 }
 
-/// Marks a claim confirmed once its order is known to be written. (Its reservations stay
-/// `reserved` until released: whether the order exists is the claim's business, and one
-/// statement less.) The service confirms in batches with [`confirm_claims`]; this one is for
-/// callers that wrote one order themselves.
-pub async fn confirm_claim(pool: &MySqlPool, order: OrderId) -> Result<()> {
-    confirm_claims(pool, &[order]).await.map(drop)
-}
-
 /// Confirms the still-reserved claims of these orders, whose orders were seen on their
 /// shards, in one statement. Returns how many moved (a claim released meanwhile stays
 /// released).
