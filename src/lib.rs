@@ -2,13 +2,16 @@
 //!
 //! # Layout, in reading order
 //! - [`domain`] — the pure order domain — ids and their layout, shard routing, money, the
-//!   status machine, request validation and pricing, who may see what. No I/O.
+//!   status machine, request validation and pricing, the payment and refund rules, who may
+//!   see what. No I/O.
 //! - [`config`] — settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
-//! - [`storage`] — MariaDB: the shard map, the schema, the SQL of order shards and commerce.
+//! - [`storage`] — MariaDB: the shard map, the schema, the SQL of order shards and commerce,
+//!   and the pool guard (no connection goes back to a pool inside a transaction).
 //! - [`lease`] — worker-id leases in the commerce database: processes never share an id space.
 //! - [`service`] — the use cases — create exactly once, the life cycle, the catalog, and the
 //!   reservation sweeper.
-//! - [`http`] — the JSON API on axum, auth, and problem responses.
+//! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
+//!   completion on a tracked task of its own, whatever happens to its request.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
 //! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
 //! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
