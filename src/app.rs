@@ -142,7 +142,12 @@ impl Application {
                 "write tasks still running at the end of the grace period"
             );
         }
-        let _ = sweeper.await;
+        // The sweeper stops at the token too; a step stuck on a hung database is cut off at
+        // the end of the grace period (each of its writes is one transaction).
+        let sweeper_abort = sweeper.abort_handle();
+        if tokio::time::timeout_at(deadline, sweeper).await.is_err() {
+            sweeper_abort.abort();
+        }
         for h in self.background {
             let _ = h.await;
         }

@@ -50,6 +50,8 @@ use super::{retry_deadlocks, Result};
 /// What one sweep step did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct SweepOutcome {
+    /// Stale claims this step looked at (at most the batch size).
+    pub examined: usize,
     /// Claims whose order was found and which are now confirmed.
     pub confirmed: usize,
     /// Reservations of orders that never appeared (their ids now void), given back.
@@ -70,6 +72,7 @@ const DATABASE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl AddAssign for SweepOutcome {
     fn add_assign(&mut self, o: SweepOutcome) {
+        self.examined += o.examined;
         self.confirmed += o.confirmed;
         self.returned += o.returned;
         self.released += o.released;
@@ -93,7 +96,9 @@ impl OrderService {
     pub async fn sweep_once(&self, at: DateTime<Utc>, grace: Duration, batch: u32) -> Result<SweepOutcome> {
         let before = at - TimeDelta::from_std(grace).unwrap_or(TimeDelta::zero());
         let mut per_database = vec![Vec::new(); self.shards().databases().len()];
-        for claim in commerce::stale_claims(self.commerce(), before, batch).await? {
+        let stale = commerce::stale_claims(self.commerce(), before, batch).await?;
+        let examined: Vec<OrderId> = stale.iter().map(|c| c.order_id).collect();
+        for claim in stale {
             per_database[self.shards().of_order(claim.order_id).database].push(claim);
         }
         let mut steps = JoinSet::new();
@@ -115,7 +120,10 @@ impl OrderService {
                 }
             });
         }
-        let mut out = SweepOutcome::default();
+        let mut out = SweepOutcome {
+            examined: examined.len(),
+            ..SweepOutcome::default()
+        };
         while let Some(step) = steps.join_next().await {
             match step {
                 Ok(o) => out += o,
@@ -123,6 +131,13 @@ impl OrderService {
                     tracing::error!(error = %e, "sweep: a database step panicked");
                     out.failed += 1;
                 }
+            }
+        }
+        // What could not be settled goes to the back of the queue, so that a database that
+        // is down cannot hold the head of it (and every step) with its own claims.
+        if out.confirmed + out.returned < examined.len() {
+            if let Err(e) = commerce::postpone_claims(self.commerce(), &examined, before).await {
+                tracing::warn!(error = %e, "sweep: could not postpone unsettled claims");
             }
         }
         Ok(out)
@@ -286,13 +301,44 @@ impl OrderService {
         Ok(ids.len())
     }
 
-    /// Closes unpaid orders whose payment deadline is before `at`, up to `batch` per shard.
+    /// Closes unpaid orders whose payment deadline is before `at`, up to `batch` per shard,
+    /// each shard database on its own task with the same time bound as a sweep, so one server
+    /// that hangs does not hold up the others.
     pub async fn close_expired_once(&self, at: DateTime<Utc>, batch: u32) -> Result<CloseOutcome> {
+        let mut steps = JoinSet::new();
+        for database in 0..self.shards().databases().len() {
+            let service = self.clone();
+            steps.spawn(async move {
+                let mut out = CloseOutcome::default();
+                let shards = service.shards().all().iter().filter(|s| s.database == database);
+                let work = async {
+                    for shard in shards {
+                        if let Err(e) = service.close_expired_in(shard, at, batch, &mut out).await {
+                            tracing::warn!(shard = %shard.index, error = %e, "close expired: shard left for the next step");
+                            out.failed += 1;
+                        }
+                    }
+                };
+                if tokio::time::timeout(DATABASE_STEP_TIMEOUT, work).await.is_err() {
+                    let name = &service.shards().databases()[database].name;
+                    tracing::warn!(database = %name, "close expired: database too slow; left for the next step");
+                    out.failed += 1;
+                }
+                out
+            });
+        }
         let mut out = CloseOutcome::default();
-        for shard in self.shards().all() {
-            if let Err(e) = self.close_expired_in(shard, at, batch, &mut out).await {
-                tracing::warn!(shard = %shard.index, error = %e, "close expired: shard left for the next step");
-                out.failed += 1;
+        while let Some(step) = steps.join_next().await {
+            match step {
+                Ok(o) => {
+                    out.closed += o.closed;
+                    out.raced += o.raced;
+                    out.failed += o.failed;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "close expired: a database step panicked");
+                    out.failed += 1;
+                }
             }
         }
         Ok(out)
@@ -355,8 +401,13 @@ fn mismatch(claim: &StaleClaim) {
     );
 }
 
-/// Sweeps and closes expired orders every `interval` until `shutdown` fires; stops between
-/// steps.
+/// Sweeps and closes expired orders every `interval` until `shutdown` fires.
+///
+/// Creates leave their claims for the sweeper to confirm, so under load a step finds a full
+/// batch: the sweep repeats at once while its batches come back full and make progress, for
+/// up to one interval, so the sweeper keeps up with any create rate a batch per statement
+/// can follow (a batch of 500 takes a few milliseconds per shard database). Shutdown cuts a
+/// step off wherever it is: each step's writes are single transactions, safe to redo.
 pub async fn run(
     service: OrderService,
     grace: Duration,
@@ -369,15 +420,33 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        match service.sweep_once(Utc::now(), grace, batch).await {
-            Ok(out) if out != SweepOutcome::default() => tracing::info!(?out, "sweep"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "sweep failed; retrying next interval"),
+        let busy_until = tokio::time::Instant::now() + interval;
+        loop {
+            let step = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                step = service.sweep_once(Utc::now(), grace, batch) => step,
+            };
+            match step {
+                Ok(out) => {
+                    if out != SweepOutcome::default() {
+                        tracing::info!(?out, "sweep");
+                    }
+                    let full = out.examined >= batch as usize && out.confirmed + out.returned > 0;
+                    if !full || tokio::time::Instant::now() >= busy_until {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "sweep failed; retrying next interval");
+                    break;
+                }
+            }
         }
-        if shutdown.is_cancelled() {
-            return;
-        }
-        match service.close_expired_once(Utc::now(), batch).await {
+        let closed = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            closed = service.close_expired_once(Utc::now(), batch) => closed,
+        };
+        match closed {
             Ok(out) if out != CloseOutcome::default() => tracing::info!(?out, "closed expired orders"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "closing expired orders failed; retrying next interval"),

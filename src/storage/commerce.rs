@@ -587,6 +587,27 @@ pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -
         .collect()
 }
 
+/// Moves claims that a sweep step looked at but could not settle (their database down or
+/// slow, a commit in flight, a hash mismatch) behind every other stale claim: their
+/// `touched_at` becomes just before `before`, so they stay stale (a later step looks again)
+/// but no longer head the oldest-first queue and starve the claims of healthy databases.
+/// A claim touched since (a create came through) or settled meanwhile is left as it is.
+pub async fn postpone_claims(pool: &MySqlPool, orders: &[OrderId], before: DateTime<Utc>) -> Result<u64> {
+    if orders.is_empty() {
+        return Ok(0);
+    }
+    let sql = format!(
+        "UPDATE order_claims SET touched_at = ? WHERE order_id IN ({}) AND state = ? AND touched_at < ?",
+        vec!["?"; orders.len()].join(", ")
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql)).bind(ts(before - chrono::TimeDelta::microseconds(1)));
+    for o in orders {
+        q = q.bind(o.get());
+    }
+    let done = q.bind(CLAIM_RESERVED).bind(ts(before)).execute(pool).await?;
+    Ok(done.rows_affected())
+}
+
 // ---------------------------------------------------------------- payment numbers
 
 /// A payment or refund number as claimed across every shard.

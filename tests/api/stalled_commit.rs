@@ -499,6 +499,37 @@ async fn stalled_commit_a_down_shard_server_does_not_hold_up_the_others() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_commit_claims_of_a_down_server_do_not_hold_the_head_of_the_queue() {
+    let (private, app) = spawn_with_private_orders_server(10_000).await;
+    let cat = app.catalog(&[100]).await;
+    let line: [(&str, i64); 1] = [(&cat.products[0], 1)];
+    // The oldest claims belong to the server that goes down.
+    let mut healthy = Vec::new();
+    for (i, server) in [1, 1, 1, 0, 0, 0].into_iter().enumerate() {
+        let user = user_on(&app, server, 7000 + 100 * i as i64);
+        let o = app.place_order(user, &line).await;
+        if server == 0 {
+            healthy.push(o["order_id"].as_str().unwrap().to_owned());
+        }
+        // Distinct touch times, so "oldest first" is well defined.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    private.stop_mariadb(0).await.unwrap();
+    let later = Utc::now() + TimeDelta::from_std(GRACE * 2).unwrap();
+    // A batch of three: the first step takes the down server's claims and cannot settle them.
+    let out = app.app.orders.sweep_once(later, GRACE, 3).await.unwrap();
+    assert_eq!((out.examined, out.confirmed, out.returned), (3, 0, 0), "{out:?}");
+    // They went to the back of the queue: the next step reaches the healthy server's.
+    let out = app.app.orders.sweep_once(later, GRACE, 3).await.unwrap();
+    assert_eq!((out.confirmed, out.returned), (3, 0), "{out:?}");
+    for id in &healthy {
+        assert_eq!(claim_state(&app, id).await, Some(commerce::CLAIM_CONFIRMED));
+    }
+    assert_eq!(app.stock_of(&cat.products[0]).await, 94);
+    private.start_mariadb(0).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_commit_a_frozen_shard_server_does_not_hold_up_the_others() {
     let (private, app) = spawn_with_private_orders_server(10_000).await;
     let cat = app.catalog(&[100]).await;
