@@ -774,8 +774,8 @@ impl OrderService {
 
     /// Records a payment or refund. The number is first claimed in the commerce database,
     /// so one number can pay or refund only one order across every shard; the shard then
-    /// records it (idempotent by number on its own). A claim that this call made and the
-    /// shard refused for good is given back, so the number is not burned.
+    /// records it (idempotent by number on its own). A number the shard refused for good is
+    /// given back by the call that holds the claim, so it is not burned.
     async fn move_money(&self, caller: Caller, id: OrderId, m: MoneyMovement) -> Result<Order> {
         let number = commerce::PaymentNumber {
             transaction_no: &m.transaction_no,
@@ -783,6 +783,7 @@ impl OrderService {
             order_id: id,
             channel: &m.channel,
             amount: m.amount,
+            attempt: rand::random(),
         };
         let mut claim = commerce::NumberClaim::Vanished;
         for _ in 0..3 {
@@ -792,9 +793,8 @@ impl OrderService {
                 break;
             }
         }
-        let claimed_now = match claim {
-            commerce::NumberClaim::Claimed => true,
-            commerce::NumberClaim::Same => false,
+        match claim {
+            commerce::NumberClaim::Claimed | commerce::NumberClaim::Same => {}
             commerce::NumberClaim::Conflict => return Err(Error::IdempotencyConflict),
             commerce::NumberClaim::Vanished => {
                 return Err(Error::Unavailable(
@@ -810,15 +810,14 @@ impl OrderService {
             orders::record_money(&mut c, &shard.tables, id, &m, now()).await
         })
         .await;
+        // Refused for good, with nothing recorded under the number. (A shard-level conflict
+        // or duplicate means the number *is* recorded there, for another order: its claim
+        // stays.)
         let refused = matches!(
             recorded,
-            Ok(MoneyOutcome::Conflict
-                | MoneyOutcome::Mismatch { .. }
-                | MoneyOutcome::InvalidTransition(_)
-                | MoneyOutcome::NotFound)
-                | Err(StorageError::Duplicate(_))
+            Ok(MoneyOutcome::Mismatch { .. } | MoneyOutcome::InvalidTransition(_) | MoneyOutcome::NotFound)
         );
-        if refused && claimed_now {
+        if refused {
             if let Err(e) =
                 retry_deadlocks(|| commerce::release_payment_number(&self.commerce, &number)).await
             {

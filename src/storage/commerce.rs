@@ -618,6 +618,9 @@ pub struct PaymentNumber<'a> {
     pub order_id: OrderId,
     pub channel: &'a str,
     pub amount: Money,
+    /// A random token of this call: it claims the number or takes it over (see
+    /// [`release_payment_number`]).
+    pub attempt: i64,
 }
 
 /// What claiming a payment number did.
@@ -642,14 +645,15 @@ pub async fn claim_payment_number(
     now: DateTime<Utc>,
 ) -> Result<NumberClaim> {
     let inserted = sqlx::query(
-        "INSERT INTO payment_numbers (transaction_no, kind, order_id, channel, amount, created_at)
-         VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO payment_numbers (transaction_no, kind, order_id, channel, amount, attempt, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(n.transaction_no)
     .bind(n.kind as i8)
     .bind(n.order_id.get())
     .bind(n.channel)
     .bind(n.amount.minor())
+    .bind(n.attempt)
     .bind(ts(now))
     .execute(pool)
     .await;
@@ -658,34 +662,42 @@ pub async fn claim_payment_number(
         Err(StorageError::Duplicate(_)) => {}
         Err(e) => return Err(e),
     }
-    let row =
-        sqlx::query("SELECT kind, order_id, channel, amount FROM payment_numbers WHERE transaction_no = ?")
-            .bind(n.transaction_no)
-            .fetch_optional(pool)
-            .await?;
-    let Some(row) = row else {
-        return Ok(NumberClaim::Vanished);
-    };
-    let (kind, order, channel, amount): (i8, i64, String, i64) =
-        (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
-    let same = kind == n.kind as i8
-        && order == n.order_id.get()
-        && channel == n.channel
-        && amount == n.amount.minor();
-    Ok(if same {
-        NumberClaim::Same
-    } else {
+    // The same callback again (a retry, or a replay of one already recorded) takes the
+    // claim over, so an earlier call that is about to give it back cannot.
+    let taken_over = sqlx::query(
+        "UPDATE payment_numbers SET attempt = ?
+         WHERE transaction_no = ? AND kind = ? AND order_id = ? AND channel = ? AND amount = ?",
+    )
+    .bind(n.attempt)
+    .bind(n.transaction_no)
+    .bind(n.kind as i8)
+    .bind(n.order_id.get())
+    .bind(n.channel)
+    .bind(n.amount.minor())
+    .execute(pool)
+    .await?;
+    if taken_over.rows_affected() == 1 {
+        return Ok(NumberClaim::Same);
+    }
+    let exists = sqlx::query("SELECT 1 FROM payment_numbers WHERE transaction_no = ?")
+        .bind(n.transaction_no)
+        .fetch_optional(pool)
+        .await?;
+    Ok(if exists.is_some() {
         NumberClaim::Conflict
+    } else {
+        NumberClaim::Vanished
     })
 }
 
-/// Gives a number back that this order claimed but the shard refused for good (wrong amount,
-/// invalid transition, no such order), so the channel may use it again.
+/// Gives a number back that the shard refused for good (wrong amount, invalid transition,
+/// no such order: nothing was recorded under it), so the channel may use it again. Only the
+/// call that claimed or last took over the number may: a retry that took it over meanwhile
+/// may be recording it right now.
 pub async fn release_payment_number(pool: &MySqlPool, n: &PaymentNumber<'_>) -> Result<()> {
-    sqlx::query("DELETE FROM payment_numbers WHERE transaction_no = ? AND order_id = ? AND kind = ?")
+    sqlx::query("DELETE FROM payment_numbers WHERE transaction_no = ? AND attempt = ?")
         .bind(n.transaction_no)
-        .bind(n.order_id.get())
-        .bind(n.kind as i8)
+        .bind(n.attempt)
         .execute(pool)
         .await?;
     Ok(())

@@ -196,22 +196,31 @@ const COMMERCE_V2: &[&str] = &[
 /// claimed here before the shard records the payment, so one number can never pay two
 /// orders on two shards. Coupons carry the currency they are worth.
 const COMMERCE_V3: &[&str] = &[
+    // Numbers compare byte for byte (ascii_bin): channel numbers are case-sensitive, and
+    // "AbC" and "abc" are two payments. `attempt` is the random token of the last call that
+    // claimed or took over the number: only that call may give a refused number back.
     "CREATE TABLE IF NOT EXISTS payment_numbers (
-        transaction_no VARCHAR(64) NOT NULL PRIMARY KEY,
+        transaction_no VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL PRIMARY KEY,
         kind TINYINT NOT NULL,
         order_id BIGINT NOT NULL,
         channel VARCHAR(32) NOT NULL,
         amount BIGINT NOT NULL,
+        attempt BIGINT NOT NULL,
         created_at DATETIME(6) NOT NULL
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
     "ALTER TABLE coupons ADD COLUMN IF NOT EXISTS currency CHAR(3) NOT NULL DEFAULT 'CNY' AFTER min_spend",
 ];
 
-/// Void order ids of a shard: see [`ShardTables::voids`].
-const SHARD_V2: &[&str] = &["CREATE TABLE IF NOT EXISTS {voids} (
+/// Void order ids of a shard: see [`ShardTables::voids`]. And payment numbers compare byte
+/// for byte, as in `payment_numbers`: under the default case-insensitive collation a second
+/// payment "abc" after "AbC" would be taken for a replay and dropped.
+const SHARD_V2: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS {voids} (
         order_id BIGINT NOT NULL PRIMARY KEY,
         voided_at DATETIME(6) NOT NULL
-    ) ENGINE=InnoDB"];
+    ) ENGINE=InnoDB",
+    "ALTER TABLE {payments} MODIFY transaction_no VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL",
+];
 
 struct Migration {
     version: i32,

@@ -97,6 +97,73 @@ async fn payment_numbers_refused_by_the_order_are_not_burned() {
 }
 
 #[tokio::test]
+async fn payment_numbers_differing_only_in_case_are_two_payments() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let user = 830;
+    let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
+    let (s, paid) = pay_with(&app, &order, "TX-AbC", 1000).await;
+    assert_eq!(s, StatusCode::OK, "{paid}");
+    // Another payment whose number differs only in case: money received twice, recorded
+    // and flagged for refund, never taken for a replay and dropped.
+    let (s, twice) = pay_with(&app, &order, "tx-abc", 1000).await;
+    assert_eq!(s, StatusCode::OK, "{twice}");
+    assert_eq!(twice["payments"].as_array().map(Vec::len), Some(2), "{twice}");
+    assert_eq!(twice["refund_required"], true);
+    assert_eq!(app.count_commerce_rows("payment_numbers").await, 2);
+}
+
+/// A call that was refused must not give back a number that a retry took over meanwhile and
+/// may be recording: only the latest holder of the claim releases it.
+#[tokio::test]
+async fn payment_numbers_taken_over_by_a_retry_are_not_given_back_by_the_first_call() {
+    use orderly::domain::ids::OrderId;
+    use orderly::domain::money::Money;
+    use orderly::domain::order::PaymentKind;
+    use orderly::storage::commerce::{self, NumberClaim, PaymentNumber};
+
+    let app = TestApp::spawn().await;
+    let pool = app.app.orders.commerce();
+    let number = |order: i64, attempt: i64| PaymentNumber {
+        transaction_no: "tx-race",
+        kind: PaymentKind::Refund,
+        order_id: OrderId::new(order).unwrap(),
+        channel: "refund",
+        amount: Money::new(500).unwrap(),
+        attempt,
+    };
+    let now = chrono::Utc::now();
+    let first = number(7, 1);
+    let retry = number(7, 2);
+    assert_eq!(
+        commerce::claim_payment_number(pool, &first, now).await.unwrap(),
+        NumberClaim::Claimed
+    );
+    assert_eq!(
+        commerce::claim_payment_number(pool, &retry, now).await.unwrap(),
+        NumberClaim::Same
+    );
+    // The first call's shard step was refused; the retry's was recorded. The first call's
+    // give-back must be a no-op.
+    commerce::release_payment_number(pool, &first).await.unwrap();
+    assert_eq!(
+        commerce::claim_payment_number(pool, &number(8, 3), now)
+            .await
+            .unwrap(),
+        NumberClaim::Conflict,
+        "the number was freed while a retry held it"
+    );
+    // The holder itself may give it back.
+    commerce::release_payment_number(pool, &retry).await.unwrap();
+    assert_eq!(
+        commerce::claim_payment_number(pool, &number(8, 3), now)
+            .await
+            .unwrap(),
+        NumberClaim::Claimed
+    );
+}
+
+#[tokio::test]
 async fn payment_channel_answers_carry_no_buyer_data() {
     let app = TestApp::spawn().await;
     let cat = app.catalog(&[10]).await;
