@@ -15,7 +15,9 @@
 //! - **Local deadline**: our local time when the take or renewal was *sent*, plus the TTL.
 //!   The database's expiry is set after that moment, so it is always later in real time: we
 //!   stop issuing before anybody else can take the row. The id generator refuses every id
-//!   whose millisecond is at or past the deadline (`IdSourceError::LeaseLost`, a 503).
+//!   whose millisecond is at or past the deadline (`IdSourceError::LeaseLost`, a 503). The
+//!   same deadline is also kept on the monotonic clock, so a wall clock that steps back
+//!   while renewals fail cannot stretch the hold past the database's expiry.
 //! - **Floor**: `issued_below_ms` is the bound under which the holder may have issued ids.
 //!   The take and every renewal raise it to the new deadline *before* we may issue under it;
 //!   a clean release lowers it to our last issued millisecond + 1. A new holder reads it as
@@ -31,8 +33,9 @@
 //!
 //! Redis plays no part: its outage cannot stop ids or creates.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::Rng;
 use sqlx::{MySqlPool, Row};
@@ -52,6 +55,26 @@ pub enum LeaseError {
 /// The id generator of this process, usable only while its worker id is held.
 pub struct IdSource {
     generator: IdGenerator,
+    /// The lease deadline on the monotonic clock, in nanoseconds after `base`
+    /// (`u64::MAX` for a fixed worker id, 0 when not held).
+    base: Instant,
+    mono_until_ns: AtomicU64,
+}
+
+/// Until when a take or renewal holds the row, on both clocks, from the moment it was sent.
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    wall_ms: i64,
+    mono: Instant,
+}
+
+impl Deadline {
+    fn from_now(ttl: Duration) -> Deadline {
+        Deadline {
+            wall_ms: SystemClock.now_ms() + ttl.as_millis() as i64,
+            mono: Instant::now() + ttl,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +99,29 @@ impl IdSource {
     pub fn fixed(worker: WorkerId) -> Arc<IdSource> {
         Arc::new(IdSource {
             generator: IdGenerator::new(worker),
+            base: Instant::now(),
+            mono_until_ns: AtomicU64::new(u64::MAX),
         })
+    }
+
+    fn leased(generator: IdGenerator) -> IdSource {
+        IdSource {
+            generator,
+            base: Instant::now(),
+            mono_until_ns: AtomicU64::new(0),
+        }
+    }
+
+    fn hold_until(&self, d: Deadline) {
+        let ns = d.mono.saturating_duration_since(self.base).as_nanos();
+        self.mono_until_ns
+            .store(u64::try_from(ns).unwrap_or(u64::MAX), Ordering::Release);
+        self.generator.set_until(d.wall_ms);
+    }
+
+    fn stop(&self) {
+        self.generator.set_until(i64::MIN);
+        self.mono_until_ns.store(0, Ordering::Release);
     }
 
     pub fn worker(&self) -> WorkerId {
@@ -84,6 +129,10 @@ impl IdSource {
     }
 
     pub fn next_for(&self, user: UserId) -> Result<OrderId, IdSourceError> {
+        let elapsed = self.base.elapsed().as_nanos();
+        if u64::try_from(elapsed).unwrap_or(u64::MAX) >= self.mono_until_ns.load(Ordering::Acquire) {
+            return Err(IdSourceError::LeaseLost);
+        }
         Ok(self.generator.next_for(user)?)
     }
 }
@@ -113,17 +162,13 @@ struct Lease {
 }
 
 impl Lease {
-    fn ttl_ms(&self) -> i64 {
-        self.ttl.as_millis() as i64
-    }
-
     fn ttl_us(&self) -> i64 {
         self.ttl.as_micros() as i64
     }
 
     /// Takes `free` if it is still as we saw it. Returns the local deadline.
-    async fn take(&self, free: Free) -> Result<Option<i64>, sqlx::Error> {
-        let deadline = SystemClock.now_ms() + self.ttl_ms();
+    async fn take(&self, free: Free) -> Result<Option<Deadline>, sqlx::Error> {
+        let deadline = Deadline::from_now(self.ttl);
         let done = sqlx::query(
             "UPDATE worker_leases
              SET holder = ?, expires_at = NOW(6) + INTERVAL ? MICROSECOND,
@@ -133,7 +178,7 @@ impl Lease {
         )
         .bind(&self.holder)
         .bind(self.ttl_us())
-        .bind(deadline)
+        .bind(deadline.wall_ms)
         .bind(free.worker)
         .bind(free.generation)
         .bind(free.issued_below_ms)
@@ -143,8 +188,8 @@ impl Lease {
     }
 
     /// Extends our hold. `None`: the row is not ours any more (or is gone).
-    async fn renew(&self) -> Result<Option<i64>, sqlx::Error> {
-        let deadline = SystemClock.now_ms() + self.ttl_ms();
+    async fn renew(&self) -> Result<Option<Deadline>, sqlx::Error> {
+        let deadline = Deadline::from_now(self.ttl);
         let done = sqlx::query(
             "UPDATE worker_leases
              SET expires_at = NOW(6) + INTERVAL ? MICROSECOND,
@@ -152,7 +197,7 @@ impl Lease {
              WHERE worker_id = ? AND holder = ?",
         )
         .bind(self.ttl_us())
-        .bind(deadline)
+        .bind(deadline.wall_ms)
         .bind(self.worker)
         .bind(&self.holder)
         .execute(&self.pool)
@@ -200,9 +245,9 @@ async fn free_rows(pool: &MySqlPool, worker: Option<u16>) -> Result<Vec<Free>, s
 
 /// Opens the generator of a taken row: floor from the row, deadline from the take. The
 /// floor goes first, so no id is ever issued under the deadline but below the floor.
-fn open(generator: &IdGenerator, free: Free, deadline: i64) {
-    generator.raise_floor(free.issued_below_ms);
-    generator.set_until(deadline);
+fn open(source: &IdSource, free: Free, deadline: Deadline) {
+    source.generator.raise_floor(free.issued_below_ms);
+    source.hold_until(deadline);
 }
 
 /// Leases a free worker id (a random one of the free rows) in the commerce database `pool`
@@ -233,15 +278,15 @@ pub async fn lease_worker(
             let Some(deadline) = lease.take(candidate).await? else {
                 continue;
             };
-            let generator = IdGenerator::new(worker);
-            open(&generator, candidate, deadline);
+            let source = IdSource::leased(IdGenerator::new(worker));
+            open(&source, candidate, deadline);
             tracing::info!(
                 worker = candidate.worker,
                 generation = candidate.generation + 1,
                 floor_ms = candidate.issued_below_ms,
                 "leased worker id"
             );
-            let source = Arc::new(IdSource { generator });
+            let source = Arc::new(source);
             let keeper = tokio::spawn(keep(lease, source.clone(), shutdown));
             return Ok((source, keeper));
         }
@@ -262,11 +307,11 @@ async fn keep(lease: Lease, source: Arc<IdSource>, shutdown: CancellationToken) 
             // A renewal slower than the TTL is useless: the deadline it would set has passed.
             match tokio::time::timeout(lease.ttl, lease.renew()).await {
                 Ok(Ok(Some(deadline))) => {
-                    generator.set_until(deadline);
+                    source.hold_until(deadline);
                     continue;
                 }
                 Ok(Ok(None)) => {
-                    generator.set_until(i64::MIN);
+                    source.stop();
                     held = false;
                     tracing::error!(worker = lease.worker, "worker-id lease lost; not issuing ids");
                 }
@@ -284,7 +329,7 @@ async fn keep(lease: Lease, source: Arc<IdSource>, shutdown: CancellationToken) 
         let retaken = async {
             for free in free_rows(&lease.pool, Some(lease.worker)).await? {
                 if let Some(deadline) = lease.take(free).await? {
-                    open(generator, free, deadline);
+                    open(&source, free, deadline);
                     return Ok::<_, sqlx::Error>(true);
                 }
             }
@@ -307,6 +352,7 @@ async fn keep(lease: Lease, source: Arc<IdSource>, shutdown: CancellationToken) 
         }
     }
     // Shutdown: no id after this line, then the next holder's floor is exactly our last id.
+    source.mono_until_ns.store(0, Ordering::Release);
     let issued_below = generator.revoke();
     match tokio::time::timeout(RELEASE_TIMEOUT, lease.release(issued_below)).await {
         Ok(Ok(true)) => tracing::info!(worker = lease.worker, issued_below, "released worker id"),
@@ -318,5 +364,36 @@ async fn keep(lease: Lease, source: Arc<IdSource>, shutdown: CancellationToken) 
             worker = lease.worker,
             "releasing the worker id timed out; it expires"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The wall-clock deadline alone would let a clock stepped back stretch the hold; the
+    /// monotonic one ends it on time.
+    #[test]
+    fn the_monotonic_deadline_ends_the_hold_whatever_the_wall_clock_says() {
+        let source = IdSource::leased(IdGenerator::new(WorkerId::new(5).unwrap()));
+        let user = UserId::new(42).unwrap();
+        assert!(matches!(source.next_for(user), Err(IdSourceError::LeaseLost)));
+        let far = SystemClock.now_ms() + 3_600_000;
+        source.hold_until(Deadline {
+            wall_ms: far,
+            mono: Instant::now() + Duration::from_secs(60),
+        });
+        assert!(source.next_for(user).is_ok());
+        source.hold_until(Deadline {
+            wall_ms: far,
+            mono: Instant::now(),
+        });
+        assert!(matches!(source.next_for(user), Err(IdSourceError::LeaseLost)));
+        source.hold_until(Deadline {
+            wall_ms: far,
+            mono: Instant::now() + Duration::from_secs(60),
+        });
+        source.stop();
+        assert!(matches!(source.next_for(user), Err(IdSourceError::LeaseLost)));
     }
 }
