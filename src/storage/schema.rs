@@ -322,5 +322,46 @@ pub async fn migrate(commerce: &MySqlPool, shards: &ShardMap) -> Result<MigrateR
         let pool = shards.primary(shard);
         apply(pool, &scope, SHARD, |s| render(s, &shard.tables), &mut report).await?;
     }
+    if report.applied.iter().any(|m| m == "commerce v3") {
+        backfill_payment_numbers(commerce, shards).await?;
+    }
     Ok(report)
+}
+
+/// Claims, in `payment_numbers`, every number already recorded on the shards, so that none
+/// of them can pay or refund another order once the cross-shard check is in force. Run by
+/// the migration that creates the table; idempotent (a number already claimed is kept).
+/// Returns the numbers claimed now.
+pub async fn backfill_payment_numbers(commerce: &MySqlPool, shards: &ShardMap) -> Result<u64> {
+    // Rows per INSERT: 7 placeholders each, far below the 65 535 a statement may bind.
+    const CHUNK: usize = 500;
+    let mut claimed = 0;
+    for shard in shards.all() {
+        let rows = sqlx::query(AssertSqlSafe(format!(
+            "SELECT transaction_no, kind, order_id, channel, amount, created_at FROM {}",
+            shard.tables.payments
+        )))
+        .fetch_all(shards.primary(shard))
+        .await?;
+        for chunk in rows.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT IGNORE INTO payment_numbers
+                    (transaction_no, kind, order_id, channel, amount, attempt, created_at)
+                 VALUES {}",
+                vec!["(?, ?, ?, ?, ?, 0, ?)"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(r.try_get::<String, _>(0)?)
+                    .bind(r.try_get::<i8, _>(1)?)
+                    .bind(r.try_get::<i64, _>(2)?)
+                    .bind(r.try_get::<String, _>(3)?)
+                    .bind(r.try_get::<i64, _>(4)?)
+                    .bind(r.try_get::<chrono::NaiveDateTime, _>(5)?);
+            }
+            claimed += q.execute(commerce).await?.rows_affected();
+        }
+    }
+    Ok(claimed)
 }

@@ -163,6 +163,37 @@ async fn payment_numbers_taken_over_by_a_retry_are_not_given_back_by_the_first_c
     );
 }
 
+/// Numbers recorded before the cross-shard table existed are claimed by the migration that
+/// creates it, so they cannot pay another order afterwards.
+#[tokio::test]
+async fn payment_numbers_recorded_before_the_upgrade_are_backfilled() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[10]).await;
+    let (a, b) = (840, user_on_other_server(&app, 840));
+    let order_a = app.place_order(a, &[(&cat.products[0], 1)]).await;
+    let order_b = app.place_order(b, &[(&cat.products[0], 1)]).await;
+    let (s, paid) = pay_with(&app, &order_a, "tx-old", 1000).await;
+    assert_eq!(s, StatusCode::OK, "{paid}");
+    // As if recorded by a version without the table.
+    sqlx::query("DELETE FROM payment_numbers")
+        .execute(&app.commerce)
+        .await
+        .unwrap();
+    let claimed = orderly::storage::schema::backfill_payment_numbers(&app.commerce, app.app.orders.shards())
+        .await
+        .unwrap();
+    assert_eq!(claimed, 1);
+    let (s, p) = pay_with(&app, &order_b, "tx-old", 1000).await;
+    assert_eq!(
+        (s, p["code"].as_str()),
+        (StatusCode::CONFLICT, Some("idempotency_conflict")),
+        "{p}"
+    );
+    // The first order's callback still replays.
+    let (s, again) = pay_with(&app, &order_a, "tx-old", 1000).await;
+    assert_eq!(s, StatusCode::OK, "{again}");
+}
+
 #[tokio::test]
 async fn payment_channel_answers_carry_no_buyer_data() {
     let app = TestApp::spawn().await;
