@@ -724,6 +724,16 @@ impl Workload {
             amount: pay_amount,
             reason: String::new(),
         };
+        // As the service does: the number is claimed across shards first.
+        let number = commerce::PaymentNumber {
+            transaction_no: &pay.transaction_no,
+            kind: pay.kind,
+            order_id: id,
+            channel: &pay.channel,
+            amount: pay.amount,
+            attempt: rand::random(),
+        };
+        commerce::claim_payment_number(&self.commerce, &number, Utc::now()).await?;
         orders::record_money(&mut conn, t, id, &pay, Utc::now()).await?;
         orders::load_order(&mut conn, t, id).await?;
         let steps = [
