@@ -126,14 +126,8 @@ impl OrderView<'_> {
     }
 }
 
-/// The whole order with its version as a strong `ETag`.
-fn order_response(status: StatusCode, order: &Order) -> Response {
-    let etag = format!("\"{}\"", order.version);
-    (status, [(header::ETAG, etag)], axum::Json(OrderView::from(order))).into_response()
-}
-
-/// [`order_response`] with the view redacted for `caller`.
-fn order_response_for(caller: Caller, status: StatusCode, order: &Order) -> Response {
+/// The whole order, as `caller` may see it, with its version as a strong `ETag`.
+fn order_response(caller: Caller, status: StatusCode, order: &Order) -> Response {
     let etag = format!("\"{}\"", order.version);
     let view = OrderView::from(order).redacted_for(caller);
     (status, [(header::ETAG, etag)], axum::Json(view)).into_response()
@@ -173,7 +167,7 @@ async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Create
         Created::New => StatusCode::CREATED,
         Created::Replay => StatusCode::OK,
     };
-    Ok(order_response(status, &order))
+    Ok(order_response(c, status, &order))
 }
 
 async fn get_order(
@@ -185,7 +179,7 @@ async fn get_order(
     check_consistency(&params)?;
     let order = s.orders.get(c, order_id(&id)?).await?;
     match params.get("include").map(String::as_str) {
-        None | Some("") => Ok(order_response(StatusCode::OK, &order)),
+        None | Some("") => Ok(order_response(c, StatusCode::OK, &order)),
         Some("user") => {
             let buyer = s.catalog.buyer_of(&order).await?;
             let mut body = serde_json::to_value(OrderView::from(&order))
@@ -253,7 +247,7 @@ async fn patch(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.patch(c, id, req).await }).await?;
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response(c, StatusCode::OK, &order))
 }
 
 async fn pay(
@@ -264,7 +258,7 @@ async fn pay(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.pay(c, id, req).await }).await?;
-    Ok(order_response_for(c, StatusCode::OK, &order))
+    Ok(order_response(c, StatusCode::OK, &order))
 }
 
 async fn ship(
@@ -275,7 +269,7 @@ async fn ship(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.ship(c, id, req).await }).await?;
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response(c, StatusCode::OK, &order))
 }
 
 async fn confirm(
@@ -286,7 +280,7 @@ async fn confirm(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.confirm(c, id, req).await }).await?;
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response(c, StatusCode::OK, &order))
 }
 
 async fn cancel(
@@ -297,7 +291,7 @@ async fn cancel(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.cancel(c, id, req).await }).await?;
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response(c, StatusCode::OK, &order))
 }
 
 async fn refund(
@@ -308,7 +302,7 @@ async fn refund(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.refund(c, id, req).await }).await?;
-    Ok(order_response_for(c, StatusCode::OK, &order))
+    Ok(order_response(c, StatusCode::OK, &order))
 }
 
 async fn invalidate(
@@ -319,5 +313,5 @@ async fn invalidate(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.invalidate(c, id, req).await }).await?;
-    Ok(order_response(StatusCode::OK, &order))
+    Ok(order_response(c, StatusCode::OK, &order))
 }

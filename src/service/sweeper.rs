@@ -109,36 +109,22 @@ impl OrderService {
         for claim in stale {
             per_database[self.shards().of_order(claim.order_id).database].push(claim);
         }
-        let mut steps = JoinSet::new();
-        for (database, claims) in per_database.into_iter().enumerate() {
-            let service = self.clone();
-            steps.spawn(async move {
-                let n = claims.len();
-                let step = service.sweep_database(database, claims, before, batch);
-                match tokio::time::timeout(DATABASE_STEP_TIMEOUT, step).await {
-                    Ok(out) => out,
-                    Err(_) => {
-                        let name = &service.shards().databases()[database].name;
-                        tracing::warn!(database = %name, "sweep: database too slow; left for the next step");
-                        SweepOutcome {
-                            failed: n.max(1),
-                            ..SweepOutcome::default()
-                        }
-                    }
-                }
-            });
-        }
+        let counts: Vec<usize> = per_database.iter().map(Vec::len).collect();
+        let mut per_database = per_database.into_iter().map(Some).collect::<Vec<_>>();
+        let steps = self
+            .on_each_database("sweep", |service, database| {
+                let claims = per_database[database].take().unwrap_or_default();
+                async move { service.sweep_database(database, claims, before, batch).await }
+            })
+            .await;
         let mut out = SweepOutcome {
             examined: examined.len(),
             ..SweepOutcome::default()
         };
-        while let Some(step) = steps.join_next().await {
+        for (database, step) in steps.into_iter().enumerate() {
             match step {
-                Ok(o) => out += o,
-                Err(e) => {
-                    tracing::error!(error = %e, "sweep: a database step panicked");
-                    out.failed += 1;
-                }
+                Some(o) => out += o,
+                None => out.failed += counts[database].max(1),
             }
         }
         // What could not be settled goes to the back of the queue, so that a database that
@@ -313,43 +299,58 @@ impl OrderService {
     /// each shard database on its own task with the same time bound as a sweep, so one server
     /// that hangs does not hold up the others.
     pub async fn close_expired_once(&self, at: DateTime<Utc>, batch: u32) -> Result<CloseOutcome> {
-        let mut steps = JoinSet::new();
-        for database in 0..self.shards().databases().len() {
-            let service = self.clone();
-            steps.spawn(async move {
+        let steps = self
+            .on_each_database("close expired", |service, database| async move {
                 let mut out = CloseOutcome::default();
-                let shards = service.shards().all().iter().filter(|s| s.database == database);
-                let work = async {
-                    for shard in shards {
-                        if let Err(e) = service.close_expired_in(shard, at, batch, &mut out).await {
-                            tracing::warn!(shard = %shard.index, error = %e, "close expired: shard left for the next step");
-                            out.failed += 1;
-                        }
+                for shard in service.shards().all().iter().filter(|s| s.database == database) {
+                    if let Err(e) = service.close_expired_in(shard, at, batch, &mut out).await {
+                        tracing::warn!(shard = %shard.index, error = %e, "close expired: shard left for the next step");
+                        out.failed += 1;
                     }
-                };
-                if tokio::time::timeout(DATABASE_STEP_TIMEOUT, work).await.is_err() {
-                    let name = &service.shards().databases()[database].name;
-                    tracing::warn!(database = %name, "close expired: database too slow; left for the next step");
-                    out.failed += 1;
                 }
                 out
-            });
-        }
+            })
+            .await;
         let mut out = CloseOutcome::default();
-        while let Some(step) = steps.join_next().await {
+        for step in steps {
             match step {
-                Ok(o) => {
+                Some(o) => {
                     out.closed += o.closed;
                     out.raced += o.raced;
                     out.failed += o.failed;
                 }
-                Err(e) => {
-                    tracing::error!(error = %e, "close expired: a database step panicked");
-                    out.failed += 1;
-                }
+                None => out.failed += 1,
             }
         }
         Ok(out)
+    }
+
+    /// Runs `step` for every shard database at once, each on its own task and cut off after
+    /// [`DATABASE_STEP_TIMEOUT`], so one server that hangs holds up only its own part. The
+    /// answer per database, in order; `None` where it was cut off or panicked (logged).
+    async fn on_each_database<T, F, Fut>(&self, what: &'static str, mut step: F) -> Vec<Option<T>>
+    where
+        F: FnMut(OrderService, usize) -> Fut,
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let mut steps = JoinSet::new();
+        for database in 0..self.shards().databases().len() {
+            let work = step(self.clone(), database);
+            steps.spawn(async move { (database, tokio::time::timeout(DATABASE_STEP_TIMEOUT, work).await) });
+        }
+        let mut answers: Vec<Option<T>> = std::iter::repeat_with(|| None).take(steps.len()).collect();
+        while let Some(joined) = steps.join_next().await {
+            match joined {
+                Ok((database, Ok(answer))) => answers[database] = Some(answer),
+                Ok((database, Err(_))) => {
+                    let name = &self.shards().databases()[database].name;
+                    tracing::warn!(database = %name, "{what}: database too slow; left for the next step");
+                }
+                Err(e) => tracing::error!(error = %e, "{what}: a database step panicked"),
+            }
+        }
+        answers
     }
 
     async fn close_expired_in(
