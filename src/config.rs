@@ -24,6 +24,7 @@ pub struct Settings {
     pub commerce: CommerceSettings,
     pub database: DatabaseSettings,
     pub redis: RedisSettings,
+    pub cache: CacheSettings,
     pub orders: OrderSettings,
     pub sweeper: SweeperSettings,
 }
@@ -84,6 +85,25 @@ pub struct DatabaseSettings {
 pub struct RedisSettings {
     pub url: String,
     pub key_prefix: String,
+}
+
+/// The Redis cache of orders, user profiles and first pages of "my orders" (see
+/// [`crate::cache`]); every tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CacheSettings {
+    pub enabled: bool,
+    pub ttl_secs: u64,
+    pub list_ttl_secs: u64,
+    pub absent_ttl_secs: u64,
+    pub ttl_jitter_percent: u32,
+    pub write_marker_ms: u64,
+    pub fill_lease_ms: u64,
+    pub timeout_ms: u64,
+    pub connect_timeout_ms: u64,
+    pub failures_to_open: u32,
+    pub probe_interval_ms: u64,
+    pub max_concurrent_fills: usize,
+    pub max_pending_invalidations: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -175,6 +195,25 @@ impl Settings {
         }
         if self.database.max_connections == 0 || self.sweeper.batch_size == 0 {
             return bad("database.max_connections and sweeper.batch_size must be positive".into());
+        }
+        let c = &self.cache;
+        if c.ttl_secs == 0 || c.list_ttl_secs == 0 || c.absent_ttl_secs == 0 {
+            return bad("cache TTLs must be positive".into());
+        }
+        if c.ttl_jitter_percent > 50 {
+            return bad("cache.ttl_jitter_percent must be at most 50".into());
+        }
+        // A fill may only land while the marker of a write it missed still stands.
+        if c.fill_lease_ms == 0 || c.fill_lease_ms * 2 > c.write_marker_ms {
+            return bad(
+                "cache.fill_lease_ms must be positive and at most half of cache.write_marker_ms".into(),
+            );
+        }
+        if c.timeout_ms == 0 || c.timeout_ms >= c.fill_lease_ms {
+            return bad("cache.timeout_ms must be positive and below cache.fill_lease_ms".into());
+        }
+        if c.max_concurrent_fills == 0 || c.failures_to_open == 0 {
+            return bad("cache.max_concurrent_fills and cache.failures_to_open must be positive".into());
         }
         Ok(())
     }

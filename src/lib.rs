@@ -21,6 +21,7 @@
 
 pub mod app;
 pub mod bench;
+pub mod cache;
 pub mod cluster;
 pub mod config;
 pub mod domain;

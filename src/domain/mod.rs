@@ -9,3 +9,4 @@ pub mod order;
 pub mod payment_rules;
 pub mod shard;
 pub mod status;
+pub mod user;

@@ -33,13 +33,7 @@ use super::{corrupt, ts, Result, StorageError};
 
 // ---------------------------------------------------------------- users and shops
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct User {
-    pub user_id: UserId,
-    pub name: String,
-    pub level: i32,
-    pub created_at: DateTime<Utc>,
-}
+pub use crate::domain::user::User;
 
 /// Creates a user; with `id` given, under that id (Duplicate if taken).
 pub async fn insert_user(
