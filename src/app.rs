@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::cache::Cache;
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::ids::WorkerId;
 use crate::http::auth::AuthKeys;
@@ -39,22 +40,8 @@ impl Application {
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
         let shards = ShardMap::connect(&settings).await?;
         let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
-        let redis = match redis::Client::open(settings.redis.url.as_str()) {
-            Ok(client) => {
-                match tokio::time::timeout(Duration::from_secs(3), client.get_connection_manager()).await {
-                    Ok(Ok(m)) => Some(m),
-                    Ok(Err(e)) => {
-                        tracing::warn!(error = %e, "redis unavailable at start");
-                        None
-                    }
-                    Err(_) => {
-                        tracing::warn!("redis did not answer within 3 s at start");
-                        None
-                    }
-                }
-            }
-            Err(e) => return Err(e.into()),
-        };
+        // Never fails for a Redis that is down: the cache starts degraded and probes it.
+        let cache = Cache::from_settings(&settings.redis, &settings.cache).await?;
         // Bound before the lease, so a taken port does not cost a worker id.
         let listener = TcpListener::bind(settings.server.listen).await?;
         let addr = listener.local_addr()?;
@@ -69,13 +56,12 @@ impl Application {
                 source
             }
         };
-        let orders = OrderService::new(shards, commerce.clone(), settings.orders.clone());
+        let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone());
         let state = AppState {
             orders,
-            catalog: CatalogService::new(commerce),
+            catalog: CatalogService::new(commerce, cache),
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),
-            redis,
             writes: TaskTracker::new(),
         };
         Ok(Application {

@@ -622,18 +622,16 @@ impl Workload {
         let now = Utc::now();
         let mut conn = pool.acquire().await?;
         // Like the service, no claim confirmation: two commits per create.
-        let written = orders::insert_order(
-            &mut conn,
-            &shard.tables,
-            &new,
-            &pricing,
-            &hash,
+        // The storage commit point, without the service's after_commit (no cache).
+        let write = orders::OrderWrite::Create {
+            order: &new,
+            pricing: &pricing,
+            request_hash: &hash,
             now,
-            now + self.pay_timeout,
-        )
-        .await?;
-        if written != orders::Inserted::Written {
-            return Err(Outcome::Error(format!("{written:?}")));
+            pay_deadline: now + self.pay_timeout,
+        };
+        if let Err(not) = orders::write_order(&mut conn, &shard.tables, write).await? {
+            return Err(Outcome::Error(format!("{not:?}")));
         }
         self.record(user, id);
         Ok((id, pricing.pay_amount))
@@ -734,7 +732,14 @@ impl Workload {
             attempt: rand::random(),
         };
         commerce::claim_payment_number(&self.commerce, &number, Utc::now()).await?;
-        orders::record_money(&mut conn, t, id, &pay, Utc::now()).await?;
+        let write = orders::OrderWrite::Money {
+            id,
+            movement: &pay,
+            now: Utc::now(),
+        };
+        if let Err(not) = orders::write_order(&mut conn, t, write).await? {
+            return Err(Outcome::Error(format!("{not:?}")));
+        }
         orders::load_order(&mut conn, t, id).await?;
         let steps = [
             (2, OrderStatus::AwaitingShipment, OrderStatus::Shipped),
@@ -747,7 +752,15 @@ impl Workload {
                 tracking_number: (to == OrderStatus::Shipped).then(|| format!("SF{id}")),
                 ..Default::default()
             };
-            if !orders::cas_status(&mut conn, t, id, version, from, to, &change, Utc::now()).await? {
+            let write = orders::OrderWrite::Status {
+                id,
+                expected_version: version,
+                from,
+                to,
+                change: &change,
+                now: Utc::now(),
+            };
+            if orders::write_order(&mut conn, t, write).await?.is_err() {
                 return Err(Outcome::Error("lost_race".into()));
             }
             orders::load_order(&mut conn, t, id).await?;

@@ -6,6 +6,7 @@ pub mod actor;
 pub mod ids;
 pub mod money;
 pub mod order;
+pub mod patch_rules;
 pub mod payment_rules;
 pub mod shard;
 pub mod status;

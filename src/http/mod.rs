@@ -35,7 +35,6 @@ pub struct AppState {
     pub catalog: CatalogService,
     pub ids: Arc<IdSource>,
     pub auth: Arc<AuthKeys>,
-    pub redis: Option<redis::aio::ConnectionManager>,
     /// The write tasks in flight (see [`write`]); shutdown waits for them.
     pub writes: TaskTracker,
 }

@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::MySqlPool;
 
+use crate::cache::Cache;
 use crate::domain::actor::Caller;
 use crate::domain::ids::{ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
@@ -83,6 +84,7 @@ pub struct CouponView {
 #[derive(Clone)]
 pub struct CatalogService {
     commerce: MySqlPool,
+    cache: Cache,
 }
 
 fn money_field(errors: &mut FieldErrors, field: &str, v: i64) -> Money {
@@ -104,8 +106,8 @@ fn currency_field(errors: &mut FieldErrors, v: Option<&str>) -> Currency {
 }
 
 impl CatalogService {
-    pub fn new(commerce: MySqlPool) -> Self {
-        CatalogService { commerce }
+    pub fn new(commerce: MySqlPool, cache: Cache) -> Self {
+        CatalogService { commerce, cache }
     }
 
     pub async fn create_user(&self, caller: Caller, req: NewUserRequest) -> Result<User> {
@@ -136,18 +138,30 @@ impl CatalogService {
             Err(StorageError::Duplicate(_)) => return Err(FieldErrors::single("user_id", "is taken").into()),
             other => other?,
         };
-        Ok(User {
+        let user = User {
             user_id,
             name: req.name,
             level: req.level,
             created_at: created,
-        })
+        };
+        // A profile is written once; a cached "no such user" must go.
+        self.cache.user_written(&user).await;
+        Ok(user)
+    }
+
+    /// The profile `id`, through the cache.
+    async fn load_user(&self, id: UserId) -> Result<Option<User>> {
+        self.cache
+            .user(id, || async {
+                Ok(commerce::load_user(&self.commerce, id).await?)
+            })
+            .await
     }
 
     /// The buyer's profile, for `?include=user`: whoever may see an order may see who
     /// placed it (a shop ships to them). `None` when no profile was ever created.
     pub async fn buyer_of(&self, order: &crate::domain::order::Order) -> Result<Option<User>> {
-        Ok(commerce::load_user(&self.commerce, order.user_id).await?)
+        self.load_user(order.user_id).await
     }
 
     pub async fn get_user(&self, caller: Caller, id: UserId) -> Result<User> {
@@ -159,9 +173,7 @@ impl CatalogService {
         if !allowed {
             return Err(Error::NotFound);
         }
-        commerce::load_user(&self.commerce, id)
-            .await?
-            .ok_or(Error::NotFound)
+        self.load_user(id).await?.ok_or(Error::NotFound)
     }
 
     pub async fn create_shop(&self, caller: Caller, req: NewShopRequest) -> Result<Shop> {

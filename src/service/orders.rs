@@ -24,6 +24,7 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlPool};
 
+use crate::cache::{Cache, FIRST_PAGE};
 use crate::config::OrderSettings;
 use crate::domain::actor::Caller;
 use crate::domain::ids::{OrderId, UserId};
@@ -33,10 +34,12 @@ use crate::domain::order::{
     PaymentKind, PreviewRequest, Pricing, MAX_CARRIER_CHARS, MAX_REASON_CHARS, MAX_REMARK_CHARS,
     MAX_TRACKING_CHARS,
 };
+use crate::domain::patch_rules::{patchable_in, PatchFields, PatchRefusal};
+use crate::domain::shard::Gene;
 use crate::domain::status::{transition, Command, OrderStatus};
 use crate::storage::commerce::{self, Reservation, ReserveOutcome};
 use crate::storage::orders::{
-    self, FieldChanges, IdState, Inserted, ListQuery, MoneyMovement, MoneyOutcome, StatusChange,
+    self, Committed, FieldChanges, IdState, ListQuery, MoneyMovement, NotWritten, OrderWrite, StatusChange,
 };
 use crate::storage::shards::{Shard, ShardMap};
 use crate::storage::StorageError;
@@ -51,7 +54,19 @@ pub const DEFAULT_PAGE: u32 = 20;
 pub struct OrderService {
     shards: ShardMap,
     commerce: MySqlPool,
+    cache: Cache,
     settings: Arc<OrderSettings>,
+}
+
+/// What [`OrderService::commit`] hands to `after_commit` besides what committed: the order
+/// at the committed version, so the cache entry is replaced rather than deleted.
+pub(crate) enum Snapshot {
+    /// Reload the order after the commit (the caller answers with it).
+    Reload,
+    /// The caller built it already (a new order).
+    Known(Order),
+    /// Not needed (a background writer): the entry is deleted.
+    None,
 }
 
 /// Whether a create wrote a new order or answered an earlier one.
@@ -205,13 +220,81 @@ fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
     Some((at, OrderId::parse(id)?))
 }
 
+/// Whether `id` cannot be an order `caller` may see, without asking any store (cache
+/// penetration): an id from the future cannot exist yet, and a buyer's orders all carry the
+/// buyer's gene. (An id's time cannot precede the id epoch: the field is unsigned.)
+fn cannot_exist(caller: Caller, id: OrderId, now: DateTime<Utc>) -> bool {
+    if id.created_at() > now + ID_MAX_SKEW {
+        return true;
+    }
+    matches!(caller, Caller::User(u) if id.gene() != Gene::of_user(u))
+}
+
 impl OrderService {
-    pub fn new(shards: ShardMap, commerce: MySqlPool, settings: OrderSettings) -> Self {
+    pub fn new(shards: ShardMap, commerce: MySqlPool, cache: Cache, settings: OrderSettings) -> Self {
         OrderService {
             shards,
             commerce,
+            cache,
             settings: Arc::new(settings),
         }
+    }
+
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    // ------------------------------------------------------------------ the commit point
+
+    /// The one door every order write goes through: [`orders::write_order`] (retried on a
+    /// deadlock: a deadlocked statement committed nothing), then [`Self::after_commit`] with
+    /// what committed. Runs on a write task (see [`crate::http::write`]), so a commit is never
+    /// separated from its `after_commit` by a dropped request.
+    pub(crate) async fn commit(
+        &self,
+        shard: &Shard,
+        write: OrderWrite<'_>,
+        snapshot: Snapshot,
+    ) -> Result<std::result::Result<(Committed, Option<Order>), NotWritten>, StorageError> {
+        let pool = self.shards.primary(shard);
+        let mut conn = pool.acquire().await?;
+        let mut outcome = orders::write_order(&mut conn, &shard.tables, write).await;
+        for _ in 0..crate::storage::DEADLOCK_RETRIES {
+            match &outcome {
+                Err(e) if e.is_retryable() => {
+                    outcome = orders::write_order(&mut conn, &shard.tables, write).await;
+                }
+                _ => break,
+            }
+        }
+        let committed = match outcome? {
+            Ok(c) => c,
+            Err(not) => return Ok(Err(not)),
+        };
+        let order = match snapshot {
+            Snapshot::Known(o) => Some(o),
+            // A reload that fails leaves the answer to the caller's own reload; the cache
+            // entry is deleted instead of replaced.
+            Snapshot::Reload => orders::load_order(&mut conn, &shard.tables, committed.order_id)
+                .await
+                .ok()
+                .flatten(),
+            Snapshot::None => None,
+        };
+        drop(conn);
+        self.after_commit(&committed, order.as_ref()).await;
+        Ok(Ok((committed, order)))
+    }
+
+    /// Everything that must follow a committed order write, before its answer leaves: the
+    /// cache (replaced with the order at the committed version, or invalidated) and metrics.
+    /// Replica watermarks and the event outbox hang here too.
+    async fn after_commit(&self, c: &Committed, order: Option<&Order>) {
+        metrics::counter!("orderly_order_writes_total", "status" => c.status.name()).increment(1);
+        let snapshot = order.filter(|o| o.version == c.version);
+        self.cache
+            .order_written(c.order_id, c.user_id, c.version, snapshot)
+            .await;
     }
 
     pub fn shards(&self) -> &ShardMap {
@@ -288,18 +371,23 @@ impl OrderService {
 
         let created = now();
         let deadline = created + TimeDelta::seconds(self.settings.payment_timeout_secs as i64);
+        let order = Order::from_new(&new, pricing.clone(), created, deadline);
         // A deadlock with the sweeper's void transaction is retried: the retry either writes
         // the order or finds the void.
-        let written = retry_deadlocks(|| async {
-            let mut c = self.shards.primary(shard).acquire().await?;
-            orders::insert_order(&mut c, &shard.tables, &new, &pricing, &hash, created, deadline).await
-        })
-        .await;
+        let write = OrderWrite::Create {
+            order: &new,
+            pricing: &pricing,
+            request_hash: &hash,
+            now: created,
+            pay_deadline: deadline,
+        };
+        let written = self.commit(shard, write, Snapshot::Known(order)).await;
         // No claim confirmation here: it would be a third commit on every create. The sweeper
         // confirms the claims whose order it finds.
         match written {
-            Ok(Inserted::Written) => Ok((Order::from_new(&new, pricing, created, deadline), Created::New)),
-            Ok(Inserted::Voided) => {
+            Ok(Ok((_, Some(order)))) => Ok((order, Created::New)),
+            Ok(Ok((_, None))) => Err(Error::Unavailable("a new order without its snapshot".into())),
+            Ok(Err(_)) => {
                 self.abandon(shard, new.order_id, attempt).await;
                 Err(voided_id())
             }
@@ -403,9 +491,21 @@ impl OrderService {
         if caller == Caller::Service {
             return Err(Error::Forbidden("the payment channel reads no orders"));
         }
+        if cannot_exist(caller, id, Utc::now()) {
+            return Err(Error::NotFound);
+        }
         let shard = self.shards.of_order(id);
-        let mut conn = self.conn(shard).await?;
-        self.load_visible(&mut conn, shard, caller, id).await
+        let order = self
+            .cache
+            .order(id, || async {
+                let mut conn = self.conn(shard).await?;
+                Ok::<_, Error>(orders::load_order(&mut conn, &shard.tables, id).await?)
+            })
+            .await?;
+        match order {
+            Some(o) if caller.can_see(&o) => Ok(o),
+            _ => Err(Error::NotFound),
+        }
     }
 
     async fn load_visible(
@@ -448,6 +548,31 @@ impl OrderService {
             ),
         };
         let shard = self.shards.of_user(user);
+        let unfiltered = p.status.is_none() && p.created_from.is_none() && p.created_to.is_none();
+        if unfiltered && before.is_none() && limit as usize <= FIRST_PAGE - 1 {
+            let query = ListQuery {
+                user_id: user,
+                status: None,
+                created_from: None,
+                created_to: None,
+                before: None,
+                limit: FIRST_PAGE as u32,
+            };
+            let mut page = self
+                .cache
+                .first_page(user, || async {
+                    let mut conn = self.conn(shard).await?;
+                    Ok::<_, Error>(orders::list_user_orders(&mut conn, &shard.tables, &query).await?)
+                })
+                .await?;
+            let next = if page.len() > limit as usize {
+                page.truncate(limit as usize);
+                page.last().map(encode_cursor)
+            } else {
+                None
+            };
+            return Ok((page, next));
+        }
         let query = ListQuery {
             user_id: user,
             status: p.status,
@@ -493,25 +618,35 @@ impl OrderService {
         let to =
             transition(order.status, command).map_err(|e| Error::InvalidTransition { status: e.from })?;
         let change = change(&order);
-        let won = orders::cas_status(
-            &mut conn,
-            &shard.tables,
+        drop(conn);
+        let write = OrderWrite::Status {
             id,
             expected_version,
-            order.status,
+            from: order.status,
             to,
-            &change,
-            now(),
-        )
-        .await?;
-        if !won {
-            return Err(self
-                .explain_lost_race(&mut conn, shard, id, expected_version)
-                .await);
+            change: &change,
+            now: now(),
+        };
+        let snapshot = if to.releases_stock() {
+            // The release below writes again; the answer is reloaded after it.
+            Snapshot::None
+        } else {
+            Snapshot::Reload
+        };
+        match self.commit(shard, write, snapshot).await? {
+            Ok((_, Some(order))) => return Ok(order),
+            Ok((_, None)) => {}
+            Err(_) => {
+                let mut conn = self.conn(shard).await?;
+                return Err(self
+                    .explain_lost_race(&mut conn, shard, id, expected_version)
+                    .await);
+            }
         }
         if to.releases_stock() {
-            self.release_stock(&mut conn, shard, id).await;
+            self.release_stock(shard, id).await;
         }
+        let mut conn = self.conn(shard).await?;
         orders::load_order(&mut conn, &shard.tables, id)
             .await?
             .ok_or(Error::NotFound)
@@ -538,14 +673,15 @@ impl OrderService {
     /// Gives back the stock and coupons of a closed or invalidated order. Exactly once: the
     /// claim's state change guards it. If this fails, the order stays `release_pending` and
     /// the sweeper finishes the job.
-    pub(crate) async fn release_stock(&self, conn: &mut PoolConnection<MySql>, shard: &Shard, id: OrderId) {
+    pub(crate) async fn release_stock(&self, shard: &Shard, id: OrderId) {
         let released = async {
             retry_deadlocks(|| async {
                 let mut c = self.commerce.acquire().await?;
                 commerce::release_claim(&mut c, id, now()).await
             })
             .await?;
-            orders::clear_release_pending(conn, &shard.tables, id).await
+            self.commit(shard, OrderWrite::StockReleased { id }, Snapshot::None)
+                .await
         }
         .await;
         if let Err(e) = released {
@@ -574,26 +710,19 @@ impl OrderService {
             errors.push("body", "names no field to change");
         }
         errors.into_result(())?;
-        // Buyer fields only before shipment; shipping fields once paid and until delivered.
-        let allowed: &[OrderStatus] = match caller {
-            Caller::User(_) if shop_fields => {
-                return Err(Error::Forbidden("a buyer cannot set shipping fields"))
-            }
-            Caller::Merchant { .. } if buyer_fields => {
-                return Err(Error::Forbidden(
-                    "a merchant cannot change the buyer's address or remark",
-                ))
-            }
-            Caller::Service => return Err(Error::Forbidden("the payment channel changes no fields")),
-            Caller::User(_) => &[OrderStatus::PendingPayment, OrderStatus::AwaitingShipment],
-            Caller::Merchant { .. } => &[OrderStatus::AwaitingShipment, OrderStatus::Shipped],
-            Caller::Admin(_) if shop_fields && buyer_fields => &[OrderStatus::AwaitingShipment],
-            Caller::Admin(_) if shop_fields => &[OrderStatus::AwaitingShipment, OrderStatus::Shipped],
-            Caller::Admin(_) => &[OrderStatus::PendingPayment, OrderStatus::AwaitingShipment],
+        let fields = match (buyer_fields, shop_fields) {
+            (true, true) => PatchFields::Both,
+            (true, false) => PatchFields::Buyer,
+            _ => PatchFields::Shop,
         };
+        let allowed = patchable_in(caller.role(), fields).map_err(|r| match r {
+            PatchRefusal::Forbidden(why) => Error::Forbidden(why),
+            PatchRefusal::NotNow => Error::Forbidden("not allowed"),
+        })?;
         let shard = self.shards.of_order(id);
         let mut conn = self.conn(shard).await?;
         let order = self.load_visible(&mut conn, shard, caller, id).await?;
+        drop(conn);
         if order.version != req.expected_version {
             return Err(Error::VersionConflict {
                 current_version: order.version,
@@ -608,24 +737,28 @@ impl OrderService {
             tracking_number: req.tracking_number,
             carrier: req.carrier,
         };
-        if !orders::cas_fields(
-            &mut conn,
-            &shard.tables,
+        let write = OrderWrite::Fields {
             id,
-            req.expected_version,
-            allowed,
-            &changes,
-            now(),
-        )
-        .await?
-        {
-            return Err(self
-                .explain_lost_race(&mut conn, shard, id, req.expected_version)
-                .await);
+            expected_version: req.expected_version,
+            status: order.status,
+            changes: &changes,
+            now: now(),
+        };
+        match self.commit(shard, write, Snapshot::Reload).await? {
+            Ok((_, Some(order))) => Ok(order),
+            Ok((_, None)) => {
+                let mut conn = self.conn(shard).await?;
+                orders::load_order(&mut conn, &shard.tables, id)
+                    .await?
+                    .ok_or(Error::NotFound)
+            }
+            Err(_) => {
+                let mut conn = self.conn(shard).await?;
+                Err(self
+                    .explain_lost_race(&mut conn, shard, id, req.expected_version)
+                    .await)
+            }
         }
-        orders::load_order(&mut conn, &shard.tables, id)
-            .await?
-            .ok_or(Error::NotFound)
     }
 
     pub async fn ship(&self, caller: Caller, id: OrderId, req: ShipmentRequest) -> Result<Order> {
@@ -804,18 +937,20 @@ impl OrderService {
         };
 
         let shard = self.shards.of_order(id);
-        let pool = self.shards.primary(shard);
-        let recorded = retry_deadlocks(|| async {
-            let mut c = pool.acquire().await?;
-            orders::record_money(&mut c, &shard.tables, id, &m, now()).await
-        })
-        .await;
+        let write = OrderWrite::Money {
+            id,
+            movement: &m,
+            now: now(),
+        };
+        let recorded = self.commit(shard, write, Snapshot::None).await;
         // Refused for good, with nothing recorded under the number. (A shard-level conflict
         // or duplicate means the number *is* recorded there, for another order: its claim
         // stays.)
         let refused = matches!(
             recorded,
-            Ok(MoneyOutcome::Mismatch { .. } | MoneyOutcome::InvalidTransition(_) | MoneyOutcome::NotFound)
+            Ok(Err(NotWritten::Mismatch { .. }
+                | NotWritten::NotNow(_)
+                | NotWritten::NotFound))
         );
         if refused {
             if let Err(e) =
@@ -826,26 +961,27 @@ impl OrderService {
                 tracing::warn!(order_id = %id, error = %e, "could not give a refused payment number back");
             }
         }
-        let mut conn = self.conn(shard).await?;
         match recorded {
-            Ok(MoneyOutcome::Recorded { from, to }) => {
-                if to.releases_stock() && !from.releases_stock() {
-                    self.release_stock(&mut conn, shard, id).await;
+            Ok(Ok((c, _))) => {
+                if c.status.releases_stock() && !c.previous.releases_stock() {
+                    self.release_stock(shard, id).await;
                 }
             }
-            Ok(MoneyOutcome::Replay) => {}
-            Ok(MoneyOutcome::Conflict) | Err(StorageError::Duplicate(_)) => {
+            Ok(Err(NotWritten::Replay)) => {}
+            Ok(Err(NotWritten::Conflict)) | Err(StorageError::Duplicate(_)) => {
                 return Err(Error::IdempotencyConflict)
             }
-            Ok(MoneyOutcome::Mismatch { due }) => {
+            Ok(Err(NotWritten::Mismatch { due })) => {
                 return Err(Error::PaymentMismatch {
                     detail: format!("amount {} against {due} due", m.amount),
                 })
             }
-            Ok(MoneyOutcome::InvalidTransition(status)) => return Err(Error::InvalidTransition { status }),
-            Ok(MoneyOutcome::NotFound) => return Err(Error::NotFound),
+            Ok(Err(NotWritten::NotNow(status))) => return Err(Error::InvalidTransition { status }),
+            Ok(Err(_)) => return Err(Error::NotFound),
             Err(e) => return Err(e.into()),
         }
+        // Reloaded after the release, so the answer and the cache see the same version.
+        let mut conn = self.conn(shard).await?;
         let order = orders::load_order(&mut conn, &shard.tables, id)
             .await?
             .ok_or(Error::NotFound)?;

@@ -40,11 +40,11 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::ids::OrderId;
 use crate::domain::status::{Command, OrderStatus};
 use crate::storage::commerce::{self, StaleClaim};
-use crate::storage::orders::{self, StatusChange, VoidOutcome};
+use crate::storage::orders::{self, OrderWrite, StatusChange, VoidOutcome};
 use crate::storage::shards::Shard;
 use crate::storage::StorageError;
 
-use super::orders::{now, OrderService};
+use super::orders::{now, OrderService, Snapshot};
 use super::{retry_deadlocks, Result};
 
 /// What one sweep step did.
@@ -290,7 +290,7 @@ impl OrderService {
     ) -> Result<usize, StorageError> {
         let ids = orders::release_pending(conn, &shard.tables, before, batch).await?;
         for &id in &ids {
-            self.release_stock(conn, shard, id).await;
+            self.release_stock(shard, id).await;
         }
         Ok(ids.len())
     }
@@ -363,6 +363,7 @@ impl OrderService {
         let mut conn = self.shards().primary(shard).acquire().await?;
         let expired: Vec<(OrderId, i64)> =
             orders::expired_unpaid(&mut conn, &shard.tables, at, batch).await?;
+        drop(conn);
         let to = crate::domain::status::transition(OrderStatus::PendingPayment, Command::TimeoutClose)
             .unwrap_or(OrderStatus::Closed);
         let change = StatusChange {
@@ -370,22 +371,22 @@ impl OrderService {
             ..Default::default()
         };
         for (id, version) in expired {
-            let won = orders::cas_status(
-                &mut conn,
-                &shard.tables,
+            // Through the service's commit point like any request's write: the cache learns
+            // of the close before the next read.
+            let write = OrderWrite::Status {
                 id,
-                version,
-                OrderStatus::PendingPayment,
+                expected_version: version,
+                from: OrderStatus::PendingPayment,
                 to,
-                &change,
-                now(),
-            )
-            .await?;
-            if won {
-                self.release_stock(&mut conn, shard, id).await;
-                out.closed += 1;
-            } else {
-                out.raced += 1;
+                change: &change,
+                now: now(),
+            };
+            match self.commit(shard, write, Snapshot::None).await? {
+                Ok(_) => {
+                    self.release_stock(shard, id).await;
+                    out.closed += 1;
+                }
+                Err(_) => out.raced += 1,
             }
         }
         Ok(())

@@ -101,7 +101,7 @@ fn order_from_row(row: &MySqlRow) -> Result<Order> {
 
 /// What [`insert_order`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Inserted {
+enum Inserted {
     /// The order is committed.
     Written,
     /// The sweeper voided this id (and gave its reservation back): nothing was written.
@@ -111,7 +111,7 @@ pub enum Inserted {
 /// Writes a new order with its lines and discounts in one transaction, unless the id is void
 /// (see the module docs: the order row first, then the void check). A second create of the
 /// same id fails with [`super::StorageError::Duplicate`] and writes nothing.
-pub async fn insert_order(
+async fn insert_order(
     conn: &mut MySqlConnection,
     t: &ShardTables,
     order: &NewOrder,
@@ -529,7 +529,7 @@ const BY_PRIMARY: &str = "FORCE INDEX (PRIMARY)";
 /// Closing or invalidating marks the order `release_pending` in the same statement, so the
 /// stock and coupons are given back even if the process dies right after.
 #[allow(clippy::too_many_arguments)]
-pub async fn cas_status(
+async fn cas_status(
     conn: &mut MySqlConnection,
     t: &ShardTables,
     id: OrderId,
@@ -575,21 +575,17 @@ pub struct FieldChanges {
     pub carrier: Option<String>,
 }
 
-/// Applies `changes` if the order is still at `expected_version` and in one of `allowed`.
-pub async fn cas_fields(
+/// Applies `changes` if the order is still at `expected_version` (and so still in `status`,
+/// the status it had at that version: every change moves the version).
+async fn cas_fields(
     conn: &mut MySqlConnection,
     t: &ShardTables,
     id: OrderId,
     expected_version: i64,
-    allowed: &[OrderStatus],
+    status: OrderStatus,
     changes: &FieldChanges,
     now: DateTime<Utc>,
 ) -> Result<bool> {
-    let statuses = allowed
-        .iter()
-        .map(|s| s.code().to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
     let sql = format!(
         "UPDATE {} {BY_PRIMARY} SET receiver_name = COALESCE(?, receiver_name),
             receiver_phone = COALESCE(?, receiver_phone),
@@ -599,7 +595,7 @@ pub async fn cas_fields(
             tracking_number = COALESCE(?, tracking_number),
             carrier = COALESCE(?, carrier),
             version = version + 1, updated_at = ?
-         WHERE order_id = ? AND version = ? AND status IN ({statuses})",
+         WHERE order_id = ? AND version = ? AND status = ?",
         t.orders
     );
     let a = changes.address.as_ref();
@@ -614,6 +610,7 @@ pub async fn cas_fields(
         .bind(ts(now))
         .bind(id.get())
         .bind(expected_version)
+        .bind(status.code())
         .execute(conn)
         .await?;
     Ok(done.rows_affected() == 1)
@@ -631,11 +628,13 @@ pub struct MoneyMovement {
 
 /// What recording a payment or refund did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MoneyOutcome {
-    /// Recorded; the order moved from the first status to the second (maybe the same).
+enum MoneyOutcome {
+    /// Recorded; the order moved from the first status to the second (maybe the same), and
+    /// its version from the given one to the next.
     Recorded {
         from: OrderStatus,
         to: OrderStatus,
+        version: i64,
     },
     /// This transaction number was recorded before for this order: nothing changed.
     Replay,
@@ -656,7 +655,7 @@ pub enum MoneyOutcome {
 ///
 /// The transaction number is unique per shard here; across shards the service claims it in
 /// the commerce database first (`commerce::claim_payment_number`).
-pub async fn record_money(
+async fn record_money(
     conn: &mut MySqlConnection,
     t: &ShardTables,
     id: OrderId,
@@ -665,7 +664,7 @@ pub async fn record_money(
 ) -> Result<MoneyOutcome> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     let row = sqlx::query(AssertSqlSafe(format!(
-        "SELECT status, pay_amount FROM {} WHERE order_id = ? FOR UPDATE",
+        "SELECT status, pay_amount, version FROM {} WHERE order_id = ? FOR UPDATE",
         t.orders
     )))
     .bind(id.get())
@@ -677,6 +676,7 @@ pub async fn record_money(
     let code: i8 = row.try_get("status")?;
     let status = OrderStatus::from_code(i64::from(code)).ok_or_else(|| corrupt("status", code))?;
     let pay_amount: i64 = row.try_get("pay_amount")?;
+    let version: i64 = row.try_get("version")?;
 
     let existing = sqlx::query(AssertSqlSafe(format!(
         "SELECT order_id, kind, amount, channel FROM {} WHERE transaction_no = ?",
@@ -755,7 +755,11 @@ pub async fn record_money(
     }
     q.bind(id.get()).execute(&mut *tx).await?;
     tx.commit().await?;
-    Ok(MoneyOutcome::Recorded { from: status, to })
+    Ok(MoneyOutcome::Recorded {
+        from: status,
+        to,
+        version: version + 1,
+    })
 }
 
 /// Orders of this shard that were closed or invalidated but whose stock and coupons have
@@ -812,13 +816,195 @@ pub async fn expired_unpaid(
 
 /// Marks the stock of a closed order as given back. Touches no version: it is bookkeeping,
 /// not a change the client sees.
-pub async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<()> {
-    sqlx::query(AssertSqlSafe(format!(
-        "UPDATE {} SET release_pending = 0 WHERE order_id = ?",
+async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<bool> {
+    let done = sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {} SET release_pending = 0 WHERE order_id = ? AND release_pending = 1",
         t.orders
     )))
     .bind(id.get())
     .execute(conn)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
+}
+
+// ---------------------------------------------------------------- the commit point
+
+/// Every change of an order, as the one storage entry [`write_order`] takes it. The SQL of
+/// each stays private to this module, so no write path can commit around the entry.
+#[derive(Debug, Clone, Copy)]
+pub enum OrderWrite<'a> {
+    /// A new order with its lines and discounts (version 1), unless its id is void.
+    Create {
+        order: &'a NewOrder,
+        pricing: &'a Pricing,
+        request_hash: &'a [u8; 32],
+        now: DateTime<Utc>,
+        pay_deadline: DateTime<Utc>,
+    },
+    /// A status change, compare-and-set on version and status.
+    Status {
+        id: OrderId,
+        expected_version: i64,
+        from: OrderStatus,
+        to: OrderStatus,
+        change: &'a StatusChange,
+        now: DateTime<Utc>,
+    },
+    /// Field changes of `PATCH`, compare-and-set on version; `status` is the order's status
+    /// at `expected_version` (the caller checked the fields may change in it).
+    Fields {
+        id: OrderId,
+        expected_version: i64,
+        status: OrderStatus,
+        changes: &'a FieldChanges,
+        now: DateTime<Utc>,
+    },
+    /// A payment or refund, with whatever status move [`money_rule`] says.
+    Money {
+        id: OrderId,
+        movement: &'a MoneyMovement,
+        now: DateTime<Utc>,
+    },
+    /// The stock and coupons of a closed order went back: bookkeeping the client does not
+    /// see (the version stays), but a write of the order all the same.
+    StockReleased { id: OrderId },
+}
+
+/// What a committed order write left behind: everything the service's `after_commit` step
+/// (cache, replica watermarks, metrics, events) needs to know.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub order_id: OrderId,
+    pub user_id: UserId,
+    pub shop_id: ShopId,
+    /// The order's version after this write (unchanged by [`OrderWrite::StockReleased`]).
+    pub version: i64,
+    pub status: OrderStatus,
+    /// The status before this write.
+    pub previous: OrderStatus,
+    /// The GTID of the transaction (`@@last_gtid`, e.g. `0-1-42`); `None` when the server
+    /// keeps no binary log.
+    pub gtid: Option<String>,
+}
+
+/// Why [`write_order`] committed nothing. None of these leaves anything behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NotWritten {
+    /// A compare-and-set matched no row: the version or the status moved, or there is no
+    /// such order. The caller reloads to say which.
+    Lost,
+    /// Create: the sweeper voided this id and gave its reservation back.
+    Voided,
+    /// Money: this transaction number was recorded for this order before, with this content.
+    Replay,
+    /// Money: this transaction number belongs to another order or kind.
+    Conflict,
+    /// Money: the amount is not what is due (payment) or more than was paid (refund).
+    Mismatch { due: i64 },
+    /// Money: the order cannot take this now (e.g. a refund of an unpaid order).
+    NotNow(OrderStatus),
+    /// Money: there is no such order.
+    NotFound,
+    /// Stock release: already recorded.
+    AlreadyReleased,
+}
+
+/// The commit point: runs one order write in its own short transaction (or one autocommit
+/// statement) on `conn` and answers what committed, read on the same session right after the
+/// commit. A duplicate order id fails with [`super::StorageError::Duplicate`].
+///
+/// Cancellation: each write is one statement or one transaction whose `COMMIT` is its last
+/// step; a future dropped before that leaves nothing committed (and the pool guard closes a
+/// connection left inside the transaction). Callers run it on a task that is not dropped with
+/// the request, so a commit is always followed by its `after_commit`.
+pub async fn write_order(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    write: OrderWrite<'_>,
+) -> Result<std::result::Result<Committed, NotWritten>> {
+    // (order, version after, status after, status before); `None`: read back below.
+    let (id, version, status, previous) = match write {
+        OrderWrite::Create {
+            order,
+            pricing,
+            request_hash,
+            now,
+            pay_deadline,
+        } => match insert_order(conn, t, order, pricing, request_hash, now, pay_deadline).await? {
+            Inserted::Voided => return Ok(Err(NotWritten::Voided)),
+            Inserted::Written => (
+                order.order_id,
+                Some(1),
+                Some(OrderStatus::PendingPayment),
+                Some(OrderStatus::PendingPayment),
+            ),
+        },
+        OrderWrite::Status {
+            id,
+            expected_version,
+            from,
+            to,
+            change,
+            now,
+        } => {
+            if !cas_status(conn, t, id, expected_version, from, to, change, now).await? {
+                return Ok(Err(NotWritten::Lost));
+            }
+            (id, Some(expected_version + 1), Some(to), Some(from))
+        }
+        OrderWrite::Fields {
+            id,
+            expected_version,
+            status,
+            changes,
+            now,
+        } => {
+            if !cas_fields(conn, t, id, expected_version, status, changes, now).await? {
+                return Ok(Err(NotWritten::Lost));
+            }
+            (id, Some(expected_version + 1), Some(status), Some(status))
+        }
+        OrderWrite::Money { id, movement, now } => match record_money(conn, t, id, movement, now).await? {
+            MoneyOutcome::Recorded { from, to, version } => (id, Some(version), Some(to), Some(from)),
+            MoneyOutcome::Replay => return Ok(Err(NotWritten::Replay)),
+            MoneyOutcome::Conflict => return Ok(Err(NotWritten::Conflict)),
+            MoneyOutcome::Mismatch { due } => return Ok(Err(NotWritten::Mismatch { due })),
+            MoneyOutcome::InvalidTransition(s) => return Ok(Err(NotWritten::NotNow(s))),
+            MoneyOutcome::NotFound => return Ok(Err(NotWritten::NotFound)),
+        },
+        OrderWrite::StockReleased { id } => {
+            if !clear_release_pending(conn, t, id).await? {
+                return Ok(Err(NotWritten::AlreadyReleased));
+            }
+            (id, None, None, None)
+        }
+    };
+    // One round trip after the commit: this session's last GTID (ours: nothing ran since)
+    // and the order's owner and shop, which never change. Its version and status are read
+    // only where the write itself did not fix them: a later write may already have moved
+    // them, and this write's own values are what committed.
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT @@last_gtid, user_id, shop_id, version, status FROM {} WHERE order_id = ?",
+        t.orders
+    )))
+    .bind(id.get())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| corrupt("order gone right after its write", id))?;
+    let gtid: String = row.try_get(0)?;
+    let user: i64 = row.try_get(1)?;
+    let shop: i64 = row.try_get(2)?;
+    let read_version: i64 = row.try_get(3)?;
+    let code: i8 = row.try_get(4)?;
+    let read_status = OrderStatus::from_code(i64::from(code)).ok_or_else(|| corrupt("status", code))?;
+    let status = status.unwrap_or(read_status);
+    Ok(Ok(Committed {
+        order_id: id,
+        user_id: UserId::new(user).ok_or_else(|| corrupt("user_id", user))?,
+        shop_id: ShopId::new(shop).ok_or_else(|| corrupt("shop_id", shop))?,
+        version: version.unwrap_or(read_version),
+        status,
+        previous: previous.unwrap_or(status),
+        gtid: (!gtid.is_empty()).then_some(gtid),
+    }))
 }

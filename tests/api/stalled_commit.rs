@@ -9,7 +9,7 @@ use futures::future::join_all;
 use orderly::domain::ids::{OrderId, UserId};
 use orderly::domain::order::{price_order, CreateOrderRequest, NewOrder};
 use orderly::storage::commerce::{self, Reservation, ReserveOutcome};
-use orderly::storage::orders::{self, Inserted};
+use orderly::storage::orders::{self, NotWritten};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
@@ -325,18 +325,17 @@ async fn stalled_commit_late_insert_after_a_void_writes_nothing() {
     let shard = app.app.orders.shards().of_order(new.order_id);
     let mut conn = app.app.orders.shards().primary(shard).acquire().await.unwrap();
     let now = Utc::now();
-    let written = orders::insert_order(
-        &mut conn,
-        &shard.tables,
-        &new,
-        &pricing,
-        &new.request_hash(),
+    let write = orders::OrderWrite::Create {
+        order: &new,
+        pricing: &pricing,
+        request_hash: &new.request_hash(),
         now,
-        now + TimeDelta::hours(1),
-    )
-    .await
-    .unwrap();
-    assert_eq!(written, Inserted::Voided);
+        pay_deadline: now + TimeDelta::hours(1),
+    };
+    let written = orders::write_order(&mut conn, &shard.tables, write)
+        .await
+        .unwrap();
+    assert_eq!(written, Err(NotWritten::Voided));
     assert_eq!(app.count_shard_rows("orders").await, 0);
     assert_eq!(app.count_shard_rows("order_items").await, 0);
     assert_eq!(app.count_shard_rows("order_discounts").await, 0);

@@ -254,7 +254,11 @@ async fn worker_ids_and_creates_keep_working_while_redis_is_down() {
         s.ids.lease_ttl_secs = ttl.as_secs();
     })
     .await;
-    assert!(app.app.redis.is_some(), "the service found Redis at start");
+    assert_eq!(
+        app.app.orders.cache().health(),
+        orderly::cache::CacheHealth::Up,
+        "the service found Redis at start"
+    );
     let cat = app.catalog(&[100]).await;
     app.place_order(11, &[(&cat.products[0], 1)]).await;
 
