@@ -64,7 +64,7 @@ pub(crate) enum Snapshot {
     /// Reload the order after the commit (the caller answers with it).
     Reload,
     /// The caller built it already (a new order).
-    Known(Order),
+    Known(Box<Order>),
     /// Not needed (a background writer): the entry is deleted.
     None,
 }
@@ -272,7 +272,7 @@ impl OrderService {
             Err(not) => return Ok(Err(not)),
         };
         let order = match snapshot {
-            Snapshot::Known(o) => Some(o),
+            Snapshot::Known(o) => Some(*o),
             // A reload that fails leaves the answer to the caller's own reload; the cache
             // entry is deleted instead of replaced.
             Snapshot::Reload => orders::load_order(&mut conn, &shard.tables, committed.order_id)
@@ -381,7 +381,7 @@ impl OrderService {
             now: created,
             pay_deadline: deadline,
         };
-        let written = self.commit(shard, write, Snapshot::Known(order)).await;
+        let written = self.commit(shard, write, Snapshot::Known(Box::new(order))).await;
         // No claim confirmation here: it would be a third commit on every create. The sweeper
         // confirms the claims whose order it finds.
         match written {
@@ -549,7 +549,7 @@ impl OrderService {
         };
         let shard = self.shards.of_user(user);
         let unfiltered = p.status.is_none() && p.created_from.is_none() && p.created_to.is_none();
-        if unfiltered && before.is_none() && limit as usize <= FIRST_PAGE - 1 {
+        if unfiltered && before.is_none() && limit as usize < FIRST_PAGE {
             let query = ListQuery {
                 user_id: user,
                 status: None,
