@@ -549,7 +549,7 @@ impl OrderService {
         };
         let shard = self.shards.of_user(user);
         let unfiltered = p.status.is_none() && p.created_from.is_none() && p.created_to.is_none();
-        if unfiltered && before.is_none() && limit as usize < FIRST_PAGE {
+        if unfiltered && before.is_none() && (limit as usize) < FIRST_PAGE {
             let query = ListQuery {
                 user_id: user,
                 status: None,
