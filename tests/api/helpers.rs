@@ -81,10 +81,15 @@ impl TestApp {
     }
 
     pub async fn spawn_with(tweak: impl FnOnce(&mut Settings)) -> TestApp {
+        Self::spawn_on(&cluster(), tweak).await
+    }
+
+    /// A test app on a cluster of the test's own (a test that counts what reaches a server,
+    /// or stops one, must not share it).
+    pub async fn spawn_on(cluster: &LocalCluster, tweak: impl FnOnce(&mut Settings)) -> TestApp {
         if std::env::var_os("TEST_LOG").is_some() {
             orderly::telemetry::init();
         }
-        let cluster = cluster();
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("t{}_{n}_", std::process::id());
         let mut base = Settings::defaults();
@@ -92,7 +97,7 @@ impl TestApp {
         base.server.listen = ([127, 0, 0, 1], 0).into();
         base.redis.key_prefix = format!("{prefix}:");
         base.database.max_connections = 8;
-        let mut settings = cluster_settings(base, &cluster, &prefix, TEST_SHARDS);
+        let mut settings = cluster_settings(base, cluster, &prefix, TEST_SHARDS);
         tweak(&mut settings);
         settings.validate().expect("test settings");
         create_databases(&settings).await.expect("create databases");

@@ -5,6 +5,7 @@ mod helpers;
 mod authorization;
 mod bad_input;
 mod bench;
+mod cache;
 mod cancellation;
 mod catalog;
 mod exactly_once;
