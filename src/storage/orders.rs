@@ -1,8 +1,15 @@
 //! SQL of the order tables of a shard.
 //!
 //! Every function names the shard's tables it touches through [`ShardTables`]; the id and
-//! user routing happened before. Changes are compare-and-set statements on `version` and
-//! `status`: a caller learns whether it won (`true`) and, if not, reloads to say why.
+//! user routing happened before.
+//!
+//! # One commit point
+//! Every change of an order goes through [`write_order`] ([`OrderWrite`] names them all): it
+//! runs the write as one statement or one short transaction and answers what committed
+//! ([`Committed`]: ids, version, status, GTID) or why nothing did ([`NotWritten`]). The SQL of
+//! each write is private to this module, so a write path cannot commit around it. Changes
+//! are compare-and-set statements on `version` and `status`; a caller that lost reloads to
+//! say why.
 //!
 //! # Void order ids: a late create never lands after its stock went back
 //! The sweeper may give back the reservation of an order it did not find; a create whose
