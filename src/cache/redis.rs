@@ -1051,9 +1051,11 @@ impl Inner {
     // ---- recovery ---------------------------------------------------------------------
 
     /// Starts replaying pending notices (and the purge) in the background, unless that is
-    /// already under way or Redis is still skipped.
+    /// already under way or Redis is still skipped. The task reconnects (probes) when the
+    /// breaker allows it: reads of pending keys do not touch Redis, so they would never
+    /// probe themselves.
     fn schedule_recovery(self: &Arc<Self>) {
-        if !self.pending.is_dirty() || !self.breaker.is_closed() {
+        if !self.pending.is_dirty() || self.breaker.state() == State::Open {
             return;
         }
         let Ok(guard) = self.replay.clone().try_lock_owned() else {
@@ -1164,7 +1166,7 @@ mod tests {
         let lying = entry_value(4, "abcdefabcdef", &o.encode());
         assert_eq!(entry_hit::<Order>(&lying, "abcdefabcdef"), None);
         assert_eq!(entry_hit::<Order>(b"garbage", "abcdefabcdef"), None);
-        let page = page_value("abcdefabcdef", &codec::encode_page(&[o.clone()]));
+        let page = page_value("abcdefabcdef", &codec::encode_page(std::slice::from_ref(&o)));
         assert_eq!(page_hit(&page, "abcdefabcdef"), Some(vec![o]));
         assert_eq!(page_hit(&page, "abcdefabcdeX"), None);
     }
