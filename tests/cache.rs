@@ -452,3 +452,31 @@ async fn a_cache_whose_redis_is_down_at_start_is_degraded_and_recovers() {
     let f = Fixture { cluster, cache };
     read_until_hit(&f, &db, order_id(13), Some(1)).await;
 }
+
+#[tokio::test]
+async fn too_many_undelivered_notices_purge_every_entry_before_the_cache_is_read_again() {
+    let f = fixture_with(CacheSettings {
+        probe_interval_ms: 2_000,
+        max_pending_invalidations: 1,
+        ..settings()
+    })
+    .await;
+    let (a, b) = (order_id(14), order_id(15));
+    let (db_a, db_b) = (Db::with(Some(order(14, 1))), Db::with(Some(order(15, 1))));
+    read_until_hit(&f, &db_a, a, Some(1)).await;
+    read_until_hit(&f, &db_b, b, Some(1)).await;
+
+    f.cluster.pause_redis().unwrap();
+    let other = Db::with(None);
+    while f.cache.health() == CacheHealth::Up {
+        f.cache.order(order_id(16), || other.load()).await.unwrap();
+    }
+    // Two orders and a page: more than the set holds, so it turns into a purge.
+    db_a.set(Some(order(14, 2)));
+    f.cache.order_written(a, owner(), 2, None).await;
+    f.cluster.resume_redis().unwrap();
+    assert!(f.raw_order(a).await.unwrap().starts_with(b"1:"));
+    read_until_hit(&f, &db_a, a, Some(2)).await;
+    assert_eq!(f.raw_order(b).await, None, "the purge removed every entry");
+    assert_eq!(version(&f.cache.order(b, || db_b.load()).await.unwrap()), Some(1));
+}
