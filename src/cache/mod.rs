@@ -25,7 +25,9 @@
 //! are kept and replayed before the cache is read again.
 
 mod breaker;
-mod codec;
+/// Public (hidden) only for `benches/cache_codec.rs`.
+#[doc(hidden)]
+pub mod codec;
 mod flight;
 pub mod redis;
 
