@@ -192,7 +192,8 @@ async fn cache_is_never_behind_an_acknowledged_write() {
             )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{b}");
-        let placed = join_all((0..PER_USER).map(|_| app.place_order(user, &[(&product, 1)]))).await;
+        let items = [(product.as_str(), 1)];
+        let placed = join_all((0..PER_USER).map(|_| app.place_order(user, &items))).await;
         orders.extend(placed.iter().map(|o| (user, o["order_id"].as_str().unwrap().to_owned())));
     }
     let orders = Arc::new(orders);
@@ -333,7 +334,13 @@ async fn cache_penetration_absent_ids_barely_reach_mysql() {
     }
     let token = app.user_token(user);
     for chunk in paths.chunks(50) {
-        let answers = join_all(chunk.iter().map(|id| app.call("GET", &format!("/v1/orders/{id}"), Some(&token), None))).await;
+        let answers = join_all(chunk.iter().map(|id| {
+            let path = format!("/v1/orders/{id}");
+            let token = &token;
+            let app = &app;
+            async move { app.call("GET", &path, Some(token), None).await }
+        }))
+        .await;
         for (s, b) in answers {
             assert_eq!(s, StatusCode::NOT_FOUND, "{b}");
         }
