@@ -535,6 +535,15 @@ fn summary_line(r: &ScenarioResult) -> String {
     line
 }
 
+/// `**0.82**`, or `–` when the baseline completed nothing (the ratio means nothing then).
+fn ratio_cell(ratio: f64, baseline: &PhaseStats) -> String {
+    if baseline.ops == 0 || !ratio.is_finite() {
+        "–".into()
+    } else {
+        format!("**{ratio:.2}**")
+    }
+}
+
 /// `12.3 %`.
 fn percent(share: f64) -> String {
     format!("{:.1} %", share * 100.0)
@@ -600,7 +609,7 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             .map(|c| c.name.as_str())
             .collect();
         s.push_str(&format!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.1} | {:.1} | {} | **{:.2}** | {} | {} | {} | {} | {} | {} |\n",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario.name(),
             a.ops_per_sec,
             a.p50_ms,
@@ -612,7 +621,7 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             b.p50_ms,
             b.p99_ms,
             codes(&b.errors),
-            r.ratio,
+            ratio_cell(r.ratio, b),
             r.service_cache_off
                 .as_ref()
                 .map_or_else(dash, |off| format!("{:.0}", off.ops_per_sec)),
