@@ -448,14 +448,28 @@ impl LocalCluster {
         self.redis_server()?.stop().await
     }
 
-    /// Kills Redis with SIGKILL; its data is lost (it has no persistence).
+    /// Kills Redis with SIGKILL; what it held since the last [`save_redis`](Self::save_redis)
+    /// is lost (it persists nothing by itself).
     pub fn kill_redis(&self) -> Result<(), ClusterError> {
         self.redis_server()?.kill()
     }
 
-    /// (Re)starts Redis on its port, empty, and waits until it answers `PING`.
+    /// Snapshots Redis's data to its `dump.rdb` (`SAVE`), for a later [`start_redis`]
+    /// (Self::start_redis) to load.
+    pub async fn save_redis(&self) -> Result<(), ClusterError> {
+        self.redis_server()?.save().await
+    }
+
+    /// (Re)starts Redis on its port with the data of its last [`save_redis`](Self::save_redis)
+    /// (empty if there was none) and waits until it answers `PING`.
     pub async fn start_redis(&self) -> Result<(), ClusterError> {
         self.redis_server()?.start().await
+    }
+
+    /// (Re)starts Redis on its port empty, whatever was saved, and waits until it answers
+    /// `PING`.
+    pub async fn start_redis_empty(&self) -> Result<(), ClusterError> {
+        self.redis_server()?.start_empty().await
     }
 
     /// Freezes Redis (SIGSTOP).
@@ -733,8 +747,13 @@ impl RedisServer {
         self.process.pid().is_some()
     }
 
-    /// (Re)starts Redis, empty, on the same port and waits until it answers `PING`. Does
-    /// nothing when it already runs.
+    /// (Re)starts Redis on the same port and waits until it answers `PING`. Does nothing when
+    /// it already runs.
+    ///
+    /// It comes back with whatever its `dump.rdb` holds: the data of the last [`save`]
+    /// (Self::save), however long ago, or nothing if it was never saved. Nothing else is
+    /// persisted (no save points, no AOF): writes after the last `SAVE` are gone. For a
+    /// restart that is empty for sure, use [`start_empty`](Self::start_empty).
     pub async fn start(&self) -> Result<(), ClusterError> {
         if self.is_running() {
             return Ok(());
@@ -743,6 +762,45 @@ impl RedisServer {
         self.wait_ready()
             .await
             .map_err(|f| self.process.not_ready(f, log_offset))
+    }
+
+    /// (Re)starts Redis empty: removes its `dump.rdb`, then [`start`](Self::start)s it. Does
+    /// nothing when it already runs (a running server keeps its data).
+    pub async fn start_empty(&self) -> Result<(), ClusterError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let dump = self.dump_file();
+        match fs::remove_file(&dump) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(ClusterError::io(format!("removing {}", dump.display()), e)),
+        }
+        self.start().await
+    }
+
+    /// Writes a snapshot of the data to `dump.rdb` in its directory (`SAVE`, which works
+    /// without save points) and waits for it; the next [`start`](Self::start) loads it.
+    pub async fn save(&self) -> Result<(), ClusterError> {
+        if !self.is_running() {
+            return Err(ClusterError::NotRunning(self.process.name.clone()));
+        }
+        // A test's data saves in milliseconds; the bound is for a paused server, which would
+        // otherwise hold the caller forever.
+        match tokio::time::timeout(Duration::from_secs(30), redis_command(self.port, "SAVE", "+OK")).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(ClusterError::io("redis SAVE", io::Error::other(e))),
+            Err(_) => Err(ClusterError::io(
+                "redis SAVE",
+                io::Error::new(io::ErrorKind::TimedOut, "no reply within 30 s"),
+            )),
+        }
+    }
+
+    /// The snapshot [`save`](Self::save) writes and [`start`](Self::start) loads.
+    fn dump_file(&self) -> PathBuf {
+        // Redis's default `dbfilename`, in the `--dir` it is started with.
+        self.process.dir.join("dump.rdb")
     }
 
     /// Shuts Redis down (SIGTERM; SIGKILL after 10 s). Does nothing when stopped.
@@ -781,7 +839,8 @@ impl RedisServer {
             .arg("")
             .arg("--appendonly")
             .arg("no")
-            // Anything Redis might still write goes into the cluster directory.
+            // Anything Redis might still write goes into the cluster directory: the
+            // `dump.rdb` of an explicit `SAVE` (see `save`), which the next start loads.
             .arg("--dir")
             .arg(&self.process.dir)
             // In the foreground, so it stays our child: we signal and reap it directly.
@@ -816,11 +875,17 @@ impl RedisServer {
 
 /// Sends `PING` to the Redis server on `port` over a raw connection and expects `+PONG`.
 async fn redis_ping(port: u16) -> Result<(), String> {
+    redis_command(port, "PING", "+PONG").await
+}
+
+/// Sends the argument-less `command` to the Redis server on `port` over a raw connection and
+/// expects a reply starting with `expected` (a status reply such as `+OK`).
+async fn redis_command(port: u16, command: &str, expected: &str) -> Result<(), String> {
     let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
         .await
         .map_err(|e| e.to_string())?;
     stream
-        .write_all(b"*1\r\n$4\r\nPING\r\n")
+        .write_all(format!("*1\r\n${}\r\n{command}\r\n", command.len()).as_bytes())
         .await
         .map_err(|e| e.to_string())?;
     let mut reply = Vec::new();
@@ -832,7 +897,7 @@ async fn redis_ping(port: u16) -> Result<(), String> {
         }
         reply.extend_from_slice(&buf[..n]);
     }
-    if reply.starts_with(b"+PONG") {
+    if reply.starts_with(expected.as_bytes()) {
         Ok(())
     } else {
         Err(format!("unexpected reply {:?}", String::from_utf8_lossy(&reply)))
@@ -1565,5 +1630,48 @@ mod tests {
             cluster.kill_mariadb(7),
             Err(ClusterError::NoSuchServer { index: 7, count: 1 })
         ));
+    }
+
+    #[tokio::test]
+    async fn redis_restarts_with_its_saved_data_or_empty() {
+        let cluster = LocalCluster::start(ClusterSpec {
+            mariadb_servers: 1,
+            with_redis: true,
+            base_dir: None,
+            durable: false,
+        })
+        .await
+        .expect("the cluster starts");
+        let url = cluster.redis_url().expect("redis");
+        let client = redis::Client::open(url.as_str()).expect("client");
+        let get = || async {
+            let mut c = client.get_multiplexed_async_connection().await.expect("connect");
+            redis::cmd("GET")
+                .arg("survivor")
+                .query_async::<Option<String>>(&mut c)
+                .await
+                .expect("GET")
+        };
+        let mut c = client.get_multiplexed_async_connection().await.expect("connect");
+        redis::cmd("SET")
+            .arg("survivor")
+            .arg("yes")
+            .query_async::<()>(&mut c)
+            .await
+            .expect("SET");
+        drop(c);
+
+        cluster.save_redis().await.expect("SAVE");
+        cluster.kill_redis().expect("kill");
+        cluster.start_redis().await.expect("start with the saved data");
+        assert_eq!(get().await.as_deref(), Some("yes"), "start loads dump.rdb");
+
+        cluster.kill_redis().expect("kill");
+        cluster.start_redis_empty().await.expect("start empty");
+        assert_eq!(get().await, None, "start_empty forgets what was saved");
+
+        cluster.kill_redis().expect("kill");
+        cluster.start_redis().await.expect("start again");
+        assert_eq!(get().await, None, "the saved data is gone for good");
     }
 }

@@ -205,11 +205,16 @@ pub async fn run(
     ])
 }
 
-/// Both phases did work, and at most 1 % of either phase's operations failed: a run where
-/// the service only answered errors (a wrong secret, a dead database) must not pass.
-pub fn phases_ran(service: &super::PhaseStats, raw: &super::PhaseStats) -> Check {
+/// A check named `name`, passed when `problems` is empty; `what` says what passing means.
+pub fn named(name: &str, problems: Vec<String>, what: &str) -> Check {
+    check(name, problems, what)
+}
+
+/// Every phase did work, and at most 1 % of each phase's operations failed: a run where the
+/// service only answered errors (a wrong secret, a dead database) must not pass.
+pub fn phases_ran(phases: &[(&str, &super::PhaseStats)]) -> Check {
     let mut problems = Vec::new();
-    for (name, p) in [("service", service), ("raw", raw)] {
+    for &(name, p) in phases {
         let failed: u64 = p.errors.values().sum();
         if p.ops == 0 {
             problems.push(format!(
@@ -226,7 +231,7 @@ pub fn phases_ran(service: &super::PhaseStats, raw: &super::PhaseStats) -> Check
     check(
         "phases_ran",
         problems,
-        "both phases completed work, errors under 1 %",
+        &format!("all {} phases completed work, errors under 1 %", phases.len()),
     )
 }
 

@@ -1,10 +1,24 @@
 //! `orderly bench`: the 11.11 load generator (SPEC section 5).
 //!
-//! Every scenario runs twice at the same concurrency for the same time: once against the
-//! service over HTTP (keep-alive clients, one JWT per user), once as a **raw baseline**: the
-//! same SQL statements issued directly by this process through the same driver, with no
+//! Every scenario runs at least twice at the same concurrency for the same time: once against
+//! the service over HTTP (keep-alive clients, one JWT per user), once as a **raw baseline**:
+//! the same SQL statements issued directly by this process through the same driver, with no
 //! HTTP and no service around them. The figure we steer by is `service / raw`, which holds
 //! on a shared, noisy machine where absolute numbers drift.
+//!
+//! `get-hot` measures cache hits, so its baseline is what a hit costs at the least: a Redis
+//! `GET` of the cached order, straight from this process (after one read of each hot order
+//! through the service has filled the cache). The SQL read it replaced runs as a second
+//! baseline (`raw_sql`). The service phase's hit ratio comes from Redis's `keyspace_hits` and
+//! `keyspace_misses` (the service does one `GET` per read). Without a cache, or without Redis,
+//! get-hot keeps the SQL baseline.
+//!
+//! **Cache on against off.** A self-started bench runs a second instance of the service on
+//! the same databases and Redis with `[cache] enabled = false`. `create`, `get-cold` and `list`
+//! then run their service phase against it too, right after the first, with the same load
+//! for the same time: `vs_cache_off` is `service / service_cache_off`. For `create` its
+//! shortfall from 1 is what invalidation costs (`invalidation_cost`). Against a running
+//! service (`--target`) there is no second instance and no such figure.
 //!
 //! Clients are closed-loop (each waits for its answer before the next request), so latency
 //! is recorded as measured: there is no coordinated omission to correct for.
@@ -139,6 +153,59 @@ impl Default for BenchOptions {
     }
 }
 
+/// One timed run of a scenario's operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    /// Over HTTP to the service under test (its cache as configured).
+    Service,
+    /// Over HTTP to the second instance, cache off (self-started runs).
+    ServiceCacheOff,
+    /// The raw baseline (see [`Baseline`]).
+    Raw,
+    /// `get-hot` with the Redis baseline: the SQL read, as a second baseline.
+    RawSql,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Service => "service",
+            Phase::ServiceCacheOff => "cache off",
+            Phase::Raw => "raw",
+            Phase::RawSql => "raw SQL",
+        }
+    }
+}
+
+/// What a scenario's raw phase issues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Baseline {
+    /// The service's SQL through the same storage functions.
+    Sql,
+    /// A Redis `GET` of the cached order (`get-hot` with a cache).
+    RedisGet,
+}
+
+impl Baseline {
+    fn name(self) -> &'static str {
+        match self {
+            Baseline::Sql => "SQL",
+            Baseline::RedisGet => "Redis GET",
+        }
+    }
+}
+
+/// Redis keyspace lookups during the service phase of `get-hot`.
+#[derive(Debug, Clone, Serialize)]
+pub struct HitRatio {
+    pub hits: u64,
+    pub misses: u64,
+    /// `hits / (hits + misses)`; `None` when Redis saw no lookup at all.
+    pub ratio: Option<f64>,
+}
+
 /// Throughput and latency of one phase.
 #[derive(Debug, Clone, Serialize)]
 pub struct PhaseStats {
@@ -166,9 +233,31 @@ pub struct PhaseStats {
 pub struct ScenarioResult {
     pub scenario: Scenario,
     pub service: PhaseStats,
+    /// What `raw` issued.
+    pub baseline: Baseline,
     pub raw: PhaseStats,
     /// `service.ops_per_sec / raw.ops_per_sec`.
     pub ratio: f64,
+    /// The service phase again, against the cache-off instance (self-started runs; `create`,
+    /// `get-cold`, `list`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_cache_off: Option<PhaseStats>,
+    /// `service.ops_per_sec / service_cache_off.ops_per_sec`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_cache_off: Option<f64>,
+    /// `create` only: `1 - vs_cache_off`, the share of create throughput the cache's
+    /// invalidation costs (negative: the cache-on instance was faster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub invalidation_cost: Option<f64>,
+    /// `get-hot` with the Redis baseline: the SQL read, the baseline before the cache.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_sql: Option<PhaseStats>,
+    /// `service.ops_per_sec / raw_sql.ops_per_sec`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_sql: Option<f64>,
+    /// `get-hot` with a cache: Redis's hits and misses during the service phase.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hit_ratio: Option<HitRatio>,
     pub checks: Vec<Check>,
 }
 
@@ -311,20 +400,21 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             Scenario::GetCold => (Some(w.cold_reads_per_phase()), opts.duration),
             _ => (None, opts.duration),
         };
-        let mut phases = Vec::with_capacity(2);
-        for raw in [false, true] {
-            let label = format!("{} {}", scenario.name(), if raw { "raw" } else { "service" });
+        let mut phases = Vec::new();
+        let mut hit_ratio = None;
+        for phase in w.phases(scenario) {
+            let label = format!("{} {}", scenario.name(), phase.label());
             let op_w = w.clone();
             let op = move |i| {
                 let w = op_w.clone();
-                async move {
-                    if raw {
-                        w.raw_op(scenario, i).await
-                    } else {
-                        w.service_op(scenario, i).await
-                    }
-                }
+                async move { w.op(scenario, phase, i).await }
             };
+            // Hits and misses are counted around the service phase of get-hot only: warming
+            // and the raw GETs would count too.
+            let count_hits = scenario == Scenario::GetHot
+                && phase == Phase::Service
+                && w.baseline(scenario) == Baseline::RedisGet;
+            let keyspace_before = if count_hits { w.keyspace().await } else { None };
             // Commits are counted around the phase, after the previous one's writes settled.
             let count_commits = scenario == Scenario::Create;
             let before = if count_commits {
@@ -333,6 +423,17 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                 None
             };
             let mut stats = drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await;
+            if let Some(before) = keyspace_before {
+                if let Some(after) = w.keyspace().await {
+                    let hits = after.hits.saturating_sub(before.hits);
+                    let misses = after.misses.saturating_sub(before.misses);
+                    hit_ratio = Some(HitRatio {
+                        hits,
+                        misses,
+                        ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
+                    });
+                }
+            }
             let after = if count_commits {
                 binlog_commits(&w).await
             } else {
@@ -343,16 +444,36 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                 stats.commits_per_create =
                     (created > 0).then(|| after.saturating_sub(before) as f64 / created as f64);
             }
-            phases.push(stats);
+            phases.push((phase, stats));
         }
-        let [service, raw]: [PhaseStats; 2] = phases
-            .try_into()
-            .map_err(|_| anyhow::anyhow!("expected a service and a raw phase"))?;
         let mut checks = w.check(scenario, opts).await?;
-        checks.push(checks::phases_ran(&service, &raw));
+        checks.push(checks::phases_ran(
+            &phases.iter().map(|(p, s)| (p.label(), s)).collect::<Vec<_>>(),
+        ));
+        let mut take = |phase: Phase| {
+            phases
+                .iter()
+                .position(|(p, _)| *p == phase)
+                .map(|i| phases.swap_remove(i).1)
+        };
+        let service = take(Phase::Service).ok_or_else(|| anyhow::anyhow!("no service phase"))?;
+        let raw = take(Phase::Raw).ok_or_else(|| anyhow::anyhow!("no raw phase"))?;
+        let service_cache_off = take(Phase::ServiceCacheOff);
+        let raw_sql = take(Phase::RawSql);
+        let per = |a: &PhaseStats, b: &PhaseStats| a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE);
+        let vs_cache_off = service_cache_off.as_ref().map(|off| per(&service, off));
         let result = ScenarioResult {
             scenario,
-            ratio: service.ops_per_sec / raw.ops_per_sec.max(f64::MIN_POSITIVE),
+            ratio: per(&service, &raw),
+            baseline: w.baseline(scenario),
+            invalidation_cost: vs_cache_off
+                .filter(|_| scenario == Scenario::Create)
+                .map(|r| 1.0 - r),
+            vs_cache_off,
+            ratio_sql: raw_sql.as_ref().map(|sql| per(&service, sql)),
+            service_cache_off,
+            raw_sql,
+            hit_ratio,
             service,
             raw,
             checks,
@@ -382,17 +503,58 @@ async fn binlog_commits(w: &Workload) -> Option<u64> {
 
 fn summary_line(r: &ScenarioResult) -> String {
     let mut line = format!(
-        "{:<10} service {:>8.0} ops/s  raw {:>8.0} ops/s  ratio {:.2}  checks {}",
+        "{:<10} service {:>8.0} ops/s  raw ({}) {:>8.0} ops/s  ratio {:.2}  checks {}",
         r.scenario.name(),
         r.service.ops_per_sec,
+        r.baseline.name(),
         r.raw.ops_per_sec,
         r.ratio,
         if r.passed() { "ok" } else { "FAILED" }
     );
+    if let (Some(off), Some(vs)) = (&r.service_cache_off, r.vs_cache_off) {
+        line.push_str(&format!(
+            "  cache off {:.0} ops/s  vs cache off {vs:.2}",
+            off.ops_per_sec
+        ));
+    }
+    if let Some(cost) = r.invalidation_cost {
+        line.push_str(&format!("  invalidation cost {}", percent(cost)));
+    }
+    if let (Some(sql), Some(ratio)) = (&r.raw_sql, r.ratio_sql) {
+        line.push_str(&format!(
+            "  raw SQL {:.0} ops/s  service / raw SQL {ratio:.2}",
+            sql.ops_per_sec
+        ));
+    }
+    if let Some(h) = &r.hit_ratio {
+        line.push_str(&format!("  hit ratio {}", hit_ratio_cell(h)));
+    }
     if r.scenario == Scenario::Create {
         line.push_str(&format!("  commits/create {}", commits_cell(r)));
     }
     line
+}
+
+/// `**0.82**`, or `–` when the baseline completed nothing (the ratio means nothing then).
+fn ratio_cell(ratio: f64, baseline: &PhaseStats) -> String {
+    if baseline.ops == 0 || !ratio.is_finite() {
+        "–".into()
+    } else {
+        format!("**{ratio:.2}**")
+    }
+}
+
+/// `12.3 %`.
+fn percent(share: f64) -> String {
+    format!("{:.1} %", share * 100.0)
+}
+
+/// `99.9 % (9 990 / 10 000)`, or `no lookups`.
+fn hit_ratio_cell(h: &HitRatio) -> String {
+    match h.ratio {
+        Some(r) => format!("{} ({} / {})", percent(r), h.hits, h.hits + h.misses),
+        None => "no lookups".into(),
+    }
 }
 
 fn codes(m: &BTreeMap<String, u64>) -> String {
@@ -405,29 +567,40 @@ fn codes(m: &BTreeMap<String, u64>) -> String {
         .join(", ")
 }
 
-/// `service / raw` commits per create, `–` where not measured.
+/// `service / raw` commits per create (`service / cache off / raw` with a cache-off phase),
+/// `–` where not measured.
 fn commits_cell(r: &ScenarioResult) -> String {
     let f = |v: Option<f64>| v.map_or("–".to_owned(), |v| format!("{v:.2}"));
-    match (r.service.commits_per_create, r.raw.commits_per_create) {
-        (None, None) => "–".into(),
-        (a, b) => format!("{} / {}", f(a), f(b)),
+    let (a, b) = (r.service.commits_per_create, r.raw.commits_per_create);
+    match &r.service_cache_off {
+        Some(off) if a.is_some() || b.is_some() || off.commits_per_create.is_some() => {
+            format!("{} / {} / {}", f(a), f(off.commits_per_create), f(b))
+        }
+        _ if a.is_none() && b.is_none() => "–".into(),
+        _ => format!("{} / {}", f(a), f(b)),
     }
 }
 
-/// The Markdown table of a run.
+/// The Markdown table of a run, with notes under it for the figures that fit no column (the
+/// second baseline of get-hot, the invalidation cost of create).
 pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
+    let dash = || "–".to_owned();
     let mut s = format!(
         "{} s per phase, {} concurrent clients.\n\n\
-         | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | commits / create (service / raw) | checks |\n\
-         |---|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|---|\n",
+         | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | baseline | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | cache off ops/s | cache off p99 ms | vs cache off | hit ratio | commits / create (service / cache off / raw) | checks |\n\
+         |---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|\n",
         opts.duration.as_secs_f64(),
         opts.concurrency
     );
+    let mut notes = Vec::new();
     for r in results {
         let (a, b) = (&r.service, &r.raw);
         let mut errors = codes(&a.errors);
         if !a.refused.is_empty() {
             errors.push_str(&format!(" (refused {})", codes(&a.refused)));
+        }
+        if let Some(off) = r.service_cache_off.as_ref().filter(|off| !off.errors.is_empty()) {
+            errors.push_str(&format!(" (cache off {})", codes(&off.errors)));
         }
         let failed: Vec<_> = r
             .checks
@@ -436,18 +609,27 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             .map(|c| c.name.as_str())
             .collect();
         s.push_str(&format!(
-            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.0} | {:.1} | {:.1} | {} | **{:.2}** | {} | {} |\n",
+            "| {} | {:.0} | {:.1} | {:.1} | {:.1} | {} | {} | {:.0} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             r.scenario.name(),
             a.ops_per_sec,
             a.p50_ms,
             a.p99_ms,
             a.p999_ms,
             errors,
+            r.baseline.name(),
             b.ops_per_sec,
             b.p50_ms,
             b.p99_ms,
             codes(&b.errors),
-            r.ratio,
+            ratio_cell(r.ratio, b),
+            r.service_cache_off
+                .as_ref()
+                .map_or_else(dash, |off| format!("{:.0}", off.ops_per_sec)),
+            r.service_cache_off
+                .as_ref()
+                .map_or_else(dash, |off| format!("{:.1}", off.p99_ms)),
+            r.vs_cache_off.map_or_else(dash, |v| format!("**{v:.2}**")),
+            r.hit_ratio.as_ref().map_or_else(dash, hit_ratio_cell),
             commits_cell(r),
             if failed.is_empty() {
                 format!("{} passed", r.checks.len())
@@ -455,6 +637,43 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
                 format!("FAILED: {}", failed.join(", "))
             }
         ));
+        if let Some(cost) = r.invalidation_cost {
+            notes.push(format!(
+                "- {}: the cache's invalidation costs **{}** of create throughput \
+                 (cache on {:.0} ops/s, off {:.0} ops/s).",
+                r.scenario.name(),
+                percent(cost),
+                a.ops_per_sec,
+                r.service_cache_off.as_ref().map_or(0.0, |off| off.ops_per_sec),
+            ));
+        }
+        if let (Some(sql), Some(ratio)) = (&r.raw_sql, r.ratio_sql) {
+            notes.push(format!(
+                "- {}: against the SQL read instead of the Redis GET: raw SQL {:.0} ops/s \
+                 (p50 {:.1} ms, p99 {:.1} ms, errors {}), service / raw SQL **{ratio:.2}**.",
+                r.scenario.name(),
+                sql.ops_per_sec,
+                sql.p50_ms,
+                sql.p99_ms,
+                codes(&sql.errors),
+            ));
+        }
+    }
+    let cache_scenarios = [Scenario::Create, Scenario::GetCold, Scenario::List];
+    if results
+        .iter()
+        .any(|r| cache_scenarios.contains(&r.scenario) && r.service_cache_off.is_none())
+    {
+        notes.push(
+            "- No cache-off instance ran (only a self-started bench starts one): no `vs cache off`.".into(),
+        );
+    }
+    if !notes.is_empty() {
+        s.push('\n');
+        for n in notes {
+            s.push_str(&n);
+            s.push('\n');
+        }
     }
     s
 }
@@ -469,6 +688,10 @@ pub struct Profile {
     pub data_dir: Option<String>,
     /// Each server's durability settings, as it reports them.
     pub servers: Vec<workload::ServerSettings>,
+    /// `[cache] enabled` of the service under test.
+    pub cache_enabled: bool,
+    /// Whether a second instance with its cache off ran beside it (self-started runs).
+    pub cache_off_instance: bool,
 }
 
 impl Profile {
@@ -477,7 +700,15 @@ impl Profile {
         if let Some(dir) = &self.data_dir {
             s.push_str(&format!(", data in `{dir}`"));
         }
-        s.push('.');
+        s.push_str(&format!(
+            ", cache {}{}.",
+            if self.cache_enabled { "on" } else { "off" },
+            if self.cache_off_instance {
+                " (and a cache-off instance beside it)"
+            } else {
+                ""
+            }
+        ));
         for v in &self.servers {
             s.push_str(&format!(
                 " {}: innodb_flush_log_at_trx_commit={}, sync_binlog={}, doublewrite={}, log_bin={}.",
@@ -518,18 +749,20 @@ pub async fn run(
     out: PathBuf,
 ) -> anyhow::Result<bool> {
     let mut _cluster = None;
-    let mut service = None;
+    let mut services = Vec::new();
     let shutdown = CancellationToken::new();
     let mut profile = Profile {
         name: "target",
         data_dir: None,
         servers: Vec::new(),
+        cache_enabled: false,
+        cache_off_instance: false,
     };
-    let (settings, base_url) = match target {
+    let (settings, base_url, base_cache_off) = match target {
         Target::SelfStart { durable } => {
             profile.name = if durable { "durable" } else { "tmpfs" };
             eprintln!(
-                "starting a local cluster (2 MariaDB servers, Redis; {} profile) and the service ...",
+                "starting a local cluster (2 MariaDB servers, Redis; {} profile), the service and its cache-off twin ...",
                 profile.name
             );
             let cluster = LocalCluster::start(ClusterSpec {
@@ -553,25 +786,43 @@ pub async fn run(
             migrate(&s).await?;
             let app = Application::build(s.clone(), shutdown.clone()).await?;
             let url = format!("http://{}", app.address());
-            service = Some(tokio::spawn(app.run()));
+            services.push(tokio::spawn(app.run()));
+            // The same service with its cache off, on the same databases and Redis, for
+            // `vs cache off`. It leases a worker id of its own (as the first does unless the
+            // settings fix one, and as the raw phase does), so the two never share one. Its
+            // writes (creates only) invalidate nothing, which is harmless here: no stale entry
+            // is ever read (get-hot and get-cold read orders nobody changes; first pages are
+            // read only within list's phases, and nothing writes during them).
+            let mut off = s.clone();
+            off.cache.enabled = false;
+            off.ids.worker_id = None;
+            let off_app = Application::build(off, shutdown.clone()).await?;
+            let off_url = format!("http://{}", off_app.address());
+            services.push(tokio::spawn(off_app.run()));
+            profile.cache_off_instance = true;
             _cluster = Some(cluster);
-            (s, url)
+            (s, url, Some(off_url))
         }
         Target::Url(url) => {
             let s = settings.ok_or_else(|| {
                 anyhow::anyhow!("--target needs --config naming the service's databases and secret")
             })?;
-            (s, url)
+            (s, url, None)
         }
     };
-    let workload = Arc::new(Workload::setup(&settings, &base_url, &opts).await?);
+    profile.cache_enabled = settings.cache.enabled;
+    let mut workload = Workload::setup(&settings, &base_url, &opts).await?;
+    if let Some(off) = &base_cache_off {
+        workload = workload.with_cache_off_service(off);
+    }
+    let workload = Arc::new(workload);
     profile.servers = workload.server_settings().await?;
     let results = run_scenarios(workload.clone(), &opts).await?;
-    // Both worker ids go back before the cluster goes (the service releases its own on the
-    // way out of `run`).
+    // Every worker id goes back before the cluster goes (each service instance releases its
+    // own on the way out of `run`).
     shutdown.cancel();
     workload.release_lease().await;
-    if let Some(service) = service {
+    for service in services {
         let _ = service.await;
     }
 

@@ -1,5 +1,6 @@
-//! One operation of each scenario, over HTTP (the service) and raw (the same SQL through
-//! the same storage functions, no HTTP, no service), plus the catalog and the order pools the
+//! One operation of each scenario, over HTTP (the service, and its cache-off twin when there
+//! is one) and raw (the same SQL through the same storage functions, no HTTP, no service; for
+//! `get-hot` a Redis `GET` of the cached order), plus the catalog and the order pools the
 //! operations draw from.
 
 use sqlx::AssertSqlSafe;
@@ -26,7 +27,7 @@ use crate::storage::shards::ShardMap;
 use crate::storage::{self, StorageError};
 
 use super::checks::{self, Check};
-use super::{drive, BenchOptions, Scenario};
+use super::{drive, Baseline, BenchOptions, Phase, Scenario};
 
 /// The durability settings of one MariaDB server, as it reports them.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -68,10 +69,31 @@ impl From<sqlx::Error> for Outcome {
 /// Orders the read scenarios draw from: (index of the buyer, order id).
 type Pool = Arc<Vec<(usize, OrderId)>>;
 
+/// The Redis key of the cached order `id`. It must match the key the cache writes
+/// (`crate::cache::redis`), or the `get-hot` baseline reads nothing.
+fn order_key(prefix: &str, id: OrderId) -> String {
+    format!("{prefix}{{o:{}}}:d", id.get())
+}
+
+/// Counters of Redis `INFO stats`: lookups of a key that existed, and of one that did not.
+#[derive(Debug, Clone, Copy)]
+pub struct Keyspace {
+    pub hits: u64,
+    pub misses: u64,
+}
+
 /// Everything the operations share.
 pub struct Workload {
     base: String,
+    /// The second instance of the service, on the same databases and Redis with its cache
+    /// off (self-started runs only).
+    base_cache_off: Option<String>,
     client: reqwest::Client,
+    /// The service's Redis, for the `get-hot` baseline and the hit counters; `None` when the
+    /// service runs without a cache or Redis did not answer (get-hot then has the SQL
+    /// baseline only).
+    redis: Option<redis::aio::ConnectionManager>,
+    key_prefix: String,
     shards: ShardMap,
     commerce: MySqlPool,
     ids: Arc<IdSource>,
@@ -96,12 +118,22 @@ pub struct Workload {
     /// Every order the bench made, for the read scenarios.
     made: Mutex<Vec<(usize, OrderId)>>,
     hot_pool: Mutex<Pool>,
+    /// Whether warming the hot set through the service left every entry in Redis (get-hot
+    /// with the Redis baseline only).
+    hot_cached: Mutex<Option<Check>>,
     cold_pool: Mutex<Pool>,
     list_users: Mutex<Arc<Vec<usize>>>,
 }
 
 /// Products of the catalog hold this much stock: no normal scenario sells out.
 const NORMAL_STOCK: i64 = 100_000_000;
+
+/// How long the bench waits for Redis to accept a connection: the service gives it the same.
+const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Orders the hot set of `get-hot` holds: few enough to stay cached, enough to spread over
+/// shards.
+const HOT_ORDERS: usize = 10;
 
 impl Workload {
     /// Connects to the databases of `settings`, loads the catalog (users, a shop, products,
@@ -179,9 +211,17 @@ impl Workload {
             .pool_max_idle_per_host(opts.concurrency)
             .timeout(Duration::from_secs(30))
             .build()?;
+        let redis = if settings.cache.enabled && opts.scenarios.contains(&Scenario::GetHot) {
+            connect_redis(&settings.redis.url).await
+        } else {
+            None
+        };
         Ok(Workload {
             base: base.trim_end_matches('/').to_owned(),
+            base_cache_off: None,
             client,
+            redis,
+            key_prefix: settings.redis.key_prefix.clone(),
             shards,
             commerce,
             ids,
@@ -206,13 +246,78 @@ impl Workload {
             acked: Mutex::new(Vec::new()),
             made: Mutex::new(Vec::new()),
             hot_pool: Mutex::new(Arc::new(Vec::new())),
+            hot_cached: Mutex::new(None),
             cold_pool: Mutex::new(Arc::new(Vec::new())),
             list_users: Mutex::new(Arc::new(Vec::new())),
         })
     }
 
+    /// Adds the service instance at `base` (same databases and Redis, cache off): `create`,
+    /// `get-cold` and `list` then also run against it.
+    pub fn with_cache_off_service(mut self, base: &str) -> Workload {
+        self.base_cache_off = Some(base.trim_end_matches('/').to_owned());
+        self
+    }
+
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// What the raw phase of `scenario` issues: a Redis `GET` of the cached order for
+    /// `get-hot` when the service caches (and Redis answers), the service's SQL otherwise.
+    pub fn baseline(&self, scenario: Scenario) -> Baseline {
+        if scenario == Scenario::GetHot && self.redis.is_some() {
+            Baseline::RedisGet
+        } else {
+            Baseline::Sql
+        }
+    }
+
+    /// The phases of `scenario`, in the order they run: the service; its cache-off twin
+    /// for the scenarios the cache changes most (create pays invalidation, get-cold fills,
+    /// list reads a cached first page), when there is one; the raw baseline; and for get-hot
+    /// against Redis, the SQL read it replaced as a second baseline.
+    pub fn phases(&self, scenario: Scenario) -> Vec<Phase> {
+        let mut phases = vec![Phase::Service];
+        if self.base_cache_off.is_some()
+            && matches!(scenario, Scenario::Create | Scenario::GetCold | Scenario::List)
+        {
+            phases.push(Phase::ServiceCacheOff);
+        }
+        phases.push(Phase::Raw);
+        if self.baseline(scenario) == Baseline::RedisGet {
+            phases.push(Phase::RawSql);
+        }
+        phases
+    }
+
+    /// Redis's keyspace hit and miss counters; `None` without Redis or when it cannot be read.
+    pub async fn keyspace(&self) -> Option<Keyspace> {
+        let mut redis = self.redis.clone()?;
+        let info = match redis::cmd("INFO")
+            .arg("stats")
+            .query_async::<String>(&mut redis)
+            .await
+        {
+            Ok(info) => info,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read redis INFO stats: no hit ratio");
+                return None;
+            }
+        };
+        let counter = |name: &str| {
+            info.lines().find_map(|l| {
+                l.strip_prefix(name)?
+                    .strip_prefix(':')?
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+        };
+        Some(Keyspace {
+            hits: counter("keyspace_hits")?,
+            misses: counter("keyspace_misses")?,
+        })
     }
 
     /// Gets the order pools ready for `scenario` (seeding orders raw where too few exist).
@@ -220,9 +325,12 @@ impl Workload {
         Self::lock(&self.acked).clear();
         let have = Self::lock(&self.made).len();
         let want = match scenario {
-            Scenario::GetHot => 10,
-            // Each phase reads its own half of the pool, each order once.
-            Scenario::GetCold => (opts.duration.as_secs().max(1) as usize * 2_000).clamp(200, 20_000),
+            Scenario::GetHot => HOT_ORDERS,
+            // Each phase reads its own share of the pool, each order once: up to 1 000 reads
+            // a second of the phase, at most 10 000.
+            Scenario::GetCold => {
+                self.cold_phases() * (opts.duration.as_secs().max(1) as usize * 1_000).clamp(100, 10_000)
+            }
             Scenario::List => 1_000,
             _ => 0,
         };
@@ -265,7 +373,7 @@ impl Workload {
             use rand::seq::SliceRandom;
             shuffled.shuffle(&mut rand::thread_rng());
         }
-        *Self::lock(&self.hot_pool) = Arc::new(shuffled.iter().take(10).copied().collect());
+        *Self::lock(&self.hot_pool) = Arc::new(shuffled.iter().take(HOT_ORDERS).copied().collect());
         *Self::lock(&self.cold_pool) = Arc::new(shuffled);
         // Buyers with a full first page if there are any, otherwise everyone with an order.
         let mut per_buyer: HashMap<usize, usize> = HashMap::new();
@@ -287,7 +395,58 @@ impl Workload {
         if matches!(scenario, Scenario::GetHot | Scenario::GetCold | Scenario::List) {
             self.warm_buffer_pool().await?;
         }
+        if self.baseline(scenario) == Baseline::RedisGet {
+            let check = self.warm_hot_set().await;
+            if !check.ok {
+                eprintln!("get-hot: {}", check.detail);
+            }
+            *Self::lock(&self.hot_cached) = Some(check);
+        }
         Ok(())
+    }
+
+    /// Reads every hot order once through the service, so that its cache holds them, and
+    /// checks that Redis does: the raw `GET`s of get-hot must find what the service serves.
+    async fn warm_hot_set(&self) -> Check {
+        let hot = Self::lock(&self.hot_pool).clone();
+        let mut problems = Vec::new();
+        for &(user, id) in hot.iter() {
+            if let Err(o) = self
+                .get(&self.base, &format!("/v1/orders/{id}"), &self.tokens[user])
+                .await
+            {
+                problems.push(format!("reading order {id} through the service: {o:?}"));
+            }
+        }
+        for &(_, id) in hot.iter() {
+            match self.redis_get(id).await {
+                Ok(()) => {}
+                Err(Outcome::Error(code)) if code == "not_cached" => problems.push(format!(
+                    "order {id} is not in Redis at {} after a read through the service",
+                    order_key(&self.key_prefix, id)
+                )),
+                Err(o) => problems.push(format!("reading order {id} from Redis: {o:?}")),
+            }
+        }
+        let n = problems.len();
+        if n > 0 {
+            problems.insert(
+                0,
+                format!(
+                    "{n} of {} hot reads found no cache entry: is the cache implemented, and does \
+                     the bench's key match the cache's?",
+                    hot.len()
+                ),
+            );
+        }
+        checks::named(
+            "hot_set_cached",
+            problems,
+            &format!(
+                "all {} hot orders in Redis after one read through the service",
+                hot.len()
+            ),
+        )
     }
 
     /// Reads every order table once, so that both phases of a read scenario find the
@@ -317,8 +476,6 @@ impl Workload {
         Ok(())
     }
 
-    /// Orders available to one phase of get-cold: each phase reads its own half, each order
-    /// at most once.
     /// Every distinct MariaDB server the service writes to (commerce and shard primaries; a
     /// server holding several of them counts once), keyed by host name and port.
     async fn servers(&self) -> anyhow::Result<Vec<(String, &MySqlPool)>> {
@@ -385,8 +542,14 @@ impl Workload {
         }
     }
 
+    /// Phases of get-cold, each reading its own share of the cold pool.
+    fn cold_phases(&self) -> usize {
+        self.phases(Scenario::GetCold).len()
+    }
+
+    /// Orders available to one phase of get-cold.
     pub fn cold_reads_per_phase(&self) -> u64 {
-        (Self::lock(&self.cold_pool).len() / 2) as u64
+        (Self::lock(&self.cold_pool).len() / self.cold_phases()) as u64
     }
 
     pub async fn check(&self, scenario: Scenario, opts: &BenchOptions) -> anyhow::Result<Vec<Check>> {
@@ -396,6 +559,9 @@ impl Workload {
             for hot in [&self.hot, &self.hot_raw] {
                 out.push(checks::sold_exactly(&self.commerce, hot.id, opts.flash_stock).await?);
             }
+        }
+        if scenario == Scenario::GetHot {
+            out.extend(Self::lock(&self.hot_cached).take());
         }
         Ok(out)
     }
@@ -419,6 +585,7 @@ impl Workload {
     /// so the client's own work does not weigh on the service's figure.
     async fn request(
         &self,
+        base: &str,
         method: reqwest::Method,
         path: &str,
         token: &str,
@@ -427,7 +594,7 @@ impl Workload {
     ) -> Result<Value, Outcome> {
         let mut req = self
             .client
-            .request(method, format!("{}{path}", self.base))
+            .request(method, format!("{base}{path}"))
             .bearer_auth(token);
         if let Some(b) = body {
             req = req.json(&b);
@@ -459,29 +626,31 @@ impl Workload {
 
     async fn call(
         &self,
+        base: &str,
         method: reqwest::Method,
         path: &str,
         token: &str,
         body: Option<Value>,
     ) -> Result<Value, Outcome> {
-        self.request(method, path, token, body, true).await
+        self.request(base, method, path, token, body, true).await
     }
 
-    async fn get(&self, path: &str, token: &str) -> Result<(), Outcome> {
-        self.request(reqwest::Method::GET, path, token, None, false)
+    async fn get(&self, base: &str, path: &str, token: &str) -> Result<(), Outcome> {
+        self.request(base, reqwest::Method::GET, path, token, None, false)
             .await
             .map(drop)
     }
 
     async fn http_create(
         &self,
+        base: &str,
         user: usize,
         product: &ProductSnapshot,
         quantity: i64,
     ) -> Result<Value, Outcome> {
         let token = &self.tokens[user];
         let issued = self
-            .call(reqwest::Method::POST, "/v1/order-ids", token, None)
+            .call(base, reqwest::Method::POST, "/v1/order-ids", token, None)
             .await?;
         let id = issued["order_id"]
             .as_str()
@@ -493,7 +662,7 @@ impl Workload {
             "address": self.address,
         });
         let order = self
-            .call(reqwest::Method::POST, "/v1/orders", token, Some(body))
+            .call(base, reqwest::Method::POST, "/v1/orders", token, Some(body))
             .await?;
         // Acknowledged is what we sent and the service answered 2xx for; an answer about
         // another order is an error of its own.
@@ -504,39 +673,57 @@ impl Workload {
         Ok(order)
     }
 
-    pub async fn service_op(&self, scenario: Scenario, i: u64) -> Outcome {
+    /// Operation `i` of `phase` of `scenario`.
+    pub async fn op(&self, scenario: Scenario, phase: Phase, i: u64) -> Outcome {
+        match phase {
+            Phase::Service => self.service_op(&self.base, scenario, phase, i).await,
+            Phase::ServiceCacheOff => match &self.base_cache_off {
+                Some(base) => self.service_op(base, scenario, phase, i).await,
+                None => Outcome::Error("no_cache_off_service".into()),
+            },
+            Phase::Raw if self.baseline(scenario) == Baseline::RedisGet => {
+                let (_, id) = self.read_target(scenario, i, phase);
+                self.redis_get(id).await.err().unwrap_or(Outcome::Ok)
+            }
+            Phase::Raw | Phase::RawSql => self.raw_op(scenario, phase, i).await,
+        }
+    }
+
+    async fn service_op(&self, base: &str, scenario: Scenario, phase: Phase, i: u64) -> Outcome {
         let result = match scenario {
             Scenario::Create => {
                 let user = rand::thread_rng().gen_range(0..self.users.len());
                 let (p, q) = self.random_line();
-                self.http_create(user, p, q).await.map(drop)
+                self.http_create(base, user, p, q).await.map(drop)
             }
             Scenario::Flash => self
-                .http_create(i as usize % self.users.len(), &self.hot, 1)
+                .http_create(base, i as usize % self.users.len(), &self.hot, 1)
                 .await
                 .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let (user, id) = self.read_target(scenario, i, false);
-                self.get(&format!("/v1/orders/{id}"), &self.tokens[user]).await
+                let (user, id) = self.read_target(scenario, i, phase);
+                self.get(base, &format!("/v1/orders/{id}"), &self.tokens[user])
+                    .await
             }
             Scenario::List => {
                 let users = Self::lock(&self.list_users).clone();
                 let user = users[i as usize % users.len()];
-                self.get("/v1/orders?limit=20", &self.tokens[user]).await
+                self.get(base, "/v1/orders?limit=20", &self.tokens[user]).await
             }
-            Scenario::Lifecycle => self.http_lifecycle().await,
+            Scenario::Lifecycle => self.http_lifecycle(base).await,
         };
         result.err().unwrap_or(Outcome::Ok)
     }
 
-    async fn http_lifecycle(&self) -> Result<(), Outcome> {
+    async fn http_lifecycle(&self, base: &str) -> Result<(), Outcome> {
         let user = rand::thread_rng().gen_range(0..self.users.len());
         let (p, q) = self.random_line();
-        let order = self.http_create(user, p, q).await?;
+        let order = self.http_create(base, user, p, q).await?;
         let id = order["order_id"].as_str().unwrap_or_default().to_owned();
         let pay = json!({"transaction_no": format!("bench-{id}"), "channel": "bench", "amount": order["pay_amount"]});
         let post = reqwest::Method::POST;
         self.request(
+            base,
             post.clone(),
             &format!("/v1/orders/{id}/payments"),
             &self.service_token,
@@ -546,6 +733,7 @@ impl Workload {
         .await?;
         let ship = json!({"expected_version": 2, "carrier": "SF", "tracking_number": format!("SF{id}")});
         self.request(
+            base,
             post.clone(),
             &format!("/v1/orders/{id}/shipment"),
             &self.merchant,
@@ -555,6 +743,7 @@ impl Workload {
         .await?;
         let confirm = json!({"expected_version": 3});
         self.request(
+            base,
             post,
             &format!("/v1/orders/{id}/confirm"),
             &self.tokens[user],
@@ -637,7 +826,7 @@ impl Workload {
         Ok((id, pricing.pay_amount))
     }
 
-    pub async fn raw_op(&self, scenario: Scenario, i: u64) -> Outcome {
+    async fn raw_op(&self, scenario: Scenario, phase: Phase, i: u64) -> Outcome {
         let result = match scenario {
             Scenario::Create => {
                 let user = rand::thread_rng().gen_range(0..self.users.len());
@@ -650,7 +839,7 @@ impl Workload {
                 .await
                 .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let (_, id) = self.read_target(scenario, i, true);
+                let (_, id) = self.read_target(scenario, i, phase);
                 self.raw_get(id).await
             }
             Scenario::List => {
@@ -664,21 +853,41 @@ impl Workload {
     }
 
     /// The `i`-th order a read scenario reads: from the hot pool, or for get-cold from the
-    /// service's (first) or the raw phase's (second) half of the cold pool, so that each
-    /// phase stops when its half is used up and no order is read twice.
-    fn read_target(&self, scenario: Scenario, i: u64, raw: bool) -> (usize, OrderId) {
+    /// share of the cold pool of `phase` (the pool is cut in as many equal shares as get-cold
+    /// has phases, in their order), so that each phase stops when its share is used up and no
+    /// order is read twice.
+    fn read_target(&self, scenario: Scenario, i: u64, phase: Phase) -> (usize, OrderId) {
         let pool = if scenario == Scenario::GetHot {
             &self.hot_pool
         } else {
             &self.cold_pool
         };
         let pool = Self::lock(pool).clone();
-        let offset = if scenario == Scenario::GetCold && raw {
-            pool.len() / 2
+        let offset = if scenario == Scenario::GetCold {
+            let phases = self.phases(scenario);
+            let slot = phases.iter().position(|p| *p == phase).unwrap_or(0);
+            slot * (pool.len() / phases.len())
         } else {
             0
         };
         pool[(i as usize + offset) % pool.len()]
+    }
+
+    /// `GET` of the cached order `id`, straight from Redis: an empty or absent value is
+    /// `not_cached`.
+    async fn redis_get(&self, id: OrderId) -> Result<(), Outcome> {
+        let Some(mut redis) = self.redis.clone() else {
+            return Err(Outcome::Error("no_redis".into()));
+        };
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(order_key(&self.key_prefix, id))
+            .query_async(&mut redis)
+            .await
+            .map_err(|_| Outcome::Error("redis".into()))?;
+        match value {
+            Some(v) if !v.is_empty() => Ok(()),
+            _ => Err(Outcome::Error("not_cached".into())),
+        }
     }
 
     async fn raw_get(&self, id: OrderId) -> Result<(), Outcome> {
@@ -766,5 +975,23 @@ impl Workload {
             orders::load_order(&mut conn, t, id).await?;
         }
         Ok(())
+    }
+}
+
+/// A connection to the service's Redis, or `None` (with a warning) when it does not answer.
+async fn connect_redis(url: &str) -> Option<redis::aio::ConnectionManager> {
+    let connected = match redis::Client::open(url) {
+        Ok(client) => tokio::time::timeout(REDIS_CONNECT_TIMEOUT, client.get_connection_manager())
+            .await
+            .map_err(|_| "no answer within 3 s".to_owned())
+            .and_then(|r| r.map_err(|e| e.to_string())),
+        Err(e) => Err(e.to_string()),
+    };
+    match connected {
+        Ok(c) => Some(c),
+        Err(e) => {
+            tracing::warn!(error = %e, "redis unavailable: get-hot measured against SQL only, no hit ratio");
+            None
+        }
     }
 }
