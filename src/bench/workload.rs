@@ -13,6 +13,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 use sqlx::MySqlPool;
 
+use crate::cache::redis::order_key;
 use crate::config::Settings;
 use crate::domain::actor::Role;
 use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
@@ -68,12 +69,6 @@ impl From<sqlx::Error> for Outcome {
 
 /// Orders the read scenarios draw from: (index of the buyer, order id).
 type Pool = Arc<Vec<(usize, OrderId)>>;
-
-/// The Redis key of the cached order `id`. It must match the key the cache writes
-/// (`crate::cache::redis`), or the `get-hot` baseline reads nothing.
-fn order_key(prefix: &str, id: OrderId) -> String {
-    format!("{prefix}{{o:{}}}:d", id.get())
-}
 
 /// Counters of Redis `INFO stats`: lookups of a key that existed, and of one that did not.
 #[derive(Debug, Clone, Copy)]

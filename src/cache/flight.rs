@@ -4,23 +4,28 @@
 //! that load fails or its caller is dropped, one of the waiters runs its own closure
 //! (`OnceCell::get_or_try_init`), so an error is only ever returned to the caller whose load
 //! produced it. The map entry is removed as soon as a flight completes, so the next miss
-//! starts afresh (and finds the fill the flight left in Redis).
+//! starts afresh (and finds the fill the flight left in Redis). A flight older than `max_age`
+//! is never joined: a miss then starts its own (see `FlightKey` in the Redis cache for why
+//! sharing a load is safe at all).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
 pub struct Flights<K, V> {
-    map: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
+    map: Mutex<HashMap<K, (Arc<OnceCell<V>>, Instant)>>,
+    max_age: Duration,
 }
 
 impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
-    pub fn new() -> Self {
+    pub fn new(max_age: Duration) -> Self {
         Flights {
             map: Mutex::new(HashMap::new()),
+            max_age,
         }
     }
 
@@ -32,11 +37,17 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
     {
         let cell = {
             let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(key.clone()).or_default().clone()
+            let entry = map
+                .entry(key.clone())
+                .or_insert_with(|| (Arc::default(), Instant::now()));
+            if entry.1.elapsed() > self.max_age {
+                *entry = (Arc::default(), Instant::now());
+            }
+            entry.0.clone()
         };
         let result = cell.get_or_try_init(load).await.cloned();
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+        if map.get(&key).is_some_and(|(c, _)| Arc::ptr_eq(c, &cell)) {
             map.remove(&key);
         }
         result
@@ -58,7 +69,7 @@ mod tests {
 
     #[tokio::test]
     async fn concurrent_callers_share_one_load() {
-        let flights = Arc::new(Flights::<u32, Arc<String>>::new());
+        let flights = Arc::new(Flights::<u32, Arc<String>>::new(Duration::from_secs(60)));
         let loads = Arc::new(AtomicUsize::new(0));
         let mut tasks = Vec::new();
         for _ in 0..50 {
@@ -82,7 +93,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_failed_leader_hands_over_to_a_waiter() {
-        let flights = Arc::new(Flights::<u32, u32>::new());
+        let flights = Arc::new(Flights::<u32, u32>::new(Duration::from_secs(60)));
         let f = flights.clone();
         let leader = tokio::spawn(async move {
             f.run(1, || async {
@@ -99,7 +110,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_dropped_leader_hands_over_to_a_waiter() {
-        let flights = Arc::new(Flights::<u32, u32>::new());
+        let flights = Arc::new(Flights::<u32, u32>::new(Duration::from_secs(60)));
         let f = flights.clone();
         let leader = tokio::spawn(async move {
             f.run(1, || async {

@@ -268,6 +268,16 @@ enum EntryKey {
     Page(UserId),
 }
 
+/// What a miss may share a flight on: the entry, the write marker (order, user) or generation
+/// (page) the miss saw in Redis, and the server's run tag.
+///
+/// A read must see every write acknowledged before it started. A write's notice raises the
+/// marker or generation before the write is acknowledged, so a read that starts after the
+/// acknowledgement sees the raised value, and joins only a flight whose leader saw the same
+/// value before it loaded: that load started after the write committed. (A flight is also
+/// never joined once older than the fill lease, which the marker outlives.)
+type FlightKey = (EntryKey, Option<String>, String);
+
 /// A versioned entry (order or user) and its marker.
 struct EntryKeys {
     key: EntryKey,
@@ -553,9 +563,9 @@ struct Inner {
     /// Held by the one task replaying pending notices.
     replay: Arc<tokio::sync::Mutex<()>>,
     fills: Semaphore,
-    orders: Flights<EntryKey, Arc<Option<Order>>>,
-    users: Flights<EntryKey, Arc<Option<User>>>,
-    pages: Flights<EntryKey, Arc<Vec<Order>>>,
+    orders: Flights<FlightKey, Arc<Option<Order>>>,
+    users: Flights<FlightKey, Arc<Option<User>>>,
+    pages: Flights<FlightKey, Arc<Vec<Order>>>,
     gate: FillGate,
     scripts: Scripts,
     ttl: Duration,
@@ -593,9 +603,9 @@ impl RedisCache {
             pending: Pending::new(cache.max_pending_invalidations),
             replay: Arc::new(tokio::sync::Mutex::new(())),
             fills: Semaphore::new(cache.max_concurrent_fills.max(1)),
-            orders: Flights::new(),
-            users: Flights::new(),
-            pages: Flights::new(),
+            orders: Flights::new(Duration::from_millis(cache.fill_lease_ms)),
+            users: Flights::new(Duration::from_millis(cache.fill_lease_ms)),
+            pages: Flights::new(Duration::from_millis(cache.fill_lease_ms)),
             gate: FillGate::default(),
             scripts: Scripts::new(),
             ttl: Duration::from_secs(cache.ttl_secs),
@@ -836,7 +846,7 @@ impl Inner {
     async fn read_entry<T, E, F, Fut>(
         self: &Arc<Self>,
         keys: EntryKeys,
-        flights: &Flights<EntryKey, Arc<Option<T>>>,
+        flights: &Flights<FlightKey, Arc<Option<T>>>,
         load: F,
     ) -> Result<Option<T>, E>
     where
@@ -850,20 +860,23 @@ impl Inner {
         let Some(conn) = self.conn().await else {
             return load().await;
         };
-        match self
-            .query::<Option<Vec<u8>>>(&conn, redis::cmd("GET").arg(&keys.data))
+        let mut mget = redis::cmd("MGET");
+        mget.arg(&keys.data).arg(&keys.marker);
+        let marker = match self
+            .query::<(Option<Vec<u8>>, Option<String>)>(&conn, &mget)
             .await
         {
             None => return load().await,
-            Some(Some(raw)) => {
+            Some((Some(raw), marker)) => {
                 if let Some(hit) = entry_hit::<T>(&raw, &conn.tag) {
                     return Ok(hit);
                 }
+                marker
             }
-            Some(None) => {}
-        }
+            Some((None, marker)) => marker,
+        };
         let shared = flights
-            .run(keys.key, || async {
+            .run((keys.key, marker, conn.tag.clone()), || async {
                 self.lead_entry::<T, E, F, Fut>(&keys, load).await.map(Arc::new)
             })
             .await?;
@@ -928,21 +941,22 @@ impl Inner {
         let (page, generation) = (page_key(&self.prefix, user), generation_key(&self.prefix, user));
         let mut mget = redis::cmd("MGET");
         mget.arg(&page).arg(&generation);
-        match self
+        let seen = match self
             .query::<(Option<Vec<u8>>, Option<String>)>(&conn, &mget)
             .await
         {
             None => return load().await,
-            Some((Some(raw), _)) => {
+            Some((Some(raw), seen)) => {
                 if let Some(hit) = page_hit(&raw, &conn.tag) {
                     return Ok(hit);
                 }
+                seen
             }
-            Some((None, _)) => {}
-        }
+            Some((None, seen)) => seen,
+        };
         let shared = self
             .pages
-            .run(key, || async {
+            .run((key, seen, conn.tag.clone()), || async {
                 self.lead_page(key, &page, &generation, load).await.map(Arc::new)
             })
             .await?;

@@ -161,7 +161,11 @@ async fn cache_stale_fill_never_lands_after_a_newer_write() {
         assert_eq!(b["version"], 2, "a read after the acknowledged write saw {b}");
         assert_eq!(b["remark"], "newer");
     }
-    assert_ne!(cached_version(&app, &id).await, Some(1), "v1 went back into the cache");
+    assert_ne!(
+        cached_version(&app, &id).await,
+        Some(1),
+        "v1 went back into the cache"
+    );
 }
 
 /// The consistency checker: 8 writers and 32 readers on 200 hot orders. Each writer owns 25
@@ -194,7 +198,11 @@ async fn cache_is_never_behind_an_acknowledged_write() {
         assert_eq!(s, StatusCode::CREATED, "{b}");
         let items = [(product.as_str(), 1)];
         let placed = join_all((0..PER_USER).map(|_| app.place_order(user, &items))).await;
-        orders.extend(placed.iter().map(|o| (user, o["order_id"].as_str().unwrap().to_owned())));
+        orders.extend(
+            placed
+                .iter()
+                .map(|o| (user, o["order_id"].as_str().unwrap().to_owned())),
+        );
     }
     let orders = Arc::new(orders);
     let acked: Arc<Vec<AtomicI64>> = Arc::new((0..orders.len()).map(|_| AtomicI64::new(1)).collect());
@@ -235,14 +243,17 @@ async fn cache_is_never_behind_an_acknowledged_write() {
         tokio::spawn(async move {
             let mut k = r;
             while !done.load(Ordering::SeqCst) {
-                k = k.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                k = k
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 let i = (k >> 33) % orders.len();
                 let (user, id) = &orders[i];
                 match k % 4 {
                     // The first page of the owner's orders: every order in it.
                     0 => {
                         let mine: Vec<usize> = (0..orders.len()).filter(|&j| orders[j].0 == *user).collect();
-                        let floors: Vec<i64> = mine.iter().map(|&j| acked[j].load(Ordering::SeqCst)).collect();
+                        let floors: Vec<i64> =
+                            mine.iter().map(|&j| acked[j].load(Ordering::SeqCst)).collect();
                         let (s, b) = app
                             .call("GET", "/v1/orders", Some(&app.user_token(*user)), None)
                             .await;
@@ -256,6 +267,10 @@ async fn cache_is_never_behind_an_acknowledged_write() {
                                 .expect("every order of the user is on the first page");
                             checked.fetch_add(1, Ordering::Relaxed);
                             if listed["version"].as_i64().unwrap() < floor {
+                                eprintln!(
+                                    "violation: first page of {user} listed {} at {} after {floor}",
+                                    orders[*j].1, listed["version"]
+                                );
                                 violations.fetch_add(1, Ordering::SeqCst);
                             }
                         }
@@ -274,6 +289,10 @@ async fn cache_is_never_behind_an_acknowledged_write() {
                             assert_eq!(b["user"]["user_id"], user.to_string(), "{b}");
                         }
                         if b["version"].as_i64().unwrap() < floor {
+                            eprintln!(
+                                "violation: {path} answered version {} after {floor}",
+                                b["version"]
+                            );
                             violations.fetch_add(1, Ordering::SeqCst);
                         }
                     }
@@ -294,7 +313,9 @@ async fn cache_is_never_behind_an_acknowledged_write() {
         checked.load(Ordering::SeqCst),
         violations.load(Ordering::SeqCst),
     );
-    eprintln!("consistency checker: {writes} acknowledged writes, {checked} reads checked, {violations} violations");
+    eprintln!(
+        "consistency checker: {writes} acknowledged writes, {checked} reads checked, {violations} violations"
+    );
     assert!(writes >= WRITES);
     assert!(checked >= 10_000, "only {checked} reads checked");
     assert_eq!(violations, 0, "reads older than an acknowledged write");
@@ -425,7 +446,9 @@ async fn cache_redis_down_is_slower_not_failing_and_never_stale_after() {
         let placed = app.place_order(user, &[(&cat.products[0], 1)]).await;
         let (s, _) = app.get_order(user, placed["order_id"].as_str().unwrap()).await;
         assert_eq!(s, StatusCode::OK);
-        let (s, b) = app.call("GET", "/v1/orders", Some(&app.user_token(user)), None).await;
+        let (s, b) = app
+            .call("GET", "/v1/orders", Some(&app.user_token(user)), None)
+            .await;
         assert_eq!(s, StatusCode::OK, "{b}");
     }
     let (s, b) = app.call("GET", "/readyz", None, None).await;
@@ -460,7 +483,10 @@ async fn cache_redis_down_is_slower_not_failing_and_never_stale_after() {
     for _ in 0..20 {
         let (s, b) = app.get_order(user, &id).await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(b["version"], version, "a stale entry from the old snapshot was served");
+        assert_eq!(
+            b["version"], version,
+            "a stale entry from the old snapshot was served"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -490,7 +516,10 @@ async fn cache_closer_invalidates_the_orders_it_closes() {
     let o = app.place_order(user, &[(&cat.products[0], 2)]).await;
     let id = o["order_id"].as_str().unwrap().to_owned();
     let (s, b) = app.get_order(user, &id).await;
-    assert_eq!((s, b["status"].as_str()), (StatusCode::OK, Some("pending_payment")));
+    assert_eq!(
+        (s, b["status"].as_str()),
+        (StatusCode::OK, Some("pending_payment"))
+    );
     assert_eq!(cached_version(&app, &id).await, Some(1), "the order is cached");
 
     let later = Utc::now() + TimeDelta::seconds(app.settings.orders.payment_timeout_secs as i64 + 60);
