@@ -16,8 +16,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::OnceCell;
 
+/// A flight: its value once loaded, and when it began.
+type Flight<V> = (Arc<OnceCell<V>>, Instant);
+
 pub struct Flights<K, V> {
-    map: Mutex<HashMap<K, (Arc<OnceCell<V>>, Instant)>>,
+    map: Mutex<HashMap<K, Flight<V>>>,
     max_age: Duration,
 }
 
