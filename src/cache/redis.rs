@@ -860,20 +860,25 @@ impl Inner {
         let Some(conn) = self.conn().await else {
             return load().await;
         };
-        let mut mget = redis::cmd("MGET");
-        mget.arg(&keys.data).arg(&keys.marker);
-        let marker = match self
-            .query::<(Option<Vec<u8>>, Option<String>)>(&conn, &mget)
+        // A hit costs one GET, like a bare read of the value. Only a miss reads the marker
+        // (after the GET, so still after this read started), to choose its flight.
+        match self
+            .query::<Option<Vec<u8>>>(&conn, redis::cmd("GET").arg(&keys.data))
             .await
         {
             None => return load().await,
-            Some((Some(raw), marker)) => {
+            Some(Some(raw)) => {
                 if let Some(hit) = entry_hit::<T>(&raw, &conn.tag) {
                     return Ok(hit);
                 }
-                marker
             }
-            Some((None, marker)) => marker,
+            Some(None) => {}
+        }
+        let Some(marker) = self
+            .query::<Option<String>>(&conn, redis::cmd("GET").arg(&keys.marker))
+            .await
+        else {
+            return load().await;
         };
         let shared = flights
             .run((keys.key, marker, conn.tag.clone()), || async {
