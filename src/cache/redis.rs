@@ -21,8 +21,9 @@
 //! # Reads
 //! A read skips Redis when the breaker is open or its key has an undelivered invalidation
 //! (below). Otherwise it GETs the entry (MGET entry and generation for a page); a hit with the
-//! right tag that decodes is the answer and touches no database. A miss joins the single
-//! flight of its key; the flight's leader GETs again (with Redis `TIME`), takes a fill permit,
+//! right tag that decodes is the answer and touches no database. A miss reads the entry's
+//! marker and joins the single flight of its key, marker (or generation) and tag
+//! ([`FlightKey`]); the flight's leader GETs again (with Redis `TIME`), takes a fill permit,
 //! loads, and fills with a conditional script, only over a connection with the tag its GET
 //! saw, and only within `fill_lease_ms` of the start of its load. Redis errors never reach
 //! the caller: they count for the breaker and the read answers from its loader.
@@ -63,6 +64,11 @@
 //!    conditional (marker, version, tag, generation, deadline in Redis's clock), so a late
 //!    notice only raises a marker or removes an entry, and a late fill is refused once its
 //!    deadline has passed.
+//! 9. *A miss that starts after a write was acknowledged joins a flight whose load began
+//!    before the write committed* (the consistency checker found this one: first pages one
+//!    version behind): a miss shares a flight only with misses that saw the same marker or
+//!    generation, which the write raised before it was acknowledged, so the flight's leader
+//!    saw the raised value before it loaded; and never a flight older than the fill lease.
 //!
 //! # Not covered
 //! - Another process that never saw Redis fail keeps serving entries that a partitioned
@@ -258,6 +264,30 @@ fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
 struct Conn {
     con: MultiplexedConnection,
     tag: String,
+}
+
+/// Counts a read of `key` by outcome: `hit` (answered from Redis, the leader's second look
+/// included), `skipped` (Redis not used: breaker open or a pending notice); the rest are
+/// misses, counted by their fills.
+fn count(key: EntryKey, outcome: &'static str) {
+    let kind = match key {
+        EntryKey::Order(_) => "order",
+        EntryKey::User(_) => "user",
+        EntryKey::Page(_) => "page",
+    };
+    metrics::counter!("orderly_cache_reads_total", "kind" => kind, "outcome" => outcome).increment(1);
+}
+
+/// Counts a fill by what its script answered: `stored`, `refused` (a newer write's marker, a
+/// current entry or a moved generation), `late` (past its deadline), `failed`.
+fn count_fill(outcome: Option<i64>) {
+    let outcome = match outcome {
+        Some(1) => "stored",
+        Some(0) => "refused",
+        Some(_) => "late",
+        None => "failed",
+    };
+    metrics::counter!("orderly_cache_fills_total", "outcome" => outcome).increment(1);
 }
 
 /// What a cache entry is about: the key of flights, fill pauses and pending notices.
@@ -669,6 +699,7 @@ impl RedisCache {
             }
         };
         if !delivered {
+            metrics::counter!("orderly_cache_notices_total", "outcome" => "pending").increment(1);
             inner.pending.add(EntryKey::Order(order), version);
             inner.pending.add(EntryKey::Page(owner), 0);
         }
@@ -685,6 +716,7 @@ impl RedisCache {
             }
         };
         if !delivered {
+            metrics::counter!("orderly_cache_notices_total", "outcome" => "pending").increment(1);
             inner.pending.add(EntryKey::User(user.user_id), USER_VERSION);
         }
     }
@@ -855,9 +887,11 @@ impl Inner {
         Fut: Future<Output = Result<Option<T>, E>>,
     {
         if self.must_skip(keys.key) {
+            count(keys.key, "skipped");
             return load().await;
         }
         let Some(conn) = self.conn().await else {
+            count(keys.key, "skipped");
             return load().await;
         };
         // A hit costs one GET, like a bare read of the value. Only a miss reads the marker
@@ -869,6 +903,7 @@ impl Inner {
             None => return load().await,
             Some(Some(raw)) => {
                 if let Some(hit) = entry_hit::<T>(&raw, &conn.tag) {
+                    count(keys.key, "hit");
                     return Ok(hit);
                 }
             }
@@ -907,6 +942,7 @@ impl Inner {
             return load().await;
         };
         if let Some(hit) = raw.as_deref().and_then(|r| entry_hit::<T>(r, &conn.tag)) {
+            count(keys.key, "hit");
             return Ok(hit);
         }
         let deadline = self.deadline(time);
@@ -927,6 +963,7 @@ impl Inner {
                 .arg(deadline);
             let outcome: Option<i64> = self.query(&fill_conn, &cmd).await;
             tracing::trace!(key = %keys.data, ?outcome, "fill");
+            count_fill(outcome);
         }
         Ok(loaded)
     }
@@ -938,9 +975,11 @@ impl Inner {
     {
         let key = EntryKey::Page(user);
         if self.must_skip(key) {
+            count(key, "skipped");
             return load().await;
         }
         let Some(conn) = self.conn().await else {
+            count(key, "skipped");
             return load().await;
         };
         let (page, generation) = (page_key(&self.prefix, user), generation_key(&self.prefix, user));
@@ -953,6 +992,7 @@ impl Inner {
             None => return load().await,
             Some((Some(raw), seen)) => {
                 if let Some(hit) = page_hit(&raw, &conn.tag) {
+                    count(key, "hit");
                     return Ok(hit);
                 }
                 seen
@@ -990,6 +1030,7 @@ impl Inner {
             return load().await;
         };
         if let Some(hit) = raw.as_deref().and_then(|r| page_hit(r, &conn.tag)) {
+            count(key, "hit");
             return Ok(hit);
         }
         let seen = seen.unwrap_or_else(|| "0".to_owned());
@@ -1006,6 +1047,7 @@ impl Inner {
                 .arg(deadline);
             let outcome: Option<i64> = self.query(&fill_conn, &cmd).await;
             tracing::trace!(key = %page, ?outcome, "page fill");
+            count_fill(outcome);
         }
         Ok(loaded)
     }
