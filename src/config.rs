@@ -254,6 +254,19 @@ mod tests {
     }
 
     #[test]
+    fn cache_fills_must_end_before_the_write_markers_they_could_miss() {
+        let mut s = valid();
+        s.cache.fill_lease_ms = s.cache.write_marker_ms / 2 + 1;
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        s.cache.timeout_ms = s.cache.fill_lease_ms;
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        s.cache.ttl_jitter_percent = 51;
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
     fn shard_ranges_must_cover_every_shard_once() {
         let mut s = valid();
         s.shards.databases[0].last_shard = 30;
