@@ -85,8 +85,10 @@ pub fn check_text(errors: &mut FieldErrors, field: &str, value: &str, max: usize
     }
 }
 
-/// The receiver address as the client sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+/// The receiver address as the client sends it. Personal data: its `Debug` shows none of it,
+/// so no log line, span field or panic message that prints an order (or a request holding an
+/// address) carries a name, phone number or place.
+#[derive(Clone, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct Address {
     pub name: String,
@@ -94,6 +96,12 @@ pub struct Address {
     #[serde(default)]
     pub region: String,
     pub detail: String,
+}
+
+impl std::fmt::Debug for Address {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Address(<redacted>)")
+    }
 }
 
 impl Address {
@@ -597,6 +605,45 @@ mod tests {
         let mut c2 = a.clone();
         c2.coupon_ids = vec![CouponId::new(2).unwrap(), CouponId::new(1).unwrap()];
         assert_eq!(c1.request_hash(), c2.request_hash());
+    }
+
+    #[test]
+    fn debug_output_carries_no_part_of_the_address() {
+        let gen = IdGenerator::new(WorkerId::new(0).unwrap());
+        let mut req = request(gen.next_for(user()).unwrap());
+        req.address = Address {
+            name: "Zhang Wei".into(),
+            phone: "13800001111".into(),
+            region: "Haidian".into(),
+            detail: "7 Quiet Lane".into(),
+        };
+        let new = NewOrder::parse(user(), req.clone()).unwrap();
+        let lines = [NewLine {
+            product_id: ProductId::new(11).unwrap(),
+            quantity: 2,
+        }];
+        let pricing = price_order(
+            user(),
+            Some(new.order_id),
+            &lines,
+            &[],
+            &[product(11, 1, 100)],
+            &[],
+            Utc::now(),
+        )
+        .unwrap();
+        let order = Order::from_new(&new, pricing, Utc::now(), Utc::now());
+        for printed in [
+            format!("{order:?}"),
+            format!("{order:#?}"),
+            format!("{new:?}"),
+            format!("{req:?}"),
+        ] {
+            assert!(printed.contains("Address(<redacted>)"), "{printed}");
+            for secret in ["Zhang", "Wei", "13800001111", "1111", "Haidian", "Quiet", "Lane"] {
+                assert!(!printed.contains(secret), "{secret} in {printed}");
+            }
+        }
     }
 
     #[test]
