@@ -67,6 +67,23 @@ pub fn problem(status: StatusCode, code: &str, detail: &str, extra: Map<String, 
     (status, [(header::CONTENT_TYPE, PROBLEM_JSON)], body.to_string()).into_response()
 }
 
+/// An error and every cause under it, outermost first: `a: b: c`. What a log line needs to
+/// tell a connection refused from a lock wait timeout under the same storage error.
+pub fn cause_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        // thiserror's `{0}` with `#[source]` often repeats the cause in the outer text.
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn one(key: &str, v: Value) -> Map<String, Value> {
     let mut m = Map::new();
     m.insert(key.into(), v);
@@ -175,7 +192,7 @@ fn service_problem(e: Error) -> Response {
         }
         Error::Storage(e) => {
             let transient = e.is_connection_failure() || e.is_retryable();
-            tracing::error!(error = %e, source = ?std::error::Error::source(&e), "storage failure");
+            tracing::error!(error = %cause_chain(&e), "storage failure");
             if transient {
                 problem(
                     S::SERVICE_UNAVAILABLE,
@@ -187,5 +204,27 @@ fn service_problem(e: Error) -> Response {
                 problem(S::INTERNAL_SERVER_ERROR, "internal", "internal error", none)
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cause_chain;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("storage failed")]
+    struct Outer(#[source] Middle);
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("query failed: {0}")]
+    struct Middle(#[source] std::io::Error);
+
+    #[test]
+    fn the_log_line_of_an_error_carries_every_cause() {
+        let e = Outer(Middle(std::io::Error::other("connection refused")));
+        assert_eq!(
+            cause_chain(&e),
+            "storage failed: query failed: connection refused"
+        );
     }
 }
