@@ -316,6 +316,7 @@ impl OrderService {
 
     // ------------------------------------------------------------------ create
 
+    #[tracing::instrument(skip_all, fields(order_id = tracing::field::Empty, shard = tracing::field::Empty, caller = ?caller))]
     pub async fn create(&self, caller: Caller, req: CreateOrderRequest) -> Result<(Order, Created)> {
         let Caller::User(user) = caller else {
             return Err(Error::Forbidden("only a buyer creates orders"));
@@ -323,6 +324,9 @@ impl OrderService {
         let new = NewOrder::parse(user, req)?;
         let hash = new.request_hash();
         let shard = self.shards.of_order(new.order_id);
+        tracing::Span::current()
+            .record("order_id", tracing::field::display(new.order_id))
+            .record("shard", shard.index.get());
         let mut conn = self.conn(shard).await?;
         match orders::id_state(&mut conn, &shard.tables, new.order_id).await? {
             IdState::Taken(stored) => {
@@ -487,6 +491,7 @@ impl OrderService {
     // ------------------------------------------------------------------ read
 
     /// The order if `caller` may see it; another party's order is `NotFound`.
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn get(&self, caller: Caller, id: OrderId) -> Result<Order> {
         if caller == Caller::Service {
             return Err(Error::Forbidden("the payment channel reads no orders"));
@@ -521,6 +526,7 @@ impl OrderService {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, shard = tracing::field::Empty, caller = ?caller))]
     pub async fn list(&self, caller: Caller, p: ListParams) -> Result<(Vec<Order>, Option<String>)> {
         let user = match (caller, p.user_id) {
             (Caller::User(u), None) => u,
@@ -548,6 +554,9 @@ impl OrderService {
             ),
         };
         let shard = self.shards.of_user(user);
+        tracing::Span::current()
+            .record("user_id", tracing::field::display(user))
+            .record("shard", shard.index.get());
         let unfiltered = p.status.is_none() && p.created_from.is_none() && p.created_to.is_none();
         if unfiltered && before.is_none() && (limit as usize) < FIRST_PAGE {
             let query = ListQuery {
@@ -689,6 +698,7 @@ impl OrderService {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn patch(&self, caller: Caller, id: OrderId, req: PatchRequest) -> Result<Order> {
         let mut errors = FieldErrors::default();
         check_version(&mut errors, req.expected_version);
@@ -761,6 +771,7 @@ impl OrderService {
         }
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn ship(&self, caller: Caller, id: OrderId, req: ShipmentRequest) -> Result<Order> {
         if !matches!(caller, Caller::Merchant { .. }) {
             return Err(Error::Forbidden("only the shop ships"));
@@ -791,6 +802,7 @@ impl OrderService {
         .await
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn confirm(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
         if !matches!(caller, Caller::User(_)) {
             return Err(Error::Forbidden("only the buyer confirms receipt"));
@@ -807,6 +819,7 @@ impl OrderService {
         .await
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn cancel(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
         if !matches!(caller, Caller::User(_) | Caller::Admin(_)) {
             return Err(Error::Forbidden("only the buyer or an administrator cancels"));
@@ -831,6 +844,7 @@ impl OrderService {
         .await
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn invalidate(&self, caller: Caller, id: OrderId, req: VersionedRequest) -> Result<Order> {
         if !caller.is_admin() {
             return Err(Error::Forbidden("only an administrator invalidates orders"));
@@ -865,6 +879,7 @@ impl OrderService {
         Ok(errors.into_result(())?)
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn pay(&self, caller: Caller, id: OrderId, req: PaymentRequest) -> Result<Order> {
         if caller != Caller::Service {
             return Err(Error::Forbidden("only the payment channel reports payments"));
@@ -884,6 +899,7 @@ impl OrderService {
         self.move_money(caller, id, movement).await
     }
 
+    #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
     pub async fn refund(&self, caller: Caller, id: OrderId, req: RefundRequest) -> Result<Order> {
         if !matches!(caller, Caller::Service | Caller::Admin(_)) {
             return Err(Error::Forbidden(
