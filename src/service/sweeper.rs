@@ -411,6 +411,30 @@ fn mismatch(claim: &StaleClaim) {
     );
 }
 
+/// Adds a sweep step to `orderly_sweeper_claims_total` (zeros too, so every series exists
+/// from the first step on).
+fn count_sweep(out: &SweepOutcome) {
+    for (outcome, n) in [
+        ("confirmed", out.confirmed),
+        ("returned", out.returned),
+        ("released", out.released),
+        ("failed", out.failed),
+    ] {
+        metrics::counter!("orderly_sweeper_claims_total", "outcome" => outcome).increment(n as u64);
+    }
+}
+
+/// Adds a close step to `orderly_closer_orders_total`.
+fn count_close(out: &CloseOutcome) {
+    for (outcome, n) in [
+        ("closed", out.closed),
+        ("raced", out.raced),
+        ("failed", out.failed),
+    ] {
+        metrics::counter!("orderly_closer_orders_total", "outcome" => outcome).increment(n as u64);
+    }
+}
+
 /// Sweeps and closes expired orders every `interval` until `shutdown` fires.
 ///
 /// Creates leave their claims for the sweeper to confirm, so under load a step finds a full
@@ -438,6 +462,7 @@ pub async fn run(
             };
             match step {
                 Ok(out) => {
+                    count_sweep(&out);
                     if out != SweepOutcome::default() {
                         tracing::info!(?out, "sweep");
                     }
@@ -462,6 +487,9 @@ pub async fn run(
             _ = shutdown.cancelled() => return,
             closed = service.close_expired_once(Utc::now(), batch) => closed,
         };
+        if let Ok(out) = &closed {
+            count_close(out);
+        }
         match closed {
             Ok(out) if out != CloseOutcome::default() => tracing::info!(?out, "closed expired orders"),
             Ok(_) => {}
