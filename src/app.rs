@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::Cache;
+use crate::cache::{Cache, CacheHealth};
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::ids::WorkerId;
 use crate::http::auth::AuthKeys;
@@ -24,6 +24,11 @@ use crate::service::orders::OrderService;
 use crate::service::sweeper;
 use crate::storage::shards::ShardMap;
 use crate::storage::{self, schema};
+use crate::telemetry;
+
+/// How often the pool and cache gauges are sampled. Prometheus scrapes every 15 to 60 s; a
+/// sample every 5 s is fresh for any of those, and costs a few atomic reads.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A built, bound, not yet serving application.
 pub struct Application {
@@ -63,6 +68,7 @@ impl Application {
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),
             writes: TaskTracker::new(),
+            metrics: telemetry::metrics(),
         };
         Ok(Application {
             listener,
@@ -97,6 +103,7 @@ impl Application {
             s.sweeper.batch_size,
             self.shutdown.clone(),
         ));
+        let gauges = tokio::spawn(sample_gauges(self.state.clone(), self.shutdown.clone()));
         let writes = self.state.writes.clone();
         let app = router(self.state, s.server.body_limit_bytes, s.request_timeout());
         let token = self.shutdown.clone();
@@ -137,8 +144,35 @@ impl Application {
         for h in self.background {
             let _ = h.await;
         }
+        let _ = gauges.await;
         served?;
         Ok(())
+    }
+}
+
+/// Samples the gauges every [`GAUGE_INTERVAL`] until `shutdown` fires: the connections of
+/// every pool (`orderly_db_pool_connections`) and whether the cache's Redis answers
+/// (`orderly_cache_up`). Also drains histogram samples into their buckets, so a process that
+/// nobody scrapes does not pile them up.
+async fn sample_gauges(state: AppState, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(GAUGE_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let orders = &state.orders;
+        telemetry::record_pool("commerce", orders.commerce());
+        for db in orders.shards().databases() {
+            telemetry::record_pool(&db.name, &db.primary);
+        }
+        match orders.cache().health() {
+            CacheHealth::Up => metrics::gauge!("orderly_cache_up").set(1.0),
+            CacheHealth::Degraded => metrics::gauge!("orderly_cache_up").set(0.0),
+            CacheHealth::Disabled => {}
+        }
+        state.metrics.run_upkeep();
     }
 }
 

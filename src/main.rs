@@ -11,6 +11,7 @@ use orderly::bench::{self, BenchOptions, Scenario, Target};
 use orderly::config::Settings;
 use orderly::domain::ids::{OrderId, UserId};
 use orderly::domain::shard::{Gene, ShardCount};
+use orderly::telemetry::LogFormat;
 
 /// glibc's malloc showed up at ~15% of the service's own CPU under load (many small
 /// short-lived buffers per request and per SQL row); mimalloc cuts that.
@@ -132,8 +133,12 @@ async fn shutdown_signal(token: CancellationToken) {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    orderly::telemetry::init();
     let cli = Cli::parse();
+    orderly::telemetry::init(match cli.command {
+        Command::Serve => LogFormat::Json,
+        Command::Playground { .. } => LogFormat::Pretty,
+        _ => LogFormat::Compact,
+    });
     let config = cli.config.as_ref();
     match cli.command {
         Command::Serve => {

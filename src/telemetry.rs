@@ -1,12 +1,164 @@
-//! Logging: `tracing` to stderr, filtered by `RUST_LOG` (default `info`).
+//! Telemetry: logs and traces through `tracing`, metrics through the `metrics` facade into a
+//! Prometheus recorder that `GET /metrics` renders.
+//!
+//! Logs go to stderr, as JSON lines for `serve` (one object per event, with the fields of the
+//! request span around it: `request_id`, `method`, `route`) and as human text for the
+//! playground, the bench and the small tools. `RUST_LOG` filters them; without it each format
+//! has a default ([`LogFormat::default_filter`]).
+//!
+//! # Metrics
+//! Every series the service emits is described in [`describe_metrics`], so the `# HELP` lines
+//! of `/metrics` are the reference; README "Metrics" says what a dashboard plots from them.
+//! No label ever takes an unbounded value (an order id, a raw path, a user).
 
+use std::sync::OnceLock;
+
+use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use sqlx::MySqlPool;
 use tracing_subscriber::EnvFilter;
 
-pub fn init() {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
-    let _ = tracing_subscriber::fmt()
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// One JSON object per line, for a log collector (`serve`).
+    Json,
+    /// Multi-line, readable, for a person watching a terminal (`playground`).
+    Pretty,
+    /// One line per event (`bench` and the small tools).
+    Compact,
+}
+
+impl LogFormat {
+    /// The filter used when `RUST_LOG` is unset. A served request logs one `info` line when it
+    /// finishes (method, route, status, latency, request id). The bench leaves those out: it
+    /// sends tens of thousands of requests a second to a service in its own process, and a
+    /// line each would cost more than the requests and bury its progress bar.
+    pub fn default_filter(self) -> &'static str {
+        match self {
+            LogFormat::Json | LogFormat::Pretty => "info,sqlx=warn,tower_http=info",
+            LogFormat::Compact => "info,sqlx=warn,tower_http=warn",
+        }
+    }
+}
+
+/// Installs the process's log subscriber; a second call (tests) changes nothing.
+pub fn init(format: LogFormat) {
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(format.default_filter()));
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => logs.json().try_init(),
+        LogFormat::Pretty => logs.pretty().try_init(),
+        LogFormat::Compact => logs.compact().try_init(),
+    };
+}
+
+/// Upper bounds of the latency histograms, in seconds: a cache hit answers in about a
+/// millisecond, a create in a few, a request stuck on a lock or a slow replica in hundreds,
+/// and the request timeout cuts everything off at seconds. Finer below 100 ms, where the
+/// service lives, and coarse above, where only "how bad" matters.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process's recorder handle: one per process because a `metrics` recorder is
+/// process-global by nature (the facade has a single slot, set once). This is the one lazy
+/// global of the crate; it holds no connection or setting, only the counters every part of
+/// the process already reaches through the facade. Tests build many [`crate::app::Application`]s
+/// in one process, and all of them render the same recorder.
+static RECORDER: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the Prometheus recorder on first call and answers its handle.
+///
+/// No HTTP listener of the exporter's own: `GET /metrics` on the API port renders the handle.
+/// Histogram samples are drained into their buckets by [`PrometheusHandle::run_upkeep`], which
+/// the gauge sampler of [`crate::app`] calls, and by every render.
+pub fn metrics() -> PrometheusHandle {
+    RECORDER
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("another metrics recorder is installed: /metrics will stay empty");
+            }
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+/// Every series, with its labels and meaning. Emitted where the thing happens (`metrics::`
+/// macros in the module named); described here in one place.
+fn describe_metrics() {
+    // http (the middleware of `crate::http`)
+    describe_counter!(
+        "orderly_http_requests_total",
+        "HTTP requests answered, by method, route (the matched route template, `unmatched` for \
+         none) and status code"
+    );
+    describe_histogram!(
+        "orderly_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time from receiving a request to having its response, by method, route and status"
+    );
+    // service (the one commit point of order writes)
+    describe_counter!(
+        "orderly_order_writes_total",
+        "Order writes committed, by the status the order has after the write"
+    );
+    // jobs (`crate::service::sweeper::run`)
+    describe_counter!(
+        "orderly_sweeper_claims_total",
+        "Sweeper results: claims confirmed, reservations returned, releases finished \
+         (released), claims or shards left for the next step (failed)"
+    );
+    describe_counter!(
+        "orderly_closer_orders_total",
+        "Payment-timeout closer results: unpaid orders closed, orders that changed meanwhile \
+         (raced), shards or orders left for the next step (failed)"
+    );
+    // storage
+    describe_counter!(
+        "orderly_db_connections_in_transaction_total",
+        "Pooled connections released with a transaction open (closed by the guard), by pool; \
+         must stay 0"
+    );
+    describe_gauge!(
+        "orderly_db_pool_connections",
+        "Connections of each database pool, by database and state (in_use, idle)"
+    );
+    // cache
+    describe_counter!(
+        "orderly_cache_reads_total",
+        "Cache reads that did not miss, by kind (order, user, page) and outcome (hit, skipped)"
+    );
+    describe_counter!(
+        "orderly_cache_fills_total",
+        "Cache fills after a miss, by outcome (stored, refused, late, failed)"
+    );
+    describe_counter!(
+        "orderly_cache_notices_total",
+        "Write notices that could not reach Redis and wait in the pending list (outcome=pending)"
+    );
+    describe_gauge!(
+        "orderly_cache_up",
+        "1 while the cache's Redis answers, 0 while it is degraded; absent when the cache is \
+         disabled"
+    );
+}
+
+/// Samples the connections of one pool into `orderly_db_pool_connections`.
+pub fn record_pool(database: &str, pool: &MySqlPool) {
+    let idle = pool.num_idle() as f64;
+    let in_use = (f64::from(pool.size()) - idle).max(0.0);
+    metrics::gauge!("orderly_db_pool_connections", "database" => database.to_owned(), "state" => "in_use")
+        .set(in_use);
+    metrics::gauge!("orderly_db_pool_connections", "database" => database.to_owned(), "state" => "idle")
+        .set(idle);
 }

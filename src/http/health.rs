@@ -1,8 +1,9 @@
 //! `GET /healthz` (the process is up) and `GET /readyz` (every database answers; the cache's
-//! Redis is reported, `up`, `degraded` or `disabled`, but never makes the service unready).
+//! Redis is reported, `up`, `degraded` or `disabled`, but never makes the service unready),
+//! and `GET /metrics` (Prometheus text; the series are described in [`crate::telemetry`]).
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,6 +15,14 @@ pub fn router() -> Router<AppState> {
     Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// The Prometheus text exposition format, version 0.0.4.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], state.metrics.render())
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -1,5 +1,10 @@
 //! HTTP: the JSON API of SPEC section 3 on axum. One `router()` per feature, one state, one
 //! error type ([`error::ApiError`]) mapped to RFC 9457 problems.
+//!
+//! Around every route, outermost first: the request id (`X-Request-Id`, taken from the client
+//! when sane, else made up, and echoed), the request span and its log line, the request
+//! metrics, the panic catcher, the time limit and the body limit. Routes are labelled by
+//! their template (`/v1/orders/{id}`), never by the raw path, so ids cannot multiply series.
 
 pub mod auth;
 pub mod catalog;
@@ -8,18 +13,20 @@ pub mod extract;
 pub mod health;
 pub mod orders;
 
-use std::sync::Arc;
-use std::time::Duration;
-
 use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request};
+use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::{Instrument, Level, Span};
 
 use crate::lease::IdSource;
 use crate::service::catalog::CatalogService;
@@ -37,6 +44,8 @@ pub struct AppState {
     pub auth: Arc<AuthKeys>,
     /// The write tasks in flight (see [`write`]); shutdown waits for them.
     pub writes: TaskTracker,
+    /// What `GET /metrics` renders (see [`crate::telemetry::metrics`]).
+    pub metrics: PrometheusHandle,
 }
 
 /// Runs a mutating use case to completion on its own task and awaits its answer.
@@ -51,7 +60,8 @@ where
     F: Future<Output = Result<T, crate::service::Error>> + Send + 'static,
     T: Send + 'static,
 {
-    match state.writes.spawn(use_case).await {
+    // The task carries the request's span, so its logs keep the request id.
+    match state.writes.spawn(use_case.instrument(Span::current())).await {
         Ok(answer) => answer.map_err(ApiError::from),
         Err(e) => Err(ApiError::Internal(format!("write task failed: {e}"))),
     }
@@ -71,6 +81,97 @@ fn panic_problem(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     ApiError::Internal("a handler panicked".into()).into_response()
 }
 
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The longest request id taken from a client; longer ones are replaced.
+const MAX_REQUEST_ID_LEN: usize = 64;
+
+/// A client's request id is kept if it could not break a log line or a header: 1 to 64
+/// characters of `[A-Za-z0-9._-]`.
+fn is_sane_request_id(id: &str) -> bool {
+    (1..=MAX_REQUEST_ID_LEN).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// Gives every request an id: the client's `X-Request-Id` when sane, else a fresh UUID v4.
+/// The request goes on with the id in its header (the span reads it there) and the response
+/// carries it back.
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(&REQUEST_ID)
+        .filter(|v| v.to_str().is_ok_and(is_sane_request_id))
+        .cloned();
+    let id = match given {
+        Some(v) => v,
+        // A UUID's text is always a valid header value.
+        None => HeaderValue::try_from(uuid::Uuid::new_v4().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("invalid")),
+    };
+    req.headers_mut().insert(REQUEST_ID, id.clone());
+    let mut response = next.run(req).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+/// The route template a request matched, or `unmatched` (the fallback): a bounded label.
+fn route_of(req: &Request) -> &str {
+    req.extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", MatchedPath::as_str)
+}
+
+/// The method as a label: the standard ones by name, anything else `other`, so that made-up
+/// methods cannot multiply series.
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// The span every request runs in; its log lines carry these fields.
+fn request_span(req: &Request) -> Span {
+    let id = req
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        route = route_of(req),
+        request_id = id,
+    )
+}
+
+/// Counts each request and times it, by method, route template and status
+/// (`orderly_http_requests_total`, `orderly_http_request_duration_seconds`). Outside the panic
+/// catcher and the time limit, so their 500s and 503s are counted too.
+async fn record_metrics(req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let method = method_label(req.method());
+    let route = route_of(&req).to_owned();
+    let response = next.run(req).await;
+    let labels = [
+        ("method", method.to_owned()),
+        ("route", route),
+        ("status", response.status().as_str().to_owned()),
+    ];
+    metrics::counter!("orderly_http_requests_total", &labels).increment(1);
+    metrics::histogram!("orderly_http_request_duration_seconds", &labels)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
 /// The whole API.
 pub fn router(state: AppState, body_limit: usize, timeout: Duration) -> Router {
     Router::new()
@@ -85,6 +186,32 @@ pub fn router(state: AppState, body_limit: usize, timeout: Duration) -> Router {
             time_limit(timeout, req, next)
         }))
         .layer(CatchPanicLayer::custom(panic_problem))
-        .layer(TraceLayer::new_for_http())
+        .layer(middleware::from_fn(record_metrics))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(middleware::from_fn(request_id))
         .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_sane_request_id;
+
+    #[test]
+    fn only_short_plain_request_ids_are_taken_from_clients() {
+        for ok in [
+            "abc-1",
+            "A.b_C-9",
+            &"x".repeat(64),
+            "0af7651916cd43dd8448eb211c80319c",
+        ] {
+            assert!(is_sane_request_id(ok), "{ok}");
+        }
+        for bad in ["", &"x".repeat(65), "a b", "a\nb", "a/b", "é", "a\"b", "a%0Ab"] {
+            assert!(!is_sane_request_id(bad), "{bad:?}");
+        }
+    }
 }

@@ -88,7 +88,7 @@ impl TestApp {
     /// or stops one, must not share it).
     pub async fn spawn_on(cluster: &LocalCluster, tweak: impl FnOnce(&mut Settings)) -> TestApp {
         if std::env::var_os("TEST_LOG").is_some() {
-            orderly::telemetry::init();
+            orderly::telemetry::init(orderly::telemetry::LogFormat::Compact);
         }
         let n = NEXT.fetch_add(1, Ordering::SeqCst);
         let prefix = format!("t{}_{n}_", std::process::id());
