@@ -14,13 +14,15 @@
 //! - [`service`] — the use cases — create exactly once, the life cycle, the catalog, and the
 //!   reservation sweeper.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
-//!   completion on a tracked task of its own, whatever happens to its request.
+//!   completion on a tracked task of its own, whatever happens to its request. Every request
+//!   gets an id, a span and its metrics.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
 //! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
 //! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
 //!   the playground and the tests.
 //! - [`playground`] — `orderly playground`.
-//! - [`telemetry`] — logging.
+//! - [`telemetry`] — logs (JSON for `serve`, text elsewhere) and the Prometheus recorder
+//!   behind `GET /metrics`, with every metric series described in one place.
 
 pub mod app;
 pub mod bench;
