@@ -153,7 +153,7 @@ impl Default for BenchOptions {
     }
 }
 
-/// One timed run of a scenario's operation.
+/// What a timed run of a scenario's operation runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
@@ -161,8 +161,14 @@ pub enum Phase {
     Service,
     /// Over HTTP to the second instance, cache off (self-started runs).
     ServiceCacheOff,
+    /// `get-hot`, self-started: the service's read path (`OrderService::get`, through the
+    /// cache) called in this process, with no HTTP and no JSON.
+    InProcess,
     /// The raw baseline (see [`Baseline`]).
     Raw,
+    /// `get-hot` with the Redis baseline: the same `GET`s, but every client shares one
+    /// multiplexed connection, so that the GETs of different clients travel pipelined.
+    RawPipelined,
     /// `get-hot` with the Redis baseline: the SQL read, as a second baseline.
     RawSql,
 }
@@ -172,10 +178,25 @@ impl Phase {
         match self {
             Phase::Service => "service",
             Phase::ServiceCacheOff => "cache off",
+            Phase::InProcess => "in process",
             Phase::Raw => "raw",
+            Phase::RawPipelined => "raw pipelined",
             Phase::RawSql => "raw SQL",
         }
     }
+}
+
+/// One timed run of a scenario's schedule: a phase, for a whole phase's time or half of it.
+///
+/// The cache-on and cache-off service phases run as halves in ABBA order (on, off, off, on),
+/// so that whatever drifts during a scenario (the sweeper confirming the previous run's
+/// claims, the buffer pool warming, the machine's other load) weighs on both sides alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub phase: Phase,
+    /// The run's length in halves of `--duration` (1 or 2); for get-cold also its share of
+    /// the cold pool, in the same unit.
+    pub halves: u32,
 }
 
 /// What a scenario's raw phase issues.
@@ -226,12 +247,82 @@ pub struct PhaseStats {
     /// service (lease renewals, the sweeper) is counted too; it is a few commits in 10 s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commits_per_create: Option<f64>,
+    /// Each run's ops/s, in the order they ran, when the phase ran more than once (the two
+    /// halves of an ABBA comparison); `ops_per_sec` is their mean.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs_ops_per_sec: Vec<f64>,
+}
+
+impl PhaseStats {
+    /// One phase's figures from its runs: ops/s is the mean of the runs' ops/s (they ran for
+    /// the same time, or read the same number of orders), latency comes from their merged
+    /// histogram, counts and commits are summed.
+    pub fn from_runs(runs: &[&Sample]) -> PhaseStats {
+        let mut hist = new_histogram();
+        let mut errors = BTreeMap::new();
+        let mut refused = BTreeMap::new();
+        for r in runs {
+            let _ = hist.add(&r.hist);
+            add_counts(&mut errors, &r.errors);
+            add_counts(&mut refused, &r.refused);
+        }
+        let rates: Vec<f64> = runs.iter().map(|r| r.ops_per_sec()).collect();
+        let created: u64 = runs
+            .iter()
+            .map(|r| r.hist.len() - r.refused.values().sum::<u64>())
+            .sum();
+        let commits: Option<u64> = runs.iter().map(|r| r.commits).sum();
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        PhaseStats {
+            ops: hist.len(),
+            seconds: runs.iter().map(|r| r.seconds).sum(),
+            ops_per_sec: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            errors,
+            refused,
+            commits_per_create: commits.filter(|_| created > 0).map(|c| c as f64 / created as f64),
+            runs_ops_per_sec: if rates.len() > 1 { rates } else { Vec::new() },
+        }
+    }
+}
+
+/// What one timed run measured, histogram included, so that the runs of one phase merge.
+pub struct Sample {
+    /// Latency of every completed operation, in microseconds.
+    pub hist: Histogram<u64>,
+    pub seconds: f64,
+    pub errors: BTreeMap<String, u64>,
+    pub refused: BTreeMap<String, u64>,
+    /// `create` only: transactions committed to the binary log over every server during the
+    /// run (`None` when not measured).
+    pub commits: Option<u64>,
+}
+
+impl Sample {
+    pub fn ops_per_sec(&self) -> f64 {
+        self.hist.len() as f64 / self.seconds.max(0.001)
+    }
+}
+
+/// Microseconds, up to a minute, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
 }
 
 /// One scenario's line of the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
     pub scenario: Scenario,
+    /// The runs in the order they ran (a phase twice: the halves of an ABBA comparison).
+    pub schedule: Vec<Phase>,
     pub service: PhaseStats,
     /// What `raw` issued.
     pub baseline: Baseline,
@@ -249,6 +340,23 @@ pub struct ScenarioResult {
     /// invalidation costs (negative: the cache-on instance was faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalidation_cost: Option<f64>,
+    /// `get-hot` with the Redis baseline: the same `GET`s with every client on one shared
+    /// multiplexed connection (pipelined across clients), the figure before `raw` had a
+    /// connection per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_pipelined: Option<PhaseStats>,
+    /// `service.ops_per_sec / raw_pipelined.ops_per_sec`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_pipelined: Option<f64>,
+    /// `get-hot`, self-started: the service's read path called in process (no HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_process: Option<PhaseStats>,
+    /// `in_process.ops_per_sec / raw.ops_per_sec`: what the cache layer costs over a GET.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_process_vs_raw: Option<f64>,
+    /// `service.ops_per_sec / in_process.ops_per_sec`: what HTTP costs over the read path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_vs_in_process: Option<f64>,
     /// `get-hot` with the Redis baseline: the SQL read, the baseline before the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_sql: Option<PhaseStats>,
@@ -268,7 +376,8 @@ impl ScenarioResult {
 }
 
 /// Runs `op` from `concurrency` closed-loop tasks until `duration` passes or `max_ops`
-/// operations were started.
+/// operations were started. `op` gets the number of its client (`0..concurrency`, so that a
+/// client can keep a connection of its own) and of the operation.
 pub async fn drive<F, Fut>(
     label: &str,
     concurrency: usize,
@@ -276,9 +385,9 @@ pub async fn drive<F, Fut>(
     max_ops: Option<u64>,
     progress: bool,
     op: F,
-) -> PhaseStats
+) -> Sample
 where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Outcome> + Send,
 {
     let op = Arc::new(op);
@@ -289,7 +398,7 @@ where
     let bar = progress.then(|| {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {prefix:>18} {elapsed:>4} {msg}")
+            ProgressStyle::with_template("{spinner} {prefix:>22} {elapsed:>4} {msg}")
                 .unwrap_or(ProgressStyle::default_spinner()),
         );
         bar.set_prefix(label.to_owned());
@@ -308,11 +417,10 @@ where
         })
     });
     let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|client| {
             let (op, next, done) = (op.clone(), next.clone(), done.clone());
             tokio::spawn(async move {
-                // Microseconds, up to a minute, 3 significant digits.
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut hist = new_histogram();
                 let mut errors: BTreeMap<String, u64> = BTreeMap::new();
                 let mut refused: BTreeMap<String, u64> = BTreeMap::new();
                 loop {
@@ -324,7 +432,7 @@ where
                         break;
                     }
                     let t = Instant::now();
-                    let outcome = op(i).await;
+                    let outcome = op(client, i).await;
                     let micros = (t.elapsed().as_micros() as u64).clamp(1, 60_000_000);
                     // Failures are counted, not timed: a fast error is no throughput.
                     match outcome {
@@ -343,7 +451,7 @@ where
             })
         })
         .collect();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut hist = new_histogram();
     let mut errors = BTreeMap::new();
     let mut refused = BTreeMap::new();
     for t in tasks {
@@ -353,15 +461,9 @@ where
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => continue,
         };
-        {
-            let _ = hist.add(&h);
-            for (k, v) in e {
-                *errors.entry(k).or_default() += v;
-            }
-            for (k, v) in r {
-                *refused.entry(k).or_default() += v;
-            }
-        }
+        let _ = hist.add(&h);
+        add_counts(&mut errors, &e);
+        add_counts(&mut refused, &r);
     }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(t) = ticker {
@@ -370,17 +472,12 @@ where
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    PhaseStats {
-        ops: hist.len(),
+    Sample {
+        hist,
         seconds,
-        ops_per_sec: hist.len() as f64 / seconds.max(0.001),
-        p50_ms: ms(0.5),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
         errors,
         refused,
-        commits_per_create: None,
+        commits: None,
     }
 }
 
@@ -390,24 +487,29 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
     opts.validate()?;
     for &scenario in &opts.scenarios {
         w.prepare(scenario, opts).await?;
-        // A flash sale runs until its whole demand has bought (or been refused), whatever
-        // the duration; get-cold until each phase has read its half of the orders once.
-        let (max_ops, duration) = match scenario {
-            Scenario::Flash => (
-                Some(10 * opts.flash_stock as u64),
-                opts.duration.max(FLASH_MAX_TIME),
-            ),
-            Scenario::GetCold => (Some(w.cold_reads_per_phase()), opts.duration),
-            _ => (None, opts.duration),
-        };
-        let mut phases = Vec::new();
-        let mut hit_ratio = None;
-        for phase in w.phases(scenario) {
-            let label = format!("{} {}", scenario.name(), phase.label());
+        let schedule = w.schedule(scenario);
+        let mut runs: Vec<(Phase, Sample)> = Vec::new();
+        let mut lookups: Option<(u64, u64)> = None;
+        for (slot, run) in schedule.iter().enumerate() {
+            let phase = run.phase;
+            // A flash sale runs until its whole demand has bought (or been refused), whatever
+            // the duration; get-cold until the run has read its share of the orders once.
+            let duration = opts.duration * run.halves / 2;
+            let (max_ops, duration) = match scenario {
+                Scenario::Flash => (Some(10 * opts.flash_stock as u64), duration.max(FLASH_MAX_TIME)),
+                Scenario::GetCold => (Some(w.cold_share(slot).len() as u64), duration),
+                _ => (None, duration),
+            };
+            let mut label = format!("{} {}", scenario.name(), phase.label());
+            let times = schedule.iter().filter(|r| r.phase == phase).count();
+            if times > 1 {
+                let nth = schedule[..=slot].iter().filter(|r| r.phase == phase).count();
+                label.push_str(&format!(" {nth}/{times}"));
+            }
             let op_w = w.clone();
-            let op = move |i| {
+            let op = move |client, i| {
                 let w = op_w.clone();
-                async move { w.op(scenario, phase, i).await }
+                async move { w.op(scenario, phase, slot, client, i).await }
             };
             // Hits and misses are counted around the service phase of get-hot only: warming
             // and the raw GETs would count too.
@@ -415,23 +517,19 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                 && phase == Phase::Service
                 && w.baseline(scenario) == Baseline::RedisGet;
             let keyspace_before = if count_hits { w.keyspace().await } else { None };
-            // Commits are counted around the phase, after the previous one's writes settled.
+            // Commits are counted around the run, after the previous one's writes settled.
             let count_commits = scenario == Scenario::Create;
             let before = if count_commits {
                 binlog_commits(&w).await
             } else {
                 None
             };
-            let mut stats = drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await;
+            let mut sample = drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await;
             if let Some(before) = keyspace_before {
                 if let Some(after) = w.keyspace().await {
-                    let hits = after.hits.saturating_sub(before.hits);
-                    let misses = after.misses.saturating_sub(before.misses);
-                    hit_ratio = Some(HitRatio {
-                        hits,
-                        misses,
-                        ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
-                    });
+                    let (hits, misses) = lookups.get_or_insert((0, 0));
+                    *hits += after.hits.saturating_sub(before.hits);
+                    *misses += after.misses.saturating_sub(before.misses);
                 }
             }
             let after = if count_commits {
@@ -440,38 +538,60 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                 None
             };
             if let (Some(before), Some(after)) = (before, after) {
-                let created = stats.ops - stats.refused.values().sum::<u64>();
-                stats.commits_per_create =
-                    (created > 0).then(|| after.saturating_sub(before) as f64 / created as f64);
+                sample.commits = Some(after.saturating_sub(before));
             }
-            phases.push((phase, stats));
+            runs.push((phase, sample));
         }
+        let hit_ratio = lookups.map(|(hits, misses)| HitRatio {
+            hits,
+            misses,
+            ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
+        });
         let mut checks = w.check(scenario, opts).await?;
+        // Every run on its own: each half of an ABBA comparison must have done work.
+        let per_run: Vec<(String, PhaseStats)> = runs
+            .iter()
+            .enumerate()
+            .map(|(slot, (phase, sample))| {
+                let label = if schedule.iter().filter(|r| r.phase == *phase).count() > 1 {
+                    format!("{} (run {})", phase.label(), slot + 1)
+                } else {
+                    phase.label().to_owned()
+                };
+                (label, PhaseStats::from_runs(&[sample]))
+            })
+            .collect();
         checks.push(checks::phases_ran(
-            &phases.iter().map(|(p, s)| (p.label(), s)).collect::<Vec<_>>(),
+            &per_run.iter().map(|(l, s)| (l.as_str(), s)).collect::<Vec<_>>(),
         ));
-        let mut take = |phase: Phase| {
-            phases
-                .iter()
-                .position(|(p, _)| *p == phase)
-                .map(|i| phases.swap_remove(i).1)
+        let take = |phase: Phase| {
+            let samples: Vec<&Sample> = runs.iter().filter(|(p, _)| *p == phase).map(|(_, s)| s).collect();
+            (!samples.is_empty()).then(|| PhaseStats::from_runs(&samples))
         };
         let service = take(Phase::Service).ok_or_else(|| anyhow::anyhow!("no service phase"))?;
         let raw = take(Phase::Raw).ok_or_else(|| anyhow::anyhow!("no raw phase"))?;
         let service_cache_off = take(Phase::ServiceCacheOff);
+        let raw_pipelined = take(Phase::RawPipelined);
+        let in_process = take(Phase::InProcess);
         let raw_sql = take(Phase::RawSql);
         let per = |a: &PhaseStats, b: &PhaseStats| a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE);
         let vs_cache_off = service_cache_off.as_ref().map(|off| per(&service, off));
         let result = ScenarioResult {
             scenario,
+            schedule: schedule.iter().map(|r| r.phase).collect(),
             ratio: per(&service, &raw),
             baseline: w.baseline(scenario),
             invalidation_cost: vs_cache_off
                 .filter(|_| scenario == Scenario::Create)
                 .map(|r| 1.0 - r),
             vs_cache_off,
+            ratio_pipelined: raw_pipelined.as_ref().map(|p| per(&service, p)),
+            in_process_vs_raw: in_process.as_ref().map(|p| per(p, &raw)),
+            service_vs_in_process: in_process.as_ref().map(|p| per(&service, p)),
             ratio_sql: raw_sql.as_ref().map(|sql| per(&service, sql)),
             service_cache_off,
+            raw_pipelined,
+            in_process,
             raw_sql,
             hit_ratio,
             service,
@@ -750,6 +870,8 @@ pub async fn run(
 ) -> anyhow::Result<bool> {
     let mut _cluster = None;
     let mut services = Vec::new();
+    // The self-started service's state, for get-hot's in-process reads.
+    let mut state = None;
     let shutdown = CancellationToken::new();
     let mut profile = Profile {
         name: "target",
@@ -786,6 +908,7 @@ pub async fn run(
             migrate(&s).await?;
             let app = Application::build(s.clone(), shutdown.clone()).await?;
             let url = format!("http://{}", app.address());
+            state = Some(app.state().clone());
             services.push(tokio::spawn(app.run()));
             // The same service with its cache off, on the same databases and Redis, for
             // `vs cache off`. It leases a worker id of its own (as the first does unless the
@@ -814,6 +937,9 @@ pub async fn run(
     let mut workload = Workload::setup(&settings, &base_url, &opts).await?;
     if let Some(off) = &base_cache_off {
         workload = workload.with_cache_off_service(off);
+    }
+    if let Some(state) = state {
+        workload = workload.with_app_state(state);
     }
     let workload = Arc::new(workload);
     profile.servers = workload.server_settings().await?;
