@@ -8,22 +8,33 @@
 //!
 //! `get-hot` measures cache hits, so its baseline is what a hit costs at the least: a Redis
 //! `GET` of the cached order, straight from this process (after one read of each hot order
-//! through the service has filled the cache). The SQL read it replaced runs as a second
-//! baseline (`raw_sql`). The service phase's hit ratio comes from Redis's `keyspace_hits` and
-//! `keyspace_misses` (the service does one `GET` per read). Without a cache, or without Redis,
-//! get-hot keeps the SQL baseline.
+//! through the service has filled the cache), in the service's concurrency shape: each client
+//! has a connection of its own and one `GET` in flight, as each HTTP client has one request
+//! on its keep-alive connection. Further figures, as notes: the same `GET`s with every client
+//! on one shared multiplexed connection (`raw_pipelined`: different clients' `GET`s travel
+//! pipelined, which no HTTP client gets); in a self-started run the service's read path
+//! called in this process (`in_process`: `OrderService::get` through the cache, no HTTP, no
+//! JSON), which splits the cache layer's cost (`in_process / raw`) from HTTP's
+//! (`service / in_process`); and the SQL read the cache replaced (`raw_sql`). The service
+//! phase's hit ratio comes from Redis's `keyspace_hits` and `keyspace_misses`: a hit is
+//! exactly one `GET` of the data key, a miss also reads the fill marker (so misses weigh a
+//! little more than once). Without a cache, or without Redis, get-hot keeps the SQL baseline.
 //!
 //! **Cache on against off.** A self-started bench runs a second instance of the service on
 //! the same databases and Redis with `[cache] enabled = false`. `create`, `get-cold` and `list`
-//! then run their service phase against it too, right after the first, with the same load
-//! for the same time: `vs_cache_off` is `service / service_cache_off`. For `create` its
-//! shortfall from 1 is what invalidation costs (`invalidation_cost`). Against a running
-//! service (`--target`) there is no second instance and no such figure.
+//! then run their service phase against both, in ABBA order: on, off, off, on, each for half
+//! the duration (get-cold: each an equal share of its orders, each order read once), so that
+//! what drifts during a scenario (the sweeper confirming the previous run's claims, pages
+//! coming into the buffer pool) falls on both sides alike. Each side's ops/s is the mean of
+//! its two halves, its latency from their merged histograms; `vs_cache_off` is
+//! `service / service_cache_off`. For `create` its shortfall from 1 is what invalidation
+//! costs (`invalidation_cost`). Against a running service (`--target`) there is no second
+//! instance and no such figure.
 //!
 //! Clients are closed-loop (each waits for its answer before the next request), so latency
 //! is recorded as measured: there is no coordinated omission to correct for.
 //!
-//! For `create`, each phase also counts the transactions committed to the binary log on every
+//! For `create`, each run also counts the transactions committed to the binary log on every
 //! server (`Binlog_commits`) per order created: `commits_per_create`, the number of durable
 //! commits (each an fsync under `--durable`) one order costs.
 //!
@@ -107,7 +118,8 @@ impl Scenario {
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub scenarios: Vec<Scenario>,
-    /// Per phase: each scenario runs this long against the service and again raw.
+    /// Per phase: each scenario runs this long against the service and again raw (the
+    /// cache-on and cache-off phases as two halves each, ABBA).
     pub duration: Duration,
     pub concurrency: usize,
     /// Buyers in the catalog (each with a token).
@@ -205,7 +217,8 @@ pub struct Run {
 pub enum Baseline {
     /// The service's SQL through the same storage functions.
     Sql,
-    /// A Redis `GET` of the cached order (`get-hot` with a cache).
+    /// A Redis `GET` of the cached order (`get-hot` with a cache), each client on its own
+    /// connection.
     RedisGet,
 }
 
@@ -640,6 +653,18 @@ fn summary_line(r: &ScenarioResult) -> String {
     if let Some(cost) = r.invalidation_cost {
         line.push_str(&format!("  invalidation cost {}", percent(cost)));
     }
+    if let (Some(p), Some(ratio)) = (&r.raw_pipelined, r.ratio_pipelined) {
+        line.push_str(&format!(
+            "  pipelined GET {:.0} ops/s  service / pipelined {ratio:.2}",
+            p.ops_per_sec
+        ));
+    }
+    if let (Some(p), Some(ratio)) = (&r.in_process, r.in_process_vs_raw) {
+        line.push_str(&format!(
+            "  in process {:.0} ops/s  in process / raw {ratio:.2}",
+            p.ops_per_sec
+        ));
+    }
     if let (Some(sql), Some(ratio)) = (&r.raw_sql, r.ratio_sql) {
         line.push_str(&format!(
             "  raw SQL {:.0} ops/s  service / raw SQL {ratio:.2}",
@@ -653,6 +678,26 @@ fn summary_line(r: &ScenarioResult) -> String {
         line.push_str(&format!("  commits/create {}", commits_cell(r)));
     }
     line
+}
+
+/// The ABBA runs in the order they ran, `on 1801, off 1535, off 1540, on 1790` (ops/s);
+/// `None` when the service and its cache-off twin did not each run more than once.
+fn abba_runs(r: &ScenarioResult) -> Option<String> {
+    let off = r.service_cache_off.as_ref()?;
+    if r.service.runs_ops_per_sec.is_empty() || off.runs_ops_per_sec.is_empty() {
+        return None;
+    }
+    let (mut on_runs, mut off_runs) = (r.service.runs_ops_per_sec.iter(), off.runs_ops_per_sec.iter());
+    let runs: Vec<String> = r
+        .schedule
+        .iter()
+        .filter_map(|phase| match phase {
+            Phase::Service => on_runs.next().map(|v| format!("on {v:.0}")),
+            Phase::ServiceCacheOff => off_runs.next().map(|v| format!("off {v:.0}")),
+            _ => None,
+        })
+        .collect();
+    Some(runs.join(", "))
 }
 
 /// `**0.82**`, or `–` when the baseline completed nothing (the ratio means nothing then).
@@ -705,12 +750,24 @@ fn commits_cell(r: &ScenarioResult) -> String {
 /// second baseline of get-hot, the invalidation cost of create).
 pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
     let dash = || "–".to_owned();
+    let abba = results.iter().any(|r| abba_runs(r).is_some());
     let mut s = format!(
-        "{} s per phase, {} concurrent clients.\n\n\
+        "{} s per phase, {} concurrent clients.{}\n\n\
          | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | baseline | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | cache off ops/s | cache off p99 ms | vs cache off | hit ratio | commits / create (service / cache off / raw) | checks |\n\
          |---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|\n",
         opts.duration.as_secs_f64(),
-        opts.concurrency
+        opts.concurrency,
+        if abba {
+            format!(
+                " Cache on against off: the service and its cache-off twin run as halves \
+                 ({} s each; get-cold: an equal share of the orders each) in the order on, off, \
+                 off, on; each side's ops/s is the mean of its two halves, its latency from \
+                 their merged histograms.",
+                opts.duration.as_secs_f64() / 2.0
+            )
+        } else {
+            String::new()
+        }
     );
     let mut notes = Vec::new();
     for r in results {
@@ -757,6 +814,12 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
                 format!("FAILED: {}", failed.join(", "))
             }
         ));
+        if let Some(runs) = abba_runs(r) {
+            notes.push(format!(
+                "- {}: cache on / off runs in order: {runs} ops/s.",
+                r.scenario.name()
+            ));
+        }
         if let Some(cost) = r.invalidation_cost {
             notes.push(format!(
                 "- {}: the cache's invalidation costs **{}** of create throughput \
@@ -765,6 +828,43 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
                 percent(cost),
                 a.ops_per_sec,
                 r.service_cache_off.as_ref().map_or(0.0, |off| off.ops_per_sec),
+            ));
+        }
+        if r.baseline == Baseline::RedisGet {
+            notes.push(format!(
+                "- {}: the Redis GET baseline gives each of the {c} clients a connection of its \
+                 own, one GET at a time: {c} requests in flight over {c} connections, as the \
+                 service's {c} keep-alive HTTP connections.",
+                r.scenario.name(),
+                c = opts.concurrency,
+            ));
+        }
+        if let (Some(p), Some(ratio)) = (&r.raw_pipelined, r.ratio_pipelined) {
+            notes.push(format!(
+                "- {}: pipelined Redis GET (the {} clients share one multiplexed connection): \
+                 {:.0} ops/s (p50 {:.1} ms, p99 {:.1} ms, errors {}), service / pipelined \
+                 GET **{ratio:.2}**.",
+                r.scenario.name(),
+                opts.concurrency,
+                p.ops_per_sec,
+                p.p50_ms,
+                p.p99_ms,
+                codes(&p.errors),
+            ));
+        }
+        if let (Some(p), Some(ratio), Some(http)) =
+            (&r.in_process, r.in_process_vs_raw, r.service_vs_in_process)
+        {
+            notes.push(format!(
+                "- {}: in process (the service's read path through the cache, \
+                 `OrderService::get`, no HTTP, no JSON): {:.0} ops/s (p50 {:.1} ms, p99 {:.1} ms, \
+                 errors {}), in process / raw GET **{ratio:.2}**; service / in process \
+                 **{http:.2}**.",
+                r.scenario.name(),
+                p.ops_per_sec,
+                p.p50_ms,
+                p.p99_ms,
+                codes(&p.errors),
             ));
         }
         if let (Some(sql), Some(ratio)) = (&r.raw_sql, r.ratio_sql) {
