@@ -45,7 +45,9 @@ enum Command {
         /// Scenarios to run (default: all).
         #[arg(value_enum)]
         scenarios: Vec<Scenario>,
-        /// Time per phase (each scenario runs once against the service, once raw).
+        /// Time per phase (each scenario runs once against the service, once raw; a
+        /// self-started bench runs create, get-cold and list against the cache-on service and
+        /// its cache-off twin as halves, in the order on, off, off, on).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
         #[arg(long, default_value_t = 64)]

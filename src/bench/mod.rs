@@ -8,22 +8,34 @@
 //!
 //! `get-hot` measures cache hits, so its baseline is what a hit costs at the least: a Redis
 //! `GET` of the cached order, straight from this process (after one read of each hot order
-//! through the service has filled the cache). The SQL read it replaced runs as a second
-//! baseline (`raw_sql`). The service phase's hit ratio comes from Redis's `keyspace_hits` and
-//! `keyspace_misses` (the service does one `GET` per read). Without a cache, or without Redis,
-//! get-hot keeps the SQL baseline.
+//! through the service has filled the cache), in the service's concurrency shape: each client
+//! has a connection of its own and one `GET` in flight, as each HTTP client has one request
+//! on its keep-alive connection. Further figures, as notes: the same `GET`s with every client
+//! on one shared multiplexed connection (`raw_pipelined`: different clients' `GET`s travel
+//! pipelined, which no HTTP client gets); in a self-started run the service's read path
+//! called in this process (`in_process`: `OrderService::get` through the cache, no HTTP, no
+//! JSON), which splits the cache layer's cost from HTTP's (`service / in_process`): against
+//! `raw`, and against `raw_pipelined`, whose shape it shares (the cache's `GET`s all go over
+//! one multiplexed connection); and the SQL read the cache replaced (`raw_sql`). The service
+//! phase's hit ratio comes from Redis's `keyspace_hits` and `keyspace_misses`: a hit is
+//! exactly one `GET` of the data key, a miss also reads the fill marker (so misses weigh a
+//! little more than once). Without a cache, or without Redis, get-hot keeps the SQL baseline.
 //!
 //! **Cache on against off.** A self-started bench runs a second instance of the service on
 //! the same databases and Redis with `[cache] enabled = false`. `create`, `get-cold` and `list`
-//! then run their service phase against it too, right after the first, with the same load
-//! for the same time: `vs_cache_off` is `service / service_cache_off`. For `create` its
-//! shortfall from 1 is what invalidation costs (`invalidation_cost`). Against a running
-//! service (`--target`) there is no second instance and no such figure.
+//! then run their service phase against both, in ABBA order: on, off, off, on, each for half
+//! the duration (get-cold: each an equal share of its orders, each order read once), so that
+//! what drifts during a scenario (the sweeper confirming the previous run's claims, pages
+//! coming into the buffer pool) falls on both sides alike. Each side's ops/s is the mean of
+//! its two halves, its latency from their merged histograms; `vs_cache_off` is
+//! `service / service_cache_off`. For `create` its shortfall from 1 is what invalidation
+//! costs (`invalidation_cost`). Against a running service (`--target`) there is no second
+//! instance and no such figure.
 //!
 //! Clients are closed-loop (each waits for its answer before the next request), so latency
 //! is recorded as measured: there is no coordinated omission to correct for.
 //!
-//! For `create`, each phase also counts the transactions committed to the binary log on every
+//! For `create`, each run also counts the transactions committed to the binary log on every
 //! server (`Binlog_commits`) per order created: `commits_per_create`, the number of durable
 //! commits (each an fsync under `--durable`) one order costs.
 //!
@@ -107,7 +119,8 @@ impl Scenario {
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     pub scenarios: Vec<Scenario>,
-    /// Per phase: each scenario runs this long against the service and again raw.
+    /// Per phase: each scenario runs this long against the service and again raw (the
+    /// cache-on and cache-off phases as two halves each, ABBA).
     pub duration: Duration,
     pub concurrency: usize,
     /// Buyers in the catalog (each with a token).
@@ -142,7 +155,8 @@ impl Default for BenchOptions {
     fn default() -> Self {
         BenchOptions {
             scenarios: Scenario::ALL.to_vec(),
-            // Six scenarios, each twice: 10 s per phase keeps a full run near two minutes.
+            // Six scenarios of two to five phases: 10 s per phase keeps a full run near three
+            // minutes.
             duration: Duration::from_secs(10),
             concurrency: 64,
             users: 10_000,
@@ -153,7 +167,7 @@ impl Default for BenchOptions {
     }
 }
 
-/// One timed run of a scenario's operation.
+/// What a timed run of a scenario's operation runs against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Phase {
@@ -161,8 +175,14 @@ pub enum Phase {
     Service,
     /// Over HTTP to the second instance, cache off (self-started runs).
     ServiceCacheOff,
+    /// `get-hot`, self-started: the service's read path (`OrderService::get`, through the
+    /// cache) called in this process, with no HTTP and no JSON.
+    InProcess,
     /// The raw baseline (see [`Baseline`]).
     Raw,
+    /// `get-hot` with the Redis baseline: the same `GET`s, but every client shares one
+    /// multiplexed connection, so that the GETs of different clients travel pipelined.
+    RawPipelined,
     /// `get-hot` with the Redis baseline: the SQL read, as a second baseline.
     RawSql,
 }
@@ -172,10 +192,25 @@ impl Phase {
         match self {
             Phase::Service => "service",
             Phase::ServiceCacheOff => "cache off",
+            Phase::InProcess => "in process",
             Phase::Raw => "raw",
+            Phase::RawPipelined => "raw pipelined",
             Phase::RawSql => "raw SQL",
         }
     }
+}
+
+/// One timed run of a scenario's schedule: a phase, for a whole phase's time or half of it.
+///
+/// The cache-on and cache-off service phases run as halves in ABBA order (on, off, off, on),
+/// so that whatever drifts during a scenario (the sweeper confirming the previous run's
+/// claims, the buffer pool warming, the machine's other load) weighs on both sides alike.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub phase: Phase,
+    /// The run's length in halves of `--duration` (1 or 2); for get-cold also its share of
+    /// the cold pool, in the same unit.
+    pub halves: u32,
 }
 
 /// What a scenario's raw phase issues.
@@ -184,7 +219,8 @@ impl Phase {
 pub enum Baseline {
     /// The service's SQL through the same storage functions.
     Sql,
-    /// A Redis `GET` of the cached order (`get-hot` with a cache).
+    /// A Redis `GET` of the cached order (`get-hot` with a cache), each client on its own
+    /// connection.
     RedisGet,
 }
 
@@ -226,12 +262,82 @@ pub struct PhaseStats {
     /// service (lease renewals, the sweeper) is counted too; it is a few commits in 10 s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commits_per_create: Option<f64>,
+    /// Each run's ops/s, in the order they ran, when the phase ran more than once (the two
+    /// halves of an ABBA comparison); `ops_per_sec` is their mean.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs_ops_per_sec: Vec<f64>,
+}
+
+impl PhaseStats {
+    /// One phase's figures from its runs: ops/s is the mean of the runs' ops/s (they ran for
+    /// the same time, or read the same number of orders), latency comes from their merged
+    /// histogram, counts and commits are summed.
+    pub fn from_runs(runs: &[&Sample]) -> PhaseStats {
+        let mut hist = new_histogram();
+        let mut errors = BTreeMap::new();
+        let mut refused = BTreeMap::new();
+        for r in runs {
+            let _ = hist.add(&r.hist);
+            add_counts(&mut errors, &r.errors);
+            add_counts(&mut refused, &r.refused);
+        }
+        let rates: Vec<f64> = runs.iter().map(|r| r.ops_per_sec()).collect();
+        let created: u64 = runs
+            .iter()
+            .map(|r| r.hist.len() - r.refused.values().sum::<u64>())
+            .sum();
+        let commits: Option<u64> = runs.iter().map(|r| r.commits).sum();
+        let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+        PhaseStats {
+            ops: hist.len(),
+            seconds: runs.iter().map(|r| r.seconds).sum(),
+            ops_per_sec: rates.iter().sum::<f64>() / rates.len().max(1) as f64,
+            p50_ms: ms(0.5),
+            p99_ms: ms(0.99),
+            p999_ms: ms(0.999),
+            errors,
+            refused,
+            commits_per_create: commits.filter(|_| created > 0).map(|c| c as f64 / created as f64),
+            runs_ops_per_sec: if rates.len() > 1 { rates } else { Vec::new() },
+        }
+    }
+}
+
+/// What one timed run measured, histogram included, so that the runs of one phase merge.
+pub struct Sample {
+    /// Latency of every completed operation, in microseconds.
+    pub hist: Histogram<u64>,
+    pub seconds: f64,
+    pub errors: BTreeMap<String, u64>,
+    pub refused: BTreeMap<String, u64>,
+    /// `create` only: transactions committed to the binary log over every server during the
+    /// run (`None` when not measured).
+    pub commits: Option<u64>,
+}
+
+impl Sample {
+    pub fn ops_per_sec(&self) -> f64 {
+        self.hist.len() as f64 / self.seconds.max(0.001)
+    }
+}
+
+/// Microseconds, up to a minute, 3 significant digits.
+fn new_histogram() -> Histogram<u64> {
+    Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds")
+}
+
+fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
+    for (k, v) in from {
+        *into.entry(k.clone()).or_default() += v;
+    }
 }
 
 /// One scenario's line of the report.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioResult {
     pub scenario: Scenario,
+    /// The runs in the order they ran (a phase twice: the halves of an ABBA comparison).
+    pub schedule: Vec<Phase>,
     pub service: PhaseStats,
     /// What `raw` issued.
     pub baseline: Baseline,
@@ -249,6 +355,27 @@ pub struct ScenarioResult {
     /// invalidation costs (negative: the cache-on instance was faster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub invalidation_cost: Option<f64>,
+    /// `get-hot` with the Redis baseline: the same `GET`s with every client on one shared
+    /// multiplexed connection (pipelined across clients), the figure before `raw` had a
+    /// connection per client.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_pipelined: Option<PhaseStats>,
+    /// `service.ops_per_sec / raw_pipelined.ops_per_sec`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_pipelined: Option<f64>,
+    /// `get-hot`, self-started: the service's read path called in process (no HTTP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_process: Option<PhaseStats>,
+    /// `in_process.ops_per_sec / raw.ops_per_sec`: what the cache layer costs over a GET.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_process_vs_raw: Option<f64>,
+    /// `in_process.ops_per_sec / raw_pipelined.ops_per_sec`: the same, against the GETs in the
+    /// service's own connection shape (its cache shares one multiplexed connection).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub in_process_vs_pipelined: Option<f64>,
+    /// `service.ops_per_sec / in_process.ops_per_sec`: what HTTP costs over the read path.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_vs_in_process: Option<f64>,
     /// `get-hot` with the Redis baseline: the SQL read, the baseline before the cache.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub raw_sql: Option<PhaseStats>,
@@ -268,7 +395,8 @@ impl ScenarioResult {
 }
 
 /// Runs `op` from `concurrency` closed-loop tasks until `duration` passes or `max_ops`
-/// operations were started.
+/// operations were started. `op` gets the number of its client (`0..concurrency`, so that a
+/// client can keep a connection of its own) and of the operation.
 pub async fn drive<F, Fut>(
     label: &str,
     concurrency: usize,
@@ -276,9 +404,9 @@ pub async fn drive<F, Fut>(
     max_ops: Option<u64>,
     progress: bool,
     op: F,
-) -> PhaseStats
+) -> Sample
 where
-    F: Fn(u64) -> Fut + Send + Sync + 'static,
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = Outcome> + Send,
 {
     let op = Arc::new(op);
@@ -289,7 +417,7 @@ where
     let bar = progress.then(|| {
         let bar = ProgressBar::new_spinner();
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {prefix:>18} {elapsed:>4} {msg}")
+            ProgressStyle::with_template("{spinner} {prefix:>22} {elapsed:>4} {msg}")
                 .unwrap_or(ProgressStyle::default_spinner()),
         );
         bar.set_prefix(label.to_owned());
@@ -308,11 +436,10 @@ where
         })
     });
     let tasks: Vec<_> = (0..concurrency)
-        .map(|_| {
+        .map(|client| {
             let (op, next, done) = (op.clone(), next.clone(), done.clone());
             tokio::spawn(async move {
-                // Microseconds, up to a minute, 3 significant digits.
-                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+                let mut hist = new_histogram();
                 let mut errors: BTreeMap<String, u64> = BTreeMap::new();
                 let mut refused: BTreeMap<String, u64> = BTreeMap::new();
                 loop {
@@ -324,7 +451,7 @@ where
                         break;
                     }
                     let t = Instant::now();
-                    let outcome = op(i).await;
+                    let outcome = op(client, i).await;
                     let micros = (t.elapsed().as_micros() as u64).clamp(1, 60_000_000);
                     // Failures are counted, not timed: a fast error is no throughput.
                     match outcome {
@@ -343,7 +470,7 @@ where
             })
         })
         .collect();
-    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let mut hist = new_histogram();
     let mut errors = BTreeMap::new();
     let mut refused = BTreeMap::new();
     for t in tasks {
@@ -353,15 +480,9 @@ where
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => continue,
         };
-        {
-            let _ = hist.add(&h);
-            for (k, v) in e {
-                *errors.entry(k).or_default() += v;
-            }
-            for (k, v) in r {
-                *refused.entry(k).or_default() += v;
-            }
-        }
+        let _ = hist.add(&h);
+        add_counts(&mut errors, &e);
+        add_counts(&mut refused, &r);
     }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(t) = ticker {
@@ -370,17 +491,12 @@ where
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
-    PhaseStats {
-        ops: hist.len(),
+    Sample {
+        hist,
         seconds,
-        ops_per_sec: hist.len() as f64 / seconds.max(0.001),
-        p50_ms: ms(0.5),
-        p99_ms: ms(0.99),
-        p999_ms: ms(0.999),
         errors,
         refused,
-        commits_per_create: None,
+        commits: None,
     }
 }
 
@@ -390,24 +506,29 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
     opts.validate()?;
     for &scenario in &opts.scenarios {
         w.prepare(scenario, opts).await?;
-        // A flash sale runs until its whole demand has bought (or been refused), whatever
-        // the duration; get-cold until each phase has read its half of the orders once.
-        let (max_ops, duration) = match scenario {
-            Scenario::Flash => (
-                Some(10 * opts.flash_stock as u64),
-                opts.duration.max(FLASH_MAX_TIME),
-            ),
-            Scenario::GetCold => (Some(w.cold_reads_per_phase()), opts.duration),
-            _ => (None, opts.duration),
-        };
-        let mut phases = Vec::new();
-        let mut hit_ratio = None;
-        for phase in w.phases(scenario) {
-            let label = format!("{} {}", scenario.name(), phase.label());
+        let schedule = w.schedule(scenario);
+        let mut runs: Vec<(Phase, Sample)> = Vec::new();
+        let mut lookups: Option<(u64, u64)> = None;
+        for (slot, run) in schedule.iter().enumerate() {
+            let phase = run.phase;
+            // A flash sale runs until its whole demand has bought (or been refused), whatever
+            // the duration; get-cold until the run has read its share of the orders once.
+            let duration = opts.duration * run.halves / 2;
+            let (max_ops, duration) = match scenario {
+                Scenario::Flash => (Some(10 * opts.flash_stock as u64), duration.max(FLASH_MAX_TIME)),
+                Scenario::GetCold => (Some(w.cold_share(slot).len() as u64), duration),
+                _ => (None, duration),
+            };
+            let mut label = format!("{} {}", scenario.name(), phase.label());
+            let times = schedule.iter().filter(|r| r.phase == phase).count();
+            if times > 1 {
+                let nth = schedule[..=slot].iter().filter(|r| r.phase == phase).count();
+                label.push_str(&format!(" {nth}/{times}"));
+            }
             let op_w = w.clone();
-            let op = move |i| {
+            let op = move |client, i| {
                 let w = op_w.clone();
-                async move { w.op(scenario, phase, i).await }
+                async move { w.op(scenario, phase, slot, client, i).await }
             };
             // Hits and misses are counted around the service phase of get-hot only: warming
             // and the raw GETs would count too.
@@ -415,23 +536,19 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                 && phase == Phase::Service
                 && w.baseline(scenario) == Baseline::RedisGet;
             let keyspace_before = if count_hits { w.keyspace().await } else { None };
-            // Commits are counted around the phase, after the previous one's writes settled.
+            // Commits are counted around the run, after the previous one's writes settled.
             let count_commits = scenario == Scenario::Create;
             let before = if count_commits {
                 binlog_commits(&w).await
             } else {
                 None
             };
-            let mut stats = drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await;
+            let mut sample = drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await;
             if let Some(before) = keyspace_before {
                 if let Some(after) = w.keyspace().await {
-                    let hits = after.hits.saturating_sub(before.hits);
-                    let misses = after.misses.saturating_sub(before.misses);
-                    hit_ratio = Some(HitRatio {
-                        hits,
-                        misses,
-                        ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
-                    });
+                    let (hits, misses) = lookups.get_or_insert((0, 0));
+                    *hits += after.hits.saturating_sub(before.hits);
+                    *misses += after.misses.saturating_sub(before.misses);
                 }
             }
             let after = if count_commits {
@@ -440,38 +557,64 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                 None
             };
             if let (Some(before), Some(after)) = (before, after) {
-                let created = stats.ops - stats.refused.values().sum::<u64>();
-                stats.commits_per_create =
-                    (created > 0).then(|| after.saturating_sub(before) as f64 / created as f64);
+                sample.commits = Some(after.saturating_sub(before));
             }
-            phases.push((phase, stats));
+            runs.push((phase, sample));
         }
+        let hit_ratio = lookups.map(|(hits, misses)| HitRatio {
+            hits,
+            misses,
+            ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
+        });
         let mut checks = w.check(scenario, opts).await?;
+        // Every run on its own: each half of an ABBA comparison must have done work.
+        let per_run: Vec<(String, PhaseStats)> = runs
+            .iter()
+            .enumerate()
+            .map(|(slot, (phase, sample))| {
+                let label = if schedule.iter().filter(|r| r.phase == *phase).count() > 1 {
+                    format!("{} (run {})", phase.label(), slot + 1)
+                } else {
+                    phase.label().to_owned()
+                };
+                (label, PhaseStats::from_runs(&[sample]))
+            })
+            .collect();
         checks.push(checks::phases_ran(
-            &phases.iter().map(|(p, s)| (p.label(), s)).collect::<Vec<_>>(),
+            &per_run.iter().map(|(l, s)| (l.as_str(), s)).collect::<Vec<_>>(),
         ));
-        let mut take = |phase: Phase| {
-            phases
-                .iter()
-                .position(|(p, _)| *p == phase)
-                .map(|i| phases.swap_remove(i).1)
+        let take = |phase: Phase| {
+            let samples: Vec<&Sample> = runs.iter().filter(|(p, _)| *p == phase).map(|(_, s)| s).collect();
+            (!samples.is_empty()).then(|| PhaseStats::from_runs(&samples))
         };
         let service = take(Phase::Service).ok_or_else(|| anyhow::anyhow!("no service phase"))?;
         let raw = take(Phase::Raw).ok_or_else(|| anyhow::anyhow!("no raw phase"))?;
         let service_cache_off = take(Phase::ServiceCacheOff);
+        let raw_pipelined = take(Phase::RawPipelined);
+        let in_process = take(Phase::InProcess);
         let raw_sql = take(Phase::RawSql);
         let per = |a: &PhaseStats, b: &PhaseStats| a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE);
         let vs_cache_off = service_cache_off.as_ref().map(|off| per(&service, off));
         let result = ScenarioResult {
             scenario,
+            schedule: schedule.iter().map(|r| r.phase).collect(),
             ratio: per(&service, &raw),
             baseline: w.baseline(scenario),
             invalidation_cost: vs_cache_off
                 .filter(|_| scenario == Scenario::Create)
                 .map(|r| 1.0 - r),
             vs_cache_off,
+            ratio_pipelined: raw_pipelined.as_ref().map(|p| per(&service, p)),
+            in_process_vs_raw: in_process.as_ref().map(|p| per(p, &raw)),
+            in_process_vs_pipelined: in_process
+                .as_ref()
+                .zip(raw_pipelined.as_ref())
+                .map(|(p, pipelined)| per(p, pipelined)),
+            service_vs_in_process: in_process.as_ref().map(|p| per(&service, p)),
             ratio_sql: raw_sql.as_ref().map(|sql| per(&service, sql)),
             service_cache_off,
+            raw_pipelined,
+            in_process,
             raw_sql,
             hit_ratio,
             service,
@@ -520,6 +663,18 @@ fn summary_line(r: &ScenarioResult) -> String {
     if let Some(cost) = r.invalidation_cost {
         line.push_str(&format!("  invalidation cost {}", percent(cost)));
     }
+    if let (Some(p), Some(ratio)) = (&r.raw_pipelined, r.ratio_pipelined) {
+        line.push_str(&format!(
+            "  pipelined GET {:.0} ops/s  service / pipelined {ratio:.2}",
+            p.ops_per_sec
+        ));
+    }
+    if let (Some(p), Some(ratio)) = (&r.in_process, r.in_process_vs_raw) {
+        line.push_str(&format!(
+            "  in process {:.0} ops/s  in process / raw {ratio:.2}",
+            p.ops_per_sec
+        ));
+    }
     if let (Some(sql), Some(ratio)) = (&r.raw_sql, r.ratio_sql) {
         line.push_str(&format!(
             "  raw SQL {:.0} ops/s  service / raw SQL {ratio:.2}",
@@ -533,6 +688,26 @@ fn summary_line(r: &ScenarioResult) -> String {
         line.push_str(&format!("  commits/create {}", commits_cell(r)));
     }
     line
+}
+
+/// The ABBA runs in the order they ran, `on 1801, off 1535, off 1540, on 1790` (ops/s);
+/// `None` when the service and its cache-off twin did not each run more than once.
+fn abba_runs(r: &ScenarioResult) -> Option<String> {
+    let off = r.service_cache_off.as_ref()?;
+    if r.service.runs_ops_per_sec.is_empty() || off.runs_ops_per_sec.is_empty() {
+        return None;
+    }
+    let (mut on_runs, mut off_runs) = (r.service.runs_ops_per_sec.iter(), off.runs_ops_per_sec.iter());
+    let runs: Vec<String> = r
+        .schedule
+        .iter()
+        .filter_map(|phase| match phase {
+            Phase::Service => on_runs.next().map(|v| format!("on {v:.0}")),
+            Phase::ServiceCacheOff => off_runs.next().map(|v| format!("off {v:.0}")),
+            _ => None,
+        })
+        .collect();
+    Some(runs.join(", "))
 }
 
 /// `**0.82**`, or `–` when the baseline completed nothing (the ratio means nothing then).
@@ -585,12 +760,24 @@ fn commits_cell(r: &ScenarioResult) -> String {
 /// second baseline of get-hot, the invalidation cost of create).
 pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
     let dash = || "–".to_owned();
+    let abba = results.iter().any(|r| abba_runs(r).is_some());
     let mut s = format!(
-        "{} s per phase, {} concurrent clients.\n\n\
+        "{} s per phase, {} concurrent clients.{}\n\n\
          | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | baseline | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | cache off ops/s | cache off p99 ms | vs cache off | hit ratio | commits / create (service / cache off / raw) | checks |\n\
          |---|---:|---:|---:|---:|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|\n",
         opts.duration.as_secs_f64(),
-        opts.concurrency
+        opts.concurrency,
+        if abba {
+            format!(
+                " Cache on against off: the service and its cache-off twin run as halves \
+                 ({} s each; get-cold: an equal share of the orders each) in the order on, off, \
+                 off, on; each side's ops/s is the mean of its two halves, its latency from \
+                 their merged histograms.",
+                opts.duration.as_secs_f64() / 2.0
+            )
+        } else {
+            String::new()
+        }
     );
     let mut notes = Vec::new();
     for r in results {
@@ -637,6 +824,12 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
                 format!("FAILED: {}", failed.join(", "))
             }
         ));
+        if let Some(runs) = abba_runs(r) {
+            notes.push(format!(
+                "- {}: cache on / off runs in order: {runs} ops/s.",
+                r.scenario.name()
+            ));
+        }
         if let Some(cost) = r.invalidation_cost {
             notes.push(format!(
                 "- {}: the cache's invalidation costs **{}** of create throughput \
@@ -645,6 +838,47 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
                 percent(cost),
                 a.ops_per_sec,
                 r.service_cache_off.as_ref().map_or(0.0, |off| off.ops_per_sec),
+            ));
+        }
+        if r.baseline == Baseline::RedisGet {
+            notes.push(format!(
+                "- {}: the Redis GET baseline gives each of the {c} clients a connection of its \
+                 own, one GET at a time: {c} requests in flight over {c} connections, as the \
+                 service's {c} keep-alive HTTP connections.",
+                r.scenario.name(),
+                c = opts.concurrency,
+            ));
+        }
+        if let (Some(p), Some(ratio)) = (&r.raw_pipelined, r.ratio_pipelined) {
+            notes.push(format!(
+                "- {}: pipelined Redis GET (the {} clients share one multiplexed connection): \
+                 {:.0} ops/s (p50 {:.1} ms, p99 {:.1} ms, errors {}), service / pipelined \
+                 GET **{ratio:.2}**.",
+                r.scenario.name(),
+                opts.concurrency,
+                p.ops_per_sec,
+                p.p50_ms,
+                p.p99_ms,
+                codes(&p.errors),
+            ));
+        }
+        if let (Some(p), Some(ratio), Some(http)) =
+            (&r.in_process, r.in_process_vs_raw, r.service_vs_in_process)
+        {
+            notes.push(format!(
+                "- {}: in process (the service's read path through the cache, \
+                 `OrderService::get`, no HTTP, no JSON): {:.0} ops/s (p50 {:.1} ms, p99 {:.1} ms, \
+                 errors {}), in process / raw GET **{ratio:.2}**{}; service / in process \
+                 **{http:.2}**.",
+                r.scenario.name(),
+                p.ops_per_sec,
+                p.p50_ms,
+                p.p99_ms,
+                codes(&p.errors),
+                r.in_process_vs_pipelined.map_or_else(String::new, |v| format!(
+                    ", in process / pipelined GET **{v:.2}** (the service's cache shares one \
+                     multiplexed connection, so its GETs pipeline like that baseline's)"
+                )),
             ));
         }
         if let (Some(sql), Some(ratio)) = (&r.raw_sql, r.ratio_sql) {
@@ -750,6 +984,8 @@ pub async fn run(
 ) -> anyhow::Result<bool> {
     let mut _cluster = None;
     let mut services = Vec::new();
+    // The self-started service's state, for get-hot's in-process reads.
+    let mut state = None;
     let shutdown = CancellationToken::new();
     let mut profile = Profile {
         name: "target",
@@ -786,6 +1022,7 @@ pub async fn run(
             migrate(&s).await?;
             let app = Application::build(s.clone(), shutdown.clone()).await?;
             let url = format!("http://{}", app.address());
+            state = Some(app.state().clone());
             services.push(tokio::spawn(app.run()));
             // The same service with its cache off, on the same databases and Redis, for
             // `vs cache off`. It leases a worker id of its own (as the first does unless the
@@ -814,6 +1051,9 @@ pub async fn run(
     let mut workload = Workload::setup(&settings, &base_url, &opts).await?;
     if let Some(off) = &base_cache_off {
         workload = workload.with_cache_off_service(off);
+    }
+    if let Some(state) = state {
+        workload = workload.with_app_state(state);
     }
     let workload = Arc::new(workload);
     profile.servers = workload.server_settings().await?;

@@ -15,20 +15,22 @@ use sqlx::MySqlPool;
 
 use crate::cache::redis::order_key;
 use crate::config::Settings;
-use crate::domain::actor::Role;
+use crate::domain::actor::{Caller, Role};
 use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
 use crate::domain::status::OrderStatus;
 use crate::http::auth::AuthKeys;
+use crate::http::AppState;
 use crate::lease::IdSource;
+use crate::service::Error as ServiceError;
 use crate::storage::commerce::{self, Reservation, ReserveOutcome};
 use crate::storage::orders::{self, ListQuery, MoneyMovement, StatusChange};
 use crate::storage::shards::ShardMap;
 use crate::storage::{self, StorageError};
 
 use super::checks::{self, Check};
-use super::{drive, Baseline, BenchOptions, Phase, Scenario};
+use super::{drive, Baseline, BenchOptions, Phase, Run, Scenario};
 
 /// The durability settings of one MariaDB server, as it reports them.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,10 +86,19 @@ pub struct Workload {
     /// off (self-started runs only).
     base_cache_off: Option<String>,
     client: reqwest::Client,
-    /// The service's Redis, for the `get-hot` baseline and the hit counters; `None` when the
-    /// service runs without a cache or Redis did not answer (get-hot then has the SQL
-    /// baseline only).
+    /// The service's application state (self-started runs only), for get-hot's in-process
+    /// reads.
+    app: Option<AppState>,
+    /// The service's Redis, for the hit counters and get-hot's pipelined baseline (every
+    /// client on this one multiplexed connection); `None` when the service runs without a
+    /// cache or Redis did not answer (get-hot then has the SQL baseline only).
     redis: Option<redis::aio::ConnectionManager>,
+    /// The same Redis, to open get-hot's per-client connections.
+    redis_client: Option<redis::Client>,
+    /// get-hot's baseline connections, one per client (opened when get-hot is prepared): a
+    /// client issues one `GET` at a time on its own, as each HTTP client does on its own
+    /// keep-alive connection, so no client's GET rides in another's pipeline.
+    redis_per_client: Mutex<Arc<Vec<redis::aio::MultiplexedConnection>>>,
     key_prefix: String,
     shards: ShardMap,
     commerce: MySqlPool,
@@ -206,16 +217,22 @@ impl Workload {
             .pool_max_idle_per_host(opts.concurrency)
             .timeout(Duration::from_secs(30))
             .build()?;
-        let redis = if settings.cache.enabled && opts.scenarios.contains(&Scenario::GetHot) {
-            connect_redis(&settings.redis.url).await
+        let (redis_client, redis) = if settings.cache.enabled && opts.scenarios.contains(&Scenario::GetHot) {
+            match connect_redis(&settings.redis.url).await {
+                Some((client, conn)) => (Some(client), Some(conn)),
+                None => (None, None),
+            }
         } else {
-            None
+            (None, None)
         };
         Ok(Workload {
             base: base.trim_end_matches('/').to_owned(),
             base_cache_off: None,
             client,
+            app: None,
             redis,
+            redis_client,
+            redis_per_client: Mutex::new(Arc::new(Vec::new())),
             key_prefix: settings.redis.key_prefix.clone(),
             shards,
             commerce,
@@ -254,6 +271,13 @@ impl Workload {
         self
     }
 
+    /// Adds the service's application state (the service under test, in this process):
+    /// get-hot then also reads through its read path without HTTP.
+    pub fn with_app_state(mut self, app: AppState) -> Workload {
+        self.app = Some(app);
+        self
+    }
+
     fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         m.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -268,22 +292,36 @@ impl Workload {
         }
     }
 
-    /// The phases of `scenario`, in the order they run: the service; its cache-off twin
-    /// for the scenarios the cache changes most (create pays invalidation, get-cold fills,
-    /// list reads a cached first page), when there is one; the raw baseline; and for get-hot
-    /// against Redis, the SQL read it replaced as a second baseline.
-    pub fn phases(&self, scenario: Scenario) -> Vec<Phase> {
-        let mut phases = vec![Phase::Service];
-        if self.base_cache_off.is_some()
+    /// The runs of `scenario`, in the order they run. The service first; for the scenarios
+    /// the cache changes most (create pays invalidation, get-cold fills, list reads a cached
+    /// first page), when there is a cache-off twin, the service and the twin as halves in
+    /// ABBA order (on, off, off, on). For get-hot, the in-process read path when the bench has
+    /// the service's state. Then the raw baseline; for get-hot against Redis, the pipelined
+    /// GETs and the SQL read it replaced as further baselines.
+    pub fn schedule(&self, scenario: Scenario) -> Vec<Run> {
+        let full = |phase| Run { phase, halves: 2 };
+        let half = |phase| Run { phase, halves: 1 };
+        let mut runs = if self.base_cache_off.is_some()
             && matches!(scenario, Scenario::Create | Scenario::GetCold | Scenario::List)
         {
-            phases.push(Phase::ServiceCacheOff);
+            vec![
+                half(Phase::Service),
+                half(Phase::ServiceCacheOff),
+                half(Phase::ServiceCacheOff),
+                half(Phase::Service),
+            ]
+        } else {
+            vec![full(Phase::Service)]
+        };
+        if scenario == Scenario::GetHot && self.app.is_some() {
+            runs.push(full(Phase::InProcess));
         }
-        phases.push(Phase::Raw);
+        runs.push(full(Phase::Raw));
         if self.baseline(scenario) == Baseline::RedisGet {
-            phases.push(Phase::RawSql);
+            runs.push(full(Phase::RawPipelined));
+            runs.push(full(Phase::RawSql));
         }
-        phases
+        runs
     }
 
     /// Redis's keyspace hit and miss counters; `None` without Redis or when it cannot be read.
@@ -321,10 +359,10 @@ impl Workload {
         let have = Self::lock(&self.made).len();
         let want = match scenario {
             Scenario::GetHot => HOT_ORDERS,
-            // Each phase reads its own share of the pool, each order once: up to 1 000 reads
-            // a second of the phase, at most 10 000.
+            // Each run reads its own share of the pool, each order once: per half of the
+            // duration up to 500 reads a second, at most 5 000 (10 000 per whole phase).
             Scenario::GetCold => {
-                self.cold_phases() * (opts.duration.as_secs().max(1) as usize * 1_000).clamp(100, 10_000)
+                self.cold_halves() * (opts.duration.as_secs().max(1) as usize * 500).clamp(50, 5_000)
             }
             Scenario::List => 1_000,
             _ => 0,
@@ -343,7 +381,7 @@ impl Workload {
                 Duration::from_secs(600),
                 Some((want - have) as u64),
                 opts.progress,
-                move |i| {
+                move |_, i| {
                     let w = w.clone();
                     async move {
                         let product = w.products[i as usize % w.products.len()].clone();
@@ -390,13 +428,68 @@ impl Workload {
         if matches!(scenario, Scenario::GetHot | Scenario::GetCold | Scenario::List) {
             self.warm_buffer_pool().await?;
         }
+        if scenario == Scenario::List {
+            self.warm_first_pages(opts).await;
+        }
         if self.baseline(scenario) == Baseline::RedisGet {
+            self.open_redis_per_client(opts.concurrency).await?;
             let check = self.warm_hot_set().await;
             if !check.ok {
                 eprintln!("get-hot: {}", check.detail);
             }
             *Self::lock(&self.hot_cached) = Some(check);
         }
+        Ok(())
+    }
+
+    /// Reads every lister's first page once through the service, so that its cache holds
+    /// them before list runs. Otherwise the first cache-on run of list pays every fill and the
+    /// second, reading the same buyers again, finds them all: an ABBA comparison assumes a
+    /// drift that is even over time, not a step in its first run. (Within the page TTL, both
+    /// cache-on runs then read a cached page.)
+    async fn warm_first_pages(self: &Arc<Self>, opts: &BenchOptions) {
+        let listers = Self::lock(&self.list_users).clone();
+        let w = self.clone();
+        let warmed = drive(
+            "warming first pages",
+            opts.concurrency,
+            Duration::from_secs(600),
+            Some(listers.len() as u64),
+            opts.progress,
+            move |_, i| {
+                let (w, listers) = (w.clone(), listers.clone());
+                async move {
+                    let user = listers[i as usize % listers.len()];
+                    w.get(&w.base, "/v1/orders?limit=20", &w.tokens[user])
+                        .await
+                        .err()
+                        .unwrap_or(Outcome::Ok)
+                }
+            },
+        )
+        .await;
+        if !warmed.errors.is_empty() {
+            tracing::warn!(errors = ?warmed.errors, "list: some first pages were not warmed");
+        }
+    }
+
+    /// Opens get-hot's baseline connections to Redis, one per client (once per run of the
+    /// bench).
+    async fn open_redis_per_client(&self, concurrency: usize) -> anyhow::Result<()> {
+        let Some(client) = &self.redis_client else {
+            return Ok(());
+        };
+        if Self::lock(&self.redis_per_client).len() >= concurrency {
+            return Ok(());
+        }
+        let mut conns = Vec::with_capacity(concurrency);
+        for _ in 0..concurrency {
+            let conn = tokio::time::timeout(REDIS_CONNECT_TIMEOUT, client.get_multiplexed_async_connection())
+                .await
+                .map_err(|_| anyhow::anyhow!("redis: no connection within 3 s for get-hot's baseline"))??;
+            conns.push(conn);
+        }
+        *Self::lock(&self.redis_per_client) = Arc::new(conns);
         Ok(())
     }
 
@@ -414,7 +507,7 @@ impl Workload {
             }
         }
         for &(_, id) in hot.iter() {
-            match self.redis_get(id).await {
+            match self.redis_get_shared(id).await {
                 Ok(()) => {}
                 Err(Outcome::Error(code)) if code == "not_cached" => problems.push(format!(
                     "order {id} is not in Redis at {} after a read through the service",
@@ -537,14 +630,23 @@ impl Workload {
         }
     }
 
-    /// Phases of get-cold, each reading its own share of the cold pool.
-    fn cold_phases(&self) -> usize {
-        self.phases(Scenario::GetCold).len()
+    /// get-cold's runs in halves of the duration: the cold pool is cut into this many equal
+    /// parts.
+    fn cold_halves(&self) -> usize {
+        self.schedule(Scenario::GetCold)
+            .iter()
+            .map(|r| r.halves as usize)
+            .sum()
     }
 
-    /// Orders available to one phase of get-cold.
-    pub fn cold_reads_per_phase(&self) -> u64 {
-        (Self::lock(&self.cold_pool).len() / self.cold_phases()) as u64
+    /// The positions in the cold pool that run `slot` of get-cold reads, each once: as many
+    /// parts of the pool as the run has halves of the duration, after the earlier runs' parts.
+    pub fn cold_share(&self, slot: usize) -> std::ops::Range<usize> {
+        let schedule = self.schedule(Scenario::GetCold);
+        let part = Self::lock(&self.cold_pool).len() / self.cold_halves().max(1);
+        let start: usize = schedule[..slot].iter().map(|r| r.halves as usize).sum();
+        let halves = schedule.get(slot).map_or(0, |r| r.halves as usize);
+        start * part..(start + halves) * part
     }
 
     pub async fn check(&self, scenario: Scenario, opts: &BenchOptions) -> anyhow::Result<Vec<Check>> {
@@ -668,23 +770,52 @@ impl Workload {
         Ok(order)
     }
 
-    /// Operation `i` of `phase` of `scenario`.
-    pub async fn op(&self, scenario: Scenario, phase: Phase, i: u64) -> Outcome {
+    /// Operation `i` of the run in `slot` of `scenario`'s schedule (a run of `phase`), by
+    /// client number `client`.
+    pub async fn op(&self, scenario: Scenario, phase: Phase, slot: usize, client: usize, i: u64) -> Outcome {
         match phase {
-            Phase::Service => self.service_op(&self.base, scenario, phase, i).await,
+            Phase::Service => self.service_op(&self.base, scenario, slot, i).await,
             Phase::ServiceCacheOff => match &self.base_cache_off {
-                Some(base) => self.service_op(base, scenario, phase, i).await,
+                Some(base) => self.service_op(base, scenario, slot, i).await,
                 None => Outcome::Error("no_cache_off_service".into()),
             },
-            Phase::Raw if self.baseline(scenario) == Baseline::RedisGet => {
-                let (_, id) = self.read_target(scenario, i, phase);
-                self.redis_get(id).await.err().unwrap_or(Outcome::Ok)
+            Phase::InProcess => {
+                let (user, id) = self.read_target(scenario, slot, i);
+                self.in_process_get(user, id).await.err().unwrap_or(Outcome::Ok)
             }
-            Phase::Raw | Phase::RawSql => self.raw_op(scenario, phase, i).await,
+            Phase::Raw if self.baseline(scenario) == Baseline::RedisGet => {
+                let (_, id) = self.read_target(scenario, slot, i);
+                let conns = Self::lock(&self.redis_per_client).clone();
+                let result = match conns.get(client) {
+                    Some(conn) => self.redis_get(&mut conn.clone(), id).await,
+                    None => Err(Outcome::Error("no_redis_connection".into())),
+                };
+                result.err().unwrap_or(Outcome::Ok)
+            }
+            Phase::RawPipelined => {
+                let (_, id) = self.read_target(scenario, slot, i);
+                self.redis_get_shared(id).await.err().unwrap_or(Outcome::Ok)
+            }
+            Phase::Raw | Phase::RawSql => self.raw_op(scenario, slot, i).await,
         }
     }
 
-    async fn service_op(&self, base: &str, scenario: Scenario, phase: Phase, i: u64) -> Outcome {
+    /// The service's read of order `id` by its buyer, called in this process: the cache's
+    /// read path and the visibility rule, without HTTP, tokens or JSON.
+    async fn in_process_get(&self, user: usize, id: OrderId) -> Result<(), Outcome> {
+        let Some(app) = &self.app else {
+            return Err(Outcome::Error("no_app_state".into()));
+        };
+        match app.orders.get(Caller::User(self.users[user]), id).await {
+            Ok(_) => Ok(()),
+            Err(ServiceError::NotFound) => Err(Outcome::Error("not_found".into())),
+            Err(ServiceError::Unavailable(_)) => Err(Outcome::Error("unavailable".into())),
+            Err(ServiceError::Storage(e)) => Err(e.into()),
+            Err(_) => Err(Outcome::Error("service".into())),
+        }
+    }
+
+    async fn service_op(&self, base: &str, scenario: Scenario, slot: usize, i: u64) -> Outcome {
         let result = match scenario {
             Scenario::Create => {
                 let user = rand::thread_rng().gen_range(0..self.users.len());
@@ -696,7 +827,7 @@ impl Workload {
                 .await
                 .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let (user, id) = self.read_target(scenario, i, phase);
+                let (user, id) = self.read_target(scenario, slot, i);
                 self.get(base, &format!("/v1/orders/{id}"), &self.tokens[user])
                     .await
             }
@@ -821,7 +952,7 @@ impl Workload {
         Ok((id, pricing.pay_amount))
     }
 
-    async fn raw_op(&self, scenario: Scenario, phase: Phase, i: u64) -> Outcome {
+    async fn raw_op(&self, scenario: Scenario, slot: usize, i: u64) -> Outcome {
         let result = match scenario {
             Scenario::Create => {
                 let user = rand::thread_rng().gen_range(0..self.users.len());
@@ -834,7 +965,7 @@ impl Workload {
                 .await
                 .map(drop),
             Scenario::GetHot | Scenario::GetCold => {
-                let (_, id) = self.read_target(scenario, i, phase);
+                let (_, id) = self.read_target(scenario, slot, i);
                 self.raw_get(id).await
             }
             Scenario::List => {
@@ -848,35 +979,36 @@ impl Workload {
     }
 
     /// The `i`-th order a read scenario reads: from the hot pool, or for get-cold from the
-    /// share of the cold pool of `phase` (the pool is cut in as many equal shares as get-cold
-    /// has phases, in their order), so that each phase stops when its share is used up and no
-    /// order is read twice.
-    fn read_target(&self, scenario: Scenario, i: u64, phase: Phase) -> (usize, OrderId) {
-        let pool = if scenario == Scenario::GetHot {
-            &self.hot_pool
-        } else {
-            &self.cold_pool
-        };
-        let pool = Self::lock(pool).clone();
-        let offset = if scenario == Scenario::GetCold {
-            let phases = self.phases(scenario);
-            let slot = phases.iter().position(|p| *p == phase).unwrap_or(0);
-            slot * (pool.len() / phases.len())
-        } else {
-            0
-        };
-        pool[(i as usize + offset) % pool.len()]
+    /// share of the cold pool of the run in `slot` (see [`Workload::cold_share`]), so that each
+    /// run stops when its share is used up and no order is read twice.
+    fn read_target(&self, scenario: Scenario, slot: usize, i: u64) -> (usize, OrderId) {
+        if scenario == Scenario::GetCold {
+            let share = self.cold_share(slot);
+            let pool = Self::lock(&self.cold_pool).clone();
+            let at = share.start + i as usize % share.len().max(1);
+            return pool[at % pool.len()];
+        }
+        let pool = Self::lock(&self.hot_pool).clone();
+        pool[i as usize % pool.len()]
     }
 
-    /// `GET` of the cached order `id`, straight from Redis: an empty or absent value is
-    /// `not_cached`.
-    async fn redis_get(&self, id: OrderId) -> Result<(), Outcome> {
+    /// `GET` of the cached order `id` on the connection every client shares.
+    async fn redis_get_shared(&self, id: OrderId) -> Result<(), Outcome> {
         let Some(mut redis) = self.redis.clone() else {
             return Err(Outcome::Error("no_redis".into()));
         };
+        self.redis_get(&mut redis, id).await
+    }
+
+    /// `GET` of the cached order `id`, straight from Redis on `conn`: an empty or absent value
+    /// is `not_cached`.
+    async fn redis_get<C>(&self, conn: &mut C, id: OrderId) -> Result<(), Outcome>
+    where
+        C: redis::aio::ConnectionLike + Send,
+    {
         let value: Option<Vec<u8>> = redis::cmd("GET")
             .arg(order_key(&self.key_prefix, id))
-            .query_async(&mut redis)
+            .query_async(conn)
             .await
             .map_err(|_| Outcome::Error("redis".into()))?;
         match value {
@@ -973,13 +1105,15 @@ impl Workload {
     }
 }
 
-/// A connection to the service's Redis, or `None` (with a warning) when it does not answer.
-async fn connect_redis(url: &str) -> Option<redis::aio::ConnectionManager> {
+/// The service's Redis and a connection to it, or `None` (with a warning) when it does not
+/// answer.
+async fn connect_redis(url: &str) -> Option<(redis::Client, redis::aio::ConnectionManager)> {
     let connected = match redis::Client::open(url) {
         Ok(client) => tokio::time::timeout(REDIS_CONNECT_TIMEOUT, client.get_connection_manager())
             .await
             .map_err(|_| "no answer within 3 s".to_owned())
-            .and_then(|r| r.map_err(|e| e.to_string())),
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map(|conn| (client, conn)),
         Err(e) => Err(e.to_string()),
     };
     match connected {
