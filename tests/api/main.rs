@@ -9,6 +9,7 @@ mod cache;
 mod cancellation;
 mod catalog;
 mod exactly_once;
+mod fuzz;
 mod lifecycle;
 mod no_lost_update;
 mod no_oversell;

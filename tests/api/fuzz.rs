@@ -1,0 +1,1120 @@
+//! Fuzzing the write endpoints (SPEC section 3: "a 5xx means a fault of ours or of a
+//! dependency, never bad input"). Arbitrary JSON, plausible bodies with wrong values and raw
+//! bytes under any content type go to every write endpoint, with every role's token, on real
+//! orders and products and on ids that name nothing. Every answer must be a 2xx or a 4xx
+//! problem (`application/problem+json` with a `code`), never a dropped connection, and an
+//! answer that is not a 2xx must leave the database as it was: the row counts of every order
+//! and commerce table, every order's version and the stock of every product.
+//!
+//! One app serves every case of a run: the runner works on a blocking thread and drives each
+//! HTTP call on the test's runtime through a [`Handle`]. A case that answered 2xx may write
+//! (a valid shop, a payment of the right amount); the snapshot it left is the next baseline,
+//! and an order it moved on is replaced by a fresh one in the state the case expected.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use proptest::prelude::*;
+use proptest::sample::{select, Index};
+use proptest::test_runner::{Config, TestCaseError, TestRunner};
+use reqwest::header::CONTENT_TYPE;
+use serde_json::{json, Map, Number, Value};
+use sqlx::AssertSqlSafe;
+use tokio::runtime::Handle;
+
+use crate::helpers::TestApp;
+
+/// Cases of the test that runs with the others: a few seconds against one app.
+const QUICK_CASES: u32 = 300;
+/// Cases of the ignored long run, unless `FUZZ_CASES` says otherwise.
+const LONG_CASES: u32 = 10_000;
+/// Shrinking a failure re-sends requests; a few hundred steps find a small case in seconds.
+const MAX_SHRINK_ITERS: u32 = 300;
+
+const OWNER: i64 = 700;
+const OTHER_USER: i64 = 701;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fuzzed_writes_answer_4xx_problems_and_write_nothing() {
+    fuzz(QUICK_CASES).await;
+}
+
+/// The long run: `FUZZ_CASES=50000 cargo test --test api fuzz -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "long: 10 000 cases or FUZZ_CASES"]
+async fn fuzzed_writes_answer_4xx_problems_and_write_nothing_long() {
+    let cases = std::env::var("FUZZ_CASES")
+        .ok()
+        .map(|v| v.parse().expect("FUZZ_CASES is a number"))
+        .unwrap_or(LONG_CASES);
+    fuzz(cases).await;
+}
+
+async fn fuzz(cases: u32) {
+    let world = World::set_up().await;
+    let handle = Handle::current();
+    let started = Instant::now();
+    let (result, world) = tokio::task::spawn_blocking(move || {
+        let strategy = case_strategy(&world.pools);
+        let mut runner = TestRunner::new(Config {
+            cases,
+            failure_persistence: None,
+            max_shrink_iters: MAX_SHRINK_ITERS,
+            ..Config::default()
+        });
+        let result = runner.run(&strategy, |case| handle.block_on(world.check(&case)));
+        (result, world)
+    })
+    .await
+    .expect("fuzz thread");
+    let stats = world.stats.lock().unwrap();
+    eprintln!(
+        "fuzz: {} requests ({cases} cases asked) in {:.1?}; answers by endpoint:",
+        stats.requests,
+        started.elapsed(),
+    );
+    for (endpoint, answers) in &stats.answers {
+        let line: Vec<String> = answers.iter().map(|(s, n)| format!("{s}x{n}")).collect();
+        eprintln!("  {endpoint:<10} {}", line.join(" "));
+    }
+    if let Err(e) = result {
+        panic!("{e}");
+    }
+}
+
+// ------------------------------------------------------------------ the cases
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Endpoint {
+    OrderIds,
+    Preview,
+    Create,
+    Patch,
+    Pay,
+    Ship,
+    Confirm,
+    Cancel,
+    Refund,
+    Invalidate,
+    Users,
+    Shops,
+    Products,
+    Stock,
+    Coupons,
+}
+
+const ENDPOINTS: [Endpoint; 15] = [
+    Endpoint::OrderIds,
+    Endpoint::Preview,
+    Endpoint::Create,
+    Endpoint::Patch,
+    Endpoint::Pay,
+    Endpoint::Ship,
+    Endpoint::Confirm,
+    Endpoint::Cancel,
+    Endpoint::Refund,
+    Endpoint::Invalidate,
+    Endpoint::Users,
+    Endpoint::Shops,
+    Endpoint::Products,
+    Endpoint::Stock,
+    Endpoint::Coupons,
+];
+
+impl Endpoint {
+    fn method(self) -> &'static str {
+        match self {
+            Endpoint::Patch => "PATCH",
+            _ => "POST",
+        }
+    }
+
+    /// The path, with `id` in its `{id}` segment if it has one.
+    fn path(self, id: &str) -> String {
+        match self {
+            Endpoint::OrderIds => "/v1/order-ids".into(),
+            Endpoint::Preview => "/v1/orders/preview".into(),
+            Endpoint::Create => "/v1/orders".into(),
+            Endpoint::Patch => format!("/v1/orders/{id}"),
+            Endpoint::Pay => format!("/v1/orders/{id}/payments"),
+            Endpoint::Ship => format!("/v1/orders/{id}/shipment"),
+            Endpoint::Confirm => format!("/v1/orders/{id}/confirm"),
+            Endpoint::Cancel => format!("/v1/orders/{id}/cancel"),
+            Endpoint::Refund => format!("/v1/orders/{id}/refunds"),
+            Endpoint::Invalidate => format!("/v1/orders/{id}/invalidate"),
+            Endpoint::Users => "/v1/users".into(),
+            Endpoint::Shops => "/v1/shops".into(),
+            Endpoint::Products => "/v1/products".into(),
+            Endpoint::Stock => format!("/v1/products/{id}/stock"),
+            Endpoint::Coupons => "/v1/coupons".into(),
+        }
+    }
+
+    fn on_an_order(self) -> bool {
+        self.path("{id}").starts_with("/v1/orders/{id}")
+    }
+
+    /// The names its body knows, nested ones included: the keys of arbitrary objects.
+    fn fields(self) -> &'static [&'static str] {
+        match self {
+            Endpoint::OrderIds => &["order_id"],
+            Endpoint::Preview => &["items", "coupon_ids", "product_id", "quantity"],
+            Endpoint::Create => &[
+                "order_id",
+                "items",
+                "product_id",
+                "quantity",
+                "coupon_ids",
+                "address",
+                "name",
+                "phone",
+                "region",
+                "detail",
+                "remark",
+            ],
+            Endpoint::Patch => &[
+                "expected_version",
+                "address",
+                "name",
+                "phone",
+                "region",
+                "detail",
+                "remark",
+                "tracking_number",
+                "carrier",
+            ],
+            Endpoint::Pay => &["transaction_no", "channel", "amount"],
+            Endpoint::Ship => &["expected_version", "carrier", "tracking_number"],
+            Endpoint::Confirm | Endpoint::Cancel | Endpoint::Invalidate => &["expected_version", "reason"],
+            Endpoint::Refund => &["refund_no", "amount", "reason"],
+            Endpoint::Users => &["user_id", "name", "level"],
+            Endpoint::Shops => &["name"],
+            Endpoint::Products => &["shop_id", "name", "price", "currency", "stock"],
+            Endpoint::Stock => &["quantity"],
+            Endpoint::Coupons => &[
+                "user_id",
+                "shop_id",
+                "amount",
+                "min_spend",
+                "valid_from",
+                "valid_to",
+                "currency",
+            ],
+        }
+    }
+}
+
+/// Whose token the request carries.
+#[derive(Debug, Clone, Copy)]
+enum Who {
+    /// The role the endpoint is meant for.
+    Right,
+    /// The buyer of the real orders.
+    Owner,
+    OtherUser,
+    /// The merchant of the real orders' shop.
+    Merchant,
+    OtherMerchant,
+    Service,
+    Admin,
+    Nobody,
+    Forged,
+}
+
+/// The `{id}` of the path.
+#[derive(Debug, Clone)]
+enum PathId {
+    /// One of the real orders (or products, on the stock route).
+    Real(Index),
+    /// Digits: almost always an id that names nothing.
+    Digits(String),
+    /// Not an id at all; already percent-encoded where needed.
+    Odd(&'static str),
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    None,
+    Json(Value),
+    Raw {
+        bytes: Vec<u8>,
+        content_type: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    endpoint: Endpoint,
+    who: Who,
+    id: PathId,
+    body: Body,
+}
+
+/// Real ids and names the strategies draw from, read once the world is set up.
+#[derive(Debug, Clone)]
+struct Pools {
+    products: Vec<String>,
+    shops: Vec<String>,
+    users: Vec<String>,
+    coupons: Vec<String>,
+    /// Unused order ids issued to the owner: a plausible create may succeed with one.
+    fresh_order_ids: Vec<String>,
+    orders: Vec<String>,
+}
+
+fn case_strategy(p: &Pools) -> BoxedStrategy<Case> {
+    let who = prop_oneof![
+        8 => Just(Who::Right),
+        3 => Just(Who::Owner),
+        1 => Just(Who::OtherUser),
+        2 => Just(Who::Merchant),
+        1 => Just(Who::OtherMerchant),
+        2 => Just(Who::Service),
+        3 => Just(Who::Admin),
+        1 => Just(Who::Nobody),
+        1 => Just(Who::Forged),
+    ];
+    let id = prop_oneof![
+        8 => any::<Index>().prop_map(PathId::Real),
+        1 => "[0-9]{1,22}".prop_map(PathId::Digits),
+        1 => select(ODD_PATH_IDS).prop_map(PathId::Odd),
+    ];
+    let p = p.clone();
+    (select(ENDPOINTS.to_vec()), who, id)
+        .prop_flat_map(move |(endpoint, who, id)| {
+            body(endpoint, &p).prop_map(move |body| Case {
+                endpoint,
+                who,
+                id: id.clone(),
+                body,
+            })
+        })
+        .boxed()
+}
+
+const ODD_PATH_IDS: &[&str] = &[
+    "0",
+    "-1",
+    "abc",
+    "1e3",
+    "%20",
+    "%F0%9F%98%80",
+    "%FF%FE",
+    "9223372036854775807",
+    "9223372036854775808",
+    "18446744073709551616",
+    "%00",
+    "1.5",
+    "+1",
+];
+
+fn body(e: Endpoint, p: &Pools) -> BoxedStrategy<Body> {
+    prop_oneof![
+        3 => arbitrary_body(e).prop_map(Body::Json),
+        5 => plausible(e, p).prop_map(Body::Json),
+        3 => raw(e, p),
+        1 => Just(Body::None),
+    ]
+    .boxed()
+}
+
+// ------------------------------------------------------------------ arbitrary JSON
+
+const ODD_STRINGS: &[&str] = &[
+    "",
+    " ",
+    "\n",
+    "\t",
+    "\u{0}",
+    "a\u{7}b",
+    "\u{202e}gnp.exe",
+    "😀",
+    "e\u{301}",
+    "\u{feff}",
+    "\u{ffff}",
+    "\u{10ffff}",
+    "' OR '1'='1",
+    "%s%n",
+    "NaN",
+    "null",
+    "true",
+    "-1",
+    "0",
+    "1e400",
+    "99999999999999999999999",
+    "9223372036854775807",
+    "\\",
+    "\"",
+    "<script>",
+    "CNY",
+    "1",
+];
+
+fn odd_string() -> BoxedStrategy<String> {
+    prop_oneof![
+        4 => select(ODD_STRINGS).prop_map(String::from),
+        2 => any::<String>(),
+        2 => "[a-zA-Z0-9 _-]{0,24}",
+        1 => (select(vec!["x", "é", "😀", "\u{0}", "-"]), select(vec![33usize, 65, 101, 201, 501, 4_096]))
+            .prop_map(|(s, n)| s.repeat(n)),
+    ]
+    .boxed()
+}
+
+fn f64_value(f: f64) -> Value {
+    Number::from_f64(f).map_or(Value::Null, Value::Number)
+}
+
+fn edge_number() -> BoxedStrategy<Value> {
+    prop_oneof![
+        select(vec![
+            0i64,
+            -1,
+            1,
+            2,
+            i64::MAX,
+            i64::MIN,
+            1_000,
+            10_000,
+            10_001,
+            1_000_000_000,
+            1_000_000_000_000,
+            1_000_000_000_000_000,
+            1_000_000_000_000_001,
+            (1 << 53) + 1,
+            i32::MAX as i64 + 1,
+        ])
+        .prop_map(Value::from),
+        Just(Value::from(u64::MAX)),
+        select(vec![1e308, -1e308, 0.5, -0.0, 1e-300, 1.0, 1e15]).prop_map(f64_value),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>().prop_map(f64_value),
+    ]
+    .boxed()
+}
+
+fn leaf() -> BoxedStrategy<Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        edge_number(),
+        odd_string().prop_map(Value::String),
+    ]
+    .boxed()
+}
+
+/// A key: mostly a real field name of the endpoint, sometimes anything.
+fn key(e: Endpoint) -> BoxedStrategy<String> {
+    prop_oneof![
+        4 => select(e.fields()).prop_map(String::from),
+        1 => any::<String>(),
+    ]
+    .boxed()
+}
+
+fn arbitrary_value(e: Endpoint) -> BoxedStrategy<Value> {
+    leaf()
+        .prop_recursive(4, 48, 8, move |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::vec((key(e), inner), 0..8)
+                    .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+            ]
+        })
+        .boxed()
+}
+
+/// Mostly an object (the shape of every body), sometimes any value.
+fn arbitrary_body(e: Endpoint) -> BoxedStrategy<Value> {
+    prop_oneof![
+        1 => arbitrary_value(e),
+        4 => prop::collection::vec((key(e), arbitrary_value(e)), 0..8)
+            .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+    ]
+    .boxed()
+}
+
+/// A value of the wrong type or at an edge, for a real field.
+fn wrong() -> BoxedStrategy<Value> {
+    prop_oneof![
+        4 => leaf(),
+        1 => Just(json!({})),
+        1 => Just(json!([])),
+        1 => Just(json!({"a": {"b": [1, {"c": null}]}, "name": "x"})),
+        1 => prop::collection::vec(leaf(), 0..4).prop_map(Value::Array),
+        // Past the body limit (64 KiB): a 413.
+        1 => Just(Value::String("y".repeat(70 * 1024))).no_shrink(),
+        // Deeper than serde_json's recursion limit (128) when the depth allows.
+        1 => select(vec![16usize, 127, 200]).prop_map(|depth| {
+            (0..depth).fold(json!(1), |v, _| json!([v]))
+        }),
+    ]
+    .boxed()
+}
+
+// ------------------------------------------------------------------ plausible bodies
+
+fn pick(v: &[String]) -> BoxedStrategy<Value> {
+    select(v.to_vec()).prop_map(Value::String).boxed()
+}
+
+fn digits() -> BoxedStrategy<Value> {
+    "[0-9]{1,20}".prop_map(Value::String).boxed()
+}
+
+fn text() -> BoxedStrategy<Value> {
+    prop_oneof![
+        4 => "[a-zA-Z][a-zA-Z0-9 ]{0,19}".prop_map(Value::String),
+        1 => odd_string().prop_map(Value::String),
+    ]
+    .boxed()
+}
+
+/// A channel number: letters, digits, `-` and `_`, up to `max` (and sometimes over).
+fn reference(max: usize) -> BoxedStrategy<Value> {
+    prop_oneof![
+        6 => proptest::string::string_regex(&format!("[a-zA-Z0-9_-]{{1,{max}}}"))
+            .expect("regex")
+            .prop_map(Value::String),
+        1 => Just(Value::String("a".repeat(max + 1))),
+        1 => odd_string().prop_map(Value::String),
+    ]
+    .boxed()
+}
+
+fn version() -> BoxedStrategy<Value> {
+    prop_oneof![5 => (1..=6i64).prop_map(Value::from), 1 => edge_number()].boxed()
+}
+
+fn amount() -> BoxedStrategy<Value> {
+    prop_oneof![
+        3 => Just(Value::from(1000)),
+        3 => (0..=5_000i64).prop_map(Value::from),
+        1 => edge_number(),
+    ]
+    .boxed()
+}
+
+fn count() -> BoxedStrategy<Value> {
+    prop_oneof![4 => (0..=20i64).prop_map(Value::from), 1 => edge_number()].boxed()
+}
+
+fn currency() -> BoxedStrategy<Value> {
+    select(vec![
+        "CNY",
+        "USD",
+        "EUR",
+        "JPY",
+        "cny",
+        "XXX",
+        "",
+        "C",
+        "CNYY",
+        "😀😀😀",
+        "ZZZ",
+    ])
+    .prop_map(Value::from)
+    .boxed()
+}
+
+fn time() -> BoxedStrategy<Value> {
+    let now = chrono::Utc::now();
+    let near: Vec<String> = [-86_400i64, 3_600, 86_400, 365 * 86_400]
+        .iter()
+        .map(|s| (now + chrono::TimeDelta::seconds(*s)).to_rfc3339())
+        .collect();
+    prop_oneof![
+        2 => select(near).prop_map(Value::String),
+        3 => select(
+            vec![
+                "1970-01-01T00:00:00Z",
+                "1969-12-31T23:59:59Z",
+                "1970-01-01T00:30:00+01:00",
+                "9999-12-31T23:59:59Z",
+                "9999-12-31T23:59:59.999999999Z",
+                "9999-12-31T23:30:00-01:00",
+                "2030-02-30T00:00:00Z",
+                "2030-01-01",
+                "2030-01-01T00:00:00",
+                "0000-01-01T00:00:00Z",
+                "+10000-01-01T00:00:00Z",
+                "2030-01-01T24:00:00Z",
+                "2030-06-30T23:59:60Z",
+                "2030-06-30T23:59:60.999999999Z",
+                "2030-01-01T00:00:00.1234567891234Z",
+            ]
+        )
+        .prop_map(Value::from),
+        1 => leaf(),
+    ]
+    .boxed()
+}
+
+/// An object of `fields`: each one absent, plausible or wrong, and now and then a stranger.
+fn object_of(fields: Vec<(&'static str, BoxedStrategy<Value>)>) -> BoxedStrategy<Value> {
+    let parts: Vec<BoxedStrategy<Option<(String, Value)>>> = fields
+        .into_iter()
+        .map(|(k, good)| {
+            prop_oneof![
+                1 => Just(None),
+                12 => good.prop_map(move |v| Some((k.to_owned(), v))),
+                2 => wrong().prop_map(move |v| Some((k.to_owned(), v))),
+            ]
+            .boxed()
+        })
+        .collect();
+    let stranger = prop::option::weighted(0.05, ("[a-z_]{1,12}", leaf()));
+    (parts, stranger)
+        .prop_map(|(parts, stranger)| {
+            let mut m: Map<String, Value> = parts.into_iter().flatten().collect();
+            if let Some((k, v)) = stranger {
+                m.insert(k, v);
+            }
+            Value::Object(m)
+        })
+        .boxed()
+}
+
+fn address() -> BoxedStrategy<Value> {
+    object_of(vec![
+        ("name", text()),
+        (
+            "phone",
+            prop_oneof!["[0-9]{11}".prop_map(Value::String), text()].boxed(),
+        ),
+        ("region", text()),
+        ("detail", text()),
+    ])
+}
+
+fn items(p: &Pools) -> BoxedStrategy<Value> {
+    let product = prop_oneof![4 => pick(&p.products), 1 => digits()].boxed();
+    let quantity = prop_oneof![
+        4 => (1..=3i64).prop_map(Value::from),
+        1 => select(vec![10_000i64, 10_001]).prop_map(Value::from),
+        1 => edge_number(),
+    ]
+    .boxed();
+    let line = object_of(vec![("product_id", product), ("quantity", quantity)]);
+    prop_oneof![
+        8 => prop::collection::vec(line.clone(), 0..4),
+        1 => prop::collection::vec(line, 99..=102),
+    ]
+    .prop_map(Value::Array)
+    .boxed()
+}
+
+fn coupon_ids(p: &Pools) -> BoxedStrategy<Value> {
+    let one = prop_oneof![3 => pick(&p.coupons), 1 => digits()];
+    prop::collection::vec(one, 0..7).prop_map(Value::Array).boxed()
+}
+
+fn plausible(e: Endpoint, p: &Pools) -> BoxedStrategy<Value> {
+    let ids = |v: &[String]| prop_oneof![4 => pick(v), 1 => digits()].boxed();
+    let fields: Vec<(&'static str, BoxedStrategy<Value>)> = match e {
+        Endpoint::OrderIds => vec![],
+        Endpoint::Preview => vec![("items", items(p)), ("coupon_ids", coupon_ids(p))],
+        Endpoint::Create => vec![
+            (
+                "order_id",
+                prop_oneof![3 => pick(&p.fresh_order_ids), 1 => pick(&p.orders), 1 => digits()].boxed(),
+            ),
+            ("items", items(p)),
+            ("coupon_ids", coupon_ids(p)),
+            ("address", address()),
+            ("remark", text()),
+        ],
+        Endpoint::Patch => vec![
+            ("expected_version", version()),
+            ("address", address()),
+            ("remark", text()),
+            ("tracking_number", reference(64)),
+            ("carrier", text()),
+        ],
+        Endpoint::Pay => vec![
+            ("transaction_no", reference(64)),
+            ("channel", reference(32)),
+            ("amount", amount()),
+        ],
+        Endpoint::Ship => vec![
+            ("expected_version", version()),
+            ("carrier", text()),
+            ("tracking_number", reference(64)),
+        ],
+        Endpoint::Confirm | Endpoint::Cancel | Endpoint::Invalidate => {
+            vec![("expected_version", version()), ("reason", text())]
+        }
+        Endpoint::Refund => vec![
+            ("refund_no", reference(64)),
+            ("amount", amount()),
+            ("reason", text()),
+        ],
+        Endpoint::Users => vec![("user_id", ids(&p.users)), ("name", text()), ("level", count())],
+        Endpoint::Shops => vec![("name", text())],
+        Endpoint::Products => vec![
+            ("shop_id", ids(&p.shops)),
+            ("name", text()),
+            ("price", amount()),
+            ("currency", currency()),
+            ("stock", count()),
+        ],
+        Endpoint::Stock => vec![("quantity", count())],
+        Endpoint::Coupons => vec![
+            ("user_id", ids(&p.users)),
+            ("shop_id", ids(&p.shops)),
+            ("amount", amount()),
+            ("min_spend", amount()),
+            ("valid_from", time()),
+            ("valid_to", time()),
+            ("currency", currency()),
+        ],
+    };
+    object_of(fields)
+}
+
+// ------------------------------------------------------------------ raw bytes
+
+const HUGE_NUMBERS: &[&str] = &[
+    "100000000000000000000000000000",
+    "-99999999999999999999999999999",
+    "1e999",
+    "-1e999",
+    "1E+2",
+    "1.0",
+    "0.0000001",
+    "-0",
+    "00",
+    "+1",
+    "NaN",
+    "Infinity",
+    "0x10",
+    ".5",
+];
+
+const RAW_TEXTS: &[&str] = &[
+    "",
+    "{",
+    "[",
+    "}",
+    "null",
+    "\"\"",
+    "{}",
+    "[]",
+    "{\"a\":1,}",
+    "\u{feff}{}",
+    "{} {}",
+    "{}\u{0}",
+    "{'a': 1}",
+    "{\"expected_version\": 1, \"expected_version\": 2}",
+    "{\"name\": \"\\ud800\"}",
+    "{\"name\": \"\\u0000\"}",
+];
+
+fn content_type() -> BoxedStrategy<Option<String>> {
+    prop_oneof![
+        2 => Just(None),
+        4 => Just(Some("application/json".to_owned())),
+        3 => select(
+            vec![
+                "application/json; charset=utf-8",
+                "application/json; charset=latin1",
+                "application/problem+json",
+                "application/vnd.orderly+json",
+                "text/plain",
+                "text/json",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x",
+                "application/octet-stream",
+                "",
+                "application/",
+                "*/*",
+                "APPLICATION/JSON",
+            ]
+        )
+        .prop_map(|s| Some(s.to_owned())),
+        1 => "[ -~]{0,40}".prop_map(Some),
+    ]
+    .boxed()
+}
+
+fn raw(e: Endpoint, p: &Pools) -> BoxedStrategy<Body> {
+    let text = plausible(e, p).prop_map(|v| v.to_string().into_bytes());
+    let bytes = prop_oneof![
+        2 => prop::collection::vec(any::<u8>(), 0..256),
+        2 => select(RAW_TEXTS).prop_map(|s| s.as_bytes().to_vec()),
+        // A plausible body with a number JSON allows but no i64 holds (or one it forbids).
+        3 => (plausible(e, p), select(e.fields()), select(HUGE_NUMBERS)).prop_map(|(v, k, n)| {
+            let rest = v.to_string();
+            let rest = &rest[1..];
+            let sep = if rest == "}" || rest.is_empty() { "" } else { "," };
+            format!("{{\"{k}\": {n}{sep}{rest}").into_bytes()
+        }),
+        // A plausible body cut short, or with a byte changed.
+        3 => (text, any::<Index>(), any::<u8>(), any::<bool>()).prop_map(|(mut b, at, byte, cut)| {
+            if !b.is_empty() {
+                let at = at.index(b.len());
+                if cut {
+                    b.truncate(at);
+                } else {
+                    b[at] = byte;
+                }
+            }
+            b
+        }),
+        1 => select(vec![127usize, 129, 10_000]).prop_map(|depth| {
+            let mut b = vec![b'['; depth];
+            b.extend(std::iter::repeat_n(b']', depth));
+            b
+        }),
+    ];
+    (bytes, content_type())
+        .prop_map(|(bytes, content_type)| Body::Raw { bytes, content_type })
+        .boxed()
+}
+
+// ------------------------------------------------------------------ the world
+
+/// What a case may change in the database. A non-2xx answer must leave it as it was.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Snapshot(BTreeMap<&'static str, i64>);
+
+impl Snapshot {
+    fn differences(&self, after: &Snapshot) -> Vec<String> {
+        self.0
+            .iter()
+            .filter(|(k, v)| after.0.get(*k) != Some(v))
+            .map(|(k, v)| format!("{k}: {v} -> {}", after.0[k]))
+            .collect()
+    }
+}
+
+async fn snapshot(app: &TestApp) -> Snapshot {
+    let mut m = BTreeMap::new();
+    // One query per shard (not one per table): the snapshot is taken after every case.
+    let shards = app.app.orders.shards();
+    let per_shard = shards.all().iter().map(|shard| {
+        let t = &shard.tables;
+        let sql = format!(
+            "SELECT (SELECT COUNT(*) FROM {o}), (SELECT COUNT(*) FROM {i}), \
+             (SELECT COUNT(*) FROM {p}), (SELECT COUNT(*) FROM {d}), (SELECT COUNT(*) FROM {v}), \
+             (SELECT CAST(COALESCE(SUM(version), 0) AS SIGNED) FROM {o})",
+            o = t.orders,
+            i = t.items,
+            p = t.payments,
+            d = t.discounts,
+            v = t.voids
+        );
+        let pool = shards.primary(shard);
+        async move {
+            sqlx::query_as::<_, (i64, i64, i64, i64, i64, i64)>(AssertSqlSafe(sql))
+                .fetch_one(pool)
+                .await
+                .expect("shard counts")
+        }
+    });
+    let names = [
+        "orders",
+        "order_items",
+        "order_payments",
+        "order_discounts",
+        "order_voids",
+        "sum of order versions",
+    ];
+    for row in futures::future::join_all(per_shard).await {
+        let row = [row.0, row.1, row.2, row.3, row.4, row.5];
+        for (name, n) in names.iter().zip(row) {
+            *m.entry(*name).or_insert(0) += n;
+        }
+    }
+    let commerce: (i64, i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM users), (SELECT COUNT(*) FROM shops), \
+         (SELECT COUNT(*) FROM products), (SELECT COUNT(*) FROM coupons), \
+         (SELECT COUNT(*) FROM order_claims), (SELECT COUNT(*) FROM stock_reservations), \
+         (SELECT COUNT(*) FROM payment_numbers), \
+         (SELECT CAST(COALESCE(SUM(stock), 0) AS SIGNED) FROM products), \
+         (SELECT COUNT(*) FROM coupons WHERE redeemed_order_id IS NOT NULL)",
+    )
+    .fetch_one(&app.commerce)
+    .await
+    .expect("commerce counts");
+    let commerce = [
+        ("users", commerce.0),
+        ("shops", commerce.1),
+        ("products", commerce.2),
+        ("coupons", commerce.3),
+        ("order_claims", commerce.4),
+        ("stock_reservations", commerce.5),
+        ("payment_numbers", commerce.6),
+        ("sum of stock", commerce.7),
+        ("redeemed coupons", commerce.8),
+    ];
+    m.extend(commerce);
+    Snapshot(m)
+}
+
+/// The state each real order is kept in: a case that moves one on gets it replaced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kept {
+    Pending,
+    Paid,
+    Shipped,
+    /// Pending, of the other user: only the admin may touch it.
+    Others,
+}
+
+impl Kept {
+    fn status(self) -> &'static str {
+        match self {
+            Kept::Pending | Kept::Others => "pending_payment",
+            Kept::Paid => "paid",
+            Kept::Shipped => "shipped",
+        }
+    }
+}
+
+const KEPT: [Kept; 7] = [
+    Kept::Pending,
+    Kept::Pending,
+    Kept::Paid,
+    Kept::Paid,
+    Kept::Shipped,
+    Kept::Shipped,
+    Kept::Others,
+];
+
+#[derive(Default)]
+struct Stats {
+    requests: u64,
+    answers: BTreeMap<String, BTreeMap<u16, u64>>,
+}
+
+struct World {
+    app: TestApp,
+    pools: Pools,
+    shop: orderly::domain::ids::ShopId,
+    other_shop: orderly::domain::ids::ShopId,
+    /// The real orders, one per [`KEPT`] slot; replaced when a case moves one on.
+    orders: Mutex<Vec<String>>,
+    baseline: Mutex<Snapshot>,
+    stats: Mutex<Stats>,
+}
+
+impl World {
+    async fn set_up() -> World {
+        // The sweeper confirms and voids claims on its own clock; a snapshot must change
+        // only by the case just sent, so it stays asleep for the length of any run.
+        let app = TestApp::spawn_with(|s| s.sweeper.interval_secs = 7 * 86_400).await;
+        let cat = app.catalog(&[1_000_000, 1_000_000, 1_000_000]).await;
+        let other = app.catalog(&[1_000_000]).await;
+        let coupons = vec![
+            app.coupon(OWNER, 100, 0).await,
+            app.coupon(OWNER, 200, 5_000).await,
+            app.coupon(OTHER_USER, 100, 0).await,
+        ];
+        let mut fresh_order_ids = Vec::new();
+        for _ in 0..4 {
+            fresh_order_ids.push(app.new_order_id(OWNER).await);
+        }
+        let mut world = World {
+            pools: Pools {
+                products: [cat.products.clone(), other.products].concat(),
+                shops: vec![cat.shop.to_string(), other.shop.to_string()],
+                users: vec![OWNER.to_string(), OTHER_USER.to_string()],
+                coupons,
+                fresh_order_ids,
+                orders: Vec::new(),
+            },
+            shop: cat.shop,
+            other_shop: other.shop,
+            orders: Mutex::new(Vec::new()),
+            baseline: Mutex::new(snapshot(&app).await),
+            stats: Mutex::default(),
+            app,
+        };
+        let mut orders = Vec::new();
+        for kept in KEPT {
+            orders.push(world.order_in(kept).await);
+        }
+        world.pools.orders = orders.clone();
+        world.orders = Mutex::new(orders);
+        let baseline = snapshot(&world.app).await;
+        // The snapshot counts what the helpers count.
+        for t in ["orders", "order_items", "order_payments", "order_discounts"] {
+            assert_eq!(baseline.0[t], world.app.count_shard_rows(t).await, "{t}");
+        }
+        for t in ["users", "shops", "products", "coupons", "payment_numbers"] {
+            assert_eq!(baseline.0[t], world.app.count_commerce_rows(t).await, "{t}");
+        }
+        world.baseline = Mutex::new(baseline);
+        world
+    }
+
+    /// A new order in the state of `kept`, through the API.
+    async fn order_in(&self, kept: Kept) -> String {
+        let app = &self.app;
+        let product = self.pools.products[0].as_str();
+        let user = if kept == Kept::Others { OTHER_USER } else { OWNER };
+        let order = app.place_order(user, &[(product, 1)]).await;
+        let id = order["order_id"].as_str().unwrap().to_owned();
+        if matches!(kept, Kept::Paid | Kept::Shipped) {
+            let (s, paid) = app.pay(&order).await;
+            assert!(s.is_success(), "{paid}");
+            if kept == Kept::Shipped {
+                let (s, shipped) = app
+                    .call(
+                        "POST",
+                        &format!("/v1/orders/{id}/shipment"),
+                        Some(&app.merchant_token(self.shop)),
+                        Some(json!({"expected_version": paid["version"], "carrier": "SF", "tracking_number": "SF1"})),
+                    )
+                    .await;
+                assert!(s.is_success(), "{shipped}");
+            }
+        }
+        id
+    }
+
+    fn token(&self, endpoint: Endpoint, who: Who) -> Option<String> {
+        let app = &self.app;
+        let who = match (who, endpoint) {
+            (Who::Right, Endpoint::Pay | Endpoint::Refund) => Who::Service,
+            (Who::Right, Endpoint::Ship | Endpoint::Products | Endpoint::Stock | Endpoint::Coupons) => {
+                Who::Merchant
+            }
+            (Who::Right, Endpoint::Invalidate | Endpoint::Users | Endpoint::Shops) => Who::Admin,
+            (Who::Right, _) => Who::Owner,
+            (who, _) => who,
+        };
+        match who {
+            Who::Right => unreachable!("resolved above"),
+            Who::Owner => Some(app.user_token(OWNER)),
+            Who::OtherUser => Some(app.user_token(OTHER_USER)),
+            Who::Merchant => Some(app.merchant_token(self.shop)),
+            Who::OtherMerchant => Some(app.merchant_token(self.other_shop)),
+            Who::Service => Some(app.service_token()),
+            Who::Admin => Some(app.admin_token()),
+            Who::Nobody => None,
+            Who::Forged => Some("not.a.jwt".into()),
+        }
+    }
+
+    /// Sends `case`; `Err` only when no HTTP answer came back.
+    async fn send(&self, case: &Case) -> Result<(reqwest::StatusCode, Option<String>, String), String> {
+        let slot = match &case.id {
+            PathId::Real(i) => Some(i.index(KEPT.len())),
+            _ => None,
+        };
+        let id = match (&case.id, case.endpoint) {
+            (PathId::Real(i), Endpoint::Stock) => {
+                self.pools.products[i.index(self.pools.products.len())].clone()
+            }
+            (PathId::Real(_), _) => self.orders.lock().unwrap()[slot.unwrap()].clone(),
+            (PathId::Digits(d), _) => d.clone(),
+            (PathId::Odd(s), _) => (*s).to_owned(),
+        };
+        let app = &self.app;
+        let mut req = app.client.request(
+            case.endpoint.method().parse().unwrap(),
+            format!("{}{}", app.base, case.endpoint.path(&id)),
+        );
+        if let Some(t) = self.token(case.endpoint, case.who) {
+            req = req.bearer_auth(t);
+        }
+        req = match &case.body {
+            Body::None => req,
+            Body::Json(v) => req.json(v),
+            Body::Raw { bytes, content_type } => {
+                let req = req.body(bytes.clone());
+                match content_type {
+                    Some(ct) => req.header(CONTENT_TYPE, ct),
+                    None => req,
+                }
+            }
+        };
+        let resp = req.send().await.map_err(|e| format!("no answer: {e:?}"))?;
+        let status = resp.status();
+        let ct = resp
+            .headers()
+            .get(CONTENT_TYPE)
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let text = resp.text().await.map_err(|e| format!("answer cut off: {e:?}"))?;
+        Ok((status, ct, text))
+    }
+
+    async fn check(&self, case: &Case) -> Result<(), TestCaseError> {
+        let (status, ct, text) = self.send(case).await.map_err(TestCaseError::fail)?;
+        {
+            let mut stats = self.stats.lock().unwrap();
+            stats.requests += 1;
+            *stats
+                .answers
+                .entry(format!("{:?}", case.endpoint))
+                .or_default()
+                .entry(status.as_u16())
+                .or_default() += 1;
+        }
+        let answer = || format!("{status} {ct:?} {}", truncate(&text));
+        prop_assert!(!status.is_server_error(), "a 5xx: {}", answer());
+        let after = snapshot(&self.app).await;
+        if status.is_success() {
+            prop_assert!(
+                serde_json::from_str::<Value>(&text).is_ok(),
+                "a 2xx that is not JSON: {}",
+                answer()
+            );
+            *self.baseline.lock().unwrap() = after;
+            if case.endpoint.on_an_order() {
+                self.replace_moved_orders().await;
+            }
+            return Ok(());
+        }
+        let before = std::mem::replace(&mut *self.baseline.lock().unwrap(), after.clone());
+        let written = before.differences(&after);
+        prop_assert!(written.is_empty(), "{} wrote: {written:?}", answer());
+        prop_assert_eq!(ct.as_deref(), Some("application/problem+json"), "{}", answer());
+        let problem: Value = serde_json::from_str(&text)
+            .map_err(|e| TestCaseError::fail(format!("a problem that is not JSON ({e}): {}", answer())))?;
+        prop_assert!(
+            problem["code"].is_string(),
+            "a problem without a code: {}",
+            answer()
+        );
+        prop_assert_eq!(
+            problem["status"].as_u64(),
+            Some(u64::from(status.as_u16())),
+            "{}",
+            answer()
+        );
+        Ok(())
+    }
+
+    /// Replaces every real order no longer in its slot's state, and takes a new baseline.
+    async fn replace_moved_orders(&self) {
+        let current = self.orders.lock().unwrap().clone();
+        let admin = self.app.admin_token();
+        let mut replaced = false;
+        for (slot, id) in current.iter().enumerate() {
+            let (s, order) = self
+                .app
+                .call("GET", &format!("/v1/orders/{id}"), Some(&admin), None)
+                .await;
+            assert!(s.is_success(), "{order}");
+            if order["status"] != KEPT[slot].status() {
+                let fresh = self.order_in(KEPT[slot]).await;
+                self.orders.lock().unwrap()[slot] = fresh;
+                replaced = true;
+            }
+        }
+        if replaced {
+            *self.baseline.lock().unwrap() = snapshot(&self.app).await;
+        }
+    }
+}
+
+fn truncate(s: &str) -> &str {
+    match s.char_indices().nth(300) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
