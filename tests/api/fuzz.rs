@@ -536,7 +536,7 @@ fn currency(mode: Mode) -> BoxedStrategy<Value> {
 
 fn time(mode: Mode) -> BoxedStrategy<Value> {
     let now = chrono::Utc::now();
-    let near: Vec<String> = [-86_400i64, 3_600, 86_400, 365 * 86_400]
+    let near: Vec<String> = [3_600i64, 86_400, 365 * 86_400]
         .iter()
         .map(|s| (now + chrono::TimeDelta::seconds(*s)).to_rfc3339())
         .collect();
@@ -557,6 +557,7 @@ fn time(mode: Mode) -> BoxedStrategy<Value> {
     let odd = prop_oneof![
         3 => select(vec![
             "1969-12-31T23:59:59Z",
+            "2001-01-01T00:00:00Z",
             "1970-01-01T00:30:00+01:00",
             "9999-12-31T23:30:00-01:00",
             "2030-02-30T00:00:00Z",
@@ -1095,10 +1096,11 @@ impl World {
         let app = &self.app;
         let who = match (who, endpoint) {
             (Who::Right, Endpoint::Pay | Endpoint::Refund) => Who::Service,
-            (Who::Right, Endpoint::Ship | Endpoint::Products | Endpoint::Stock | Endpoint::Coupons) => {
-                Who::Merchant
+            (Who::Right, Endpoint::Ship | Endpoint::Products | Endpoint::Stock) => Who::Merchant,
+            // A merchant's coupon must name its shop; the admin's is any coupon.
+            (Who::Right, Endpoint::Invalidate | Endpoint::Users | Endpoint::Shops | Endpoint::Coupons) => {
+                Who::Admin
             }
-            (Who::Right, Endpoint::Invalidate | Endpoint::Users | Endpoint::Shops) => Who::Admin,
             (Who::Right, _) => Who::Owner,
             (who, _) => who,
         };
@@ -1186,12 +1188,12 @@ impl World {
         prop_assert!(!status.is_server_error(), "a 5xx: {}", answer());
         let after = snapshot(&self.app).await;
         if status.is_success() {
-            prop_assert!(
-                serde_json::from_str::<Value>(&text).is_ok(),
-                "a 2xx that is not JSON: {}",
-                answer()
-            );
+            let created: Value = serde_json::from_str(&text)
+                .map_err(|e| TestCaseError::fail(format!("a 2xx that is not JSON ({e}): {}", answer())))?;
             *self.baseline.lock().unwrap() = after;
+            if let Err(why) = self.read_back(case.endpoint, &created).await {
+                return Err(TestCaseError::fail(format!("{} then {why}", answer())));
+            }
             if case.endpoint.on_an_order() {
                 self.replace_moved_orders().await;
             }
@@ -1214,6 +1216,41 @@ impl World {
             "{}",
             answer()
         );
+        Ok(())
+    }
+
+    /// Reads what a 2xx wrote through the API: whatever a request could store, the service
+    /// must be able to read back (a value the database took differently than meant, like a
+    /// leap second stored as the zero date, answers 500 on every later read).
+    async fn read_back(&self, endpoint: Endpoint, written: &Value) -> Result<(), String> {
+        let app = &self.app;
+        let admin = app.admin_token();
+        let id = |k: &str| written[k].as_str().unwrap_or_default().to_owned();
+        let (method, path, token, body) = match endpoint {
+            Endpoint::Users => ("GET", format!("/v1/users/{}", id("user_id")), admin, None),
+            Endpoint::Products | Endpoint::Stock => {
+                ("GET", format!("/v1/products/{}", id("product_id")), admin, None)
+            }
+            // Pricing loads the coupon, whoever it was issued to.
+            Endpoint::Coupons => (
+                "POST",
+                "/v1/orders/preview".to_owned(),
+                app.user_token(OWNER),
+                Some(json!({
+                    "items": [{"product_id": self.pools.products[0], "quantity": 1}],
+                    "coupon_ids": [id("coupon_id")],
+                })),
+            ),
+            e if e == Endpoint::Create || e.on_an_order() => {
+                ("GET", format!("/v1/orders/{}", id("order_id")), admin, None)
+            }
+            Endpoint::OrderIds | Endpoint::Preview | Endpoint::Shops => return Ok(()),
+            e => unreachable!("{e:?} is on an order"),
+        };
+        let (s, answer) = app.call(method, &path, Some(&token), body).await;
+        if s.is_server_error() {
+            return Err(format!("reading it back ({method} {path}) answered {s} {answer}"));
+        }
         Ok(())
     }
 
