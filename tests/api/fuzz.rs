@@ -4,7 +4,8 @@
 //! orders and products and on ids that name nothing. Every answer must be a 2xx or a 4xx
 //! problem (`application/problem+json` with a `code`), never a dropped connection, and an
 //! answer that is not a 2xx must leave the database as it was: the row counts of every order
-//! and commerce table, every order's version and the stock of every product.
+//! and commerce table, every order's version and the stock of every product. What a 2xx
+//! wrote must read back through the API without a 5xx.
 //!
 //! One app serves every case of a run: the runner works on a blocking thread and drives each
 //! HTTP call on the test's runtime through a [`Handle`]. A case that answered 2xx may write
