@@ -28,11 +28,13 @@ pub const MAX_REASON_CHARS: usize = 500;
 pub const MAX_TRACKING_CHARS: usize = 64;
 pub const MAX_CARRIER_CHARS: usize = 64;
 
-/// Times we store: years 1970 to 9999 (what DATETIME and the id epoch can hold). Anything
-/// else in a request is a validation failure, never a database error.
+/// Times we store: years 1970 to 9999 (what DATETIME and the id epoch can hold), and no
+/// leap second. Anything else in a request is a validation failure, never a database error.
+/// (chrono reads `23:59:60` as a nanosecond count past 10^9; DATETIME has no such second,
+/// and the server stores it as the zero date, which no later read can decode.)
 pub fn is_storable_time(t: &DateTime<Utc>) -> bool {
-    use chrono::Datelike;
-    (1970..=9999).contains(&t.year())
+    use chrono::{Datelike, Timelike};
+    (1970..=9999).contains(&t.year()) && t.nanosecond() < 1_000_000_000
 }
 
 /// One failing field of a request.
@@ -546,6 +548,17 @@ impl Order {
 mod tests {
     use super::*;
     use crate::domain::ids::{IdGenerator, WorkerId};
+
+    #[test]
+    fn storable_times_are_1970_to_9999_without_leap_seconds() {
+        let t = |s: &str| DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc);
+        assert!(is_storable_time(&t("1970-01-01T00:00:00Z")));
+        assert!(is_storable_time(&t("9999-12-31T23:59:59.999999999Z")));
+        assert!(!is_storable_time(&t("1969-12-31T23:59:59Z")));
+        assert!(!is_storable_time(&t("9999-12-31T23:30:00-01:00")));
+        assert!(!is_storable_time(&t("2030-06-30T23:59:60Z")));
+        assert!(!is_storable_time(&t("2030-06-30T23:59:60.5Z")));
+    }
 
     fn user() -> UserId {
         UserId::new(7).unwrap()

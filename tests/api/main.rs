@@ -9,6 +9,7 @@ mod cache;
 mod cancellation;
 mod catalog;
 mod exactly_once;
+mod fuzz;
 mod lifecycle;
 mod metrics;
 mod no_lost_update;
