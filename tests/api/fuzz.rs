@@ -27,7 +27,7 @@ use tokio::runtime::Handle;
 use crate::helpers::TestApp;
 
 /// Cases of the test that runs with the others: a few seconds against one app.
-const QUICK_CASES: u32 = 300;
+const QUICK_CASES: u32 = 1_000;
 /// Cases of the ignored long run, unless `FUZZ_CASES` says otherwise.
 const LONG_CASES: u32 = 10_000;
 /// Shrinking a failure re-sends requests; a few hundred steps find a small case in seconds.
