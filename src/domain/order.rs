@@ -38,7 +38,7 @@ pub fn is_storable_time(t: &DateTime<Utc>) -> bool {
 }
 
 /// One failing field of a request.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub field: String,
     pub message: String,
@@ -90,7 +90,7 @@ pub fn check_text(errors: &mut FieldErrors, field: &str, value: &str, max: usize
 /// The receiver address as the client sends it. Personal data: its `Debug` shows none of it,
 /// so no log line, span field or panic message that prints an order (or a request holding an
 /// address) carries a name, phone number or place.
-#[derive(Clone, PartialEq, Eq, Deserialize, serde::Serialize, Default)]
+#[derive(Clone, PartialEq, Eq, Deserialize, serde::Serialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Address {
     pub name: String,
@@ -117,31 +117,39 @@ impl Address {
 }
 
 /// `POST /v1/orders` body, before validation.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrderRequest {
+    /// From `POST /v1/order-ids`; the idempotency key of the create.
+    #[schema(value_type = OrderId)]
     pub order_id: String,
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<LineRequest>,
     #[serde(default)]
+    #[schema(value_type = Vec<CouponId>)]
     pub coupon_ids: Vec<String>,
     pub address: Address,
     #[serde(default)]
     pub remark: String,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LineRequest {
+    #[schema(value_type = ProductId)]
     pub product_id: String,
+    #[schema(minimum = 1)]
     pub quantity: i64,
 }
 
 /// `POST /v1/orders/preview` body: the same without an order id.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreviewRequest {
+    #[schema(min_items = 1, max_items = 100)]
     pub items: Vec<LineRequest>,
     #[serde(default)]
+    #[schema(value_type = Vec<CouponId>)]
     pub coupon_ids: Vec<String>,
 }
 
@@ -304,7 +312,7 @@ pub struct CouponSnapshot {
     pub redeemed_order_id: Option<OrderId>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct OrderLine {
     pub line_no: u32,
     pub product_id: ProductId,
@@ -314,7 +322,7 @@ pub struct OrderLine {
     pub line_total: Money,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct OrderDiscount {
     pub line_no: u32,
     pub coupon_id: Option<CouponId>,
@@ -324,7 +332,7 @@ pub struct OrderDiscount {
 }
 
 /// The priced order: what the buyer pays and why.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Pricing {
     pub shop_id: ShopId,
     pub currency: Currency,
@@ -445,7 +453,7 @@ pub fn price_order(
 }
 
 /// A payment or a refund recorded on an order.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Payment {
     pub kind: PaymentKind,
     pub transaction_no: String,
@@ -454,7 +462,7 @@ pub struct Payment {
     pub created_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PaymentKind {
     Payment = 0,

@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 
 use super::ids::UserId;
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct User {
     pub user_id: UserId,
     pub name: String,

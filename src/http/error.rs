@@ -8,11 +8,39 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
+use crate::domain::ids::{CouponId, ProductId};
 use crate::domain::order::{FieldError, FieldErrors};
 use crate::service::Error;
 use crate::storage::StorageError;
 
 pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// The body of every problem response as the OpenAPI document describes it: what [`problem`]
+/// writes (the five members every problem has), then the extension members of some refusals.
+/// A unit test holds the two together.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Problem {
+    /// `urn:orderly:problem:<code>`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// The HTTP status's reason phrase.
+    pub title: String,
+    pub status: u16,
+    /// For people; may change. Never carries internal causes.
+    pub detail: String,
+    /// Stable, for programs: `validation_failed`, `not_found`, `version_conflict`, …
+    pub code: String,
+    /// `validation_failed`: the failing fields.
+    pub errors: Option<Vec<FieldError>>,
+    /// `version_conflict`: the order's version now.
+    pub current_version: Option<i64>,
+    /// `invalid_transition`: the order's status now (RFC 9457 reserves `status`).
+    pub current_status: Option<String>,
+    /// `out_of_stock`: the product that ran out.
+    pub product_id: Option<ProductId>,
+    /// `coupon_unavailable`: the coupon another order used.
+    pub coupon_id: Option<CouponId>,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -210,6 +238,70 @@ fn service_problem(e: Error) -> Response {
 #[cfg(test)]
 mod tests {
     use super::cause_chain;
+    use super::{ApiError, Problem};
+    use crate::domain::ids::{CouponId, ProductId};
+    use crate::domain::order::FieldErrors;
+    use crate::domain::status::OrderStatus;
+    use crate::service::Error;
+    use axum::response::IntoResponse;
+    use utoipa::openapi::schema::Schema;
+    use utoipa::openapi::RefOr;
+    use utoipa::PartialSchema;
+
+    /// Every member a problem carries is a property of the documented `Problem` schema, and
+    /// every required one is there.
+    #[tokio::test]
+    async fn every_problem_body_matches_the_documented_schema() {
+        let RefOr::T(Schema::Object(schema)) = Problem::schema() else {
+            panic!("Problem is an object schema");
+        };
+        let errors = [
+            ApiError::Unauthorized("x"),
+            ApiError::MalformedJson("x".into()),
+            ApiError::UnsupportedMediaType,
+            ApiError::PayloadTooLarge,
+            ApiError::NoRoute,
+            ApiError::MethodNotAllowed,
+            ApiError::Timeout,
+            ApiError::Internal("x".into()),
+            FieldErrors::single("f", "m").into(),
+            Error::NotFound.into(),
+            Error::Forbidden("x").into(),
+            Error::VersionConflict { current_version: 3 }.into(),
+            Error::InvalidTransition {
+                status: OrderStatus::Shipped,
+            }
+            .into(),
+            Error::IdempotencyConflict.into(),
+            Error::OutOfStock {
+                product_id: ProductId::new(7).unwrap(),
+            }
+            .into(),
+            Error::CouponUnavailable {
+                coupon_id: CouponId::new(7).unwrap(),
+            }
+            .into(),
+            Error::PaymentMismatch { detail: "x".into() }.into(),
+            Error::Unavailable("x".into()).into(),
+        ];
+        for e in errors {
+            let text = format!("{e:?}");
+            let body = axum::body::to_bytes(e.into_response().into_body(), 1 << 16)
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let members = body.as_object().unwrap();
+            for key in members.keys() {
+                assert!(
+                    schema.properties.contains_key(key),
+                    "{text}: {key} is undocumented"
+                );
+            }
+            for key in &schema.required {
+                assert!(members.contains_key(key), "{text}: {key} is missing");
+            }
+        }
+    }
 
     #[derive(Debug, thiserror::Error)]
     #[error("storage failed")]

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod openapi;
 pub mod orders;
 
 use std::future::Future;
@@ -21,7 +22,7 @@ use axum::extract::{MatchedPath, Request};
 use axum::http::{HeaderName, HeaderValue, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
+use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -172,12 +173,22 @@ async fn record_metrics(req: Request, next: Next) -> Response {
     response
 }
 
-/// The whole API.
-pub fn router(state: AppState, body_limit: usize, timeout: Duration) -> Router {
-    Router::new()
+/// Every route of every feature, with the OpenAPI document they make: the router serves
+/// exactly what the document describes (see [`openapi`]).
+pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    use utoipa::OpenApi;
+    utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(orders::router())
         .merge(catalog::router())
         .merge(health::router())
+        .merge(openapi::router())
+}
+
+/// The whole API.
+pub fn router(state: AppState, body_limit: usize, timeout: Duration) -> Router {
+    let (routes, doc) = api().split_for_parts();
+    routes
+        .layer(Extension(openapi::Document(Arc::new(doc))))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Enforced by the JSON extractor, which answers with a 413 problem.

@@ -1,21 +1,23 @@
-//! Order routes: ids, preview, create, read, list and the life cycle.
+//! Order routes: ids, preview, create, read, list and the life cycle. Each handler's
+//! `#[utoipa::path]` is its entry in the OpenAPI document (see [`super::openapi`]).
 
 use std::collections::HashMap;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::json;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::domain::actor::Caller;
 use crate::domain::ids::{OrderId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{
     Address, CreateOrderRequest, FieldErrors, Order, OrderDiscount, OrderLine, Payment, PreviewRequest,
+    Pricing,
 };
 use crate::domain::status::OrderStatus;
 use crate::lease::IdSourceError;
@@ -27,31 +29,39 @@ use crate::service::Error;
 use super::auth::Auth;
 use super::error::ApiError;
 use super::extract::{Json, PathParam, QueryMap};
+use super::openapi::{
+    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable, Unprocessable,
+    UnsupportedMediaType,
+};
 use super::{write, AppState};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/v1/order-ids", post(new_order_id))
-        .route("/v1/orders/preview", post(preview))
-        .route("/v1/orders", post(create).get(list))
-        .route("/v1/orders/{id}", get(get_order).patch(patch))
-        .route("/v1/orders/{id}/payments", post(pay))
-        .route("/v1/orders/{id}/shipment", post(ship))
-        .route("/v1/orders/{id}/confirm", post(confirm))
-        .route("/v1/orders/{id}/cancel", post(cancel))
-        .route("/v1/orders/{id}/refunds", post(refund))
-        .route("/v1/orders/{id}/invalidate", post(invalidate))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(new_order_id))
+        .routes(routes!(preview))
+        .routes(routes!(create, list))
+        .routes(routes!(get_order, patch))
+        .routes(routes!(pay))
+        .routes(routes!(ship))
+        .routes(routes!(confirm))
+        .routes(routes!(cancel))
+        .routes(routes!(refund))
+        .routes(routes!(invalidate))
 }
 
 type ApiResult = Result<Response, ApiError>;
 
-/// The order as JSON (SPEC section 3): ids as strings, status as name and code.
-#[derive(Serialize)]
+/// The order as JSON (SPEC section 3): ids as strings, status as name and code. Every change
+/// answers with it at its new version; `ETag` carries the version too.
+#[derive(Serialize, ToSchema)]
 pub struct OrderView<'a> {
     order_id: OrderId,
     user_id: UserId,
     shop_id: ShopId,
+    /// `pending_payment`, `awaiting_shipment`, `shipped`, `completed`, `closed` or `invalid`.
+    #[schema(example = "pending_payment")]
     status: &'static str,
+    /// The status as its integer: 0 to 5, in the order of `status`'s names.
     status_code: u8,
     version: i64,
     currency: Currency,
@@ -61,9 +71,10 @@ pub struct OrderView<'a> {
     items: &'a [OrderLine],
     payments: &'a [Payment],
     discounts: &'a [OrderDiscount],
-    /// Absent when redacted for the caller (see [`OrderView::redacted_for`]).
+    /// Absent for the payment channel (`service`), which learns nothing about the buyer.
     #[serde(skip_serializing_if = "Option::is_none")]
     address: Option<&'a Address>,
+    /// Absent for the payment channel, like `address`.
     #[serde(skip_serializing_if = "Option::is_none")]
     remark: Option<&'a str>,
     tracking_number: Option<&'a str>,
@@ -126,6 +137,20 @@ impl OrderView<'_> {
     }
 }
 
+/// `POST /v1/order-ids`: a fresh id for the caller's next order.
+#[derive(Serialize, ToSchema)]
+pub struct NewOrderId {
+    order_id: OrderId,
+}
+
+/// A page of `GET /v1/orders`, newest first.
+#[derive(Serialize, ToSchema)]
+pub struct OrderList<'a> {
+    orders: Vec<OrderView<'a>>,
+    /// Opaque; send it back as `cursor` for the next page. `null` on the last page.
+    next_cursor: Option<String>,
+}
+
 /// The whole order, as `caller` may see it, with its version as a strong `ETag`.
 fn order_response(caller: Caller, status: StatusCode, order: &Order) -> Response {
     let etag = format!("\"{}\"", order.version);
@@ -146,6 +171,19 @@ fn check_consistency(params: &HashMap<String, String>) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/order-ids",
+    operation_id = "new_order_id",
+    tag = "orders",
+    description = "A fresh order id for the calling buyer (role `user`); its low bits name the buyer's shard.",
+    responses(
+        (status = 201, description = "The id", body = NewOrderId),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn new_order_id(State(s): State<AppState>, Auth(c): Auth) -> ApiResult {
     let Caller::User(user) = c else {
         return Err(Error::Forbidden("order ids are issued to buyers").into());
@@ -153,13 +191,54 @@ async fn new_order_id(State(s): State<AppState>, Auth(c): Auth) -> ApiResult {
     let id = s.ids.next_for(user).map_err(|e| match e {
         IdSourceError::LeaseLost | IdSourceError::Clock(_) => Error::Unavailable(e.to_string()),
     })?;
-    Ok((StatusCode::CREATED, axum::Json(json!({"order_id": id}))).into_response())
+    Ok((StatusCode::CREATED, axum::Json(NewOrderId { order_id: id })).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/preview",
+    operation_id = "preview_order",
+    tag = "orders",
+    description = "Prices a would-be order (items, coupons) without side effects. Buyers only.",
+    request_body = PreviewRequest,
+    responses(
+        (status = 200, description = "The pricing", body = Pricing),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn preview(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<PreviewRequest>) -> ApiResult {
     Ok(axum::Json(s.orders.preview(c, req).await?).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders",
+    operation_id = "create_order",
+    tag = "orders",
+    description = "Creates an order exactly once per `order_id`: 201 new, 200 for an identical replay, 409 `idempotency_conflict` for the same id with other content. Buyers only.",
+    request_body = CreateOrderRequest,
+    responses(
+        (status = 201, description = "Created", body = OrderView),
+        (status = 200, description = "An identical replay: the order as created", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<CreateOrderRequest>) -> ApiResult {
     let orders = s.orders.clone();
     let (order, created) = write(&s, async move { orders.create(c, req).await }).await?;
@@ -170,6 +249,26 @@ async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Create
     Ok(order_response(c, status, &order))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/orders/{id}",
+    operation_id = "get_order",
+    tag = "orders",
+    description = "The order, for its buyer, its shop and administrators; another party's order is 404.",
+    params(
+        ("id" = OrderId, Path, description = "The order id"),
+        ("consistency" = Option<String>, Query, description = "`eventual`, `session` (default) or `strong`"),
+        ("include" = Option<String>, Query, description = "`user` adds the buyer's profile as `user`"),
+    ),
+    responses(
+        (status = 200, description = "The order; `ETag` is its version", body = OrderView),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn get_order(
     State(s): State<AppState>,
     Auth(c): Auth,
@@ -202,6 +301,29 @@ fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/orders",
+    operation_id = "list_orders",
+    tag = "orders",
+    description = "The caller's orders, newest first (keyset pages); administrators name a `user_id`.",
+    params(
+        ("user_id" = Option<UserId>, Query, description = "Administrators: whose orders"),
+        ("status" = Option<String>, Query, description = "A status name or code"),
+        ("created_from" = Option<DateTime<Utc>>, Query, description = "RFC 3339, inclusive"),
+        ("created_to" = Option<DateTime<Utc>>, Query, description = "RFC 3339"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size (default 20)"),
+        ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
+        ("consistency" = Option<String>, Query, description = "`eventual`, `session` (default) or `strong`"),
+    ),
+    responses(
+        (status = 200, description = "A page", body = OrderList),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryMap) -> ApiResult {
     check_consistency(&params)?;
     let mut errors = FieldErrors::default();
@@ -235,10 +357,34 @@ async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryM
     }
     errors.into_result(())?;
     let (orders, next) = s.orders.list(c, p).await?;
-    let views: Vec<OrderView> = orders.iter().map(OrderView::from).collect();
-    Ok(axum::Json(json!({"orders": views, "next_cursor": next})).into_response())
+    let page = OrderList {
+        orders: orders.iter().map(OrderView::from).collect(),
+        next_cursor: next,
+    };
+    Ok(axum::Json(page).into_response())
 }
 
+#[utoipa::path(
+    patch,
+    path = "/v1/orders/{id}",
+    operation_id = "patch_order",
+    tag = "orders",
+    description = "Field changes with `expected_version`: the buyer changes `address` and `remark` before shipment, the shop `tracking_number` and `carrier`.",
+    params(("id" = OrderId, Path, description = "The order id")),
+    request_body = PatchRequest,
+    responses(
+        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn patch(
     State(s): State<AppState>,
     Auth(c): Auth,
@@ -250,6 +396,27 @@ async fn patch(
     Ok(order_response(c, StatusCode::OK, &order))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{id}/payments",
+    operation_id = "pay_order",
+    tag = "orders",
+    description = "Records the payment (role `service`): pending_payment → awaiting_shipment. The same `transaction_no` again answers the same result.",
+    params(("id" = OrderId, Path, description = "The order id")),
+    request_body = PaymentRequest,
+    responses(
+        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn pay(
     State(s): State<AppState>,
     Auth(c): Auth,
@@ -261,6 +428,27 @@ async fn pay(
     Ok(order_response(c, StatusCode::OK, &order))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{id}/shipment",
+    operation_id = "ship_order",
+    tag = "orders",
+    description = "The shop ships: awaiting_shipment → shipped.",
+    params(("id" = OrderId, Path, description = "The order id")),
+    request_body = ShipmentRequest,
+    responses(
+        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn ship(
     State(s): State<AppState>,
     Auth(c): Auth,
@@ -272,6 +460,27 @@ async fn ship(
     Ok(order_response(c, StatusCode::OK, &order))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{id}/confirm",
+    operation_id = "confirm_order",
+    tag = "orders",
+    description = "The buyer confirms receipt: shipped → completed.",
+    params(("id" = OrderId, Path, description = "The order id")),
+    request_body = VersionedRequest,
+    responses(
+        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn confirm(
     State(s): State<AppState>,
     Auth(c): Auth,
@@ -283,6 +492,27 @@ async fn confirm(
     Ok(order_response(c, StatusCode::OK, &order))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{id}/cancel",
+    operation_id = "cancel_order",
+    tag = "orders",
+    description = "The buyer (before payment) or an administrator cancels: → closed.",
+    params(("id" = OrderId, Path, description = "The order id")),
+    request_body = VersionedRequest,
+    responses(
+        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn cancel(
     State(s): State<AppState>,
     Auth(c): Auth,
@@ -294,6 +524,27 @@ async fn cancel(
     Ok(order_response(c, StatusCode::OK, &order))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{id}/refunds",
+    operation_id = "refund_order",
+    tag = "orders",
+    description = "Records a refund (roles `service`, `admin`); a full refund of a paid order closes it.",
+    params(("id" = OrderId, Path, description = "The order id")),
+    request_body = RefundRequest,
+    responses(
+        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn refund(
     State(s): State<AppState>,
     Auth(c): Auth,
@@ -305,6 +556,27 @@ async fn refund(
     Ok(order_response(c, StatusCode::OK, &order))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/orders/{id}/invalidate",
+    operation_id = "invalidate_order",
+    tag = "orders",
+    description = "An administrator invalidates the order: → invalid.",
+    params(("id" = OrderId, Path, description = "The order id")),
+    request_body = VersionedRequest,
+    responses(
+        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 413, response = PayloadTooLarge),
+        (status = 415, response = UnsupportedMediaType),
+        (status = 422, response = Unprocessable),
+        (status = 503, response = Unavailable),
+    )
+)]
 async fn invalidate(
     State(s): State<AppState>,
     Auth(c): Auth,

@@ -27,25 +27,27 @@ pub const MAX_STOCK: i64 = 1_000_000_000_000;
 /// JavaScript client can hold exactly, so no imported id needs more.
 pub const MAX_EXPLICIT_USER_ID: i64 = 1 << 53;
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUserRequest {
     /// Optional explicit id (e.g. imported from an account system), decimal string.
+    #[schema(value_type = Option<UserId>)]
     pub user_id: Option<String>,
     pub name: String,
     #[serde(default)]
     pub level: i32,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewShopRequest {
     pub name: String,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewProductRequest {
+    #[schema(value_type = ShopId)]
     pub shop_id: String,
     pub name: String,
     pub price: i64,
@@ -53,16 +55,18 @@ pub struct NewProductRequest {
     pub stock: i64,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddStockRequest {
     pub quantity: i64,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewCouponRequest {
+    #[schema(value_type = UserId)]
     pub user_id: String,
+    #[schema(value_type = Option<ShopId>)]
     pub shop_id: Option<String>,
     pub amount: i64,
     #[serde(default)]
@@ -74,7 +78,7 @@ pub struct NewCouponRequest {
 }
 
 /// An issued coupon: its id and what it grants.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct CouponView {
     pub coupon_id: crate::domain::ids::CouponId,
     #[serde(flatten)]

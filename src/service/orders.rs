@@ -84,7 +84,7 @@ pub(crate) fn now() -> DateTime<Utc> {
 }
 
 /// `PATCH` body, parsed.
-#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchRequest {
     pub expected_version: i64,
@@ -94,7 +94,7 @@ pub struct PatchRequest {
     pub carrier: Option<String>,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PaymentRequest {
     pub transaction_no: String,
@@ -102,7 +102,7 @@ pub struct PaymentRequest {
     pub amount: i64,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RefundRequest {
     pub refund_no: String,
@@ -111,7 +111,7 @@ pub struct RefundRequest {
     pub reason: String,
 }
 
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ShipmentRequest {
     pub expected_version: i64,
@@ -120,7 +120,7 @@ pub struct ShipmentRequest {
 }
 
 /// Body of confirm, cancel and invalidate.
-#[derive(Debug, Clone, serde::Deserialize)]
+#[derive(Debug, Clone, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VersionedRequest {
     pub expected_version: i64,

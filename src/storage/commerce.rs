@@ -70,7 +70,7 @@ pub async fn load_user(pool: &MySqlPool, id: UserId) -> Result<Option<User>> {
     .transpose()
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Shop {
     pub shop_id: ShopId,
     pub name: String,
@@ -96,7 +96,7 @@ pub async fn shop_exists(pool: &MySqlPool, id: ShopId) -> Result<bool> {
 
 // ---------------------------------------------------------------- products
 
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
 pub struct Product {
     pub product_id: ProductId,
     pub shop_id: ShopId,
@@ -204,7 +204,7 @@ pub async fn add_stock(
 
 // ---------------------------------------------------------------- coupons
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct NewCoupon {
     pub user_id: UserId,
     pub shop_id: Option<ShopId>,

@@ -14,6 +14,7 @@ mod lifecycle;
 mod metrics;
 mod no_lost_update;
 mod no_oversell;
+mod openapi;
 mod payments;
 mod problems;
 mod routing;

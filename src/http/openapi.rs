@@ -1,0 +1,311 @@
+//! The OpenAPI 3.1 document of the API, served at `GET /openapi.json`.
+//!
+//! Generated from the code: every handler carries `#[utoipa::path]` (body, parameters, success
+//! schema and the problem statuses it can answer), and each feature's `router()` is a
+//! `utoipa_axum` [`OpenApiRouter`] filled with `routes!`, so the router that serves requests
+//! and the document are built from the same list: a served route is a documented route.
+//!
+//! What lives here is the frame: the document's info, the bearer JWT scheme, the reusable
+//! problem responses (RFC 9457, schema [`Problem`]) and the schemas of the domain's newtypes,
+//! which serialize as decimal strings (ids), integers (money) or currency codes.
+
+use std::sync::Arc;
+
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
+use crate::domain::money::{Currency, Money};
+use crate::domain::order::FieldError;
+
+use super::error::{ApiError, Problem, PROBLEM_JSON};
+use super::AppState;
+
+/// The document's frame; the paths and their schemas come from the feature routers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "orderly",
+        description = "An e-commerce order service: exactly-once creation, versioned life cycle, \
+                       sharded MariaDB, Redis. Ids are decimal strings; amounts are integers in \
+                       the currency's minor unit; errors are RFC 9457 problems with a stable `code`."
+    ),
+    modifiers(&BearerJwt),
+    security(("bearer" = [])),
+    components(
+        schemas(Problem, FieldError),
+        responses(
+            BadRequest,
+            Unauthorized,
+            Forbidden,
+            NotFound,
+            Conflict,
+            PayloadTooLarge,
+            UnsupportedMediaType,
+            Unprocessable,
+            Unavailable
+        )
+    ),
+    tags(
+        (name = "orders", description = "Order ids, pricing, creation, reads and the life cycle"),
+        (name = "catalog", description = "Users, shops, products, stock and coupons"),
+        (name = "service", description = "Health, readiness, metrics and this document")
+    )
+)]
+pub struct ApiDoc;
+
+/// `Authorization: Bearer <JWT>` (HS256): `sub`, `role` and, for merchants, `shop_id`.
+struct BearerJwt;
+
+impl Modify for BearerJwt {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let scheme = HttpBuilder::new()
+            .scheme(HttpAuthScheme::Bearer)
+            .bearer_format("JWT")
+            .description(Some(
+                "HS256 JWT with claims `sub` (user id), `role` (user, merchant, service, admin) \
+                 and `shop_id` for merchants",
+            ))
+            .build();
+        api.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme("bearer", SecurityScheme::Http(scheme));
+    }
+}
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(openapi_json))
+}
+
+/// The document, built once when the router is (see [`super::router`]).
+#[derive(Clone)]
+pub struct Document(pub Arc<utoipa::openapi::OpenApi>);
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    operation_id = "openapi",
+    tag = "service",
+    security(()),
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", body = Object))
+)]
+async fn openapi_json(Extension(Document(doc)): Extension<Document>) -> Response {
+    match serde_json::to_vec(doc.as_ref()) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => ApiError::Internal(format!("cannot render the OpenAPI document: {e}")).into_response(),
+    }
+}
+
+// ---------------------------------------------------------------- newtype schemas
+
+/// A 64-bit id as JSON carries it: a decimal string (JavaScript cannot hold 64-bit integers).
+fn id_schema(what: &str) -> RefOr<Schema> {
+    ObjectBuilder::new()
+        .schema_type(Type::String)
+        .pattern(Some("^[1-9][0-9]{0,18}$"))
+        .description(Some(format!(
+            "{what}: a positive 64-bit integer as a decimal string"
+        )))
+        .examples([serde_json::json!("1234567890123")])
+        .into()
+}
+
+impl PartialSchema for OrderId {
+    fn schema() -> RefOr<Schema> {
+        id_schema("An order id (its low bits name the buyer's shard)")
+    }
+}
+impl ToSchema for OrderId {}
+
+impl PartialSchema for UserId {
+    fn schema() -> RefOr<Schema> {
+        id_schema("A user id")
+    }
+}
+impl ToSchema for UserId {}
+
+impl PartialSchema for ShopId {
+    fn schema() -> RefOr<Schema> {
+        id_schema("A shop id")
+    }
+}
+impl ToSchema for ShopId {}
+
+impl PartialSchema for ProductId {
+    fn schema() -> RefOr<Schema> {
+        id_schema("A product id")
+    }
+}
+impl ToSchema for ProductId {}
+
+impl PartialSchema for CouponId {
+    fn schema() -> RefOr<Schema> {
+        id_schema("A coupon id")
+    }
+}
+impl ToSchema for CouponId {}
+
+impl PartialSchema for Money {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                utoipa::openapi::KnownFormat::Int64,
+            )))
+            .description(Some("An amount in the currency's minor unit (e.g. fen, cents)"))
+            .into()
+    }
+}
+impl ToSchema for Money {}
+
+impl PartialSchema for Currency {
+    fn schema() -> RefOr<Schema> {
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[A-Z]{3}$"))
+            .description(Some("An ISO 4217 currency code"))
+            .examples([serde_json::json!("CNY")])
+            .into()
+    }
+}
+impl ToSchema for Currency {}
+
+// ---------------------------------------------------------------- problem responses
+
+/// A problem response (`application/problem+json`, schema `Problem`) saying which `code`s
+/// it carries.
+fn problem_response(description: &str) -> RefOr<utoipa::openapi::Response> {
+    ResponseBuilder::new()
+        .description(description)
+        .content(
+            PROBLEM_JSON,
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("Problem")))
+                .build(),
+        )
+        .into()
+}
+
+/// One reusable response per problem status, referenced from the routes'
+/// `responses(...)` as `response = Unauthorized` and listed in [`ApiDoc`]'s components.
+/// A macro only because `ToResponse` is implemented once per marker type.
+macro_rules! problem_responses {
+    ($($name:ident => $description:literal,)*) => {
+        $(
+            pub struct $name;
+
+            impl<'r> ToResponse<'r> for $name {
+                fn response() -> (&'r str, RefOr<utoipa::openapi::Response>) {
+                    (stringify!($name), problem_response($description))
+                }
+            }
+        )*
+    };
+}
+
+problem_responses! {
+    BadRequest => "`malformed_json`: the body is not JSON",
+    Unauthorized => "`unauthorized`: no bearer token, or one that does not verify",
+    Forbidden => "`forbidden`: the caller's role may not do this",
+    NotFound => "`not_found`: no such resource, or one the caller may not see",
+    Conflict => "`version_conflict` (with `current_version`), `invalid_transition` (with \
+                 `current_status`), `idempotency_conflict`, `out_of_stock` (with `product_id`), \
+                 `coupon_unavailable` (with `coupon_id`) or `payment_mismatch`",
+    PayloadTooLarge => "`payload_too_large`: the body is over the limit",
+    UnsupportedMediaType => "`unsupported_media_type`: the body is not sent as application/json",
+    Unprocessable => "`validation_failed`: the failing fields are in `errors`",
+    Unavailable => "`unavailable` or `timeout`: a dependency is down or the request took too \
+                    long; retry (with the same ids for a write)",
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    fn document() -> Value {
+        serde_json::to_value(super::super::api().into_openapi()).unwrap()
+    }
+
+    /// Every `$ref` under `v`, as its JSON pointer into the document.
+    fn refs<'a>(v: &'a Value, out: &mut Vec<&'a str>) {
+        match v {
+            Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("$ref", Value::String(r)) => out.push(r),
+                        _ => refs(v, out),
+                    }
+                }
+            }
+            Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+
+    #[test]
+    fn the_document_is_openapi_3_1_and_every_reference_resolves() {
+        let doc = document();
+        assert!(
+            doc["openapi"].as_str().unwrap().starts_with("3.1"),
+            "{}",
+            doc["openapi"]
+        );
+        let mut found = Vec::new();
+        refs(&doc, &mut found);
+        assert!(!found.is_empty());
+        for r in found {
+            let pointer = r.strip_prefix('#').unwrap_or_else(|| panic!("external $ref {r}"));
+            assert!(doc.pointer(pointer).is_some(), "{r} does not resolve");
+        }
+    }
+
+    #[test]
+    fn every_operation_has_an_id_responses_and_a_security_requirement() {
+        let doc = document();
+        let mut ids = std::collections::HashSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let id = op["operationId"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{method} {path}"));
+                assert!(ids.insert(id.to_owned()), "operation id {id} twice");
+                let responses = op["responses"].as_object().unwrap();
+                assert!(!responses.is_empty(), "{id} has no responses");
+                // Public routes say so with an empty requirement; the others inherit bearer.
+                if op.get("security").is_none() {
+                    assert!(path.starts_with("/v1/"), "{id} is public but does not say so");
+                }
+            }
+        }
+        assert!(doc["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer");
+    }
+
+    /// Routes enter the served router only through `routes!` (documented by construction): a
+    /// plain axum `.route(` or `routing::` in the HTTP layer would serve an undocumented route.
+    #[test]
+    fn no_route_is_added_around_the_document() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.ends_with("openapi.rs") {
+                continue; // this test names what it looks for
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            for needle in [".route(", "routing::", ".nest("] {
+                assert!(
+                    !text.contains(needle),
+                    "{} uses `{needle}`: add the route with `routes!` instead",
+                    path.display()
+                );
+            }
+        }
+    }
+}
