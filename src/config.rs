@@ -27,6 +27,7 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub orders: OrderSettings,
     pub sweeper: SweeperSettings,
+    pub limits: LimitSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -35,6 +36,8 @@ pub struct ServerSettings {
     pub body_limit_bytes: usize,
     pub request_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// Requests served at once; beyond, refused at once with 503 (`overloaded`).
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +119,29 @@ pub struct OrderSettings {
 pub struct SweeperSettings {
     pub interval_secs: u64,
     pub batch_size: u32,
+}
+
+/// Per-user limits (see [`crate::http::limits`]); 0 turns a limit off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LimitSettings {
+    pub create_per_user_per_sec: u32,
+    pub create_burst: u32,
+    pub ids_per_user_per_sec: u32,
+    pub ids_burst: u32,
+    pub max_unpaid_units_per_user: u32,
+}
+
+impl LimitSettings {
+    /// Every limit off (tests that are not about limits, tools).
+    pub fn off() -> Self {
+        LimitSettings {
+            create_per_user_per_sec: 0,
+            create_burst: 0,
+            ids_per_user_per_sec: 0,
+            ids_burst: 0,
+            max_unpaid_units_per_user: 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +240,15 @@ impl Settings {
         }
         if c.max_concurrent_fills == 0 || c.failures_to_open == 0 {
             return bad("cache.max_concurrent_fills and cache.failures_to_open must be positive".into());
+        }
+        if self.server.max_in_flight == 0 {
+            return bad("server.max_in_flight must be positive".into());
+        }
+        let l = &self.limits;
+        if (l.create_per_user_per_sec > 0 && l.create_burst == 0)
+            || (l.ids_per_user_per_sec > 0 && l.ids_burst == 0)
+        {
+            return bad("limits.create_burst and limits.ids_burst must be positive when their rate is".into());
         }
         Ok(())
     }
