@@ -301,6 +301,73 @@ mod tests {
         assert!(s.validate().is_err());
     }
 
+    /// Every `section.key` of `config.default.toml`, commented-out ones (`# worker_id = 0`)
+    /// included; keys of an array of tables count as one, `section.table[]`.
+    fn default_toml_keys() -> std::collections::BTreeSet<String> {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut section: Option<String> = None;
+        for line in DEFAULT_TOML.lines().map(str::trim) {
+            if let Some(array) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+                keys.insert(format!("{array}[]"));
+                section = None;
+                continue;
+            }
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = Some(name.to_owned());
+                continue;
+            }
+            let Some(section) = &section else { continue };
+            let assignment = line.strip_prefix('#').map_or(line, str::trim_start);
+            if let Some((key, _)) = assignment.split_once(" = ") {
+                if !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    keys.insert(format!("{section}.{key}"));
+                }
+            }
+        }
+        keys
+    }
+
+    /// Every key named in the first column of README.md's Configuration table.
+    fn readme_keys() -> std::collections::BTreeSet<String> {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README.md has a Configuration section");
+        let mut keys = std::collections::BTreeSet::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let first = row.split('|').nth(1).unwrap_or_default();
+            keys.extend(first.split('`').skip(1).step_by(2).map(str::to_owned));
+        }
+        keys
+    }
+
+    #[test]
+    fn the_readme_configuration_table_names_every_key_and_no_other() {
+        let toml = default_toml_keys();
+        let readme = readme_keys();
+        assert!(toml.contains("ids.worker_id") && toml.contains("shards.databases[]"));
+        let missing: Vec<_> = toml.difference(&readme).collect();
+        let stale: Vec<_> = readme.difference(&toml).collect();
+        assert!(missing.is_empty(), "keys of config.default.toml not in README.md: {missing:?}");
+        assert!(stale.is_empty(), "README.md names keys config.default.toml lacks: {stale:?}");
+    }
+
+    #[test]
+    fn limits_need_a_burst_and_the_in_flight_bound_is_positive() {
+        let mut s = valid();
+        s.limits.create_burst = 0;
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        s.limits.create_per_user_per_sec = 0;
+        s.limits.create_burst = 0;
+        s.validate().unwrap();
+        let mut s = valid();
+        s.server.max_in_flight = 0;
+        assert!(s.validate().is_err());
+    }
+
     #[test]
     fn shard_ranges_must_cover_every_shard_once() {
         let mut s = valid();
