@@ -15,7 +15,8 @@
 //!   reservation sweeper.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
 //!   completion on a tracked task of its own, whatever happens to its request. Every request
-//!   gets an id, a span and its metrics.
+//!   gets an id, a span and its metrics; per-user rate limits and an in-flight bound guard
+//!   the edge.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
 //! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
 //! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
