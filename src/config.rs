@@ -248,7 +248,9 @@ impl Settings {
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)
             || (l.ids_per_user_per_sec > 0 && l.ids_burst == 0)
         {
-            return bad("limits.create_burst and limits.ids_burst must be positive when their rate is".into());
+            return bad(
+                "limits.create_burst and limits.ids_burst must be positive when their rate is".into(),
+            );
         }
         Ok(())
     }
@@ -350,8 +352,14 @@ mod tests {
         assert!(toml.contains("ids.worker_id") && toml.contains("shards.databases[]"));
         let missing: Vec<_> = toml.difference(&readme).collect();
         let stale: Vec<_> = readme.difference(&toml).collect();
-        assert!(missing.is_empty(), "keys of config.default.toml not in README.md: {missing:?}");
-        assert!(stale.is_empty(), "README.md names keys config.default.toml lacks: {stale:?}");
+        assert!(
+            missing.is_empty(),
+            "keys of config.default.toml not in README.md: {missing:?}"
+        );
+        assert!(
+            stale.is_empty(),
+            "README.md names keys config.default.toml lacks: {stale:?}"
+        );
     }
 
     #[test]

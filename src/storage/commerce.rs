@@ -309,7 +309,9 @@ pub enum ReserveOutcome {
     Vanished,
     /// The user's unpaid orders hold `held` units already; with this order's they would
     /// exceed the cap. Nothing taken.
-    LimitExceeded { held: i64 },
+    LimitExceeded {
+        held: i64,
+    },
 }
 
 /// A reservation request: the order, its content hash, a random attempt token, the lines
@@ -458,10 +460,12 @@ async fn ensure_user_holds_row(conn: &mut MySqlConnection, user: UserId) -> Resu
 /// Stops counting the units of `order`'s claim against its user, inside `tx`, if the claim
 /// still holds any. Returns whether it did.
 async fn unhold_in(tx: &mut MySqlConnection, order: OrderId) -> Result<bool> {
-    let row = sqlx::query("SELECT user_id, held_units FROM order_claims WHERE order_id = ? AND held_units > 0 FOR UPDATE")
-        .bind(order.get())
-        .fetch_optional(&mut *tx)
-        .await?;
+    let row = sqlx::query(
+        "SELECT user_id, held_units FROM order_claims WHERE order_id = ? AND held_units > 0 FOR UPDATE",
+    )
+    .bind(order.get())
+    .fetch_optional(&mut *tx)
+    .await?;
     let Some(row) = row else { return Ok(false) };
     let (user, units): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
     sqlx::query("UPDATE order_claims SET held_units = 0 WHERE order_id = ?")
@@ -488,11 +492,13 @@ pub async fn unhold_claim(conn: &mut MySqlConnection, order: OrderId) -> Result<
 
 /// Units the unpaid orders of `user` hold (0 for a user never counted).
 pub async fn held_units(pool: &MySqlPool, user: UserId) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ?")
-        .bind(user.get())
-        .fetch_optional(pool)
-        .await?
-        .unwrap_or(0))
+    Ok(
+        sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ?")
+            .bind(user.get())
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
 }
 
 /// An existing claim: the same content means "already reserved" (and this attempt becomes

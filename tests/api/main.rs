@@ -10,6 +10,7 @@ mod cancellation;
 mod catalog;
 mod exactly_once;
 mod lifecycle;
+mod limits;
 mod metrics;
 mod no_lost_update;
 mod no_oversell;
