@@ -8,7 +8,10 @@
 //!    refused (422 on `order_id`: the client asks for a fresh id).
 //! 3. Price from the catalog (server-side prices, coupons checked).
 //! 4. Reserve stock and coupons in the commerce database, keyed by order id (a retry
-//!    reserves nothing twice). Commit one.
+//!    reserves nothing twice). With `limits.max_unpaid_units_per_user`, the same transaction
+//!    counts the order's units against the buyer's unpaid units, or refuses the create
+//!    (`limit_exceeded`) before taking anything; a payment frees them after its shard commit,
+//!    a close or invalidation with the stock (see [`crate::storage::commerce`]). Commit one.
 //! 5. Write order, items and discounts in one transaction on the shard, which also checks
 //!    that the id is not void (see [`crate::storage::orders`] for the handshake with the
 //!    sweeper). Commit two, and the last: the claim stays `reserved` and the sweeper
