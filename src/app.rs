@@ -17,6 +17,7 @@ use crate::cache::{Cache, CacheHealth};
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::ids::WorkerId;
 use crate::http::auth::AuthKeys;
+use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
 use crate::lease::{lease_worker, IdSource};
 use crate::service::catalog::CatalogService;
@@ -61,7 +62,8 @@ impl Application {
                 source
             }
         };
-        let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone());
+        let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
+            .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user);
         let state = AppState {
             orders,
             catalog: CatalogService::new(commerce, cache),
@@ -69,6 +71,7 @@ impl Application {
             auth: Arc::new(AuthKeys::new(&settings.auth)),
             writes: TaskTracker::new(),
             metrics: telemetry::metrics(),
+            limits: Arc::new(UserLimits::new(&settings.limits)),
         };
         Ok(Application {
             listener,
@@ -104,8 +107,12 @@ impl Application {
             self.shutdown.clone(),
         ));
         let gauges = tokio::spawn(sample_gauges(self.state.clone(), self.shutdown.clone()));
+        let cleanup = tokio::spawn(limits::run_cleanup(
+            self.state.limits.clone(),
+            self.shutdown.clone(),
+        ));
         let writes = self.state.writes.clone();
-        let app = router(self.state, s.server.body_limit_bytes, s.request_timeout());
+        let app = router(self.state, &s.server);
         let token = self.shutdown.clone();
         let grace = Duration::from_millis(s.server.shutdown_grace_ms);
         let server = axum::serve(self.listener, app)
@@ -145,6 +152,7 @@ impl Application {
             let _ = h.await;
         }
         let _ = gauges.await;
+        let _ = cleanup.await;
         served?;
         Ok(())
     }

@@ -27,6 +27,7 @@ pub struct Settings {
     pub cache: CacheSettings,
     pub orders: OrderSettings,
     pub sweeper: SweeperSettings,
+    pub limits: LimitSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -35,6 +36,8 @@ pub struct ServerSettings {
     pub body_limit_bytes: usize,
     pub request_timeout_ms: u64,
     pub shutdown_grace_ms: u64,
+    /// Requests served at once; beyond, refused at once with 503 (`overloaded`).
+    pub max_in_flight: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -116,6 +119,29 @@ pub struct OrderSettings {
 pub struct SweeperSettings {
     pub interval_secs: u64,
     pub batch_size: u32,
+}
+
+/// Per-user limits (see [`crate::http::limits`]); 0 turns a limit off.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct LimitSettings {
+    pub create_per_user_per_sec: u32,
+    pub create_burst: u32,
+    pub ids_per_user_per_sec: u32,
+    pub ids_burst: u32,
+    pub max_unpaid_units_per_user: u32,
+}
+
+impl LimitSettings {
+    /// Every limit off (tests that are not about limits, tools).
+    pub fn off() -> Self {
+        LimitSettings {
+            create_per_user_per_sec: 0,
+            create_burst: 0,
+            ids_per_user_per_sec: 0,
+            ids_burst: 0,
+            max_unpaid_units_per_user: 0,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -215,6 +241,17 @@ impl Settings {
         if c.max_concurrent_fills == 0 || c.failures_to_open == 0 {
             return bad("cache.max_concurrent_fills and cache.failures_to_open must be positive".into());
         }
+        if self.server.max_in_flight == 0 {
+            return bad("server.max_in_flight must be positive".into());
+        }
+        let l = &self.limits;
+        if (l.create_per_user_per_sec > 0 && l.create_burst == 0)
+            || (l.ids_per_user_per_sec > 0 && l.ids_burst == 0)
+        {
+            return bad(
+                "limits.create_burst and limits.ids_burst must be positive when their rate is".into(),
+            );
+        }
         Ok(())
     }
 
@@ -263,6 +300,79 @@ mod tests {
         assert!(s.validate().is_err());
         let mut s = valid();
         s.cache.ttl_jitter_percent = 51;
+        assert!(s.validate().is_err());
+    }
+
+    /// Every `section.key` of `config.default.toml`, commented-out ones (`# worker_id = 0`)
+    /// included; keys of an array of tables count as one, `section.table[]`.
+    fn default_toml_keys() -> std::collections::BTreeSet<String> {
+        let mut keys = std::collections::BTreeSet::new();
+        let mut section: Option<String> = None;
+        for line in DEFAULT_TOML.lines().map(str::trim) {
+            if let Some(array) = line.strip_prefix("[[").and_then(|l| l.strip_suffix("]]")) {
+                keys.insert(format!("{array}[]"));
+                section = None;
+                continue;
+            }
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                section = Some(name.to_owned());
+                continue;
+            }
+            let Some(section) = &section else { continue };
+            let assignment = line.strip_prefix('#').map_or(line, str::trim_start);
+            if let Some((key, _)) = assignment.split_once(" = ") {
+                if !key.is_empty() && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') {
+                    keys.insert(format!("{section}.{key}"));
+                }
+            }
+        }
+        keys
+    }
+
+    /// Every key named in the first column of README.md's Configuration table.
+    fn readme_keys() -> std::collections::BTreeSet<String> {
+        let readme = include_str!("../README.md");
+        let table = readme
+            .split("\n## Configuration\n")
+            .nth(1)
+            .and_then(|rest| rest.split("\n## ").next())
+            .expect("README.md has a Configuration section");
+        let mut keys = std::collections::BTreeSet::new();
+        for row in table.lines().filter(|l| l.starts_with("| `")) {
+            let first = row.split('|').nth(1).unwrap_or_default();
+            keys.extend(first.split('`').skip(1).step_by(2).map(str::to_owned));
+        }
+        keys
+    }
+
+    #[test]
+    fn the_readme_configuration_table_names_every_key_and_no_other() {
+        let toml = default_toml_keys();
+        let readme = readme_keys();
+        assert!(toml.contains("ids.worker_id") && toml.contains("shards.databases[]"));
+        let missing: Vec<_> = toml.difference(&readme).collect();
+        let stale: Vec<_> = readme.difference(&toml).collect();
+        assert!(
+            missing.is_empty(),
+            "keys of config.default.toml not in README.md: {missing:?}"
+        );
+        assert!(
+            stale.is_empty(),
+            "README.md names keys config.default.toml lacks: {stale:?}"
+        );
+    }
+
+    #[test]
+    fn limits_need_a_burst_and_the_in_flight_bound_is_positive() {
+        let mut s = valid();
+        s.limits.create_burst = 0;
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        s.limits.create_per_user_per_sec = 0;
+        s.limits.create_burst = 0;
+        s.validate().unwrap();
+        let mut s = valid();
+        s.server.max_in_flight = 0;
         assert!(s.validate().is_err());
     }
 

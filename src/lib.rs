@@ -15,8 +15,9 @@
 //!   reservation sweeper.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
 //!   completion on a tracked task of its own, whatever happens to its request. Every request
-//!   gets an id, a span and its metrics. The OpenAPI document (`GET /openapi.json`) is
-//!   generated from the same route lists the router is built from.
+//!   gets an id, a span and its metrics; per-user rate limits and an in-flight bound guard
+//!   the edge. The OpenAPI document (`GET /openapi.json`) is generated from the same route
+//!   lists the router is built from.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
 //! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
 //! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for

@@ -109,6 +109,14 @@ fn describe_metrics() {
     );
     // service (the one commit point of order writes)
     describe_counter!(
+        "orderly_rate_limited_total",
+        "Requests refused with 429 by a per-user rate limit, by route (`create`, `ids`)"
+    );
+    describe_counter!(
+        "orderly_http_overloaded_total",
+        "Requests refused with 503 because server.max_in_flight requests were being served"
+    );
+    describe_counter!(
         "orderly_order_writes_total",
         "Order writes committed, by the status the order has after the write"
     );

@@ -117,6 +117,9 @@ pub struct Workload {
     hot_raw: ProductSnapshot,
     address: Address,
     pay_timeout: TimeDelta,
+    /// The service's `limits.max_unpaid_units_per_user`, so the raw baseline runs the same
+    /// SQL as the service's create (the per-user lock and count included).
+    max_held_units: Option<i64>,
     /// Stock loaded per product: what "units sold + stock left" must add up to.
     loaded: HashMap<ProductId, i64>,
     /// Order ids acknowledged (2xx, or written raw) in the current scenario.
@@ -254,6 +257,7 @@ impl Workload {
                 detail: "11 November Road".into(),
             },
             pay_timeout: TimeDelta::seconds(settings.orders.payment_timeout_secs as i64),
+            max_held_units: Some(i64::from(settings.limits.max_unpaid_units_per_user)).filter(|&m| m > 0),
             loaded,
             acked: Mutex::new(Vec::new()),
             made: Mutex::new(Vec::new()),
@@ -926,6 +930,7 @@ impl Workload {
             attempt: rand::random(),
             lines: &new.lines,
             coupons: &[],
+            max_held_units: self.max_held_units,
         };
         let mut c = self.commerce.acquire().await?;
         match commerce::reserve(&mut c, &reservation, Utc::now()).await? {

@@ -4,7 +4,7 @@
 //! invariants) are logged with their chain and never sent to the client: a 5xx says only
 //! that it is our fault or a dependency's.
 
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
@@ -63,6 +63,13 @@ pub enum ApiError {
     /// with the same ids is safe.
     #[error("request timed out")]
     Timeout,
+    /// The caller went over a per-user rate limit (see [`super::limits`]); a retry after
+    /// this many seconds gets a token.
+    #[error("rate limited")]
+    RateLimited { retry_after_secs: u64 },
+    /// `server.max_in_flight` requests are being served already: refused at once.
+    #[error("overloaded")]
+    Overloaded,
     /// A bug: a handler or a write task panicked. Logged; the client learns nothing more.
     #[error("internal error: {0}")]
     Internal(String),
@@ -155,6 +162,24 @@ impl IntoResponse for ApiError {
                  with the same ids",
                 none,
             ),
+            ApiError::RateLimited { retry_after_secs } => with_retry_after(
+                problem(
+                    S::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    "too many requests of this kind from you; retry after the time in Retry-After",
+                    one("retry_after_secs", retry_after_secs.into()),
+                ),
+                retry_after_secs,
+            ),
+            ApiError::Overloaded => with_retry_after(
+                problem(
+                    S::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "the service is serving as many requests as it can; retry shortly",
+                    none,
+                ),
+                1,
+            ),
             ApiError::Internal(why) => {
                 tracing::error!(%why, "internal error");
                 problem(S::INTERNAL_SERVER_ERROR, "internal", "internal error", none)
@@ -162,6 +187,14 @@ impl IntoResponse for ApiError {
             ApiError::Service(e) => service_problem(e),
         }
     }
+}
+
+/// Adds `Retry-After: secs` (RFC 9110 10.2.3: delay in whole seconds).
+fn with_retry_after(mut response: Response, secs: u64) -> Response {
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    response
 }
 
 fn service_problem(e: Error) -> Response {
@@ -208,6 +241,16 @@ fn service_problem(e: Error) -> Response {
             "the coupon was used by another order",
             one("coupon_id", coupon_id.to_string().into()),
         ),
+        Error::LimitExceeded { held, max } => {
+            let mut extra = one("held_units", held.into());
+            extra.insert("max_unpaid_units".into(), max.into());
+            problem(
+                S::CONFLICT,
+                "limit_exceeded",
+                "your unpaid orders hold too many units; pay or cancel some first",
+                extra,
+            )
+        }
         Error::PaymentMismatch { detail } => problem(S::CONFLICT, "payment_mismatch", &detail, none),
         Error::Unavailable(why) => {
             tracing::warn!(%why, "service unavailable");

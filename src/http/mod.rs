@@ -3,7 +3,8 @@
 //!
 //! Around every route, outermost first: the request id (`X-Request-Id`, taken from the client
 //! when sane, else made up, and echoed), the request span and its log line, the request
-//! metrics, the panic catcher, the time limit and the body limit. Routes are labelled by
+//! metrics, the panic catcher, the in-flight bound, the time limit, the body limit and the
+//! per-user rate limits (see [`limits`]). Routes are labelled by
 //! their template (`/v1/orders/{id}`), never by the raw path, so ids cannot multiply series.
 
 pub mod auth;
@@ -11,6 +12,7 @@ pub mod catalog;
 pub mod error;
 pub mod extract;
 pub mod health;
+pub mod limits;
 pub mod openapi;
 pub mod orders;
 
@@ -29,6 +31,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::{Instrument, Level, Span};
 
+use crate::config::ServerSettings;
 use crate::lease::IdSource;
 use crate::service::catalog::CatalogService;
 use crate::service::orders::OrderService;
@@ -47,6 +50,8 @@ pub struct AppState {
     pub writes: TaskTracker,
     /// What `GET /metrics` renders (see [`crate::telemetry::metrics`]).
     pub metrics: PrometheusHandle,
+    /// This process's per-user rate limits (see [`limits`]).
+    pub limits: Arc<limits::UserLimits>,
 }
 
 /// Runs a mutating use case to completion on its own task and awaits its answer.
@@ -185,17 +190,24 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
 }
 
 /// The whole API.
-pub fn router(state: AppState, body_limit: usize, timeout: Duration) -> Router {
+pub fn router(state: AppState, server: &ServerSettings) -> Router {
+    let timeout = Duration::from_millis(server.request_timeout_ms);
     let (routes, doc) = api().split_for_parts();
-    routes
+    let routes = routes
         .layer(Extension(openapi::Document(Arc::new(doc))))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            limits::per_user_limits,
+        ))
         // Enforced by the JSON extractor, which answers with a 413 problem.
-        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::extract::DefaultBodyLimit::max(server.body_limit_bytes))
         .layer(middleware::from_fn(move |req, next| {
             time_limit(timeout, req, next)
-        }))
+        }));
+    // Inside the metrics, so that refusals are counted.
+    limits::bound_in_flight(routes, server.max_in_flight)
         .layer(CatchPanicLayer::custom(panic_problem))
         .layer(middleware::from_fn(record_metrics))
         .layer(

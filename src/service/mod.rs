@@ -30,6 +30,10 @@ pub enum Error {
     OutOfStock { product_id: ProductId },
     #[error("coupon {coupon_id} is no longer available")]
     CouponUnavailable { coupon_id: CouponId },
+    /// The user's unpaid orders hold `held` units; this order's would take them past `max`
+    /// (`limits.max_unpaid_units_per_user`).
+    #[error("unpaid orders hold {held} units; the cap is {max}")]
+    LimitExceeded { held: i64, max: i64 },
     #[error("amount does not match: {detail}")]
     PaymentMismatch { detail: String },
     #[error("temporarily unavailable: {0}")]

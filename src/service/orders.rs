@@ -8,7 +8,10 @@
 //!    refused (422 on `order_id`: the client asks for a fresh id).
 //! 3. Price from the catalog (server-side prices, coupons checked).
 //! 4. Reserve stock and coupons in the commerce database, keyed by order id (a retry
-//!    reserves nothing twice). Commit one.
+//!    reserves nothing twice). With `limits.max_unpaid_units_per_user`, the same transaction
+//!    counts the order's units against the buyer's unpaid units, or refuses the create
+//!    (`limit_exceeded`) before taking anything; a payment frees them after its shard commit,
+//!    a close or invalidation with the stock (see [`crate::storage::commerce`]). Commit one.
 //! 5. Write order, items and discounts in one transaction on the shard, which also checks
 //!    that the id is not void (see [`crate::storage::orders`] for the handshake with the
 //!    sweeper). Commit two, and the last: the claim stays `reserved` and the sweeper
@@ -56,6 +59,8 @@ pub struct OrderService {
     commerce: MySqlPool,
     cache: Cache,
     settings: Arc<OrderSettings>,
+    /// `limits.max_unpaid_units_per_user`; `None`: off.
+    max_unpaid_units: Option<i64>,
 }
 
 /// What [`OrderService::commit`] hands to `after_commit` besides what committed: the order
@@ -237,7 +242,15 @@ impl OrderService {
             commerce,
             cache,
             settings: Arc::new(settings),
+            max_unpaid_units: None,
         }
+    }
+
+    /// Caps the units a user's unpaid orders may hold (`limits.max_unpaid_units_per_user`;
+    /// 0: no cap). See [`commerce`]'s module docs for how they are counted.
+    pub fn with_max_unpaid_units(mut self, max: u32) -> Self {
+        self.max_unpaid_units = (max > 0).then_some(i64::from(max));
+        self
     }
 
     pub fn cache(&self) -> &Cache {
@@ -349,6 +362,7 @@ impl OrderService {
             attempt,
             lines: &new.lines,
             coupons: &new.coupon_ids,
+            max_held_units: self.max_unpaid_units,
         };
         let mut outcome = ReserveOutcome::Vanished;
         for _ in 0..3 {
@@ -370,6 +384,12 @@ impl OrderService {
             ReserveOutcome::OutOfStock(product_id) => return Err(Error::OutOfStock { product_id }),
             ReserveOutcome::CouponUnavailable(coupon_id) => {
                 return Err(Error::CouponUnavailable { coupon_id })
+            }
+            ReserveOutcome::LimitExceeded { held } => {
+                return Err(Error::LimitExceeded {
+                    held,
+                    max: self.max_unpaid_units.unwrap_or_default(),
+                })
             }
         }
 
@@ -679,6 +699,20 @@ impl OrderService {
         }
     }
 
+    /// A paid order's units stop counting against its buyer's unpaid cap (idempotent). A
+    /// failure is logged: the payment stands, and the channel's retry of it, or the order's
+    /// release if it is closed later, clears the units.
+    async fn unhold(&self, id: OrderId) {
+        let done = retry_deadlocks(|| async {
+            let mut c = self.commerce.acquire().await?;
+            commerce::unhold_claim(&mut c, id).await
+        })
+        .await;
+        if let Err(e) = done {
+            tracing::warn!(order_id = %id, error = %e, "could not free the units of a paid order");
+        }
+    }
+
     /// Gives back the stock and coupons of a closed or invalidated order. Exactly once: the
     /// claim's state change guards it. If this fails, the order stays `release_pending` and
     /// the sweeper finishes the job.
@@ -982,7 +1016,12 @@ impl OrderService {
                 if c.status.releases_stock() && !c.previous.releases_stock() {
                     self.release_stock(shard, id).await;
                 }
+                if m.kind == PaymentKind::Payment {
+                    self.unhold(id).await;
+                }
             }
+            // A replay repairs an unhold that failed the first time.
+            Ok(Err(NotWritten::Replay)) if m.kind == PaymentKind::Payment => self.unhold(id).await,
             Ok(Err(NotWritten::Replay)) => {}
             Ok(Err(NotWritten::Conflict)) | Err(StorageError::Duplicate(_)) => {
                 return Err(Error::IdempotencyConflict)

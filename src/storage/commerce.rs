@@ -19,6 +19,22 @@
 //! the order id on its shard (so the order can never be written later; see
 //! [`super::orders::void_unless_written`]), or at once by the failed create itself if no later
 //! attempt has touched it.
+//!
+//! # Units held by unpaid orders
+//! With a cap (`limits.max_unpaid_units_per_user`), a new claim records the units of its
+//! order in `order_claims.held_units` and adds them to its user's `user_holds.held_units`, in
+//! `reserve`'s transaction, after locking that user's row: creates of one user serialise
+//! there, so no number of concurrent creates can pass the cap together, and a create that
+//! would pass it is refused before any stock is taken. The invariant: **a user's
+//! `held_units` is the sum of `held_units` over that user's claims**, and a claim holds units
+//! from its reservation until its order is paid ([`unhold_claim`], run after the payment's
+//! shard commit), released ([`release_claim`]) or abandoned ([`abandon_claim`]), whichever
+//! comes first. Each of those subtracts in the same transaction that sets the claim's
+//! `held_units` to 0 (`... WHERE held_units > 0`, the claim row locked), so it happens once
+//! per claim whatever the retries and races. A replayed create finds the claim and adds
+//! nothing; a claim given back and deleted took its units with it, so a later retry that
+//! reserves afresh counts them once again. Lock order everywhere: claim, user, products.
+//! Without a cap, claims hold 0 units and nothing is counted.
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlRow;
@@ -291,6 +307,11 @@ pub enum ReserveOutcome {
     CouponUnavailable(CouponId),
     /// The claim disappeared while we looked (a failed attempt gave it back): try again.
     Vanished,
+    /// The user's unpaid orders hold `held` units already; with this order's they would
+    /// exceed the cap. Nothing taken.
+    LimitExceeded {
+        held: i64,
+    },
 }
 
 /// A reservation request: the order, its content hash, a random attempt token, the lines
@@ -303,6 +324,9 @@ pub struct Reservation<'a> {
     pub attempt: i64,
     pub lines: &'a [NewLine],
     pub coupons: &'a [CouponId],
+    /// The most units the user's unpaid orders may hold, this order's included; `None`: no
+    /// cap, and this order's units are not counted.
+    pub max_held_units: Option<i64>,
 }
 
 /// Takes stock and coupons for an order id exactly once; see the module docs.
@@ -311,18 +335,24 @@ pub async fn reserve(
     r: &Reservation<'_>,
     now: DateTime<Utc>,
 ) -> Result<ReserveOutcome> {
+    let units: i64 = r.lines.iter().map(|l| l.quantity).sum();
+    if r.max_held_units.is_some() {
+        ensure_user_holds_row(conn, r.user_id).await?;
+    }
     let mut tx = sqlx::Connection::begin(&mut *conn).await?;
     // A plain insert: the duplicate-key error of a second attempt is the signal (it waits
     // for the first attempt's transaction, so attempts of one order id serialise here).
     let inserted = sqlx::query(
-        "INSERT INTO order_claims (order_id, user_id, request_hash, state, attempt, created_at, touched_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
+        "INSERT INTO order_claims
+            (order_id, user_id, request_hash, state, attempt, held_units, created_at, touched_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(r.order_id.get())
     .bind(r.user_id.get())
     .bind(&r.request_hash[..])
     .bind(CLAIM_RESERVED)
     .bind(r.attempt)
+    .bind(if r.max_held_units.is_some() { units } else { 0 })
     .bind(ts(now))
     .bind(ts(now))
     .execute(&mut *tx)
@@ -337,6 +367,22 @@ pub async fn reserve(
             return touch_claim(conn, r, now).await;
         }
         Err(e) => return Err(e),
+    }
+    if let Some(max) = r.max_held_units {
+        // The user's row is the lock that serialises the check of every create of theirs.
+        let held: i64 = sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ? FOR UPDATE")
+            .bind(r.user_id.get())
+            .fetch_one(&mut *tx)
+            .await?;
+        if held + units > max {
+            tx.rollback().await?;
+            return Ok(ReserveOutcome::LimitExceeded { held });
+        }
+        sqlx::query("UPDATE user_holds SET held_units = held_units + ? WHERE user_id = ?")
+            .bind(units)
+            .bind(r.user_id.get())
+            .execute(&mut *tx)
+            .await?;
     }
     // Lock products in id order so two orders of the same products cannot deadlock.
     let mut lines = r.lines.to_vec();
@@ -391,6 +437,68 @@ pub async fn reserve(
     }
     tx.commit().await?;
     Ok(ReserveOutcome::Reserved)
+}
+
+/// Makes sure the user has a `user_holds` row to lock, outside any transaction: inserting it
+/// inside `reserve`'s would make concurrent first creates of one user take shared locks on
+/// the new row and then deadlock upgrading them. A plain read first, so that the usual case
+/// (the row exists) waits for no lock at all.
+async fn ensure_user_holds_row(conn: &mut MySqlConnection, user: UserId) -> Result<()> {
+    let exists = sqlx::query("SELECT 1 FROM user_holds WHERE user_id = ?")
+        .bind(user.get())
+        .fetch_optional(&mut *conn)
+        .await?;
+    if exists.is_none() {
+        sqlx::query("INSERT IGNORE INTO user_holds (user_id, held_units) VALUES (?, 0)")
+            .bind(user.get())
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Stops counting the units of `order`'s claim against its user, inside `tx`, if the claim
+/// still holds any. Returns whether it did.
+async fn unhold_in(tx: &mut MySqlConnection, order: OrderId) -> Result<bool> {
+    let row = sqlx::query(
+        "SELECT user_id, held_units FROM order_claims WHERE order_id = ? AND held_units > 0 FOR UPDATE",
+    )
+    .bind(order.get())
+    .fetch_optional(&mut *tx)
+    .await?;
+    let Some(row) = row else { return Ok(false) };
+    let (user, units): (i64, i32) = (row.try_get(0)?, row.try_get(1)?);
+    sqlx::query("UPDATE order_claims SET held_units = 0 WHERE order_id = ?")
+        .bind(order.get())
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE user_holds SET held_units = held_units - ? WHERE user_id = ?")
+        .bind(units)
+        .bind(user)
+        .execute(&mut *tx)
+        .await?;
+    Ok(true)
+}
+
+/// A paid order's units no longer count against its user's cap: run after the payment's
+/// shard commit (and again by a replayed payment, so a failure here is repaired by the
+/// channel's retry). Exactly once per claim; returns whether this call did it.
+pub async fn unhold_claim(conn: &mut MySqlConnection, order: OrderId) -> Result<bool> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let done = unhold_in(&mut tx, order).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// Units the unpaid orders of `user` hold (0 for a user never counted).
+pub async fn held_units(pool: &MySqlPool, user: UserId) -> Result<i64> {
+    Ok(
+        sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ?")
+            .bind(user.get())
+            .fetch_optional(pool)
+            .await?
+            .unwrap_or(0),
+    )
 }
 
 /// An existing claim: the same content means "already reserved" (and this attempt becomes
@@ -498,6 +606,7 @@ pub async fn abandon_claim(
     if sole_attempt && touches > 0 {
         return Ok(false);
     }
+    unhold_in(&mut tx, order).await?;
     give_back(&mut tx, order, now).await?;
     delete_claim(&mut tx, order).await?;
     tx.commit().await?;
@@ -533,6 +642,7 @@ pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: Date
     if moved.rows_affected() != 1 {
         return Ok(false);
     }
+    unhold_in(&mut tx, order).await?;
     give_back(&mut tx, order, now).await?;
     sqlx::query("UPDATE stock_reservations SET state = ?, updated_at = ? WHERE order_id = ?")
         .bind(CLAIM_RELEASED)

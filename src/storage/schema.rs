@@ -211,6 +211,21 @@ const COMMERCE_V3: &[&str] = &[
     "ALTER TABLE coupons ADD COLUMN IF NOT EXISTS currency CHAR(3) NOT NULL DEFAULT 'CNY' AFTER min_spend",
 ];
 
+/// Units held by unpaid orders, per user (`limits.max_unpaid_units_per_user`; see
+/// [`super::commerce`]). `user_holds.held_units` is the sum of `order_claims.held_units` over
+/// the user's claims: a claim's units are added when it reserves and subtracted once, by the
+/// statement that sets its `held_units` back to 0 (paid, released or abandoned). Claims older
+/// than this migration hold 0: they were never counted, so they are never subtracted. The
+/// row of a user is the lock that serialises the cap check of that user's creates.
+const COMMERCE_V4: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS user_holds (
+        user_id BIGINT NOT NULL PRIMARY KEY,
+        held_units BIGINT NOT NULL,
+        CONSTRAINT held_units_never_negative CHECK (held_units >= 0)
+    ) ENGINE=InnoDB",
+    "ALTER TABLE order_claims ADD COLUMN IF NOT EXISTS held_units INT NOT NULL DEFAULT 0",
+];
+
 /// Void order ids of a shard: see [`ShardTables::voids`]. And payment numbers compare byte
 /// for byte, as in `payment_numbers`: under the default case-insensitive collation a second
 /// payment "abc" after "AbC" would be taken for a replay and dropped.
@@ -243,6 +258,11 @@ const COMMERCE: &[Migration] = &[
         version: 3,
         description: "payment numbers unique across shards; coupon currency",
         statements: COMMERCE_V3,
+    },
+    Migration {
+        version: 4,
+        description: "units held by unpaid orders, per user",
+        statements: COMMERCE_V4,
     },
 ];
 

@@ -97,6 +97,9 @@ impl TestApp {
         base.server.listen = ([127, 0, 0, 1], 0).into();
         base.redis.key_prefix = format!("{prefix}:");
         base.database.max_connections = 8;
+        // Tests that are not about limits create many orders of one user quickly; the
+        // limits' own tests turn them on.
+        base.limits = orderly::config::LimitSettings::off();
         let mut settings = cluster_settings(base, cluster, &prefix, TEST_SHARDS);
         tweak(&mut settings);
         settings.validate().expect("test settings");

@@ -11,6 +11,7 @@ mod catalog;
 mod exactly_once;
 mod fuzz;
 mod lifecycle;
+mod limits;
 mod metrics;
 mod no_lost_update;
 mod no_oversell;

@@ -1,0 +1,294 @@
+//! Limits at the HTTP edge: per-user rate limits on creating orders and issuing ids, and a
+//! bound on the requests a process serves at once.
+//!
+//! # Per-user rate limits
+//! A keyed token bucket (GCRA, the `governor` crate) per limited route, keyed by the
+//! authenticated buyer: `burst` requests at once, then one every `1 / per_sec` seconds.
+//! Over it, 429 `rate_limited` with `Retry-After` (whole seconds, rounded up), answered
+//! before the handler runs, so nothing is written. Only buyers (`role = user`) are limited:
+//! merchants, the payment channel and administrators are trusted parties with their own
+//! protections. A request that fails authentication passes through to the handler's 401.
+//!
+//! **The buckets are per process.** They live in this process's memory: with N processes
+//! behind a load balancer that spreads a user's requests, the user gets up to N times the
+//! configured rate and burst, and a restart forgets every bucket. That is enough to stop a
+//! script hammering the create path (the goal) without a Redis call on every create; a hard
+//! global limit would need a shared store. Idle buckets are dropped by [`run_cleanup`].
+//!
+//! # In-flight bound
+//! At most `server.max_in_flight` requests are served at once; one more is refused at once
+//! with 503 `overloaded` and `Retry-After: 1` rather than queued. `/healthz`, `/readyz` and
+//! `/metrics` are never refused, so probes and scrapes keep working under overload.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::http::Method;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::NoOpMiddleware;
+use governor::state::keyed::DefaultKeyedStateStore;
+use governor::{Quota, RateLimiter};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LimitSettings;
+use crate::domain::actor::Caller;
+use crate::domain::ids::UserId;
+
+use super::auth::Auth;
+use super::error::ApiError;
+use super::{route_of, AppState};
+
+/// How often idle buckets are dropped. A bucket is idle once it has refilled completely
+/// (at most `burst / per_sec` seconds after its last request, 2 s with the defaults), so a
+/// minute keeps the maps at the size of the last minute's active buyers at little cost.
+pub const CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// One keyed token bucket per user.
+pub struct UserRateLimit<C: Clock = DefaultClock> {
+    limiter: RateLimiter<UserId, DefaultKeyedStateStore<UserId>, C, NoOpMiddleware<C::Instant>>,
+    clock: C,
+}
+
+impl<C: Clock + Clone> UserRateLimit<C> {
+    /// `per_sec` tokens a second, `burst` at most; `None` when the limit is off (`per_sec`
+    /// 0). A `burst` of 0 counts as 1 (settings validation refuses it anyway).
+    pub fn new(per_sec: u32, burst: u32, clock: C) -> Option<Self> {
+        let rate = NonZeroU32::new(per_sec)?;
+        let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+        let quota = Quota::per_second(rate).allow_burst(burst);
+        Some(UserRateLimit {
+            limiter: RateLimiter::dashmap_with_clock(quota, clock.clone()),
+            clock,
+        })
+    }
+
+    /// Takes a token of `user`'s bucket, or says how long until one is there.
+    pub fn check(&self, user: UserId) -> Result<(), Duration> {
+        self.limiter
+            .check_key(&user)
+            .map(drop)
+            .map_err(|not_until| not_until.wait_time_from(self.clock.now()))
+    }
+
+    /// Drops the buckets that have refilled completely (they behave as new ones would).
+    pub fn retain_recent(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    /// Buckets held.
+    pub fn len(&self) -> usize {
+        self.limiter.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.limiter.is_empty()
+    }
+}
+
+/// The per-user limits of one process.
+pub struct UserLimits {
+    create: Option<UserRateLimit>,
+    ids: Option<UserRateLimit>,
+}
+
+/// Which limited route a request is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Limited {
+    Create,
+    Ids,
+}
+
+/// `Retry-After` is whole seconds: a wait of 0.2 s says 1, never 0 (which would invite an
+/// immediate retry that is refused again).
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
+impl UserLimits {
+    pub fn new(s: &LimitSettings) -> Self {
+        UserLimits {
+            create: UserRateLimit::new(s.create_per_user_per_sec, s.create_burst, DefaultClock::default()),
+            ids: UserRateLimit::new(s.ids_per_user_per_sec, s.ids_burst, DefaultClock::default()),
+        }
+    }
+
+    fn check(&self, route: Limited, user: UserId) -> Result<(), ApiError> {
+        let limit = match route {
+            Limited::Create => &self.create,
+            Limited::Ids => &self.ids,
+        };
+        match limit.as_ref().map(|l| l.check(user)) {
+            Some(Err(wait)) => {
+                metrics::counter!("orderly_rate_limited_total", "route" => match route {
+                    Limited::Create => "create",
+                    Limited::Ids => "ids",
+                })
+                .increment(1);
+                Err(ApiError::RateLimited {
+                    retry_after_secs: retry_after_secs(wait),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn retain_recent(&self) {
+        for l in [&self.create, &self.ids].into_iter().flatten() {
+            l.retain_recent();
+        }
+    }
+}
+
+/// Drops idle buckets every [`CLEANUP_INTERVAL`] until `shutdown` fires.
+pub async fn run_cleanup(limits: Arc<UserLimits>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(CLEANUP_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => limits.retain_recent(),
+        }
+    }
+}
+
+/// The per-user rate limits, as a middleware inside routing (it needs the route template).
+/// Authenticates the caller itself (the handler does again; an HS256 check costs
+/// microseconds), so the limit is keyed by who the token says, never by anything else in
+/// the request.
+pub(super) async fn per_user_limits(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let route = match (req.method(), route_of(&req)) {
+        (&Method::POST, "/v1/orders") => Limited::Create,
+        (&Method::POST, "/v1/order-ids") => Limited::Ids,
+        _ => return next.run(req).await,
+    };
+    let (mut parts, body) = req.into_parts();
+    if let Ok(Auth(Caller::User(user))) = Auth::from_request_parts(&mut parts, &s).await {
+        if let Err(refused) = s.limits.check(route, user) {
+            return refused.into_response();
+        }
+    }
+    next.run(Request::from_parts(parts, body)).await
+}
+
+/// Paths never refused for load: probes and scrapes must see an overloaded process as it is.
+fn exempt_from_load_shedding(path: &str) -> bool {
+    matches!(path, "/healthz" | "/readyz" | "/metrics")
+}
+
+/// Serves at most `max` requests of `router` at once; the next one gets 503 `overloaded` at
+/// once (see the module docs). The permit is held until the response is ready.
+pub fn bound_in_flight<S: Clone + Send + Sync + 'static>(router: Router<S>, max: usize) -> Router<S> {
+    let permits = Arc::new(Semaphore::new(max));
+    router.layer(middleware::from_fn(move |req: Request, next: Next| {
+        let permits = permits.clone();
+        async move {
+            if exempt_from_load_shedding(req.uri().path()) {
+                return next.run(req).await;
+            }
+            match permits.try_acquire_owned() {
+                Ok(_permit) => next.run(req).await,
+                Err(_) => {
+                    metrics::counter!("orderly_http_overloaded_total").increment(1);
+                    ApiError::Overloaded.into_response()
+                }
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use governor::clock::FakeRelativeClock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    fn user(n: i64) -> UserId {
+        UserId::new(n).unwrap()
+    }
+
+    #[test]
+    fn retry_after_rounds_up_to_whole_seconds() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
+    }
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate_per_user() {
+        let clock = FakeRelativeClock::default();
+        let limit = UserRateLimit::new(2, 3, clock.clone()).unwrap();
+        for _ in 0..3 {
+            limit.check(user(1)).unwrap();
+        }
+        let wait = limit.check(user(1)).unwrap_err();
+        assert_eq!(wait, Duration::from_millis(500));
+        // Another user has a bucket of their own.
+        limit.check(user(2)).unwrap();
+        clock.advance(Duration::from_millis(500));
+        limit.check(user(1)).unwrap();
+        assert!(limit.check(user(1)).is_err());
+        // Refilled buckets are dropped by the cleanup.
+        clock.advance(Duration::from_secs(10));
+        assert_eq!(limit.len(), 2);
+        limit.retain_recent();
+        assert!(limit.is_empty());
+        assert!(UserRateLimit::new(0, 3, clock).is_none(), "0 = off");
+    }
+
+    /// Two slow requests fill a bound of 2; a third is refused at once with 503 and
+    /// Retry-After; probes still pass; once one finishes, requests are served again.
+    #[tokio::test]
+    async fn requests_beyond_the_in_flight_bound_are_refused_at_once() {
+        let gate = Arc::new(Semaphore::new(0));
+        let inside = Arc::new(AtomicUsize::new(0));
+        let (g, i) = (gate.clone(), inside.clone());
+        let app = Router::new()
+            .route(
+                "/slow",
+                get(move || {
+                    let (g, i) = (g.clone(), i.clone());
+                    async move {
+                        i.fetch_add(1, Ordering::SeqCst);
+                        g.acquire().await.unwrap().forget();
+                        "done"
+                    }
+                }),
+            )
+            .route("/fast", get(|| async { "fast" }))
+            .route("/healthz", get(|| async { "ok" }));
+        let app = bound_in_flight(app, 2);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = reqwest::Client::new();
+        let slow: Vec<_> = (0..2)
+            .map(|_| tokio::spawn(client.get(format!("{base}/slow")).send()))
+            .collect();
+        while inside.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let refused = client.get(format!("{base}/fast")).send().await.unwrap();
+        assert_eq!(refused.status(), 503);
+        assert_eq!(refused.headers()["retry-after"], "1");
+        let body: serde_json::Value = refused.json().await.unwrap();
+        assert_eq!(body["code"], "overloaded");
+        let probe = client.get(format!("{base}/healthz")).send().await.unwrap();
+        assert_eq!(probe.status(), 200);
+        gate.add_permits(2);
+        for s in slow {
+            assert_eq!(s.await.unwrap().unwrap().status(), 200);
+        }
+        let served = client.get(format!("{base}/fast")).send().await.unwrap();
+        assert_eq!(served.status(), 200);
+    }
+}
