@@ -233,7 +233,7 @@ impl Baseline {
     }
 }
 
-/// Redis keyspace lookups during the service phase of `get-hot`.
+/// Redis keyspace lookups during the service phases of `get-hot` (hits) and `get-cold` (misses).
 #[derive(Debug, Clone, Serialize)]
 pub struct HitRatio {
     pub hits: u64,
@@ -530,11 +530,12 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
                 let w = op_w.clone();
                 async move { w.op(scenario, phase, slot, client, i).await }
             };
-            // Hits and misses are counted around the service phase of get-hot only: warming
-            // and the raw GETs would count too.
-            let count_hits = scenario == Scenario::GetHot
-                && phase == Phase::Service
-                && w.baseline(scenario) == Baseline::RedisGet;
+            // Hits and misses are counted around the service phases of get-hot and get-cold
+            // only: warming and the raw GETs would count too.
+            // get-cold's are counted too: they show the reads were misses.
+            let count_hits = phase == Phase::Service
+                && ((scenario == Scenario::GetHot && w.baseline(scenario) == Baseline::RedisGet)
+                    || scenario == Scenario::GetCold);
             let keyspace_before = if count_hits { w.keyspace().await } else { None };
             // Commits are counted around the run, after the previous one's writes settled.
             let count_commits = scenario == Scenario::Create;

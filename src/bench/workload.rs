@@ -220,7 +220,9 @@ impl Workload {
             .pool_max_idle_per_host(opts.concurrency)
             .timeout(Duration::from_secs(30))
             .build()?;
-        let (redis_client, redis) = if settings.cache.enabled && opts.scenarios.contains(&Scenario::GetHot) {
+        let needs_redis =
+            opts.scenarios.contains(&Scenario::GetHot) || opts.scenarios.contains(&Scenario::GetCold);
+        let (redis_client, redis) = if settings.cache.enabled && needs_redis {
             match connect_redis(&settings.redis.url).await {
                 Some((client, conn)) => (Some(client), Some(conn)),
                 None => (None, None),
@@ -435,6 +437,9 @@ impl Workload {
         if scenario == Scenario::List {
             self.warm_first_pages(opts).await;
         }
+        if scenario == Scenario::GetCold {
+            self.evict_cold_pool().await?;
+        }
         if self.baseline(scenario) == Baseline::RedisGet {
             self.open_redis_per_client(opts.concurrency).await?;
             let check = self.warm_hot_set().await;
@@ -479,6 +484,24 @@ impl Workload {
 
     /// Opens get-hot's baseline connections to Redis, one per client (once per run of the
     /// bench).
+    /// Drops the cached entries of get-cold's orders: orders made through the service earlier
+    /// in the run (the `create` scenario) were cached as they were created, and a cold read
+    /// must miss.
+    async fn evict_cold_pool(&self) -> anyhow::Result<()> {
+        let Some(mut redis) = self.redis.clone() else {
+            return Ok(());
+        };
+        let pool = Self::lock(&self.cold_pool).clone();
+        for chunk in pool.chunks(1_000) {
+            let mut pipe = redis::pipe();
+            for (_, id) in chunk {
+                pipe.cmd("DEL").arg(order_key(&self.key_prefix, *id)).ignore();
+            }
+            pipe.query_async::<()>(&mut redis).await?;
+        }
+        Ok(())
+    }
+
     async fn open_redis_per_client(&self, concurrency: usize) -> anyhow::Result<()> {
         let Some(client) = &self.redis_client else {
             return Ok(());
