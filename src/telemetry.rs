@@ -120,6 +120,11 @@ fn describe_metrics() {
         "orderly_order_writes_total",
         "Order writes committed, by the status the order has after the write"
     );
+    describe_counter!(
+        "orderly_reservations_total",
+        "Stock and coupon reservations of creates, by outcome (reserved, already_reserved, \
+         out_of_stock, coupon_unavailable, limit_exceeded, conflict, vanished)"
+    );
     // jobs (`crate::service::sweeper::run`)
     describe_counter!(
         "orderly_sweeper_claims_total",
@@ -137,6 +142,11 @@ fn describe_metrics() {
         "Pooled connections released with a transaction open (closed by the guard), by pool; \
          must stay 0"
     );
+    describe_counter!(
+        "orderly_db_errors_total",
+        "Database errors, by kind (lock: deadlock or lock wait timeout, server, pool_timeout, \
+         connection, other); duplicate keys are answers and are not counted"
+    );
     describe_gauge!(
         "orderly_db_pool_connections",
         "Connections of each database pool, by database and state (in_use, idle)"
@@ -153,6 +163,11 @@ fn describe_metrics() {
     describe_counter!(
         "orderly_cache_notices_total",
         "Write notices that could not reach Redis and wait in the pending list (outcome=pending)"
+    );
+    describe_counter!(
+        "orderly_cache_redis_errors_total",
+        "Redis calls of the cache that failed, by kind (error, timeout); each counts toward the \
+         circuit breaker"
     );
     describe_gauge!(
         "orderly_cache_up",

@@ -847,6 +847,7 @@ impl Inner {
                 // Any error: I/O, a server that lost our scripts (NOSCRIPT after a restart or
                 // a flush), a protocol surprise. A new connection reloads the scripts.
                 tracing::debug!(error = %e, "Redis call failed");
+                metrics::counter!("orderly_cache_redis_errors_total", "kind" => "error").increment(1);
                 self.breaker.failure();
                 self.drop_conn(conn);
                 None
@@ -856,6 +857,7 @@ impl Inner {
                     timeout_ms = self.timeout.as_millis() as u64,
                     "Redis call timed out"
                 );
+                metrics::counter!("orderly_cache_redis_errors_total", "kind" => "timeout").increment(1);
                 self.breaker.failure();
                 self.drop_conn(conn);
                 None

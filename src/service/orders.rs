@@ -375,6 +375,16 @@ impl OrderService {
                 break;
             }
         }
+        let counted = match outcome {
+            ReserveOutcome::Reserved => "reserved",
+            ReserveOutcome::AlreadyReserved => "already_reserved",
+            ReserveOutcome::Vanished => "vanished",
+            ReserveOutcome::Conflict => "conflict",
+            ReserveOutcome::OutOfStock(_) => "out_of_stock",
+            ReserveOutcome::CouponUnavailable(_) => "coupon_unavailable",
+            ReserveOutcome::LimitExceeded { .. } => "limit_exceeded",
+        };
+        metrics::counter!("orderly_reservations_total", "outcome" => counted).increment(1);
         match outcome {
             ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved => {}
             ReserveOutcome::Vanished => {

@@ -51,6 +51,22 @@ impl From<sqlx::Error> for StorageError {
                 return StorageError::Duplicate(db.message().to_owned());
             }
         }
+        // Every database error passes here once (a duplicate key is an answer, not an error).
+        let kind = match &e {
+            sqlx::Error::Database(_)
+                if matches!(
+                    mysql_error_number(&e),
+                    Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)
+                ) =>
+            {
+                "lock"
+            }
+            sqlx::Error::Database(_) => "server",
+            sqlx::Error::PoolTimedOut => "pool_timeout",
+            sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolClosed => "connection",
+            _ => "other",
+        };
+        metrics::counter!("orderly_db_errors_total", "kind" => kind).increment(1);
         StorageError::Db(e)
     }
 }
