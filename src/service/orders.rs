@@ -1002,7 +1002,8 @@ impl OrderService {
             movement: &m,
             now: now(),
         };
-        let recorded = self.commit(shard, write, Snapshot::None).await;
+        // Reloaded after the commit: the cache gets the new version, and so does the answer.
+        let recorded = self.commit(shard, write, Snapshot::Reload).await;
         // Refused for good, with nothing recorded under the number. (A shard-level conflict
         // or duplicate means the number *is* recorded there, for another order: its claim
         // stays.)
@@ -1021,14 +1022,17 @@ impl OrderService {
                 tracing::warn!(order_id = %id, error = %e, "could not give a refused payment number back");
             }
         }
+        let mut answer = None;
         match recorded {
-            Ok(Ok((c, _))) => {
+            Ok(Ok((c, snapshot))) => {
                 if c.status.releases_stock() && !c.previous.releases_stock() {
                     self.release_stock(shard, id).await;
                 }
                 if m.kind == PaymentKind::Payment {
                     self.unhold(id).await;
                 }
+                // The release bookkeeping leaves the version (and the order as shown) alone.
+                answer = snapshot;
             }
             // A replay repairs an unhold that failed the first time.
             Ok(Err(NotWritten::Replay)) if m.kind == PaymentKind::Payment => self.unhold(id).await,
@@ -1045,7 +1049,13 @@ impl OrderService {
             Ok(Err(_)) => return Err(Error::NotFound),
             Err(e) => return Err(e.into()),
         }
-        // Reloaded after the release, so the answer and the cache see the same version.
+        if let Some(order) = answer {
+            return if caller.can_see(&order) {
+                Ok(order)
+            } else {
+                Err(Error::NotFound)
+            };
+        }
         let mut conn = self.conn(shard).await?;
         let order = orders::load_order(&mut conn, &shard.tables, id)
             .await?
