@@ -18,10 +18,7 @@ use crate::storage::commerce::{Product, Shop};
 use super::auth::Auth;
 use super::error::ApiError;
 use super::extract::{Json, PathParam};
-use super::openapi::{
-    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable, Unprocessable,
-    UnsupportedMediaType,
-};
+use super::openapi::{Forbidden, NotFound, Unauthorized, Unavailable, WriteProblems};
 use super::{write, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -50,15 +47,7 @@ fn created<T: serde::Serialize>(v: T) -> axum::response::Response {
     request_body = NewUserRequest,
     responses(
         (status = 201, body = User),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn create_user(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<NewUserRequest>) -> ApiResult {
@@ -97,15 +86,7 @@ async fn get_user(State(s): State<AppState>, Auth(c): Auth, PathParam(id): PathP
     request_body = NewShopRequest,
     responses(
         (status = 201, body = Shop),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn create_shop(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<NewShopRequest>) -> ApiResult {
@@ -124,15 +105,7 @@ async fn create_shop(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<N
     request_body = NewProductRequest,
     responses(
         (status = 201, body = Product),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn create_product(
@@ -176,15 +149,7 @@ async fn get_product(State(s): State<AppState>, Auth(_): Auth, PathParam(id): Pa
     request_body = AddStockRequest,
     responses(
         (status = 200, body = Product),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn add_stock(
@@ -207,15 +172,7 @@ async fn add_stock(
     request_body = NewCouponRequest,
     responses(
         (status = 201, body = CouponView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn issue_coupon(

@@ -226,6 +226,29 @@ problem_responses! {
                     long; retry (with the same ids for a write)",
 }
 
+/// The problems a JSON write can answer, as one `responses(...)` entry: 400, 401, 403, 404,
+/// 409, 413, 415, 422 and 503, each a reference to its reusable response above.
+pub struct WriteProblems;
+
+impl utoipa::IntoResponses for WriteProblems {
+    fn responses() -> std::collections::BTreeMap<String, RefOr<utoipa::openapi::Response>> {
+        [
+            (400, "BadRequest"),
+            (401, "Unauthorized"),
+            (403, "Forbidden"),
+            (404, "NotFound"),
+            (409, "Conflict"),
+            (413, "PayloadTooLarge"),
+            (415, "UnsupportedMediaType"),
+            (422, "Unprocessable"),
+            (503, "Unavailable"),
+        ]
+        .into_iter()
+        .map(|(status, name)| (status.to_string(), Ref::from_response_name(name).into()))
+        .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::Value;

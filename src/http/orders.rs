@@ -29,10 +29,7 @@ use crate::service::Error;
 use super::auth::Auth;
 use super::error::ApiError;
 use super::extract::{Json, PathParam, QueryMap};
-use super::openapi::{
-    BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge, Unauthorized, Unavailable, Unprocessable,
-    UnsupportedMediaType,
-};
+use super::openapi::{Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable, WriteProblems};
 use super::{write, AppState};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -203,15 +200,7 @@ async fn new_order_id(State(s): State<AppState>, Auth(c): Auth) -> ApiResult {
     request_body = PreviewRequest,
     responses(
         (status = 200, description = "The pricing", body = Pricing),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn preview(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<PreviewRequest>) -> ApiResult {
@@ -228,15 +217,7 @@ async fn preview(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Previ
     responses(
         (status = 201, description = "Created", body = OrderView),
         (status = 200, description = "An identical replay: the order as created", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<CreateOrderRequest>) -> ApiResult {
@@ -374,15 +355,7 @@ async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryM
     request_body = PatchRequest,
     responses(
         (status = 200, description = "The order at its new version", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn patch(
@@ -406,15 +379,7 @@ async fn patch(
     request_body = PaymentRequest,
     responses(
         (status = 200, description = "The order at its new version", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn pay(
@@ -438,15 +403,7 @@ async fn pay(
     request_body = ShipmentRequest,
     responses(
         (status = 200, description = "The order at its new version", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn ship(
@@ -470,15 +427,7 @@ async fn ship(
     request_body = VersionedRequest,
     responses(
         (status = 200, description = "The order at its new version", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn confirm(
@@ -502,15 +451,7 @@ async fn confirm(
     request_body = VersionedRequest,
     responses(
         (status = 200, description = "The order at its new version", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn cancel(
@@ -534,15 +475,7 @@ async fn cancel(
     request_body = RefundRequest,
     responses(
         (status = 200, description = "The order at its new version", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn refund(
@@ -566,15 +499,7 @@ async fn refund(
     request_body = VersionedRequest,
     responses(
         (status = 200, description = "The order at its new version", body = OrderView),
-        (status = 400, response = BadRequest),
-        (status = 401, response = Unauthorized),
-        (status = 403, response = Forbidden),
-        (status = 404, response = NotFound),
-        (status = 409, response = Conflict),
-        (status = 413, response = PayloadTooLarge),
-        (status = 415, response = UnsupportedMediaType),
-        (status = 422, response = Unprocessable),
-        (status = 503, response = Unavailable),
+        WriteProblems,
     )
 )]
 async fn invalidate(
