@@ -18,7 +18,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::MySqlPool;
 
-use crate::helpers::TestApp;
+use crate::helpers::{own_redis, TestApp};
 
 async fn redis_conn(url: &str) -> redis::aio::MultiplexedConnection {
     redis::Client::open(url)
@@ -412,14 +412,7 @@ async fn cache_breakdown_one_cold_key_is_loaded_once() {
 /// delivered invalidation, or frozen while a write could not invalidate: no stale entry.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cache_redis_down_is_slower_not_failing_and_never_stale_after() {
-    // A Redis of this test's own: the shared one serves the other tests.
-    let redis = LocalCluster::start(ClusterSpec {
-        mariadb_servers: 0,
-        with_redis: true,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("redis");
+    let redis = own_redis().await;
     let url = redis.redis_url().unwrap();
     let app = TestApp::spawn_with(|s| {
         s.redis.url = url.clone();

@@ -53,6 +53,18 @@ pub fn cluster() -> Arc<LocalCluster> {
         .clone()
 }
 
+/// A Redis of the test's own (no MariaDB), for tests that stop or freeze it: the shared
+/// cluster's Redis serves the other tests.
+pub async fn own_redis() -> LocalCluster {
+    LocalCluster::start(ClusterSpec {
+        mariadb_servers: 0,
+        with_redis: true,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("redis")
+}
+
 pub struct TestApp {
     pub base: String,
     pub client: reqwest::Client,

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use orderly::app::{lease_worker_from, Application};
-use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::config::Settings;
 use orderly::domain::ids::{IdError, OrderId, UserId};
 use orderly::lease::{IdSource, IdSourceError};
@@ -17,7 +16,7 @@ use sqlx::MySqlPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::TestApp;
+use crate::helpers::{own_redis, TestApp};
 
 /// A second process on the same databases, serving on its own port until `token` fires.
 async fn second_process(
@@ -239,14 +238,7 @@ async fn worker_ids_a_clock_behind_the_previous_holders_ids_is_refused() {
 
 #[tokio::test]
 async fn worker_ids_and_creates_keep_working_while_redis_is_down() {
-    // A Redis of this test's own: the shared cluster's Redis serves the other tests.
-    let redis = LocalCluster::start(ClusterSpec {
-        mariadb_servers: 0,
-        with_redis: true,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("redis");
+    let redis = own_redis().await;
     let url = redis.redis_url().unwrap();
     let ttl = Duration::from_secs(1);
     let app = TestApp::spawn_with(|s| {
