@@ -42,6 +42,10 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        // Verified already by a middleware that needed the caller first (the rate limits).
+        if let Some(verified) = parts.extensions.get::<Verified>() {
+            return Ok(Auth(verified.0));
+        }
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
@@ -54,6 +58,11 @@ impl FromRequestParts<AppState> for Auth {
         state.auth.verify(token).map(Auth)
     }
 }
+
+/// A caller whose token was verified earlier in this request (a request extension: only
+/// this service's middleware puts it there, never the client).
+#[derive(Debug, Clone, Copy)]
+pub struct Verified(pub crate::domain::actor::Caller);
 
 /// One path segment as text. A segment that is not UTF-8 (or missing) names nothing this
 /// service holds: a 404 problem, like any other id that does not parse.

@@ -42,6 +42,7 @@ use crate::domain::ids::UserId;
 
 use super::auth::Auth;
 use super::error::ApiError;
+use super::extract::Verified;
 use super::{route_of, AppState};
 
 /// How often idle buckets are dropped. A bucket is idle once it has refilled completely
@@ -169,9 +170,13 @@ pub(super) async fn per_user_limits(State(s): State<AppState>, req: Request, nex
         _ => return next.run(req).await,
     };
     let (mut parts, body) = req.into_parts();
-    if let Ok(Auth(Caller::User(user))) = Auth::from_request_parts(&mut parts, &s).await {
-        if let Err(refused) = s.limits.check(route, user) {
-            return refused.into_response();
+    if let Ok(Auth(caller)) = Auth::from_request_parts(&mut parts, &s).await {
+        // The handler's extractor takes the caller from here: one token check per request.
+        parts.extensions.insert(Verified(caller));
+        if let Caller::User(user) = caller {
+            if let Err(refused) = s.limits.check(route, user) {
+                return refused.into_response();
+            }
         }
     }
     next.run(Request::from_parts(parts, body)).await
