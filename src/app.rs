@@ -23,6 +23,8 @@ use crate::lease::{lease_worker, IdSource};
 use crate::service::catalog::CatalogService;
 use crate::service::orders::OrderService;
 use crate::service::sweeper;
+use crate::domain::consistency::DatabaseRef;
+use crate::storage::replicas::{self, Database};
 use crate::storage::shards::ShardMap;
 use crate::storage::{self, schema};
 use crate::telemetry;
@@ -39,13 +41,32 @@ pub struct Application {
     settings: Settings,
     shutdown: CancellationToken,
     background: Vec<JoinHandle<()>>,
+    /// Every database, for the replica probes.
+    databases: Vec<Arc<Database>>,
 }
 
 impl Application {
     /// Connects everything and binds `server.listen`.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
         let shards = ShardMap::connect(&settings).await?;
-        let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
+        let commerce_db = Arc::new(
+            Database::connect(
+                "commerce",
+                DatabaseRef::Commerce,
+                &settings.commerce.url,
+                &settings.commerce.replicas,
+                &settings.database,
+                &settings.replicas,
+            )
+            .await?,
+        );
+        let commerce = commerce_db.write().clone();
+        // One probe before serving, so replicas that answer take reads from the first request.
+        let databases: Vec<Arc<Database>> =
+            shards.databases().iter().cloned().chain([commerce_db.clone()]).collect();
+        for db in &databases {
+            db.probe().await;
+        }
         // Never fails for a Redis that is down: the cache starts degraded and probes it.
         let cache = Cache::from_settings(&settings.redis, &settings.cache).await?;
         // Bound before the lease, so a taken port does not cost a worker id.
@@ -63,10 +84,11 @@ impl Application {
             }
         };
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
-            .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user);
+            .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
+            .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
         let state = AppState {
             orders,
-            catalog: CatalogService::new(commerce, cache),
+            catalog: CatalogService::new(commerce_db, cache),
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),
             writes: TaskTracker::new(),
@@ -80,6 +102,7 @@ impl Application {
             settings,
             shutdown,
             background,
+            databases,
         })
     }
 
@@ -107,6 +130,11 @@ impl Application {
             self.shutdown.clone(),
         ));
         let gauges = tokio::spawn(sample_gauges(self.state.clone(), self.shutdown.clone()));
+        let probes = tokio::spawn(replicas::run_probes(
+            self.databases.clone(),
+            Duration::from_millis(s.replicas.probe_interval_ms),
+            self.shutdown.clone(),
+        ));
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -152,6 +180,7 @@ impl Application {
             let _ = h.await;
         }
         let _ = gauges.await;
+        let _ = probes.await;
         let _ = cleanup.await;
         served?;
         Ok(())
@@ -173,7 +202,9 @@ async fn sample_gauges(state: AppState, shutdown: CancellationToken) {
         let orders = &state.orders;
         telemetry::record_pool("commerce", orders.commerce());
         for db in orders.shards().databases() {
-            telemetry::record_pool(&db.name, &db.primary);
+            for (name, pool) in db.pools() {
+                telemetry::record_pool(name, pool);
+            }
         }
         match orders.cache().health() {
             CacheHealth::Up => metrics::gauge!("orderly_cache_up").set(1.0),

@@ -28,6 +28,7 @@ pub struct Settings {
     pub orders: OrderSettings,
     pub sweeper: SweeperSettings,
     pub limits: LimitSettings,
+    pub replicas: ReplicaSettings,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -69,6 +70,9 @@ pub struct ShardSettings {
 pub struct ShardDatabase {
     pub name: String,
     pub primary: String,
+    /// Read replicas of `primary` (GTID replication); reads of orders and lists go to them.
+    #[serde(default)]
+    pub replicas: Vec<String>,
     pub first_shard: u32,
     pub last_shard: u32,
 }
@@ -76,6 +80,22 @@ pub struct ShardDatabase {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct CommerceSettings {
     pub url: String,
+    /// Read replicas of the commerce database: only user profiles are read there; pricing,
+    /// stock, reservations and claims stay on the primary.
+    #[serde(default)]
+    pub replicas: Vec<String>,
+}
+
+/// Read replicas: the GTID wait of read-your-writes, the health probe and rotation (see
+/// [`crate::storage::replicas`]); every tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ReplicaSettings {
+    pub gtid_wait_ms: u64,
+    pub max_lag_ms: u64,
+    pub probe_interval_ms: u64,
+    pub probe_timeout_ms: u64,
+    pub acquire_timeout_ms: u64,
+    pub watermark_ttl_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -244,6 +264,7 @@ impl Settings {
         if self.server.max_in_flight == 0 {
             return bad("server.max_in_flight must be positive".into());
         }
+        self.validate_replicas()?;
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)
             || (l.ids_per_user_per_sec > 0 && l.ids_burst == 0)
@@ -251,6 +272,43 @@ impl Settings {
             return bad(
                 "limits.create_burst and limits.ids_burst must be positive when their rate is".into(),
             );
+        }
+        Ok(())
+    }
+
+    fn validate_replicas(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let lists = self
+            .shards
+            .databases
+            .iter()
+            .map(|d| (d.name.as_str(), &d.primary, &d.replicas))
+            .chain([("commerce", &self.commerce.url, &self.commerce.replicas)]);
+        for (name, primary, replicas) in lists {
+            for (i, url) in replicas.iter().enumerate() {
+                if url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
+                    return bad(format!("replica {i} of {name} is not a mysql:// URL"));
+                }
+                if url == primary || replicas[..i].contains(url) {
+                    return bad(format!("replica {i} of {name} repeats its primary or another replica"));
+                }
+            }
+        }
+        let r = &self.replicas;
+        if r.gtid_wait_ms == 0 || r.probe_interval_ms == 0 || r.probe_timeout_ms == 0 || r.acquire_timeout_ms == 0 {
+            return bad("replicas: gtid_wait_ms, probe_interval_ms, probe_timeout_ms and acquire_timeout_ms must be positive".into());
+        }
+        // A replica may be this far behind and still in rotation: up to max_lag_ms, plus one
+        // probe interval before the probe sees it.
+        let worst_lag = r.max_lag_ms + r.probe_interval_ms + r.probe_timeout_ms;
+        // A read with no watermark trusts the replica; that is safe only once every write whose
+        // watermark is gone has reached every replica in rotation.
+        if r.watermark_ttl_ms <= worst_lag {
+            return bad("replicas.watermark_ttl_ms must exceed max_lag_ms + probe_interval_ms + probe_timeout_ms".into());
+        }
+        // The cache fills from replicas: a fill that missed a write must still meet its marker.
+        if self.cache.enabled && self.cache.write_marker_ms <= worst_lag {
+            return bad("cache.write_marker_ms must exceed replicas.max_lag_ms + probe_interval_ms + probe_timeout_ms".into());
         }
         Ok(())
     }

@@ -32,6 +32,7 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         .map(|i| ShardDatabase {
             name: format!("orders{i}"),
             primary: cluster.mariadb(i as usize).url(&format!("{db_prefix}orders{i}")),
+            replicas: Vec::new(),
             first_shard: i * per,
             last_shard: if i + 1 == servers {
                 shards - 1

@@ -230,7 +230,7 @@ async fn a_fill_loaded_before_a_newer_write_is_refused() {
         paused.loaded().await;
         // The write commits v2 and its notice arrives while the reader holds v1.
         db.set(Some(order(2, 2)));
-        f.cache.order_written(id, owner(), 2, None).await;
+        f.cache.order_written(id, owner(), 2, None, None).await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
@@ -252,7 +252,7 @@ async fn a_fill_loaded_before_a_write_with_a_snapshot_is_refused() {
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(3, 2)));
-        f.cache.order_written(id, owner(), 2, Some(&order(3, 2))).await;
+        f.cache.order_written(id, owner(), 2, Some(&order(3, 2)), None).await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
@@ -273,7 +273,7 @@ async fn a_page_loaded_before_a_write_is_not_filled_after_it() {
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(4, 1)));
-        f.cache.order_written(id, owner(), 1, Some(&order(4, 1))).await;
+        f.cache.order_written(id, owner(), 1, Some(&order(4, 1)), None).await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
@@ -295,7 +295,7 @@ async fn an_absent_order_is_cached_and_cleared_by_its_creation() {
     assert_eq!(f.cache.order(id, || db.load()).await.unwrap(), None);
     assert_eq!(db.loads(), 1, "absence is cached");
     db.set(Some(order(5, 1)));
-    f.cache.order_written(id, owner(), 1, None).await;
+    f.cache.order_written(id, owner(), 1, None, None).await;
     assert_eq!(version(&f.cache.order(id, || db.load()).await.unwrap()), Some(1));
     assert_eq!(db.loads(), 2);
     read_until_hit(&f, &db, id, Some(1)).await;
@@ -304,7 +304,7 @@ async fn an_absent_order_is_cached_and_cleared_by_its_creation() {
     let id = order_id(6);
     let db = Db::with(None);
     assert_eq!(f.cache.order(id, || db.load()).await.unwrap(), None);
-    f.cache.order_written(id, owner(), 1, Some(&order(6, 1))).await;
+    f.cache.order_written(id, owner(), 1, Some(&order(6, 1)), None).await;
     assert_eq!(version(&f.cache.order(id, || db.load()).await.unwrap()), Some(1));
     assert_eq!(db.loads(), 1);
 
@@ -351,7 +351,7 @@ async fn reads_and_writes_survive_a_killed_redis_and_hits_resume_after_it_restar
     assert_eq!(f.cache.health(), CacheHealth::Degraded);
     db.set(Some(order(8, 2)));
     let began = Instant::now();
-    f.cache.order_written(id, owner(), 2, None).await;
+    f.cache.order_written(id, owner(), 2, None, None).await;
     assert!(
         began.elapsed() < Duration::from_secs(1),
         "a write notice does not wait for Redis"
@@ -372,7 +372,7 @@ async fn a_notice_that_timed_out_is_replayed_before_the_entry_is_read_again() {
 
     f.cluster.pause_redis().unwrap();
     db.set(Some(order(9, 2)));
-    f.cache.order_written(id, owner(), 2, None).await;
+    f.cache.order_written(id, owner(), 2, None, None).await;
     f.cluster.resume_redis().unwrap();
     read_until_hit(&f, &db, id, Some(2)).await;
 }
@@ -396,7 +396,7 @@ async fn a_notice_skipped_while_the_breaker_is_open_is_replayed_before_the_entry
         f.cache.order(order_id(11), || other.load()).await.unwrap();
     }
     db.set(Some(order(10, 2)));
-    f.cache.order_written(id, owner(), 2, None).await;
+    f.cache.order_written(id, owner(), 2, None, None).await;
     f.cluster.resume_redis().unwrap();
     assert!(
         f.raw_order(id).await.unwrap().starts_with(b"1:"),
@@ -416,7 +416,7 @@ async fn entries_of_a_redis_restarted_from_an_old_snapshot_are_misses() {
     let _: () = redis::cmd("SAVE").query_async(&mut raw).await.unwrap();
 
     db.set(Some(order(12, 2)));
-    f.cache.order_written(id, owner(), 2, None).await;
+    f.cache.order_written(id, owner(), 2, None, None).await;
     assert_eq!(f.raw_order(id).await, None, "the notice was delivered");
 
     f.cluster.kill_redis().unwrap();
@@ -473,7 +473,7 @@ async fn too_many_undelivered_notices_purge_every_entry_before_the_cache_is_read
     }
     // Two orders and a page: more than the set holds, so it turns into a purge.
     db_a.set(Some(order(14, 2)));
-    f.cache.order_written(a, owner(), 2, None).await;
+    f.cache.order_written(a, owner(), 2, None, None).await;
     f.cluster.resume_redis().unwrap();
     assert!(f.raw_order(a).await.unwrap().starts_with(b"1:"));
     read_until_hit(&f, &db_a, a, Some(2)).await;

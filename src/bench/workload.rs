@@ -595,7 +595,7 @@ impl Workload {
     /// server holding several of them counts once), keyed by host name and port.
     async fn servers(&self) -> anyhow::Result<Vec<(String, &MySqlPool)>> {
         let mut seen = Vec::new();
-        let pools = std::iter::once(&self.commerce).chain(self.shards.databases().iter().map(|d| &d.primary));
+        let pools = std::iter::once(&self.commerce).chain(self.shards.databases().iter().map(|d| d.write()));
         for pool in pools {
             let (host, port): (String, i64) = sqlx::query_as("SELECT @@hostname, CAST(@@port AS SIGNED)")
                 .fetch_one(pool)
@@ -833,7 +833,7 @@ impl Workload {
         let Some(app) = &self.app else {
             return Err(Outcome::Error("no_app_state".into()));
         };
-        match app.orders.get(Caller::User(self.users[user]), id).await {
+        match app.orders.get(Caller::User(self.users[user]), id, Default::default()).await {
             Ok(_) => Ok(()),
             Err(ServiceError::NotFound) => Err(Outcome::Error("not_found".into())),
             Err(ServiceError::Unavailable(_)) => Err(Outcome::Error("unavailable".into())),

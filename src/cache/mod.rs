@@ -32,13 +32,15 @@ mod flight;
 pub mod redis;
 
 use std::future::Future;
+use std::time::Duration;
 
 use crate::config::{CacheSettings, RedisSettings};
+use crate::domain::consistency::Watermark;
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::order::Order;
 use crate::domain::user::User;
 
-pub use self::redis::{FillGate, RedisCache};
+pub use self::redis::{FillGate, RedisCache, WatermarkOf};
 
 /// The cache the services use; cheap to clone.
 #[derive(Clone)]
@@ -111,9 +113,37 @@ impl Cache {
     /// leaves. `snapshot` is the order at exactly that version when the caller has it (it then
     /// replaces the entry instead of deleting it). Never fails: what cannot reach Redis now is
     /// replayed before the cache is read again.
-    pub async fn order_written(&self, order: OrderId, owner: UserId, version: i64, snapshot: Option<&Order>) {
+    ///
+    /// `watermark` (the write's consistency token and how long to keep it) is stored for the
+    /// order and its owner in the same round trip, for `session` reads of other processes.
+    pub async fn order_written(
+        &self,
+        order: OrderId,
+        owner: UserId,
+        version: i64,
+        snapshot: Option<&Order>,
+        watermark: Option<(&Watermark, Duration)>,
+    ) {
         if let Cache::Redis(r) = self {
-            r.order_written(order, owner, version, snapshot).await
+            r.order_written(order, owner, version, snapshot, watermark).await
+        }
+    }
+
+    /// The read-your-writes watermark Redis holds for `of` (none when the cache is disabled
+    /// or Redis does not answer: the process's own and the client's token still count).
+    pub async fn watermark(&self, of: WatermarkOf) -> Option<Watermark> {
+        match self {
+            Cache::Redis(r) => r.watermark(of).await,
+            Cache::Disabled => None,
+        }
+    }
+
+    /// The order `id` if the cache holds it now, without loading or filling (`Some(None)`:
+    /// cached as absent).
+    pub async fn order_hit(&self, id: OrderId) -> Option<Option<Order>> {
+        match self {
+            Cache::Redis(r) => r.order_hit(id).await,
+            Cache::Disabled => None,
         }
     }
 

@@ -12,6 +12,8 @@
 //! | `{prefix}{u:<user_id>}:w`   | its write marker                                   |
 //! | `{prefix}{u:<user_id>}:l`   | first page of the user's orders: `<tag>:<bytes>`   |
 //! | `{prefix}{u:<user_id>}:g`   | the page's generation, bumped by every order write |
+//! | `{prefix}{o:<order_id>}:rw` | read-your-writes watermark of the order: a token   |
+//! | `{prefix}{u:<user_id>}:rw`  | the same for the user's order list                 |
 //!
 //! "Absent" (no such order or user) is version 0 with an empty payload, kept
 //! `absent_ttl_secs`. `<tag>` is the first [`TAG_LEN`] characters of the `run_id` of the
@@ -97,6 +99,7 @@ use super::codec;
 use super::flight::Flights;
 use super::CacheHealth;
 use crate::config::{CacheSettings, RedisSettings};
+use crate::domain::consistency::Watermark;
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::order::Order;
 use crate::domain::user::User;
@@ -143,6 +146,22 @@ fn page_key(prefix: &str, user: UserId) -> String {
 
 fn generation_key(prefix: &str, user: UserId) -> String {
     format!("{prefix}{{u:{user}}}:g")
+}
+
+/// Redis key of a read-your-writes watermark (a consistency token, `o0:0-1-42`).
+fn watermark_key(prefix: &str, of: WatermarkOf) -> String {
+    match of {
+        WatermarkOf::Order(id) => format!("{prefix}{{o:{id}}}:rw"),
+        WatermarkOf::User(id) => format!("{prefix}{{u:{id}}}:rw"),
+    }
+}
+
+/// Whose watermark: an order's (its own writes) or a user's (the writes of all their orders,
+/// for their order list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatermarkOf {
+    Order(OrderId),
+    User(UserId),
 }
 
 /// Whether a key is an entry (not a marker or a generation): what a purge removes.
@@ -228,7 +247,24 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-    pub const ALL: [&str; 4] = [FILL_ENTRY, ENTRY_WRITTEN, FILL_PAGE, PAGE_WRITTEN];
+    /// KEYS[1] watermark. ARGV[1] token, ARGV[2] its database and domain (`o0:0-`), ARGV[3]
+    /// its sequence number, ARGV[4] TTL ms. Keeps the later of the stored and the new token
+    /// (two writes of one order may notify in either order); a token of another database or
+    /// domain is replaced. Returns 1 raised, 0 kept.
+    pub const RAISE_WATERMARK: &str = r"
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[2]) == ARGV[2] then
+  local seq = tonumber(string.match(cur, '(%d+)$'))
+  if seq and seq >= tonumber(ARGV[3]) then
+    redis.call('PEXPIRE', KEYS[1], ARGV[4])
+    return 0
+  end
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
+return 1
+";
+
+    pub const ALL: [&str; 5] = [FILL_ENTRY, ENTRY_WRITTEN, FILL_PAGE, PAGE_WRITTEN, RAISE_WATERMARK];
 }
 
 struct Scripts {
@@ -236,6 +272,7 @@ struct Scripts {
     entry_written: Script,
     fill_page: Script,
     page_written: Script,
+    raise_watermark: Script,
 }
 
 impl Scripts {
@@ -245,6 +282,7 @@ impl Scripts {
             entry_written: Script::new(lua::ENTRY_WRITTEN),
             fill_page: Script::new(lua::FILL_PAGE),
             page_written: Script::new(lua::PAGE_WRITTEN),
+            raise_watermark: Script::new(lua::RAISE_WATERMARK),
         }
     }
 }
@@ -680,7 +718,14 @@ impl RedisCache {
         self.inner.read_page(user, load).await
     }
 
-    pub async fn order_written(&self, order: OrderId, owner: UserId, version: i64, snapshot: Option<&Order>) {
+    pub async fn order_written(
+        &self,
+        order: OrderId,
+        owner: UserId,
+        version: i64,
+        snapshot: Option<&Order>,
+        watermark: Option<(&Watermark, Duration)>,
+    ) {
         let inner = &self.inner;
         let snapshot = snapshot.filter(|o| o.order_id == order && o.version == version);
         let keys = EntryKeys::order(&inner.prefix, order);
@@ -695,6 +740,14 @@ impl RedisCache {
                     &conn.tag,
                 ))
                 .add_command(inner.page_written_cmd(owner));
+                // The watermarks ride in the same round trip. They are not replayed when
+                // Redis is down: the writing process keeps its own, and the client has the
+                // token.
+                if let Some((w, ttl)) = watermark {
+                    for of in [WatermarkOf::Order(order), WatermarkOf::User(owner)] {
+                        pipe.add_command(inner.raise_watermark_cmd(of, w, ttl));
+                    }
+                }
                 inner.query_pipe::<redis::Value>(&conn, &pipe).await.is_some()
             }
         };
@@ -703,6 +756,32 @@ impl RedisCache {
             inner.pending.add(EntryKey::Order(order), version);
             inner.pending.add(EntryKey::Page(owner), 0);
         }
+    }
+
+    /// The watermark stored for `of`, if Redis answers and holds one.
+    pub async fn watermark(&self, of: WatermarkOf) -> Option<Watermark> {
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let raw: Option<String> = inner
+            .query(&conn, redis::cmd("GET").arg(watermark_key(&inner.prefix, of)))
+            .await?;
+        raw.as_deref().and_then(Watermark::parse)
+    }
+
+    /// The cached order `id` if Redis holds it now (`Some(None)`: cached as absent); never
+    /// loads or fills. For `eventual` reads, whose own loads may come from a lagging replica.
+    pub async fn order_hit(&self, id: OrderId) -> Option<Option<Order>> {
+        let inner = &self.inner;
+        if inner.must_skip(EntryKey::Order(id)) {
+            return None;
+        }
+        let conn = inner.conn().await?;
+        let raw: Option<Vec<u8>> = inner
+            .query(&conn, redis::cmd("GET").arg(order_key(&inner.prefix, id)))
+            .await?;
+        let hit = entry_hit::<Order>(raw.as_deref()?, &conn.tag)?;
+        count(EntryKey::Order(id), "hit");
+        Some(hit)
     }
 
     pub async fn user_written(&self, user: &User) {
@@ -1101,6 +1180,14 @@ impl Inner {
             .arg(tag)
             .arg(value)
             .arg(self.jittered_ms(self.ttl));
+        cmd
+    }
+
+    fn raise_watermark_cmd(&self, of: WatermarkOf, w: &Watermark, ttl: Duration) -> Cmd {
+        let token = w.to_string();
+        let scope = format!("{}{}-", &token[..=token.find(':').unwrap_or(0)], w.gtid.domain);
+        let mut cmd = evalsha(&self.scripts.raise_watermark, &[&watermark_key(&self.prefix, of)]);
+        cmd.arg(token).arg(scope).arg(w.gtid.seq).arg(ttl.as_millis() as u64);
         cmd
     }
 

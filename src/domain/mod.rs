@@ -1,8 +1,9 @@
 //! The pure order domain: ids, shard routing, money, the status machine, request validation,
-//! pricing and the payment/refund rule. No I/O and no async here; everything above depends
-//! on this, it on nothing.
+//! pricing, the payment/refund rule and read consistency (GTID watermarks). No I/O and no
+//! async here; everything above depends on this, it on nothing.
 
 pub mod actor;
+pub mod consistency;
 pub mod ids;
 pub mod money;
 pub mod order;

@@ -92,3 +92,28 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
         }
     }
 }
+
+/// The `Consistency-Token` request header: the token of an earlier write (its `Consistency-Token`
+/// answer header) that this read must see, from any connection or process. Absent: none. One
+/// this service did not write is a 422 problem.
+pub struct TokenHeader(pub Option<crate::domain::consistency::Watermark>);
+
+/// The header of a write's answer and of a read that must see that write.
+pub const CONSISTENCY_TOKEN: axum::http::HeaderName = axum::http::HeaderName::from_static("consistency-token");
+
+impl<S: Send + Sync> FromRequestParts<S> for TokenHeader {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(raw) = parts.headers.get(CONSISTENCY_TOKEN) else {
+            return Ok(TokenHeader(None));
+        };
+        raw.to_str()
+            .ok()
+            .and_then(crate::domain::consistency::Watermark::parse)
+            .map(|w| TokenHeader(Some(w)))
+            .ok_or_else(|| {
+                FieldErrors::single("Consistency-Token", "is not a token this service issued").into()
+            })
+    }
+}

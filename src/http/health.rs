@@ -67,9 +67,9 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     ready &= commerce;
     checks.insert("commerce".into(), commerce.into());
     for db in state.orders.shards().databases() {
-        let ok = sqlx::query("SELECT 1").execute(&db.primary).await.is_ok();
+        let ok = sqlx::query("SELECT 1").execute(db.write()).await.is_ok();
         ready &= ok;
-        checks.insert(format!("shards:{}", db.name), ok.into());
+        checks.insert(format!("shards:{}", db.name()), ok.into());
     }
     // Redis down makes the service slower, not unready: reported as `degraded`.
     let cache = serde_json::to_value(state.orders.cache().health()).unwrap_or_default();

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -21,14 +21,15 @@ use crate::domain::order::{
 };
 use crate::domain::status::OrderStatus;
 use crate::lease::IdSourceError;
+use crate::domain::consistency::Consistency;
 use crate::service::orders::{
-    Created, ListParams, PatchRequest, PaymentRequest, RefundRequest, ShipmentRequest, VersionedRequest,
+    Created, ListParams, ReadOptions, Served, PatchRequest, PaymentRequest, RefundRequest, ShipmentRequest, VersionedRequest,
 };
 use crate::service::Error;
 
 use super::auth::Auth;
 use super::error::ApiError;
-use super::extract::{Json, PathParam, QueryMap};
+use super::extract::{Json, PathParam, QueryMap, TokenHeader, CONSISTENCY_TOKEN};
 use super::openapi::{Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable, WriteProblems};
 use super::{write, AppState};
 
@@ -159,13 +160,39 @@ fn order_id(raw: &str) -> Result<OrderId, ApiError> {
     Ok(OrderId::parse(raw).ok_or(Error::NotFound)?)
 }
 
-/// Reads accept `consistency=eventual|session|strong`; every read goes to the primary
-/// for now, which satisfies all three.
-fn check_consistency(params: &HashMap<String, String>) -> Result<(), ApiError> {
-    match params.get("consistency").map(String::as_str) {
-        None | Some("eventual" | "session" | "strong") => Ok(()),
-        Some(_) => Err(FieldErrors::single("consistency", "must be eventual, session or strong").into()),
+/// A write's answer: the order, and the consistency token of the write (see
+/// [`super::extract::TokenHeader`]).
+fn written_response(s: &AppState, caller: Caller, status: StatusCode, order: &Order) -> Response {
+    let mut response = order_response(caller, status, order);
+    if let Some(token) = s.orders.consistency_token(order.order_id) {
+        if let Ok(v) = HeaderValue::from_str(&token.to_string()) {
+            response.headers_mut().insert(CONSISTENCY_TOKEN, v);
+        }
     }
+    response
+}
+
+/// Which part of the system answered a read: `cache`, `replica` or `primary`.
+const SERVED_BY: HeaderName = HeaderName::from_static("served-by");
+
+fn served_by(mut response: Response, served: Served) -> Response {
+    response
+        .headers_mut()
+        .insert(SERVED_BY, HeaderValue::from_static(served.name()));
+    response
+}
+
+/// `consistency=eventual|session|strong` (default `session`) and the client's token.
+fn read_options(params: &HashMap<String, String>, token: TokenHeader) -> Result<ReadOptions, ApiError> {
+    let consistency = match params.get("consistency") {
+        None => Consistency::Session,
+        Some(v) => Consistency::parse(v)
+            .ok_or_else(|| FieldErrors::single("consistency", "must be eventual, session or strong"))?,
+    };
+    Ok(ReadOptions {
+        consistency,
+        token: token.0,
+    })
 }
 
 #[utoipa::path(
@@ -215,7 +242,8 @@ async fn preview(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Previ
     description = "Creates an order exactly once per `order_id`: 201 new, 200 for an identical replay, 409 `idempotency_conflict` for the same id with other content. Buyers only.",
     request_body = CreateOrderRequest,
     responses(
-        (status = 201, description = "Created", body = OrderView),
+        (status = 201, description = "Created", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         (status = 200, description = "An identical replay: the order as created", body = OrderView),
         WriteProblems,
     )
@@ -227,7 +255,7 @@ async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Create
         Created::New => StatusCode::CREATED,
         Created::Replay => StatusCode::OK,
     };
-    Ok(order_response(c, status, &order))
+    Ok(written_response(&s, c, status, &order))
 }
 
 #[utoipa::path(
@@ -238,11 +266,13 @@ async fn create(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<Create
     description = "The order, for its buyer, its shop and administrators; another party's order is 404.",
     params(
         ("id" = OrderId, Path, description = "The order id"),
-        ("consistency" = Option<String>, Query, description = "`eventual`, `session` (default) or `strong`"),
+        ("consistency" = Option<String>, Query, description = "`eventual` (any replica, or a cache hit), `session` (default: every write acknowledged before, by this or any client that passes its token) or `strong` (the primary)"),
+        ("Consistency-Token" = Option<String>, Header, description = "The `Consistency-Token` of an earlier write: this read sees it, on any connection or process"),
         ("include" = Option<String>, Query, description = "`user` adds the buyer's profile as `user`"),
     ),
     responses(
-        (status = 200, description = "The order; `ETag` is its version", body = OrderView),
+        (status = 200, description = "The order; `ETag` is its version", body = OrderView,
+            headers(("Served-By" = String, description = "`cache`, `replica` or `primary`"))),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
         (status = 404, response = NotFound),
@@ -255,21 +285,23 @@ async fn get_order(
     Auth(c): Auth,
     PathParam(id): PathParam,
     QueryMap(params): QueryMap,
+    token: TokenHeader,
 ) -> ApiResult {
-    check_consistency(&params)?;
-    let order = s.orders.get(c, order_id(&id)?).await?;
-    match params.get("include").map(String::as_str) {
-        None | Some("") => Ok(order_response(c, StatusCode::OK, &order)),
+    let read = read_options(&params, token)?;
+    let (order, served) = s.orders.get(c, order_id(&id)?, read).await?;
+    let response = match params.get("include").map(String::as_str) {
+        None | Some("") => order_response(c, StatusCode::OK, &order),
         Some("user") => {
             let buyer = s.catalog.buyer_of(&order).await?;
             let mut body = serde_json::to_value(OrderView::from(&order))
                 .map_err(|e| Error::Unavailable(e.to_string()))?;
             body["user"] = serde_json::to_value(buyer).unwrap_or_default();
             let etag = format!("\"{}\"", order.version);
-            Ok(([(header::ETAG, etag)], axum::Json(body)).into_response())
+            ([(header::ETAG, etag)], axum::Json(body)).into_response()
         }
-        Some(_) => Err(FieldErrors::single("include", "only 'user' can be included").into()),
-    }
+        Some(_) => return Err(FieldErrors::single("include", "only 'user' can be included").into()),
+    };
+    Ok(served_by(response, served))
 }
 
 fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime<Utc>> {
@@ -295,18 +327,20 @@ fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime
         ("created_to" = Option<DateTime<Utc>>, Query, description = "RFC 3339"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 100, description = "Page size (default 20)"),
         ("cursor" = Option<String>, Query, description = "`next_cursor` of the previous page"),
-        ("consistency" = Option<String>, Query, description = "`eventual`, `session` (default) or `strong`"),
+        ("consistency" = Option<String>, Query, description = "`eventual` (any replica, or a cache hit), `session` (default: every write acknowledged before, by this or any client that passes its token) or `strong` (the primary)"),
+        ("Consistency-Token" = Option<String>, Header, description = "The `Consistency-Token` of an earlier write: this read sees it, on any connection or process"),
     ),
     responses(
-        (status = 200, description = "A page", body = OrderList),
+        (status = 200, description = "A page", body = OrderList,
+            headers(("Served-By" = String, description = "`cache`, `replica` or `primary`"))),
         (status = 401, response = Unauthorized),
         (status = 403, response = Forbidden),
         (status = 422, response = Unprocessable),
         (status = 503, response = Unavailable),
     )
 )]
-async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryMap) -> ApiResult {
-    check_consistency(&params)?;
+async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryMap, token: TokenHeader) -> ApiResult {
+    let read = read_options(&params, token)?;
     let mut errors = FieldErrors::default();
     let mut p = ListParams::default();
     for (k, v) in &params {
@@ -337,12 +371,12 @@ async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryM
         }
     }
     errors.into_result(())?;
-    let (orders, next) = s.orders.list(c, p).await?;
-    let page = OrderList {
-        orders: orders.iter().map(OrderView::from).collect(),
-        next_cursor: next,
+    let page = s.orders.list(c, p, read).await?;
+    let body = OrderList {
+        orders: page.orders.iter().map(OrderView::from).collect(),
+        next_cursor: page.next_cursor,
     };
-    Ok(axum::Json(page).into_response())
+    Ok(served_by(axum::Json(body).into_response(), page.served))
 }
 
 #[utoipa::path(
@@ -354,7 +388,8 @@ async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryM
     params(("id" = OrderId, Path, description = "The order id")),
     request_body = PatchRequest,
     responses(
-        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 200, description = "The order at its new version", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         WriteProblems,
     )
 )]
@@ -366,7 +401,7 @@ async fn patch(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.patch(c, id, req).await }).await?;
-    Ok(order_response(c, StatusCode::OK, &order))
+    Ok(written_response(&s, c, StatusCode::OK, &order))
 }
 
 #[utoipa::path(
@@ -378,7 +413,8 @@ async fn patch(
     params(("id" = OrderId, Path, description = "The order id")),
     request_body = PaymentRequest,
     responses(
-        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 200, description = "The order at its new version", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         WriteProblems,
     )
 )]
@@ -390,7 +426,7 @@ async fn pay(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.pay(c, id, req).await }).await?;
-    Ok(order_response(c, StatusCode::OK, &order))
+    Ok(written_response(&s, c, StatusCode::OK, &order))
 }
 
 #[utoipa::path(
@@ -402,7 +438,8 @@ async fn pay(
     params(("id" = OrderId, Path, description = "The order id")),
     request_body = ShipmentRequest,
     responses(
-        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 200, description = "The order at its new version", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         WriteProblems,
     )
 )]
@@ -414,7 +451,7 @@ async fn ship(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.ship(c, id, req).await }).await?;
-    Ok(order_response(c, StatusCode::OK, &order))
+    Ok(written_response(&s, c, StatusCode::OK, &order))
 }
 
 #[utoipa::path(
@@ -426,7 +463,8 @@ async fn ship(
     params(("id" = OrderId, Path, description = "The order id")),
     request_body = VersionedRequest,
     responses(
-        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 200, description = "The order at its new version", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         WriteProblems,
     )
 )]
@@ -438,7 +476,7 @@ async fn confirm(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.confirm(c, id, req).await }).await?;
-    Ok(order_response(c, StatusCode::OK, &order))
+    Ok(written_response(&s, c, StatusCode::OK, &order))
 }
 
 #[utoipa::path(
@@ -450,7 +488,8 @@ async fn confirm(
     params(("id" = OrderId, Path, description = "The order id")),
     request_body = VersionedRequest,
     responses(
-        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 200, description = "The order at its new version", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         WriteProblems,
     )
 )]
@@ -462,7 +501,7 @@ async fn cancel(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.cancel(c, id, req).await }).await?;
-    Ok(order_response(c, StatusCode::OK, &order))
+    Ok(written_response(&s, c, StatusCode::OK, &order))
 }
 
 #[utoipa::path(
@@ -474,7 +513,8 @@ async fn cancel(
     params(("id" = OrderId, Path, description = "The order id")),
     request_body = RefundRequest,
     responses(
-        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 200, description = "The order at its new version", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         WriteProblems,
     )
 )]
@@ -486,7 +526,7 @@ async fn refund(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.refund(c, id, req).await }).await?;
-    Ok(order_response(c, StatusCode::OK, &order))
+    Ok(written_response(&s, c, StatusCode::OK, &order))
 }
 
 #[utoipa::path(
@@ -498,7 +538,8 @@ async fn refund(
     params(("id" = OrderId, Path, description = "The order id")),
     request_body = VersionedRequest,
     responses(
-        (status = 200, description = "The order at its new version", body = OrderView),
+        (status = 200, description = "The order at its new version", body = OrderView,
+            headers(("Consistency-Token" = String, description = "Send it back on a later read to see this write"))),
         WriteProblems,
     )
 )]
@@ -510,5 +551,5 @@ async fn invalidate(
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
     let order = write(&s, async move { orders.invalidate(c, id, req).await }).await?;
-    Ok(order_response(c, StatusCode::OK, &order))
+    Ok(written_response(&s, c, StatusCode::OK, &order))
 }

@@ -4,7 +4,11 @@
 use chrono::{DateTime, Utc};
 use sqlx::MySqlPool;
 
+use std::sync::Arc;
+
 use crate::cache::Cache;
+use crate::domain::consistency::Consistency;
+use crate::storage::replicas::{self, Database, ReadQuery};
 use crate::domain::actor::Caller;
 use crate::domain::ids::{ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
@@ -87,7 +91,10 @@ pub struct CouponView {
 
 #[derive(Clone)]
 pub struct CatalogService {
+    /// The commerce primary: every catalog write and read but profiles.
     commerce: MySqlPool,
+    /// The commerce database with its replicas, for user profiles.
+    profiles: Arc<Database>,
     cache: Cache,
 }
 
@@ -110,8 +117,12 @@ fn currency_field(errors: &mut FieldErrors, v: Option<&str>) -> Currency {
 }
 
 impl CatalogService {
-    pub fn new(commerce: MySqlPool, cache: Cache) -> Self {
-        CatalogService { commerce, cache }
+    pub fn new(commerce: Arc<Database>, cache: Cache) -> Self {
+        CatalogService {
+            commerce: commerce.write().clone(),
+            profiles: commerce,
+            cache,
+        }
     }
 
     pub async fn create_user(&self, caller: Caller, req: NewUserRequest) -> Result<User> {
@@ -153,11 +164,21 @@ impl CatalogService {
         Ok(user)
     }
 
-    /// The profile `id`, through the cache.
+    /// The profile `id`, through the cache, read on a commerce replica. Profiles never
+    /// change once created, so a replica's copy is current unless it is missing: "no such
+    /// user" from a replica is asked again of the primary (the profile may be new).
     async fn load_user(&self, id: UserId) -> Result<Option<User>> {
         self.cache
             .user(id, || async {
-                Ok(commerce::load_user(&self.commerce, id).await?)
+                let query = replicas::query(move |c| -> ReadQuery<'_, Option<User>> {
+                    Box::pin(commerce::load_user(c, id))
+                });
+                let db = &self.profiles;
+                let found = db.read(Consistency::Eventual, None, &query).await?;
+                if found.value.is_none() && found.served == replicas::Served::Replica {
+                    return Ok(db.read(Consistency::Strong, None, &query).await?.value);
+                }
+                Ok(found.value)
             })
             .await
     }

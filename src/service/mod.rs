@@ -5,6 +5,7 @@
 pub mod catalog;
 pub mod orders;
 pub mod sweeper;
+pub mod watermarks;
 
 use crate::domain::ids::{CouponId, ProductId};
 use crate::domain::order::FieldErrors;

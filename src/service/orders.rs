@@ -27,9 +27,10 @@ use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlPool};
 
-use crate::cache::{Cache, FIRST_PAGE};
+use crate::cache::{Cache, WatermarkOf, FIRST_PAGE};
 use crate::config::OrderSettings;
 use crate::domain::actor::Caller;
+use crate::domain::consistency::{Consistency, Gtid, Watermark};
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::money::Money;
 use crate::domain::order::{
@@ -44,10 +45,15 @@ use crate::storage::commerce::{self, Reservation, ReserveOutcome};
 use crate::storage::orders::{
     self, Committed, FieldChanges, IdState, ListQuery, MoneyMovement, NotWritten, OrderWrite, StatusChange,
 };
+use crate::storage::replicas::{self, Database, Read, ReadQuery};
 use crate::storage::shards::{Shard, ShardMap};
 use crate::storage::StorageError;
 
+use super::watermarks::LocalWatermarks;
 use super::{retry_deadlocks, Error, Result};
+
+/// The default of `replicas.watermark_ttl_ms`, for services built without settings.
+const DEFAULT_WATERMARK_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The largest page of `GET /v1/orders`.
 pub const MAX_PAGE: u32 = 100;
@@ -61,6 +67,67 @@ pub struct OrderService {
     settings: Arc<OrderSettings>,
     /// `limits.max_unpaid_units_per_user`; `None`: off.
     max_unpaid_units: Option<i64>,
+    /// Read-your-writes watermarks of this process's writes (see [`super::watermarks`]).
+    watermarks: Arc<LocalWatermarks>,
+}
+
+/// How a read must be served: its consistency, and the token of a write the client wants to
+/// see (from the `Consistency-Token` header of an earlier answer, on any connection).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReadOptions {
+    pub consistency: Consistency,
+    pub token: Option<Watermark>,
+}
+
+/// Which part of the system answered a read (the `Served-By` header).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    Cache,
+    Primary,
+    Replica,
+}
+
+impl Served {
+    pub fn name(self) -> &'static str {
+        match self {
+            Served::Cache => "cache",
+            Served::Primary => "primary",
+            Served::Replica => "replica",
+        }
+    }
+
+    fn of<T>(read: &Read<T>) -> Served {
+        match read.served {
+            replicas::Served::Primary => Served::Primary,
+            replicas::Served::Replica => Served::Replica,
+        }
+    }
+}
+
+/// Where a cache-aside read was served from: the cache unless its loader ran.
+#[derive(Default)]
+struct ServedCell(std::sync::atomic::AtomicU8);
+
+impl ServedCell {
+    fn set(&self, s: Served) {
+        self.0.store(s as u8 + 1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Served {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            2 => Served::Primary,
+            3 => Served::Replica,
+            _ => Served::Cache,
+        }
+    }
+}
+
+/// A page of `GET /v1/orders`.
+#[derive(Debug)]
+pub struct OrderPage {
+    pub orders: Vec<Order>,
+    pub next_cursor: Option<String>,
+    pub served: Served,
 }
 
 /// What [`OrderService::commit`] hands to `after_commit` besides what committed: the order
@@ -243,7 +310,14 @@ impl OrderService {
             cache,
             settings: Arc::new(settings),
             max_unpaid_units: None,
+            watermarks: Arc::new(LocalWatermarks::new(DEFAULT_WATERMARK_TTL)),
         }
+    }
+
+    /// How long watermarks are kept (`replicas.watermark_ttl_ms`).
+    pub fn with_watermark_ttl(mut self, ttl: std::time::Duration) -> Self {
+        self.watermarks = Arc::new(LocalWatermarks::new(ttl));
+        self
     }
 
     /// Caps the units a user's unpaid orders may hold (`limits.max_unpaid_units_per_user`;
@@ -295,19 +369,75 @@ impl OrderService {
             Snapshot::None => None,
         };
         drop(conn);
-        self.after_commit(&committed, order.as_ref()).await;
+        self.after_commit(self.shards.database(shard), &committed, order.as_ref())
+            .await;
         Ok(Ok((committed, order)))
     }
 
     /// Everything that must follow a committed order write, before its answer leaves: the
-    /// cache (replaced with the order at the committed version, or invalidated) and metrics.
-    /// Replica watermarks and the event outbox hang here too.
-    async fn after_commit(&self, c: &Committed, order: Option<&Order>) {
+    /// read-your-writes watermarks of the order and its owner (here, and with the cache's
+    /// notice in Redis when the database has replicas), the cache (replaced with the order at
+    /// the committed version, or invalidated) and metrics. The event outbox hangs here too.
+    async fn after_commit(&self, db: &Database, c: &Committed, order: Option<&Order>) {
         metrics::counter!("orderly_order_writes_total", "status" => c.status.name()).increment(1);
+        let watermark = c.gtid.as_deref().and_then(Gtid::parse).map(|gtid| Watermark {
+            database: db.reference(),
+            gtid,
+        });
+        if let Some(w) = watermark {
+            self.watermarks
+                .record(&[WatermarkOf::Order(c.order_id), WatermarkOf::User(c.user_id)], w);
+        }
+        let shared = watermark
+            .as_ref()
+            .filter(|_| db.has_replicas())
+            .map(|w| (w, self.watermarks.ttl()));
         let snapshot = order.filter(|o| o.version == c.version);
         self.cache
-            .order_written(c.order_id, c.user_id, c.version, snapshot)
+            .order_written(c.order_id, c.user_id, c.version, snapshot, shared)
             .await;
+    }
+
+    /// The consistency token of the newest write of `order` this process committed (what a
+    /// write answers in its `Consistency-Token` header; recorded before the write returned).
+    pub fn consistency_token(&self, order: OrderId) -> Option<Watermark> {
+        self.watermarks.get(WatermarkOf::Order(order))
+    }
+
+    /// The GTID a `session` read of `of` on `db` must see: the latest of this process's
+    /// watermark, Redis's and the client's token, those of `db` only.
+    async fn watermark(&self, db: &Database, of: WatermarkOf, token: Option<Watermark>) -> Option<Gtid> {
+        if !db.has_replicas() {
+            return None;
+        }
+        let shared = self.cache.watermark(of).await;
+        [self.watermarks.get(of), shared, token]
+            .into_iter()
+            .flatten()
+            .filter(|w| w.database == db.reference())
+            .reduce(Watermark::max)
+            .map(|w| w.gtid)
+    }
+
+    /// The order `id` from the server `read` calls for; a `session` read that a replica
+    /// answers with "no such order" asks the primary (the create may not have arrived there
+    /// yet, and an absence must never be cached from a lagging copy).
+    async fn load_order(&self, shard: &Shard, id: OrderId, read: ReadOptions) -> Result<Read<Option<Order>>> {
+        let db = self.shards.database(shard);
+        let watermark = match read.consistency {
+            Consistency::Session => self.watermark(db, WatermarkOf::Order(id), read.token).await,
+            _ => None,
+        };
+        let tables = shard.tables.clone();
+        let query = replicas::query(move |c| -> ReadQuery<'_, Option<Order>> {
+            let t = tables.clone();
+            Box::pin(async move { orders::load_order(c, &t, id).await })
+        });
+        let found = db.read(read.consistency, watermark.as_ref(), &query).await?;
+        if found.value.is_none() && found.served == replicas::Served::Replica && read.consistency == Consistency::Session {
+            return Ok(db.read(Consistency::Strong, None, &query).await?);
+        }
+        Ok(found)
     }
 
     pub fn shards(&self) -> &ShardMap {
@@ -522,7 +652,11 @@ impl OrderService {
 
     /// The order if `caller` may see it; another party's order is `NotFound`.
     #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
-    pub async fn get(&self, caller: Caller, id: OrderId) -> Result<Order> {
+    ///
+    /// `session` (the default) reads through the cache, whose loader reads a replica that has
+    /// the order's latest write; `eventual` takes a cache hit or any replica's copy and never
+    /// fills the cache; `strong` reads the primary.
+    pub async fn get(&self, caller: Caller, id: OrderId, read: ReadOptions) -> Result<(Order, Served)> {
         if caller == Caller::Service {
             return Err(Error::Forbidden("the payment channel reads no orders"));
         }
@@ -530,15 +664,33 @@ impl OrderService {
             return Err(Error::NotFound);
         }
         let shard = self.shards.of_order(id);
-        let order = self
-            .cache
-            .order(id, || async {
-                let mut conn = self.conn(shard).await?;
-                Ok::<_, Error>(orders::load_order(&mut conn, &shard.tables, id).await?)
-            })
-            .await?;
+        let served = ServedCell::default();
+        let order = match read.consistency {
+            Consistency::Session => {
+                self.cache
+                    .order(id, || async {
+                        let found = self.load_order(shard, id, read).await?;
+                        served.set(Served::of(&found));
+                        Ok::<_, Error>(found.value)
+                    })
+                    .await?
+            }
+            Consistency::Eventual => match self.cache.order_hit(id).await {
+                Some(hit) => hit,
+                None => {
+                    let found = self.load_order(shard, id, read).await?;
+                    served.set(Served::of(&found));
+                    found.value
+                }
+            },
+            Consistency::Strong => {
+                let found = self.load_order(shard, id, read).await?;
+                served.set(Served::of(&found));
+                found.value
+            }
+        };
         match order {
-            Some(o) if caller.can_see(&o) => Ok(o),
+            Some(o) if caller.can_see(&o) => Ok((o, served.get())),
             _ => Err(Error::NotFound),
         }
     }
@@ -557,7 +709,10 @@ impl OrderService {
     }
 
     #[tracing::instrument(skip_all, fields(user_id = tracing::field::Empty, shard = tracing::field::Empty, caller = ?caller))]
-    pub async fn list(&self, caller: Caller, p: ListParams) -> Result<(Vec<Order>, Option<String>)> {
+    ///
+    /// Read like [`Self::get`]: the cached first page in `session` mode, else the server
+    /// `read` calls for, with the user's watermark (the newest write of any of their orders).
+    pub async fn list(&self, caller: Caller, p: ListParams, read: ReadOptions) -> Result<OrderPage> {
         let user = match (caller, p.user_id) {
             (Caller::User(u), None) => u,
             (Caller::User(u), Some(asked)) if asked == u => u,
@@ -587,48 +742,51 @@ impl OrderService {
         tracing::Span::current()
             .record("user_id", tracing::field::display(user))
             .record("shard", shard.index.get());
+        let db = self.shards.database(shard);
+        let watermark = match read.consistency {
+            Consistency::Session => self.watermark(db, WatermarkOf::User(user), read.token).await,
+            _ => None,
+        };
         let unfiltered = p.status.is_none() && p.created_from.is_none() && p.created_to.is_none();
-        if unfiltered && before.is_none() && (limit as usize) < FIRST_PAGE {
-            let query = ListQuery {
-                user_id: user,
-                status: None,
-                created_from: None,
-                created_to: None,
-                before: None,
-                limit: FIRST_PAGE as u32,
-            };
-            let mut page = self
-                .cache
-                .first_page(user, || async {
-                    let mut conn = self.conn(shard).await?;
-                    Ok::<_, Error>(orders::list_user_orders(&mut conn, &shard.tables, &query).await?)
-                })
-                .await?;
-            let next = if page.len() > limit as usize {
-                page.truncate(limit as usize);
-                page.last().map(encode_cursor)
-            } else {
-                None
-            };
-            return Ok((page, next));
-        }
+        let cached = unfiltered && before.is_none() && (limit as usize) < FIRST_PAGE;
         let query = ListQuery {
             user_id: user,
             status: p.status,
             created_from: p.created_from,
             created_to: p.created_to,
             before,
-            limit: limit + 1,
+            limit: if cached { FIRST_PAGE as u32 } else { limit + 1 },
         };
-        let mut conn = self.conn(shard).await?;
-        let mut page = orders::list_user_orders(&mut conn, &shard.tables, &query).await?;
+        let tables = shard.tables.clone();
+        let list = replicas::query(move |c| -> ReadQuery<'_, Vec<Order>> {
+            let (t, q) = (tables.clone(), query.clone());
+            Box::pin(async move { orders::list_user_orders(c, &t, &q).await })
+        });
+        let served = ServedCell::default();
+        let mut page = if cached && read.consistency == Consistency::Session {
+            self.cache
+                .first_page(user, || async {
+                    let found = db.read(read.consistency, watermark.as_ref(), &list).await?;
+                    served.set(Served::of(&found));
+                    Ok::<_, Error>(found.value)
+                })
+                .await?
+        } else {
+            let found = db.read(read.consistency, watermark.as_ref(), &list).await?;
+            served.set(Served::of(&found));
+            found.value
+        };
         let next = if page.len() > limit as usize {
             page.truncate(limit as usize);
             page.last().map(encode_cursor)
         } else {
             None
         };
-        Ok((page, next))
+        Ok(OrderPage {
+            orders: page,
+            next_cursor: next,
+            served: served.get(),
+        })
     }
 
     // ------------------------------------------------------------------ life cycle

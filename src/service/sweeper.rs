@@ -148,10 +148,10 @@ impl OrderService {
         // One connection for the reads of every shard here: a server that is down costs one
         // failed acquire, not one per shard.
         let db = &self.shards().databases()[database];
-        let mut conn = match db.primary.acquire().await {
+        let mut conn = match db.write().acquire().await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(database = %db.name, error = %e, "sweep: database left for the next step");
+                tracing::warn!(database = %db.name(), error = %e, "sweep: database left for the next step");
                 out.failed += claims.len().max(1);
                 return out;
             }
@@ -225,10 +225,10 @@ impl OrderService {
         if unseen.is_empty() {
             return;
         }
-        let mut conn = match orders::sweeper_connection(&db.primary).await {
+        let mut conn = match orders::sweeper_connection(db.write()).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(database = %db.name, error = %e, "sweep: claims left for the next step");
+                tracing::warn!(database = %db.name(), error = %e, "sweep: claims left for the next step");
                 out.failed += unseen.len();
                 return;
             }
@@ -344,7 +344,7 @@ impl OrderService {
             match joined {
                 Ok((database, Ok(answer))) => answers[database] = Some(answer),
                 Ok((database, Err(_))) => {
-                    let name = &self.shards().databases()[database].name;
+                    let name = self.shards().databases()[database].name();
                     tracing::warn!(database = %name, "{what}: database too slow; left for the next step");
                 }
                 Err(e) => tracing::error!(error = %e, "{what}: a database step panicked"),

@@ -70,10 +70,10 @@ pub async fn insert_user(
     UserId::new(v).ok_or_else(|| corrupt("user id", v))
 }
 
-pub async fn load_user(pool: &MySqlPool, id: UserId) -> Result<Option<User>> {
+pub async fn load_user(conn: &mut sqlx::MySqlConnection, id: UserId) -> Result<Option<User>> {
     let row = sqlx::query("SELECT id, name, level, created_at FROM users WHERE id = ?")
         .bind(id.get())
-        .fetch_optional(pool)
+        .fetch_optional(conn)
         .await?;
     row.map(|r| {
         Ok(User {

@@ -3,6 +3,8 @@
 //! - [`shards`] owns the shard map: which server holds which table shard, and the table
 //!   names. Table names come only from here, never from input.
 //! - [`schema`] creates the tables (`orderly migrate`).
+//! - [`replicas`] is one server with its read replicas: the read/write split, read-your-writes
+//!   by GTID, replica health and rotation.
 //! - [`orders`] is the SQL of the four order tables; [`commerce`] of users, shops, products,
 //!   coupons, order claims and stock reservations.
 //!
@@ -12,6 +14,7 @@
 
 pub mod commerce;
 pub mod orders;
+pub mod replicas;
 pub mod schema;
 pub mod shards;
 
@@ -116,7 +119,7 @@ pub const DEADLOCK_RETRIES: usize = 3;
 /// Prepared statements kept per connection: ~20 statements × the shards of one server, with
 /// room for the `IN (?, …)` variants. The server's `max_prepared_stmt_count` must allow
 /// this times the connections of every client (the local cluster sets it to 1M).
-const STATEMENT_CACHE: usize = 512;
+pub(crate) const STATEMENT_CACHE: usize = 512;
 
 /// Opens a pool against `url` with the shared pool settings and the transaction guard
 /// ([`release_guard`]).

@@ -1,8 +1,8 @@
 //! The shard map: for each table shard, the database that holds it and its table names.
 //!
 //! Built once from settings. A request finds its shard from the order id's gene or the
-//! user's hash ([`crate::domain::shard`]) and gets a [`Shard`]: the primary pool and the four
-//! table names. Moving shards to more servers is a change of the settings, not of code.
+//! user's hash ([`crate::domain::shard`]) and gets a [`Shard`]: its [`Database`] (primary and
+//! replicas) and its table names. Moving shards to more servers is a change of the settings, not of code.
 
 use std::sync::Arc;
 
@@ -12,7 +12,9 @@ use crate::config::Settings;
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::shard::{ShardCount, ShardIndex};
 
-use super::{connect, Result};
+use super::replicas::Database;
+use super::{corrupt, Result};
+use crate::domain::consistency::DatabaseRef;
 
 /// The four table names of one shard.
 #[derive(Debug, Clone)]
@@ -45,15 +47,8 @@ pub struct Shard {
     pub index: ShardIndex,
     /// Index into [`ShardMap::databases`].
     pub database: usize,
-    pub tables: ShardTables,
-}
-
-/// One server of the shard map.
-#[derive(Debug, Clone)]
-pub struct ShardDatabase {
-    pub name: String,
-    /// Writes and `strong` reads. (Replica handles join here in a later step.)
-    pub primary: MySqlPool,
+    /// Shared, so a read can hand its query an owned copy (see [`Database::read`]).
+    pub tables: Arc<ShardTables>,
 }
 
 /// Cheap to clone (one `Arc`): every request's state holds one.
@@ -64,7 +59,7 @@ pub struct ShardMap(Arc<Inner>);
 struct Inner {
     count: ShardCount,
     shards: Vec<Shard>,
-    databases: Vec<ShardDatabase>,
+    databases: Vec<Arc<Database>>,
 }
 
 impl ShardMap {
@@ -74,10 +69,18 @@ impl ShardMap {
         let mut databases = Vec::new();
         let mut owner = vec![0usize; count.get() as usize];
         for (i, db) in settings.shards.databases.iter().enumerate() {
-            databases.push(ShardDatabase {
-                name: db.name.clone(),
-                primary: connect(&db.primary, &settings.database).await?,
-            });
+            let reference = DatabaseRef::Shards(u16::try_from(i).map_err(|_| corrupt("shard databases", i))?);
+            databases.push(Arc::new(
+                Database::connect(
+                    &db.name,
+                    reference,
+                    &db.primary,
+                    &db.replicas,
+                    &settings.database,
+                    &settings.replicas,
+                )
+                .await?,
+            ));
             for s in db.first_shard..=db.last_shard {
                 owner[s as usize] = i;
             }
@@ -87,7 +90,7 @@ impl ShardMap {
             .map(|index| Shard {
                 index,
                 database: owner[index.get() as usize],
-                tables: ShardTables::of(index),
+                tables: Arc::new(ShardTables::of(index)),
             })
             .collect();
         Ok(ShardMap(Arc::new(Inner {
@@ -117,12 +120,17 @@ impl ShardMap {
         &self.0.shards
     }
 
-    pub fn databases(&self) -> &[ShardDatabase] {
+    pub fn databases(&self) -> &[Arc<Database>] {
         &self.0.databases
+    }
+
+    /// The server of a shard, with its replicas.
+    pub fn database(&self, shard: &Shard) -> &Database {
+        &self.0.databases[shard.database]
     }
 
     /// The primary pool of a shard: the only handle that writes.
     pub fn primary(&self, shard: &Shard) -> &MySqlPool {
-        &self.0.databases[shard.database].primary
+        self.0.databases[shard.database].write()
     }
 }

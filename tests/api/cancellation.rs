@@ -359,7 +359,7 @@ async fn acknowledged_writes_survive_a_storm_of_cancelled_requests() {
     assert!(open.is_empty(), "open transactions after the storm: {open:#?}");
     let mut inside = pooled_in_transaction(app.app.orders.commerce()).await;
     for db in app.app.orders.shards().databases() {
-        inside += pooled_in_transaction(&db.primary).await;
+        inside += pooled_in_transaction(db.write()).await;
     }
     assert_eq!(inside, 0, "pooled connections inside a transaction");
 

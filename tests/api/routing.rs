@@ -158,7 +158,7 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
     let shards = app.app.orders.shards();
     for shard in shards.all() {
         for db in 0..shards.databases().len() {
-            let pool = &shards.databases()[db].primary;
+            let pool = shards.databases()[db].write();
             let n: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?, ?, ?, ?)",
             )
