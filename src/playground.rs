@@ -1,5 +1,5 @@
 //! `orderly playground`: a throwaway local cluster (two MariaDB servers holding 16 table
-//! shards each plus the commerce database, and Redis) from the binaries on PATH, migrated,
+//! shards each plus the commerce database, one GTID replica of each, and Redis) from the binaries on PATH, migrated,
 //! with a demo catalog, serving the API. It prints tokens and curl lines that work as
 //! printed, and removes everything on Ctrl-C.
 
@@ -22,7 +22,7 @@ use crate::service::catalog::{
 use crate::storage;
 
 /// Settings for a local cluster: `shard_dbs[i]` holds an equal slice of the shards, the
-/// commerce database lives on the first server.
+/// commerce database lives on the first server; each database lists its server's replicas.
 pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str, shards: u32) -> Settings {
     let mut s = base;
     let servers = cluster.mariadb_servers().len() as u32;
@@ -32,7 +32,11 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         .map(|i| ShardDatabase {
             name: format!("orders{i}"),
             primary: cluster.mariadb(i as usize).url(&format!("{db_prefix}orders{i}")),
-            replicas: Vec::new(),
+            replicas: cluster
+                .replicas(i as usize)
+                .iter()
+                .map(|r| r.url(&format!("{db_prefix}orders{i}")))
+                .collect(),
             first_shard: i * per,
             last_shard: if i + 1 == servers {
                 shards - 1
@@ -42,6 +46,11 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         })
         .collect();
     s.commerce.url = cluster.mariadb(0).url(&format!("{db_prefix}commerce"));
+    s.commerce.replicas = cluster
+        .replicas(0)
+        .iter()
+        .map(|r| r.url(&format!("{db_prefix}commerce")))
+        .collect();
     if let Some(url) = cluster.redis_url() {
         s.redis.url = url;
     }
@@ -166,9 +175,12 @@ pub async fn load_demo_catalog(catalog: &CatalogService) -> anyhow::Result<DemoC
 }
 
 pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
-    println!("starting a local cluster (2 MariaDB servers, Redis) from the binaries on PATH ...");
+    println!(
+        "starting a local cluster (2 MariaDB primaries with a replica each, Redis) from the binaries on PATH ..."
+    );
     let cluster = LocalCluster::start(ClusterSpec {
         mariadb_servers: 2,
+        replicas_per_server: 1,
         with_redis: true,
         base_dir: None,
         durable: false,
@@ -219,9 +231,13 @@ Try it (after the exports above):
   curl -s -X POST {base_url}/v1/orders/$ID/payments -H "Authorization: Bearer $SERVICE_TOKEN" -H 'Content-Type: application/json' -d '{{"transaction_no":"demo-'$ID'","channel":"alipay","amount":{amount}}}'
   # 4. the shop ships it (version 2 after the payment)
   curl -s -X POST {base_url}/v1/orders/$ID/shipment -H "Authorization: Bearer $MERCHANT_TOKEN" -H 'Content-Type: application/json' -d '{{"expected_version":2,"carrier":"SF Express","tracking_number":"SF1234567890"}}'
-  # 5. read it back, and list my orders
+  # 5. read it back, and list my orders: Served-By says who answered (cache, replica or
+  #    primary); every write answered a Consistency-Token that a read on any connection may
+  #    send back to see that write
   curl -s -i {base_url}/v1/orders/$ID -H "Authorization: Bearer $USER_TOKEN"
-  curl -s {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN"
+  curl -s -i {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN"
+  # 6. a page the cache does not hold: a replica answers (add &consistency=strong for the primary)
+  curl -s -i "{base_url}/v1/orders?limit=50" -H "Authorization: Bearer $USER_TOKEN"
 "#,
         shop = demo.shop,
         products = demo.product_ids.join(", "),

@@ -151,6 +151,36 @@ fn describe_metrics() {
         "orderly_db_pool_connections",
         "Connections of each database pool, by database and state (in_use, idle)"
     );
+    // replicas (`crate::storage::replicas`)
+    describe_counter!(
+        "orderly_db_reads_total",
+        "Order, list and profile reads by database and the server that answered (primary, \
+         replica); cache hits are not counted"
+    );
+    describe_histogram!(
+        "orderly_replica_gtid_wait_seconds",
+        Unit::Seconds,
+        "Time a session read spent making a replica wait for its watermark \
+         (MASTER_GTID_WAIT); reads whose replica was known to have it do not wait"
+    );
+    describe_counter!(
+        "orderly_replica_gtid_wait_timeouts_total",
+        "Session reads whose replica did not apply the watermark within \
+         replicas.gtid_wait_ms (the primary answered), by replica"
+    );
+    describe_counter!(
+        "orderly_replica_failovers_total",
+        "Times a replica was found unusable, by replica and reason (read_failed, \
+         probe_failed, probe_timed_out, lagging); the read moved on"
+    );
+    describe_gauge!(
+        "orderly_replica_lag_seconds",
+        "Age of the oldest primary position the replica had not applied, at the last probe"
+    );
+    describe_gauge!(
+        "orderly_replica_in_rotation",
+        "1 while the replica takes reads, 0 while it is out (down or lagging)"
+    );
     // cache
     describe_counter!(
         "orderly_cache_reads_total",

@@ -71,6 +71,14 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         ready &= ok;
         checks.insert(format!("shards:{}", db.name()), ok.into());
     }
+    // Replicas down or lagging make reads move to the primary, never unready: reported as
+    // "in rotation/configured".
+    for db in state.orders.shards().databases().iter().chain([state.catalog.profiles()]) {
+        if db.has_replicas() {
+            let rotation = format!("{}/{}", db.replicas_in_rotation(), db.replica_count());
+            checks.insert(format!("replicas:{}", db.name()), rotation.into());
+        }
+    }
     // Redis down makes the service slower, not unready: reported as `degraded`.
     let cache = serde_json::to_value(state.orders.cache().health()).unwrap_or_default();
     checks.insert("cache".into(), cache);

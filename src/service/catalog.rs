@@ -125,6 +125,11 @@ impl CatalogService {
         }
     }
 
+    /// The commerce database with its replicas.
+    pub fn profiles(&self) -> &Arc<Database> {
+        &self.profiles
+    }
+
     pub async fn create_user(&self, caller: Caller, req: NewUserRequest) -> Result<User> {
         if !caller.is_admin() {
             return Err(Error::Forbidden("only an administrator creates users"));

@@ -182,6 +182,10 @@ impl Database {
         !self.replicas.is_empty()
     }
 
+    pub fn replica_count(&self) -> usize {
+        self.replicas.len()
+    }
+
     /// Replicas in rotation now.
     pub fn replicas_in_rotation(&self) -> usize {
         self.replicas

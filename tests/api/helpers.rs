@@ -41,8 +41,7 @@ pub fn cluster() -> Arc<LocalCluster> {
                 rt.block_on(LocalCluster::start(ClusterSpec {
                     mariadb_servers: 2,
                     with_redis: true,
-                    base_dir: None,
-                    durable: false,
+                    ..ClusterSpec::default()
                 }))
             })
             .join()
@@ -117,6 +116,16 @@ impl TestApp {
         settings.validate().expect("test settings");
         create_databases(&settings).await.expect("create databases");
         migrate(&settings).await.expect("migrate");
+        Self::start(settings).await
+    }
+
+    /// A second service process on this app's databases and Redis (its own worker id, its
+    /// own in-process state): what another instance behind a load balancer sees.
+    pub async fn twin(&self) -> TestApp {
+        Self::start(self.settings.clone()).await
+    }
+
+    async fn start(settings: Settings) -> TestApp {
         let shutdown = CancellationToken::new();
         let app = Application::build(settings.clone(), shutdown.clone())
             .await

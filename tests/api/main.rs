@@ -18,6 +18,7 @@ mod no_oversell;
 mod openapi;
 mod payments;
 mod problems;
+mod read_your_writes;
 mod routing;
 mod shutdown;
 mod stalled_commit;

@@ -50,8 +50,7 @@ async fn spawn_with_private_orders_server(request_timeout_ms: u64) -> (LocalClus
     let private = LocalCluster::start(ClusterSpec {
         mariadb_servers: 1,
         with_redis: false,
-        base_dir: None,
-        durable: false,
+        ..ClusterSpec::default()
     })
     .await
     .expect("private MariaDB server");
