@@ -16,10 +16,15 @@
 //!   so a replica can later be attached with real GTID replication. Each server has the user
 //!   `orderly`@`%` / `orderly`@`localhost`, password `orderly`, with every privilege; see
 //!   [`MariaDbServer::url`].
+//! * [`ClusterSpec::replicas_per_server`] read-only replicas of every one of those servers
+//!   (`mariadb-<i>-r<r>/`), attached with real GTID replication (`MASTER_USE_GTID=slave_pos`)
+//!   as soon as every server serves. A replica's `server_id` is `1000 + 100 × i + r + 1`,
+//!   never one of a primary's. A replica refuses writes, even `orderly`'s (a write there would
+//!   break its replication for good). See [`LocalCluster::replicas`].
 //! * optionally one Redis server (`redis/`), without any persistence.
 //!
-//! `start` returns only once every MariaDB server accepts a login as `orderly` over TCP and
-//! Redis answers `PING`.
+//! `start` returns only once every MariaDB server accepts a login as `orderly` over TCP, every
+//! replica's replication threads run, and Redis answers `PING`.
 //!
 //! # Invariants
 //!
@@ -65,7 +70,7 @@ use std::sync::{mpsc, Mutex, MutexGuard, Once, OnceLock, PoisonError, TryLockErr
 use std::time::{Duration, Instant};
 
 use sqlx::mysql::MySqlConnection;
-use sqlx::Connection;
+use sqlx::{Connection, Row};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::oneshot;
 
@@ -102,6 +107,18 @@ const PORT_ATTEMPTS: usize = 3;
 const ORPHAN_MIN_AGE: Duration = Duration::from_secs(60);
 /// Lines of a server log quoted in an error.
 const LOG_TAIL_LINES: usize = 40;
+/// Upper bound for one administrative round trip to a server (connecting, a replication
+/// statement, a status query), so a paused server fails the call instead of hanging it. Far
+/// above what a healthy server needs (milliseconds), for loaded CI machines.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// `server_id` of replica `r` of primary `i` is `REPLICA_SERVER_ID_BASE + i ×
+/// REPLICA_SERVER_ID_STRIDE + r + 1`: above every primary's `1..=n` (n stays far below 1000:
+/// every server needs ~100 MB of memory) and readable at a glance in logs (`1102` = primary 1,
+/// replica 1). Replication silently skips events carrying the replica's own id, so ids must
+/// never collide.
+const REPLICA_SERVER_ID_BASE: usize = 1000;
+/// See [`REPLICA_SERVER_ID_BASE`]: room for 99 replicas per primary.
+const REPLICA_SERVER_ID_STRIDE: usize = 100;
 
 /// `mariadbd` options shared by `mariadb-install-db` (which passes unknown options on to its
 /// bootstrap `mariadbd`) and every server start, so the bootstrap creates the InnoDB files with
@@ -174,6 +191,13 @@ pub const DURABLE_MARIADB_OPTIONS: &[&str] = &[
     "--innodb-doublewrite=1",
 ];
 
+/// `mariadbd` options of a replica, given after the others.
+const REPLICA_MARIADB_OPTIONS: &[&str] = &[
+    // Clients cannot write by mistake, `orderly` included (see `REPLICA_INIT_SQL`); the
+    // replication thread still applies the primary's events.
+    "--read-only=1",
+];
+
 /// SQL run by every MariaDB server at every start (`--init-file`): one statement per line, no
 /// comments (the init-file parser is minimal). `IF NOT EXISTS` makes restarts work. The
 /// statements are kept out of the binary log: otherwise each server would log GTIDs of its own
@@ -184,6 +208,16 @@ CREATE USER IF NOT EXISTS 'orderly'@'%' IDENTIFIED BY 'orderly';
 CREATE USER IF NOT EXISTS 'orderly'@'localhost' IDENTIFIED BY 'orderly';
 GRANT ALL PRIVILEGES ON *.* TO 'orderly'@'%' WITH GRANT OPTION;
 GRANT ALL PRIVILEGES ON *.* TO 'orderly'@'localhost' WITH GRANT OPTION;
+";
+
+/// [`INIT_SQL`] of a replica: `orderly` loses `READ ONLY ADMIN`, the one privilege that exempts
+/// a user from `--read-only`, so a write through it fails instead of being applied. A write on a
+/// replica would log a GTID of the replica's own, which GTID strict mode then refuses to follow
+/// with the primary's: replication would stop for good. (It keeps `REPLICATION SLAVE ADMIN`,
+/// for the harness's replication statements; the replication thread itself ignores
+/// `read_only`.)
+const REPLICA_INIT_SQL: &str = "REVOKE READ_ONLY ADMIN ON *.* FROM 'orderly'@'%';
+REVOKE READ_ONLY ADMIN ON *.* FROM 'orderly'@'localhost';
 ";
 
 /// Errors of starting or controlling a [`LocalCluster`].
@@ -224,6 +258,29 @@ pub enum ClusterError {
     /// A MariaDB server index out of range.
     #[error("no MariaDB server with index {index}: the cluster has {count}")]
     NoSuchServer { index: usize, count: usize },
+    /// A replica index out of range for an existing primary.
+    #[error("MariaDB server {primary} has no replica {replica}: it has {count}")]
+    NoSuchReplica {
+        primary: usize,
+        replica: usize,
+        count: usize,
+    },
+    /// A [`ClusterSpec`] the cluster cannot honour.
+    #[error("invalid cluster spec: {0}")]
+    InvalidSpec(String),
+    /// A statement (or the login before it) on a MariaDB server failed.
+    #[error("{server}: {action}: {source}")]
+    Sql {
+        server: String,
+        action: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    /// A replica did not reach the replication state asked for (threads running, a GTID
+    /// position applied) in time, or a server did not answer an administrative statement in
+    /// time.
+    #[error("{server}: {reason}")]
+    Replication { server: String, reason: String },
     /// A Redis operation on a cluster started without Redis.
     #[error("the cluster was started without Redis")]
     NoRedis,
@@ -258,6 +315,9 @@ pub struct ClusterSpec {
     /// Production durability: data on disk, redo log and binary log synced at every commit,
     /// doublewrite on ([`DURABLE_MARIADB_OPTIONS`]). Off for tests and the playground.
     pub durable: bool,
+    /// Number of read-only GTID replicas of every MariaDB server (0 to 99), each a server of its
+    /// own. 0, the default, starts none.
+    pub replicas_per_server: usize,
 }
 
 impl Default for ClusterSpec {
@@ -267,7 +327,32 @@ impl Default for ClusterSpec {
             with_redis: true,
             base_dir: None,
             durable: false,
+            replicas_per_server: 0,
         }
+    }
+}
+
+impl ClusterSpec {
+    /// Rejects specs whose replica server ids would collide (see [`REPLICA_SERVER_ID_BASE`]).
+    fn validate(&self) -> Result<(), ClusterError> {
+        if self.replicas_per_server == 0 {
+            return Ok(());
+        }
+        if self.replicas_per_server >= REPLICA_SERVER_ID_STRIDE {
+            return Err(ClusterError::InvalidSpec(format!(
+                "{} replicas per server: at most {}",
+                self.replicas_per_server,
+                REPLICA_SERVER_ID_STRIDE - 1
+            )));
+        }
+        if self.mariadb_servers >= REPLICA_SERVER_ID_BASE {
+            return Err(ClusterError::InvalidSpec(format!(
+                "{} MariaDB servers with replicas: at most {}",
+                self.mariadb_servers,
+                REPLICA_SERVER_ID_BASE - 1
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -278,6 +363,8 @@ pub struct LocalCluster {
     dir: Option<tempfile::TempDir>,
     path: PathBuf,
     mariadb: Vec<MariaDbServer>,
+    /// `replicas[i]`: the replicas of `mariadb[i]` (empty vectors when there are none).
+    replicas: Vec<Vec<MariaDbServer>>,
     redis: Option<RedisServer>,
     startup_time: Duration,
 }
@@ -288,6 +375,7 @@ impl LocalCluster {
     /// On error everything started so far is stopped and the directory removed.
     pub async fn start(spec: ClusterSpec) -> Result<LocalCluster, ClusterError> {
         let began = Instant::now();
+        spec.validate()?;
         let binaries = Binaries::find(&spec)?;
         let (dir, path) = create_cluster_dir(spec.base_dir.as_deref(), spec.durable)?;
         // From here on an early return drops `cluster`, which cleans up whatever was started.
@@ -295,6 +383,7 @@ impl LocalCluster {
             dir: Some(dir),
             path,
             mariadb: Vec::new(),
+            replicas: Vec::new(),
             redis: None,
             startup_time: Duration::ZERO,
         };
@@ -311,23 +400,54 @@ impl LocalCluster {
             let init_file = cluster.path.join("init.sql");
             fs::write(&init_file, INIT_SQL)
                 .map_err(|e| ClusterError::io(format!("writing {}", init_file.display()), e))?;
+            let replica_init_file = cluster.path.join("init-replica.sql");
+            if spec.replicas_per_server > 0 {
+                // Still one statement per line, still out of the binary log.
+                fs::write(&replica_init_file, format!("{INIT_SQL}{REPLICA_INIT_SQL}"))
+                    .map_err(|e| ClusterError::io(format!("writing {}", replica_init_file.display()), e))?;
+            }
             for index in 0..spec.mariadb_servers {
                 cluster.mariadb.push(MariaDbServer::new(
                     &cluster.path,
                     index,
+                    None,
                     mariadbd.clone(),
                     init_file.clone(),
                     ports.pick()?,
                     spec.durable,
                 )?);
+                let mut replicas = Vec::with_capacity(spec.replicas_per_server);
+                for r in 0..spec.replicas_per_server {
+                    replicas.push(MariaDbServer::new(
+                        &cluster.path,
+                        r,
+                        Some(index),
+                        mariadbd.clone(),
+                        replica_init_file.clone(),
+                        ports.pick()?,
+                        spec.durable,
+                    )?);
+                }
+                cluster.replicas.push(replicas);
             }
-            let datadirs: Vec<PathBuf> = cluster.mariadb.iter().map(|s| s.datadir()).collect();
+            // One bootstrap for primaries and replicas alike: every other datadir is a copy.
+            let datadirs: Vec<PathBuf> = cluster.all_mariadb().map(MariaDbServer::datadir).collect();
             install_datadirs(install_db, datadirs).await?;
-            for server in &cluster.mariadb {
+            for server in cluster.all_mariadb() {
                 server.spawn(false).await?;
             }
-            for server in &mut cluster.mariadb {
+            for server in cluster
+                .mariadb
+                .iter_mut()
+                .chain(cluster.replicas.iter_mut().flatten())
+            {
                 server.await_first_start(&mut ports).await?;
+            }
+            // Only now are the primaries' ports final (a first start may move to another port).
+            for (primary, replicas) in cluster.mariadb.iter().zip(&cluster.replicas) {
+                for replica in replicas {
+                    replica.attach_to(primary).await?;
+                }
             }
         }
 
@@ -339,6 +459,11 @@ impl LocalCluster {
         tracing::info!(
             dir = %cluster.path.display(),
             mariadb_ports = ?cluster.mariadb.iter().map(|s| s.port).collect::<Vec<_>>(),
+            replica_ports = ?cluster
+                .replicas
+                .iter()
+                .map(|replicas| replicas.iter().map(|s| s.port).collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
             redis_port = ?cluster.redis.as_ref().map(|r| r.port),
             startup_ms = cluster.startup_time.as_millis() as u64,
             "local cluster started"
@@ -385,7 +510,8 @@ impl LocalCluster {
         &self.mariadb[index]
     }
 
-    /// Every MariaDB server, by index.
+    /// Every primary MariaDB server (shard), by index; their replicas are in
+    /// [`replicas`](Self::replicas).
     pub fn mariadb_servers(&self) -> &[MariaDbServer] {
         &self.mariadb
     }
@@ -395,6 +521,30 @@ impl LocalCluster {
     /// (the servers have no TLS). [`MariaDbServer::url`] builds the full URL.
     pub fn mariadb_urls(&self) -> Vec<String> {
         self.mariadb.iter().map(MariaDbServer::base_url).collect()
+    }
+
+    /// The replicas of MariaDB server `primary`, by replica index; empty when it has none or
+    /// there is no such server.
+    pub fn replicas(&self, primary: usize) -> &[MariaDbServer] {
+        self.replicas.get(primary).map_or(&[], Vec::as_slice)
+    }
+
+    /// Replica `replica` of MariaDB server `primary`. Connect to it with its
+    /// [`url`](MariaDbServer::url) like to any server, to read: it refuses writes, even
+    /// `orderly`'s.
+    pub fn replica(&self, primary: usize, replica: usize) -> Result<&MariaDbServer, ClusterError> {
+        self.server(primary)?;
+        let replicas = self.replicas(primary);
+        replicas.get(replica).ok_or(ClusterError::NoSuchReplica {
+            primary,
+            replica,
+            count: replicas.len(),
+        })
+    }
+
+    /// Every MariaDB server, primaries and replicas.
+    fn all_mariadb(&self) -> impl Iterator<Item = &MariaDbServer> {
+        self.mariadb.iter().chain(self.replicas.iter().flatten())
     }
 
     /// The Redis server, if the cluster has one.
@@ -443,6 +593,85 @@ impl LocalCluster {
         self.server(index)?.resume()
     }
 
+    /// Stops applying on replica `replica` of `primary` (`STOP SLAVE SQL_THREAD`): it keeps
+    /// receiving the primary's binary log into its relay log but applies none of it, so reads
+    /// on it lag behind the primary until [`start_replica_sql`](Self::start_replica_sql) (or a
+    /// restart of the replica, which starts both replication threads).
+    pub async fn stop_replica_sql(&self, primary: usize, replica: usize) -> Result<(), ClusterError> {
+        self.replica(primary, replica)?
+            .execute_admin("stopping the SQL thread", sqlx::raw_sql("STOP SLAVE SQL_THREAD"))
+            .await
+    }
+
+    /// Resumes applying on replica `replica` of `primary` (`START SLAVE SQL_THREAD`) and waits
+    /// until its SQL thread runs. It then catches up on its own; see
+    /// [`wait_replicas_caught_up`](Self::wait_replicas_caught_up).
+    pub async fn start_replica_sql(&self, primary: usize, replica: usize) -> Result<(), ClusterError> {
+        let server = self.replica(primary, replica)?;
+        server
+            .execute_admin("starting the SQL thread", sqlx::raw_sql("START SLAVE SQL_THREAD"))
+            .await?;
+        server.wait_replicating(IoThread::MayBeConnecting).await
+    }
+
+    /// Kills replica `replica` of `primary` with SIGKILL, as a crash would. Does nothing when
+    /// it is stopped.
+    pub fn kill_replica(&self, primary: usize, replica: usize) -> Result<(), ClusterError> {
+        self.replica(primary, replica)?.kill()
+    }
+
+    /// Shuts replica `replica` of `primary` down cleanly (SIGTERM; SIGKILL after 10 s). Does
+    /// nothing when it is stopped.
+    pub async fn stop_replica(&self, primary: usize, replica: usize) -> Result<(), ClusterError> {
+        self.replica(primary, replica)?.stop().await
+    }
+
+    /// (Re)starts replica `replica` of `primary` on its port and datadir and waits until it
+    /// serves and both its replication threads run again. Does nothing when it already runs.
+    ///
+    /// The replica resumes replication by itself from the position it recorded in
+    /// `mysql.gtid_slave_pos` (transactionally, with the data it applied), so neither a clean
+    /// stop nor a SIGKILL loses or repeats a transaction. While its primary is stopped the
+    /// receiving thread cannot connect; it then only has to be trying to (`Connecting`) and
+    /// reconnects within a second of the primary's return. A paused primary makes this time out.
+    pub async fn start_replica(&self, primary: usize, replica: usize) -> Result<(), ClusterError> {
+        let server = self.replica(primary, replica)?;
+        if server.is_running() {
+            return Ok(());
+        }
+        server.start().await?;
+        let io = if self.server(primary)?.is_running() {
+            IoThread::Connected
+        } else {
+            IoThread::MayBeConnecting
+        };
+        server.wait_replicating(io).await
+    }
+
+    /// Waits until every running replica has applied everything its primary had logged when
+    /// the call began (`@@gtid_binlog_pos` of the primary, `MASTER_GTID_WAIT` on the replica),
+    /// `timeout` in all; fails with [`ClusterError::Replication`] when one has not by then.
+    /// Replicas of a stopped primary are skipped: there is no position to read. A replica whose
+    /// SQL thread is stopped never catches up. A server that does not answer at all (paused)
+    /// fails the call after at most 10 s more per server.
+    pub async fn wait_replicas_caught_up(&self, timeout: Duration) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + timeout;
+        for (primary, replicas) in self.mariadb.iter().zip(&self.replicas) {
+            if !primary.is_running() || !replicas.iter().any(MariaDbServer::is_running) {
+                continue;
+            }
+            let position = primary.gtid_binlog_pos().await?;
+            if position.is_empty() {
+                continue;
+            }
+            for replica in replicas.iter().filter(|r| r.is_running()) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                replica.wait_for_gtid(&position, left).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Shuts Redis down cleanly (SIGTERM; SIGKILL after 10 s).
     pub async fn stop_redis(&self) -> Result<(), ClusterError> {
         self.redis_server()?.stop().await
@@ -454,8 +683,8 @@ impl LocalCluster {
         self.redis_server()?.kill()
     }
 
-    /// Snapshots Redis's data to its `dump.rdb` (`SAVE`), for a later [`start_redis`]
-    /// (Self::start_redis) to load.
+    /// Snapshots Redis's data to its `dump.rdb` (`SAVE`), for a later
+    /// [`start_redis`](Self::start_redis) to load.
     pub async fn save_redis(&self) -> Result<(), ClusterError> {
         self.redis_server()?.save().await
     }
@@ -486,8 +715,7 @@ impl LocalCluster {
 impl Drop for LocalCluster {
     fn drop(&mut self) {
         let processes: Vec<&ServerProcess> = self
-            .mariadb
-            .iter()
+            .all_mariadb()
             .map(|s| &s.process)
             .chain(self.redis.iter().map(|r| &r.process))
             .collect();
@@ -510,10 +738,12 @@ impl Drop for LocalCluster {
     }
 }
 
-/// One MariaDB server of a [`LocalCluster`].
+/// One MariaDB server of a [`LocalCluster`]: a primary (a shard) or a read-only replica of one.
 #[derive(Debug)]
 pub struct MariaDbServer {
     index: usize,
+    /// Index of the primary this server replicates; `None` for a primary.
+    replica_of: Option<usize>,
     server_id: u32,
     port: u16,
     durable: bool,
@@ -523,35 +753,61 @@ pub struct MariaDbServer {
 }
 
 impl MariaDbServer {
+    /// A primary with index `index` when `replica_of` is `None`, else replica `index` of
+    /// primary `replica_of`.
     fn new(
         cluster_dir: &Path,
         index: usize,
+        replica_of: Option<usize>,
         mariadbd: PathBuf,
         init_file: PathBuf,
         port: u16,
         durable: bool,
     ) -> Result<Self, ClusterError> {
-        let dir = cluster_dir.join(format!("mariadb-{index}"));
+        let (name, server_id) = match replica_of {
+            None => (format!("mariadb-{index}"), index + 1),
+            Some(primary) => (
+                format!("mariadb-{primary}-r{index}"),
+                REPLICA_SERVER_ID_BASE + primary * REPLICA_SERVER_ID_STRIDE + index + 1,
+            ),
+        };
+        let dir = cluster_dir.join(&name);
         fs::create_dir(&dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
-        // Cannot saturate: every server needs ~100 MB of memory, so n stays far below u32::MAX.
-        let server_id = u32::try_from(index + 1).unwrap_or(u32::MAX);
+        // Cannot saturate: every server needs ~100 MB of memory, so n stays far below u32::MAX,
+        // and `ClusterSpec::validate` bounds the replica ids.
+        let server_id = u32::try_from(server_id).unwrap_or(u32::MAX);
         Ok(MariaDbServer {
             index,
+            replica_of,
             server_id,
             port,
             durable,
             mariadbd,
             init_file,
-            process: ServerProcess::new(format!("mariadb-{index}"), dir.clone(), dir.join("error.log")),
+            process: ServerProcess::new(name, dir.clone(), dir.join("error.log")),
         })
     }
 
-    /// Index of this server in the cluster.
+    /// Index of this server: for a primary its index in the cluster
+    /// ([`LocalCluster::mariadb`]), for a replica its index among its primary's replicas
+    /// ([`LocalCluster::replica`]).
     pub fn index(&self) -> usize {
         self.index
     }
 
-    /// Its `server_id`: `index + 1`. Replicas attached later need ids outside `1..=n`.
+    /// Index of the primary this server replicates, `None` for a primary.
+    pub fn replica_of(&self) -> Option<usize> {
+        self.replica_of
+    }
+
+    /// Its name in logs and errors, which is also its directory's: `mariadb-<i>` for primary
+    /// `i`, `mariadb-<i>-r<r>` for replica `r` of primary `i`.
+    pub fn name(&self) -> &str {
+        &self.process.name
+    }
+
+    /// Its `server_id`: `index + 1` for a primary (`1..=n`), `1000 + 100 × primary + index + 1`
+    /// for a replica (replica 0 of primary 0 is 1001, replica 1 of primary 2 is 1202).
     pub fn server_id(&self) -> u32 {
         self.server_id
     }
@@ -603,7 +859,8 @@ impl MariaDbServer {
     }
 
     /// (Re)starts the server on the same port and datadir and waits until it serves. Does
-    /// nothing when it already runs.
+    /// nothing when it already runs. A replica restarts its replication threads by itself;
+    /// [`LocalCluster::start_replica`] also waits until they run.
     pub async fn start(&self) -> Result<(), ClusterError> {
         if self.is_running() {
             return Ok(());
@@ -662,6 +919,9 @@ impl MariaDbServer {
         if self.durable {
             command.args(DURABLE_MARIADB_OPTIONS);
         }
+        if self.replica_of.is_some() {
+            command.args(REPLICA_MARIADB_OPTIONS);
+        }
         if restart {
             // A restart must get the same port back; connections of the previous run may hold
             // it briefly. mariadbd retries the bind once a second for this long.
@@ -700,6 +960,219 @@ impl MariaDbServer {
                 Ok(())
             })
             .await
+    }
+
+    /// Makes this (replica) server replicate `primary` with GTIDs and waits until both
+    /// replication threads run.
+    async fn attach_to(&self, primary: &MariaDbServer) -> Result<(), ClusterError> {
+        // CHANGE MASTER takes no bound parameters; the port is a number we chose and the user
+        // and password are constants, so nothing foreign reaches the statement. `slave_pos`:
+        // start from the replica's own `mysql.gtid_slave_pos` (empty: the primary's first
+        // GTID), and keep resuming from it after every restart. A 1 s retry brings a replica
+        // back within a second of its primary's restart (the default is a minute).
+        let change_master = format!(
+            "CHANGE MASTER TO MASTER_HOST='127.0.0.1', MASTER_PORT={}, MASTER_USER='{USER}', \
+             MASTER_PASSWORD='{PASSWORD}', MASTER_USE_GTID=slave_pos, MASTER_CONNECT_RETRY=1",
+            primary.port
+        );
+        self.execute_admin(
+            "configuring replication",
+            sqlx::raw_sql(sqlx::AssertSqlSafe(change_master)),
+        )
+        .await?;
+        self.execute_admin("starting replication", sqlx::raw_sql("START SLAVE"))
+            .await?;
+        self.wait_replicating(IoThread::Connected).await
+    }
+
+    /// Logs in as `orderly`, within [`ADMIN_TIMEOUT`].
+    async fn admin_connection(&self) -> Result<MySqlConnection, ClusterError> {
+        let url = self.admin_url();
+        self.bounded("logging in", ADMIN_TIMEOUT, MySqlConnection::connect(&url))
+            .await
+    }
+
+    /// Runs `work` within `limit`, naming this server and `action` in its error.
+    async fn bounded<T>(
+        &self,
+        action: &str,
+        limit: Duration,
+        work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+    ) -> Result<T, ClusterError> {
+        match tokio::time::timeout(limit, work).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(ClusterError::Sql {
+                server: self.process.name.clone(),
+                action: action.into(),
+                source,
+            }),
+            Err(_) => Err(ClusterError::Replication {
+                server: self.process.name.clone(),
+                reason: format!("{action}: no answer within {limit:?}"),
+            }),
+        }
+    }
+
+    /// Runs one administrative statement on a fresh connection. `sql` is sent as plain text:
+    /// the replication statements cannot be prepared.
+    async fn execute_admin(&self, action: &str, sql: sqlx::RawSql) -> Result<(), ClusterError> {
+        let mut conn = self.admin_connection().await?;
+        self.bounded(action, ADMIN_TIMEOUT, sql.execute(&mut conn))
+            .await?;
+        let _ = conn.close().await;
+        Ok(())
+    }
+
+    /// `SHOW SLAVE STATUS` on `conn` (a connection to this server); `None` when replication
+    /// was never configured.
+    async fn replication_status(
+        &self,
+        conn: &mut MySqlConnection,
+    ) -> Result<Option<ReplicationStatus>, ClusterError> {
+        let action = "reading SHOW SLAVE STATUS";
+        let Some(row) = self
+            .bounded(
+                action,
+                ADMIN_TIMEOUT,
+                sqlx::raw_sql("SHOW SLAVE STATUS").fetch_optional(&mut *conn),
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let column = |name: &str| {
+            row.try_get::<String, _>(name)
+                .map_err(|source| ClusterError::Sql {
+                    server: self.process.name.clone(),
+                    action: format!("{action}: column {name}"),
+                    source,
+                })
+        };
+        Ok(Some(ReplicationStatus {
+            io_running: column("Slave_IO_Running")?,
+            sql_running: column("Slave_SQL_Running")?,
+            io_error: column("Last_IO_Error")?,
+            sql_error: column("Last_SQL_Error")?,
+        }))
+    }
+
+    /// Waits until this replica's SQL thread runs and its IO thread is as `io` asks, within
+    /// [`READY_TIMEOUT`]. Fails at once when a thread stopped on an error: it would not
+    /// restart by itself.
+    async fn wait_replicating(&self, io: IoThread) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut conn = self.admin_connection().await?;
+        loop {
+            let status = self.replication_status(&mut conn).await?;
+            let failed = |reason: String| ClusterError::Replication {
+                server: self.process.name.clone(),
+                reason,
+            };
+            match &status {
+                None => return Err(failed("replication is not configured".into())),
+                Some(s) if s.sql_running == "Yes" && io.accepts(&s.io_running) => {
+                    let _ = conn.close().await;
+                    return Ok(());
+                }
+                Some(s) if s.sql_running == "No" && !s.sql_error.is_empty() => {
+                    return Err(failed(format!("the SQL thread stopped: {}", s.sql_error)));
+                }
+                Some(s) if s.io_running == "No" && !s.io_error.is_empty() => {
+                    return Err(failed(format!("the IO thread stopped: {}", s.io_error)));
+                }
+                Some(s) if Instant::now() >= deadline => {
+                    return Err(failed(format!(
+                        "replication threads not running after {READY_TIMEOUT:?}: {s}"
+                    )));
+                }
+                Some(_) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+
+    /// `@@gtid_binlog_pos`: the last GTID this server logged in every replication domain
+    /// (empty when it logged none).
+    async fn gtid_binlog_pos(&self) -> Result<String, ClusterError> {
+        let mut conn = self.admin_connection().await?;
+        let position: String = self
+            .bounded(
+                "reading @@gtid_binlog_pos",
+                ADMIN_TIMEOUT,
+                sqlx::query_scalar("SELECT @@gtid_binlog_pos").fetch_one(&mut conn),
+            )
+            .await?;
+        let _ = conn.close().await;
+        Ok(position)
+    }
+
+    /// Waits up to `timeout` until this replica has applied `position`
+    /// (`MASTER_GTID_WAIT`).
+    async fn wait_for_gtid(&self, position: &str, timeout: Duration) -> Result<(), ClusterError> {
+        let mut conn = self.admin_connection().await?;
+        // The server enforces `timeout`; the margin only bounds a server that stops answering.
+        let outcome: Option<i64> = self
+            .bounded(
+                "waiting for a GTID position",
+                timeout + ADMIN_TIMEOUT,
+                sqlx::query_scalar("SELECT MASTER_GTID_WAIT(?, ?)")
+                    .bind(position)
+                    .bind(timeout.as_secs_f64())
+                    .fetch_one(&mut conn),
+            )
+            .await?;
+        let _ = conn.close().await;
+        match outcome {
+            Some(0) => Ok(()),
+            Some(-1) => Err(ClusterError::Replication {
+                server: self.process.name.clone(),
+                reason: format!("did not apply the primary's GTIDs {position} within {timeout:?}"),
+            }),
+            other => Err(ClusterError::Replication {
+                server: self.process.name.clone(),
+                reason: format!("MASTER_GTID_WAIT('{position}') answered {other:?}"),
+            }),
+        }
+    }
+}
+
+/// The state of a replica's IO (receiving) thread that [`MariaDbServer::wait_replicating`]
+/// accepts.
+#[derive(Debug, Clone, Copy)]
+enum IoThread {
+    /// Connected to the primary (`Yes`).
+    Connected,
+    /// Running, connected or still trying to connect (`Yes` or `Connecting`): its primary may
+    /// be down, or it was not asked about.
+    MayBeConnecting,
+}
+
+impl IoThread {
+    fn accepts(self, state: &str) -> bool {
+        match self {
+            IoThread::Connected => state == "Yes",
+            IoThread::MayBeConnecting => state == "Yes" || state == "Connecting",
+        }
+    }
+}
+
+/// The parts of `SHOW SLAVE STATUS` the harness looks at.
+#[derive(Debug)]
+struct ReplicationStatus {
+    /// `Slave_IO_Running`: `Yes`, `Connecting` or `No`.
+    io_running: String,
+    /// `Slave_SQL_Running`: `Yes` or `No`.
+    sql_running: String,
+    io_error: String,
+    sql_error: String,
+}
+
+impl std::fmt::Display for ReplicationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Slave_IO_Running={}, Slave_SQL_Running={}, Last_IO_Error={:?}, Last_SQL_Error={:?}",
+            self.io_running, self.sql_running, self.io_error, self.sql_error
+        )
     }
 }
 
@@ -750,8 +1223,8 @@ impl RedisServer {
     /// (Re)starts Redis on the same port and waits until it answers `PING`. Does nothing when
     /// it already runs.
     ///
-    /// It comes back with whatever its `dump.rdb` holds: the data of the last [`save`]
-    /// (Self::save), however long ago, or nothing if it was never saved. Nothing else is
+    /// It comes back with whatever its `dump.rdb` holds: the data of the last
+    /// [`save`](Self::save), however long ago, or nothing if it was never saved. Nothing else is
     /// persisted (no save points, no AOF): writes after the last `SAVE` are gone. For a
     /// restart that is empty for sure, use [`start_empty`](Self::start_empty).
     pub async fn start(&self) -> Result<(), ClusterError> {
@@ -1488,7 +1961,6 @@ fn process_belongs_to(pid: libc::pid_t, cluster_dir: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sqlx::Row;
 
     #[tokio::test]
     async fn two_mariadb_servers_and_redis_start_serve_and_vanish_on_drop() {
@@ -1498,6 +1970,7 @@ mod tests {
             with_redis: true,
             base_dir: None,
             durable: false,
+            replicas_per_server: 0,
         })
         .await
         .expect("the cluster starts");
@@ -1558,6 +2031,7 @@ mod tests {
             with_redis: false,
             base_dir: None,
             durable: true,
+            replicas_per_server: 0,
         })
         .await
         .expect("the cluster starts");
@@ -1590,6 +2064,7 @@ mod tests {
             with_redis: true,
             base_dir: None,
             durable: false,
+            replicas_per_server: 0,
         })
         .await
         .expect("the cluster starts");
@@ -1639,6 +2114,7 @@ mod tests {
             with_redis: true,
             base_dir: None,
             durable: false,
+            replicas_per_server: 0,
         })
         .await
         .expect("the cluster starts");
@@ -1673,5 +2149,243 @@ mod tests {
         cluster.kill_redis().expect("kill");
         cluster.start_redis().await.expect("start again");
         assert_eq!(get().await, None, "the saved data is gone for good");
+    }
+
+    /// Starts `primaries` MariaDB servers with one replica each, without Redis.
+    async fn cluster_with_replicas(primaries: usize) -> LocalCluster {
+        LocalCluster::start(ClusterSpec {
+            mariadb_servers: primaries,
+            with_redis: false,
+            base_dir: None,
+            durable: false,
+            replicas_per_server: 1,
+        })
+        .await
+        .expect("the cluster starts")
+    }
+
+    /// Runs `sql` on `server`, in database `db` ("" for none).
+    async fn execute(server: &MariaDbServer, db: &str, sql: &'static str) {
+        let mut conn = MySqlConnection::connect(&server.url(db)).await.expect("connect");
+        sqlx::query(sql).execute(&mut conn).await.expect(sql);
+        conn.close().await.expect("close");
+    }
+
+    /// Creates database `replicated` with table `t` on `primary`.
+    async fn create_table(primary: &MariaDbServer) {
+        execute(primary, "", "CREATE DATABASE replicated").await;
+        execute(primary, "replicated", "CREATE TABLE t (id INT PRIMARY KEY)").await;
+    }
+
+    /// Inserts row `id` into `replicated.t` on `primary`.
+    async fn insert(primary: &MariaDbServer, id: i32) {
+        let mut conn = MySqlConnection::connect(&primary.url("replicated"))
+            .await
+            .expect("connect");
+        sqlx::query("INSERT INTO t (id) VALUES (?)")
+            .bind(id)
+            .execute(&mut conn)
+            .await
+            .expect("insert");
+        conn.close().await.expect("close");
+    }
+
+    /// The ids in `replicated.t` on `server`, ascending.
+    async fn ids(server: &MariaDbServer) -> Vec<i32> {
+        let mut conn = MySqlConnection::connect(&server.url("replicated"))
+            .await
+            .expect("connect");
+        let ids = sqlx::query_scalar("SELECT id FROM t ORDER BY id")
+            .fetch_all(&mut conn)
+            .await
+            .expect("select");
+        conn.close().await.expect("close");
+        ids
+    }
+
+    /// Caught up within this in a healthy cluster: replication on one machine takes
+    /// milliseconds.
+    const CATCH_UP: Duration = Duration::from_secs(20);
+
+    #[tokio::test]
+    async fn replicas_apply_their_primarys_writes_are_read_only_and_vanish_on_drop() {
+        let began = Instant::now();
+        let cluster = cluster_with_replicas(2).await;
+        eprintln!(
+            "local cluster (2 MariaDB + 2 replicas) started in {:?}",
+            began.elapsed()
+        );
+        let (primary, replica) = (cluster.mariadb(0), cluster.replica(0, 0).expect("replica"));
+        let other = cluster.replica(1, 0).expect("replica of server 1");
+        assert_eq!((replica.index(), replica.replica_of()), (0, Some(0)));
+        assert_eq!((other.index(), other.replica_of()), (0, Some(1)));
+        assert_eq!(primary.replica_of(), None);
+        assert_eq!((replica.server_id(), other.server_id()), (1001, 1101));
+        assert_eq!((replica.name(), other.name()), ("mariadb-0-r0", "mariadb-1-r0"));
+        assert!(replica.datadir().starts_with(cluster.dir().join("mariadb-0-r0")));
+        assert_eq!(cluster.replicas(1).len(), 1);
+        assert!(cluster.replicas(2).is_empty());
+        assert!(matches!(
+            cluster.replica(0, 1),
+            Err(ClusterError::NoSuchReplica {
+                primary: 0,
+                replica: 1,
+                count: 1
+            })
+        ));
+        assert!(matches!(
+            cluster.replica(2, 0),
+            Err(ClusterError::NoSuchServer { index: 2, count: 2 })
+        ));
+
+        for (server, read_only) in [(primary, 0), (replica, 1), (other, 1)] {
+            let mut conn = MySqlConnection::connect(&server.admin_url())
+                .await
+                .expect("login");
+            let row = sqlx::query("SELECT @@server_id, @@read_only")
+                .fetch_one(&mut conn)
+                .await
+                .expect("query runs");
+            assert_eq!(row.get::<u64, _>(0), u64::from(server.server_id()));
+            assert_eq!(
+                row.get::<i64, _>(1),
+                read_only,
+                "@@read_only of {}",
+                server.name()
+            );
+            conn.close().await.expect("close");
+        }
+
+        let mut conn = MySqlConnection::connect(&replica.admin_url())
+            .await
+            .expect("login");
+        let refused = sqlx::query("CREATE DATABASE written_on_a_replica")
+            .execute(&mut conn)
+            .await
+            .expect_err("a replica refuses writes, even orderly's");
+        // ER_OPTION_PREVENTS_STATEMENT: "running with the --read-only option".
+        assert_eq!(
+            refused.as_database_error().and_then(|e| e.code()).as_deref(),
+            Some("HY000")
+        );
+        assert!(refused.to_string().contains("read-only"), "{refused}");
+        conn.close().await.expect("close");
+
+        create_table(primary).await;
+        insert(primary, 1).await;
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("caught up");
+        assert_eq!(ids(replica).await, [1], "the replica has the primary's row");
+        let mut conn = MySqlConnection::connect(&other.admin_url()).await.expect("login");
+        let databases: Vec<String> =
+            sqlx::query_scalar("SELECT schema_name FROM information_schema.schemata")
+                .fetch_all(&mut conn)
+                .await
+                .expect("show");
+        assert!(
+            !databases.iter().any(|d| d == "replicated"),
+            "server 1's replica has only server 1's data: {databases:?}"
+        );
+        conn.close().await.expect("close");
+
+        let dir = cluster.dir().to_path_buf();
+        let pids: Vec<u32> = cluster
+            .mariadb_servers()
+            .iter()
+            .chain(cluster.replicas(0))
+            .chain(cluster.replicas(1))
+            .filter_map(MariaDbServer::pid)
+            .collect();
+        assert_eq!(pids.len(), 4);
+        drop(cluster);
+        assert!(!dir.exists(), "{} is removed", dir.display());
+        for pid in pids {
+            let pid = libc::pid_t::try_from(pid).expect("pid fits");
+            assert!(!pid_alive(pid), "server {pid} is dead");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_replica_whose_sql_thread_is_stopped_lags_until_it_is_started() {
+        let cluster = cluster_with_replicas(1).await;
+        let (primary, replica) = (cluster.mariadb(0), cluster.replica(0, 0).expect("replica"));
+        create_table(primary).await;
+        insert(primary, 1).await;
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("caught up");
+
+        cluster
+            .stop_replica_sql(0, 0)
+            .await
+            .expect("STOP SLAVE SQL_THREAD");
+        insert(primary, 2).await;
+        assert!(matches!(
+            cluster.wait_replicas_caught_up(Duration::from_millis(200)).await,
+            Err(ClusterError::Replication { .. })
+        ));
+        assert_eq!(ids(replica).await, [1], "the replica does not apply");
+
+        cluster
+            .start_replica_sql(0, 0)
+            .await
+            .expect("START SLAVE SQL_THREAD");
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("caught up");
+        assert_eq!(ids(replica).await, [1, 2], "the replica caught up");
+    }
+
+    #[tokio::test]
+    async fn a_killed_or_stopped_replica_resumes_where_it_left_off() {
+        let cluster = cluster_with_replicas(1).await;
+        let (primary, replica) = (cluster.mariadb(0), cluster.replica(0, 0).expect("replica"));
+        let port = replica.port();
+        create_table(primary).await;
+        insert(primary, 1).await;
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("caught up");
+
+        // Killed: it resumes from mysql.gtid_slave_pos; a transaction applied twice would stop
+        // its SQL thread on a duplicate key, which `start_replica` reports.
+        cluster.kill_replica(0, 0).expect("kill");
+        assert!(!replica.is_running());
+        insert(primary, 2).await;
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("nothing to wait for");
+        cluster.start_replica(0, 0).await.expect("restart after kill");
+        assert_eq!(replica.port(), port);
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("caught up");
+        assert_eq!(ids(replica).await, [1, 2]);
+
+        cluster.stop_replica(0, 0).await.expect("clean stop");
+        insert(primary, 3).await;
+        cluster.start_replica(0, 0).await.expect("restart after stop");
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("caught up");
+        assert_eq!(ids(replica).await, [1, 2, 3]);
+
+        // Its primary killed and restarted: the replica reconnects by itself.
+        cluster.kill_mariadb(0).expect("kill the primary");
+        cluster.start_mariadb(0).await.expect("restart the primary");
+        insert(primary, 4).await;
+        cluster
+            .wait_replicas_caught_up(CATCH_UP)
+            .await
+            .expect("caught up");
+        assert_eq!(ids(replica).await, [1, 2, 3, 4]);
     }
 }
