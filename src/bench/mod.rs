@@ -1005,8 +1005,8 @@ pub async fn run(
             let cluster = LocalCluster::start(ClusterSpec {
                 mariadb_servers: 2,
                 with_redis: true,
-                base_dir: None,
                 durable,
+                ..ClusterSpec::default()
             })
             .await?;
             profile.data_dir = Some(cluster.dir().display().to_string());

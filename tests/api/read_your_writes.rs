@@ -99,14 +99,14 @@ async fn pay_with_token(app: &TestApp, order: &Value) -> String {
 async fn cache_holds(app: &TestApp, id: &str) -> bool {
     let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let key = orderly::cache::redis::order_key(&app.settings.redis.key_prefix, id.parse().unwrap());
+    let key = orderly::cache::redis::order_key(&app.settings.redis.key_prefix, orderly::domain::ids::OrderId::parse(id).unwrap());
     redis::cmd("EXISTS").arg(&key).query_async::<i64>(&mut con).await.unwrap() == 1
 }
 
 async fn evict(app: &TestApp, id: &str) {
     let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let key = orderly::cache::redis::order_key(&app.settings.redis.key_prefix, id.parse().unwrap());
+    let key = orderly::cache::redis::order_key(&app.settings.redis.key_prefix, orderly::domain::ids::OrderId::parse(id).unwrap());
     redis::cmd("DEL").arg(&key).query_async::<i64>(&mut con).await.unwrap();
 }
 
