@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cache::{Cache, CacheHealth};
 use crate::config::{DatabaseSettings, Settings};
+use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::WorkerId;
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
@@ -23,7 +24,6 @@ use crate::lease::{lease_worker, IdSource};
 use crate::service::catalog::CatalogService;
 use crate::service::orders::OrderService;
 use crate::service::sweeper;
-use crate::domain::consistency::DatabaseRef;
 use crate::storage::replicas::{self, Database};
 use crate::storage::shards::ShardMap;
 use crate::storage::{self, schema};
@@ -62,8 +62,12 @@ impl Application {
         );
         let commerce = commerce_db.write().clone();
         // One probe before serving, so replicas that answer take reads from the first request.
-        let databases: Vec<Arc<Database>> =
-            shards.databases().iter().cloned().chain([commerce_db.clone()]).collect();
+        let databases: Vec<Arc<Database>> = shards
+            .databases()
+            .iter()
+            .cloned()
+            .chain([commerce_db.clone()])
+            .collect();
         for db in &databases {
             db.probe().await;
         }

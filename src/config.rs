@@ -290,12 +290,18 @@ impl Settings {
                     return bad(format!("replica {i} of {name} is not a mysql:// URL"));
                 }
                 if url == primary || replicas[..i].contains(url) {
-                    return bad(format!("replica {i} of {name} repeats its primary or another replica"));
+                    return bad(format!(
+                        "replica {i} of {name} repeats its primary or another replica"
+                    ));
                 }
             }
         }
         let r = &self.replicas;
-        if r.gtid_wait_ms == 0 || r.probe_interval_ms == 0 || r.probe_timeout_ms == 0 || r.acquire_timeout_ms == 0 {
+        if r.gtid_wait_ms == 0
+            || r.probe_interval_ms == 0
+            || r.probe_timeout_ms == 0
+            || r.acquire_timeout_ms == 0
+        {
             return bad("replicas: gtid_wait_ms, probe_interval_ms, probe_timeout_ms and acquire_timeout_ms must be positive".into());
         }
         // A replica may be this far behind and still in rotation: up to max_lag_ms, plus one
@@ -304,7 +310,10 @@ impl Settings {
         // A read with no watermark trusts the replica; that is safe only once every write whose
         // watermark is gone has reached every replica in rotation.
         if r.watermark_ttl_ms <= worst_lag {
-            return bad("replicas.watermark_ttl_ms must exceed max_lag_ms + probe_interval_ms + probe_timeout_ms".into());
+            return bad(
+                "replicas.watermark_ttl_ms must exceed max_lag_ms + probe_interval_ms + probe_timeout_ms"
+                    .into(),
+            );
         }
         // The cache fills from replicas: a fill that missed a write must still meet its marker.
         if self.cache.enabled && self.cache.write_marker_ms <= worst_lag {

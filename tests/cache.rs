@@ -251,7 +251,9 @@ async fn a_fill_loaded_before_a_write_with_a_snapshot_is_refused() {
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(3, 2)));
-        f.cache.order_written(id, owner(), 2, Some(&order(3, 2)), None).await;
+        f.cache
+            .order_written(id, owner(), 2, Some(&order(3, 2)), None)
+            .await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
@@ -272,7 +274,9 @@ async fn a_page_loaded_before_a_write_is_not_filled_after_it() {
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(4, 1)));
-        f.cache.order_written(id, owner(), 1, Some(&order(4, 1)), None).await;
+        f.cache
+            .order_written(id, owner(), 1, Some(&order(4, 1)), None)
+            .await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
@@ -303,7 +307,9 @@ async fn an_absent_order_is_cached_and_cleared_by_its_creation() {
     let id = order_id(6);
     let db = Db::with(None);
     assert_eq!(f.cache.order(id, || db.load()).await.unwrap(), None);
-    f.cache.order_written(id, owner(), 1, Some(&order(6, 1)), None).await;
+    f.cache
+        .order_written(id, owner(), 1, Some(&order(6, 1)), None)
+        .await;
     assert_eq!(version(&f.cache.order(id, || db.load()).await.unwrap()), Some(1));
     assert_eq!(db.loads(), 1);
 

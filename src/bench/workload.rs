@@ -833,7 +833,11 @@ impl Workload {
         let Some(app) = &self.app else {
             return Err(Outcome::Error("no_app_state".into()));
         };
-        match app.orders.get(Caller::User(self.users[user]), id, Default::default()).await {
+        match app
+            .orders
+            .get(Caller::User(self.users[user]), id, Default::default())
+            .await
+        {
             Ok(_) => Ok(()),
             Err(ServiceError::NotFound) => Err(Outcome::Error("not_found".into())),
             Err(ServiceError::Unavailable(_)) => Err(Outcome::Error("unavailable".into())),

@@ -264,7 +264,13 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
 return 1
 ";
 
-    pub const ALL: [&str; 5] = [FILL_ENTRY, ENTRY_WRITTEN, FILL_PAGE, PAGE_WRITTEN, RAISE_WATERMARK];
+    pub const ALL: [&str; 5] = [
+        FILL_ENTRY,
+        ENTRY_WRITTEN,
+        FILL_PAGE,
+        PAGE_WRITTEN,
+        RAISE_WATERMARK,
+    ];
 }
 
 struct Scripts {
@@ -1187,7 +1193,10 @@ impl Inner {
         let token = w.to_string();
         let scope = format!("{}{}-", &token[..=token.find(':').unwrap_or(0)], w.gtid.domain);
         let mut cmd = evalsha(&self.scripts.raise_watermark, &[&watermark_key(&self.prefix, of)]);
-        cmd.arg(token).arg(scope).arg(w.gtid.seq).arg(ttl.as_millis() as u64);
+        cmd.arg(token)
+            .arg(scope)
+            .arg(w.gtid.seq)
+            .arg(ttl.as_millis() as u64);
         cmd
     }
 

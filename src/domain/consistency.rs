@@ -81,7 +81,10 @@ impl GtidPosition {
         if s.is_empty() {
             return Some(GtidPosition::default());
         }
-        let mut gtids = s.split(',').map(|g| Gtid::parse(g.trim())).collect::<Option<Vec<_>>>()?;
+        let mut gtids = s
+            .split(',')
+            .map(|g| Gtid::parse(g.trim()))
+            .collect::<Option<Vec<_>>>()?;
         gtids.sort_by_key(|g| g.domain);
         gtids.dedup_by_key(|g| g.domain);
         Some(GtidPosition(gtids))
@@ -99,6 +102,18 @@ impl GtidPosition {
 
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+
+    /// Records that the server has applied `gtid` (and so everything of its domain before it).
+    pub fn raise(&mut self, gtid: Gtid) {
+        match self.0.iter_mut().find(|g| g.domain == gtid.domain) {
+            Some(g) if g.seq < gtid.seq => *g = gtid,
+            Some(_) => {}
+            None => {
+                self.0.push(gtid);
+                self.0.sort_by_key(|g| g.domain);
+            }
+        }
     }
 }
 
@@ -185,7 +200,16 @@ mod tests {
         let g = Gtid::parse("0-1-42").unwrap();
         assert_eq!((g.domain, g.server, g.seq), (0, 1, 42));
         assert_eq!(g.to_string(), "0-1-42");
-        for bad in ["", "0-1", "0-1-2-3", "a-1-2", "0--2", "-1-2", "0-1-+2", "0-1-99999999999999999999999"] {
+        for bad in [
+            "",
+            "0-1",
+            "0-1-2-3",
+            "a-1-2",
+            "0--2",
+            "-1-2",
+            "0-1-+2",
+            "0-1-99999999999999999999999",
+        ] {
             assert_eq!(Gtid::parse(bad), None, "{bad:?}");
         }
         let p = GtidPosition::parse("1-2-7,0-1-42").unwrap();
@@ -193,11 +217,19 @@ mod tests {
         assert!(p.includes(&Gtid::parse("0-3-41").unwrap()));
         assert!(p.includes(&Gtid::parse("0-1-42").unwrap()));
         assert!(!p.includes(&Gtid::parse("0-1-43").unwrap()));
-        assert!(!p.includes(&Gtid::parse("2-1-1").unwrap()), "another domain is not included");
+        assert!(
+            !p.includes(&Gtid::parse("2-1-1").unwrap()),
+            "another domain is not included"
+        );
         assert!(GtidPosition::parse("").unwrap().is_empty());
         assert!(p.includes_all(&GtidPosition::parse("0-1-40").unwrap()));
         assert!(!GtidPosition::parse("0-1-40").unwrap().includes_all(&p));
         assert_eq!(GtidPosition::parse("0-1-x"), None);
+        let mut q = GtidPosition::parse("0-1-40").unwrap();
+        q.raise(Gtid::parse("0-1-42").unwrap());
+        q.raise(Gtid::parse("0-1-41").unwrap());
+        q.raise(Gtid::parse("1-2-7").unwrap());
+        assert_eq!(q, p, "raised to the later GTID of each domain");
     }
 
     #[test]
@@ -205,7 +237,16 @@ mod tests {
         for t in ["o0:0-1-42", "o17:3-9-1", "c:0-1-5"] {
             assert_eq!(Watermark::parse(t).unwrap().to_string(), t);
         }
-        for bad in ["", "o:0-1-1", "x0:0-1-1", "o0", "o0:0-1", "o99999:0-1-1", "o0:0-1-1:", "c0:0-1-1"] {
+        for bad in [
+            "",
+            "o:0-1-1",
+            "x0:0-1-1",
+            "o0",
+            "o0:0-1",
+            "o99999:0-1-1",
+            "o0:0-1-1:",
+            "c0:0-1-1",
+        ] {
             assert_eq!(Watermark::parse(bad), None, "{bad:?}");
         }
         assert_eq!(Watermark::parse(&"o0:0-1-1".repeat(20)), None);
@@ -216,7 +257,11 @@ mod tests {
         let w = |s: &str| Watermark::parse(s).unwrap();
         assert_eq!(w("o0:0-1-5").max(w("o0:0-1-9")), w("o0:0-1-9"));
         assert_eq!(w("o0:0-1-9").max(w("o0:0-1-5")), w("o0:0-1-9"));
-        assert_eq!(w("o0:0-1-9").max(w("o0:1-2-1")), w("o0:1-2-1"), "another domain: the newer");
+        assert_eq!(
+            w("o0:0-1-9").max(w("o0:1-2-1")),
+            w("o0:1-2-1"),
+            "another domain: the newer"
+        );
         assert_eq!(Consistency::parse("session"), Some(Consistency::Session));
         assert_eq!(Consistency::parse("Session"), None);
         assert_eq!(Consistency::default(), Consistency::Session);

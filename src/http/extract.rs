@@ -99,7 +99,8 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryMap {
 pub struct TokenHeader(pub Option<crate::domain::consistency::Watermark>);
 
 /// The header of a write's answer and of a read that must see that write.
-pub const CONSISTENCY_TOKEN: axum::http::HeaderName = axum::http::HeaderName::from_static("consistency-token");
+pub const CONSISTENCY_TOKEN: axum::http::HeaderName =
+    axum::http::HeaderName::from_static("consistency-token");
 
 impl<S: Send + Sync> FromRequestParts<S> for TokenHeader {
     type Rejection = ApiError;

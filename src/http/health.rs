@@ -73,7 +73,13 @@ async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     }
     // Replicas down or lagging make reads move to the primary, never unready: reported as
     // "in rotation/configured".
-    for db in state.orders.shards().databases().iter().chain([state.catalog.profiles()]) {
+    for db in state
+        .orders
+        .shards()
+        .databases()
+        .iter()
+        .chain([state.catalog.profiles()])
+    {
         if db.has_replicas() {
             let rotation = format!("{}/{}", db.replicas_in_rotation(), db.replica_count());
             checks.insert(format!("replicas:{}", db.name()), rotation.into());

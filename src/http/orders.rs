@@ -13,6 +13,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::domain::actor::Caller;
+use crate::domain::consistency::Consistency;
 use crate::domain::ids::{OrderId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{
@@ -21,9 +22,9 @@ use crate::domain::order::{
 };
 use crate::domain::status::OrderStatus;
 use crate::lease::IdSourceError;
-use crate::domain::consistency::Consistency;
 use crate::service::orders::{
-    Created, ListParams, ReadOptions, Served, PatchRequest, PaymentRequest, RefundRequest, ShipmentRequest, VersionedRequest,
+    Created, ListParams, PatchRequest, PaymentRequest, ReadOptions, RefundRequest, Served, ShipmentRequest,
+    VersionedRequest,
 };
 use crate::service::Error;
 
@@ -339,7 +340,12 @@ fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime
         (status = 503, response = Unavailable),
     )
 )]
-async fn list(State(s): State<AppState>, Auth(c): Auth, QueryMap(params): QueryMap, token: TokenHeader) -> ApiResult {
+async fn list(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    QueryMap(params): QueryMap,
+    token: TokenHeader,
+) -> ApiResult {
     let read = read_options(&params, token)?;
     let mut errors = FieldErrors::default();
     let mut p = ListParams::default();

@@ -434,7 +434,10 @@ impl OrderService {
             Box::pin(async move { orders::load_order(c, &t, id).await })
         });
         let found = db.read(read.consistency, watermark.as_ref(), &query).await?;
-        if found.value.is_none() && found.served == replicas::Served::Replica && read.consistency == Consistency::Session {
+        if found.value.is_none()
+            && found.served == replicas::Served::Replica
+            && read.consistency == Consistency::Session
+        {
             return Ok(db.read(Consistency::Strong, None, &query).await?);
         }
         Ok(found)

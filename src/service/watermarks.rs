@@ -86,10 +86,18 @@ mod tests {
         assert_eq!(marks.get(user), None);
         marks.record(&[user], w("o0:0-1-9"));
         marks.record(&[user], w("o0:0-1-5"));
-        assert_eq!(marks.get(user), Some(w("o0:0-1-9")), "a late notice of an older write");
+        assert_eq!(
+            marks.get(user),
+            Some(w("o0:0-1-9")),
+            "a late notice of an older write"
+        );
         std::thread::sleep(Duration::from_millis(60));
         assert_eq!(marks.get(user), None);
         marks.record(&[user], w("o0:0-1-5"));
-        assert_eq!(marks.get(user), Some(w("o0:0-1-5")), "an expired one does not count");
+        assert_eq!(
+            marks.get(user),
+            Some(w("o0:0-1-5")),
+            "an expired one does not count"
+        );
     }
 }

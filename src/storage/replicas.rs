@@ -98,10 +98,7 @@ impl Replica {
     }
 
     fn has_applied(&self, gtid: &Gtid) -> bool {
-        self.position
-            .read()
-            .map(|p| p.includes(gtid))
-            .unwrap_or(false)
+        self.position.read().map(|p| p.includes(gtid)).unwrap_or(false)
     }
 }
 
@@ -196,7 +193,12 @@ impl Database {
 
     /// Runs `query` on the server `consistency` and `watermark` call for (see the module
     /// docs). `watermark` only counts for `session` reads.
-    pub async fn read<T, Q>(&self, consistency: Consistency, watermark: Option<&Gtid>, query: Q) -> Result<Read<T>>
+    pub async fn read<T, Q>(
+        &self,
+        consistency: Consistency,
+        watermark: Option<&Gtid>,
+        query: Q,
+    ) -> Result<Read<T>>
     where
         Q: for<'c> Fn(&'c mut MySqlConnection) -> ReadQuery<'c, T>,
     {
@@ -227,7 +229,8 @@ impl Database {
         }
         let mut conn = self.primary.acquire().await?;
         let value = query(&mut conn).await?;
-        metrics::counter!("orderly_db_reads_total", "database" => self.name.clone(), "server" => "primary").increment(1);
+        metrics::counter!("orderly_db_reads_total", "database" => self.name.clone(), "server" => "primary")
+            .increment(1);
         Ok(Read {
             value,
             served: Served::Primary,
@@ -236,7 +239,12 @@ impl Database {
     }
 
     /// `Ok(None)`: the replica did not apply `watermark` within the wait.
-    async fn read_replica<T, Q>(&self, replica: &Replica, watermark: Option<&Gtid>, query: &Q) -> Result<Option<T>>
+    async fn read_replica<T, Q>(
+        &self,
+        replica: &Replica,
+        watermark: Option<&Gtid>,
+        query: &Q,
+    ) -> Result<Option<T>>
     where
         Q: for<'c> Fn(&'c mut MySqlConnection) -> ReadQuery<'c, T>,
     {
@@ -250,6 +258,10 @@ impl Database {
                     .increment(1);
                 return Ok(None);
             }
+            // What it applied it keeps: later reads of this watermark or older need no wait.
+            if let Ok(mut p) = replica.position.write() {
+                p.raise(*gtid);
+            }
         }
         Ok(Some(query(&mut conn).await?))
     }
@@ -261,12 +273,17 @@ impl Database {
             return;
         }
         let now = Instant::now();
-        let primary = tokio::time::timeout(self.probe_timeout, position(&self.primary, "SELECT @@gtid_binlog_pos")).await;
+        let primary = tokio::time::timeout(
+            self.probe_timeout,
+            position(&self.primary, "SELECT @@gtid_binlog_pos"),
+        )
+        .await;
         let history = match primary {
             Ok(Ok(pos)) => {
                 let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
                 let span = self.max_lag * HISTORY_SPAN_FACTOR;
-                while h.len() >= HISTORY_MAX || h.front().is_some_and(|(t, _)| now.duration_since(*t) > span) {
+                while h.len() >= HISTORY_MAX || h.front().is_some_and(|(t, _)| now.duration_since(*t) > span)
+                {
                     h.pop_front();
                 }
                 h.push_back((now, pos));
@@ -276,7 +293,11 @@ impl Database {
             _ => None,
         };
         for replica in &self.replicas {
-            let answer = tokio::time::timeout(self.probe_timeout, position(&replica.pool, "SELECT @@gtid_slave_pos")).await;
+            let answer = tokio::time::timeout(
+                self.probe_timeout,
+                position(&replica.pool, "SELECT @@gtid_slave_pos"),
+            )
+            .await;
             let pos = match answer {
                 Ok(Ok(pos)) => pos,
                 Ok(Err(e)) => {
@@ -296,7 +317,8 @@ impl Database {
                 continue;
             };
             replica.lag_ms.store(lag.as_millis() as u64, Ordering::Relaxed);
-            metrics::gauge!("orderly_replica_lag_seconds", "replica" => replica.name.clone()).set(lag.as_secs_f64());
+            metrics::gauge!("orderly_replica_lag_seconds", "replica" => replica.name.clone())
+                .set(lag.as_secs_f64());
             if lag > self.max_lag {
                 replica.leave_rotation("lagging", None);
             } else if !replica.in_rotation.swap(true, Ordering::AcqRel) {
@@ -305,14 +327,16 @@ impl Database {
         }
         for replica in &self.replicas {
             let up = replica.in_rotation.load(Ordering::Acquire);
-            metrics::gauge!("orderly_replica_in_rotation", "replica" => replica.name.clone()).set(f64::from(u8::from(up)));
+            metrics::gauge!("orderly_replica_in_rotation", "replica" => replica.name.clone())
+                .set(f64::from(u8::from(up)));
         }
     }
 
     /// The pools of this database by label: the primary's under the database's name, each
     /// replica's under its own (for the pool gauges).
     pub fn pools(&self) -> impl Iterator<Item = (&str, &MySqlPool)> {
-        std::iter::once((self.name.as_str(), &self.primary)).chain(self.replicas.iter().map(|r| (r.name.as_str(), &r.pool)))
+        std::iter::once((self.name.as_str(), &self.primary))
+            .chain(self.replicas.iter().map(|r| (r.name.as_str(), &r.pool)))
     }
 }
 
@@ -369,7 +393,11 @@ fn connect_replica(url: &str, database: &DatabaseSettings, settings: &ReplicaSet
 }
 
 /// Probes every database's replicas every `interval` until `shutdown` fires.
-pub async fn run_probes(databases: Vec<std::sync::Arc<Database>>, interval: Duration, shutdown: CancellationToken) {
+pub async fn run_probes(
+    databases: Vec<std::sync::Arc<Database>>,
+    interval: Duration,
+    shutdown: CancellationToken,
+) {
     if databases.iter().all(|d| !d.has_replicas()) {
         return;
     }

@@ -50,13 +50,21 @@ async fn until_replicas_in_rotation(app: &TestApp) {
         if !rotations.is_empty() && rotations.iter().all(all_in) {
             return;
         }
-        assert!(Instant::now() < deadline, "replicas never joined the rotation: {body}");
+        assert!(
+            Instant::now() < deadline,
+            "replicas never joined the rotation: {body}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// GET with headers: (status, Served-By, body).
-async fn read(app: &TestApp, token: &str, path: &str, consistency_token: Option<&str>) -> (StatusCode, String, Value) {
+async fn read(
+    app: &TestApp,
+    token: &str,
+    path: &str,
+    consistency_token: Option<&str>,
+) -> (StatusCode, String, Value) {
     let mut req = app.client.get(format!("{}{path}", app.base)).bearer_auth(token);
     if let Some(t) = consistency_token {
         req = req.header("Consistency-Token", t);
@@ -99,15 +107,30 @@ async fn pay_with_token(app: &TestApp, order: &Value) -> String {
 async fn cache_holds(app: &TestApp, id: &str) -> bool {
     let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let key = orderly::cache::redis::order_key(&app.settings.redis.key_prefix, orderly::domain::ids::OrderId::parse(id).unwrap());
-    redis::cmd("EXISTS").arg(&key).query_async::<i64>(&mut con).await.unwrap() == 1
+    let key = orderly::cache::redis::order_key(
+        &app.settings.redis.key_prefix,
+        orderly::domain::ids::OrderId::parse(id).unwrap(),
+    );
+    redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async::<i64>(&mut con)
+        .await
+        .unwrap()
+        == 1
 }
 
 async fn evict(app: &TestApp, id: &str) {
     let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let key = orderly::cache::redis::order_key(&app.settings.redis.key_prefix, orderly::domain::ids::OrderId::parse(id).unwrap());
-    redis::cmd("DEL").arg(&key).query_async::<i64>(&mut con).await.unwrap();
+    let key = orderly::cache::redis::order_key(
+        &app.settings.redis.key_prefix,
+        orderly::domain::ids::OrderId::parse(id).unwrap(),
+    );
+    redis::cmd("DEL")
+        .arg(&key)
+        .query_async::<i64>(&mut con)
+        .await
+        .unwrap();
 }
 
 /// The replica's applier stopped: a paid order reads as paid at once (the read waits for the
@@ -124,11 +147,17 @@ async fn read_your_writes_holds_while_the_replica_stops_applying() {
     let token = app.user_token(user);
     let order = app.place_order(user, &[(&catalog.products[0], 1)]).await;
     let id = order["order_id"].as_str().unwrap().to_owned();
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
     // Before the write, the replica answers (no watermark to wait for beyond what it has).
     evict(&app, &id).await;
     let (s, served, o) = read(&app, &token, &format!("/v1/orders/{id}"), None).await;
-    assert_eq!((s, served.as_str(), o["status"].as_str()), (StatusCode::OK, "replica", Some("pending_payment")));
+    assert_eq!(
+        (s, served.as_str(), o["status"].as_str()),
+        (StatusCode::OK, "replica", Some("pending_payment"))
+    );
 
     cluster.stop_replica_sql(0, 0).await.unwrap();
     pay_with_token(&app, &order).await;
@@ -138,33 +167,70 @@ async fn read_your_writes_holds_while_the_replica_stops_applying() {
         evict(&app, &id).await;
         let (s, served, o) = read(&app, &token, &format!("/v1/orders/{id}"), None).await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(o["status"], "awaiting_shipment", "round {round}: session read served by {served}");
-        assert_eq!(served, "primary", "the replica lacks the write: the primary answers");
+        assert_eq!(
+            o["status"], "awaiting_shipment",
+            "round {round}: session read served by {served}"
+        );
+        assert_eq!(
+            served, "primary",
+            "the replica lacks the write: the primary answers"
+        );
         assert!(cache_holds(&app, &id).await, "a fresh read fills the cache");
         let (s, _, list) = read(&app, &token, "/v1/orders", None).await;
         assert_eq!(s, StatusCode::OK);
-        assert_eq!(list["orders"][0]["status"], "awaiting_shipment", "round {round}: the owner's list");
+        assert_eq!(
+            list["orders"][0]["status"], "awaiting_shipment",
+            "round {round}: the owner's list"
+        );
         let (_, _, list) = read(&app, &token, "/v1/orders?limit=50", None).await;
-        assert_eq!(list["orders"][0]["status"], "awaiting_shipment", "round {round}: an uncached page");
+        assert_eq!(
+            list["orders"][0]["status"], "awaiting_shipment",
+            "round {round}: an uncached page"
+        );
 
         // Eventual reads of the same replica show the state before the payment.
         evict(&app, &id).await;
-        let (s, served, o) = read(&app, &token, &format!("/v1/orders/{id}?consistency=eventual"), None).await;
+        let (s, served, o) = read(
+            &app,
+            &token,
+            &format!("/v1/orders/{id}?consistency=eventual"),
+            None,
+        )
+        .await;
         assert_eq!((s, served.as_str()), (StatusCode::OK, "replica"));
-        assert_eq!(o["status"], "pending_payment", "round {round}: the replica lags, so eventual is stale");
-        assert!(!cache_holds(&app, &id).await, "an eventual read never fills the cache");
+        assert_eq!(
+            o["status"], "pending_payment",
+            "round {round}: the replica lags, so eventual is stale"
+        );
+        assert!(
+            !cache_holds(&app, &id).await,
+            "an eventual read never fills the cache"
+        );
         let (_, served, list) = read(&app, &token, "/v1/orders?consistency=eventual", None).await;
-        assert_eq!((served.as_str(), list["orders"][0]["status"].as_str()), ("replica", Some("pending_payment")));
+        assert_eq!(
+            (served.as_str(), list["orders"][0]["status"].as_str()),
+            ("replica", Some("pending_payment"))
+        );
         // Strong reads go to the primary.
         let (_, served, o) = read(&app, &token, &format!("/v1/orders/{id}?consistency=strong"), None).await;
-        assert_eq!((served.as_str(), o["status"].as_str()), ("primary", Some("awaiting_shipment")));
+        assert_eq!(
+            (served.as_str(), o["status"].as_str()),
+            ("primary", Some("awaiting_shipment"))
+        );
     }
 
     cluster.start_replica_sql(0, 0).await.unwrap();
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
     evict(&app, &id).await;
     let (_, served, o) = read(&app, &token, &format!("/v1/orders/{id}"), None).await;
-    assert_eq!((served.as_str(), o["status"].as_str()), ("replica", Some("awaiting_shipment")), "caught up: the replica answers again");
+    assert_eq!(
+        (served.as_str(), o["status"].as_str()),
+        ("replica", Some("awaiting_shipment")),
+        "caught up: the replica answers again"
+    );
 }
 
 /// Another service process, Redis stopped (so no watermark is shared) and the replica's
@@ -181,7 +247,10 @@ async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
     let token = writer.user_token(user);
     let order = writer.place_order(user, &[(&catalog.products[0], 1)]).await;
     let id = order["order_id"].as_str().unwrap().to_owned();
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
 
     cluster.stop_redis().await.unwrap();
     cluster.stop_replica_sql(0, 0).await.unwrap();
@@ -191,20 +260,39 @@ async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
     let path = format!("/v1/orders/{id}");
     let (s, served, o) = read(&reader, &token, &path, Some(&consistency)).await;
     assert_eq!(s, StatusCode::OK, "{o}");
-    assert_eq!((o["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "primary"));
+    assert_eq!(
+        (o["status"].as_str(), served.as_str()),
+        (Some("awaiting_shipment"), "primary")
+    );
     let (_, _, list) = read(&reader, &token, "/v1/orders", Some(&consistency)).await;
-    assert_eq!(list["orders"][0]["status"], "awaiting_shipment", "the list with the token");
+    assert_eq!(
+        list["orders"][0]["status"], "awaiting_shipment",
+        "the list with the token"
+    );
     // Without the token the other process cannot know: it reads the lagging replica.
     let (_, served, o) = read(&reader, &token, &path, None).await;
-    assert_eq!((o["status"].as_str(), served.as_str()), (Some("pending_payment"), "replica"), "the setup lags");
+    assert_eq!(
+        (o["status"].as_str(), served.as_str()),
+        (Some("pending_payment"), "replica"),
+        "the setup lags"
+    );
     // A token this service did not write is a 422, not a 5xx.
     let (s, _, problem) = read(&reader, &token, &path, Some("o0:not-a-gtid")).await;
-    assert_eq!((s, problem["code"].as_str()), (StatusCode::UNPROCESSABLE_ENTITY, Some("validation_failed")));
+    assert_eq!(
+        (s, problem["code"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("validation_failed"))
+    );
 
     cluster.start_replica_sql(0, 0).await.unwrap();
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
     let (_, served, o) = read(&reader, &token, &path, Some(&consistency)).await;
-    assert_eq!((o["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "replica"));
+    assert_eq!(
+        (o["status"].as_str(), served.as_str()),
+        (Some("awaiting_shipment"), "replica")
+    );
     cluster.start_redis().await.unwrap();
 }
 
@@ -229,7 +317,10 @@ async fn a_killed_replica_costs_no_failed_read_and_takes_reads_again() {
         let o = app.place_order(user, &[(&catalog.products[0], 1)]).await;
         ids.push(o["order_id"].as_str().unwrap().to_owned());
     }
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
 
     // Phase 1: nothing written lately, every read on the replica.
     let counts = read_load(&app, user, &ids, Duration::from_secs(2), None).await;
@@ -246,11 +337,17 @@ async fn a_killed_replica_costs_no_failed_read_and_takes_reads_again() {
 
     // Phase 3: restarted, it catches up and rejoins the rotation.
     cluster.start_replica(0, 0).await.unwrap();
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
     until_replicas_in_rotation(&app).await;
     let counts = read_load(&app, user, &ids, Duration::from_secs(2), None).await;
     assert_eq!(counts.failed, 0);
-    assert!(counts.replica > 50, "the restarted replica takes reads again: {counts:?}");
+    assert!(
+        counts.replica > 50,
+        "the restarted replica takes reads again: {counts:?}"
+    );
 }
 
 #[derive(Debug, Default)]
@@ -290,7 +387,11 @@ async fn read_load(
                     format!("/v1/orders/{}", ids[i % ids.len()])
                 };
                 i += 1;
-                let resp = client.get(format!("{}{path}", app.base)).bearer_auth(&token).send().await;
+                let resp = client
+                    .get(format!("{}{path}", app.base))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
                 match resp {
                     Ok(r) if r.status() == StatusCode::OK => {
                         match r.headers().get("served-by").and_then(|v| v.to_str().ok()) {
