@@ -72,15 +72,17 @@ impl Cache {
         )))
     }
 
-    /// The order `id` (`None`: there is no such order), from Redis or from `load`.
+    /// The order `id` (`None`: there is no such order), from Redis or from `load`. On a miss
+    /// `load` gets the order's read-your-writes watermark as Redis holds it, read in the same
+    /// round trip as the entry (`None`: none, or Redis unused).
     pub async fn order<E, F, Fut>(&self, id: OrderId, load: F) -> Result<Option<Order>, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Option<Order>, E>>,
     {
         match self {
             Cache::Redis(r) => r.order(id, load).await,
-            Cache::Disabled => load().await,
+            Cache::Disabled => load(None).await,
         }
     }
 
@@ -97,15 +99,16 @@ impl Cache {
     }
 
     /// The newest orders of `user` with no filter: at most [`FIRST_PAGE`] of them, newest
-    /// first, from Redis or from `load` (which must return the newest `FIRST_PAGE`).
+    /// first, from Redis or from `load` (which must return the newest `FIRST_PAGE`). On a miss
+    /// `load` gets the user's watermark, like [`Cache::order`].
     pub async fn first_page<E, F, Fut>(&self, user: UserId, load: F) -> Result<Vec<Order>, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
         match self {
             Cache::Redis(r) => r.first_page(user, load).await,
-            Cache::Disabled => load().await,
+            Cache::Disabled => load(None).await,
         }
     }
 

@@ -25,7 +25,8 @@
 //! (below). Otherwise it GETs the entry (MGET entry and generation for a page); a hit with the
 //! right tag that decodes is the answer and touches no database. A miss reads the entry's
 //! marker and joins the single flight of its key, marker (or generation) and tag
-//! ([`FlightKey`]); the flight's leader GETs again (with Redis `TIME`), takes a fill permit,
+//! ([`FlightKey`]); the flight's leader GETs again (with Redis `TIME` and the key's
+//! read-your-writes watermark, which it hands to its loader), takes a fill permit,
 //! loads, and fills with a conditional script, only over a connection with the tag its GET
 //! saw, and only within `fill_lease_ms` of the start of its load. Redis errors never reach
 //! the caller: they count for the breaker and the read answers from its loader.
@@ -357,6 +358,8 @@ struct EntryKeys {
     key: EntryKey,
     data: String,
     marker: String,
+    /// The read-your-writes watermark read with the entry on a miss (orders only).
+    watermark: Option<String>,
 }
 
 impl EntryKeys {
@@ -365,6 +368,7 @@ impl EntryKeys {
             key: EntryKey::Order(id),
             data: order_key(prefix, id),
             marker: order_marker_key(prefix, id),
+            watermark: Some(watermark_key(prefix, WatermarkOf::Order(id))),
         }
     }
 
@@ -373,6 +377,7 @@ impl EntryKeys {
             key: EntryKey::User(id),
             data: user_key(prefix, id),
             marker: user_marker_key(prefix, id),
+            watermark: None,
         }
     }
 }
@@ -700,7 +705,7 @@ impl RedisCache {
 
     pub async fn order<E, F, Fut>(&self, id: OrderId, load: F) -> Result<Option<Order>, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Option<Order>, E>>,
     {
         let keys = EntryKeys::order(&self.inner.prefix, id);
@@ -713,12 +718,12 @@ impl RedisCache {
         Fut: Future<Output = Result<Option<User>, E>>,
     {
         let keys = EntryKeys::user(&self.inner.prefix, id);
-        self.inner.read_entry(keys, &self.inner.users, load).await
+        self.inner.read_entry(keys, &self.inner.users, |_| load()).await
     }
 
     pub async fn first_page<E, F, Fut>(&self, user: UserId, load: F) -> Result<Vec<Order>, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
         self.inner.read_page(user, load).await
@@ -970,16 +975,16 @@ impl Inner {
     ) -> Result<Option<T>, E>
     where
         T: Entity,
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
         if self.must_skip(keys.key) {
             count(keys.key, "skipped");
-            return load().await;
+            return load(None).await;
         }
         let Some(conn) = self.conn().await else {
             count(keys.key, "skipped");
-            return load().await;
+            return load(None).await;
         };
         // A hit costs one GET, like a bare read of the value. Only a miss reads the marker
         // (after the GET, so still after this read started), to choose its flight.
@@ -987,7 +992,7 @@ impl Inner {
             .query::<Option<Vec<u8>>>(&conn, redis::cmd("GET").arg(&keys.data))
             .await
         {
-            None => return load().await,
+            None => return load(None).await,
             Some(Some(raw)) => {
                 if let Some(hit) = entry_hit::<T>(&raw, &conn.tag) {
                     count(keys.key, "hit");
@@ -1000,7 +1005,7 @@ impl Inner {
             .query::<Option<String>>(&conn, redis::cmd("GET").arg(&keys.marker))
             .await
         else {
-            return load().await;
+            return load(None).await;
         };
         let shared = flights
             .run((keys.key, marker, conn.tag.clone()), || async {
@@ -1010,32 +1015,48 @@ impl Inner {
         Ok((*shared).clone())
     }
 
-    /// The flight leader of an entry: GET again, load, fill.
+    /// The flight leader of an entry: GET again (with the watermark of an order), load,
+    /// fill.
+    ///
+    /// The watermark read here is as new as any a follower could need: a follower shares this
+    /// flight only if it saw the same marker, and every write raises the marker and the
+    /// watermark in one round trip.
     async fn lead_entry<T, E, F, Fut>(self: &Arc<Self>, keys: &EntryKeys, load: F) -> Result<Option<T>, E>
     where
         T: Entity,
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
         let Some(conn) = self.conn().await else {
-            return load().await;
+            return load(None).await;
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(&keys.data).cmd("TIME");
-        let Some((raw, time)) = self
-            .query_pipe::<(Option<Vec<u8>>, (i64, i64))>(&conn, &pipe)
-            .await
-        else {
-            return load().await;
+        pipe.cmd("MGET").arg(&keys.data);
+        if let Some(w) = &keys.watermark {
+            pipe.arg(w);
+        } else {
+            // Keeps the answer's shape: the data key twice costs nothing.
+            pipe.arg(&keys.data);
+        }
+        pipe.cmd("TIME");
+        type Seen = ((Option<Vec<u8>>, Option<String>), (i64, i64));
+        let Some(((raw, watermark), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
+            return load(None).await;
         };
         if let Some(hit) = raw.as_deref().and_then(|r| entry_hit::<T>(r, &conn.tag)) {
             count(keys.key, "hit");
             return Ok(hit);
         }
+        let watermark = keys
+            .watermark
+            .as_ref()
+            .and(watermark)
+            .as_deref()
+            .and_then(Watermark::parse);
         let deadline = self.deadline(time);
         let _permit = self.fills.acquire().await.ok();
         let started = Instant::now();
-        let loaded = load().await?;
+        let loaded = load(watermark).await?;
         self.gate.pass(keys.key).await;
         let (version, payload, ttl) = match &loaded {
             Some(v) => (v.version(), v.encode(), self.ttl),
@@ -1057,17 +1078,17 @@ impl Inner {
 
     async fn read_page<E, F, Fut>(self: &Arc<Self>, user: UserId, load: F) -> Result<Vec<Order>, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
         let key = EntryKey::Page(user);
         if self.must_skip(key) {
             count(key, "skipped");
-            return load().await;
+            return load(None).await;
         }
         let Some(conn) = self.conn().await else {
             count(key, "skipped");
-            return load().await;
+            return load(None).await;
         };
         let (page, generation) = (page_key(&self.prefix, user), generation_key(&self.prefix, user));
         let mut mget = redis::cmd("MGET");
@@ -1076,7 +1097,7 @@ impl Inner {
             .query::<(Option<Vec<u8>>, Option<String>)>(&conn, &mget)
             .await
         {
-            None => return load().await,
+            None => return load(None).await,
             Some((Some(raw), seen)) => {
                 if let Some(hit) = page_hit(&raw, &conn.tag) {
                     count(key, "hit");
@@ -1095,7 +1116,8 @@ impl Inner {
         Ok((*shared).clone())
     }
 
-    /// The flight leader of a page: MGET again (noting the generation), load, fill.
+    /// The flight leader of a page: MGET again (noting the generation and the user's
+    /// watermark, which every order write raises with the generation), load, fill.
     async fn lead_page<E, F, Fut>(
         self: &Arc<Self>,
         key: EntryKey,
@@ -1104,18 +1126,26 @@ impl Inner {
         load: F,
     ) -> Result<Vec<Order>, E>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Watermark>) -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
         let Some(conn) = self.conn().await else {
-            return load().await;
+            return load(None).await;
+        };
+        let EntryKey::Page(user) = key else {
+            return load(None).await;
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("MGET").arg(page).arg(generation).cmd("TIME");
-        type Seen = ((Option<Vec<u8>>, Option<String>), (i64, i64));
-        let Some(((raw, seen), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
-            return load().await;
+        pipe.cmd("MGET")
+            .arg(page)
+            .arg(generation)
+            .arg(watermark_key(&self.prefix, WatermarkOf::User(user)))
+            .cmd("TIME");
+        type Seen = ((Option<Vec<u8>>, Option<String>, Option<String>), (i64, i64));
+        let Some(((raw, seen, watermark), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
+            return load(None).await;
         };
+        let watermark = watermark.as_deref().and_then(Watermark::parse);
         if let Some(hit) = raw.as_deref().and_then(|r| page_hit(r, &conn.tag)) {
             count(key, "hit");
             return Ok(hit);
@@ -1124,7 +1154,7 @@ impl Inner {
         let deadline = self.deadline(time);
         let _permit = self.fills.acquire().await.ok();
         let started = Instant::now();
-        let loaded = load().await?;
+        let loaded = load(watermark).await?;
         self.gate.pass(key).await;
         if let Some(fill_conn) = self.fill_conn(key, &conn.tag, started) {
             let mut cmd = evalsha(&self.scripts.fill_page, &[page, generation]);

@@ -405,12 +405,18 @@ impl OrderService {
     }
 
     /// The GTID a `session` read of `of` on `db` must see: the latest of this process's
-    /// watermark, Redis's and the client's token, those of `db` only.
-    async fn watermark(&self, db: &Database, of: WatermarkOf, token: Option<Watermark>) -> Option<Gtid> {
+    /// watermark, `shared` (Redis's, read by the cache with the entry) and the client's
+    /// token, those of `db` only.
+    fn watermark(
+        &self,
+        db: &Database,
+        of: WatermarkOf,
+        token: Option<Watermark>,
+        shared: Option<Watermark>,
+    ) -> Option<Gtid> {
         if !db.has_replicas() {
             return None;
         }
-        let shared = self.cache.watermark(of).await;
         [self.watermarks.get(of), shared, token]
             .into_iter()
             .flatten()
@@ -419,24 +425,42 @@ impl OrderService {
             .map(|w| w.gtid)
     }
 
-    /// The order `id` from the server `read` calls for; a `session` read that a replica
-    /// answers with "no such order" asks the primary (the create may not have arrived there
-    /// yet, and an absence must never be cached from a lagging copy).
-    async fn load_order(&self, shard: &Shard, id: OrderId, read: ReadOptions) -> Result<Read<Option<Order>>> {
+    /// [`Self::watermark`] for a read that does not go through the cache: Redis's watermark
+    /// costs a round trip of its own.
+    async fn fetch_watermark(
+        &self,
+        db: &Database,
+        of: WatermarkOf,
+        token: Option<Watermark>,
+    ) -> Option<Gtid> {
+        if !db.has_replicas() {
+            return None;
+        }
+        let shared = self.cache.watermark(of).await;
+        self.watermark(db, of, token, shared)
+    }
+
+    /// The order `id` from the server `read` calls for (a `session` read waits for
+    /// `watermark`); a `session` read that a replica answers with "no such order" asks the
+    /// primary (the create may not have arrived there yet, and an absence must never be
+    /// cached from a lagging copy).
+    async fn load_order(
+        &self,
+        shard: &Shard,
+        id: OrderId,
+        consistency: Consistency,
+        watermark: Option<Gtid>,
+    ) -> Result<Read<Option<Order>>> {
         let db = self.shards.database(shard);
-        let watermark = match read.consistency {
-            Consistency::Session => self.watermark(db, WatermarkOf::Order(id), read.token).await,
-            _ => None,
-        };
         let tables = shard.tables.clone();
         let query = replicas::query(move |c| -> ReadQuery<'_, Option<Order>> {
             let t = tables.clone();
             Box::pin(async move { orders::load_order(c, &t, id).await })
         });
-        let found = db.read(read.consistency, watermark.as_ref(), &query).await?;
+        let found = db.read(consistency, watermark.as_ref(), &query).await?;
         if found.value.is_none()
             && found.served == replicas::Served::Replica
-            && read.consistency == Consistency::Session
+            && consistency == Consistency::Session
         {
             return Ok(db.read(Consistency::Strong, None, &query).await?);
         }
@@ -667,12 +691,17 @@ impl OrderService {
             return Err(Error::NotFound);
         }
         let shard = self.shards.of_order(id);
-        let served = ServedCell::default();
+        let served = &ServedCell::default();
+        let db = self.shards.database(shard);
+        let of = WatermarkOf::Order(id);
         let order = match read.consistency {
             Consistency::Session => {
                 self.cache
-                    .order(id, || async {
-                        let found = self.load_order(shard, id, read).await?;
+                    .order(id, |shared| async move {
+                        let watermark = self.watermark(db, of, read.token, shared);
+                        let found = self
+                            .load_order(shard, id, Consistency::Session, watermark)
+                            .await?;
                         served.set(Served::of(&found));
                         Ok::<_, Error>(found.value)
                     })
@@ -681,13 +710,13 @@ impl OrderService {
             Consistency::Eventual => match self.cache.order_hit(id).await {
                 Some(hit) => hit,
                 None => {
-                    let found = self.load_order(shard, id, read).await?;
+                    let found = self.load_order(shard, id, Consistency::Eventual, None).await?;
                     served.set(Served::of(&found));
                     found.value
                 }
             },
             Consistency::Strong => {
-                let found = self.load_order(shard, id, read).await?;
+                let found = self.load_order(shard, id, Consistency::Strong, None).await?;
                 served.set(Served::of(&found));
                 found.value
             }
@@ -746,10 +775,7 @@ impl OrderService {
             .record("user_id", tracing::field::display(user))
             .record("shard", shard.index.get());
         let db = self.shards.database(shard);
-        let watermark = match read.consistency {
-            Consistency::Session => self.watermark(db, WatermarkOf::User(user), read.token).await,
-            _ => None,
-        };
+        let of = WatermarkOf::User(user);
         let unfiltered = p.status.is_none() && p.created_from.is_none() && p.created_to.is_none();
         let cached = unfiltered && before.is_none() && (limit as usize) < FIRST_PAGE;
         let query = ListQuery {
@@ -766,16 +792,23 @@ impl OrderService {
             Box::pin(async move { orders::list_user_orders(c, &t, &q).await })
         });
         let served = ServedCell::default();
+        let list = &list;
+        let served = &served;
         let mut page = if cached && read.consistency == Consistency::Session {
             self.cache
-                .first_page(user, || async {
-                    let found = db.read(read.consistency, watermark.as_ref(), &list).await?;
+                .first_page(user, |shared| async move {
+                    let watermark = self.watermark(db, of, read.token, shared);
+                    let found = db.read(read.consistency, watermark.as_ref(), list).await?;
                     served.set(Served::of(&found));
                     Ok::<_, Error>(found.value)
                 })
                 .await?
         } else {
-            let found = db.read(read.consistency, watermark.as_ref(), &list).await?;
+            let watermark = match read.consistency {
+                Consistency::Session => self.fetch_watermark(db, of, read.token).await,
+                _ => None,
+            };
+            let found = db.read(read.consistency, watermark.as_ref(), list).await?;
             served.set(Served::of(&found));
             found.value
         };

@@ -296,6 +296,41 @@ async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
     cluster.start_redis().await.unwrap();
 }
 
+/// Another service process, Redis up, no token: the watermark the writer left in Redis makes
+/// the other process's reads (a cache miss of the order, of the owner's first page, and an
+/// uncached page) see the write although the replica lacks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_your_writes_across_processes_through_the_shared_watermark() {
+    let cluster = replicated_cluster().await;
+    let writer = TestApp::spawn_on(&cluster, tolerate_long_lag).await;
+    let reader = writer.twin().await;
+    until_replicas_in_rotation(&reader).await;
+    let catalog = writer.catalog(&[100]).await;
+    let user = 5252;
+    let token = writer.user_token(user);
+    let order = writer.place_order(user, &[(&catalog.products[0], 1)]).await;
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    // The reader caches the first page while the order is unpaid.
+    let (_, _, list) = read(&reader, &token, "/v1/orders", None).await;
+    assert_eq!(list["orders"][0]["status"], "pending_payment");
+
+    cluster.stop_replica_sql(0, 0).await.unwrap();
+    pay_with_token(&writer, &order).await;
+    evict(&writer, &id).await;
+    let (s, served, o) = read(&reader, &token, &format!("/v1/orders/{id}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    assert_eq!((o["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "primary"));
+    let (_, served, list) = read(&reader, &token, "/v1/orders", None).await;
+    assert_eq!((list["orders"][0]["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "primary"));
+    let (_, served, list) = read(&reader, &token, "/v1/orders?limit=50", None).await;
+    assert_eq!((list["orders"][0]["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "primary"));
+    // The replica does lag: an eventual read of it shows the unpaid order.
+    let (_, served, list) = read(&reader, &token, "/v1/orders?consistency=eventual", None).await;
+    assert_eq!((list["orders"][0]["status"].as_str(), served.as_str()), (Some("pending_payment"), "replica"));
+    cluster.start_replica_sql(0, 0).await.unwrap();
+}
+
 /// Readers on many connections while the replica is killed and restarted: no read fails;
 /// before the kill the replica serves the reads (the split is real), during it the primary,
 /// and after its restart it takes reads again.
