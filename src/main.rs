@@ -47,7 +47,9 @@ enum Command {
         scenarios: Vec<Scenario>,
         /// Time per phase (each scenario runs once against the service, once raw; a
         /// self-started bench runs create, get-cold and list against the cache-on service and
-        /// its cache-off twin as halves, in the order on, off, off, on).
+        /// its cache-off twin as halves, in the order on, off, off, on; with replicas, get-cold
+        /// and list also against the primary-only twin: service, cache off, primary only,
+        /// primary only, cache off, service).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
         #[arg(long, default_value_t = 64)]
@@ -74,6 +76,11 @@ enum Command {
         /// Units of the flash-sale product (demand is ten times this).
         #[arg(long, default_value_t = 1_000)]
         flash_stock: i64,
+        /// Self-started runs: GTID read replicas of every MariaDB server, read by the service.
+        /// With any, get-cold and list also run against a primary-only instance of the
+        /// service, and the GTID wait on a caught-up replica is measured. 0: no replicas.
+        #[arg(long, default_value_t = 1, conflicts_with = "target")]
+        replicas: usize,
     },
     /// Work with order ids.
     Id {
@@ -172,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
             users,
             products,
             flash_stock,
+            replicas,
         } => {
             let settings = match (&target, config) {
                 (_, Some(path)) => Some(Settings::load(Some(path))?),
@@ -190,6 +198,7 @@ async fn main() -> anyhow::Result<()> {
                 products,
                 flash_stock,
                 progress: true,
+                replicas,
             };
             let target = target.map_or(Target::SelfStart { durable }, Target::Url);
             if bench::run(target, settings, opts, out).await? {

@@ -32,6 +32,32 @@
 //! costs (`invalidation_cost`). Against a running service (`--target`) there is no second
 //! instance and no such figure.
 //!
+//! **Replicas against primary only.** A self-started bench gives every MariaDB server
+//! `--replicas N` GTID replicas (default 1; 0 starts none and runs exactly as before), and the
+//! service reads orders there (see `storage::replicas`). It then runs a third instance of the
+//! service on the same databases and Redis, its cache as the service's, with every replica
+//! removed from its settings: it reads every primary. `get-cold` and `list` run their service
+//! phase against it too, as halves beside the others in a mirrored order: service, cache off,
+//! primary only, primary only, cache off, service (each side's two halves at the same mean
+//! position, so a drift linear in time weighs on all three alike; get-cold: an equal share of
+//! its orders each, each read once, the cache emptied of them first, so every half misses).
+//! `vs_primary_only` is `service / service_primary_only`. Every answer of those phases is
+//! counted by its `Served-By` header (`cache`, `replica`, `primary`): `served_by` shows that
+//! the service's reads did go to the replica (`replica_share`) and the primary-only
+//! instance's to the primary. List's first page is cached (and warmed before the runs), so
+//! with the cache on list is mostly served by the cache: its split shows in the cache-off
+//! twin's counts, which reads replicas as the service does. Before get-cold and list read,
+//! the bench waits until every replica has applied what was seeded and is back in the
+//! service's rotation.
+//!
+//! **GTID wait.** After the scenarios, a self-started bench with replicas measures what a
+//! `session` read's wait for its watermark costs on a caught-up replica: on replica 0 of shard
+//! database 0, after the replicas caught up, with the domain-0 GTID of its `@@gtid_slave_pos`
+//! (applied, so the wait answers at once), it alternates blocks of point reads of existing
+//! orders (`orders::load_order`, the service's read) with blocks of `MASTER_GTID_WAIT` followed
+//! by the same read, at concurrency 1 and at the bench's concurrency. The added cost is the
+//! difference of the two at p50 and p99 (target: at most 1 ms at p50).
+//!
 //! Clients are closed-loop (each waits for its answer before the next request), so latency
 //! is recorded as measured: there is no coordinated omission to correct for.
 //!
@@ -120,7 +146,7 @@ impl Scenario {
 pub struct BenchOptions {
     pub scenarios: Vec<Scenario>,
     /// Per phase: each scenario runs this long against the service and again raw (the
-    /// cache-on and cache-off phases as two halves each, ABBA).
+    /// service and its twins, cache off and primary only, as two halves each, mirrored).
     pub duration: Duration,
     pub concurrency: usize,
     /// Buyers in the catalog (each with a token).
@@ -131,6 +157,9 @@ pub struct BenchOptions {
     pub flash_stock: i64,
     /// Show a progress bar (off in tests).
     pub progress: bool,
+    /// Self-started runs: GTID replicas of every MariaDB server, read by the service; with any,
+    /// a primary-only instance runs beside it and the GTID wait is measured. 0: none.
+    pub replicas: usize,
 }
 
 /// A flash sale's demand is served to the end; this bounds it if the service stalls.
@@ -147,6 +176,7 @@ impl BenchOptions {
             (1..=10_000_000).contains(&self.flash_stock),
             "--flash-stock must be between 1 and 10 000 000"
         );
+        anyhow::ensure!(self.replicas <= 9, "--replicas must be at most 9");
         Ok(())
     }
 }
@@ -163,6 +193,7 @@ impl Default for BenchOptions {
             products: 1_000,
             flash_stock: 1_000,
             progress: true,
+            replicas: 1,
         }
     }
 }
@@ -175,6 +206,9 @@ pub enum Phase {
     Service,
     /// Over HTTP to the second instance, cache off (self-started runs).
     ServiceCacheOff,
+    /// Over HTTP to the third instance, which reads only primaries (self-started runs with
+    /// replicas; get-cold and list).
+    ServicePrimaryOnly,
     /// `get-hot`, self-started: the service's read path (`OrderService::get`, through the
     /// cache) called in this process, with no HTTP and no JSON.
     InProcess,
@@ -192,6 +226,7 @@ impl Phase {
         match self {
             Phase::Service => "service",
             Phase::ServiceCacheOff => "cache off",
+            Phase::ServicePrimaryOnly => "primary only",
             Phase::InProcess => "in process",
             Phase::Raw => "raw",
             Phase::RawPipelined => "raw pipelined",
@@ -202,9 +237,10 @@ impl Phase {
 
 /// One timed run of a scenario's schedule: a phase, for a whole phase's time or half of it.
 ///
-/// The cache-on and cache-off service phases run as halves in ABBA order (on, off, off, on),
+/// The service and its twins (cache off; primary only) run as halves in a mirrored order
+/// (on, off, off, on; or service, cache off, primary only, primary only, cache off, service),
 /// so that whatever drifts during a scenario (the sweeper confirming the previous run's
-/// claims, the buffer pool warming, the machine's other load) weighs on both sides alike.
+/// claims, the buffer pool warming, the machine's other load) weighs on every side alike.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     pub phase: Phase,
@@ -241,6 +277,114 @@ pub struct HitRatio {
     /// `hits / (hits + misses)`; `None` when Redis saw no lookup at all.
     pub ratio: Option<f64>,
 }
+
+/// The answers of one service phase (get-cold, list) by their `Served-By` header.
+#[derive(Debug, Clone, Serialize)]
+pub struct ServedBy {
+    pub phase: Phase,
+    pub cache: u64,
+    pub replica: u64,
+    pub primary: u64,
+    /// Successful answers without a known `Served-By`.
+    pub other: u64,
+    /// `replica / all answers`; `None` without answers.
+    pub replica_share: Option<f64>,
+    /// `replica / (replica + primary)`: the share of the database reads a replica served.
+    pub replica_share_of_db_reads: Option<f64>,
+}
+
+impl ServedBy {
+    pub fn new(phase: Phase, cache: u64, replica: u64, primary: u64, other: u64) -> ServedBy {
+        let share = |n: u64, of: u64| (of > 0).then(|| n as f64 / of as f64);
+        ServedBy {
+            phase,
+            cache,
+            replica,
+            primary,
+            other,
+            replica_share: share(replica, cache + replica + primary + other),
+            replica_share_of_db_reads: share(replica, replica + primary),
+        }
+    }
+
+    pub fn answers(&self) -> u64 {
+        self.cache + self.replica + self.primary + self.other
+    }
+}
+
+/// The GTID wait on a caught-up replica (see the module docs): self-started runs with
+/// replicas.
+#[derive(Debug, Clone, Serialize)]
+pub struct GtidWait {
+    /// Which replica (`<database>/r0`), never a URL.
+    pub replica: String,
+    /// The GTID waited for (applied by the replica before the measurement).
+    pub gtid: Option<String>,
+    /// The target of the added cost at p50.
+    pub target_p50_ms: f64,
+    pub levels: Vec<GtidWaitLevel>,
+    /// Why the measurement did not run or stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The GTID wait at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub struct GtidWaitLevel {
+    pub concurrency: usize,
+    /// (a) point reads alone.
+    pub reads: u64,
+    pub read_p50_ms: f64,
+    pub read_p99_ms: f64,
+    /// (b) `MASTER_GTID_WAIT`, then the same read.
+    pub waited_reads: u64,
+    pub waited_read_p50_ms: f64,
+    pub waited_read_p99_ms: f64,
+    /// The wait alone, within (b).
+    pub wait_p50_ms: f64,
+    pub wait_p99_ms: f64,
+    /// What the wait adds: (b) − (a) at p50 and at p99.
+    pub added_p50_ms: f64,
+    pub added_p99_ms: f64,
+    /// Waits that timed out (none on a caught-up replica).
+    pub timeouts: u64,
+    /// Reads that found no order (none: the orders were applied).
+    pub missing: u64,
+}
+
+impl GtidWaitLevel {
+    fn new(
+        concurrency: usize,
+        read: &Histogram<u64>,
+        waited: &Histogram<u64>,
+        wait: &Histogram<u64>,
+        timeouts: u64,
+        missing: u64,
+    ) -> GtidWaitLevel {
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        // In whole microseconds, as the histograms hold them.
+        let added =
+            |q: f64| (waited.value_at_quantile(q) as i64 - read.value_at_quantile(q) as i64) as f64 / 1000.0;
+        GtidWaitLevel {
+            concurrency,
+            reads: read.len(),
+            read_p50_ms: ms(read, 0.5),
+            read_p99_ms: ms(read, 0.99),
+            waited_reads: waited.len(),
+            waited_read_p50_ms: ms(waited, 0.5),
+            waited_read_p99_ms: ms(waited, 0.99),
+            wait_p50_ms: ms(wait, 0.5),
+            wait_p99_ms: ms(wait, 0.99),
+            added_p50_ms: added(0.5),
+            added_p99_ms: added(0.99),
+            timeouts,
+            missing,
+        }
+    }
+}
+
+/// The added cost of the GTID wait the issue aims for, at p50.
+const GTID_WAIT_TARGET_P50_MS: f64 = 1.0;
 
 /// Throughput and latency of one phase.
 #[derive(Debug, Clone, Serialize)]
@@ -351,6 +495,16 @@ pub struct ScenarioResult {
     /// `service.ops_per_sec / service_cache_off.ops_per_sec`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_cache_off: Option<f64>,
+    /// The service phase again, against the primary-only instance (self-started runs with
+    /// replicas; `get-cold`, `list`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_primary_only: Option<PhaseStats>,
+    /// `service.ops_per_sec / service_primary_only.ops_per_sec`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vs_primary_only: Option<f64>,
+    /// `get-cold` and `list`: the answers of each service phase by `Served-By`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub served_by: Vec<ServedBy>,
     /// `create` only: `1 - vs_cache_off`, the share of create throughput the cache's
     /// invalidation costs (negative: the cache-on instance was faster).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -562,6 +716,7 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             }
             runs.push((phase, sample));
         }
+        let served_by = w.take_served();
         let hit_ratio = lookups.map(|(hits, misses)| HitRatio {
             hits,
             misses,
@@ -591,11 +746,13 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
         let service = take(Phase::Service).ok_or_else(|| anyhow::anyhow!("no service phase"))?;
         let raw = take(Phase::Raw).ok_or_else(|| anyhow::anyhow!("no raw phase"))?;
         let service_cache_off = take(Phase::ServiceCacheOff);
+        let service_primary_only = take(Phase::ServicePrimaryOnly);
         let raw_pipelined = take(Phase::RawPipelined);
         let in_process = take(Phase::InProcess);
         let raw_sql = take(Phase::RawSql);
         let per = |a: &PhaseStats, b: &PhaseStats| a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE);
         let vs_cache_off = service_cache_off.as_ref().map(|off| per(&service, off));
+        let vs_primary_only = service_primary_only.as_ref().map(|p| per(&service, p));
         let result = ScenarioResult {
             scenario,
             schedule: schedule.iter().map(|r| r.phase).collect(),
@@ -614,6 +771,9 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             service_vs_in_process: in_process.as_ref().map(|p| per(&service, p)),
             ratio_sql: raw_sql.as_ref().map(|sql| per(&service, sql)),
             service_cache_off,
+            service_primary_only,
+            vs_primary_only,
+            served_by,
             raw_pipelined,
             in_process,
             raw_sql,
@@ -661,6 +821,15 @@ fn summary_line(r: &ScenarioResult) -> String {
             off.ops_per_sec
         ));
     }
+    if let (Some(p), Some(vs)) = (&r.service_primary_only, r.vs_primary_only) {
+        line.push_str(&format!(
+            "  primary only {:.0} ops/s  vs primary only {vs:.2}",
+            p.ops_per_sec
+        ));
+    }
+    if let Some(s) = r.served_by.iter().find(|s| s.phase == Phase::Service) {
+        line.push_str(&format!("  served by {}", served_cell(s)));
+    }
     if let Some(cost) = r.invalidation_cost {
         line.push_str(&format!("  invalidation cost {}", percent(cost)));
     }
@@ -691,24 +860,54 @@ fn summary_line(r: &ScenarioResult) -> String {
     line
 }
 
-/// The ABBA runs in the order they ran, `on 1801, off 1535, off 1540, on 1790` (ops/s);
-/// `None` when the service and its cache-off twin did not each run more than once.
+/// The halves of the service and its twins in the order they ran, `on 1801, off 1535, off
+/// 1540, on 1790` (ops/s; with a primary-only twin `service …, cache off …, primary only …`);
+/// `None` when no twin ran beside the service in halves.
 fn abba_runs(r: &ScenarioResult) -> Option<String> {
-    let off = r.service_cache_off.as_ref()?;
-    if r.service.runs_ops_per_sec.is_empty() || off.runs_ops_per_sec.is_empty() {
+    let twins = [&r.service_cache_off, &r.service_primary_only];
+    if r.service.runs_ops_per_sec.is_empty()
+        || !twins
+            .iter()
+            .any(|t| t.as_ref().is_some_and(|t| !t.runs_ops_per_sec.is_empty()))
+    {
         return None;
     }
-    let (mut on_runs, mut off_runs) = (r.service.runs_ops_per_sec.iter(), off.runs_ops_per_sec.iter());
+    let primary_only = r.service_primary_only.is_some();
+    let runs_of = |p: &Option<PhaseStats>| p.as_ref().map(|p| p.runs_ops_per_sec.clone()).unwrap_or_default();
+    let mut on_runs = r.service.runs_ops_per_sec.iter();
+    let (off, only) = (runs_of(&r.service_cache_off), runs_of(&r.service_primary_only));
+    let (mut off_runs, mut only_runs) = (off.iter(), only.iter());
+    let (on, off) = if primary_only {
+        ("service", "cache off")
+    } else {
+        ("on", "off")
+    };
     let runs: Vec<String> = r
         .schedule
         .iter()
         .filter_map(|phase| match phase {
-            Phase::Service => on_runs.next().map(|v| format!("on {v:.0}")),
-            Phase::ServiceCacheOff => off_runs.next().map(|v| format!("off {v:.0}")),
+            Phase::Service => on_runs.next().map(|v| format!("{on} {v:.0}")),
+            Phase::ServiceCacheOff => off_runs.next().map(|v| format!("{off} {v:.0}")),
+            Phase::ServicePrimaryOnly => only_runs.next().map(|v| format!("primary only {v:.0}")),
             _ => None,
         })
         .collect();
     Some(runs.join(", "))
+}
+
+/// `replica 4 990 / primary 10 / cache 0 (99.8 % replica)`.
+fn served_cell(s: &ServedBy) -> String {
+    let mut cell = format!(
+        "replica {} / primary {} / cache {}",
+        s.replica, s.primary, s.cache
+    );
+    if s.other > 0 {
+        cell.push_str(&format!(" / unnamed {}", s.other));
+    }
+    if let Some(share) = s.replica_share {
+        cell.push_str(&format!(" ({} replica)", percent(share)));
+    }
+    cell
 }
 
 /// `**0.82**`, or `–` when the baseline completed nothing (the ratio means nothing then).
@@ -762,6 +961,7 @@ fn commits_cell(r: &ScenarioResult) -> String {
 pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
     let dash = || "–".to_owned();
     let abba = results.iter().any(|r| abba_runs(r).is_some());
+    let primary_only = results.iter().any(|r| r.service_primary_only.is_some());
     let mut s = format!(
         "{} s per phase, {} concurrent clients.{}\n\n\
          | scenario | service ops/s | p50 ms | p99 ms | p99.9 ms | errors | baseline | raw ops/s | raw p50 ms | raw p99 ms | raw errors | service / raw | cache off ops/s | cache off p99 ms | vs cache off | hit ratio | commits / create (service / cache off / raw) | checks |\n\
@@ -770,11 +970,21 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
         opts.concurrency,
         if abba {
             format!(
-                " Cache on against off: the service and its cache-off twin run as halves \
-                 ({} s each; get-cold: an equal share of the orders each) in the order on, off, \
-                 off, on; each side's ops/s is the mean of its two halves, its latency from \
-                 their merged histograms.",
-                opts.duration.as_secs_f64() / 2.0
+                " Cache on against off{}: run as halves ({} s each; get-cold: an equal share of \
+                 the orders each) in the order {}; each side's ops/s is the mean of its two \
+                 halves, its latency from their merged histograms.",
+                if primary_only {
+                    ", replicas against primary only: the service and its two twins"
+                } else {
+                    ": the service and its cache-off twin"
+                },
+                opts.duration.as_secs_f64() / 2.0,
+                if primary_only {
+                    "service, cache off, primary only, primary only, cache off, service \
+                     (create: on, off, off, on)"
+                } else {
+                    "on, off, off, on"
+                },
             )
         } else {
             String::new()
@@ -827,8 +1037,13 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
         ));
         if let Some(runs) = abba_runs(r) {
             notes.push(format!(
-                "- {}: cache on / off runs in order: {runs} ops/s.",
-                r.scenario.name()
+                "- {}: {} runs in order: {runs} ops/s.",
+                r.scenario.name(),
+                if r.service_primary_only.is_some() {
+                    "service / cache off / primary only"
+                } else {
+                    "cache on / off"
+                }
             ));
         }
         if let Some(cost) = r.invalidation_cost {
@@ -903,12 +1118,112 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
             "- No cache-off instance ran (only a self-started bench starts one): no `vs cache off`.".into(),
         );
     }
+    let replica_scenarios = [Scenario::GetCold, Scenario::List];
+    if results
+        .iter()
+        .any(|r| replica_scenarios.contains(&r.scenario) && r.service_primary_only.is_none())
+    {
+        notes.push(
+            "- No primary-only instance ran (only a self-started bench with `--replicas` 1 or more \
+             starts one): no `vs primary only`."
+                .into(),
+        );
+    }
     if !notes.is_empty() {
         s.push('\n');
         for n in notes {
             s.push_str(&n);
             s.push('\n');
         }
+    }
+    s.push_str(&replicas_markdown(results));
+    s
+}
+
+/// The table of replicas against primary only (get-cold and list, when the primary-only
+/// instance ran): both sides' ops/s, p50 and p99, their ratio, and who answered (`Served-By`)
+/// in each service phase. Empty when no scenario has a primary-only side.
+fn replicas_markdown(results: &[ScenarioResult]) -> String {
+    let rows: Vec<_> = results
+        .iter()
+        .filter_map(|r| Some((r, r.service_primary_only.as_ref()?)))
+        .collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = String::from(
+        "\nRead replicas against primary only (same run, same cache; the primary-only instance \
+         has every replica removed from its settings):\n\n\
+         | scenario | replicas ops/s | p50 ms | p99 ms | primary only ops/s | p50 ms | p99 ms | replicas / primary only | served by (service) | served by (cache off) | served by (primary only) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n",
+    );
+    for (r, p) in rows {
+        let served = |phase: Phase| {
+            r.served_by
+                .iter()
+                .find(|s| s.phase == phase)
+                .map_or_else(|| "–".to_owned(), served_cell)
+        };
+        s.push_str(&format!(
+            "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |\n",
+            r.scenario.name(),
+            r.service.ops_per_sec,
+            r.service.p50_ms,
+            r.service.p99_ms,
+            p.ops_per_sec,
+            p.p50_ms,
+            p.p99_ms,
+            r.vs_primary_only
+                .map_or_else(|| "–".to_owned(), |v| format!("**{v:.2}**")),
+            served(Phase::Service),
+            served(Phase::ServiceCacheOff),
+            served(Phase::ServicePrimaryOnly),
+        ));
+    }
+    s
+}
+
+/// The GTID wait table (see the module docs).
+pub fn gtid_wait_markdown(g: &GtidWait) -> String {
+    let mut s = format!(
+        "\nGTID wait (replica caught up): `{}`, waiting for `{}` (applied), target: the wait adds \
+         at most {} ms at p50. (a) a point read of an order (`orders::load_order`), (b) \
+         `MASTER_GTID_WAIT` then the same read, in alternating blocks on one connection per client.\n",
+        g.replica,
+        g.gtid.as_deref().unwrap_or("–"),
+        g.target_p50_ms,
+    );
+    if !g.levels.is_empty() {
+        s.push_str(
+            "\n| clients | (a) reads | (a) p50 ms | (a) p99 ms | (b) reads | (b) p50 ms | (b) p99 ms | wait alone p50 / p99 ms | added p50 ms | added p99 ms | timeouts / missing | target met |\n\
+             |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        );
+        for l in &g.levels {
+            s.push_str(&format!(
+                "| {} | {} | {:.3} | {:.3} | {} | {:.3} | {:.3} | {:.3} / {:.3} | **{:.3}** | {:.3} | {} / {} | {} |\n",
+                l.concurrency,
+                l.reads,
+                l.read_p50_ms,
+                l.read_p99_ms,
+                l.waited_reads,
+                l.waited_read_p50_ms,
+                l.waited_read_p99_ms,
+                l.wait_p50_ms,
+                l.wait_p99_ms,
+                l.added_p50_ms,
+                l.added_p99_ms,
+                l.timeouts,
+                l.missing,
+                if l.added_p50_ms <= g.target_p50_ms && l.timeouts == 0 && l.missing == 0 {
+                    "yes"
+                } else {
+                    "**no**"
+                },
+            ));
+        }
+    }
+    if let Some(e) = &g.error {
+        s.push_str(&format!("\nGTID wait not measured: {e}\n"));
     }
     s
 }
@@ -927,6 +1242,12 @@ pub struct Profile {
     pub cache_enabled: bool,
     /// Whether a second instance with its cache off ran beside it (self-started runs).
     pub cache_off_instance: bool,
+    /// Read replicas of each MariaDB server the service reads (self-started: `--replicas`;
+    /// against a target: the most any shard database of its settings lists).
+    pub replicas_per_server: usize,
+    /// Whether a third instance reading only primaries ran beside it (self-started runs with
+    /// replicas).
+    pub primary_only_instance: bool,
 }
 
 impl Profile {
@@ -944,6 +1265,18 @@ impl Profile {
                 ""
             }
         ));
+        s.push_str(&match self.replicas_per_server {
+            0 => " Replicas **off** (every read on the primaries).".to_owned(),
+            n => format!(
+                " Replicas **on**: {n} GTID replica{} per MariaDB server, read by the service{}.",
+                if n == 1 { "" } else { "s" },
+                if self.primary_only_instance {
+                    " (and a primary-only instance beside it)"
+                } else {
+                    ""
+                }
+            ),
+        });
         for v in &self.servers {
             s.push_str(&format!(
                 " {}: innodb_flush_log_at_trx_commit={}, sync_binlog={}, doublewrite={}, log_bin={}.",
@@ -964,6 +1297,8 @@ impl Profile {
 struct Report<'a> {
     profile: &'a Profile,
     scenarios: &'a [ScenarioResult],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    gtid_wait: Option<&'a GtidWait>,
 }
 
 /// Where the service under test is.
@@ -983,7 +1318,8 @@ pub async fn run(
     opts: BenchOptions,
     out: PathBuf,
 ) -> anyhow::Result<bool> {
-    let mut _cluster = None;
+    opts.validate()?;
+    let mut cluster = None;
     let mut services = Vec::new();
     // The self-started service's state, for get-hot's in-process reads.
     let mut state = None;
@@ -994,22 +1330,38 @@ pub async fn run(
         servers: Vec::new(),
         cache_enabled: false,
         cache_off_instance: false,
+        replicas_per_server: 0,
+        primary_only_instance: false,
     };
+    let mut base_primary_only = None;
     let (settings, base_url, base_cache_off) = match target {
         Target::SelfStart { durable } => {
             profile.name = if durable { "durable" } else { "tmpfs" };
             eprintln!(
-                "starting a local cluster (2 MariaDB servers, Redis; {} profile), the service and its cache-off twin ...",
-                profile.name
+                "starting a local cluster (2 MariaDB servers{}, Redis; {} profile), the service, its cache-off twin{} ...",
+                match opts.replicas {
+                    0 => String::new(),
+                    n => format!(" with {n} replica{} each", if n == 1 { "" } else { "s" }),
+                },
+                profile.name,
+                if opts.replicas > 0 {
+                    " and its primary-only twin"
+                } else {
+                    ""
+                },
             );
-            let cluster = LocalCluster::start(ClusterSpec {
-                mariadb_servers: 2,
-                with_redis: true,
-                durable,
-                ..ClusterSpec::default()
-            })
-            .await?;
-            profile.data_dir = Some(cluster.dir().display().to_string());
+            let started = Arc::new(
+                LocalCluster::start(ClusterSpec {
+                    mariadb_servers: 2,
+                    with_redis: true,
+                    durable,
+                    replicas_per_server: opts.replicas,
+                    ..ClusterSpec::default()
+                })
+                .await?,
+            );
+            profile.data_dir = Some(started.dir().display().to_string());
+            profile.replicas_per_server = opts.replicas;
             let mut base = settings.unwrap_or_else(Settings::defaults);
             if base.auth.jwt_secret.len() < 32 {
                 base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
@@ -1017,7 +1369,8 @@ pub async fn run(
             base.server.listen = ([127, 0, 0, 1], 0).into();
             // The service gets as many connections per server as the raw baseline may use.
             base.database.max_connections = base.database.max_connections.max(opts.concurrency as u32);
-            let s = cluster_settings(base, &cluster, "bench_", 32);
+            // The replicas are the cluster's (none with `--replicas 0`).
+            let s = cluster_settings(base, &started, "bench_", 32);
             s.validate()?;
             create_databases(&s).await?;
             migrate(&s).await?;
@@ -1038,13 +1391,34 @@ pub async fn run(
             let off_url = format!("http://{}", off_app.address());
             services.push(tokio::spawn(off_app.run()));
             profile.cache_off_instance = true;
-            _cluster = Some(cluster);
+            // With replicas, the same service (cache as configured) reading only primaries,
+            // for `vs primary only`; a worker id of its own too. It runs only reads.
+            if opts.replicas > 0 {
+                let mut only = s.clone();
+                for db in &mut only.shards.databases {
+                    db.replicas.clear();
+                }
+                only.commerce.replicas.clear();
+                only.ids.worker_id = None;
+                let only_app = Application::build(only, shutdown.clone()).await?;
+                base_primary_only = Some(format!("http://{}", only_app.address()));
+                services.push(tokio::spawn(only_app.run()));
+                profile.primary_only_instance = true;
+            }
+            cluster = Some(started);
             (s, url, Some(off_url))
         }
         Target::Url(url) => {
             let s = settings.ok_or_else(|| {
                 anyhow::anyhow!("--target needs --config naming the service's databases and secret")
             })?;
+            profile.replicas_per_server = s
+                .shards
+                .databases
+                .iter()
+                .map(|d| d.replicas.len())
+                .max()
+                .unwrap_or(0);
             (s, url, None)
         }
     };
@@ -1052,6 +1426,12 @@ pub async fn run(
     let mut workload = Workload::setup(&settings, &base_url, &opts).await?;
     if let Some(off) = &base_cache_off {
         workload = workload.with_cache_off_service(off);
+    }
+    if let Some(only) = &base_primary_only {
+        workload = workload.with_primary_only_service(only);
+    }
+    if let Some(cluster) = cluster.as_ref().filter(|_| opts.replicas > 0) {
+        workload = workload.with_cluster(cluster.clone());
     }
     if let Some(state) = state {
         workload = workload.with_app_state(state);
@@ -1066,12 +1446,21 @@ pub async fn run(
     for service in services {
         let _ = service.await;
     }
+    // The services are gone: the replica serves the measurement alone.
+    let gtid_wait = match cluster.as_deref().filter(|_| opts.replicas > 0) {
+        Some(cluster) => Some(gtid_wait(cluster, &settings, &workload, &opts).await),
+        None => None,
+    };
 
     std::fs::create_dir_all(&out)?;
-    let table = format!("{}\n{}", profile.markdown(), markdown(&results, &opts));
+    let mut table = format!("{}\n{}", profile.markdown(), markdown(&results, &opts));
+    if let Some(g) = &gtid_wait {
+        table.push_str(&gtid_wait_markdown(g));
+    }
     let report = Report {
         profile: &profile,
         scenarios: &results,
+        gtid_wait: gtid_wait.as_ref(),
     };
     std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&report)?)?;
     std::fs::write(out.join("results.md"), &table)?;
@@ -1088,6 +1477,67 @@ pub async fn run(
         }
     }
     Ok(passed)
+}
+
+/// Iterations per side of the GTID wait measurement: at concurrency 1, and over all clients at
+/// the bench's concurrency.
+const GTID_WAIT_PER_SIDE: [u64; 2] = [2_000, 4_000];
+/// At most this long per concurrency.
+const GTID_WAIT_MAX_TIME: Duration = Duration::from_secs(4);
+
+/// The GTID wait measurement (see the module docs) on replica 0 of shard database 0; a failure
+/// is reported in it, not raised: the scenarios' results stand.
+async fn gtid_wait(
+    cluster: &LocalCluster,
+    settings: &Settings,
+    w: &Workload,
+    opts: &BenchOptions,
+) -> GtidWait {
+    let database = &settings.shards.databases[0];
+    let mut report = GtidWait {
+        replica: format!("{}/r0", database.name),
+        gtid: None,
+        target_p50_ms: GTID_WAIT_TARGET_P50_MS,
+        levels: Vec::new(),
+        error: None,
+    };
+    let Some(url) = database.replicas.first() else {
+        report.error = Some("shard database 0 has no replica".into());
+        return report;
+    };
+    if opts.progress {
+        eprintln!("measuring the GTID wait on {} ...", report.replica);
+    }
+    let measured = async {
+        cluster.wait_replicas_caught_up(Duration::from_secs(60)).await?;
+        let gtid = workload::applied_gtid(url).await?;
+        report.gtid = Some(gtid.to_string());
+        let orders = w.orders_in_database(0, 1_000);
+        let levels = if opts.concurrency > 1 {
+            vec![1, opts.concurrency]
+        } else {
+            vec![1]
+        };
+        for (concurrency, per_side) in levels.into_iter().zip(GTID_WAIT_PER_SIDE) {
+            let level = workload::measure_gtid_wait(
+                url,
+                gtid,
+                orders.clone(),
+                concurrency,
+                per_side,
+                GTID_WAIT_MAX_TIME,
+            )
+            .await?;
+            report.levels.push(level);
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = measured {
+        eprintln!("GTID wait not measured: {e:#}");
+        report.error = Some(format!("{e:#}"));
+    }
+    report
 }
 
 /// Shared list of acknowledged order ids (per scenario).

@@ -1,21 +1,25 @@
-//! One operation of each scenario, over HTTP (the service, and its cache-off twin when there
-//! is one) and raw (the same SQL through the same storage functions, no HTTP, no service; for
-//! `get-hot` a Redis `GET` of the cached order), plus the catalog and the order pools the
-//! operations draw from.
+//! One operation of each scenario, over HTTP (the service, and its cache-off and primary-only
+//! twins when there are) and raw (the same SQL through the same storage functions, no HTTP, no
+//! service; for `get-hot` a Redis `GET` of the cached order), plus the catalog and the order
+//! pools the operations draw from, and the GTID wait measurement on a replica.
 
 use sqlx::AssertSqlSafe;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use rand::Rng;
 use serde_json::{json, Value};
-use sqlx::MySqlPool;
+use sqlx::mysql::MySqlConnectOptions;
+use sqlx::{ConnectOptions, MySqlConnection, MySqlPool};
 
 use crate::cache::redis::order_key;
+use crate::cluster::LocalCluster;
 use crate::config::Settings;
 use crate::domain::actor::{Caller, Role};
+use crate::domain::consistency::Gtid;
 use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
@@ -26,11 +30,12 @@ use crate::lease::IdSource;
 use crate::service::Error as ServiceError;
 use crate::storage::commerce::{self, Reservation, ReserveOutcome};
 use crate::storage::orders::{self, ListQuery, MoneyMovement, StatusChange};
-use crate::storage::shards::ShardMap;
+use crate::storage::replicas::wait_for_gtid;
+use crate::storage::shards::{ShardMap, ShardTables};
 use crate::storage::{self, StorageError};
 
 use super::checks::{self, Check};
-use super::{drive, Baseline, BenchOptions, Phase, Run, Scenario};
+use super::{drive, new_histogram, Baseline, BenchOptions, GtidWaitLevel, Phase, Run, Scenario, ServedBy};
 
 /// The durability settings of one MariaDB server, as it reports them.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -79,12 +84,56 @@ pub struct Keyspace {
     pub misses: u64,
 }
 
+/// How many answers of one service phase named each server in `Served-By`.
+#[derive(Default)]
+struct ServedCounter {
+    cache: AtomicU64,
+    replica: AtomicU64,
+    primary: AtomicU64,
+    /// Successful answers without a `Served-By` header we know.
+    other: AtomicU64,
+}
+
+impl ServedCounter {
+    /// The counter of an answer whose `Served-By` header is `served`.
+    fn counter(&self, served: Option<&[u8]>) -> &AtomicU64 {
+        match served {
+            Some(b"cache") => &self.cache,
+            Some(b"replica") => &self.replica,
+            Some(b"primary") => &self.primary,
+            _ => &self.other,
+        }
+    }
+
+    /// The counts so far, and zero again.
+    fn take(&self, phase: Phase) -> ServedBy {
+        ServedBy::new(
+            phase,
+            self.cache.swap(0, Ordering::Relaxed),
+            self.replica.swap(0, Ordering::Relaxed),
+            self.primary.swap(0, Ordering::Relaxed),
+            self.other.swap(0, Ordering::Relaxed),
+        )
+    }
+}
+
+/// The service phases whose answers' `Served-By` is counted (get-cold and list).
+const COUNTED_PHASES: [Phase; 3] = [Phase::Service, Phase::ServiceCacheOff, Phase::ServicePrimaryOnly];
+
 /// Everything the operations share.
 pub struct Workload {
     base: String,
     /// The second instance of the service, on the same databases and Redis with its cache
     /// off (self-started runs only).
     base_cache_off: Option<String>,
+    /// The third instance, on the same databases and Redis with its cache as the service's,
+    /// that reads every database's primary: no replica at all (self-started runs with
+    /// replicas only).
+    base_primary_only: Option<String>,
+    /// `Served-By` of the answers of each of [`COUNTED_PHASES`] in get-cold and list.
+    served: [ServedCounter; 3],
+    /// The self-started cluster, to wait for its replicas to catch up before reads.
+    cluster: Option<Arc<LocalCluster>>,
     client: reqwest::Client,
     /// The service's application state (self-started runs only), for get-hot's in-process
     /// reads.
@@ -233,6 +282,9 @@ impl Workload {
         Ok(Workload {
             base: base.trim_end_matches('/').to_owned(),
             base_cache_off: None,
+            base_primary_only: None,
+            served: Default::default(),
+            cluster: None,
             client,
             app: None,
             redis,
@@ -277,6 +329,20 @@ impl Workload {
         self
     }
 
+    /// Adds the service instance at `base` (same databases, Redis and cache, no replicas):
+    /// `get-cold` and `list` then also run against it.
+    pub fn with_primary_only_service(mut self, base: &str) -> Workload {
+        self.base_primary_only = Some(base.trim_end_matches('/').to_owned());
+        self
+    }
+
+    /// Adds the self-started cluster: before get-cold and list read, its replicas are waited
+    /// for (the seeded orders applied, every replica back in the service's rotation).
+    pub fn with_cluster(mut self, cluster: Arc<LocalCluster>) -> Workload {
+        self.cluster = Some(cluster);
+        self
+    }
+
     /// Adds the service's application state (the service under test, in this process):
     /// get-hot then also reads through its read path without HTTP.
     pub fn with_app_state(mut self, app: AppState) -> Workload {
@@ -298,24 +364,29 @@ impl Workload {
         }
     }
 
-    /// The runs of `scenario`, in the order they run. The service first; for the scenarios
-    /// the cache changes most (create pays invalidation, get-cold fills, list reads a cached
-    /// first page), when there is a cache-off twin, the service and the twin as halves in
-    /// ABBA order (on, off, off, on). For get-hot, the in-process read path when the bench has
+    /// The runs of `scenario`, in the order they run. The service first; when it has twins for
+    /// `scenario` (the cache-off twin for create, get-cold and list, which the cache changes
+    /// most: create pays invalidation, get-cold fills, list reads a cached first page; the
+    /// primary-only twin for get-cold and list, the reads that go to replicas), the service and
+    /// its twins as halves in a mirrored order: A B C C B A (A B B A with one twin), so that each
+    /// side's two halves sit at the same mean position and a drift that is linear in time
+    /// weighs on every side alike. For get-hot, the in-process read path when the bench has
     /// the service's state. Then the raw baseline; for get-hot against Redis, the pipelined
     /// GETs and the SQL read it replaced as further baselines.
     pub fn schedule(&self, scenario: Scenario) -> Vec<Run> {
         let full = |phase| Run { phase, halves: 2 };
         let half = |phase| Run { phase, halves: 1 };
-        let mut runs = if self.base_cache_off.is_some()
+        let mut sides = vec![Phase::Service];
+        if self.base_cache_off.is_some()
             && matches!(scenario, Scenario::Create | Scenario::GetCold | Scenario::List)
         {
-            vec![
-                half(Phase::Service),
-                half(Phase::ServiceCacheOff),
-                half(Phase::ServiceCacheOff),
-                half(Phase::Service),
-            ]
+            sides.push(Phase::ServiceCacheOff);
+        }
+        if self.base_primary_only.is_some() && matches!(scenario, Scenario::GetCold | Scenario::List) {
+            sides.push(Phase::ServicePrimaryOnly);
+        }
+        let mut runs: Vec<Run> = if sides.len() > 1 {
+            sides.iter().chain(sides.iter().rev()).map(|&p| half(p)).collect()
         } else {
             vec![full(Phase::Service)]
         };
@@ -431,6 +502,12 @@ impl Workload {
         };
         *Self::lock(&self.list_users) = Arc::new(listers);
         Self::lock(&self.acked).clear();
+        for counter in &self.served {
+            counter.take(Phase::Service);
+        }
+        if matches!(scenario, Scenario::GetCold | Scenario::List) {
+            self.wait_for_replicas().await?;
+        }
         if matches!(scenario, Scenario::GetHot | Scenario::GetCold | Scenario::List) {
             self.warm_buffer_pool().await?;
         }
@@ -449,6 +526,49 @@ impl Workload {
             *Self::lock(&self.hot_cached) = Some(check);
         }
         Ok(())
+    }
+
+    /// Before get-cold and list read (self-started runs with replicas): waits until every
+    /// replica has applied what its primary logged (the orders just seeded raw leave no
+    /// watermark, so a replica that had not applied one would answer 404), then until the
+    /// service has every replica in its rotation again (seeding may have pushed one out for
+    /// lag): the reads then measure the read/write split, not its fallback.
+    async fn wait_for_replicas(&self) -> anyhow::Result<()> {
+        let Some(cluster) = &self.cluster else {
+            return Ok(());
+        };
+        cluster.wait_replicas_caught_up(Duration::from_secs(60)).await?;
+        let Some(app) = &self.app else {
+            return Ok(());
+        };
+        let databases = app.orders.shards().databases();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out: Vec<&str> = databases
+                .iter()
+                .filter(|d| d.replicas_in_rotation() < d.replica_count())
+                .map(|d| d.name())
+                .collect();
+            if out.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(databases = ?out, "replicas still out of the service's rotation: reads go to the primary");
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// `Served-By` of the answers in get-cold and list since the scenario was prepared, per
+    /// service phase that answered any.
+    pub fn take_served(&self) -> Vec<ServedBy> {
+        COUNTED_PHASES
+            .iter()
+            .zip(&self.served)
+            .map(|(&phase, counter)| counter.take(phase))
+            .filter(|s| s.answers() > 0)
+            .collect()
     }
 
     /// Reads every lister's first page once through the service, so that its cache holds
@@ -716,6 +836,22 @@ impl Workload {
         body: Option<Value>,
         parse: bool,
     ) -> Result<Value, Outcome> {
+        self.request_served(base, method, path, token, body, parse, None)
+            .await
+    }
+
+    /// [`Self::request`], and a success's `Served-By` counted in `served`.
+    #[allow(clippy::too_many_arguments)]
+    async fn request_served(
+        &self,
+        base: &str,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        parse: bool,
+        served: Option<&ServedCounter>,
+    ) -> Result<Value, Outcome> {
         let mut req = self
             .client
             .request(method, format!("{base}{path}"))
@@ -725,11 +861,15 @@ impl Workload {
         }
         let resp = req.send().await.map_err(|_| Outcome::Error("transport".into()))?;
         let status = resp.status();
+        let served_by = served.map(|c| c.counter(resp.headers().get("served-by").map(|v| v.as_bytes())));
         let bytes = resp
             .bytes()
             .await
             .map_err(|_| Outcome::Error("transport".into()))?;
         if status.is_success() {
+            if let Some(counter) = served_by {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
             return Ok(if parse {
                 serde_json::from_slice(&bytes).unwrap_or(Value::Null)
             } else {
@@ -760,7 +900,18 @@ impl Workload {
     }
 
     async fn get(&self, base: &str, path: &str, token: &str) -> Result<(), Outcome> {
-        self.request(base, reqwest::Method::GET, path, token, None, false)
+        self.get_counted(base, path, token, None).await
+    }
+
+    /// [`Self::get`], with the answer's `Served-By` counted in `served`.
+    async fn get_counted(
+        &self,
+        base: &str,
+        path: &str,
+        token: &str,
+        served: Option<&ServedCounter>,
+    ) -> Result<(), Outcome> {
+        self.request_served(base, reqwest::Method::GET, path, token, None, false, served)
             .await
             .map(drop)
     }
@@ -801,10 +952,14 @@ impl Workload {
     /// client number `client`.
     pub async fn op(&self, scenario: Scenario, phase: Phase, slot: usize, client: usize, i: u64) -> Outcome {
         match phase {
-            Phase::Service => self.service_op(&self.base, scenario, slot, i).await,
+            Phase::Service => self.service_op(&self.base, phase, scenario, slot, i).await,
             Phase::ServiceCacheOff => match &self.base_cache_off {
-                Some(base) => self.service_op(base, scenario, slot, i).await,
+                Some(base) => self.service_op(base, phase, scenario, slot, i).await,
                 None => Outcome::Error("no_cache_off_service".into()),
+            },
+            Phase::ServicePrimaryOnly => match &self.base_primary_only {
+                Some(base) => self.service_op(base, phase, scenario, slot, i).await,
+                None => Outcome::Error("no_primary_only_service".into()),
             },
             Phase::InProcess => {
                 let (user, id) = self.read_target(scenario, slot, i);
@@ -846,7 +1001,13 @@ impl Workload {
         }
     }
 
-    async fn service_op(&self, base: &str, scenario: Scenario, slot: usize, i: u64) -> Outcome {
+    /// Operation `i` of `scenario` against the instance at `base` (which runs as `phase`); the
+    /// reads of get-cold and list count their answers' `Served-By`.
+    async fn service_op(&self, base: &str, phase: Phase, scenario: Scenario, slot: usize, i: u64) -> Outcome {
+        let served = COUNTED_PHASES
+            .iter()
+            .position(|&p| p == phase)
+            .map(|at| &self.served[at]);
         let result = match scenario {
             Scenario::Create => {
                 let user = rand::thread_rng().gen_range(0..self.users.len());
@@ -857,15 +1018,21 @@ impl Workload {
                 .http_create(base, i as usize % self.users.len(), &self.hot, 1)
                 .await
                 .map(drop),
-            Scenario::GetHot | Scenario::GetCold => {
+            Scenario::GetHot => {
                 let (user, id) = self.read_target(scenario, slot, i);
                 self.get(base, &format!("/v1/orders/{id}"), &self.tokens[user])
+                    .await
+            }
+            Scenario::GetCold => {
+                let (user, id) = self.read_target(scenario, slot, i);
+                self.get_counted(base, &format!("/v1/orders/{id}"), &self.tokens[user], served)
                     .await
             }
             Scenario::List => {
                 let users = Self::lock(&self.list_users).clone();
                 let user = users[i as usize % users.len()];
-                self.get(base, "/v1/orders?limit=20", &self.tokens[user]).await
+                self.get_counted(base, "/v1/orders?limit=20", &self.tokens[user], served)
+                    .await
             }
             Scenario::Lifecycle => self.http_lifecycle(base).await,
         };
@@ -1135,6 +1302,136 @@ impl Workload {
         }
         Ok(())
     }
+}
+
+/// Operations of one mode before a GTID-wait client switches to the other.
+const GTID_BLOCK: u64 = 50;
+
+/// What the GTID wait measurement passes to [`wait_for_gtid`]: the service's default
+/// `replicas.gtid_wait_ms`. A caught-up replica answers long before it.
+const GTID_WAIT_TIMEOUT: Duration = Duration::from_millis(50);
+
+/// Orders the GTID wait measurement reads, each with its shard's tables.
+pub type ReplicaOrders = Arc<Vec<(OrderId, Arc<ShardTables>)>>;
+
+impl Workload {
+    /// Up to `max` orders the bench made that live in shard database `database`.
+    pub fn orders_in_database(&self, database: usize, max: usize) -> ReplicaOrders {
+        let made = Self::lock(&self.made).clone();
+        Arc::new(
+            made.iter()
+                .map(|&(_, id)| (id, self.shards.of_order(id)))
+                .filter(|(_, shard)| shard.database == database)
+                .take(max)
+                .map(|(id, shard)| (id, shard.tables.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// A connection to the replica at `url`, set up as the service's replica sessions are (read
+/// committed, read only).
+async fn replica_connection(url: &str) -> anyhow::Result<MySqlConnection> {
+    let opts: MySqlConnectOptions = url.parse()?;
+    let mut conn = opts
+        .statement_cache_capacity(storage::STATEMENT_CACHE)
+        .connect()
+        .await?;
+    sqlx::query("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED, READ ONLY")
+        .execute(&mut conn)
+        .await?;
+    Ok(conn)
+}
+
+/// The GTID of domain 0 in the replica's `@@gtid_slave_pos`: a GTID it has applied.
+pub async fn applied_gtid(url: &str) -> anyhow::Result<Gtid> {
+    let mut conn = replica_connection(url).await?;
+    let pos: String = sqlx::query_scalar("SELECT @@gtid_slave_pos")
+        .fetch_one(&mut conn)
+        .await?;
+    pos.split(',')
+        .filter_map(|g| Gtid::parse(g.trim()))
+        .find(|g| g.domain == 0)
+        .ok_or_else(|| anyhow::anyhow!("the replica's gtid_slave_pos has no GTID of domain 0: {pos:?}"))
+}
+
+/// What the GTID wait costs a read on a caught-up replica, at `concurrency` clients, each on a
+/// connection of its own to the replica at `url`: every client alternates blocks of
+/// [`GTID_BLOCK`] point reads of `orders` (`orders::load_order`, the service's read) with
+/// blocks of `MASTER_GTID_WAIT(gtid)` ([`wait_for_gtid`], as the service issues it) followed by
+/// the same read, until each side has `per_side` operations over all clients or `max_time`
+/// passed. Clients start on alternate sides, so both sides always run side by side.
+pub async fn measure_gtid_wait(
+    url: &str,
+    gtid: Gtid,
+    orders: ReplicaOrders,
+    concurrency: usize,
+    per_side: u64,
+    max_time: Duration,
+) -> anyhow::Result<GtidWaitLevel> {
+    anyhow::ensure!(!orders.is_empty(), "no order of the replica's database to read");
+    let quota = per_side.div_ceil(concurrency as u64).max(GTID_BLOCK);
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(replica_connection(url).await?);
+    }
+    let deadline = Instant::now() + max_time;
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .enumerate()
+        .map(|(client, mut conn)| {
+            let orders = orders.clone();
+            tokio::spawn(async move {
+                let (mut read, mut waited, mut wait) = (new_histogram(), new_histogram(), new_histogram());
+                let (mut timeouts, mut missing) = (0u64, 0u64);
+                let mut next = client * 7_919;
+                let mut block = client as u64;
+                while Instant::now() < deadline && (read.len() < quota || waited.len() < quota) {
+                    let with_wait = block % 2 == 1;
+                    block += 1;
+                    for _ in 0..GTID_BLOCK {
+                        let (id, tables) = &orders[next % orders.len()];
+                        next += 1;
+                        let began = Instant::now();
+                        if with_wait {
+                            if !wait_for_gtid(&mut conn, &gtid, GTID_WAIT_TIMEOUT).await? {
+                                timeouts += 1;
+                            }
+                            let _ = wait.record(micros(began));
+                        }
+                        if orders::load_order(&mut conn, tables, *id).await?.is_none() {
+                            missing += 1;
+                        }
+                        let _ = if with_wait { &mut waited } else { &mut read }.record(micros(began));
+                    }
+                }
+                Ok::<_, StorageError>((read, waited, wait, timeouts, missing))
+            })
+        })
+        .collect();
+    let (mut read, mut waited, mut wait) = (new_histogram(), new_histogram(), new_histogram());
+    let (mut timeouts, mut missing) = (0, 0);
+    for task in tasks {
+        let (r, w, g, t, m) = task.await??;
+        read.add(&r)?;
+        waited.add(&w)?;
+        wait.add(&g)?;
+        timeouts += t;
+        missing += m;
+    }
+    Ok(GtidWaitLevel::new(
+        concurrency,
+        &read,
+        &waited,
+        &wait,
+        timeouts,
+        missing,
+    ))
+}
+
+/// Microseconds since `t`, within the histograms' bounds.
+fn micros(t: Instant) -> u64 {
+    (t.elapsed().as_micros() as u64).clamp(1, 60_000_000)
 }
 
 /// The service's Redis and a connection to it, or `None` (with a warning) when it does not

@@ -22,6 +22,8 @@ fn small() -> BenchOptions {
         products: 5,
         flash_stock: 20,
         progress: false,
+        // The shared test cluster has no replicas.
+        replicas: 0,
     }
 }
 
