@@ -35,18 +35,19 @@
 //! **Replicas against primary only.** A self-started bench gives every MariaDB server
 //! `--replicas N` GTID replicas (default 1; 0 starts none and runs exactly as before), and the
 //! service reads orders there (see `storage::replicas`). It then runs a third instance of the
-//! service on the same databases and Redis, its cache as the service's, with every replica
-//! removed from its settings: it reads every primary. `get-cold` and `list` run their service
-//! phase against it too, as halves beside the others in a mirrored order: service, cache off,
-//! primary only, primary only, cache off, service (each side's two halves at the same mean
-//! position, so a drift linear in time weighs on all three alike; get-cold: an equal share of
-//! its orders each, each read once, the cache emptied of them first, so every half misses).
-//! `vs_primary_only` is `service / service_primary_only`. Every answer of those phases is
-//! counted by its `Served-By` header (`cache`, `replica`, `primary`): `served_by` shows that
-//! the service's reads did go to the replica (`replica_share`) and the primary-only
-//! instance's to the primary. List's first page is cached (and warmed before the runs), so
-//! with the cache on list is mostly served by the cache: its split shows in the cache-off
-//! twin's counts, which reads replicas as the service does. Before get-cold and list read,
+//! service on the same databases and Redis, with its cache off (like the cache-off twin) and
+//! every replica removed from its settings: every read it serves is a read of a primary.
+//! `get-cold` and `list` run their service phase against it too, as halves beside the others
+//! in a mirrored order: service, cache off, primary only, primary only, cache off, service
+//! (each side's two halves at the same mean position, so a drift linear in time weighs on all
+//! three alike; get-cold: an equal share of its orders each, each read once, the cache emptied
+//! of them first, so every half misses). `vs_primary_only` is `service_cache_off /
+//! service_primary_only`: the same service with no cache in front, reading replicas against
+//! reading primaries (list's first page is cached, so with the cache on list would compare
+//! two cache hits). Every answer of those phases is counted by its `Served-By` header
+//! (`cache`, `replica`, `primary`): `served_by` shows that the twin's reads did go to the
+//! replica (`replica_share`) and the primary-only instance's to the primary. Before get-cold
+//! and list read,
 //! the bench waits until every replica has applied what was seeded and is back in the
 //! service's rotation.
 //!
@@ -499,7 +500,8 @@ pub struct ScenarioResult {
     /// replicas; `get-cold`, `list`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_primary_only: Option<PhaseStats>,
-    /// `service.ops_per_sec / service_primary_only.ops_per_sec`.
+    /// `service_cache_off.ops_per_sec / service_primary_only.ops_per_sec`: reading replicas
+    /// against reading primaries, no cache on either side.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vs_primary_only: Option<f64>,
     /// `get-cold` and `list`: the answers of each service phase by `Served-By`.
@@ -752,7 +754,11 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
         let raw_sql = take(Phase::RawSql);
         let per = |a: &PhaseStats, b: &PhaseStats| a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE);
         let vs_cache_off = service_cache_off.as_ref().map(|off| per(&service, off));
-        let vs_primary_only = service_primary_only.as_ref().map(|p| per(&service, p));
+        // Replicas against primaries, both without a cache (see the module docs).
+        let vs_primary_only = service_primary_only
+            .as_ref()
+            .zip(service_cache_off.as_ref())
+            .map(|(p, off)| per(off, p));
         let result = ScenarioResult {
             scenario,
             schedule: schedule.iter().map(|r| r.phase).collect(),
@@ -1146,18 +1152,18 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
 fn replicas_markdown(results: &[ScenarioResult]) -> String {
     let rows: Vec<_> = results
         .iter()
-        .filter_map(|r| Some((r, r.service_primary_only.as_ref()?)))
+        .filter_map(|r| Some((r, r.service_cache_off.as_ref()?, r.service_primary_only.as_ref()?)))
         .collect();
     if rows.is_empty() {
         return String::new();
     }
     let mut s = String::from(
-        "\nRead replicas against primary only (same run, same cache; the primary-only instance \
-         has every replica removed from its settings):\n\n\
-         | scenario | replicas ops/s | p50 ms | p99 ms | primary only ops/s | p50 ms | p99 ms | replicas / primary only | served by (service) | served by (cache off) | served by (primary only) |\n\
+        "\nRead replicas against primary only (same run; both instances with the cache off, the \
+         primary-only one with every replica removed from its settings):\n\n\
+         | scenario | replicas ops/s | p50 ms | p99 ms | primary only ops/s | p50 ms | p99 ms | replicas / primary only | served by (service, cache on) | served by (cache off, replicas) | served by (primary only) |\n\
          |---|---:|---:|---:|---:|---:|---:|---:|---|---|---|\n",
     );
-    for (r, p) in rows {
+    for (r, off, p) in rows {
         let served = |phase: Phase| {
             r.served_by
                 .iter()
@@ -1167,9 +1173,9 @@ fn replicas_markdown(results: &[ScenarioResult]) -> String {
         s.push_str(&format!(
             "| {} | {:.0} | {:.2} | {:.2} | {:.0} | {:.2} | {:.2} | {} | {} | {} | {} |\n",
             r.scenario.name(),
-            r.service.ops_per_sec,
-            r.service.p50_ms,
-            r.service.p99_ms,
+            off.ops_per_sec,
+            off.p50_ms,
+            off.p99_ms,
             p.ops_per_sec,
             p.p50_ms,
             p.p99_ms,
@@ -1391,10 +1397,11 @@ pub async fn run(
             let off_url = format!("http://{}", off_app.address());
             services.push(tokio::spawn(off_app.run()));
             profile.cache_off_instance = true;
-            // With replicas, the same service (cache as configured) reading only primaries,
-            // for `vs primary only`; a worker id of its own too. It runs only reads.
+            // With replicas, the cache-off twin reading only primaries, for `vs primary only`;
+            // a worker id of its own too. It runs only reads.
             if opts.replicas > 0 {
                 let mut only = s.clone();
+                only.cache.enabled = false;
                 for db in &mut only.shards.databases {
                     db.replicas.clear();
                 }

@@ -310,7 +310,10 @@ async fn read_your_writes_across_processes_through_the_shared_watermark() {
     let token = writer.user_token(user);
     let order = writer.place_order(user, &[(&catalog.products[0], 1)]).await;
     let id = order["order_id"].as_str().unwrap().to_owned();
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
     // The reader caches the first page while the order is unpaid.
     let (_, _, list) = read(&reader, &token, "/v1/orders", None).await;
     assert_eq!(list["orders"][0]["status"], "pending_payment");
@@ -320,14 +323,26 @@ async fn read_your_writes_across_processes_through_the_shared_watermark() {
     evict(&writer, &id).await;
     let (s, served, o) = read(&reader, &token, &format!("/v1/orders/{id}"), None).await;
     assert_eq!(s, StatusCode::OK, "{o}");
-    assert_eq!((o["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "primary"));
+    assert_eq!(
+        (o["status"].as_str(), served.as_str()),
+        (Some("awaiting_shipment"), "primary")
+    );
     let (_, served, list) = read(&reader, &token, "/v1/orders", None).await;
-    assert_eq!((list["orders"][0]["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "primary"));
+    assert_eq!(
+        (list["orders"][0]["status"].as_str(), served.as_str()),
+        (Some("awaiting_shipment"), "primary")
+    );
     let (_, served, list) = read(&reader, &token, "/v1/orders?limit=50", None).await;
-    assert_eq!((list["orders"][0]["status"].as_str(), served.as_str()), (Some("awaiting_shipment"), "primary"));
+    assert_eq!(
+        (list["orders"][0]["status"].as_str(), served.as_str()),
+        (Some("awaiting_shipment"), "primary")
+    );
     // The replica does lag: an eventual read of it shows the unpaid order.
     let (_, served, list) = read(&reader, &token, "/v1/orders?consistency=eventual", None).await;
-    assert_eq!((list["orders"][0]["status"].as_str(), served.as_str()), (Some("pending_payment"), "replica"));
+    assert_eq!(
+        (list["orders"][0]["status"].as_str(), served.as_str()),
+        (Some("pending_payment"), "replica")
+    );
     cluster.start_replica_sql(0, 0).await.unwrap();
 }
 
