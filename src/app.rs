@@ -22,6 +22,7 @@ use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
 use crate::lease::{lease_worker, IdSource};
 use crate::service::catalog::CatalogService;
+use crate::service::flash::{self, FlashSales};
 use crate::service::orders::OrderService;
 use crate::service::sweeper;
 use crate::storage::replicas::{self, Database};
@@ -87,7 +88,9 @@ impl Application {
                 source
             }
         };
+        let flash = Arc::new(FlashSales::new(commerce.clone(), cache.clone(), settings.flash.clone()));
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
+            .with_flash(flash)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
             .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
         let state = AppState {
@@ -134,6 +137,10 @@ impl Application {
             self.shutdown.clone(),
         ));
         let gauges = tokio::spawn(sample_gauges(self.state.clone(), self.shutdown.clone()));
+        let gates = tokio::spawn(flash::run(
+            self.state.orders.flash().clone(),
+            self.shutdown.clone(),
+        ));
         let probes = tokio::spawn(replicas::run_probes(
             self.databases.clone(),
             Duration::from_millis(s.replicas.probe_interval_ms),
@@ -185,6 +192,7 @@ impl Application {
         }
         let _ = gauges.await;
         let _ = probes.await;
+        let _ = gates.await;
         let _ = cleanup.await;
         served?;
         Ok(())

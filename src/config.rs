@@ -29,6 +29,23 @@ pub struct Settings {
     pub sweeper: SweeperSettings,
     pub limits: LimitSettings,
     pub replicas: ReplicaSettings,
+    pub flash: FlashSettings,
+}
+
+/// Flash sales (see [`crate::service::flash`]); every tunable is explained in
+/// `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FlashSettings {
+    pub gate_rebuild_interval_secs: u64,
+    pub fallback_concurrency: usize,
+    pub refresh_ms: u64,
+}
+
+impl Default for FlashSettings {
+    /// `config.default.toml`'s values (services built without settings: tools, tests).
+    fn default() -> Self {
+        Settings::defaults().flash
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -265,6 +282,10 @@ impl Settings {
             return bad("server.max_in_flight must be positive".into());
         }
         self.validate_replicas()?;
+        let f = &self.flash;
+        if f.gate_rebuild_interval_secs == 0 || f.fallback_concurrency == 0 || f.refresh_ms == 0 {
+            return bad("flash: gate_rebuild_interval_secs, fallback_concurrency and refresh_ms must be positive".into());
+        }
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)
             || (l.ids_per_user_per_sec > 0 && l.ids_burst == 0)

@@ -1125,6 +1125,7 @@ impl Workload {
             lines: &new.lines,
             coupons: &[],
             max_held_units: self.max_held_units,
+            flash: &[],
         };
         let mut c = self.commerce.acquire().await?;
         match commerce::reserve(&mut c, &reservation, Utc::now()).await? {

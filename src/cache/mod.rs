@@ -36,11 +36,12 @@ use std::time::Duration;
 
 use crate::config::{CacheSettings, RedisSettings};
 use crate::domain::consistency::Watermark;
-use crate::domain::ids::{OrderId, UserId};
+use crate::domain::flash::FlashSale;
+use crate::domain::ids::{FlashSaleId, OrderId, UserId};
 use crate::domain::order::Order;
 use crate::domain::user::User;
 
-pub use self::redis::{FillGate, RedisCache, WatermarkOf};
+pub use self::redis::{FillGate, GateAnswer, RedisCache, WatermarkOf};
 
 /// The cache the services use; cheap to clone.
 #[derive(Clone)]
@@ -154,6 +155,38 @@ impl Cache {
     pub async fn user_written(&self, user: &User) {
         if let Cache::Redis(r) = self {
             r.user_written(user).await
+        }
+    }
+
+    /// Takes `units` of a flash sale for `order` at the sale's Redis gate (see
+    /// [`redis`]'s `gate` module). With the cache disabled there is no gate: `Unavailable`.
+    pub async fn gate_take(&self, sale: FlashSaleId, order: OrderId, user: UserId, units: i64) -> GateAnswer {
+        match self {
+            Cache::Redis(r) => r.gate_take(sale, order, user, units).await,
+            Cache::Disabled => GateAnswer::Unavailable,
+        }
+    }
+
+    /// Returns `order`'s units to the sale's gate, once. `None`: Redis did not answer.
+    pub async fn gate_give_back(&self, sale: FlashSaleId, order: OrderId) -> Option<bool> {
+        match self {
+            Cache::Redis(r) => r.gate_give_back(sale, order).await,
+            Cache::Disabled => None,
+        }
+    }
+
+    /// Replaces a sale's gate with the state read from the database (units left, each
+    /// buyer's units, each live order's buyer and units); whether it was written.
+    pub async fn gate_rebuild(
+        &self,
+        sale: &FlashSale,
+        left: i64,
+        buyers: &[(UserId, i64)],
+        orders: &[(OrderId, UserId, i64)],
+    ) -> bool {
+        match self {
+            Cache::Redis(r) => r.gate_rebuild(sale, left, buyers, orders).await,
+            Cache::Disabled => false,
         }
     }
 

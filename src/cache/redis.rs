@@ -183,7 +183,13 @@ fn glob_escape(s: &str) -> String {
 }
 
 /// The Lua scripts. Values are parsed with `^(%d+):([^:]*):` (version, tag).
+mod gate;
+
+pub use gate::GateAnswer;
+
 mod lua {
+    pub use super::gate::scripts::{GIVE_BACK as GATE_GIVE_BACK, REBUILD as GATE_REBUILD, TAKE as GATE_TAKE};
+
     /// KEYS[1] entry, KEYS[2] its marker. ARGV[1] version loaded, ARGV[2] tag of the read,
     /// ARGV[3] value, ARGV[4] TTL ms, ARGV[5] deadline (Redis time, µs).
     /// Returns 1 set, 0 refused (marker or a current entry), -1 too late.
@@ -280,6 +286,9 @@ struct Scripts {
     fill_page: Script,
     page_written: Script,
     raise_watermark: Script,
+    gate_take: Script,
+    gate_give_back: Script,
+    gate_rebuild: Script,
 }
 
 impl Scripts {
@@ -290,6 +299,9 @@ impl Scripts {
             fill_page: Script::new(lua::FILL_PAGE),
             page_written: Script::new(lua::PAGE_WRITTEN),
             raise_watermark: Script::new(lua::RAISE_WATERMARK),
+            gate_take: Script::new(lua::GATE_TAKE),
+            gate_give_back: Script::new(lua::GATE_GIVE_BACK),
+            gate_rebuild: Script::new(lua::GATE_REBUILD),
         }
     }
 }

@@ -55,4 +55,13 @@ impl Caller {
     pub fn is_admin(self) -> bool {
         matches!(self, Caller::Admin(_))
     }
+
+    /// Whether this caller runs `shop`'s catalog: an administrator, or the shop's merchant.
+    pub fn manages_shop(self, shop: ShopId) -> bool {
+        match self {
+            Caller::Admin(_) => true,
+            Caller::Merchant { shop: own, .. } => own == shop,
+            Caller::User(_) | Caller::Service => false,
+        }
+    }
 }

@@ -117,6 +117,10 @@ positive_id!(
     /// A coupon issued to one user.
     CouponId
 );
+positive_id!(
+    /// A flash sale of one product.
+    FlashSaleId
+);
 
 /// An order id; see the module docs for its layout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -3,6 +3,7 @@
 //! async here; everything above depends on this, it on nothing.
 
 pub mod actor;
+pub mod flash;
 pub mod consistency;
 pub mod ids;
 pub mod money;

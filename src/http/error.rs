@@ -251,6 +251,16 @@ fn service_problem(e: Error) -> Response {
                 extra,
             )
         }
+        Error::FlashLimit { sale_id, limit } => {
+            let mut extra = one("flash_sale_id", sale_id.to_string().into());
+            extra.insert("per_user_limit".into(), limit.into());
+            problem(
+                S::CONFLICT,
+                "limit_exceeded",
+                "this flash sale allows no more units to you",
+                extra,
+            )
+        }
         Error::PaymentMismatch { detail } => problem(S::CONFLICT, "payment_mismatch", &detail, none),
         Error::Unavailable(why) => {
             tracing::warn!(%why, "service unavailable");

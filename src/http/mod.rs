@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod catalog;
+pub mod flash;
 pub mod error;
 pub mod extract;
 pub mod health;
@@ -185,6 +186,7 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
     utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(orders::router())
         .merge(catalog::router())
+        .merge(flash::router())
         .merge(health::router())
         .merge(openapi::router())
 }

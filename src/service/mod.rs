@@ -3,11 +3,12 @@
 //! problem responses.
 
 pub mod catalog;
+pub mod flash;
 pub mod orders;
 pub mod sweeper;
 pub mod watermarks;
 
-use crate::domain::ids::{CouponId, ProductId};
+use crate::domain::ids::{CouponId, FlashSaleId, ProductId};
 use crate::domain::order::FieldErrors;
 use crate::domain::status::OrderStatus;
 use crate::storage::StorageError;
@@ -35,6 +36,9 @@ pub enum Error {
     /// (`limits.max_unpaid_units_per_user`).
     #[error("unpaid orders hold {held} units; the cap is {max}")]
     LimitExceeded { held: i64, max: i64 },
+    /// A flash sale's per-user limit: this order would take the buyer past `limit` units.
+    #[error("flash sale {sale_id} allows {limit} units per buyer")]
+    FlashLimit { sale_id: FlashSaleId, limit: i64 },
     #[error("amount does not match: {detail}")]
     PaymentMismatch { detail: String },
     #[error("temporarily unavailable: {0}")]

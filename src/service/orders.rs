@@ -28,7 +28,8 @@ use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlPool};
 
 use crate::cache::{Cache, WatermarkOf, FIRST_PAGE};
-use crate::config::OrderSettings;
+use crate::config::{FlashSettings, OrderSettings};
+use crate::domain::flash::FlashSale;
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
 use crate::domain::ids::{OrderId, UserId};
@@ -41,7 +42,7 @@ use crate::domain::order::{
 use crate::domain::patch_rules::{patchable_in, PatchFields, PatchRefusal};
 use crate::domain::shard::Gene;
 use crate::domain::status::{transition, Command, OrderStatus};
-use crate::storage::commerce::{self, Reservation, ReserveOutcome};
+use crate::storage::commerce::{self, FlashLine, Reservation, ReserveOutcome};
 use crate::storage::orders::{
     self, Committed, FieldChanges, IdState, ListQuery, MoneyMovement, NotWritten, OrderWrite, StatusChange,
 };
@@ -49,6 +50,7 @@ use crate::storage::replicas::{self, Database, Read, ReadQuery};
 use crate::storage::shards::{Shard, ShardMap};
 use crate::storage::StorageError;
 
+use super::flash::{Admission, FlashSales};
 use super::watermarks::LocalWatermarks;
 use super::{retry_deadlocks, Error, Result};
 
@@ -69,6 +71,8 @@ pub struct OrderService {
     max_unpaid_units: Option<i64>,
     /// Read-your-writes watermarks of this process's writes (see [`super::watermarks`]).
     watermarks: Arc<LocalWatermarks>,
+    /// Flash sales: live sales for pricing, their gates (see [`super::flash`]).
+    flash: Arc<FlashSales>,
 }
 
 /// How a read must be served: its consistency, and the token of a write the client wants to
@@ -306,12 +310,23 @@ impl OrderService {
     pub fn new(shards: ShardMap, commerce: MySqlPool, cache: Cache, settings: OrderSettings) -> Self {
         OrderService {
             shards,
-            commerce,
-            cache,
+            commerce: commerce.clone(),
+            cache: cache.clone(),
             settings: Arc::new(settings),
             max_unpaid_units: None,
             watermarks: Arc::new(LocalWatermarks::new(DEFAULT_WATERMARK_TTL)),
+            flash: Arc::new(FlashSales::new(commerce.clone(), cache.clone(), FlashSettings::default())),
         }
+    }
+
+    /// The flash sales this service sells through (built from `[flash]` settings).
+    pub fn with_flash(mut self, flash: Arc<FlashSales>) -> Self {
+        self.flash = flash;
+        self
+    }
+
+    pub fn flash(&self) -> &Arc<FlashSales> {
+        &self.flash
     }
 
     /// How long watermarks are kept (`replicas.watermark_ttl_ms`).
@@ -508,9 +523,49 @@ impl OrderService {
         drop(conn);
         check_id_is_fresh(new.order_id, Utc::now())?;
 
-        let pricing = self
-            .price(user, Some(new.order_id), &new.lines, &new.coupon_ids)
+        let priced_at = Utc::now();
+        let (pricing, sales) = self
+            .price(user, Some(new.order_id), &new.lines, &new.coupon_ids, priced_at)
             .await?;
+        // Flash lines ask their sale's gate first: most buyers of a sold-out sale end here.
+        // `_bounds` holds the database path's places while a gate cannot answer.
+        let mut gated = Vec::new();
+        let mut _bounds = Vec::new();
+        for sale in &sales {
+            let units: i64 = new
+                .lines
+                .iter()
+                .filter(|l| l.product_id == sale.product_id)
+                .map(|l| l.quantity)
+                .sum();
+            let refusal = match self.flash.take(sale, new.order_id, user, units).await {
+                Admission::Gated => {
+                    gated.push(sale.sale_id);
+                    continue;
+                }
+                Admission::Fallback(place) => {
+                    _bounds.push(place);
+                    continue;
+                }
+                Admission::SoldOut => Error::OutOfStock {
+                    product_id: sale.product_id,
+                },
+                Admission::OverLimit { limit } => Error::FlashLimit {
+                    sale_id: sale.sale_id,
+                    limit,
+                },
+            };
+            self.flash.give_back(new.order_id, &gated).await;
+            return Err(refusal);
+        }
+        let flash_lines: Vec<FlashLine> = sales
+            .iter()
+            .map(|s| FlashLine {
+                product_id: s.product_id,
+                sale_id: s.sale_id,
+                per_user_limit: s.per_user_limit,
+            })
+            .collect();
         let attempt: i64 = rand::random();
         let reservation = Reservation {
             order_id: new.order_id,
@@ -520,6 +575,7 @@ impl OrderService {
             lines: &new.lines,
             coupons: &new.coupon_ids,
             max_held_units: self.max_unpaid_units,
+            flash: &flash_lines,
         };
         let mut outcome = ReserveOutcome::Vanished;
         for _ in 0..3 {
@@ -532,6 +588,11 @@ impl OrderService {
                 break;
             }
         }
+        drop(_bounds);
+        if !matches!(outcome, ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved) {
+            // Nothing was reserved for this order: what its gates took goes back.
+            self.flash.give_back(new.order_id, &gated).await;
+        }
         let counted = match outcome {
             ReserveOutcome::Reserved => "reserved",
             ReserveOutcome::AlreadyReserved => "already_reserved",
@@ -539,7 +600,7 @@ impl OrderService {
             ReserveOutcome::Conflict => "conflict",
             ReserveOutcome::OutOfStock(_) => "out_of_stock",
             ReserveOutcome::CouponUnavailable(_) => "coupon_unavailable",
-            ReserveOutcome::LimitExceeded { .. } => "limit_exceeded",
+            ReserveOutcome::LimitExceeded { .. } | ReserveOutcome::FlashLimit { .. } => "limit_exceeded",
         };
         metrics::counter!("orderly_reservations_total", "outcome" => counted).increment(1);
         match outcome {
@@ -558,10 +619,19 @@ impl OrderService {
                     max: self.max_unpaid_units.unwrap_or_default(),
                 })
             }
+            ReserveOutcome::FlashLimit { sale, limit, .. } => {
+                return Err(Error::FlashLimit { sale_id: sale, limit })
+            }
         }
 
         let created = now();
-        let deadline = created + TimeDelta::seconds(self.settings.payment_timeout_secs as i64);
+        // An order of a flash sale gets the sale's payment timeout (the shortest, with two).
+        let timeout = sales
+            .iter()
+            .map(FlashSale::payment_timeout)
+            .min()
+            .unwrap_or(TimeDelta::seconds(self.settings.payment_timeout_secs as i64));
+        let deadline = created + timeout;
         let order = Order::from_new(&new, pricing.clone(), created, deadline);
         // A deadlock with the sweeper's void transaction is retried: the retry either writes
         // the order or finds the void.
@@ -633,8 +703,9 @@ impl OrderService {
         }
         .await;
         match result {
-            Ok(gave_back) => {
-                tracing::info!(order_id = %id, gave_back, "create failed; reservation abandoned")
+            Ok(given) => {
+                self.flash.give_back(id, given.flash_sales()).await;
+                tracing::info!(order_id = %id, gave_back = given.done(), "create failed; reservation abandoned")
             }
             Err(e) => {
                 tracing::warn!(order_id = %id, error = %e, "create failed; sweeper will return the reservation")
@@ -642,29 +713,32 @@ impl OrderService {
         }
     }
 
+    /// Prices `lines` at `at`: a product of a flash sale live then at the sale price. Also
+    /// answers those sales.
     async fn price(
         &self,
         user: UserId,
         order: Option<OrderId>,
         lines: &[crate::domain::order::NewLine],
         coupons: &[crate::domain::ids::CouponId],
-    ) -> Result<Pricing> {
+        at: DateTime<Utc>,
+    ) -> Result<(Pricing, Vec<FlashSale>)> {
         let ids: Vec<_> = lines.iter().map(|l| l.product_id).collect();
+        let sales = self.flash.live_for(&ids, at).await?;
         let products: Vec<_> = commerce::load_products(&self.commerce, &ids)
             .await?
             .iter()
-            .map(|p| p.snapshot())
+            .map(|p| {
+                let mut snapshot = p.snapshot();
+                if let Some(sale) = sales.iter().find(|s| s.product_id == p.product_id) {
+                    snapshot.price = sale.sale_price;
+                }
+                snapshot
+            })
             .collect();
         let coupon_rows = commerce::load_coupons(&self.commerce, coupons).await?;
-        Ok(price_order(
-            user,
-            order,
-            lines,
-            coupons,
-            &products,
-            &coupon_rows,
-            Utc::now(),
-        )?)
+        let pricing = price_order(user, order, lines, coupons, &products, &coupon_rows, at)?;
+        Ok((pricing, sales))
     }
 
     pub async fn preview(&self, caller: Caller, req: PreviewRequest) -> Result<Pricing> {
@@ -672,7 +746,7 @@ impl OrderService {
             return Err(Error::Forbidden("only a buyer previews orders"));
         };
         let (lines, coupons) = parse_preview(&req)?;
-        self.price(user, None, &lines, &coupons).await
+        Ok(self.price(user, None, &lines, &coupons, Utc::now()).await?.0)
     }
 
     // ------------------------------------------------------------------ read
@@ -922,11 +996,12 @@ impl OrderService {
     /// the sweeper finishes the job.
     pub(crate) async fn release_stock(&self, shard: &Shard, id: OrderId) {
         let released = async {
-            retry_deadlocks(|| async {
+            let given = retry_deadlocks(|| async {
                 let mut c = self.commerce.acquire().await?;
                 commerce::release_claim(&mut c, id, now()).await
             })
             .await?;
+            self.flash.give_back(id, given.flash_sales()).await;
             self.commit(shard, OrderWrite::StockReleased { id }, Snapshot::None)
                 .await
         }

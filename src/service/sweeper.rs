@@ -272,7 +272,10 @@ impl OrderService {
             VoidOutcome::Written(_) => Ok(Settled::Mismatch),
             VoidOutcome::Voided => {
                 let mut c = self.commerce().acquire().await?;
-                if commerce::abandon_claim(&mut c, id, claim.attempt, false, now()).await? {
+                let given = commerce::abandon_claim(&mut c, id, claim.attempt, false, now()).await?;
+                drop(c);
+                self.flash().give_back(id, given.flash_sales()).await;
+                if given.done() {
                     tracing::info!(order_id = %id, "voided an order that never appeared and returned its reservation");
                     return Ok(Settled::Returned);
                 }

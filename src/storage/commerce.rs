@@ -41,7 +41,7 @@ use sqlx::mysql::MySqlRow;
 use sqlx::AssertSqlSafe;
 use sqlx::{MySqlConnection, MySqlPool, Row};
 
-use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
+use crate::domain::ids::{CouponId, FlashSaleId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{CouponSnapshot, NewLine, PaymentKind, ProductSnapshot};
 
@@ -312,6 +312,21 @@ pub enum ReserveOutcome {
     LimitExceeded {
         held: i64,
     },
+    /// A flash sale's per-user limit: the user's live orders of the sale hold `bought` units,
+    /// and this order's would take them past `limit`. Nothing taken.
+    FlashLimit {
+        sale: FlashSaleId,
+        bought: i64,
+        limit: i64,
+    },
+}
+
+/// A line of an order bought through a flash sale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlashLine {
+    pub product_id: ProductId,
+    pub sale_id: FlashSaleId,
+    pub per_user_limit: i64,
 }
 
 /// A reservation request: the order, its content hash, a random attempt token, the lines
@@ -327,6 +342,9 @@ pub struct Reservation<'a> {
     /// The most units the user's unpaid orders may hold, this order's included; `None`: no
     /// cap, and this order's units are not counted.
     pub max_held_units: Option<i64>,
+    /// The lines bought through a flash sale: their units are also taken from the sale
+    /// (within its allotment, window and per-user limit).
+    pub flash: &'a [FlashLine],
 }
 
 /// Takes stock and coupons for an order id exactly once; see the module docs.
@@ -401,9 +419,18 @@ pub async fn reserve(
             return Ok(ReserveOutcome::OutOfStock(l.product_id));
         }
     }
-    let placeholders = vec!["(?, ?, ?, ?, ?, ?)"; lines.len()].join(", ");
+    // Flash sales after products (lock order: claim, user, products, sales, buyers).
+    let sale_of = |p: ProductId| r.flash.iter().find(|f| f.product_id == p);
+    for l in &lines {
+        let Some(f) = sale_of(l.product_id) else { continue };
+        if let Some(refusal) = take_from_sale(&mut tx, f, r.user_id, l.quantity, now).await? {
+            tx.rollback().await?;
+            return Ok(refusal);
+        }
+    }
+    let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?)"; lines.len()].join(", ");
     let sql = format!(
-        "INSERT INTO stock_reservations (order_id, product_id, quantity, state, created_at, updated_at) VALUES {placeholders}"
+        "INSERT INTO stock_reservations (order_id, product_id, quantity, state, flash_sale_id, created_at, updated_at) VALUES {placeholders}"
     );
     let mut q = sqlx::query(AssertSqlSafe(&*sql));
     for l in &lines {
@@ -412,6 +439,7 @@ pub async fn reserve(
             .bind(l.product_id.get())
             .bind(l.quantity)
             .bind(CLAIM_RESERVED)
+            .bind(sale_of(l.product_id).map(|f| f.sale_id.get()))
             .bind(ts(now))
             .bind(ts(now));
     }
@@ -437,6 +465,56 @@ pub async fn reserve(
     }
     tx.commit().await?;
     Ok(ReserveOutcome::Reserved)
+}
+
+/// Takes `units` of a flash sale for `user` inside `tx`: within the allotment and the
+/// window (`sold + q <= units`, one statement), and within the buyer's limit (the buyer's
+/// row, inserted or raised, is the lock that serialises one buyer's creates). `Some`: the
+/// refusal (the caller rolls back).
+async fn take_from_sale(
+    tx: &mut MySqlConnection,
+    f: &FlashLine,
+    user: UserId,
+    units: i64,
+    now: DateTime<Utc>,
+) -> Result<Option<ReserveOutcome>> {
+    let taken = sqlx::query(
+        "UPDATE flash_sales SET sold = sold + ?
+         WHERE id = ? AND sold + ? <= units AND ended_at IS NULL AND starts_at <= ? AND ends_at > ?",
+    )
+    .bind(units)
+    .bind(f.sale_id.get())
+    .bind(units)
+    .bind(ts(now))
+    .bind(ts(now))
+    .execute(&mut *tx)
+    .await?;
+    if taken.rows_affected() != 1 {
+        // Sold out, or the sale is over: either way no unit for this order.
+        return Ok(Some(ReserveOutcome::OutOfStock(f.product_id)));
+    }
+    sqlx::query(
+        "INSERT INTO flash_sale_buyers (sale_id, user_id, units) VALUES (?, ?, ?)
+         ON DUPLICATE KEY UPDATE units = units + VALUES(units)",
+    )
+    .bind(f.sale_id.get())
+    .bind(user.get())
+    .bind(units)
+    .execute(&mut *tx)
+    .await?;
+    let bought: i64 = sqlx::query_scalar("SELECT units FROM flash_sale_buyers WHERE sale_id = ? AND user_id = ?")
+        .bind(f.sale_id.get())
+        .bind(user.get())
+        .fetch_one(&mut *tx)
+        .await?;
+    if bought > f.per_user_limit {
+        return Ok(Some(ReserveOutcome::FlashLimit {
+            sale: f.sale_id,
+            bought: bought - units,
+            limit: f.per_user_limit,
+        }));
+    }
+    Ok(None)
 }
 
 /// Makes sure the user has a `user_holds` row to lock, outside any transaction: inserting it
@@ -552,16 +630,21 @@ pub async fn confirm_claims(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64>
     Ok(q.bind(CLAIM_RESERVED).execute(pool).await?.rows_affected())
 }
 
-/// Gives back every unit and coupon of an order inside `tx` (the claim row is locked).
-async fn give_back(tx: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<()> {
+/// Gives back every unit and coupon of an order inside `tx` (the claim row is locked),
+/// flash-sale units to their sale and buyer too. Returns the sales it gave units back to
+/// (their Redis gates are told next).
+async fn give_back(tx: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<Vec<FlashSaleId>> {
     let rows = sqlx::query(
-        "SELECT product_id, quantity FROM stock_reservations WHERE order_id = ? AND state <> ? ORDER BY product_id",
+        "SELECT r.product_id, r.quantity, r.flash_sale_id, c.user_id
+         FROM stock_reservations r JOIN order_claims c ON c.order_id = r.order_id
+         WHERE r.order_id = ? AND r.state <> ? ORDER BY r.product_id",
     )
     .bind(order.get())
     .bind(CLAIM_RELEASED)
     .fetch_all(&mut *tx)
     .await?;
-    for row in rows {
+    let mut sales = Vec::new();
+    for row in &rows {
         let (pid, qty): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
         sqlx::query("UPDATE products SET stock = stock + ?, updated_at = ? WHERE id = ?")
             .bind(qty)
@@ -570,13 +653,50 @@ async fn give_back(tx: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>)
             .execute(&mut *tx)
             .await?;
     }
+    for row in &rows {
+        let (qty, sale, user): (i64, Option<i64>, i64) = (row.try_get(1)?, row.try_get(2)?, row.try_get(3)?);
+        let Some(sale) = sale else { continue };
+        sqlx::query("UPDATE flash_sales SET sold = sold - ? WHERE id = ?")
+            .bind(qty)
+            .bind(sale)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE flash_sale_buyers SET units = units - ? WHERE sale_id = ? AND user_id = ?")
+            .bind(qty)
+            .bind(sale)
+            .bind(user)
+            .execute(&mut *tx)
+            .await?;
+        sales.extend(FlashSaleId::new(sale));
+    }
     sqlx::query(
         "UPDATE coupons SET redeemed_order_id = NULL, redeemed_at = NULL WHERE redeemed_order_id = ?",
     )
     .bind(order.get())
     .execute(&mut *tx)
     .await?;
-    Ok(())
+    Ok(sales)
+}
+
+/// What giving a reservation back did: nothing (someone else did, or it was not to be
+/// given back), or gave it back, with the flash sales whose units it returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GivenBack {
+    Nothing,
+    Done { flash_sales: Vec<FlashSaleId> },
+}
+
+impl GivenBack {
+    pub fn done(&self) -> bool {
+        matches!(self, GivenBack::Done { .. })
+    }
+
+    pub fn flash_sales(&self) -> &[FlashSaleId] {
+        match self {
+            GivenBack::Done { flash_sales } => flash_sales,
+            GivenBack::Nothing => &[],
+        }
+    }
 }
 
 /// Gives a reservation back and deletes its claim, if the claim is still reserved by
@@ -589,7 +709,7 @@ pub async fn abandon_claim(
     attempt: i64,
     sole_attempt: bool,
     now: DateTime<Utc>,
-) -> Result<bool> {
+) -> Result<GivenBack> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     let locked = sqlx::query(
         "SELECT touches FROM order_claims WHERE order_id = ? AND state = ? AND attempt = ? FOR UPDATE",
@@ -601,16 +721,16 @@ pub async fn abandon_claim(
     .await?;
     let touches: i32 = match locked {
         Some(row) => row.try_get(0)?,
-        None => return Ok(false),
+        None => return Ok(GivenBack::Nothing),
     };
     if sole_attempt && touches > 0 {
-        return Ok(false);
+        return Ok(GivenBack::Nothing);
     }
     unhold_in(&mut tx, order).await?;
-    give_back(&mut tx, order, now).await?;
+    let flash_sales = give_back(&mut tx, order, now).await?;
     delete_claim(&mut tx, order).await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(GivenBack::Done { flash_sales })
 }
 
 /// Deleting (rather than marking) an abandoned claim lets a later retry of the same create
@@ -628,8 +748,8 @@ async fn delete_claim(tx: &mut MySqlConnection, order: OrderId) -> Result<()> {
 }
 
 /// Gives back the stock and coupons of a closed or invalidated order, exactly once: the
-/// claim's state moves to released in the same transaction. Returns whether this call did it.
-pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<bool> {
+/// claim's state moves to released in the same transaction. Says whether this call did it.
+pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<GivenBack> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     let moved =
         sqlx::query("UPDATE order_claims SET state = ?, touched_at = ? WHERE order_id = ? AND state <> ?")
@@ -640,10 +760,10 @@ pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: Date
             .execute(&mut *tx)
             .await?;
     if moved.rows_affected() != 1 {
-        return Ok(false);
+        return Ok(GivenBack::Nothing);
     }
     unhold_in(&mut tx, order).await?;
-    give_back(&mut tx, order, now).await?;
+    let flash_sales = give_back(&mut tx, order, now).await?;
     sqlx::query("UPDATE stock_reservations SET state = ?, updated_at = ? WHERE order_id = ?")
         .bind(CLAIM_RELEASED)
         .bind(ts(now))
@@ -651,7 +771,7 @@ pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: Date
         .execute(&mut *tx)
         .await?;
     tx.commit().await?;
-    Ok(true)
+    Ok(GivenBack::Done { flash_sales })
 }
 
 /// A reserved claim the sweeper looks at.

@@ -226,6 +226,40 @@ const COMMERCE_V4: &[&str] = &[
     "ALTER TABLE order_claims ADD COLUMN IF NOT EXISTS held_units INT NOT NULL DEFAULT 0",
 ];
 
+/// Flash sales (see [`super::flash`]). `sold` is the number of units in live reservations of
+/// the sale: raised in the reservation's transaction (`sold + q <= units`, so the database
+/// alone never sells more than the allotment, whatever the gate in front says) and lowered
+/// exactly once when the reservation is given back. `flash_sale_buyers` holds the same per
+/// buyer (the per-user limit), and each reservation names its sale.
+const COMMERCE_V5: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS flash_sales (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        product_id BIGINT NOT NULL,
+        shop_id BIGINT NOT NULL,
+        units BIGINT NOT NULL,
+        sold BIGINT NOT NULL DEFAULT 0,
+        sale_price BIGINT NOT NULL,
+        per_user_limit INT NOT NULL,
+        starts_at DATETIME(6) NOT NULL,
+        ends_at DATETIME(6) NOT NULL,
+        payment_timeout_secs INT NOT NULL,
+        ended_at DATETIME(6) NULL,
+        created_at DATETIME(6) NOT NULL,
+        KEY idx_flash_product (product_id, ends_at),
+        KEY idx_flash_ends (ends_at),
+        CONSTRAINT flash_sold_within_units CHECK (sold >= 0 AND sold <= units)
+    ) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS flash_sale_buyers (
+        sale_id BIGINT NOT NULL,
+        user_id BIGINT NOT NULL,
+        units BIGINT NOT NULL,
+        PRIMARY KEY (sale_id, user_id),
+        CONSTRAINT flash_buyer_units_never_negative CHECK (units >= 0)
+    ) ENGINE=InnoDB",
+    "ALTER TABLE stock_reservations ADD COLUMN IF NOT EXISTS flash_sale_id BIGINT NULL",
+    "CREATE INDEX IF NOT EXISTS idx_reservations_flash ON stock_reservations (flash_sale_id, state)",
+];
+
 /// Void order ids of a shard: see [`ShardTables::voids`]. And payment numbers compare byte
 /// for byte, as in `payment_numbers`: under the default case-insensitive collation a second
 /// payment "abc" after "AbC" would be taken for a replay and dropped.
@@ -263,6 +297,11 @@ const COMMERCE: &[Migration] = &[
         version: 4,
         description: "units held by unpaid orders, per user",
         statements: COMMERCE_V4,
+    },
+    Migration {
+        version: 5,
+        description: "flash sales, their buyers, the sale of each reservation",
+        statements: COMMERCE_V5,
     },
 ];
 
