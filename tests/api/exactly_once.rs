@@ -155,6 +155,7 @@ async fn exactly_once_creation_sweeper_returns_stock_after_a_crash() {
         lines: &lines,
         coupons: &coupons,
         max_held_units: None,
+        flash: &[],
     };
     commerce::reserve(&mut conn, &r, Utc::now()).await.unwrap();
     assert_eq!(app.stock_of(&cat.products[0]).await, 7);

@@ -275,6 +275,7 @@ async fn limits_units_of_an_abandoned_reservation_are_freed_by_the_sweeper() {
         lines: &lines,
         coupons: &[],
         max_held_units: Some(5),
+        flash: &[],
     };
     let mut conn = app.commerce.acquire().await.unwrap();
     assert_eq!(

@@ -237,6 +237,7 @@ async fn reserve_by_hand(
         lines: &new.lines,
         coupons: &new.coupon_ids,
         max_held_units: None,
+        flash: &[],
     };
     let mut conn = app.commerce.acquire().await.unwrap();
     let reserved = commerce::reserve(&mut conn, &r, Utc::now()).await.unwrap();
