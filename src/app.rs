@@ -132,6 +132,7 @@ impl Application {
         let sweeper = tokio::spawn(sweeper::run(
             self.state.orders.clone(),
             Duration::from_secs(s.orders.reservation_grace_secs),
+            s.orders.auto_complete_after(),
             Duration::from_secs(s.sweeper.interval_secs),
             s.sweeper.batch_size,
             self.shutdown.clone(),

@@ -150,6 +150,16 @@ pub struct CacheSettings {
 pub struct OrderSettings {
     pub payment_timeout_secs: u64,
     pub reservation_grace_secs: u64,
+    /// Days after shipment when the completer confirms receipt for the buyer.
+    pub auto_complete_days: u64,
+}
+
+impl OrderSettings {
+    /// `auto_complete_days` as a duration (saturating: a silly value means "never", not a
+    /// panic).
+    pub fn auto_complete_after(&self) -> Duration {
+        Duration::from_secs(self.auto_complete_days.saturating_mul(86_400))
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -252,6 +262,10 @@ impl Settings {
         }
         if self.server.body_limit_bytes < 1024 {
             return bad("server.body_limit_bytes must be at least 1024".into());
+        }
+        // 0 would complete orders the moment they ship, before any parcel could arrive.
+        if self.orders.auto_complete_days < 1 {
+            return bad("orders.auto_complete_days must be at least 1".into());
         }
         if self.orders.reservation_grace_secs * 1000 <= self.server.request_timeout_ms {
             return bad("orders.reservation_grace_secs must exceed server.request_timeout_ms".into());
@@ -462,6 +476,20 @@ mod tests {
         let mut s = valid();
         s.server.max_in_flight = 0;
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn shipped_orders_wait_at_least_a_day_before_they_complete_themselves() {
+        let s = valid();
+        assert_eq!(s.orders.auto_complete_days, 10);
+        assert_eq!(s.orders.auto_complete_after(), Duration::from_secs(10 * 86_400));
+        let mut s = valid();
+        s.orders.auto_complete_days = 0;
+        assert!(s.validate().is_err());
+        s.orders.auto_complete_days = 1;
+        s.validate().unwrap();
+        s.orders.auto_complete_days = u64::MAX;
+        assert_eq!(s.orders.auto_complete_after(), Duration::from_secs(u64::MAX));
     }
 
     #[test]

@@ -136,6 +136,11 @@ fn describe_metrics() {
         "Payment-timeout closer results: unpaid orders closed, orders that changed meanwhile \
          (raced), shards or orders left for the next step (failed)"
     );
+    describe_counter!(
+        "orderly_completer_orders_total",
+        "Completer results: shipped orders completed after orders.auto_complete_days, orders \
+         that changed meanwhile (raced), shards or orders left for the next step (failed)"
+    );
     // storage
     describe_counter!(
         "orderly_db_connections_in_transaction_total",

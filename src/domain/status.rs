@@ -87,10 +87,13 @@ pub enum Command {
     FullRefund,
     Confirm,
     Invalidate,
+    /// The system confirms receipt of an order shipped long enough ago
+    /// (`orders.auto_complete_days`): the same move as [`Command::Confirm`], without the buyer.
+    AutoComplete,
 }
 
 impl Command {
-    pub const ALL: [Command; 7] = [
+    pub const ALL: [Command; 8] = [
         Command::Pay,
         Command::Cancel,
         Command::TimeoutClose,
@@ -98,6 +101,7 @@ impl Command {
         Command::FullRefund,
         Command::Confirm,
         Command::Invalidate,
+        Command::AutoComplete,
     ];
 }
 
@@ -117,7 +121,7 @@ pub fn transition(from: OrderStatus, command: Command) -> Result<OrderStatus, In
         (PendingPayment, Cancel | TimeoutClose) => Closed,
         (AwaitingShipment, Ship) => Shipped,
         (AwaitingShipment, FullRefund) => Closed,
-        (Shipped, Confirm) => Completed,
+        (Shipped, Confirm | AutoComplete) => Completed,
         (PendingPayment | AwaitingShipment, Invalidate) => Invalid,
         _ => return Err(InvalidTransition { from, command }),
     };
@@ -142,6 +146,7 @@ mod tests {
             (AwaitingShipment, FullRefund, Closed),
             (AwaitingShipment, Invalidate, Invalid),
             (Shipped, Confirm, Completed),
+            (Shipped, AutoComplete, Completed),
         ];
         for from in OrderStatus::ALL {
             for cmd in Command::ALL {

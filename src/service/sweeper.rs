@@ -1,4 +1,4 @@
-//! Background steps: the reservation sweeper and the payment-timeout closer.
+//! Background steps: the reservation sweeper, the payment-timeout closer and the completer.
 //!
 //! The sweeper settles claims and finishes releases. Two kinds of work, both found by an
 //! index:
@@ -23,9 +23,15 @@
 //! timeout) with the same compare-and-set as a cancel, so a payment racing it has exactly
 //! one winner, and gives their stock back.
 //!
-//! [`OrderService::sweep_once`] and [`OrderService::close_expired_once`] are single steps
-//! (tests call them directly with a chosen time); [`run`] loops until its token is
-//! cancelled. A failure on one claim or shard is logged and the step goes on with the rest.
+//! The completer moves shipped orders whose shipment is older than `orders.auto_complete_days`
+//! to `completed` (SPEC 2→3, "auto-confirmed"), found by `idx_status_shipped`, with the same
+//! compare-and-set as a buyer's confirm: a buyer confirming at the same moment, or another
+//! process running the same step, has exactly one winner, and the loser counts as `raced`.
+//!
+//! [`OrderService::sweep_once`], [`OrderService::close_expired_once`] and
+//! [`OrderService::complete_shipped_once`] are single steps (tests call them directly with a
+//! chosen time); [`run`] loops until its token is cancelled. A failure on one claim or shard
+//! is logged and the step goes on with the rest.
 
 use std::collections::BTreeMap;
 use std::ops::AddAssign;
@@ -94,6 +100,17 @@ pub struct CloseOutcome {
     /// Unpaid orders past their deadline that were closed.
     pub closed: usize,
     /// Orders that changed under us (paid or cancelled meanwhile): left as they are.
+    pub raced: usize,
+    pub failed: usize,
+}
+
+/// What one completer step did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CompleteOutcome {
+    /// Shipped orders past the auto-complete age that were completed.
+    pub completed: usize,
+    /// Orders that changed under us (confirmed by the buyer, or completed by another
+    /// process, meanwhile): left as they are.
     pub raced: usize,
     pub failed: usize,
 }
@@ -328,6 +345,47 @@ impl OrderService {
         Ok(out)
     }
 
+    /// Completes shipped orders shipped before `at - after`, up to `batch` per shard, each
+    /// shard database on its own task with the same time bound as a sweep.
+    pub async fn complete_shipped_once(
+        &self,
+        at: DateTime<Utc>,
+        after: Duration,
+        batch: u32,
+    ) -> Result<CompleteOutcome> {
+        // An age too large to subtract completes nothing (never everything).
+        let Some(cutoff) = TimeDelta::from_std(after)
+            .ok()
+            .and_then(|d| at.checked_sub_signed(d))
+        else {
+            return Ok(CompleteOutcome::default());
+        };
+        let steps = self
+            .on_each_database("complete shipped", |service, database| async move {
+                let mut out = CompleteOutcome::default();
+                for shard in service.shards().all().iter().filter(|s| s.database == database) {
+                    if let Err(e) = service.complete_shipped_in(shard, cutoff, batch, &mut out).await {
+                        tracing::warn!(shard = %shard.index, error = %e, "complete shipped: shard left for the next step");
+                        out.failed += 1;
+                    }
+                }
+                out
+            })
+            .await;
+        let mut out = CompleteOutcome::default();
+        for step in steps {
+            match step {
+                Some(o) => {
+                    out.completed += o.completed;
+                    out.raced += o.raced;
+                    out.failed += o.failed;
+                }
+                None => out.failed += 1,
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs `step` for every shard database at once, each on its own task and cut off after
     /// [`DATABASE_STEP_TIMEOUT`], so one server that hangs holds up only its own part. The
     /// answer per database, in order; `None` where it was cut off or panicked (logged).
@@ -394,6 +452,40 @@ impl OrderService {
         }
         Ok(())
     }
+
+    async fn complete_shipped_in(
+        &self,
+        shard: &Shard,
+        cutoff: DateTime<Utc>,
+        batch: u32,
+        out: &mut CompleteOutcome,
+    ) -> Result<(), StorageError> {
+        let mut conn = self.shards().primary(shard).acquire().await?;
+        let due: Vec<(OrderId, i64)> =
+            orders::shipped_before(&mut conn, &shard.tables, cutoff, batch).await?;
+        drop(conn);
+        let to = crate::domain::status::transition(OrderStatus::Shipped, Command::AutoComplete)
+            .unwrap_or(OrderStatus::Completed);
+        // `completed_at` is set by the status write itself; nothing else changes.
+        let change = StatusChange::default();
+        for (id, version) in due {
+            // Through the service's commit point like any request's write: the cache learns
+            // of the completion before the next read.
+            let write = OrderWrite::Status {
+                id,
+                expected_version: version,
+                from: OrderStatus::Shipped,
+                to,
+                change: &change,
+                now: now(),
+            };
+            match self.commit(shard, write, Snapshot::None).await? {
+                Ok(_) => out.completed += 1,
+                Err(_) => out.raced += 1,
+            }
+        }
+        Ok(())
+    }
 }
 
 enum Settled {
@@ -438,7 +530,19 @@ fn count_close(out: &CloseOutcome) {
     }
 }
 
-/// Sweeps and closes expired orders every `interval` until `shutdown` fires.
+/// Adds a completer step to `orderly_completer_orders_total`.
+fn count_complete(out: &CompleteOutcome) {
+    for (outcome, n) in [
+        ("completed", out.completed),
+        ("raced", out.raced),
+        ("failed", out.failed),
+    ] {
+        metrics::counter!("orderly_completer_orders_total", "outcome" => outcome).increment(n as u64);
+    }
+}
+
+/// Sweeps, closes expired orders and completes orders shipped more than `auto_complete`
+/// ago, every `interval` until `shutdown` fires.
 ///
 /// Creates leave their claims for the sweeper to confirm, so under load a step finds a full
 /// batch: the sweep repeats, after a short pause ([`CATCH_UP_PAUSE`]), while its batches come
@@ -448,6 +552,7 @@ fn count_close(out: &CloseOutcome) {
 pub async fn run(
     service: OrderService,
     grace: Duration,
+    auto_complete: Duration,
     interval: Duration,
     batch: u32,
     shutdown: CancellationToken,
@@ -497,6 +602,18 @@ pub async fn run(
             Ok(out) if out != CloseOutcome::default() => tracing::info!(?out, "closed expired orders"),
             Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "closing expired orders failed; retrying next interval"),
+        }
+        let completed = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            completed = service.complete_shipped_once(Utc::now(), auto_complete, batch) => completed,
+        };
+        if let Ok(out) = &completed {
+            count_complete(out);
+        }
+        match completed {
+            Ok(out) if out != CompleteOutcome::default() => tracing::info!(?out, "completed shipped orders"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "completing shipped orders failed; retrying next interval"),
         }
     }
 }

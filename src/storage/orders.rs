@@ -821,6 +821,34 @@ pub async fn expired_unpaid(
         .collect()
 }
 
+/// Shipped orders whose shipment is older than `cutoff`, oldest first, with their versions
+/// (`idx_status_shipped` serves this).
+pub async fn shipped_before(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    cutoff: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<(OrderId, i64)>> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT order_id, version FROM {} WHERE status = ? AND shipped_at < ? ORDER BY shipped_at LIMIT ?",
+        t.orders
+    )))
+    .bind(OrderStatus::Shipped.code())
+    .bind(ts(cutoff))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let v: i64 = r.try_get(0)?;
+            Ok((
+                OrderId::new(v).ok_or_else(|| corrupt("order_id", v))?,
+                r.try_get(1)?,
+            ))
+        })
+        .collect()
+}
+
 /// Marks the stock of a closed order as given back. Touches no version: it is bookkeeping,
 /// not a change the client sees.
 async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: OrderId) -> Result<bool> {

@@ -271,6 +271,10 @@ const SHARD_V2: &[&str] = &[
     "ALTER TABLE {payments} MODIFY transaction_no VARCHAR(64) CHARACTER SET ascii COLLATE ascii_bin NOT NULL",
 ];
 
+/// The completer's index: shipped orders, oldest shipment first (see
+/// [`super::orders::shipped_before`]). Without it, each step would scan the whole shard.
+const SHARD_V3: &[&str] = &["CREATE INDEX IF NOT EXISTS idx_status_shipped ON {orders} (status, shipped_at)"];
+
 struct Migration {
     version: i32,
     description: &'static str,
@@ -315,6 +319,11 @@ const SHARD: &[Migration] = &[
         version: 2,
         description: "void order ids",
         statements: SHARD_V2,
+    },
+    Migration {
+        version: 3,
+        description: "index of shipped orders by shipment time",
+        statements: SHARD_V3,
     },
 ];
 

@@ -3,6 +3,7 @@
 mod helpers;
 
 mod authorization;
+mod auto_complete;
 mod bad_input;
 mod bench;
 mod cache;
