@@ -102,7 +102,7 @@ proptest! {
     }
 
     #[test]
-    fn status_walks_only_along_allowed_moves(cmds in proptest::collection::vec(0usize..7, 0..20)) {
+    fn status_walks_only_along_allowed_moves(cmds in proptest::collection::vec(0usize..Command::ALL.len(), 0..20)) {
         let mut status = OrderStatus::PendingPayment;
         for c in cmds {
             let cmd = Command::ALL[c];

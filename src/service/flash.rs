@@ -224,8 +224,11 @@ impl FlashSales {
         let new = NewFlashSale::parse(&req, Utc::now())?;
         let product = commerce::load_product(&self.commerce, new.product_id)
             .await?
-            .filter(|p| caller.manages_shop(p.shop_id))
-            .ok_or_else(|| FieldErrors::single("product_id", "no such product in a shop you manage"))?;
+            .ok_or_else(|| FieldErrors::single("product_id", "no such product"))?;
+        if !caller.manages_shop(product.shop_id) {
+            // Another shop's product: as for its catalog, the sale is not this merchant's to see.
+            return Err(Error::NotFound);
+        }
         match flash::insert_sale(&self.commerce, product.shop_id, &new, now()).await? {
             Ok(sale) => {
                 self.forget();

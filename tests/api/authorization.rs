@@ -292,6 +292,32 @@ fn table() -> Vec<(&'static str, Value, [Expect; 7])> {
                 Allowed,
             ],
         ),
+        // Flash sales.
+        (
+            "create_flash_sale",
+            json!({"product_id": "{product}", "units": 5, "sale_price": 1, "per_user_limit": 1,
+                   "starts_at": "2099-01-01T00:00:00Z", "ends_at": "2099-01-01T01:00:00Z",
+                   "payment_timeout_secs": 300}),
+            [
+                Unauthorized,
+                Forbidden,
+                Forbidden,
+                Allowed,
+                Hidden,
+                Forbidden,
+                Allowed,
+            ],
+        ),
+        (
+            "get_flash_sale",
+            Value::Null,
+            [Unauthorized, Hidden, Hidden, Allowed, Hidden, Hidden, Allowed],
+        ),
+        (
+            "end_flash_sale",
+            Value::Null,
+            [Unauthorized, Hidden, Hidden, Allowed, Hidden, Hidden, Allowed],
+        ),
         // Service routes: public.
         ("healthz", Value::Null, PUBLIC),
         ("readyz", Value::Null, PUBLIC),
@@ -340,6 +366,20 @@ async fn authorization_matrix_every_endpoint_and_role() {
         )
         .await;
     assert_eq!(s, StatusCode::CREATED);
+
+    // A flash sale of the shop, for the flash-sale paths.
+    let (s, sale) = app
+        .call(
+            "POST",
+            "/v1/flash-sales",
+            Some(&app.admin_token()),
+            Some(json!({"product_id": cat.products[0], "units": 5, "sale_price": 1, "per_user_limit": 1,
+                        "starts_at": "2098-01-01T00:00:00Z", "ends_at": "2098-01-01T01:00:00Z",
+                        "payment_timeout_secs": 300})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{sale}");
+    let sale_id = sale["sale_id"].as_str().unwrap().to_owned();
 
     let doc = fetch_document(&app).await;
     let table = table();
@@ -402,6 +442,8 @@ async fn authorization_matrix_every_endpoint_and_role() {
                     path.replace("{id}", &OWNER.to_string())
                 } else if path.starts_with("/v1/products/") {
                     path.replace("{id}", &cat.products[0])
+                } else if path.starts_with("/v1/flash-sales/") {
+                    path.replace("{id}", &sale_id)
                 } else {
                     assert!(!path.contains('{'), "{path}: teach this test its parameter");
                     path.clone()

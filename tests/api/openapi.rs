@@ -153,6 +153,17 @@ async fn openapi_document_and_live_routes_agree() {
         .await;
     assert_eq!(s, StatusCode::CREATED, "{u}");
     let order = app.place_order(user, &[(&cat.products[0], 1)]).await;
+    let (s, sale) = app
+        .call(
+            "POST",
+            "/v1/flash-sales",
+            Some(&app.admin_token()),
+            Some(json!({"product_id": cat.products[0], "units": 5, "sale_price": 1, "per_user_limit": 1,
+                        "starts_at": "2098-01-01T00:00:00Z", "ends_at": "2098-01-01T01:00:00Z",
+                        "payment_timeout_secs": 300})),
+        )
+        .await;
+    assert_eq!(s, StatusCode::CREATED, "{sale}");
     let fill = |path: &str| -> String {
         let id = if path.starts_with("/v1/orders/") {
             order["order_id"].as_str().unwrap().to_owned()
@@ -160,6 +171,8 @@ async fn openapi_document_and_live_routes_agree() {
             user.to_string()
         } else if path.starts_with("/v1/products/") {
             cat.products[0].clone()
+        } else if path.starts_with("/v1/flash-sales/") {
+            sale["sale_id"].as_str().unwrap().to_owned()
         } else {
             panic!("no id for {path}: teach this test the new path parameter")
         };
