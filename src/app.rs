@@ -88,7 +88,11 @@ impl Application {
                 source
             }
         };
-        let flash = Arc::new(FlashSales::new(commerce.clone(), cache.clone(), settings.flash.clone()));
+        let flash = Arc::new(FlashSales::new(
+            commerce.clone(),
+            cache.clone(),
+            settings.flash.clone(),
+        ));
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
             .with_flash(flash)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)

@@ -298,7 +298,10 @@ impl Settings {
         self.validate_replicas()?;
         let f = &self.flash;
         if f.gate_rebuild_interval_secs == 0 || f.fallback_concurrency == 0 || f.refresh_ms == 0 {
-            return bad("flash: gate_rebuild_interval_secs, fallback_concurrency and refresh_ms must be positive".into());
+            return bad(
+                "flash: gate_rebuild_interval_secs, fallback_concurrency and refresh_ms must be positive"
+                    .into(),
+            );
         }
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)

@@ -487,3 +487,94 @@ async fn too_many_undelivered_notices_purge_every_entry_before_the_cache_is_read
         Some(1)
     );
 }
+
+/// The flash-sale gate: takes within the units and each buyer's limit, once per order;
+/// gives back once; a rebuild replaces it; no gate answers `Missing`.
+#[tokio::test]
+async fn flash_gate_takes_once_per_order_and_gives_back_once() {
+    use orderly::cache::GateAnswer;
+    use orderly::domain::flash::FlashSale;
+    use orderly::domain::ids::{FlashSaleId, ProductId, ShopId, UserId};
+    let f = fixture().await;
+    let now = chrono::Utc::now();
+    let sale = FlashSale {
+        sale_id: FlashSaleId::new(9).unwrap(),
+        product_id: ProductId::new(1).unwrap(),
+        shop_id: ShopId::new(1).unwrap(),
+        units: 2,
+        sold: 0,
+        sale_price: orderly::domain::money::Money::new(1).unwrap(),
+        per_user_limit: 1,
+        starts_at: now - chrono::TimeDelta::seconds(5),
+        ends_at: now + chrono::TimeDelta::hours(1),
+        payment_timeout_secs: 60,
+        ended_at: None,
+    };
+    let (a, b, c) = (
+        UserId::new(1).unwrap(),
+        UserId::new(2).unwrap(),
+        UserId::new(3).unwrap(),
+    );
+    let order = |n: i64| OrderId::new(n).unwrap();
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
+        GateAnswer::Missing
+    );
+    assert!(f.cache.gate_rebuild(&sale, 2, &[], &[]).await);
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
+        GateAnswer::Took
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
+        GateAnswer::Already
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(2), a, 1).await,
+        GateAnswer::OverLimit
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(3), b, 1).await,
+        GateAnswer::Took
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(4), c, 1).await,
+        GateAnswer::SoldOut
+    );
+    assert_eq!(f.cache.gate_give_back(sale.sale_id, order(3)).await, Some(true));
+    assert_eq!(
+        f.cache.gate_give_back(sale.sale_id, order(3)).await,
+        Some(false),
+        "once"
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(4), c, 1).await,
+        GateAnswer::Took
+    );
+    // A rebuild from the database's state replaces everything.
+    assert!(
+        f.cache
+            .gate_rebuild(&sale, 1, &[(a, 1)], &[(order(1), a, 1)])
+            .await
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
+        GateAnswer::Already
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(5), b, 1).await,
+        GateAnswer::Took
+    );
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(6), c, 1).await,
+        GateAnswer::SoldOut
+    );
+    let mut over = sale.clone();
+    over.ends_at = now - chrono::TimeDelta::seconds(1);
+    over.starts_at = now - chrono::TimeDelta::hours(1);
+    assert!(f.cache.gate_rebuild(&over, 5, &[], &[]).await);
+    assert_eq!(
+        f.cache.gate_take(sale.sale_id, order(7), c, 1).await,
+        GateAnswer::Closed
+    );
+}

@@ -271,12 +271,15 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
 return 1
 ";
 
-    pub const ALL: [&str; 5] = [
+    pub const ALL: [&str; 8] = [
         FILL_ENTRY,
         ENTRY_WRITTEN,
         FILL_PAGE,
         PAGE_WRITTEN,
         RAISE_WATERMARK,
+        GATE_TAKE,
+        GATE_GIVE_BACK,
+        GATE_REBUILD,
     ];
 }
 

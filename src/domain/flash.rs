@@ -100,7 +100,10 @@ impl NewFlashSale {
             errors.push("sale_price", "must be between 0 and 10^15 minor units");
         }
         if !(1..=MAX_PER_USER_LIMIT).contains(&req.per_user_limit) {
-            errors.push("per_user_limit", format!("must be between 1 and {MAX_PER_USER_LIMIT}"));
+            errors.push(
+                "per_user_limit",
+                format!("must be between 1 and {MAX_PER_USER_LIMIT}"),
+            );
         }
         for (field, t) in [("starts_at", &req.starts_at), ("ends_at", &req.ends_at)] {
             if !is_storable_time(t) {
@@ -171,7 +174,14 @@ mod tests {
         bad.payment_timeout_secs = 10;
         let errors = NewFlashSale::parse(&bad, now).unwrap_err();
         let fields: Vec<_> = errors.0.iter().map(|e| e.field.as_str()).collect();
-        for f in ["product_id", "units", "sale_price", "per_user_limit", "ends_at", "payment_timeout_secs"] {
+        for f in [
+            "product_id",
+            "units",
+            "sale_price",
+            "per_user_limit",
+            "ends_at",
+            "payment_timeout_secs",
+        ] {
             assert!(fields.contains(&f), "{f} not named in {fields:?}");
         }
         let mut past = request();

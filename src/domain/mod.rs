@@ -3,8 +3,8 @@
 //! async here; everything above depends on this, it on nothing.
 
 pub mod actor;
-pub mod flash;
 pub mod consistency;
+pub mod flash;
 pub mod ids;
 pub mod money;
 pub mod order;

@@ -43,7 +43,11 @@ fn sale_id(raw: &str) -> Result<FlashSaleId, ApiError> {
         WriteProblems,
     )
 )]
-async fn create_sale(State(s): State<AppState>, Auth(c): Auth, Json(req): Json<NewFlashSaleRequest>) -> ApiResult {
+async fn create_sale(
+    State(s): State<AppState>,
+    Auth(c): Auth,
+    Json(req): Json<NewFlashSaleRequest>,
+) -> ApiResult {
     let flash = s.orders.flash().clone();
     let sale = write(&s, async move { flash.create(c, req).await }).await?;
     Ok((StatusCode::CREATED, axum::Json(sale)).into_response())

@@ -9,9 +9,9 @@
 
 pub mod auth;
 pub mod catalog;
-pub mod flash;
 pub mod error;
 pub mod extract;
+pub mod flash;
 pub mod health;
 pub mod limits;
 pub mod openapi;

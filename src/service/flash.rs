@@ -191,7 +191,8 @@ impl FlashSales {
         {
             return;
         }
-        let (commerce, cache, rebuilding) = (self.commerce.clone(), self.cache.clone(), self.rebuilding.clone());
+        let (commerce, cache, rebuilding) =
+            (self.commerce.clone(), self.cache.clone(), self.rebuilding.clone());
         tokio::spawn(async move {
             let outcome = rebuild_gate(&commerce, &cache, &sale).await;
             tracing::info!(sale = %sale.sale_id, ?outcome, "flash gate rebuilt on demand");
@@ -219,7 +220,9 @@ impl FlashSales {
 
     pub async fn create(&self, caller: Caller, req: NewFlashSaleRequest) -> Result<FlashSale> {
         if !matches!(caller, Caller::Admin(_) | Caller::Merchant { .. }) {
-            return Err(Error::Forbidden("only an administrator or the product's merchant creates flash sales"));
+            return Err(Error::Forbidden(
+                "only an administrator or the product's merchant creates flash sales",
+            ));
         }
         let new = NewFlashSale::parse(&req, Utc::now())?;
         let product = commerce::load_product(&self.commerce, new.product_id)
@@ -268,7 +271,9 @@ impl FlashSales {
 /// Replaces `sale`'s gate with what the database holds; whether Redis took it.
 async fn rebuild_gate(commerce: &MySqlPool, cache: &Cache, sale: &FlashSale) -> Result<bool> {
     let state = flash::gate_state(commerce, sale).await?;
-    Ok(cache.gate_rebuild(sale, state.left, &state.buyers, &state.orders).await)
+    Ok(cache
+        .gate_rebuild(sale, state.left, &state.buyers, &state.orders)
+        .await)
 }
 
 /// Rebuilds every live sale's gate on start and every `flash.gate_rebuild_interval_secs` until

@@ -29,9 +29,9 @@ use sqlx::{MySql, MySqlPool};
 
 use crate::cache::{Cache, WatermarkOf, FIRST_PAGE};
 use crate::config::{FlashSettings, OrderSettings};
-use crate::domain::flash::FlashSale;
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
+use crate::domain::flash::FlashSale;
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::money::Money;
 use crate::domain::order::{
@@ -315,7 +315,11 @@ impl OrderService {
             settings: Arc::new(settings),
             max_unpaid_units: None,
             watermarks: Arc::new(LocalWatermarks::new(DEFAULT_WATERMARK_TTL)),
-            flash: Arc::new(FlashSales::new(commerce.clone(), cache.clone(), FlashSettings::default())),
+            flash: Arc::new(FlashSales::new(
+                commerce.clone(),
+                cache.clone(),
+                FlashSettings::default(),
+            )),
         }
     }
 
@@ -589,7 +593,10 @@ impl OrderService {
             }
         }
         drop(_bounds);
-        if !matches!(outcome, ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved) {
+        if !matches!(
+            outcome,
+            ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved
+        ) {
             // Nothing was reserved for this order: what its gates took goes back.
             self.flash.give_back(new.order_id, &gated).await;
         }

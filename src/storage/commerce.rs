@@ -502,11 +502,12 @@ async fn take_from_sale(
     .bind(units)
     .execute(&mut *tx)
     .await?;
-    let bought: i64 = sqlx::query_scalar("SELECT units FROM flash_sale_buyers WHERE sale_id = ? AND user_id = ?")
-        .bind(f.sale_id.get())
-        .bind(user.get())
-        .fetch_one(&mut *tx)
-        .await?;
+    let bought: i64 =
+        sqlx::query_scalar("SELECT units FROM flash_sale_buyers WHERE sale_id = ? AND user_id = ?")
+            .bind(f.sale_id.get())
+            .bind(user.get())
+            .fetch_one(&mut *tx)
+            .await?;
     if bought > f.per_user_limit {
         return Ok(Some(ReserveOutcome::FlashLimit {
             sale: f.sale_id,
@@ -749,7 +750,11 @@ async fn delete_claim(tx: &mut MySqlConnection, order: OrderId) -> Result<()> {
 
 /// Gives back the stock and coupons of a closed or invalidated order, exactly once: the
 /// claim's state moves to released in the same transaction. Says whether this call did it.
-pub async fn release_claim(conn: &mut MySqlConnection, order: OrderId, now: DateTime<Utc>) -> Result<GivenBack> {
+pub async fn release_claim(
+    conn: &mut MySqlConnection,
+    order: OrderId,
+    now: DateTime<Utc>,
+) -> Result<GivenBack> {
     let mut tx = sqlx::Connection::begin(conn).await?;
     let moved =
         sqlx::query("UPDATE order_claims SET state = ?, touched_at = ? WHERE order_id = ? AND state <> ?")

@@ -15,7 +15,8 @@ use crate::domain::money::Money;
 
 use super::{corrupt, ts, Result};
 
-const COLUMNS: &str = "id, product_id, shop_id, units, sold, sale_price, per_user_limit, starts_at, ends_at, \
+const COLUMNS: &str =
+    "id, product_id, shop_id, units, sold, sale_price, per_user_limit, starts_at, ends_at, \
                        payment_timeout_secs, ended_at";
 
 fn sale_from_row(r: &MySqlRow) -> Result<FlashSale> {
@@ -94,9 +95,12 @@ pub async fn insert_sale(
     .await?;
     tx.commit().await?;
     let id = done.last_insert_id() as i64;
-    let sale = load_sale(pool, FlashSaleId::new(id).ok_or_else(|| corrupt("flash sale id", id))?)
-        .await?
-        .ok_or_else(|| corrupt("flash sale gone after its insert", id))?;
+    let sale = load_sale(
+        pool,
+        FlashSaleId::new(id).ok_or_else(|| corrupt("flash sale id", id))?,
+    )
+    .await?
+    .ok_or_else(|| corrupt("flash sale gone after its insert", id))?;
     Ok(Ok(sale))
 }
 
@@ -124,7 +128,11 @@ pub async fn end_sale(pool: &MySqlPool, id: FlashSaleId, now: DateTime<Utc>) -> 
 
 /// Sales not ended whose window contains some time in `from..to`: what the service keeps in
 /// memory to price orders and what the gates are rebuilt for.
-pub async fn sales_between(pool: &MySqlPool, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<FlashSale>> {
+pub async fn sales_between(
+    pool: &MySqlPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<FlashSale>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM flash_sales WHERE ended_at IS NULL AND ends_at > ? AND starts_at < ? ORDER BY id"
     );

@@ -10,6 +10,7 @@ mod cache;
 mod cancellation;
 mod catalog;
 mod exactly_once;
+mod flash;
 mod fuzz;
 mod lifecycle;
 mod limits;

@@ -158,9 +158,11 @@ async fn openapi_document_and_live_routes_agree() {
             "POST",
             "/v1/flash-sales",
             Some(&app.admin_token()),
-            Some(json!({"product_id": cat.products[0], "units": 5, "sale_price": 1, "per_user_limit": 1,
+            Some(
+                json!({"product_id": cat.products[0], "units": 5, "sale_price": 1, "per_user_limit": 1,
                         "starts_at": "2098-01-01T00:00:00Z", "ends_at": "2098-01-01T01:00:00Z",
-                        "payment_timeout_secs": 300})),
+                        "payment_timeout_secs": 300}),
+            ),
         )
         .await;
     assert_eq!(s, StatusCode::CREATED, "{sale}");
