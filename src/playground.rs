@@ -81,6 +81,50 @@ pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The demo flash sale: one "Flash-sale phone" at 599.00 for a day, one per buyer, already
+/// sold to the second demo buyer, so the printed line shows a sold-out answer at once.
+pub struct DemoFlashSale {
+    pub sale_id: String,
+    pub product_id: String,
+}
+
+pub async fn start_demo_flash_sale(
+    state: &crate::http::AppState,
+    demo: &DemoCatalog,
+) -> anyhow::Result<DemoFlashSale> {
+    let admin = Caller::Admin(UserId::new(1).unwrap_or_else(|| unreachable!()));
+    let product_id = demo.product_ids[2].clone();
+    let now = Utc::now();
+    let sale = state
+        .orders
+        .flash()
+        .create(
+            admin,
+            crate::domain::flash::NewFlashSaleRequest {
+                product_id: product_id.clone(),
+                units: 1,
+                sale_price: 59_900,
+                per_user_limit: 1,
+                starts_at: now - TimeDelta::seconds(1),
+                ends_at: now + TimeDelta::days(1),
+                payment_timeout_secs: 600,
+            },
+        )
+        .await?;
+    let buyer = UserId::new(1002).unwrap_or_else(|| unreachable!());
+    let order_id = state.ids.next_for(buyer)?;
+    let request: crate::domain::order::CreateOrderRequest = serde_json::from_value(serde_json::json!({
+        "order_id": order_id.to_string(),
+        "items": [{"product_id": product_id, "quantity": 1}],
+        "address": {"name": "Han Meimei", "phone": "13900000000", "detail": "2 Century Avenue, Shanghai"},
+    }))?;
+    state.orders.create(Caller::User(buyer), request).await?;
+    Ok(DemoFlashSale {
+        sale_id: sale.sale_id.to_string(),
+        product_id,
+    })
+}
+
 /// The demo catalog: what the printed curl lines use.
 pub struct DemoCatalog {
     pub buyer: UserId,
@@ -202,6 +246,7 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
     let token = CancellationToken::new();
     let app = Application::build(settings.clone(), token.clone()).await?;
     let demo = load_demo_catalog(&app.state().catalog).await?;
+    let flash = start_demo_flash_sale(app.state(), &demo).await?;
     let keys = AuthKeys::new(&settings.auth);
     let day = Duration::from_secs(24 * 3600);
     let user_token = keys.issue(&demo.buyer.to_string(), Role::User, None, day);
@@ -238,6 +283,10 @@ Try it (after the exports above):
   curl -s -i {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN"
   # 6. a page the cache does not hold: a replica answers (add &consistency=strong for the primary)
   curl -s -i "{base_url}/v1/orders?limit=50" -H "Authorization: Bearer $USER_TOKEN"
+  # 7. flash sale {sale} (1 phone at 599.00, sold already): the Redis gate answers 409 out_of_stock
+  FID=$(curl -s -X POST {base_url}/v1/order-ids -H "Authorization: Bearer $USER_TOKEN" | sed 's/.*"order_id":"\([0-9]*\)".*/\1/')
+  curl -s -X POST {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"order_id":"'$FID'","items":[{{"product_id":"{flash_product}","quantity":1}}],"address":{{"name":"Li Lei","phone":"13800000000","detail":"1 Century Avenue, Shanghai"}}}}'
+  curl -s {base_url}/v1/flash-sales/{sale} -H "Authorization: Bearer $ADMIN_TOKEN"
 "#,
         shop = demo.shop,
         products = demo.product_ids.join(", "),
@@ -245,6 +294,8 @@ Try it (after the exports above):
         coupon = demo.coupon_id,
         p0 = demo.product_ids[0],
         price = demo.first_price,
+        sale = flash.sale_id,
+        flash_product = flash.product_id,
     );
     let stop = token.clone();
     tokio::spawn(async move {

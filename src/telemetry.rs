@@ -156,6 +156,12 @@ fn describe_metrics() {
         "orderly_db_pool_connections",
         "Connections of each database pool, by database and state (in_use, idle)"
     );
+    // flash sales (`crate::service::flash`)
+    describe_counter!(
+        "orderly_flash_gate_total",
+        "Flash-sale buyers the Redis gate answered without MySQL (sold_out, over_limit), and \
+         those sent to the database path because the gate could not answer (fallback)"
+    );
     // replicas (`crate::storage::replicas`)
     describe_counter!(
         "orderly_db_reads_total",
