@@ -331,18 +331,15 @@ impl OrderService {
                 out
             })
             .await;
-        let mut out = CloseOutcome::default();
-        for step in steps {
-            match step {
-                Some(o) => {
-                    out.closed += o.closed;
-                    out.raced += o.raced;
-                    out.failed += o.failed;
-                }
-                None => out.failed += 1,
-            }
-        }
-        Ok(out)
+        Ok(total(
+            steps,
+            |out, o| {
+                out.closed += o.closed;
+                out.raced += o.raced;
+                out.failed += o.failed;
+            },
+            |out| out.failed += 1,
+        ))
     }
 
     /// Completes shipped orders shipped before `at - after`, up to `batch` per shard, each
@@ -372,18 +369,15 @@ impl OrderService {
                 out
             })
             .await;
-        let mut out = CompleteOutcome::default();
-        for step in steps {
-            match step {
-                Some(o) => {
-                    out.completed += o.completed;
-                    out.raced += o.raced;
-                    out.failed += o.failed;
-                }
-                None => out.failed += 1,
-            }
-        }
-        Ok(out)
+        Ok(total(
+            steps,
+            |out, o| {
+                out.completed += o.completed;
+                out.raced += o.raced;
+                out.failed += o.failed;
+            },
+            |out| out.failed += 1,
+        ))
     }
 
     /// Runs `step` for every shard database at once, each on its own task and cut off after
@@ -486,6 +480,19 @@ impl OrderService {
         }
         Ok(())
     }
+}
+
+/// The sum of one step's answers per database: `add` folds one in, `cut_off` counts a
+/// database whose part was cut off.
+fn total<T: Default>(steps: Vec<Option<T>>, add: impl Fn(&mut T, T), cut_off: impl Fn(&mut T)) -> T {
+    let mut out = T::default();
+    for step in steps {
+        match step {
+            Some(o) => add(&mut out, o),
+            None => cut_off(&mut out),
+        }
+    }
+    out
 }
 
 enum Settled {

@@ -801,24 +801,7 @@ pub async fn expired_unpaid(
     at: DateTime<Utc>,
     limit: u32,
 ) -> Result<Vec<(OrderId, i64)>> {
-    let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT order_id, version FROM {} WHERE status = ? AND pay_deadline < ? ORDER BY pay_deadline LIMIT ?",
-        t.orders
-    )))
-    .bind(OrderStatus::PendingPayment.code())
-    .bind(ts(at))
-    .bind(limit)
-    .fetch_all(conn)
-    .await?;
-    rows.iter()
-        .map(|r| {
-            let v: i64 = r.try_get(0)?;
-            Ok((
-                OrderId::new(v).ok_or_else(|| corrupt("order_id", v))?,
-                r.try_get(1)?,
-            ))
-        })
-        .collect()
+    orders_due(conn, t, OrderStatus::PendingPayment, "pay_deadline", at, limit).await
 }
 
 /// Shipped orders whose shipment is older than `cutoff`, oldest first, with their versions
@@ -829,12 +812,25 @@ pub async fn shipped_before(
     cutoff: DateTime<Utc>,
     limit: u32,
 ) -> Result<Vec<(OrderId, i64)>> {
+    orders_due(conn, t, OrderStatus::Shipped, "shipped_at", cutoff, limit).await
+}
+
+/// Orders in `status` whose time `column` (a column name of this file, never input) is
+/// before `before`, oldest first, with their versions: what a background step moves next.
+async fn orders_due(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    status: OrderStatus,
+    column: &'static str,
+    before: DateTime<Utc>,
+    limit: u32,
+) -> Result<Vec<(OrderId, i64)>> {
     let rows = sqlx::query(AssertSqlSafe(format!(
-        "SELECT order_id, version FROM {} WHERE status = ? AND shipped_at < ? ORDER BY shipped_at LIMIT ?",
+        "SELECT order_id, version FROM {} WHERE status = ? AND {column} < ? ORDER BY {column} LIMIT ?",
         t.orders
     )))
-    .bind(OrderStatus::Shipped.code())
-    .bind(ts(cutoff))
+    .bind(status.code())
+    .bind(ts(before))
     .bind(limit)
     .fetch_all(conn)
     .await?;

@@ -368,19 +368,10 @@ async fn authorization_matrix_every_endpoint_and_role() {
     assert_eq!(s, StatusCode::CREATED);
 
     // A flash sale of the shop, for the flash-sale paths.
-    let (s, sale) = app
-        .call(
-            "POST",
-            "/v1/flash-sales",
-            Some(&app.admin_token()),
-            Some(
-                json!({"product_id": cat.products[0], "units": 5, "sale_price": 1, "per_user_limit": 1,
-                        "starts_at": "2098-01-01T00:00:00Z", "ends_at": "2098-01-01T01:00:00Z",
-                        "payment_timeout_secs": 300}),
-            ),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{sale}");
+    let far = chrono::DateTime::parse_from_rfc3339("2098-01-01T00:00:00Z")
+        .unwrap()
+        .to_utc();
+    let sale = app.flash_sale(&cat.products[0], 5, 1, 1, far, 300).await;
     let sale_id = sale["sale_id"].as_str().unwrap().to_owned();
 
     let doc = fetch_document(&app).await;

@@ -23,22 +23,9 @@ async fn start_sale(
     limit: i64,
     timeout_secs: i64,
 ) -> Value {
-    let now = Utc::now();
-    let (s, sale) = app
-        .call(
-            "POST",
-            "/v1/flash-sales",
-            Some(&app.admin_token()),
-            Some(json!({
-                "product_id": product, "units": units, "sale_price": price, "per_user_limit": limit,
-                "starts_at": (now - TimeDelta::seconds(5)).to_rfc3339(),
-                "ends_at": (now + TimeDelta::hours(1)).to_rfc3339(),
-                "payment_timeout_secs": timeout_secs,
-            })),
-        )
-        .await;
-    assert_eq!(s, StatusCode::CREATED, "{sale}");
-    sale
+    let starts = Utc::now() - TimeDelta::seconds(5);
+    app.flash_sale(product, units, price, limit, starts, timeout_secs)
+        .await
 }
 
 /// The units the sale's gate has left (`None`: no gate in Redis).

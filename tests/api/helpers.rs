@@ -275,6 +275,34 @@ impl TestApp {
         c["coupon_id"].as_str().unwrap().to_owned()
     }
 
+    /// Creates a flash sale of `product` (as an administrator): `units` at `price`, `limit`
+    /// per buyer, from `starts_at` for an hour, orders to be paid within `timeout_secs`.
+    pub async fn flash_sale(
+        &self,
+        product: &str,
+        units: i64,
+        price: i64,
+        limit: i64,
+        starts_at: chrono::DateTime<Utc>,
+        timeout_secs: i64,
+    ) -> Value {
+        let (s, sale) = self
+            .call(
+                "POST",
+                "/v1/flash-sales",
+                Some(&self.admin_token()),
+                Some(json!({
+                    "product_id": product, "units": units, "sale_price": price, "per_user_limit": limit,
+                    "starts_at": starts_at.to_rfc3339(),
+                    "ends_at": (starts_at + TimeDelta::hours(1)).to_rfc3339(),
+                    "payment_timeout_secs": timeout_secs,
+                })),
+            )
+            .await;
+        assert_eq!(s, StatusCode::CREATED, "{sale}");
+        sale
+    }
+
     pub async fn stock_of(&self, product: &str) -> i64 {
         sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
             .bind(product.parse::<i64>().unwrap())

@@ -233,17 +233,24 @@ async fn read_your_writes_holds_while_the_replica_stops_applying() {
     );
 }
 
-/// Another service process, Redis stopped (so no watermark is shared) and the replica's
-/// applier stopped: the client's `Consistency-Token` alone makes the read see its write; the
-/// same read without it shows the old state.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
+/// A replicated cluster, a writing service process and a reading one, and an order of one
+/// buyer that the replica has applied.
+struct TwoProcesses {
+    cluster: LocalCluster,
+    writer: TestApp,
+    reader: TestApp,
+    /// The buyer's bearer token.
+    token: String,
+    order: Value,
+    id: String,
+}
+
+async fn two_processes_and_an_order(user: i64) -> TwoProcesses {
     let cluster = replicated_cluster().await;
     let writer = TestApp::spawn_on(&cluster, tolerate_long_lag).await;
     let reader = writer.twin().await;
     until_replicas_in_rotation(&reader).await;
     let catalog = writer.catalog(&[100]).await;
-    let user = 5151;
     let token = writer.user_token(user);
     let order = writer.place_order(user, &[(&catalog.products[0], 1)]).await;
     let id = order["order_id"].as_str().unwrap().to_owned();
@@ -251,6 +258,29 @@ async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
         .wait_replicas_caught_up(Duration::from_secs(20))
         .await
         .unwrap();
+    TwoProcesses {
+        cluster,
+        writer,
+        reader,
+        token,
+        order,
+        id,
+    }
+}
+
+/// Another service process, Redis stopped (so no watermark is shared) and the replica's
+/// applier stopped: the client's `Consistency-Token` alone makes the read see its write; the
+/// same read without it shows the old state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
+    let TwoProcesses {
+        cluster,
+        writer,
+        reader,
+        token,
+        order,
+        id,
+    } = two_processes_and_an_order(5151).await;
 
     cluster.stop_redis().await.unwrap();
     cluster.stop_replica_sql(0, 0).await.unwrap();
@@ -301,19 +331,14 @@ async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
 /// uncached page) see the write although the replica lacks it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn read_your_writes_across_processes_through_the_shared_watermark() {
-    let cluster = replicated_cluster().await;
-    let writer = TestApp::spawn_on(&cluster, tolerate_long_lag).await;
-    let reader = writer.twin().await;
-    until_replicas_in_rotation(&reader).await;
-    let catalog = writer.catalog(&[100]).await;
-    let user = 5252;
-    let token = writer.user_token(user);
-    let order = writer.place_order(user, &[(&catalog.products[0], 1)]).await;
-    let id = order["order_id"].as_str().unwrap().to_owned();
-    cluster
-        .wait_replicas_caught_up(Duration::from_secs(20))
-        .await
-        .unwrap();
+    let TwoProcesses {
+        cluster,
+        writer,
+        reader,
+        token,
+        order,
+        id,
+    } = two_processes_and_an_order(5252).await;
     // The reader caches the first page while the order is unpaid.
     let (_, _, list) = read(&reader, &token, "/v1/orders", None).await;
     assert_eq!(list["orders"][0]["status"], "pending_payment");
