@@ -66,10 +66,6 @@ pub enum Served {
 pub struct Read<T> {
     pub value: T,
     pub served: Served,
-    /// Whether the answer holds every write the read had to see: the primary's always; a
-    /// replica's in `session` mode (watermark applied, or none left to apply). An `eventual`
-    /// answer is not fresh, and never fills the cache.
-    pub fresh: bool,
 }
 
 /// Primary positions older than this are dropped from the probe history: a replica behind
@@ -217,7 +213,6 @@ impl Database {
                         return Ok(Read {
                             value,
                             served: Served::Replica,
-                            fresh: consistency == Consistency::Session,
                         });
                     }
                     // The watermark did not arrive in time: the primary has it.
@@ -234,7 +229,6 @@ impl Database {
         Ok(Read {
             value,
             served: Served::Primary,
-            fresh: true,
         })
     }
 
