@@ -49,7 +49,8 @@ enum Command {
         /// self-started bench runs create, get-cold and list against the cache-on service and
         /// its cache-off twin as halves, in the order on, off, off, on; with replicas, get-cold
         /// and list also against the primary-only twin: service, cache off, primary only,
-        /// primary only, cache off, service).
+        /// primary only, cache off, service; flash serves its whole demand whatever the time,
+        /// against the service's gate, then against the cache-off twin's database path).
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         duration: std::time::Duration,
         #[arg(long, default_value_t = 64)]
@@ -73,7 +74,9 @@ enum Command {
         /// Normal products in the catalog.
         #[arg(long, default_value_t = 1_000)]
         products: u32,
-        /// Units of the flash-sale product (demand is ten times this).
+        /// Units of each flash sale the bench makes (one per service phase: the service's, behind
+        /// its Redis gate, and in a self-started run the cache-off twin's, on the database path)
+        /// and the stock of the raw phase's flash product; demand is ten times this.
         #[arg(long, default_value_t = 1_000)]
         flash_stock: i64,
         /// Self-started runs: GTID read replicas of every MariaDB server, read by the service.

@@ -257,3 +257,84 @@ pub async fn sold_exactly(commerce: &MySqlPool, product: ProductId, stock: i64) 
         &format!("product {product}: sold {sold} of {stock}"),
     ))
 }
+
+/// A flash sale the bench made sold exactly its units: the sale's `sold` is its units, its live
+/// reservations hold exactly them, the product's shelf went down by exactly them (from what was
+/// loaded; never below zero), and the live orders of the product are `units` orders of one unit
+/// each (every buyer asks for one). `name` tells the sales apart (one per service phase).
+pub async fn flash_sale_sold_exactly(
+    shards: &ShardMap,
+    commerce: &MySqlPool,
+    name: &str,
+    sale: &super::workload::FlashSaleMade,
+) -> anyhow::Result<Check> {
+    let id: i64 = sale
+        .sale_id
+        .parse()
+        .map_err(|_| anyhow::anyhow!("flash sale id {:?} is not a number", sale.sale_id))?;
+    let product = sale.product_id;
+    let sold: i64 = sqlx::query_scalar("SELECT sold FROM flash_sales WHERE id = ?")
+        .bind(id)
+        .fetch_one(commerce)
+        .await?;
+    let reserved: i64 = sqlx::query_scalar(
+        "SELECT CAST(COALESCE(SUM(quantity), 0) AS SIGNED) FROM stock_reservations
+         WHERE flash_sale_id = ? AND state <> ?",
+    )
+    .bind(id)
+    .bind(CLAIM_RELEASED)
+    .fetch_one(commerce)
+    .await?;
+    let stock: i64 = sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
+        .bind(product.get())
+        .fetch_one(commerce)
+        .await?;
+    let (mut orders, mut units_in_orders) = (0i64, 0i64);
+    for shard in shards.all() {
+        let t = &shard.tables;
+        let (n, q): (i64, i64) = sqlx::query_as(AssertSqlSafe(format!(
+            "SELECT COUNT(DISTINCT i.order_id), CAST(COALESCE(SUM(i.quantity), 0) AS SIGNED)
+             FROM {} i JOIN {} o ON o.order_id = i.order_id
+             WHERE i.product_id = ? AND o.status NOT IN (4, 5)",
+            t.items, t.orders
+        )))
+        .bind(product.get())
+        .fetch_one(shards.primary(shard))
+        .await?;
+        orders += n;
+        units_in_orders += q;
+    }
+    let units = sale.units;
+    let mut problems = Vec::new();
+    if sold != units {
+        problems.push(format!("sale {id}: sold {sold} of {units} units"));
+    }
+    if reserved != units {
+        problems.push(format!(
+            "sale {id}: {reserved} units in live reservations, not {units}"
+        ));
+    }
+    if stock < 0 {
+        problems.push(format!("product {product} has stock {stock}"));
+    }
+    if stock != sale.loaded - units {
+        problems.push(format!(
+            "product {product}: {stock} on the shelf, not {} loaded - {units} sold",
+            sale.loaded
+        ));
+    }
+    if orders != units || units_in_orders != units {
+        problems.push(format!(
+            "product {product}: {orders} live orders of {units_in_orders} units, not {units} orders of one unit"
+        ));
+    }
+    Ok(check(
+        name,
+        problems,
+        &format!(
+            "sale {id} ({}): sold {sold} of {units}, shelf {} -> {stock}, {orders} orders of one unit",
+            sale.phase.label(),
+            sale.loaded
+        ),
+    ))
+}

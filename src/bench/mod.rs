@@ -51,6 +51,34 @@
 //! the bench waits until every replica has applied what was seeded and is back in the
 //! service's rotation.
 //!
+//! **Flash sale: the gate against the database only.** `flash` buys hot products, one unit per
+//! buyer and request (buyer `i % users` for the `i`-th), ten times as many requests as there
+//! are units, served to the end whatever `--duration` says. Before it runs, the bench (with an
+//! administrator's token it mints) makes each service phase's product a flash sale:
+//! `--flash-stock` units on a shelf of twice that (so the sale, not the shelf, is what sells
+//! out), live from a minute ago for an hour, a per-user limit of 1 000 (the API's most;
+//! `validate` keeps the requests per buyer within it, so it refuses nobody), payment within 30
+//! minutes; it warms each selling instance with a few creates of normal products (so that
+//! neither side's first buyers pay for opening its connection pools); and it asks the instance
+//! for every order id the run will use, so a request is timed from its `POST /v1/orders` to the
+//! answer, without the id request. In a self-started run the service (cache on) sells its sale
+//! behind the Redis gate, then the cache-off twin sells a sale of its own from full: no gate,
+//! every buyer on the database path, with `flash.fallback_concurrency` raised to
+//! `--concurrency` on the twin so that the database path is bounded by the clients alone, not
+//! by the default 4. Same run, same clients, same demand; the raw phase keeps its own product
+//! without a sale (the service's SQL, the shelf as the limit). Each side is measured by
+//! outcome: answered requests (201 and 409 `out_of_stock`) per second over the run, the
+//! sold-out answers per second over the time the sale was sold out (from the start of the first
+//! sold-out request to the end of the last), and p50 / p99 of the sold-out answers and of the
+//! successful creates, each from a histogram of its own (`flash_gate` in the JSON, and the
+//! table "Flash sale: gate against database only"). The targets: sold-out answers per second at
+//! least 10 × the database path's, successes' p99 no higher than the database path's. After the
+//! runs each sale is checked: `sold` = its units, its live reservations hold exactly them, the
+//! shelf went down by exactly them (never below zero), and the product's live orders are
+//! exactly `units` orders of one unit. Against a running service (`--target`) the bench makes
+//! the service phase's sale all the same (the secret of `--config` mints the token): the
+//! service's figures then split by outcome as well, with no database-only side and no ratios.
+//!
 //! **GTID wait.** After the scenarios, a self-started bench with replicas measures what a
 //! `session` read's wait for its watermark costs on a caught-up replica: on replica 0 of shard
 //! database 0, after the replicas caught up, with the domain-0 GTID of its `@@gtid_slave_pos`
@@ -72,8 +100,8 @@
 //!
 //! After each scenario the databases are checked: no duplicate order, no order without
 //! items, every unit of stock either in a live order or still on the shelf, stock never
-//! negative, every acknowledged create present, and for the flash sale exactly the stock
-//! sold. Any violation fails the run.
+//! negative, every acknowledged create present, and for each flash sale exactly its units
+//! sold (for the raw phase's product, exactly its stock). Any violation fails the run.
 //!
 //! # Layout
 //! - this file: options, environment (self-started or given), the phase driver, reports;
@@ -108,7 +136,7 @@ use self::workload::{Outcome, Workload};
 pub enum Scenario {
     /// Get an id and create an order: many users, normal products.
     Create,
-    /// One hot product, demand ten times its stock.
+    /// A flash sale of a hot product, demand ten times its units (see the module docs).
     Flash,
     /// Reads of a few orders, again and again (cache hits once there is a cache).
     GetHot,
@@ -154,7 +182,8 @@ pub struct BenchOptions {
     pub users: u32,
     /// Normal products.
     pub products: u32,
-    /// Units of the flash-sale product; demand is ten times this.
+    /// Units of each flash sale (and the raw phase's flash product's stock); demand is ten
+    /// times this.
     pub flash_stock: i64,
     /// Show a progress bar (off in tests).
     pub progress: bool,
@@ -165,6 +194,18 @@ pub struct BenchOptions {
 
 /// A flash sale's demand is served to the end; this bounds it if the service stalls.
 const FLASH_MAX_TIME: Duration = Duration::from_secs(600);
+
+/// `flash.fallback_concurrency` of the cache-off twin: one place per client (see the module
+/// docs).
+fn twin_fallback_concurrency(opts: &BenchOptions) -> usize {
+    opts.concurrency
+}
+
+/// The flash targets of the issue: the gate answers sold-out buyers at least this many times
+/// as fast as the database path ...
+const FLASH_SOLD_OUT_RATIO_TARGET: f64 = 10.0;
+/// ... and its successful creates' p99 is at most this times the database path's.
+const FLASH_CREATED_P99_RATIO_TARGET: f64 = 1.0;
 
 impl BenchOptions {
     pub fn validate(&self) -> anyhow::Result<()> {
@@ -178,6 +219,15 @@ impl BenchOptions {
             "--flash-stock must be between 1 and 10 000 000"
         );
         anyhow::ensure!(self.replicas <= 9, "--replicas must be at most 9");
+        // Each buyer asks a flash sale for one unit this many times: the sale's per-user limit
+        // must refuse none of them.
+        let per_buyer = (10 * self.flash_stock as u64).div_ceil(u64::from(self.users));
+        anyhow::ensure!(
+            !self.scenarios.contains(&Scenario::Flash) || per_buyer <= workload::FLASH_PER_USER_LIMIT as u64,
+            "flash: {per_buyer} units per buyer would pass the sale's per-user limit of {}: \
+             raise --users or lower --flash-stock",
+            workload::FLASH_PER_USER_LIMIT
+        );
         Ok(())
     }
 }
@@ -452,6 +502,14 @@ impl PhaseStats {
 pub struct Sample {
     /// Latency of every completed operation, in microseconds.
     pub hist: Histogram<u64>,
+    /// The same, of the operations that succeeded only ([`Outcome::Ok`]).
+    pub ok_hist: Histogram<u64>,
+    /// The same, of the refused ones only ([`Outcome::Refused`]: a sold-out flash sale's 409
+    /// `out_of_stock`).
+    pub refused_hist: Histogram<u64>,
+    /// From the start of the first refused operation to the end of the last (0 without any):
+    /// the time the refusals were answered in.
+    pub refused_seconds: f64,
     pub seconds: f64,
     pub errors: BTreeMap<String, u64>,
     pub refused: BTreeMap<String, u64>,
@@ -474,6 +532,144 @@ fn new_histogram() -> Histogram<u64> {
 fn add_counts(into: &mut BTreeMap<String, u64>, from: &BTreeMap<String, u64>) {
     for (k, v) in from {
         *into.entry(k.clone()).or_default() += v;
+    }
+}
+
+/// One side of the flash comparison: a service phase of `flash`, by outcome.
+#[derive(Debug, Clone, Serialize)]
+pub struct FlashSide {
+    pub phase: Phase,
+    /// Whether the instance answered at the Redis gate (its cache on); without, every buyer
+    /// took the database path.
+    pub gate: bool,
+    /// The sale it sold (`None`: no sale was made for it).
+    pub sale_id: Option<String>,
+    /// The database path's bound per sale on the instance (`flash.fallback_concurrency`).
+    pub fallback_concurrency: usize,
+    /// Requests sent: answered and failed.
+    pub requests: u64,
+    pub seconds: f64,
+    /// Answered: 201 and 409 `out_of_stock`.
+    pub answered: u64,
+    pub answered_per_sec: f64,
+    /// 409 `out_of_stock`.
+    pub sold_out: u64,
+    /// From the start of the first sold-out request to the end of the last.
+    pub sold_out_seconds: f64,
+    /// `sold_out / sold_out_seconds`: sold-out answers per second while the sale was sold out.
+    pub sold_out_per_sec: f64,
+    pub sold_out_p50_ms: f64,
+    pub sold_out_p99_ms: f64,
+    /// 201.
+    pub created: u64,
+    pub created_p50_ms: f64,
+    pub created_p99_ms: f64,
+    /// Unexpected failures by code.
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl FlashSide {
+    fn new(
+        phase: Phase,
+        gate: bool,
+        sale_id: Option<String>,
+        fallback_concurrency: usize,
+        runs: &[&Sample],
+    ) -> FlashSide {
+        let (mut ok, mut refused) = (new_histogram(), new_histogram());
+        let mut errors = BTreeMap::new();
+        for r in runs {
+            let _ = ok.add(&r.ok_hist);
+            let _ = refused.add(&r.refused_hist);
+            add_counts(&mut errors, &r.errors);
+        }
+        let seconds: f64 = runs.iter().map(|r| r.seconds).sum();
+        let sold_out_seconds: f64 = runs.iter().map(|r| r.refused_seconds).sum();
+        let answered = ok.len() + refused.len();
+        let ms = |h: &Histogram<u64>, q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+        FlashSide {
+            phase,
+            gate,
+            sale_id,
+            fallback_concurrency,
+            requests: answered + errors.values().sum::<u64>(),
+            seconds,
+            answered,
+            answered_per_sec: answered as f64 / seconds.max(0.001),
+            sold_out: refused.len(),
+            sold_out_seconds,
+            sold_out_per_sec: if refused.is_empty() {
+                0.0
+            } else {
+                refused.len() as f64 / sold_out_seconds.max(0.000_001)
+            },
+            sold_out_p50_ms: ms(&refused, 0.5),
+            sold_out_p99_ms: ms(&refused, 0.99),
+            created: ok.len(),
+            created_p50_ms: ms(&ok, 0.5),
+            created_p99_ms: ms(&ok, 0.99),
+            errors,
+        }
+    }
+}
+
+/// `flash`: the service's sale (behind the gate when it caches) against the cache-off twin's
+/// (the database path), same run, same clients, same demand (see the module docs).
+#[derive(Debug, Clone, Serialize)]
+pub struct FlashGate {
+    pub concurrency: usize,
+    /// Units of each sale.
+    pub units: i64,
+    /// Requests per side: ten per unit.
+    pub demand: u64,
+    pub service: FlashSide,
+    /// The cache-off twin (self-started runs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_only: Option<FlashSide>,
+    /// `service.sold_out_per_sec / database_only.sold_out_per_sec`, when the service has the
+    /// gate and both sides answered sold-out buyers.
+    pub sold_out_ratio: Option<f64>,
+    pub sold_out_ratio_target: f64,
+    pub sold_out_ratio_met: Option<bool>,
+    /// `service.created_p99_ms / database_only.created_p99_ms`, when the service has the gate
+    /// and both sides sold.
+    pub created_p99_ratio: Option<f64>,
+    pub created_p99_ratio_target: f64,
+    pub created_p99_ratio_met: Option<bool>,
+}
+
+impl FlashGate {
+    fn new(w: &Workload, opts: &BenchOptions, runs: &[(Phase, Sample)]) -> Option<FlashGate> {
+        let sales = w.flash_sales();
+        let side = |phase: Phase, fallback: usize| {
+            let samples: Vec<&Sample> = runs.iter().filter(|(p, _)| *p == phase).map(|(_, s)| s).collect();
+            (!samples.is_empty()).then(|| {
+                let sale = sales.iter().find(|s| s.phase == phase).map(|s| s.sale_id.clone());
+                FlashSide::new(phase, w.has_gate(phase), sale, fallback, &samples)
+            })
+        };
+        let service = side(Phase::Service, w.service_fallback_concurrency())?;
+        let database_only = side(Phase::ServiceCacheOff, twin_fallback_concurrency(opts));
+        let compared = database_only.as_ref().filter(|_| service.gate);
+        let sold_out_ratio = compared
+            .filter(|d| d.sold_out > 0 && service.sold_out > 0)
+            .map(|d| service.sold_out_per_sec / d.sold_out_per_sec.max(f64::MIN_POSITIVE));
+        let created_p99_ratio = compared
+            .filter(|d| d.created > 0 && service.created > 0)
+            .map(|d| service.created_p99_ms / d.created_p99_ms.max(0.001));
+        Some(FlashGate {
+            concurrency: opts.concurrency,
+            units: opts.flash_stock,
+            demand: 10 * opts.flash_stock as u64,
+            service,
+            database_only,
+            sold_out_ratio,
+            sold_out_ratio_target: FLASH_SOLD_OUT_RATIO_TARGET,
+            sold_out_ratio_met: sold_out_ratio.map(|r| r >= FLASH_SOLD_OUT_RATIO_TARGET),
+            created_p99_ratio,
+            created_p99_ratio_target: FLASH_CREATED_P99_RATIO_TARGET,
+            created_p99_ratio_met: created_p99_ratio.map(|r| r <= FLASH_CREATED_P99_RATIO_TARGET),
+        })
     }
 }
 
@@ -541,6 +737,9 @@ pub struct ScenarioResult {
     /// `get-hot` with a cache: Redis's hits and misses during the service phase.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hit_ratio: Option<HitRatio>,
+    /// `flash`: the service's sale against the cache-off twin's, by outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flash_gate: Option<FlashGate>,
     pub checks: Vec<Check>,
 }
 
@@ -596,6 +795,8 @@ where
             let (op, next, done) = (op.clone(), next.clone(), done.clone());
             tokio::spawn(async move {
                 let mut hist = new_histogram();
+                let (mut ok_hist, mut refused_hist) = (new_histogram(), new_histogram());
+                let mut refused_span: Option<(Instant, Instant)> = None;
                 let mut errors: BTreeMap<String, u64> = BTreeMap::new();
                 let mut refused: BTreeMap<String, u64> = BTreeMap::new();
                 loop {
@@ -608,35 +809,46 @@ where
                     }
                     let t = Instant::now();
                     let outcome = op(client, i).await;
-                    let micros = (t.elapsed().as_micros() as u64).clamp(1, 60_000_000);
+                    let ended = Instant::now();
+                    let micros = (ended.duration_since(t).as_micros() as u64).clamp(1, 60_000_000);
                     // Failures are counted, not timed: a fast error is no throughput.
                     match outcome {
                         Outcome::Ok => {
                             let _ = hist.record(micros);
+                            let _ = ok_hist.record(micros);
                         }
                         Outcome::Refused(code) => {
                             let _ = hist.record(micros);
+                            let _ = refused_hist.record(micros);
+                            refused_span = Some((refused_span.map_or(t, |(first, _)| first), ended));
                             *refused.entry(code).or_default() += 1;
                         }
                         Outcome::Error(code) => *errors.entry(code).or_default() += 1,
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
-                (hist, errors, refused)
+                (hist, ok_hist, refused_hist, refused_span, errors, refused)
             })
         })
         .collect();
     let mut hist = new_histogram();
+    let (mut ok_hist, mut refused_hist) = (new_histogram(), new_histogram());
+    let mut refused_span: Option<(Instant, Instant)> = None;
     let mut errors = BTreeMap::new();
     let mut refused = BTreeMap::new();
     for t in tasks {
-        let (h, e, r) = match t.await {
+        let (h, ok, no, span, e, r) = match t.await {
             Ok(v) => v,
             // A panicking operation is a bug of the bench: let it end the run loudly.
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(_) => continue,
         };
         let _ = hist.add(&h);
+        let _ = ok_hist.add(&ok);
+        let _ = refused_hist.add(&no);
+        if let Some((first, last)) = span {
+            refused_span = Some(refused_span.map_or((first, last), |(a, b)| (a.min(first), b.max(last))));
+        }
         add_counts(&mut errors, &e);
         add_counts(&mut refused, &r);
     }
@@ -649,6 +861,9 @@ where
     }
     Sample {
         hist,
+        ok_hist,
+        refused_hist,
+        refused_seconds: refused_span.map_or(0.0, |(first, last)| last.duration_since(first).as_secs_f64()),
         seconds,
         errors,
         refused,
@@ -724,6 +939,11 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             misses,
             ratio: (hits + misses > 0).then(|| hits as f64 / (hits + misses) as f64),
         });
+        let flash_gate = if scenario == Scenario::Flash {
+            FlashGate::new(&w, opts, &runs)
+        } else {
+            None
+        };
         let mut checks = w.check(scenario, opts).await?;
         // Every run on its own: each half of an ABBA comparison must have done work.
         let per_run: Vec<(String, PhaseStats)> = runs
@@ -784,6 +1004,7 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             in_process,
             raw_sql,
             hit_ratio,
+            flash_gate,
             service,
             raw,
             checks,
@@ -862,6 +1083,21 @@ fn summary_line(r: &ScenarioResult) -> String {
     }
     if r.scenario == Scenario::Create {
         line.push_str(&format!("  commits/create {}", commits_cell(r)));
+    }
+    if let Some(f) = &r.flash_gate {
+        line.push_str(&format!(
+            "  sold-out/s {:.0} (p99 {:.2} ms)",
+            f.service.sold_out_per_sec, f.service.sold_out_p99_ms
+        ));
+        if let Some(d) = &f.database_only {
+            line.push_str(&format!(
+                "  database only {:.0} (p99 {:.2} ms)",
+                d.sold_out_per_sec, d.sold_out_p99_ms
+            ));
+        }
+        if let Some(ratio) = f.sold_out_ratio {
+            line.push_str(&format!("  gate / database only {ratio:.1}x"));
+        }
     }
     line
 }
@@ -1143,6 +1379,78 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
         }
     }
     s.push_str(&replicas_markdown(results));
+    s.push_str(&flash_markdown(results));
+    s
+}
+
+/// The table of the flash sale, the gate against the database path, when `flash` ran (see the
+/// module docs); empty otherwise.
+fn flash_markdown(results: &[ScenarioResult]) -> String {
+    let Some(f) = results.iter().find_map(|r| r.flash_gate.as_ref()) else {
+        return String::new();
+    };
+    let mut s = format!(
+        "\nFlash sale: gate against database only (same run, {} clients; each side sells a sale of \
+         its own from full: {} units, {} requests of one unit each; a request is one `POST \
+         /v1/orders`, its order id issued before the run; sold-out/s is counted over the time \
+         the sale was sold out):\n\n\
+         | side | requests | answered/s | sold-out | sold-out/s | sold-out p50 ms | sold-out p99 ms | successes | successes p50 ms | successes p99 ms | errors |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n",
+        f.concurrency, f.units, f.demand,
+    );
+    let sides = std::iter::once(&f.service).chain(f.database_only.as_ref());
+    for side in sides {
+        let name = match (side.phase, side.gate) {
+            (Phase::Service, true) => "gate (service, cache on)".to_owned(),
+            (Phase::Service, false) => format!(
+                "service (cache off: no gate, fallback_concurrency {})",
+                side.fallback_concurrency
+            ),
+            _ => format!(
+                "database only (cache-off twin, fallback_concurrency {})",
+                side.fallback_concurrency
+            ),
+        };
+        s.push_str(&format!(
+            "| {name} | {} | {:.0} | {} | {:.0} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {} |\n",
+            side.requests,
+            side.answered_per_sec,
+            side.sold_out,
+            side.sold_out_per_sec,
+            side.sold_out_p50_ms,
+            side.sold_out_p99_ms,
+            side.created,
+            side.created_p50_ms,
+            side.created_p99_ms,
+            codes(&side.errors),
+        ));
+    }
+    let met = |m: Option<bool>| match m {
+        Some(true) => "met",
+        Some(false) => "**not met**",
+        None => "–",
+    };
+    if f.sold_out_ratio.is_some() || f.created_p99_ratio.is_some() {
+        s.push_str(&format!(
+            "\n| figure | gate / database only | target | |\n|---|---:|---|---|\n\
+             | sold-out answers per second | {} | ≥ {}× | {} |\n\
+             | successes p99 | {} | ≤ {} (not slower) | {} |\n",
+            f.sold_out_ratio
+                .map_or_else(|| "–".to_owned(), |r| format!("**{r:.1}×**")),
+            f.sold_out_ratio_target,
+            met(f.sold_out_ratio_met),
+            f.created_p99_ratio
+                .map_or_else(|| "–".to_owned(), |r| format!("**{r:.2}**")),
+            f.created_p99_ratio_target,
+            met(f.created_p99_ratio_met),
+        ));
+    } else if f.database_only.is_none() {
+        s.push_str(
+            "\nNo database-only side (only a self-started bench starts the cache-off twin): no ratios.\n",
+        );
+    } else {
+        s.push_str("\nThe service has no gate (its cache is off): no ratios.\n");
+    }
     s
 }
 
@@ -1393,6 +1701,10 @@ pub async fn run(
             let mut off = s.clone();
             off.cache.enabled = false;
             off.ids.worker_id = None;
+            // Without a cache there is no flash gate: every buyer takes the database path,
+            // bounded per sale by `fallback_concurrency`. The flash comparison gives it as many
+            // places as there are clients, so that only the database limits it.
+            off.flash.fallback_concurrency = twin_fallback_concurrency(&opts);
             let off_app = Application::build(off, shutdown.clone()).await?;
             let off_url = format!("http://{}", off_app.address());
             services.push(tokio::spawn(off_app.run()));

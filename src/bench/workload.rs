@@ -1,7 +1,8 @@
 //! One operation of each scenario, over HTTP (the service, and its cache-off and primary-only
 //! twins when there are) and raw (the same SQL through the same storage functions, no HTTP, no
 //! service; for `get-hot` a Redis `GET` of the cached order), plus the catalog and the order
-//! pools the operations draw from, and the GTID wait measurement on a replica.
+//! pools the operations draw from, the flash sales of the `flash` scenario, and the GTID wait
+//! measurement on a replica.
 
 use sqlx::AssertSqlSafe;
 use std::collections::HashMap;
@@ -20,6 +21,7 @@ use crate::cluster::LocalCluster;
 use crate::config::Settings;
 use crate::domain::actor::{Caller, Role};
 use crate::domain::consistency::Gtid;
+use crate::domain::flash::MAX_PER_USER_LIMIT;
 use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
@@ -117,6 +119,20 @@ impl ServedCounter {
     }
 }
 
+/// A flash sale the bench created for the service phase of `flash` that sells it.
+#[derive(Debug, Clone)]
+pub struct FlashSaleMade {
+    /// The service phase that sells it (the service, behind its gate; the cache-off twin, on
+    /// the database path).
+    pub phase: Phase,
+    /// The sale's id, as the service answered it.
+    pub sale_id: String,
+    pub product_id: ProductId,
+    pub units: i64,
+    /// Stock loaded on the product's shelf (more than the sale's units: the sale is the limit).
+    pub loaded: i64,
+}
+
 /// The service phases whose answers' `Served-By` is counted (get-cold and list).
 const COUNTED_PHASES: [Phase; 3] = [Phase::Service, Phase::ServiceCacheOff, Phase::ServicePrimaryOnly];
 
@@ -161,9 +177,24 @@ pub struct Workload {
     tokens: Vec<String>,
     merchant: String,
     service_token: String,
+    /// An administrator's token: the bench creates the flash sales.
+    admin: String,
+    /// `[cache] enabled` of the service under test: whether its flash sales have the gate.
+    cache_enabled: bool,
+    /// `flash.fallback_concurrency` of the service under test.
+    fallback_concurrency: usize,
     products: Vec<ProductSnapshot>,
+    /// The flash product of the service phase (a sale behind the gate when the service caches).
     hot: ProductSnapshot,
+    /// The flash product of the cache-off twin's phase (a sale on the database path).
+    hot_off: ProductSnapshot,
+    /// The flash product of the raw phase (no sale: the shelf is the limit).
     hot_raw: ProductSnapshot,
+    /// The flash sales made (once per run of the bench), one per service phase of `flash`.
+    flash_sales: Mutex<Vec<FlashSaleMade>>,
+    /// Order ids issued before each service run of `flash` (by its slot in the schedule), one
+    /// per operation: the run times the create alone.
+    flash_ids: Mutex<HashMap<usize, Arc<Vec<OrderId>>>>,
     address: Address,
     pay_timeout: TimeDelta,
     /// The service's `limits.max_unpaid_units_per_user`, so the raw baseline runs the same
@@ -186,6 +217,17 @@ pub struct Workload {
 /// Products of the catalog hold this much stock: no normal scenario sells out.
 const NORMAL_STOCK: i64 = 100_000_000;
 
+/// The per-user limit of the bench's flash sales: the most the API allows. Each buyer asks for
+/// one unit at a time, `ceil(10 × flash_stock / users)` times per phase, which
+/// [`BenchOptions::validate`] keeps within it: the limit never refuses anyone.
+pub const FLASH_PER_USER_LIMIT: i64 = MAX_PER_USER_LIMIT;
+
+/// Creates of normal products per client through each flash instance before the runs.
+const FLASH_WARM_UP_PER_CLIENT: u64 = 4;
+
+/// How many times an order id is asked for again after a 429 before `flash` gives up.
+const ID_RATE_LIMIT_RETRIES: usize = 60;
+
 /// How long the bench waits for Redis to accept a connection: the service gives it the same.
 const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -195,8 +237,10 @@ const HOT_ORDERS: usize = 10;
 
 impl Workload {
     /// Connects to the databases of `settings`, loads the catalog (users, a shop, products,
-    /// two flash-sale products: one for the service phase, one for the raw phase) and mints
-    /// tokens.
+    /// three flash products: one for the service phase, one for the cache-off twin's, one for
+    /// the raw phase) and mints tokens. The first two get a flash sale of `flash_stock` units
+    /// when `flash` is prepared, on a shelf of twice that, so that the sale is what sells out;
+    /// the raw phase's product has `flash_stock` on its shelf and no sale.
     pub async fn setup(settings: &Settings, base: &str, opts: &BenchOptions) -> anyhow::Result<Workload> {
         // The raw baseline gets the same pool sizes as the service under test.
         let shards = ShardMap::connect(settings).await?;
@@ -236,10 +280,11 @@ impl Workload {
 
         let mut products = Vec::new();
         let mut loaded = HashMap::new();
-        for i in 0..opts.products + 2 {
-            let flash = i >= opts.products;
-            let (name, stock) = if flash {
+        for i in 0..opts.products + 3 {
+            let (name, stock) = if i == opts.products + 2 {
                 (format!("flash {i}"), opts.flash_stock)
+            } else if i >= opts.products {
+                (format!("flash {i}"), 2 * opts.flash_stock)
             } else {
                 (format!("product {i}"), NORMAL_STOCK)
             };
@@ -257,6 +302,7 @@ impl Workload {
             });
         }
         let hot_raw = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
+        let hot_off = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
         let hot = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
 
         let keys = AuthKeys::new(&settings.auth);
@@ -301,9 +347,15 @@ impl Workload {
             tokens,
             merchant: keys.issue("1", Role::Merchant, Some(shop), day),
             service_token: keys.issue("0", Role::Service, None, day),
+            admin: keys.issue("1", Role::Admin, None, day),
+            cache_enabled: settings.cache.enabled,
+            fallback_concurrency: settings.flash.fallback_concurrency,
             products,
             hot,
+            hot_off,
             hot_raw,
+            flash_sales: Mutex::new(Vec::new()),
+            flash_ids: Mutex::new(HashMap::new()),
             address: Address {
                 name: "Bench Buyer".into(),
                 phone: "13800000000".into(),
@@ -372,7 +424,9 @@ impl Workload {
     /// side's two halves sit at the same mean position and a drift that is linear in time
     /// weighs on every side alike. For get-hot, the in-process read path when the bench has
     /// the service's state. Then the raw baseline; for get-hot against Redis, the pipelined
-    /// GETs and the SQL read it replaced as further baselines.
+    /// GETs and the SQL read it replaced as further baselines. `flash` runs whole phases, not
+    /// halves (a sale sells out once): the service (its sale behind the gate), the cache-off
+    /// twin when there is one (its own sale, on the database path), raw.
     pub fn schedule(&self, scenario: Scenario) -> Vec<Run> {
         let full = |phase| Run { phase, halves: 2 };
         let half = |phase| Run { phase, halves: 1 };
@@ -381,6 +435,16 @@ impl Workload {
             && matches!(scenario, Scenario::Create | Scenario::GetCold | Scenario::List)
         {
             sides.push(Phase::ServiceCacheOff);
+        }
+        // A flash sale sells out once: the gate, then the database path, each its own sale
+        // from full, each for its whole demand.
+        if scenario == Scenario::Flash {
+            let mut runs = vec![full(Phase::Service)];
+            if self.base_cache_off.is_some() {
+                runs.push(full(Phase::ServiceCacheOff));
+            }
+            runs.push(full(Phase::Raw));
+            return runs;
         }
         if self.base_primary_only.is_some() && matches!(scenario, Scenario::GetCold | Scenario::List) {
             sides.push(Phase::ServicePrimaryOnly);
@@ -525,7 +589,209 @@ impl Workload {
             }
             *Self::lock(&self.hot_cached) = Some(check);
         }
+        if scenario == Scenario::Flash {
+            self.prepare_flash(opts).await?;
+        }
         Ok(())
+    }
+
+    /// The instance a service phase runs against.
+    fn base_of(&self, phase: Phase) -> Option<&str> {
+        match phase {
+            Phase::Service => Some(&self.base),
+            Phase::ServiceCacheOff => self.base_cache_off.as_deref(),
+            Phase::ServicePrimaryOnly => self.base_primary_only.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The flash product a phase of `flash` buys.
+    fn flash_product(&self, phase: Phase) -> &ProductSnapshot {
+        match phase {
+            Phase::ServiceCacheOff => &self.hot_off,
+            Phase::Service | Phase::ServicePrimaryOnly => &self.hot,
+            _ => &self.hot_raw,
+        }
+    }
+
+    /// Whether the instance of a service phase answers flash buyers at the Redis gate.
+    pub fn has_gate(&self, phase: Phase) -> bool {
+        phase == Phase::Service && self.cache_enabled
+    }
+
+    /// `flash.fallback_concurrency` of the service under test (its database path's bound per
+    /// sale).
+    pub fn service_fallback_concurrency(&self) -> usize {
+        self.fallback_concurrency
+    }
+
+    /// The flash sales made so far.
+    pub fn flash_sales(&self) -> Vec<FlashSaleMade> {
+        Self::lock(&self.flash_sales).clone()
+    }
+
+    /// Before `flash`: a sale of each service phase's product (once per run of the bench),
+    /// created through the instance that sells it (the cache-off twin builds no gate), live
+    /// from a minute ago for an hour, `flash_stock` units, a per-user limit that refuses
+    /// nobody, payment within 30 minutes; a few creates of normal products through each of
+    /// those instances, so that neither side's first buyers pay for opening its connection
+    /// pools; then the order ids of every service run, one per operation, for the buyer that
+    /// operation's index names (as the run will): the runs time the create alone.
+    async fn prepare_flash(self: &Arc<Self>, opts: &BenchOptions) -> anyhow::Result<()> {
+        let schedule = self.schedule(Scenario::Flash);
+        let service_phases: Vec<(usize, Phase)> = schedule
+            .iter()
+            .enumerate()
+            .map(|(slot, r)| (slot, r.phase))
+            .filter(|(_, p)| matches!(p, Phase::Service | Phase::ServiceCacheOff))
+            .collect();
+        if Self::lock(&self.flash_sales).is_empty() {
+            let mut made = Vec::new();
+            for &(_, phase) in &service_phases {
+                let base = self
+                    .base_of(phase)
+                    .ok_or_else(|| anyhow::anyhow!("no instance for {phase:?}"))?;
+                let product = self.flash_product(phase).clone();
+                made.push(self.create_sale(base, phase, &product, opts.flash_stock).await?);
+            }
+            *Self::lock(&self.flash_sales) = made;
+        }
+        for &(_, phase) in &service_phases {
+            let base = self
+                .base_of(phase)
+                .ok_or_else(|| anyhow::anyhow!("no instance for {phase:?}"))?
+                .to_owned();
+            let w = self.clone();
+            let warmed = drive(
+                &format!("warming {}", phase.label()),
+                opts.concurrency,
+                Duration::from_secs(60),
+                Some(FLASH_WARM_UP_PER_CLIENT * opts.concurrency as u64),
+                opts.progress,
+                move |_, _| {
+                    let (w, base) = (w.clone(), base.clone());
+                    async move {
+                        let user = rand::thread_rng().gen_range(0..w.users.len());
+                        let (p, q) = w.random_line();
+                        w.http_create(&base, user, p, q)
+                            .await
+                            .err()
+                            .unwrap_or(Outcome::Ok)
+                    }
+                },
+            )
+            .await;
+            if !warmed.errors.is_empty() {
+                tracing::warn!(errors = ?warmed.errors, phase = phase.label(), "flash: some warm-up creates failed");
+            }
+        }
+        let demand = 10 * opts.flash_stock as u64;
+        let mut ids = HashMap::new();
+        for &(slot, phase) in &service_phases {
+            let base = self
+                .base_of(phase)
+                .ok_or_else(|| anyhow::anyhow!("no instance for {phase:?}"))?;
+            if opts.progress {
+                eprintln!(
+                    "flash: issuing {demand} order ids for the {} run ...",
+                    phase.label()
+                );
+            }
+            ids.insert(slot, self.issue_ids(base, demand, opts.concurrency).await?);
+        }
+        *Self::lock(&self.flash_ids) = ids;
+        Ok(())
+    }
+
+    /// `POST /v1/flash-sales` of `units` of `product` at half its price through `base`.
+    async fn create_sale(
+        &self,
+        base: &str,
+        phase: Phase,
+        product: &ProductSnapshot,
+        units: i64,
+    ) -> anyhow::Result<FlashSaleMade> {
+        let now = Utc::now();
+        let body = json!({
+            "product_id": product.id.to_string(),
+            "units": units,
+            "sale_price": product.price.minor() / 2,
+            "per_user_limit": FLASH_PER_USER_LIMIT,
+            "starts_at": (now - TimeDelta::minutes(1)).to_rfc3339(),
+            "ends_at": (now + TimeDelta::hours(1)).to_rfc3339(),
+            "payment_timeout_secs": 1800,
+        });
+        let sale = self
+            .call(
+                base,
+                reqwest::Method::POST,
+                "/v1/flash-sales",
+                &self.admin,
+                Some(body),
+            )
+            .await
+            .map_err(|o| anyhow::anyhow!("creating the flash sale of product {}: {o:?}", product.id))?;
+        let sale_id = sale["sale_id"]
+            .as_str()
+            .ok_or_else(|| anyhow::anyhow!("the new flash sale has no sale_id: {sale}"))?
+            .to_owned();
+        Ok(FlashSaleMade {
+            phase,
+            sale_id,
+            product_id: product.id,
+            units,
+            loaded: self.loaded.get(&product.id).copied().unwrap_or(0),
+        })
+    }
+
+    /// `n` order ids from `base`, the `i`-th for buyer `i % users`, `concurrency` requests at a
+    /// time (at most 32); a 429 is waited out and asked again.
+    async fn issue_ids(
+        self: &Arc<Self>,
+        base: &str,
+        n: u64,
+        concurrency: usize,
+    ) -> anyhow::Result<Arc<Vec<OrderId>>> {
+        let next = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..concurrency.clamp(1, 32))
+            .map(|_| {
+                let (w, base, next) = (self.clone(), base.to_owned(), next.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            return Ok::<_, anyhow::Error>(got);
+                        }
+                        let user = i as usize % w.users.len();
+                        let mut tries = 0;
+                        let id = loop {
+                            match w.issue_id(&base, user).await {
+                                Ok(id) => break id,
+                                Err(Outcome::Error(code))
+                                    if code == "rate_limited" && tries < ID_RATE_LIMIT_RETRIES =>
+                                {
+                                    tries += 1;
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
+                                Err(o) => anyhow::bail!("issuing an order id for flash: {o:?}"),
+                            }
+                        };
+                        got.push((i as usize, id));
+                    }
+                })
+            })
+            .collect();
+        let mut ids = vec![None; n as usize];
+        for task in tasks {
+            for (i, id) in task.await?? {
+                ids[i] = Some(id);
+            }
+        }
+        let ids: Option<Vec<OrderId>> = ids.into_iter().collect();
+        Ok(Arc::new(ids.ok_or_else(|| {
+            anyhow::anyhow!("flash: an order id is missing")
+        })?))
     }
 
     /// Before get-cold and list read (self-started runs with replicas): waits until every
@@ -800,9 +1066,14 @@ impl Workload {
         let acked = Self::lock(&self.acked).clone();
         let mut out = checks::run(&self.shards, &self.commerce, &self.loaded, &acked).await?;
         if scenario == Scenario::Flash {
-            for hot in [&self.hot, &self.hot_raw] {
-                out.push(checks::sold_exactly(&self.commerce, hot.id, opts.flash_stock).await?);
+            for sale in self.flash_sales() {
+                let name = match sale.phase {
+                    Phase::ServiceCacheOff => "flash_sale_sold_exactly_cache_off",
+                    _ => "flash_sale_sold_exactly_service",
+                };
+                out.push(checks::flash_sale_sold_exactly(&self.shards, &self.commerce, name, &sale).await?);
             }
+            out.push(checks::sold_exactly(&self.commerce, self.hot_raw.id, opts.flash_stock).await?);
         }
         if scenario == Scenario::GetHot {
             out.extend(Self::lock(&self.hot_cached).take());
@@ -923,14 +1194,37 @@ impl Workload {
         product: &ProductSnapshot,
         quantity: i64,
     ) -> Result<Value, Outcome> {
-        let token = &self.tokens[user];
+        let id = self.issue_id(base, user).await?;
+        self.http_create_with_id(base, user, id, product, quantity).await
+    }
+
+    /// `POST /v1/order-ids` for buyer `user`.
+    async fn issue_id(&self, base: &str, user: usize) -> Result<OrderId, Outcome> {
         let issued = self
-            .call(base, reqwest::Method::POST, "/v1/order-ids", token, None)
+            .call(
+                base,
+                reqwest::Method::POST,
+                "/v1/order-ids",
+                &self.tokens[user],
+                None,
+            )
             .await?;
-        let id = issued["order_id"]
+        issued["order_id"]
             .as_str()
             .and_then(OrderId::parse)
-            .ok_or_else(|| Outcome::Error("bad_order_id".into()))?;
+            .ok_or_else(|| Outcome::Error("bad_order_id".into()))
+    }
+
+    /// `POST /v1/orders` of order `id` (issued for `user`).
+    async fn http_create_with_id(
+        &self,
+        base: &str,
+        user: usize,
+        id: OrderId,
+        product: &ProductSnapshot,
+        quantity: i64,
+    ) -> Result<Value, Outcome> {
+        let token = &self.tokens[user];
         let body = json!({
             "order_id": id.to_string(),
             "items": [{"product_id": product.id.to_string(), "quantity": quantity}],
@@ -1014,10 +1308,23 @@ impl Workload {
                 let (p, q) = self.random_line();
                 self.http_create(base, user, p, q).await.map(drop)
             }
-            Scenario::Flash => self
-                .http_create(base, i as usize % self.users.len(), &self.hot, 1)
-                .await
-                .map(drop),
+            Scenario::Flash => {
+                // The id was issued before the run (see `prepare_flash`): the create alone.
+                let ids = Self::lock(&self.flash_ids).get(&slot).cloned();
+                match ids.as_ref().and_then(|ids| ids.get(i as usize)) {
+                    Some(&id) => self
+                        .http_create_with_id(
+                            base,
+                            i as usize % self.users.len(),
+                            id,
+                            self.flash_product(phase),
+                            1,
+                        )
+                        .await
+                        .map(drop),
+                    None => Err(Outcome::Error("no_flash_order_id".into())),
+                }
+            }
             Scenario::GetHot => {
                 let (user, id) = self.read_target(scenario, slot, i);
                 self.get(base, &format!("/v1/orders/{id}"), &self.tokens[user])

@@ -57,8 +57,23 @@ async fn bench_runs_every_scenario_with_passing_checks() {
     }
     let flash = results.iter().find(|r| r.scenario == Scenario::Flash).unwrap();
     assert_eq!(flash.service.refused.get("out_of_stock").copied(), Some(180));
+    // The service phase sold a flash sale of its own (no cache-off twin here: one side), and
+    // its answers split by outcome: 20 units sold, 180 buyers refused.
+    let gate = flash.flash_gate.as_ref().expect("flash_gate");
+    assert_eq!((gate.service.created, gate.service.sold_out), (20, 180));
+    assert!(gate.service.sale_id.is_some());
+    assert!(gate.database_only.is_none() && gate.sold_out_ratio.is_none());
+    assert!(
+        flash
+            .checks
+            .iter()
+            .any(|c| c.name == "flash_sale_sold_exactly_service" && c.ok),
+        "{:?}",
+        flash.checks
+    );
     let table = orderly::bench::markdown(&results, &opts);
     assert!(table.contains("| lifecycle |"));
+    assert!(table.contains("Flash sale: gate against database only"));
 }
 
 #[tokio::test]
