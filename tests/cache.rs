@@ -520,7 +520,7 @@ async fn flash_gate_takes_once_per_order_and_gives_back_once() {
         f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
         GateAnswer::Missing
     );
-    assert!(f.cache.gate_rebuild(&sale, 2, &[], &[]).await);
+    assert!(f.cache.gate_rebuild(&sale, 2, &[], &[], &[]).await);
     assert_eq!(
         f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
         GateAnswer::Took
@@ -554,7 +554,7 @@ async fn flash_gate_takes_once_per_order_and_gives_back_once() {
     // A rebuild from the database's state replaces everything.
     assert!(
         f.cache
-            .gate_rebuild(&sale, 1, &[(a, 1)], &[(order(1), a, 1)])
+            .gate_rebuild(&sale, 1, &[(a, 1)], &[(order(1), a, 1)], &[])
             .await
     );
     assert_eq!(
@@ -572,7 +572,7 @@ async fn flash_gate_takes_once_per_order_and_gives_back_once() {
     let mut over = sale.clone();
     over.ends_at = now - chrono::TimeDelta::seconds(1);
     over.starts_at = now - chrono::TimeDelta::hours(1);
-    assert!(f.cache.gate_rebuild(&over, 5, &[], &[]).await);
+    assert!(f.cache.gate_rebuild(&over, 5, &[], &[], &[order(9)]).await);
     assert_eq!(
         f.cache.gate_take(sale.sale_id, order(7), c, 1).await,
         GateAnswer::Closed

@@ -176,16 +176,18 @@ impl Cache {
     }
 
     /// Replaces a sale's gate with the state read from the database (units left, each
-    /// buyer's units, each live order's buyer and units); whether it was written.
+    /// buyer's units, each live order's buyer and units, every order id the sale has seen);
+    /// whether it was written.
     pub async fn gate_rebuild(
         &self,
         sale: &FlashSale,
         left: i64,
         buyers: &[(UserId, i64)],
         orders: &[(OrderId, UserId, i64)],
+        seen: &[OrderId],
     ) -> bool {
         match self {
-            Cache::Redis(r) => r.gate_rebuild(sale, left, buyers, orders).await,
+            Cache::Redis(r) => r.gate_rebuild(sale, left, buyers, orders, seen).await,
             Cache::Disabled => false,
         }
     }

@@ -59,10 +59,16 @@ pub struct FlashSales {
 /// What a sale's gate let an order do.
 #[derive(Debug)]
 pub enum Admission {
-    /// The gate took the units (or had taken them for this order): go on.
-    Gated,
+    /// The gate took the units now: go on (and give them back if the order is not reserved).
+    Took,
+    /// The gate had taken the units for this order before (a retry): go on; giving them back
+    /// is the business of the attempt that took them.
+    Already,
     /// The gate cannot answer: go on to the database, holding this place in the sale's bound.
     Fallback(OwnedSemaphorePermit),
+    /// The gate took nothing, but this order id took units of the sale before (a replay):
+    /// go on to the database, which answers it as it was.
+    Known,
     /// No: sold out, or the sale is over.
     SoldOut,
     /// No: the buyer's units would pass the sale's limit.
@@ -129,7 +135,9 @@ impl FlashSales {
     /// Asks `sale`'s gate for `units` for `order`.
     pub async fn take(&self, sale: &FlashSale, order: OrderId, user: UserId, units: i64) -> Admission {
         match self.cache.gate_take(sale.sale_id, order, user, units).await {
-            GateAnswer::Took | GateAnswer::Already => Admission::Gated,
+            GateAnswer::Took => Admission::Took,
+            GateAnswer::Already => Admission::Already,
+            GateAnswer::Known => Admission::Known,
             GateAnswer::SoldOut | GateAnswer::Closed => {
                 metrics::counter!("orderly_flash_gate_total", "outcome" => "sold_out").increment(1);
                 Admission::SoldOut
@@ -272,7 +280,7 @@ impl FlashSales {
 async fn rebuild_gate(commerce: &MySqlPool, cache: &Cache, sale: &FlashSale) -> Result<bool> {
     let state = flash::gate_state(commerce, sale).await?;
     Ok(cache
-        .gate_rebuild(sale, state.left, &state.buyers, &state.orders)
+        .gate_rebuild(sale, state.left, &state.buyers, &state.orders, &state.released)
         .await)
 }
 

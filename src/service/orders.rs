@@ -516,25 +516,15 @@ impl OrderService {
         tracing::Span::current()
             .record("order_id", tracing::field::display(new.order_id))
             .record("shard", shard.index.get());
-        let mut conn = self.conn(shard).await?;
-        match orders::id_state(&mut conn, &shard.tables, new.order_id).await? {
-            IdState::Taken(stored) => {
-                return self.replay(&mut conn, shard, new.order_id, &stored, &hash).await
-            }
-            IdState::Voided => return Err(voided_id()),
-            IdState::Free => {}
-        }
-        drop(conn);
-        check_id_is_fresh(new.order_id, Utc::now())?;
-
+        // Flash lines ask their sale's gate first, before any SQL: most buyers of a sold-out
+        // sale end here. (An order id the sale has seen before is let through to the
+        // database, so a replay is answered as it was.) `bounds` holds the database path's
+        // places while a gate cannot answer.
         let priced_at = Utc::now();
-        let (pricing, sales) = self
-            .price(user, Some(new.order_id), &new.lines, &new.coupon_ids, priced_at)
-            .await?;
-        // Flash lines ask their sale's gate first: most buyers of a sold-out sale end here.
-        // `_bounds` holds the database path's places while a gate cannot answer.
+        let products: Vec<_> = new.lines.iter().map(|l| l.product_id).collect();
+        let sales = self.flash.live_for(&products, priced_at).await?;
         let mut gated = Vec::new();
-        let mut _bounds = Vec::new();
+        let mut bounds = Vec::new();
         for sale in &sales {
             let units: i64 = new
                 .lines
@@ -543,12 +533,13 @@ impl OrderService {
                 .map(|l| l.quantity)
                 .sum();
             let refusal = match self.flash.take(sale, new.order_id, user, units).await {
-                Admission::Gated => {
+                Admission::Took => {
                     gated.push(sale.sale_id);
                     continue;
                 }
+                Admission::Already | Admission::Known => continue,
                 Admission::Fallback(place) => {
-                    _bounds.push(place);
+                    bounds.push(place);
                     continue;
                 }
                 Admission::SoldOut => Error::OutOfStock {
@@ -562,6 +553,44 @@ impl OrderService {
             self.flash.give_back(new.order_id, &gated).await;
             return Err(refusal);
         }
+        // From here until the reservation answers, every way out gives the gates' units back.
+        let before_reserve = async {
+            let mut conn = self.conn(shard).await?;
+            match orders::id_state(&mut conn, &shard.tables, new.order_id).await? {
+                IdState::Taken(stored) => {
+                    return Ok(Err(self
+                        .replay(&mut conn, shard, new.order_id, &stored, &hash)
+                        .await))
+                }
+                IdState::Voided => return Err(voided_id()),
+                IdState::Free => {}
+            }
+            drop(conn);
+            check_id_is_fresh(new.order_id, Utc::now())?;
+            let pricing = self
+                .price_with(
+                    user,
+                    Some(new.order_id),
+                    &new.lines,
+                    &new.coupon_ids,
+                    priced_at,
+                    &sales,
+                )
+                .await?;
+            Ok(Ok(pricing))
+        }
+        .await;
+        let pricing = match before_reserve {
+            Ok(Ok(pricing)) => pricing,
+            Ok(Err(replayed)) => {
+                self.flash.give_back(new.order_id, &gated).await;
+                return replayed;
+            }
+            Err(e) => {
+                self.flash.give_back(new.order_id, &gated).await;
+                return Err(e);
+            }
+        };
         let flash_lines: Vec<FlashLine> = sales
             .iter()
             .map(|s| FlashLine {
@@ -581,25 +610,32 @@ impl OrderService {
             max_held_units: self.max_unpaid_units,
             flash: &flash_lines,
         };
-        let mut outcome = ReserveOutcome::Vanished;
-        for _ in 0..3 {
-            outcome = retry_deadlocks(|| async {
-                let mut c = self.commerce.acquire().await?;
-                commerce::reserve(&mut c, &reservation, now()).await
-            })
-            .await?;
-            if outcome != ReserveOutcome::Vanished {
-                break;
+        let reserved = async {
+            let mut outcome = ReserveOutcome::Vanished;
+            for _ in 0..3 {
+                outcome = retry_deadlocks(|| async {
+                    let mut c = self.commerce.acquire().await?;
+                    commerce::reserve(&mut c, &reservation, now()).await
+                })
+                .await?;
+                if outcome != ReserveOutcome::Vanished {
+                    break;
+                }
             }
+            Ok::<_, StorageError>(outcome)
         }
-        drop(_bounds);
+        .await;
+        drop(bounds);
         if !matches!(
-            outcome,
-            ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved
+            reserved,
+            Ok(ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved)
         ) {
-            // Nothing was reserved for this order: what its gates took goes back.
+            // Nothing was reserved for this order (or the outcome is unknown, and the gate
+            // may then be one unit optimistic: MySQL refuses what it lets through): what its
+            // gates took goes back.
             self.flash.give_back(new.order_id, &gated).await;
         }
+        let outcome = reserved?;
         let counted = match outcome {
             ReserveOutcome::Reserved => "reserved",
             ReserveOutcome::AlreadyReserved => "already_reserved",
@@ -732,6 +768,21 @@ impl OrderService {
     ) -> Result<(Pricing, Vec<FlashSale>)> {
         let ids: Vec<_> = lines.iter().map(|l| l.product_id).collect();
         let sales = self.flash.live_for(&ids, at).await?;
+        let pricing = self.price_with(user, order, lines, coupons, at, &sales).await?;
+        Ok((pricing, sales))
+    }
+
+    /// Prices `lines` at `at` with `sales` (the flash sales live then for its products).
+    async fn price_with(
+        &self,
+        user: UserId,
+        order: Option<OrderId>,
+        lines: &[crate::domain::order::NewLine],
+        coupons: &[crate::domain::ids::CouponId],
+        at: DateTime<Utc>,
+        sales: &[FlashSale],
+    ) -> Result<Pricing> {
+        let ids: Vec<_> = lines.iter().map(|l| l.product_id).collect();
         let products: Vec<_> = commerce::load_products(&self.commerce, &ids)
             .await?
             .iter()
@@ -744,8 +795,15 @@ impl OrderService {
             })
             .collect();
         let coupon_rows = commerce::load_coupons(&self.commerce, coupons).await?;
-        let pricing = price_order(user, order, lines, coupons, &products, &coupon_rows, at)?;
-        Ok((pricing, sales))
+        Ok(price_order(
+            user,
+            order,
+            lines,
+            coupons,
+            &products,
+            &coupon_rows,
+            at,
+        )?)
     }
 
     pub async fn preview(&self, caller: Caller, req: PreviewRequest) -> Result<Pricing> {

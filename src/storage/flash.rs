@@ -153,6 +153,8 @@ pub struct GateState {
     pub left: i64,
     pub buyers: Vec<(UserId, i64)>,
     pub orders: Vec<(OrderId, UserId, i64)>,
+    /// Orders that reserved units of the sale and gave them back (closed, abandoned...).
+    pub released: Vec<OrderId>,
 }
 
 /// The gate state of `sale`, in one consistent read (a snapshot transaction).
@@ -195,10 +197,20 @@ pub async fn gate_state(pool: &MySqlPool, sale: &FlashSale) -> Result<GateState>
         ))
     })
     .collect::<Result<Vec<_>>>()?;
+    let released = sqlx::query_scalar::<_, i64>(
+        "SELECT order_id FROM stock_reservations WHERE flash_sale_id = ? AND state = 2",
+    )
+    .bind(sale.sale_id.get())
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|o| OrderId::new(o).ok_or_else(|| corrupt("order id", o)))
+    .collect::<Result<Vec<_>>>()?;
     tx.commit().await?;
     Ok(GateState {
         left: sale.units - sold,
         buyers,
         orders,
+        released,
     })
 }
