@@ -184,10 +184,11 @@ pub struct Workload {
     /// `flash.fallback_concurrency` of the service under test.
     fallback_concurrency: usize,
     products: Vec<ProductSnapshot>,
-    /// The flash product of the service phase (a sale behind the gate when the service caches).
-    hot: ProductSnapshot,
-    /// The flash product of the cache-off twin's phase (a sale on the database path).
-    hot_off: ProductSnapshot,
+    /// The flash products of the service's runs (a sale each, behind the gate when the
+    /// service caches): one per half of the ABBA order, or the first alone.
+    hot: [ProductSnapshot; 2],
+    /// The flash products of the cache-off twin's runs (a sale each, on the database path).
+    hot_off: [ProductSnapshot; 2],
     /// The flash product of the raw phase (no sale: the shelf is the limit).
     hot_raw: ProductSnapshot,
     /// The flash sales made (once per run of the bench), one per service phase of `flash`.
@@ -237,10 +238,11 @@ const HOT_ORDERS: usize = 10;
 
 impl Workload {
     /// Connects to the databases of `settings`, loads the catalog (users, a shop, products,
-    /// three flash products: one for the service phase, one for the cache-off twin's, one for
-    /// the raw phase) and mints tokens. The first two get a flash sale of `flash_stock` units
-    /// when `flash` is prepared, on a shelf of twice that, so that the sale is what sells out;
-    /// the raw phase's product has `flash_stock` on its shelf and no sale.
+    /// five flash products: two for the service's runs, two for the cache-off twin's, one for
+    /// the raw phase) and mints tokens. A service run's product gets a flash sale of its
+    /// share of `flash_stock` units when `flash` is prepared, on a shelf of twice
+    /// `flash_stock`, so that the sale is what sells out; the raw phase's product has
+    /// `flash_stock` on its shelf and no sale.
     pub async fn setup(settings: &Settings, base: &str, opts: &BenchOptions) -> anyhow::Result<Workload> {
         // The raw baseline gets the same pool sizes as the service under test.
         let shards = ShardMap::connect(settings).await?;
@@ -280,8 +282,8 @@ impl Workload {
 
         let mut products = Vec::new();
         let mut loaded = HashMap::new();
-        for i in 0..opts.products + 3 {
-            let (name, stock) = if i == opts.products + 2 {
+        for i in 0..opts.products + 5 {
+            let (name, stock) = if i == opts.products + 4 {
                 (format!("flash {i}"), opts.flash_stock)
             } else if i >= opts.products {
                 (format!("flash {i}"), 2 * opts.flash_stock)
@@ -301,9 +303,10 @@ impl Workload {
                 currency: Currency::CNY,
             });
         }
-        let hot_raw = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
-        let hot_off = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
-        let hot = products.pop().ok_or_else(|| anyhow::anyhow!("no products"))?;
+        let mut flash_product = || products.pop().ok_or_else(|| anyhow::anyhow!("no products"));
+        let hot_raw = flash_product()?;
+        let hot_off = [flash_product()?, flash_product()?];
+        let hot = [flash_product()?, flash_product()?];
 
         let keys = AuthKeys::new(&settings.auth);
         let day = Duration::from_secs(24 * 3600);
@@ -436,13 +439,23 @@ impl Workload {
         {
             sides.push(Phase::ServiceCacheOff);
         }
-        // A flash sale sells out once: the gate, then the database path, each its own sale
-        // from full, each for its whole demand.
+        // A flash sale sells out once, so each run sells a sale of its own from full: with
+        // the twin, the gate and the database path as halves in ABBA order (half the units and
+        // half the demand each), so that what the first run pays (it follows the warm-up and
+        // the sweeper's catching up) falls on both sides alike.
         if scenario == Scenario::Flash {
-            let mut runs = vec![full(Phase::Service)];
-            if self.base_cache_off.is_some() {
-                runs.push(full(Phase::ServiceCacheOff));
-            }
+            let mut runs = if self.base_cache_off.is_some() {
+                [
+                    Phase::Service,
+                    Phase::ServiceCacheOff,
+                    Phase::ServiceCacheOff,
+                    Phase::Service,
+                ]
+                .map(half)
+                .to_vec()
+            } else {
+                vec![full(Phase::Service)]
+            };
             runs.push(full(Phase::Raw));
             return runs;
         }
@@ -605,12 +618,39 @@ impl Workload {
         }
     }
 
-    /// The flash product a phase of `flash` buys.
-    fn flash_product(&self, phase: Phase) -> &ProductSnapshot {
-        match phase {
-            Phase::ServiceCacheOff => &self.hot_off,
-            Phase::Service | Phase::ServicePrimaryOnly => &self.hot,
+    /// The flash product the run in `slot` of `flash`'s schedule buys: a product of its own
+    /// for each service run (the first or second of its side), the raw product otherwise.
+    fn flash_product(&self, slot: usize) -> &ProductSnapshot {
+        let schedule = self.schedule(Scenario::Flash);
+        let Some(run) = schedule.get(slot) else {
+            return &self.hot_raw;
+        };
+        let nth = schedule[..slot]
+            .iter()
+            .filter(|r| r.phase == run.phase)
+            .count()
+            .min(1);
+        match run.phase {
+            Phase::ServiceCacheOff => &self.hot_off[nth],
+            Phase::Service | Phase::ServicePrimaryOnly => &self.hot[nth],
             _ => &self.hot_raw,
+        }
+    }
+
+    /// The units the run in `slot` of `flash` sells: `flash_stock` for a whole run, its half
+    /// for a half (the second half gets the odd unit).
+    pub fn flash_units(&self, slot: usize, flash_stock: i64) -> i64 {
+        let schedule = self.schedule(Scenario::Flash);
+        match schedule.get(slot) {
+            Some(run) if run.halves == 1 => {
+                let nth = schedule[..slot].iter().filter(|r| r.phase == run.phase).count();
+                if nth == 0 {
+                    flash_stock / 2
+                } else {
+                    flash_stock - flash_stock / 2
+                }
+            }
+            _ => flash_stock,
         }
     }
 
@@ -647,12 +687,13 @@ impl Workload {
             .collect();
         if Self::lock(&self.flash_sales).is_empty() {
             let mut made = Vec::new();
-            for &(_, phase) in &service_phases {
+            for &(slot, phase) in &service_phases {
                 let base = self
                     .base_of(phase)
                     .ok_or_else(|| anyhow::anyhow!("no instance for {phase:?}"))?;
-                let product = self.flash_product(phase).clone();
-                made.push(self.create_sale(base, phase, &product, opts.flash_stock).await?);
+                let product = self.flash_product(slot).clone();
+                let units = self.flash_units(slot, opts.flash_stock);
+                made.push(self.create_sale(base, phase, &product, units).await?);
             }
             *Self::lock(&self.flash_sales) = made;
         }
@@ -685,9 +726,9 @@ impl Workload {
                 tracing::warn!(errors = ?warmed.errors, phase = phase.label(), "flash: some warm-up creates failed");
             }
         }
-        let demand = 10 * opts.flash_stock as u64;
         let mut ids = HashMap::new();
         for &(slot, phase) in &service_phases {
+            let demand = 10 * self.flash_units(slot, opts.flash_stock) as u64;
             let base = self
                 .base_of(phase)
                 .ok_or_else(|| anyhow::anyhow!("no instance for {phase:?}"))?;
@@ -1317,7 +1358,7 @@ impl Workload {
                             base,
                             i as usize % self.users.len(),
                             id,
-                            self.flash_product(phase),
+                            self.flash_product(slot),
                             1,
                         )
                         .await
