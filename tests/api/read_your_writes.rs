@@ -104,33 +104,27 @@ async fn pay_with_token(app: &TestApp, order: &Value) -> String {
     token_of(&headers)
 }
 
-async fn cache_holds(app: &TestApp, id: &str) -> bool {
+/// Runs `command` (`EXISTS`, `DEL`) on the cache entry of order `id`; answers its count.
+async fn on_cache_entry(app: &TestApp, command: &str, id: &str) -> i64 {
     let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
     let key = orderly::cache::redis::order_key(
         &app.settings.redis.key_prefix,
         orderly::domain::ids::OrderId::parse(id).unwrap(),
     );
-    redis::cmd("EXISTS")
+    redis::cmd(command)
         .arg(&key)
         .query_async::<i64>(&mut con)
         .await
         .unwrap()
-        == 1
+}
+
+async fn cache_holds(app: &TestApp, id: &str) -> bool {
+    on_cache_entry(app, "EXISTS", id).await == 1
 }
 
 async fn evict(app: &TestApp, id: &str) {
-    let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
-    let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let key = orderly::cache::redis::order_key(
-        &app.settings.redis.key_prefix,
-        orderly::domain::ids::OrderId::parse(id).unwrap(),
-    );
-    redis::cmd("DEL")
-        .arg(&key)
-        .query_async::<i64>(&mut con)
-        .await
-        .unwrap();
+    on_cache_entry(app, "DEL", id).await;
 }
 
 /// The replica's applier stopped: a paid order reads as paid at once (the read waits for the
