@@ -164,14 +164,11 @@ impl FlashSales {
                 .or_insert_with(|| Arc::new(Semaphore::new(self.settings.fallback_concurrency.max(1))))
                 .clone()
         };
-        // The semaphore is never closed, so this cannot fail; a closed one would mean no bound.
-        match bound.acquire_owned().await {
-            Ok(p) => p,
-            Err(_) => Arc::new(Semaphore::new(1))
-                .acquire_owned()
-                .await
-                .unwrap_or_else(|_| unreachable!("a fresh semaphore is open")),
-        }
+        // Acquiring fails only on a closed semaphore, and these are never closed.
+        bound
+            .acquire_owned()
+            .await
+            .unwrap_or_else(|_| unreachable!("a sale's bound is never closed"))
     }
 
     /// Returns `order`'s units to the gates of `sales` (after the database gave them back,

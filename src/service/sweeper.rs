@@ -319,27 +319,12 @@ impl OrderService {
     /// each shard database on its own task with the same time bound as a sweep, so one server
     /// that hangs does not hold up the others.
     pub async fn close_expired_once(&self, at: DateTime<Utc>, batch: u32) -> Result<CloseOutcome> {
-        let steps = self
-            .on_each_database("close expired", |service, database| async move {
-                let mut out = CloseOutcome::default();
-                for shard in service.shards().all().iter().filter(|s| s.database == database) {
-                    if let Err(e) = service.close_expired_in(shard, at, batch, &mut out).await {
-                        tracing::warn!(shard = %shard.index, error = %e, "close expired: shard left for the next step");
-                        out.failed += 1;
-                    }
-                }
-                out
-            })
-            .await;
-        Ok(total(
-            steps,
-            |out, o| {
-                out.closed += o.closed;
-                out.raced += o.raced;
-                out.failed += o.failed;
-            },
-            |out| out.failed += 1,
-        ))
+        let m = self.move_due_once(Due::Unpaid, at, batch).await;
+        Ok(CloseOutcome {
+            closed: m.moved,
+            raced: m.raced,
+            failed: m.failed,
+        })
     }
 
     /// Completes shipped orders shipped before `at - after`, up to `batch` per shard, each
@@ -357,27 +342,41 @@ impl OrderService {
         else {
             return Ok(CompleteOutcome::default());
         };
+        let m = self.move_due_once(Due::Shipped, cutoff, batch).await;
+        Ok(CompleteOutcome {
+            completed: m.moved,
+            raced: m.raced,
+            failed: m.failed,
+        })
+    }
+
+    /// Moves the orders `due` names whose time is before `before`, up to `batch` per shard,
+    /// every shard database at once.
+    async fn move_due_once(&self, due: Due, before: DateTime<Utc>, batch: u32) -> Moved {
         let steps = self
-            .on_each_database("complete shipped", |service, database| async move {
-                let mut out = CompleteOutcome::default();
+            .on_each_database(due.what(), move |service, database| async move {
+                let mut out = Moved::default();
                 for shard in service.shards().all().iter().filter(|s| s.database == database) {
-                    if let Err(e) = service.complete_shipped_in(shard, cutoff, batch, &mut out).await {
-                        tracing::warn!(shard = %shard.index, error = %e, "complete shipped: shard left for the next step");
+                    if let Err(e) = service.move_due_in(shard, due, before, batch, &mut out).await {
+                        tracing::warn!(shard = %shard.index, error = %e, "{}: shard left for the next step", due.what());
                         out.failed += 1;
                     }
                 }
                 out
             })
             .await;
-        Ok(total(
-            steps,
-            |out, o| {
-                out.completed += o.completed;
-                out.raced += o.raced;
-                out.failed += o.failed;
-            },
-            |out| out.failed += 1,
-        ))
+        let mut out = Moved::default();
+        for step in steps {
+            match step {
+                Some(o) => {
+                    out.moved += o.moved;
+                    out.raced += o.raced;
+                    out.failed += o.failed;
+                }
+                None => out.failed += 1,
+            }
+        }
+        out
     }
 
     /// Runs `step` for every shard database at once, each on its own task and cut off after
@@ -408,73 +407,58 @@ impl OrderService {
         answers
     }
 
-    async fn close_expired_in(
+    /// One shard's part of [`Self::move_due_once`]: each due order moves by a compare-and-set
+    /// on its version and status through the service's commit point, like any request's
+    /// write (the cache learns of it before the next read); one that changed meanwhile is
+    /// `raced`. A closed order gives its stock back.
+    async fn move_due_in(
         &self,
         shard: &Shard,
-        at: DateTime<Utc>,
+        due: Due,
+        before: DateTime<Utc>,
         batch: u32,
-        out: &mut CloseOutcome,
+        out: &mut Moved,
     ) -> Result<(), StorageError> {
         let mut conn = self.shards().primary(shard).acquire().await?;
-        let expired: Vec<(OrderId, i64)> =
-            orders::expired_unpaid(&mut conn, &shard.tables, at, batch).await?;
+        let orders: Vec<(OrderId, i64)> = match due {
+            Due::Unpaid => orders::expired_unpaid(&mut conn, &shard.tables, before, batch).await?,
+            Due::Shipped => orders::shipped_before(&mut conn, &shard.tables, before, batch).await?,
+        };
         drop(conn);
-        let to = crate::domain::status::transition(OrderStatus::PendingPayment, Command::TimeoutClose)
-            .unwrap_or(OrderStatus::Closed);
+        let (from, command, fallback) = match due {
+            Due::Unpaid => (
+                OrderStatus::PendingPayment,
+                Command::TimeoutClose,
+                OrderStatus::Closed,
+            ),
+            Due::Shipped => (
+                OrderStatus::Shipped,
+                Command::AutoComplete,
+                OrderStatus::Completed,
+            ),
+        };
+        let to = crate::domain::status::transition(from, command).unwrap_or(fallback);
+        // `completed_at` is set by the status write itself; a close also records why.
         let change = StatusChange {
-            close_reason: Some("payment timeout".into()),
+            close_reason: (due == Due::Unpaid).then(|| "payment timeout".into()),
             ..Default::default()
         };
-        for (id, version) in expired {
-            // Through the service's commit point like any request's write: the cache learns
-            // of the close before the next read.
+        for (id, version) in orders {
             let write = OrderWrite::Status {
                 id,
                 expected_version: version,
-                from: OrderStatus::PendingPayment,
+                from,
                 to,
                 change: &change,
                 now: now(),
             };
             match self.commit(shard, write, Snapshot::None).await? {
                 Ok(_) => {
-                    self.release_stock(shard, id).await;
-                    out.closed += 1;
+                    if due == Due::Unpaid {
+                        self.release_stock(shard, id).await;
+                    }
+                    out.moved += 1;
                 }
-                Err(_) => out.raced += 1,
-            }
-        }
-        Ok(())
-    }
-
-    async fn complete_shipped_in(
-        &self,
-        shard: &Shard,
-        cutoff: DateTime<Utc>,
-        batch: u32,
-        out: &mut CompleteOutcome,
-    ) -> Result<(), StorageError> {
-        let mut conn = self.shards().primary(shard).acquire().await?;
-        let due: Vec<(OrderId, i64)> =
-            orders::shipped_before(&mut conn, &shard.tables, cutoff, batch).await?;
-        drop(conn);
-        let to = crate::domain::status::transition(OrderStatus::Shipped, Command::AutoComplete)
-            .unwrap_or(OrderStatus::Completed);
-        // `completed_at` is set by the status write itself; nothing else changes.
-        let change = StatusChange::default();
-        for (id, version) in due {
-            // Through the service's commit point like any request's write: the cache learns
-            // of the completion before the next read.
-            let write = OrderWrite::Status {
-                id,
-                expected_version: version,
-                from: OrderStatus::Shipped,
-                to,
-                change: &change,
-                now: now(),
-            };
-            match self.commit(shard, write, Snapshot::None).await? {
-                Ok(_) => out.completed += 1,
                 Err(_) => out.raced += 1,
             }
         }
@@ -482,17 +466,29 @@ impl OrderService {
     }
 }
 
-/// The sum of one step's answers per database: `add` folds one in, `cut_off` counts a
-/// database whose part was cut off.
-fn total<T: Default>(steps: Vec<Option<T>>, add: impl Fn(&mut T, T), cut_off: impl Fn(&mut T)) -> T {
-    let mut out = T::default();
-    for step in steps {
-        match step {
-            Some(o) => add(&mut out, o),
-            None => cut_off(&mut out),
+/// The orders a background step moves on their own: unpaid past their payment deadline
+/// (closed), shipped longer ago than the auto-complete age (completed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    Unpaid,
+    Shipped,
+}
+
+impl Due {
+    fn what(self) -> &'static str {
+        match self {
+            Due::Unpaid => "close expired",
+            Due::Shipped => "complete shipped",
         }
     }
-    out
+}
+
+/// What a step of [`Due`] orders did: moved, changed meanwhile, shards or databases failed.
+#[derive(Debug, Default, Clone, Copy)]
+struct Moved {
+    moved: usize,
+    raced: usize,
+    failed: usize,
 }
 
 enum Settled {
