@@ -17,6 +17,7 @@ use crate::cache::{Cache, CacheHealth};
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::WorkerId;
+use crate::events::{relay, RelayWakers};
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
@@ -44,6 +45,7 @@ pub struct Application {
     background: Vec<JoinHandle<()>>,
     /// Every database, for the replica probes.
     databases: Vec<Arc<Database>>,
+    relay_wakers: RelayWakers,
 }
 
 impl Application {
@@ -93,7 +95,9 @@ impl Application {
             cache.clone(),
             settings.flash.clone(),
         ));
+        let relay_wakers = RelayWakers::new(shards.databases().len());
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
+            .with_relay_wakers(relay_wakers.clone())
             .with_flash(flash)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
             .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
@@ -114,6 +118,7 @@ impl Application {
             shutdown,
             background,
             databases,
+            relay_wakers,
         })
     }
 
@@ -151,6 +156,14 @@ impl Application {
             Duration::from_millis(s.replicas.probe_interval_ms),
             self.shutdown.clone(),
         ));
+        let relays = s.events.relay.then(|| {
+            tokio::spawn(relay::run(
+                self.state.orders.shards().databases().to_vec(),
+                s.events.clone(),
+                self.relay_wakers.clone(),
+                self.shutdown.clone(),
+            ))
+        });
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -199,6 +212,9 @@ impl Application {
         let _ = probes.await;
         let _ = gates.await;
         let _ = cleanup.await;
+        if let Some(r) = relays {
+            let _ = r.await;
+        }
         served?;
         Ok(())
     }

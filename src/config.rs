@@ -30,6 +30,29 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub replicas: ReplicaSettings,
     pub flash: FlashSettings,
+    pub events: EventSettings,
+}
+
+/// The order event stream: the outbox relay to NATS JetStream (see [`crate::events`]); every
+/// tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct EventSettings {
+    pub nats_url: String,
+    pub relay: bool,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub duplicate_window_secs: u64,
+    pub relay_batch: u32,
+    pub relay_poll_ms: u64,
+    pub publish_timeout_ms: u64,
+    pub retry_ms: u64,
+}
+
+impl Default for EventSettings {
+    /// `config.default.toml`'s values.
+    fn default() -> Self {
+        Settings::defaults().events
+    }
 }
 
 /// Flash sales (see [`crate::service::flash`]); every tunable is explained in
@@ -302,6 +325,23 @@ impl Settings {
                 "flash: gate_rebuild_interval_secs, fallback_concurrency and refresh_ms must be positive"
                     .into(),
             );
+        }
+        let e = &self.events;
+        if e.relay_batch == 0
+            || e.relay_poll_ms == 0
+            || e.publish_timeout_ms == 0
+            || e.retry_ms == 0
+            || e.duplicate_window_secs == 0
+        {
+            return bad("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms and duplicate_window_secs must be positive".into());
+        }
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !token(&e.stream) || !e.subject_prefix.split('.').all(token) {
+            return bad("events.stream must be letters, digits, _ or -; events.subject_prefix such tokens joined by dots".into());
         }
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)

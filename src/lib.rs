@@ -14,6 +14,8 @@
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
 //!   gate, the catalog, and the background steps (sweeper, payment-timeout closer, completer).
+//! - [`events`] — the order event stream: the outbox relay to NATS JetStream (one active
+//!   relay per shard database), and the read models it feeds.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
 //!   completion on a tracked task of its own, whatever happens to its request. Every request
 //!   gets an id, a span and its metrics; per-user rate limits and an in-flight bound guard
@@ -33,6 +35,7 @@ pub mod cache;
 pub mod cluster;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod lease;
 pub mod playground;

@@ -54,6 +54,22 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
     if let Some(url) = cluster.redis_url() {
         s.redis.url = url;
     }
+    match cluster.nats_url() {
+        Some(url) => s.events.nats_url = url,
+        // Never the machine's own broker: no NATS in the cluster, no relay.
+        None => s.events.relay = false,
+    }
+    // A stream and subject space per set of databases, so services sharing one broker
+    // (the tests' apps) keep their events apart.
+    let tag: String = db_prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let tag = tag.trim_matches('_');
+    if !tag.is_empty() {
+        s.events.stream = format!("{tag}_ORDERS");
+        s.events.subject_prefix = tag.to_owned();
+    }
     s
 }
 
@@ -226,6 +242,7 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
         mariadb_servers: 2,
         replicas_per_server: 1,
         with_redis: true,
+        with_nats: true,
         base_dir: None,
         durable: false,
     })

@@ -4,6 +4,7 @@
 
 pub mod actor;
 pub mod consistency;
+pub mod events;
 pub mod flash;
 pub mod ids;
 pub mod money;

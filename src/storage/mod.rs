@@ -6,8 +6,9 @@
 //! - [`replicas`] is one server with its read replicas: the read/write split, read-your-writes
 //!   by GTID, replica health and rotation.
 //! - [`flash`] is the SQL of flash sales (their units are taken in [`commerce::reserve`]).
-//! - [`orders`] is the SQL of the four order tables; [`commerce`] of users, shops, products,
-//!   coupons, order claims and stock reservations.
+//! - [`orders`] is the SQL of the four order tables; [`outbox`] of the order events written
+//!   with every order change; [`commerce`] of users, shops, products, coupons, order claims
+//!   and stock reservations.
 //!
 //! Every write that must not be lost or doubled is a compare-and-set in one statement or one
 //! short transaction. A duplicate-key error (MySQL 1062) is translated here, in one place,
@@ -16,6 +17,7 @@
 pub mod commerce;
 pub mod flash;
 pub mod orders;
+pub mod outbox;
 pub mod replicas;
 pub mod schema;
 pub mod shards;

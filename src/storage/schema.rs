@@ -275,6 +275,20 @@ const SHARD_V2: &[&str] = &[
 /// [`super::orders::shipped_before`]). Without it, each step would scan the whole shard.
 const SHARD_V3: &[&str] = &["CREATE INDEX IF NOT EXISTS idx_status_shipped ON {orders} (status, shipped_at)"];
 
+/// The transactional outbox of order events: one table per shard database, which every
+/// table shard's migration creates if it is not there yet (see [`super::outbox`]).
+/// `(order_id, version)` is unique: one event per committed version.
+const SHARD_V4: &[&str] = &["CREATE TABLE IF NOT EXISTS order_outbox (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        order_id BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        shop_id BIGINT NOT NULL,
+        kind VARCHAR(16) NOT NULL,
+        payload LONGTEXT NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        UNIQUE KEY uq_outbox_order_version (order_id, version)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"];
+
 struct Migration {
     version: i32,
     description: &'static str,
@@ -324,6 +338,11 @@ const SHARD: &[Migration] = &[
         version: 3,
         description: "index of shipped orders by shipment time",
         statements: SHARD_V3,
+    },
+    Migration {
+        version: 4,
+        description: "the outbox of order events",
+        statements: SHARD_V4,
     },
 ];
 

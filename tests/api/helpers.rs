@@ -58,6 +58,7 @@ pub async fn own_redis() -> LocalCluster {
     LocalCluster::start(ClusterSpec {
         mariadb_servers: 0,
         with_redis: true,
+        with_nats: false,
         ..ClusterSpec::default()
     })
     .await
@@ -395,5 +396,66 @@ impl TestApp {
             .fetch_one(&self.commerce)
             .await
             .unwrap()
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// Rows waiting in the outboxes of every shard database.
+    pub async fn outbox_rows(&self) -> i64 {
+        let mut total = 0;
+        for db in self.app.orders.shards().databases() {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM order_outbox")
+                .fetch_one(db.write())
+                .await
+                .unwrap();
+            total += n;
+        }
+        total
+    }
+
+    /// Polls until every outbox is empty (the relay published everything), at most `within`.
+    pub async fn wait_outbox_drained(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = self.outbox_rows().await;
+            if left == 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left} outbox rows still waiting after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every message of this app's event stream, in stream order.
+    pub async fn stream_events(&self) -> Vec<orderly::domain::events::OrderEvent> {
+        let broker = orderly::events::Broker::connect(&self.settings.events)
+            .await
+            .expect("nats");
+        let mut stream = broker
+            .jetstream()
+            .get_stream(&self.settings.events.stream)
+            .await
+            .expect("stream");
+        let state = stream.info().await.expect("stream info").state.clone();
+        let mut events = Vec::new();
+        if state.messages == 0 {
+            return events;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            let m = stream.get_raw_message(seq).await.expect("message");
+            let id = m
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.to_string())
+                .expect("Nats-Msg-Id");
+            let e: orderly::domain::events::OrderEvent =
+                serde_json::from_slice(&m.payload).expect("an order event");
+            assert_eq!(e.event_id, id, "the message id is the event id");
+            events.push(e);
+        }
+        events
     }
 }

@@ -9,6 +9,7 @@ mod bench;
 mod cache;
 mod cancellation;
 mod catalog;
+mod events;
 mod exactly_once;
 mod flash;
 mod fuzz;
