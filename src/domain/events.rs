@@ -11,7 +11,9 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::ids::OrderId;
+use super::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
+use super::money::{Currency, Money};
+use super::order::{Address, Order, OrderDiscount, OrderLine, Payment, PaymentKind};
 use super::status::OrderStatus;
 
 /// What kind of change an event records. The snapshot says the rest.
@@ -117,6 +119,8 @@ pub struct DiscountSnapshot {
     pub coupon_id: Option<i64>,
     pub kind: String,
     pub amount: i64,
+    #[serde(default)]
+    pub description: String,
 }
 
 /// The whole order at one version, as the outbox stored it (built by the database in the
@@ -141,8 +145,11 @@ pub struct OrderSnapshot {
     pub remark: String,
     pub tracking_number: Option<String>,
     pub carrier: Option<String>,
+    #[serde(default)]
+    pub close_reason: Option<String>,
     pub refund_required: bool,
     pub created_at: DateTime<Utc>,
+    pub pay_deadline: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
     pub shipped_at: Option<DateTime<Utc>>,
@@ -174,6 +181,89 @@ impl OrderSnapshot {
     /// Units over every line.
     pub fn units(&self) -> i64 {
         self.items.iter().map(|l| l.quantity).sum()
+    }
+
+    /// The order this snapshot describes, as the API shows orders; `None` if a field is out
+    /// of its domain (no snapshot the database built can be).
+    pub fn to_order(&self) -> Option<Order> {
+        let money = Money::new;
+        Some(Order {
+            order_id: OrderId::new(self.order_id)?,
+            user_id: UserId::new(self.user_id)?,
+            shop_id: ShopId::new(self.shop_id)?,
+            status: self.status()?,
+            version: self.version,
+            currency: Currency::parse(&self.currency)?,
+            total_amount: money(self.total_amount)?,
+            discount_amount: money(self.discount_amount)?,
+            pay_amount: money(self.pay_amount)?,
+            address: Address {
+                name: self.receiver_name.clone(),
+                phone: self.receiver_phone.clone(),
+                region: self.receiver_region.clone(),
+                detail: self.receiver_detail.clone(),
+            },
+            remark: self.remark.clone(),
+            tracking_number: self.tracking_number.clone(),
+            carrier: self.carrier.clone(),
+            close_reason: self.close_reason.clone(),
+            refund_required: self.refund_required,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            pay_deadline: self.pay_deadline,
+            paid_at: self.paid_at,
+            shipped_at: self.shipped_at,
+            completed_at: self.completed_at,
+            closed_at: self.closed_at,
+            invalidated_at: self.invalidated_at,
+            items: self
+                .items
+                .iter()
+                .map(|l| {
+                    Some(OrderLine {
+                        line_no: u32::try_from(l.line_no).ok()?,
+                        product_id: ProductId::new(l.product_id)?,
+                        product_name: l.product_name.clone(),
+                        unit_price: money(l.unit_price)?,
+                        quantity: l.quantity,
+                        line_total: money(l.line_total)?,
+                    })
+                })
+                .collect::<Option<_>>()?,
+            payments: self
+                .payments
+                .iter()
+                .map(|p| {
+                    Some(Payment {
+                        kind: match p.kind {
+                            0 => PaymentKind::Payment,
+                            1 => PaymentKind::Refund,
+                            _ => return None,
+                        },
+                        transaction_no: p.transaction_no.clone(),
+                        channel: p.channel.clone(),
+                        amount: money(p.amount)?,
+                        created_at: p.created_at,
+                    })
+                })
+                .collect::<Option<_>>()?,
+            discounts: self
+                .discounts
+                .iter()
+                .map(|d| {
+                    Some(OrderDiscount {
+                        line_no: u32::try_from(d.line_no).ok()?,
+                        coupon_id: match d.coupon_id {
+                            Some(c) => Some(CouponId::new(c)?),
+                            None => None,
+                        },
+                        kind: d.kind.clone(),
+                        amount: money(d.amount)?,
+                        description: d.description.clone(),
+                    })
+                })
+                .collect::<Option<_>>()?,
+        })
     }
 
     /// Money received (payments), and money given back (refunds).

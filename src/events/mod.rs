@@ -4,6 +4,8 @@
 //! - [`relay`] publishes each shard database's outbox ([`crate::storage::outbox`]) to the
 //!   stream, one active relay per database, and deletes rows only once JetStream acknowledged
 //!   them.
+//! - [`consumer`] feeds each read model ([`consumer::Projection`]) from a durable consumer of
+//!   its own, acknowledging a batch only once it is applied.
 //!
 //! The stream: one JetStream stream (`events.stream`), subjects
 //! `<events.subject_prefix>.orders.<shop_id>.<kind>`, file storage, every message with its
@@ -11,6 +13,7 @@
 //! `events.duplicate_window_secs`. Orders never wait for NATS: the outbox is written in the
 //! order's own transaction, and the relay catches up whenever the broker is back.
 
+pub mod consumer;
 pub mod relay;
 
 use std::sync::Arc;

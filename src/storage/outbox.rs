@@ -51,7 +51,8 @@ pub(crate) async fn record(
             'receiver_name', o.receiver_name, 'receiver_phone', o.receiver_phone,
             'receiver_region', o.receiver_region, 'receiver_detail', o.receiver_detail,
             'remark', o.remark, 'tracking_number', o.tracking_number, 'carrier', o.carrier,
-            'refund_required', o.refund_required <> 0,
+            'close_reason', o.close_reason, 'refund_required', o.refund_required <> 0,
+            'pay_deadline', {deadline},
             'created_at', {created}, 'updated_at', {updated}, 'paid_at', {paid},
             'shipped_at', {shipped}, 'completed_at', {completed}, 'closed_at', {closed},
             'invalidated_at', {invalidated},
@@ -65,13 +66,15 @@ pub(crate) async fn record(
                     'amount', p.amount, 'created_at', {p_created}) ORDER BY p.id)
                 FROM {payments} p WHERE p.order_id = o.order_id),
             'discounts', (SELECT JSON_ARRAYAGG(JSON_OBJECT('line_no', d.line_no,
-                    'coupon_id', d.coupon_id, 'kind', d.kind, 'amount', d.amount)
+                    'coupon_id', d.coupon_id, 'kind', d.kind, 'amount', d.amount,
+                    'description', d.description)
                     ORDER BY d.line_no)
                 FROM {discounts} d WHERE d.order_id = o.order_id)
          ), ?
          FROM {orders} o WHERE o.order_id = ?",
         created = time("o.created_at"),
         updated = time("o.updated_at"),
+        deadline = time("o.pay_deadline"),
         paid = time("o.paid_at"),
         shipped = time("o.shipped_at"),
         completed = time("o.completed_at"),
