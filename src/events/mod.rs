@@ -6,6 +6,7 @@
 //!   them.
 //! - [`consumer`] feeds each read model ([`consumer::Projection`]) from a durable consumer of
 //!   its own, acknowledging a batch only once it is applied.
+//! - [`rebuild`] rebuilds a read model from the shards and follows the stream from there.
 //!
 //! The stream: one JetStream stream (`events.stream`), subjects
 //! `<events.subject_prefix>.orders.<shop_id>.<kind>`, file storage, every message with its
@@ -14,6 +15,7 @@
 //! order's own transaction, and the relay catches up whenever the broker is back.
 
 pub mod consumer;
+pub mod rebuild;
 pub mod relay;
 
 use std::sync::Arc;

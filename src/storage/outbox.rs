@@ -40,10 +40,31 @@ pub(crate) async fn record(
     kind: EventKind,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    let time = |col: &str| format!("DATE_FORMAT({col}, {RFC3339})");
     let sql = format!(
         "INSERT INTO {TABLE} (order_id, version, shop_id, kind, payload, created_at)
-         SELECT o.order_id, o.version, o.shop_id, ?, JSON_OBJECT(
+         SELECT o.order_id, o.version, o.shop_id, ?, {}, ?
+         FROM {} o WHERE o.order_id = ?",
+        snapshot_json(t),
+        t.orders
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(kind.name())
+        .bind(ts(now))
+        .bind(id.get())
+        .execute(conn)
+        .await?;
+    if done.rows_affected() != 1 {
+        return Err(corrupt("outbox: no order row for the event of", id));
+    }
+    Ok(())
+}
+
+/// The SQL expression of an order's snapshot (the JSON of
+/// [`crate::domain::events::OrderSnapshot`]), over the order row aliased `o`.
+fn snapshot_json(t: &ShardTables) -> String {
+    let time = |col: &str| format!("DATE_FORMAT({col}, {RFC3339})");
+    format!(
+        "JSON_OBJECT(
             'order_id', o.order_id, 'user_id', o.user_id, 'shop_id', o.shop_id,
             'status', o.status, 'version', o.version, 'currency', o.currency,
             'total_amount', o.total_amount, 'discount_amount', o.discount_amount,
@@ -70,8 +91,7 @@ pub(crate) async fn record(
                     'description', d.description)
                     ORDER BY d.line_no)
                 FROM {discounts} d WHERE d.order_id = o.order_id)
-         ), ?
-         FROM {orders} o WHERE o.order_id = ?",
+         )",
         created = time("o.created_at"),
         updated = time("o.updated_at"),
         deadline = time("o.pay_deadline"),
@@ -84,18 +104,28 @@ pub(crate) async fn record(
         items = t.items,
         payments = t.payments,
         discounts = t.discounts,
-        orders = t.orders,
+    )
+}
+
+/// The snapshots of up to `limit` orders of a shard with ids above `after`, in id order,
+/// each with its id: what a read model's rebuild starts from.
+pub async fn snapshots(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<(i64, String)>> {
+    let sql = format!(
+        "SELECT o.order_id, {} FROM {} o WHERE o.order_id > ? ORDER BY o.order_id LIMIT ?",
+        snapshot_json(t),
+        t.orders
     );
-    let done = sqlx::query(AssertSqlSafe(sql))
-        .bind(kind.name())
-        .bind(ts(now))
-        .bind(id.get())
-        .execute(conn)
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(conn)
         .await?;
-    if done.rows_affected() != 1 {
-        return Err(corrupt("outbox: no order row for the event of", id));
-    }
-    Ok(())
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
 /// One outbox row waiting for the relay.
