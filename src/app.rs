@@ -17,15 +17,18 @@ use crate::cache::{Cache, CacheHealth};
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::WorkerId;
-use crate::events::{relay, RelayWakers};
+use crate::events::merchant::MerchantCopy;
+use crate::events::{consumer, relay, RelayWakers};
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
 use crate::lease::{lease_worker, IdSource};
 use crate::service::catalog::CatalogService;
 use crate::service::flash::{self, FlashSales};
+use crate::service::merchant::MerchantService;
 use crate::service::orders::OrderService;
 use crate::service::sweeper;
+use crate::storage::merchant::MerchantMap;
 use crate::storage::replicas::{self, Database};
 use crate::storage::shards::ShardMap;
 use crate::storage::{self, schema};
@@ -101,9 +104,11 @@ impl Application {
             .with_flash(flash)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
             .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
+        let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
         let state = AppState {
             orders,
             catalog: CatalogService::new(commerce_db, cache),
+            merchant: MerchantService::new(merchant_map),
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),
             writes: TaskTracker::new(),
@@ -164,6 +169,13 @@ impl Application {
                 self.shutdown.clone(),
             ))
         });
+        let copy = s.merchant.consume.then(|| {
+            tokio::spawn(consumer::run(
+                s.events.clone(),
+                Arc::new(MerchantCopy::new(self.state.merchant.map().clone())),
+                self.shutdown.clone(),
+            ))
+        });
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -212,8 +224,8 @@ impl Application {
         let _ = probes.await;
         let _ = gates.await;
         let _ = cleanup.await;
-        if let Some(r) = relays {
-            let _ = r.await;
+        for task in [relays, copy].into_iter().flatten() {
+            let _ = task.await;
         }
         served?;
         Ok(())
@@ -272,5 +284,10 @@ pub async fn lease_worker_from(
 pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateReport> {
     let shards = ShardMap::connect(settings).await?;
     let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
-    Ok(schema::migrate(&commerce, &shards).await?)
+    let mut report = schema::migrate(&commerce, &shards).await?;
+    let merchant = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+    let m = schema::migrate_merchant(&merchant).await?;
+    report.applied.extend(m.applied);
+    report.already += m.already;
+    Ok(report)
 }

@@ -31,6 +31,24 @@ pub struct Settings {
     pub replicas: ReplicaSettings,
     pub flash: FlashSettings,
     pub events: EventSettings,
+    pub merchant: MerchantSettings,
+}
+
+/// The merchant copy sharded by shop, with its reports (see [`crate::storage::merchant`]);
+/// every tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MerchantSettings {
+    pub consume: bool,
+    pub tables: u32,
+    pub report_utc_offset_minutes: i32,
+    pub databases: Vec<MerchantDatabase>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MerchantDatabase {
+    pub url: String,
+    pub first_table: u32,
+    pub last_table: u32,
 }
 
 /// The order event stream: the outbox relay to NATS JetStream (see [`crate::events`]); every
@@ -326,6 +344,7 @@ impl Settings {
                     .into(),
             );
         }
+        self.validate_merchant()?;
         let e = &self.events;
         if e.relay_batch == 0
             || e.relay_poll_ms == 0
@@ -350,6 +369,38 @@ impl Settings {
             return bad(
                 "limits.create_burst and limits.ids_burst must be positive when their rate is".into(),
             );
+        }
+        Ok(())
+    }
+
+    fn validate_merchant(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let m = &self.merchant;
+        if !(1..=1024).contains(&m.tables) {
+            return bad("merchant.tables must be between 1 and 1024".into());
+        }
+        if m.report_utc_offset_minutes.abs() > 14 * 60 {
+            return bad("merchant.report_utc_offset_minutes must be within ±840 (±14 h)".into());
+        }
+        let mut owner = vec![false; m.tables as usize];
+        for (i, db) in m.databases.iter().enumerate() {
+            if db.url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
+                return bad(format!("merchant database {i} is not a mysql:// URL"));
+            }
+            if db.first_table > db.last_table || db.last_table >= m.tables {
+                return bad(format!(
+                    "merchant database {i}: tables {}..={} are not within 0..{}",
+                    db.first_table, db.last_table, m.tables
+                ));
+            }
+            for t in db.first_table..=db.last_table {
+                if std::mem::replace(&mut owner[t as usize], true) {
+                    return bad(format!("merchant table {t} is held by two databases"));
+                }
+            }
+        }
+        if let Some(t) = owner.iter().position(|held| !held) {
+            return bad(format!("merchant table {t} is held by no database"));
         }
         Ok(())
     }

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{migrate, Application};
 use crate::cluster::{ClusterSpec, LocalCluster};
-use crate::config::{Settings, ShardDatabase};
+use crate::config::{MerchantDatabase, Settings, ShardDatabase};
 use crate::domain::actor::{Caller, Role};
 use crate::domain::ids::{ShopId, UserId};
 use crate::http::auth::AuthKeys;
@@ -46,6 +46,13 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         })
         .collect();
     s.commerce.url = cluster.mariadb(0).url(&format!("{db_prefix}commerce"));
+    // The merchant copy on the last server, away from the commerce database.
+    let last = cluster.mariadb(servers as usize - 1);
+    s.merchant.databases = vec![MerchantDatabase {
+        url: last.url(&format!("{db_prefix}merchant")),
+        first_table: 0,
+        last_table: s.merchant.tables - 1,
+    }];
     s.commerce.replicas = cluster
         .replicas(0)
         .iter()
@@ -80,7 +87,8 @@ pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
         .databases
         .iter()
         .map(|d| d.primary.clone())
-        .chain([settings.commerce.url.clone()]);
+        .chain([settings.commerce.url.clone()])
+        .chain(settings.merchant.databases.iter().map(|d| d.url.clone()));
     for url in urls {
         let (server, rest) = url
             .rsplit_once('/')

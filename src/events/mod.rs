@@ -6,6 +6,7 @@
 //!   them.
 //! - [`consumer`] feeds each read model ([`consumer::Projection`]) from a durable consumer of
 //!   its own, acknowledging a batch only once it is applied.
+//! - [`merchant`] is the merchant copy by shop with its daily reports, as a projection.
 //! - [`rebuild`] rebuilds a read model from the shards and follows the stream from there.
 //!
 //! The stream: one JetStream stream (`events.stream`), subjects
@@ -15,6 +16,7 @@
 //! order's own transaction, and the relay catches up whenever the broker is back.
 
 pub mod consumer;
+pub mod merchant;
 pub mod rebuild;
 pub mod relay;
 

@@ -4,6 +4,7 @@
 
 pub mod catalog;
 pub mod flash;
+pub mod merchant;
 pub mod orders;
 pub mod sweeper;
 pub mod watermarks;

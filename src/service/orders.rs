@@ -276,7 +276,7 @@ fn voided_id() -> Error {
 
 const CURSOR_PREFIX: &str = "v1.";
 
-fn encode_cursor(o: &Order) -> String {
+pub(crate) fn encode_cursor(o: &Order) -> String {
     use base64::Engine;
     let raw = format!(
         "{CURSOR_PREFIX}{}.{}",
@@ -286,7 +286,7 @@ fn encode_cursor(o: &Order) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
-fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
+pub(crate) fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
     use base64::Engine;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
     let raw = String::from_utf8(raw).ok()?;

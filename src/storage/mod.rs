@@ -5,6 +5,8 @@
 //! - [`schema`] creates the tables (`orderly migrate`).
 //! - [`replicas`] is one server with its read replicas: the read/write split, read-your-writes
 //!   by GTID, replica health and rotation.
+//! - [`merchant`] is the merchant copy of the orders, sharded by shop, with its daily
+//!   reports (a read model the event stream keeps).
 //! - [`flash`] is the SQL of flash sales (their units are taken in [`commerce::reserve`]).
 //! - [`orders`] is the SQL of the four order tables; [`outbox`] of the order events written
 //!   with every order change; [`commerce`] of users, shops, products, coupons, order claims
@@ -16,6 +18,7 @@
 
 pub mod commerce;
 pub mod flash;
+pub mod merchant;
 pub mod orders;
 pub mod outbox;
 pub mod replicas;

@@ -201,6 +201,33 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
     let events = app.stream_events().await;
     assert_unique(&events);
     assert_eq!(events.len(), 8);
+
+    // The merchant copy and the reports counted each order and payment once.
+    let want: HashMap<i64, i64> = placed
+        .iter()
+        .enumerate()
+        .map(|(i, o)| {
+            (
+                o["order_id"].as_str().unwrap().parse().unwrap(),
+                if i < 2 { 2 } else { 1 },
+            )
+        })
+        .collect();
+    app.wait_copy(&want, Duration::from_secs(20)).await;
+    let paid: i64 = placed[..2]
+        .iter()
+        .map(|o| o["pay_amount"].as_i64().unwrap())
+        .sum();
+    let reports = app.merchant_reports().await;
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    let figures: Vec<i64> = reports[0]
+        .split(',')
+        .skip(2)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    // orders, units, gross, discounts, paid, refunded, then by status.
+    assert_eq!((figures[0], figures[1], figures[4], figures[5]), (6, 6, paid, 0));
+    assert_eq!((figures[6], figures[7]), (4, 2), "4 unpaid, 2 paid");
 }
 
 #[tokio::test]
@@ -297,4 +324,7 @@ async fn every_acknowledged_order_reaches_the_stream_when_nats_dies_mid_burst() 
         assert_eq!(versions, want, "order {id}: every version once, in order");
     }
     assert_eq!(orders.len(), acked.len());
+    // The merchant copy holds every acknowledged order once, at its final version.
+    let want: HashMap<i64, i64> = acked.iter().map(|(id, v)| (id.parse().unwrap(), *v)).collect();
+    app.wait_copy(&want, Duration::from_secs(60)).await;
 }

@@ -458,4 +458,66 @@ impl TestApp {
         }
         events
     }
+
+    // ------------------------------------------------------------ merchant copy
+
+    /// Every row of the merchant copy, `(order_id, version, status, doc)`, by order id.
+    pub async fn merchant_copy(&self) -> Vec<(i64, i64, i64, String)> {
+        let map = self.app.merchant.map();
+        let mut rows = Vec::new();
+        for t in map.tables() {
+            let part: Vec<(i64, i64, i8, String)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT order_id, version, status, doc FROM {}",
+                t.name
+            )))
+            .fetch_all(map.pool(t))
+            .await
+            .unwrap();
+            rows.extend(part.into_iter().map(|(o, v, s, d)| (o, v, i64::from(s), d)));
+        }
+        rows.sort();
+        rows
+    }
+
+    /// Every report row of the copy, as text, sorted: for comparing whole tables.
+    pub async fn merchant_reports(&self) -> Vec<String> {
+        let mut rows = Vec::new();
+        for pool in self.app.merchant.map().pools() {
+            let part: Vec<(String,)> = sqlx::query_as(
+                "SELECT CONCAT_WS(',', shop_id, day, orders, units, gross, discounts, paid, refunded,
+                    status_0, status_1, status_2, status_3, status_4, status_5)
+                 FROM merchant_reports",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            rows.extend(part.into_iter().map(|(r,)| r));
+        }
+        rows.sort();
+        rows
+    }
+
+    /// Polls until the copy holds exactly `want` (order id -> version), at most `within`.
+    pub async fn wait_copy(&self, want: &std::collections::HashMap<i64, i64>, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let got: std::collections::HashMap<i64, i64> = self
+                .merchant_copy()
+                .await
+                .into_iter()
+                .map(|(o, v, _, _)| (o, v))
+                .collect();
+            if &got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the merchant copy never reached the acknowledged versions: {} of {} orders, {} at their version",
+                got.len(),
+                want.len(),
+                want.iter().filter(|(o, v)| got.get(o) == Some(v)).count()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
 }

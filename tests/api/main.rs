@@ -15,6 +15,7 @@ mod flash;
 mod fuzz;
 mod lifecycle;
 mod limits;
+mod merchant;
 mod metrics;
 mod no_lost_update;
 mod no_oversell;
