@@ -18,7 +18,7 @@ use crate::config::{DatabaseSettings, Settings};
 use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::WorkerId;
 use crate::events::merchant::MerchantCopy;
-use crate::events::{consumer, relay, RelayWakers};
+use crate::events::{consumer, rebuild, relay, Broker, RelayWakers};
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
@@ -290,4 +290,39 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateRepor
     report.applied.extend(m.applied);
     report.already += m.already;
     Ok(report)
+}
+
+/// `orderly relay`: the outbox relays of every shard database, without the API, until
+/// `shutdown` (one relay per database is active at a time, whichever process holds it).
+pub async fn relay(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shards = ShardMap::connect(settings).await?;
+    let wakers = RelayWakers::new(shards.databases().len());
+    relay::run(shards.databases().to_vec(), settings.events.clone(), wakers, shutdown).await;
+    Ok(())
+}
+
+/// `orderly project rebuild merchant` (and `reports`, which live in the same transactions):
+/// the copy and its reports rebuilt from the shards, then followed from the stream.
+pub async fn rebuild_merchant(settings: &Settings, progress: bool) -> anyhow::Result<rebuild::Rebuilt> {
+    let shards = ShardMap::connect(settings).await?;
+    let map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+    let broker = Broker::connect(&settings.events).await?;
+    let copy = MerchantCopy::new(map.clone());
+    let reset = async move {
+        storage::merchant::reset(&map)
+            .await
+            .map_err(consumer::ProjectionError::new)
+    };
+    Ok(rebuild::rebuild(&broker, &shards, &copy, reset, progress).await?)
+}
+
+/// `orderly report`: a shop's daily report rows from the merchant copy.
+pub async fn daily_report(
+    settings: &Settings,
+    shop: crate::domain::ids::ShopId,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+) -> anyhow::Result<Vec<storage::merchant::DailyReport>> {
+    let map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+    Ok(storage::merchant::daily_reports(&map, shop, from, to).await?)
 }

@@ -11,11 +11,12 @@
 //! - [`cache`] — Redis cache-aside for orders, user profiles and first pages, never behind a
 //!   committed write; a disabled variant when `[cache] enabled = false`.
 //! - [`lease`] — worker-id leases in the commerce database: processes never share an id space.
+//! - [`events`] — the order event stream: the outbox relay to NATS JetStream (one active
+//!   relay per shard database), durable consumers and the read models they feed (the
+//!   merchant copy by shop, its reports), rebuilds from the shards.
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
 //!   gate, the catalog, and the background steps (sweeper, payment-timeout closer, completer).
-//! - [`events`] — the order event stream: the outbox relay to NATS JetStream (one active
-//!   relay per shard database), and the read models it feeds.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
 //!   completion on a tracked task of its own, whatever happens to its request. Every request
 //!   gets an id, a span and its metrics; per-user rate limits and an in-flight bound guard
@@ -23,7 +24,7 @@
 //!   lists the router is built from.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
 //! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
-//! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
+//! - [`cluster`] — a throwaway local cluster (MariaDB, Redis, NATS) from the binaries on PATH, for
 //!   the playground and the tests.
 //! - [`playground`] — `orderly playground`.
 //! - [`telemetry`] — logs (JSON for `serve`, text elsewhere) and the Prometheus recorder

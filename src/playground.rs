@@ -312,6 +312,10 @@ Try it (after the exports above):
   FID=$(curl -s -X POST {base_url}/v1/order-ids -H "Authorization: Bearer $USER_TOKEN" | sed 's/.*"order_id":"\([0-9]*\)".*/\1/')
   curl -s -X POST {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"order_id":"'$FID'","items":[{{"product_id":"{flash_product}","quantity":1}}],"address":{{"name":"Li Lei","phone":"13800000000","detail":"1 Century Avenue, Shanghai"}}}}'
   curl -s {base_url}/v1/flash-sales/{sale} -H "Authorization: Bearer $ADMIN_TOKEN"
+  # 8. the merchant's view: the shop's orders from the copy by shop, fed by the event stream
+  #    through NATS JetStream ("copy" says how far behind it is), and today's report
+  curl -s "{base_url}/v1/shops/{shop}/orders?limit=5" -H "Authorization: Bearer $MERCHANT_TOKEN"
+  curl -s "{base_url}/v1/shops/{shop}/reports/daily?from={today}&to={today}" -H "Authorization: Bearer $MERCHANT_TOKEN"
 "#,
         shop = demo.shop,
         products = demo.product_ids.join(", "),
@@ -321,6 +325,9 @@ Try it (after the exports above):
         price = demo.first_price,
         sale = flash.sale_id,
         flash_product = flash.product_id,
+        today = (chrono::Utc::now()
+            + chrono::TimeDelta::minutes(i64::from(settings.merchant.report_utc_offset_minutes)))
+        .date_naive(),
     );
     let stop = token.clone();
     tokio::spawn(async move {
