@@ -106,6 +106,22 @@ enum Command {
         #[command(subcommand)]
         command: ProjectCommand,
     },
+    /// The event stream's benchmark on a self-started cluster: commit-to-copy lag under
+    /// the create load, the outbox's cost, relay throughput against raw JetStream publishes,
+    /// the merchant list against its SQL.
+    BenchEvents {
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        durable: bool,
+        /// Outbox rows the relay-throughput phase drains.
+        #[arg(long, default_value_t = 20_000)]
+        relay_events: usize,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Work with order ids.
     Id {
         #[command(subcommand)]
@@ -145,8 +161,19 @@ enum ProjectionName {
 
 fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: ReportFormat) {
     let header = [
-        "day", "orders", "units", "gross", "discounts", "paid", "refunded", "pending", "paid_st", "shipped",
-        "completed", "closed", "invalid",
+        "day",
+        "orders",
+        "units",
+        "gross",
+        "discounts",
+        "paid",
+        "refunded",
+        "pending",
+        "paid_st",
+        "shipped",
+        "completed",
+        "closed",
+        "invalid",
     ];
     let lines: Vec<Vec<String>> = rows
         .iter()
@@ -173,7 +200,14 @@ fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: Report
         }
         ReportFormat::Table => {
             let widths: Vec<usize> = (0..header.len())
-                .map(|i| lines.iter().map(|l| l[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+                .map(|i| {
+                    lines
+                        .iter()
+                        .map(|l| l[i].len())
+                        .chain([header[i].len()])
+                        .max()
+                        .unwrap_or(0)
+                })
                 .collect();
             let row = |cells: Vec<&str>| {
                 cells
@@ -306,6 +340,26 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Playground { port } => orderly::playground::run(config.map(PathBuf::as_path), port).await,
+        Command::BenchEvents {
+            duration,
+            concurrency,
+            durable,
+            relay_events,
+            out,
+        } => {
+            let md = bench::events::run(
+                bench::events::EventsOptions {
+                    duration,
+                    concurrency,
+                    durable,
+                    relay_events,
+                },
+                out,
+            )
+            .await?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Relay => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let token = CancellationToken::new();
@@ -331,7 +385,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let done = match projection {
-                ProjectionName::Merchant | ProjectionName::Reports => app::rebuild_merchant(&settings, true).await?,
+                ProjectionName::Merchant | ProjectionName::Reports => {
+                    app::rebuild_merchant(&settings, true).await?
+                }
             };
             println!(
                 "{} orders backfilled; following the stream after message {}",
