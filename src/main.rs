@@ -141,6 +141,8 @@ enum ProjectionName {
     Merchant,
     /// The daily reports: kept in the merchant copy's transactions, so this rebuilds both.
     Reports,
+    /// The order search index in `search.data_dir` (no `serve` may hold its writer).
+    Search,
 }
 
 fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: ReportFormat) {
@@ -332,6 +334,7 @@ async fn main() -> anyhow::Result<()> {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let done = match projection {
                 ProjectionName::Merchant | ProjectionName::Reports => app::rebuild_merchant(&settings, true).await?,
+                ProjectionName::Search => app::rebuild_search(&settings, true).await?,
             };
             println!(
                 "{} orders backfilled; following the stream after message {}",
