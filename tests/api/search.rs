@@ -421,4 +421,39 @@ async fn a_wiped_index_is_rebuilt_with_every_order_at_its_latest_version() {
     app.wait_outbox_drained(WITHIN).await;
     assert_eq!(consumer::drain(&c, &search, 100).await.unwrap(), 1);
     assert_latest_only(&index, &latest, "after a write that followed the rebuild");
+
+    // `orderly project rebuild search` on the app's own data directory, where a stale index
+    // was left: it takes the writer, so this test's index lets go of it first.
+    drop((index, search));
+    let dir = &app.settings.search.data_dir;
+    {
+        let stale = TantivyIndex::open_in(dir, 15).unwrap();
+        let old = stale.search(&SearchQuery::new(Scope::All)).unwrap();
+        assert!(old.is_empty(), "the app runs no consumer on it");
+        let mut snapshot = app.stream_events().await.remove(0).order;
+        snapshot.order_id = 1;
+        stale.upsert(&[snapshot]).unwrap();
+    }
+    let rebuilt = orderly::app::rebuild_search(&app.settings, false)
+        .await
+        .unwrap();
+    assert_eq!(rebuilt.orders, latest.len() as u64);
+    let index = TantivyIndex::open_in(dir, 15).unwrap();
+    assert_latest_only(&index, &latest, "after `project rebuild search`");
+}
+
+#[tokio::test]
+async fn a_second_process_on_the_data_directory_serves_searches_while_one_writes() {
+    let app = TestApp::spawn().await;
+    let twin = app.twin().await;
+    let (_, products) = shop_with(&app, &["Copper Ladle"]).await;
+    let user = 7401;
+    let order = twin.place_order(user, &[(&products[0], 1)]).await;
+    let id = order["order_id"].as_str().unwrap().to_owned();
+    let token = app.user_token(user);
+    // One of the two holds the writer and runs the consumer; both find the order.
+    for process in [&app, &twin] {
+        let body = eventually(process, &token, "q=ladle", |b| !ids(b).is_empty()).await;
+        assert_eq!(ids(&body), vec![id.clone()]);
+    }
 }
