@@ -382,3 +382,155 @@ impl OrderIndex for TantivyIndex {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{TimeDelta, TimeZone, Utc};
+
+    use super::*;
+    use crate::domain::events::LineSnapshot;
+    use crate::domain::ids::{ShopId, UserId};
+
+    fn snapshot(order_id: i64, version: i64, user: i64, names: &[&str]) -> OrderSnapshot {
+        let at = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap() + TimeDelta::minutes(order_id);
+        OrderSnapshot {
+            order_id,
+            user_id: user,
+            shop_id: 1,
+            status: 0,
+            version,
+            currency: "CNY".into(),
+            total_amount: 100,
+            discount_amount: 0,
+            pay_amount: 100,
+            receiver_name: "n".into(),
+            receiver_phone: "p".into(),
+            receiver_region: String::new(),
+            receiver_detail: "d".into(),
+            remark: String::new(),
+            tracking_number: None,
+            carrier: None,
+            close_reason: None,
+            refund_required: false,
+            created_at: at,
+            pay_deadline: at,
+            updated_at: at,
+            paid_at: None,
+            shipped_at: None,
+            completed_at: None,
+            closed_at: None,
+            invalidated_at: None,
+            items: names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| LineSnapshot {
+                    line_no: i as i64 + 1,
+                    product_id: 1,
+                    product_name: (*n).into(),
+                    unit_price: 100,
+                    quantity: 1,
+                    line_total: 100,
+                })
+                .collect(),
+            payments: Vec::new(),
+            discounts: Vec::new(),
+        }
+    }
+
+    fn found(index: &TantivyIndex, q: &SearchQuery) -> Vec<(i64, i64)> {
+        let hits = index.search(q).unwrap();
+        hits.iter().map(|s| (s.order_id, s.version)).collect()
+    }
+
+    fn text(t: &str) -> SearchQuery {
+        SearchQuery {
+            text: Some(t.into()),
+            ..SearchQuery::new(Scope::All)
+        }
+    }
+
+    #[test]
+    fn every_word_must_match_a_product_name_in_any_case() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = TantivyIndex::open_in(dir.path(), 15).unwrap();
+        index
+            .upsert(&[
+                snapshot(1, 1, 10, &["Red Kettle", "Blue Cup"]),
+                snapshot(2, 1, 10, &["red cup"]),
+            ])
+            .unwrap();
+        assert_eq!(found(&index, &text("RED")), vec![(2, 1), (1, 1)], "newest first");
+        assert_eq!(found(&index, &text("red kettle")), vec![(1, 1)]);
+        assert_eq!(
+            found(&index, &text("kettle cup")),
+            vec![(1, 1)],
+            "words of two lines"
+        );
+        assert_eq!(found(&index, &text("green kettle")), vec![]);
+        assert_eq!(found(&index, &text("!!!")), vec![]);
+        assert_eq!(found(&index, &text("2")), vec![(2, 1)], "an order id");
+    }
+
+    #[test]
+    fn an_older_or_equal_version_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = TantivyIndex::open_in(dir.path(), 15).unwrap();
+        let first = index.upsert(&[snapshot(1, 2, 10, &["new name"])]).unwrap();
+        assert_eq!(
+            first,
+            Upserted {
+                written: 1,
+                skipped: 0
+            }
+        );
+        let again = index
+            .upsert(&[snapshot(1, 1, 10, &["old name"]), snapshot(1, 2, 10, &["other"])])
+            .unwrap();
+        assert_eq!(
+            again,
+            Upserted {
+                written: 0,
+                skipped: 2
+            }
+        );
+        assert_eq!(found(&index, &text("old")), vec![]);
+        assert_eq!(found(&index, &text("new")), vec![(1, 2)]);
+        // A batch with several versions keeps the highest, whatever their order.
+        index
+            .upsert(&[snapshot(1, 4, 10, &["four"]), snapshot(1, 3, 10, &["three"])])
+            .unwrap();
+        assert_eq!(index.versions_of(1).unwrap(), vec![4]);
+        index.clear().unwrap();
+        assert!(index.is_empty());
+    }
+
+    #[test]
+    fn scope_and_dates_are_part_of_the_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = TantivyIndex::open_in(dir.path(), 15).unwrap();
+        index
+            .upsert(&[
+                snapshot(1, 1, 10, &["lamp"]),
+                snapshot(2, 1, 20, &["lamp"]),
+                snapshot(3, 1, 20, &["lamp"]),
+            ])
+            .unwrap();
+        let user = |u: i64, limit: usize| SearchQuery {
+            limit,
+            ..SearchQuery::new(Scope::User(UserId::new(u).unwrap()))
+        };
+        // The oldest order is the user's: found with a limit of one.
+        assert_eq!(found(&index, &user(10, 1)), vec![(1, 1)]);
+        assert_eq!(found(&index, &user(20, 5)), vec![(3, 1), (2, 1)]);
+        let shop = SearchQuery::new(Scope::Shop(ShopId::new(2).unwrap()));
+        assert_eq!(found(&index, &shop), vec![]);
+        // From is inclusive, to exclusive.
+        let at = |n: i64| Some(snapshot(n, 1, 1, &[]).created_at);
+        let range = SearchQuery {
+            created_from: at(2),
+            created_to: at(3),
+            ..SearchQuery::new(Scope::All)
+        };
+        assert_eq!(found(&index, &range), vec![(2, 1)]);
+    }
+}

@@ -434,9 +434,7 @@ async fn a_wiped_index_is_rebuilt_with_every_order_at_its_latest_version() {
         snapshot.order_id = 1;
         stale.upsert(&[snapshot]).unwrap();
     }
-    let rebuilt = orderly::app::rebuild_search(&app.settings, false)
-        .await
-        .unwrap();
+    let rebuilt = orderly::app::rebuild_search(&app.settings, false).await.unwrap();
     assert_eq!(rebuilt.orders, latest.len() as u64);
     let index = TantivyIndex::open_in(dir, 15).unwrap();
     assert_latest_only(&index, &latest, "after `project rebuild search`");
