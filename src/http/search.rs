@@ -45,7 +45,12 @@ fn parse(
             "q" => {
                 let text = v.trim();
                 if text.is_empty() || text.chars().count() > MAX_QUERY_CHARS {
-                    errors.push("q", "must be 1 to 200 characters (words of a product name, an order id or a tracking number)");
+                    errors.push(
+                        "q",
+                        format!(
+                            "must be 1 to {MAX_QUERY_CHARS} characters: words of a product name, an order id or a tracking number"
+                        ),
+                    );
                 } else {
                     q.text = Some(text.to_owned());
                 }

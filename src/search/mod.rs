@@ -31,7 +31,8 @@ use crate::domain::events::OrderSnapshot;
 use crate::domain::ids::{ShopId, UserId};
 use crate::domain::status::OrderStatus;
 
-/// Results per search at most, and by default.
+/// Results per search at most, and by default: as `GET /v1/orders` pages (SPEC 6), enough
+/// for a screen of results, and a search fetches and decodes every stored snapshot it returns.
 pub const MAX_LIMIT: usize = 100;
 pub const DEFAULT_LIMIT: usize = 20;
 
