@@ -314,7 +314,13 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateRepor
 pub async fn relay(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let shards = ShardMap::connect(settings).await?;
     let wakers = RelayWakers::new(shards.databases().len());
-    relay::run(shards.databases().to_vec(), settings.events.clone(), wakers, shutdown).await;
+    relay::run(
+        shards.databases().to_vec(),
+        settings.events.clone(),
+        wakers,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 

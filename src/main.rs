@@ -147,8 +147,19 @@ enum ProjectionName {
 
 fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: ReportFormat) {
     let header = [
-        "day", "orders", "units", "gross", "discounts", "paid", "refunded", "pending", "paid_st", "shipped",
-        "completed", "closed", "invalid",
+        "day",
+        "orders",
+        "units",
+        "gross",
+        "discounts",
+        "paid",
+        "refunded",
+        "pending",
+        "paid_st",
+        "shipped",
+        "completed",
+        "closed",
+        "invalid",
     ];
     let lines: Vec<Vec<String>> = rows
         .iter()
@@ -175,7 +186,14 @@ fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: Report
         }
         ReportFormat::Table => {
             let widths: Vec<usize> = (0..header.len())
-                .map(|i| lines.iter().map(|l| l[i].len()).chain([header[i].len()]).max().unwrap_or(0))
+                .map(|i| {
+                    lines
+                        .iter()
+                        .map(|l| l[i].len())
+                        .chain([header[i].len()])
+                        .max()
+                        .unwrap_or(0)
+                })
                 .collect();
             let row = |cells: Vec<&str>| {
                 cells
@@ -333,7 +351,9 @@ async fn main() -> anyhow::Result<()> {
         } => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let done = match projection {
-                ProjectionName::Merchant | ProjectionName::Reports => app::rebuild_merchant(&settings, true).await?,
+                ProjectionName::Merchant | ProjectionName::Reports => {
+                    app::rebuild_merchant(&settings, true).await?
+                }
                 ProjectionName::Search => app::rebuild_search(&settings, true).await?,
             };
             println!(
