@@ -17,6 +17,8 @@
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
 //!   gate, the catalog, and the background steps (sweeper, payment-timeout closer, completer).
+//! - [`search`] — order search: an embedded tantivy index of every order's latest version
+//!   behind one small trait, fed by the stream (consumer `search`), read by the search route.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
 //!   completion on a tracked task of its own, whatever happens to its request. Every request
 //!   gets an id, a span and its metrics; per-user rate limits and an in-flight bound guard
@@ -40,6 +42,7 @@ pub mod events;
 pub mod http;
 pub mod lease;
 pub mod playground;
+pub mod search;
 pub mod service;
 pub mod storage;
 pub mod telemetry;

@@ -157,6 +157,8 @@ enum ProjectionName {
     Merchant,
     /// The daily reports: kept in the merchant copy's transactions, so this rebuilds both.
     Reports,
+    /// The order search index in `search.data_dir` (no `serve` may hold its writer).
+    Search,
 }
 
 fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: ReportFormat) {
@@ -388,6 +390,7 @@ async fn main() -> anyhow::Result<()> {
                 ProjectionName::Merchant | ProjectionName::Reports => {
                     app::rebuild_merchant(&settings, true).await?
                 }
+                ProjectionName::Search => app::rebuild_search(&settings, true).await?,
             };
             println!(
                 "{} orders backfilled; following the stream after message {}",

@@ -24,6 +24,7 @@ mod payments;
 mod problems;
 mod read_your_writes;
 mod routing;
+mod search;
 mod shutdown;
 mod stalled_commit;
 mod worker_ids;
