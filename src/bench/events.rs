@@ -30,7 +30,7 @@ use crate::domain::events::EventKind;
 use crate::domain::ids::{OrderId, ShopId};
 use crate::events::consumer::{self, Batch, Projection, ProjectionError};
 use crate::events::merchant::MerchantCopy;
-use crate::events::{relay, Broker, RelayWakers};
+use crate::events::{relay, Broker};
 use crate::http::auth::AuthKeys;
 use crate::playground::{cluster_settings, create_databases};
 use crate::storage::merchant::{self, ShopQuery};
@@ -282,7 +282,7 @@ pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
         let task = tokio::spawn(relay::run(
             databases.clone(),
             s.events.clone(),
-            RelayWakers::new(databases.len()),
+            state.orders.relay_wakers().clone(),
             token.clone(),
         ));
         (token, task)

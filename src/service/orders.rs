@@ -327,6 +327,11 @@ impl OrderService {
         }
     }
 
+    /// The wakers of this process's relays.
+    pub fn relay_wakers(&self) -> &RelayWakers {
+        &self.relay_wakers
+    }
+
     /// Wakes these relays after each commit (the relays of the same process).
     pub fn with_relay_wakers(mut self, wakers: RelayWakers) -> Self {
         self.relay_wakers = wakers;

@@ -6,8 +6,8 @@
 //! change or not at all, and no write path can commit a change without its event.
 //!
 //! The snapshot is built by the database from the rows the transaction just wrote
-//! (`INSERT … SELECT JSON_OBJECT(…)`): one statement, no order data shipped to the client
-//! and back, and exactly what committed. `(order_id, version)` is unique: a version is
+//! (`SELECT JSON_OBJECT(…)` in the same transaction, then a plain `INSERT`): exactly what
+//! commits, whatever the write was. `(order_id, version)` is unique: a version is
 //! written once, and so is its event.
 //!
 //! Rows are read in id order and deleted only after the broker acknowledged them
@@ -40,22 +40,33 @@ pub(crate) async fn record(
     kind: EventKind,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    let sql = format!(
-        "INSERT INTO {TABLE} (order_id, version, shop_id, kind, payload, created_at)
-         SELECT o.order_id, o.version, o.shop_id, ?, {}, ?
-         FROM {} o WHERE o.order_id = ?",
+    // Read, then a plain INSERT: an `INSERT … SELECT` would hold the table's AUTO-INC lock
+    // for the whole statement (`innodb_autoinc_lock_mode` 1, the default), serialising every
+    // concurrent order write on this database behind the snapshot's subqueries.
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT o.version, o.shop_id, {} FROM {} o WHERE o.order_id = ?",
         snapshot_json(t),
         t.orders
-    );
-    let done = sqlx::query(AssertSqlSafe(sql))
-        .bind(kind.name())
-        .bind(ts(now))
-        .bind(id.get())
-        .execute(conn)
-        .await?;
-    if done.rows_affected() != 1 {
-        return Err(corrupt("outbox: no order row for the event of", id));
-    }
+    )))
+    .bind(id.get())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| corrupt("outbox: no order row for the event of", id))?;
+    let version: i64 = row.try_get(0)?;
+    let shop: i64 = row.try_get(1)?;
+    let payload: String = row.try_get(2)?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {TABLE} (order_id, version, shop_id, kind, payload, created_at)
+         VALUES (?, ?, ?, ?, ?, ?)"
+    )))
+    .bind(id.get())
+    .bind(version)
+    .bind(shop)
+    .bind(kind.name())
+    .bind(payload)
+    .bind(ts(now))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

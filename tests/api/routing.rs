@@ -152,8 +152,19 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
     // TestApp::spawn migrated already: a second run applies nothing.
     let again = orderly::app::migrate(&app.settings).await.unwrap();
     assert!(again.applied.is_empty(), "{:?}", again.applied);
-    // Four commerce migrations, three per shard.
-    assert_eq!(again.already, 5 + 3 * TEST_SHARDS as usize);
+    // Five commerce migrations, four per shard, one per table of the merchant copy.
+    let merchant_tables = app.settings.merchant.tables as usize;
+    assert_eq!(again.already, 5 + 4 * TEST_SHARDS as usize + merchant_tables);
+    // One outbox per shard database, whichever of its shards created it.
+    for db in app.app.orders.shards().databases() {
+        let n: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'order_outbox'",
+        )
+        .fetch_one(db.write())
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "the outbox of {}", db.name());
+    }
     // Every shard's five tables exist on the server that holds it, and only there.
     let shards = app.app.orders.shards();
     for shard in shards.all() {
