@@ -30,6 +30,21 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub replicas: ReplicaSettings,
     pub flash: FlashSettings,
+    pub cart: CartSettings,
+}
+
+/// Carts (see [`crate::service::cart`]); every tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CartSettings {
+    pub loss_window_ms: u64,
+    pub flush_batch: usize,
+}
+
+impl Default for CartSettings {
+    /// `config.default.toml`'s values.
+    fn default() -> Self {
+        Settings::defaults().cart
+    }
 }
 
 /// Flash sales (see [`crate::service::flash`]); every tunable is explained in
@@ -302,6 +317,9 @@ impl Settings {
                 "flash: gate_rebuild_interval_secs, fallback_concurrency and refresh_ms must be positive"
                     .into(),
             );
+        }
+        if self.cart.loss_window_ms == 0 || self.cart.flush_batch == 0 {
+            return bad("cart.loss_window_ms and cart.flush_batch must be positive".into());
         }
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)

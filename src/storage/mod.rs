@@ -5,6 +5,7 @@
 //! - [`schema`] creates the tables (`orderly migrate`).
 //! - [`replicas`] is one server with its read replicas: the read/write split, read-your-writes
 //!   by GTID, replica health and rotation.
+//! - [`carts`] is the SQL of carts, the write-behind copy of what Redis holds.
 //! - [`flash`] is the SQL of flash sales (their units are taken in [`commerce::reserve`]).
 //! - [`orders`] is the SQL of the four order tables; [`commerce`] of users, shops, products,
 //!   coupons, order claims and stock reservations.
@@ -13,6 +14,7 @@
 //! short transaction. A duplicate-key error (MySQL 1062) is translated here, in one place,
 //! into [`StorageError::Duplicate`]; the layers above decide what it means (replay, conflict).
 
+pub mod carts;
 pub mod commerce;
 pub mod flash;
 pub mod orders;
