@@ -92,7 +92,7 @@ impl Change {
 /// What one flush did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushOutcome {
-    /// Carts written (or found already written) at the version Redis held.
+    /// Carts written, or found written at a newer version by another flusher.
     pub written: usize,
     /// Carts whose Redis copy was older than MySQL's (changed in MySQL during an outage): the
     /// copy was dropped.
@@ -352,9 +352,13 @@ impl CartService {
                 // Written, still marked: the next flush writes them again (a no-op).
                 return Ok(out);
             }
+            // MySQL newer: written by a change while Redis did not answer (the Redis copy is
+            // older and goes), or by another flusher that read a newer copy (kept).
             for &(user, v) in &stale {
-                if r.cart_drop_older(user, v).await.is_some() {
-                    out.stale += 1;
+                match r.cart_drop_older(user, v).await {
+                    Some(true) => out.stale += 1,
+                    Some(false) => out.written += 1,
+                    None => return Ok(out),
                 }
             }
             if !full {

@@ -8,6 +8,7 @@ mod bad_input;
 mod bench;
 mod cache;
 mod cancellation;
+mod cart;
 mod catalog;
 mod exactly_once;
 mod flash;
