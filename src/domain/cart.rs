@@ -210,8 +210,10 @@ mod tests {
         ];
         assert!(c.check_out(order, &bought));
         assert_eq!(c.lines.into_iter().collect::<Vec<_>>(), vec![(p(1), 2)]);
-        let mut again = Cart::default();
-        again.checkouts = vec![order];
+        let mut again = Cart {
+            checkouts: vec![order],
+            ..Cart::default()
+        };
         again.set(p(1), q(5)).unwrap();
         assert!(
             !again.check_out(order, &bought),

@@ -25,6 +25,14 @@
 //! and drops their Redis copies once Redis answers again, before it uses them, and at the
 //! start of every flush. What the older Redis copy held that MySQL did not (its unflushed
 //! changes) is lost then: the change made during the outage wins.
+//!
+//! # Not covered
+//! - A Redis restarted from an older snapshot (not empty) serves that snapshot's carts until
+//!   they change; a changed one is older than MySQL's, so its flush drops it with the change.
+//! - During a partition, a process that still reaches Redis may change the older copy; that
+//!   change is dropped the same way when the copy is found older than MySQL's.
+//! - Redis Cluster: a cart and its bucket's dirty set share a hash tag, but the flusher's
+//!   pipelines of all buckets would have to go to each bucket's node.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
