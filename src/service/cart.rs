@@ -12,7 +12,9 @@
 //!
 //! # What can be lost
 //! Redis dying loses the changes not yet flushed: those of the last loss window, plus those
-//! made during a flush that was under way. Everything flushed before is read back from MySQL
+//! made during a flush that was under way (while MySQL refuses or stalls the flushes,
+//! everything since the last flush that went through). A Redis call slower than
+//! `cache.timeout_ms` counts as Redis not answering, with the same bound. Everything flushed before is read back from MySQL
 //! when a cart is missing from Redis (read-through: evicted, expired, Redis restarted empty);
 //! a change to a missing cart loads it first, so it never starts from a blank one.
 //!
