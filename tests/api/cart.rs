@@ -274,7 +274,20 @@ async fn cart_redis_restarted_empty_loses_exactly_the_unflushed_changes_and_down
     put_ok(&app, user, p(0), 6).await;
     redis.resume_redis().unwrap();
     expect.insert(p(0).parse().unwrap(), 6);
+    // Another process's flusher, which never wrote to MySQL itself, meets the older copy
+    // dirty: it does not write it over MySQL's, and drops it.
     let twin = app.twin().await;
+    twin.app.orders.carts().flush_once().await.unwrap();
+    assert_eq!(
+        in_mysql(&app, user).await.1,
+        expect,
+        "the older copy was flushed over MySQL's"
+    );
+    assert_eq!(
+        in_redis(&app, user).await,
+        None,
+        "the older copy is still in Redis"
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
     for _ in 0..10 {
         assert_eq!(

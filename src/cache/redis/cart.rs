@@ -190,6 +190,24 @@ impl RedisCache {
         inner.query::<i64>(&conn, &cmd).await.map(|n| n == 1)
     }
 
+    /// [`Self::cart_drop_older`] for many carts in one round trip; whether each was dropped.
+    pub async fn cart_drop_older_many(&self, carts: &[(UserId, i64)]) -> Option<Vec<bool>> {
+        if carts.is_empty() {
+            return Some(Vec::new());
+        }
+        let inner = &self.inner;
+        let conn = inner.conn().await?;
+        let mut pipe = redis::pipe();
+        for &(user, version) in carts {
+            let [cart, dirty] = self.cart_keys(user);
+            let mut cmd = evalsha(&inner.scripts.cart_drop_older, &[&cart, &dirty]);
+            cmd.arg(user.get()).arg(version);
+            pipe.add_command(cmd);
+        }
+        let answers: Vec<i64> = inner.query_pipe(&conn, &pipe).await?;
+        Some(answers.into_iter().map(|n| n == 1).collect())
+    }
+
     /// Up to `batch` dirty carts of every bucket, lowest score first, with their content:
     /// two round trips (the dirty sets, then the carts). Answers per bucket.
     pub async fn cart_dirty(&self, batch: usize) -> Option<Vec<Vec<DirtyCart>>> {
