@@ -17,6 +17,8 @@ use crate::cache::{Cache, CacheHealth};
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::WorkerId;
+use crate::events::merchant::MerchantCopy;
+use crate::events::{consumer, rebuild, relay, Broker, RelayWakers};
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
@@ -24,8 +26,10 @@ use crate::lease::{lease_worker, IdSource};
 use crate::service::cart::{self, CartService};
 use crate::service::catalog::CatalogService;
 use crate::service::flash::{self, FlashSales};
+use crate::service::merchant::MerchantService;
 use crate::service::orders::OrderService;
 use crate::service::sweeper;
+use crate::storage::merchant::MerchantMap;
 use crate::storage::replicas::{self, Database};
 use crate::storage::shards::ShardMap;
 use crate::storage::{self, schema};
@@ -45,6 +49,7 @@ pub struct Application {
     background: Vec<JoinHandle<()>>,
     /// Every database, for the replica probes.
     databases: Vec<Arc<Database>>,
+    relay_wakers: RelayWakers,
 }
 
 impl Application {
@@ -99,14 +104,18 @@ impl Application {
             cache.clone(),
             settings.cart.clone(),
         ));
+        let relay_wakers = RelayWakers::new(shards.databases().len());
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
+            .with_relay_wakers(relay_wakers.clone())
             .with_flash(flash)
             .with_carts(carts)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
             .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
+        let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
         let state = AppState {
             orders,
             catalog: CatalogService::new(commerce_db, cache),
+            merchant: MerchantService::new(merchant_map),
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),
             writes: TaskTracker::new(),
@@ -121,6 +130,7 @@ impl Application {
             shutdown,
             background,
             databases,
+            relay_wakers,
         })
     }
 
@@ -163,6 +173,21 @@ impl Application {
             self.state.orders.carts().clone(),
             self.shutdown.clone(),
         ));
+        let relays = s.events.relay.then(|| {
+            tokio::spawn(relay::run(
+                self.state.orders.shards().databases().to_vec(),
+                s.events.clone(),
+                self.relay_wakers.clone(),
+                self.shutdown.clone(),
+            ))
+        });
+        let copy = s.merchant.consume.then(|| {
+            tokio::spawn(consumer::run(
+                s.events.clone(),
+                Arc::new(MerchantCopy::new(self.state.merchant.map().clone())),
+                self.shutdown.clone(),
+            ))
+        });
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -212,6 +237,9 @@ impl Application {
         let _ = gates.await;
         let _ = cleanup.await;
         let _ = flusher.await;
+        for task in [relays, copy].into_iter().flatten() {
+            let _ = task.await;
+        }
         served?;
         Ok(())
     }
@@ -269,5 +297,51 @@ pub async fn lease_worker_from(
 pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateReport> {
     let shards = ShardMap::connect(settings).await?;
     let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
-    Ok(schema::migrate(&commerce, &shards).await?)
+    let mut report = schema::migrate(&commerce, &shards).await?;
+    let merchant = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+    let m = schema::migrate_merchant(&merchant).await?;
+    report.applied.extend(m.applied);
+    report.already += m.already;
+    Ok(report)
+}
+
+/// `orderly relay`: the outbox relays of every shard database, without the API, until
+/// `shutdown` (one relay per database is active at a time, whichever process holds it).
+pub async fn relay(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let shards = ShardMap::connect(settings).await?;
+    let wakers = RelayWakers::new(shards.databases().len());
+    relay::run(
+        shards.databases().to_vec(),
+        settings.events.clone(),
+        wakers,
+        shutdown,
+    )
+    .await;
+    Ok(())
+}
+
+/// `orderly project rebuild merchant` (and `reports`, which live in the same transactions):
+/// the copy and its reports rebuilt from the shards, then followed from the stream.
+pub async fn rebuild_merchant(settings: &Settings, progress: bool) -> anyhow::Result<rebuild::Rebuilt> {
+    let shards = ShardMap::connect(settings).await?;
+    let map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+    let broker = Broker::connect(&settings.events).await?;
+    let copy = MerchantCopy::new(map.clone());
+    let reset = async move {
+        storage::merchant::reset(&map)
+            .await
+            .map_err(consumer::ProjectionError::new)
+    };
+    Ok(rebuild::rebuild(&broker, &shards, &copy, reset, progress).await?)
+}
+
+/// `orderly report`: a shop's daily report rows from the merchant copy.
+pub async fn daily_report(
+    settings: &Settings,
+    shop: crate::domain::ids::ShopId,
+    from: chrono::NaiveDate,
+    to: chrono::NaiveDate,
+) -> anyhow::Result<Vec<storage::merchant::DailyReport>> {
+    let map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+    Ok(storage::merchant::daily_reports(&map, shop, from, to).await?)
 }

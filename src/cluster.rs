@@ -22,9 +22,11 @@
 //!   never one of a primary's. A replica refuses writes, even `orderly`'s (a write there would
 //!   break its replication for good). See [`LocalCluster::replicas`].
 //! * optionally one Redis server (`redis/`), without any persistence.
+//! * optionally one NATS server with JetStream (`nats/`, its stream files in `nats/js/`), for
+//!   the order event stream.
 //!
 //! `start` returns only once every MariaDB server accepts a login as `orderly` over TCP, every
-//! replica's replication threads run, and Redis answers `PING`.
+//! replica's replication threads run, and Redis and NATS answer `PING`.
 //!
 //! # Invariants
 //!
@@ -284,6 +286,9 @@ pub enum ClusterError {
     /// A Redis operation on a cluster started without Redis.
     #[error("the cluster was started without Redis")]
     NoRedis,
+    /// A NATS operation on a cluster started without NATS.
+    #[error("the cluster was started without NATS")]
+    NoNats,
     /// Pausing or resuming a server that is not running.
     #[error("{0} is not running")]
     NotRunning(String),
@@ -308,6 +313,8 @@ pub struct ClusterSpec {
     pub mariadb_servers: usize,
     /// Whether to start a Redis server.
     pub with_redis: bool,
+    /// Whether to start a NATS server with JetStream (`nats-server -js`).
+    pub with_nats: bool,
     /// Directory in which the `orderly-cluster-XXXXXX` directory is created; `None` picks
     /// `/dev/shm` when usable (never for a durable cluster), else the system temporary
     /// directory.
@@ -325,6 +332,7 @@ impl Default for ClusterSpec {
         ClusterSpec {
             mariadb_servers: 1,
             with_redis: true,
+            with_nats: true,
             base_dir: None,
             durable: false,
             replicas_per_server: 0,
@@ -366,6 +374,7 @@ pub struct LocalCluster {
     /// `replicas[i]`: the replicas of `mariadb[i]` (empty vectors when there are none).
     replicas: Vec<Vec<MariaDbServer>>,
     redis: Option<RedisServer>,
+    nats: Option<NatsServer>,
     startup_time: Duration,
 }
 
@@ -385,6 +394,7 @@ impl LocalCluster {
             mariadb: Vec::new(),
             replicas: Vec::new(),
             redis: None,
+            nats: None,
             startup_time: Duration::ZERO,
         };
         let mut ports = PortPicker::default();
@@ -394,6 +404,11 @@ impl LocalCluster {
             let redis = RedisServer::new(&cluster.path, binary, ports.pick()?)?;
             redis.spawn().await?;
             cluster.redis = Some(redis);
+        }
+        if let Some(binary) = binaries.nats {
+            let nats = NatsServer::new(&cluster.path, binary, ports.pick()?)?;
+            nats.spawn().await?;
+            cluster.nats = Some(nats);
         }
 
         if let Some((mariadbd, install_db)) = binaries.mariadb {
@@ -454,6 +469,9 @@ impl LocalCluster {
         if let Some(redis) = &mut cluster.redis {
             redis.await_first_start(&mut ports).await?;
         }
+        if let Some(nats) = &mut cluster.nats {
+            nats.await_first_start(&mut ports).await?;
+        }
 
         cluster.startup_time = began.elapsed();
         tracing::info!(
@@ -465,6 +483,7 @@ impl LocalCluster {
                 .map(|replicas| replicas.iter().map(|s| s.port).collect::<Vec<_>>())
                 .collect::<Vec<_>>(),
             redis_port = ?cluster.redis.as_ref().map(|r| r.port),
+            nats_port = ?cluster.nats.as_ref().map(|n| n.port),
             startup_ms = cluster.startup_time.as_millis() as u64,
             "local cluster started"
         );
@@ -555,6 +574,31 @@ impl LocalCluster {
     /// `redis://127.0.0.1:PORT`, if the cluster has Redis.
     pub fn redis_url(&self) -> Option<String> {
         self.redis.as_ref().map(RedisServer::url)
+    }
+
+    /// The NATS server, if the cluster has one.
+    pub fn nats(&self) -> Option<&NatsServer> {
+        self.nats.as_ref()
+    }
+
+    /// `nats://127.0.0.1:PORT`, if the cluster has NATS.
+    pub fn nats_url(&self) -> Option<String> {
+        self.nats.as_ref().map(NatsServer::url)
+    }
+
+    fn nats_server(&self) -> Result<&NatsServer, ClusterError> {
+        self.nats.as_ref().ok_or(ClusterError::NoNats)
+    }
+
+    /// Kills NATS with SIGKILL, as a crash would. JetStream's files survive: a restart
+    /// recovers every stored message.
+    pub fn kill_nats(&self) -> Result<(), ClusterError> {
+        self.nats_server()?.kill()
+    }
+
+    /// (Re)starts NATS on its port and JetStream directory and waits until it answers `PING`.
+    pub async fn start_nats(&self) -> Result<(), ClusterError> {
+        self.nats_server()?.start().await
     }
 
     fn server(&self, index: usize) -> Result<&MariaDbServer, ClusterError> {
@@ -718,6 +762,7 @@ impl Drop for LocalCluster {
             .all_mariadb()
             .map(|s| &s.process)
             .chain(self.redis.iter().map(|r| &r.process))
+            .chain(self.nats.iter().map(|n| &n.process))
             .collect();
         for process in &processes {
             process.terminate();
@@ -1377,6 +1422,144 @@ async fn redis_command(port: u16, command: &str, expected: &str) -> Result<(), S
     }
 }
 
+/// The NATS server of a [`LocalCluster`], with JetStream, its files in the cluster directory.
+#[derive(Debug)]
+pub struct NatsServer {
+    port: u16,
+    binary: PathBuf,
+    process: ServerProcess,
+}
+
+impl NatsServer {
+    fn new(cluster_dir: &Path, binary: PathBuf, port: u16) -> Result<Self, ClusterError> {
+        let dir = cluster_dir.join("nats");
+        fs::create_dir(&dir).map_err(|e| ClusterError::io(format!("creating {}", dir.display()), e))?;
+        Ok(NatsServer {
+            port,
+            binary,
+            process: ServerProcess::new("nats".into(), dir.clone(), dir.join("nats.log")),
+        })
+    }
+
+    /// Its TCP port on 127.0.0.1 (kept across restarts).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Its log (the server's stdout and stderr).
+    pub fn log(&self) -> &Path {
+        &self.process.log
+    }
+
+    /// Whether the server process is alive.
+    pub fn is_running(&self) -> bool {
+        self.process.pid().is_some()
+    }
+
+    /// (Re)starts NATS on the same port and JetStream directory (every stream comes back) and
+    /// waits until it answers `PING`. Does nothing when it already runs.
+    pub async fn start(&self) -> Result<(), ClusterError> {
+        if self.is_running() {
+            return Ok(());
+        }
+        let log_offset = self.spawn().await?;
+        self.wait_ready()
+            .await
+            .map_err(|f| self.process.not_ready(f, log_offset))
+    }
+
+    /// Shuts NATS down (SIGTERM; SIGKILL after 10 s). Does nothing when stopped.
+    pub async fn stop(&self) -> Result<(), ClusterError> {
+        self.process.stop(STOP_GRACE).await;
+        Ok(())
+    }
+
+    /// Kills NATS with SIGKILL. Does nothing when stopped.
+    pub fn kill(&self) -> Result<(), ClusterError> {
+        self.process.kill();
+        Ok(())
+    }
+
+    async fn spawn(&self) -> Result<u64, ClusterError> {
+        let mut command = Command::new(&self.binary);
+        command
+            // Loopback only, like every server of the cluster.
+            .arg("-a")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg("-js")
+            // JetStream's files in the cluster directory: they survive a kill and a restart
+            // (a broker crash loses nothing it acknowledged), and go with the cluster.
+            .arg("-sd")
+            .arg(self.process.dir.join("js"));
+        self.process.spawn(command).await
+    }
+
+    async fn await_first_start(&mut self, ports: &mut PortPicker) -> Result<(), ClusterError> {
+        let mut log_offset = 0;
+        for attempt in 1..=PORT_ATTEMPTS {
+            match self.wait_ready().await {
+                Ok(()) => return Ok(()),
+                Err(failure) if attempt < PORT_ATTEMPTS && self.process.lost_port(&failure, log_offset) => {
+                    tracing::debug!(port = self.port, "nats port taken, retrying");
+                    self.port = ports.pick()?;
+                    log_offset = self.spawn().await?;
+                }
+                Err(failure) => return Err(self.process.not_ready(failure, log_offset)),
+            }
+        }
+        Err(self
+            .process
+            .not_ready(Failure::TimedOut("no attempt left".into()), log_offset))
+    }
+
+    async fn wait_ready(&self) -> Result<(), Failure> {
+        let port = self.port;
+        self.process.wait_ready(|| nats_ping(port)).await
+    }
+}
+
+/// Speaks the start of the NATS protocol on `port`: the server's `INFO`, then `CONNECT` and
+/// `PING`, expecting `PONG`.
+async fn nats_ping(port: u16) -> Result<(), String> {
+    let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let mut sent = false;
+    loop {
+        let n = stream.read(&mut buf).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            return Err("connection closed before PONG".into());
+        }
+        seen.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&seen);
+        if !sent && text.contains("\r\n") {
+            if !text.starts_with("INFO ") {
+                return Err(format!("unexpected greeting {:?}", text));
+            }
+            stream
+                .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+                .await
+                .map_err(|e| e.to_string())?;
+            sent = true;
+        }
+        if text.contains("PONG\r\n") {
+            return Ok(());
+        }
+        if text.contains("-ERR") {
+            return Err(format!("server refused: {text:?}"));
+        }
+    }
+}
+
 /// Why a server did not become ready.
 #[derive(Debug)]
 enum Failure {
@@ -1539,7 +1722,12 @@ impl ServerProcess {
 
     /// Whether the child exited because its port was taken (retry on another port).
     fn lost_port(&self, failure: &Failure, log_offset: u64) -> bool {
-        matches!(failure, Failure::Exited(_)) && self.log_tail(log_offset).contains("Address already in use")
+        // MariaDB and Redis say "Address already in use", NATS "address already in use".
+        matches!(failure, Failure::Exited(_))
+            && self
+                .log_tail(log_offset)
+                .to_ascii_lowercase()
+                .contains("address already in use")
     }
 
     fn not_ready(&self, failure: Failure, log_offset: u64) -> ClusterError {
@@ -1580,6 +1768,7 @@ struct Binaries {
     /// `(mariadbd, mariadb-install-db)` when MariaDB servers are wanted.
     mariadb: Option<(PathBuf, PathBuf)>,
     redis: Option<PathBuf>,
+    nats: Option<PathBuf>,
 }
 
 impl Binaries {
@@ -1600,7 +1789,12 @@ impl Binaries {
         } else {
             None
         };
-        Ok(Binaries { mariadb, redis })
+        let nats = if spec.with_nats {
+            Some(require("nats-server", "nats-server")?)
+        } else {
+            None
+        };
+        Ok(Binaries { mariadb, redis, nats })
     }
 }
 
@@ -1968,6 +2162,7 @@ mod tests {
         let cluster = LocalCluster::start(ClusterSpec {
             mariadb_servers: 2,
             with_redis: true,
+            with_nats: false,
             base_dir: None,
             durable: false,
             replicas_per_server: 0,
@@ -2029,6 +2224,7 @@ mod tests {
         let cluster = LocalCluster::start(ClusterSpec {
             mariadb_servers: 1,
             with_redis: false,
+            with_nats: false,
             base_dir: None,
             durable: true,
             replicas_per_server: 0,
@@ -2062,6 +2258,7 @@ mod tests {
         let cluster = LocalCluster::start(ClusterSpec {
             mariadb_servers: 1,
             with_redis: true,
+            with_nats: false,
             base_dir: None,
             durable: false,
             replicas_per_server: 0,
@@ -2112,6 +2309,7 @@ mod tests {
         let cluster = LocalCluster::start(ClusterSpec {
             mariadb_servers: 1,
             with_redis: true,
+            with_nats: false,
             base_dir: None,
             durable: false,
             replicas_per_server: 0,
@@ -2156,6 +2354,7 @@ mod tests {
         LocalCluster::start(ClusterSpec {
             mariadb_servers: primaries,
             with_redis: false,
+            with_nats: false,
             base_dir: None,
             durable: false,
             replicas_per_server: 1,

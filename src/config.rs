@@ -31,6 +31,8 @@ pub struct Settings {
     pub replicas: ReplicaSettings,
     pub flash: FlashSettings,
     pub cart: CartSettings,
+    pub events: EventSettings,
+    pub merchant: MerchantSettings,
 }
 
 /// Carts (see [`crate::service::cart`]); every tunable is explained in `config.default.toml`.
@@ -44,6 +46,45 @@ impl Default for CartSettings {
     /// `config.default.toml`'s values.
     fn default() -> Self {
         Settings::defaults().cart
+    }
+}
+
+/// The merchant copy sharded by shop, with its reports (see [`crate::storage::merchant`]);
+/// every tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MerchantSettings {
+    pub consume: bool,
+    pub tables: u32,
+    pub report_utc_offset_minutes: i32,
+    pub databases: Vec<MerchantDatabase>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct MerchantDatabase {
+    pub url: String,
+    pub first_table: u32,
+    pub last_table: u32,
+}
+
+/// The order event stream: the outbox relay to NATS JetStream (see [`crate::events`]); every
+/// tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct EventSettings {
+    pub nats_url: String,
+    pub relay: bool,
+    pub stream: String,
+    pub subject_prefix: String,
+    pub duplicate_window_secs: u64,
+    pub relay_batch: u32,
+    pub relay_poll_ms: u64,
+    pub publish_timeout_ms: u64,
+    pub retry_ms: u64,
+}
+
+impl Default for EventSettings {
+    /// `config.default.toml`'s values.
+    fn default() -> Self {
+        Settings::defaults().events
     }
 }
 
@@ -321,6 +362,24 @@ impl Settings {
         if self.cart.loss_window_ms == 0 || self.cart.flush_batch == 0 {
             return bad("cart.loss_window_ms and cart.flush_batch must be positive".into());
         }
+        self.validate_merchant()?;
+        let e = &self.events;
+        if e.relay_batch == 0
+            || e.relay_poll_ms == 0
+            || e.publish_timeout_ms == 0
+            || e.retry_ms == 0
+            || e.duplicate_window_secs == 0
+        {
+            return bad("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms and duplicate_window_secs must be positive".into());
+        }
+        let token = |s: &str| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        };
+        if !token(&e.stream) || !e.subject_prefix.split('.').all(token) {
+            return bad("events.stream must be letters, digits, _ or -; events.subject_prefix such tokens joined by dots".into());
+        }
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)
             || (l.ids_per_user_per_sec > 0 && l.ids_burst == 0)
@@ -328,6 +387,38 @@ impl Settings {
             return bad(
                 "limits.create_burst and limits.ids_burst must be positive when their rate is".into(),
             );
+        }
+        Ok(())
+    }
+
+    fn validate_merchant(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let m = &self.merchant;
+        if !(1..=1024).contains(&m.tables) {
+            return bad("merchant.tables must be between 1 and 1024".into());
+        }
+        if m.report_utc_offset_minutes.abs() > 14 * 60 {
+            return bad("merchant.report_utc_offset_minutes must be within ±840 (±14 h)".into());
+        }
+        let mut owner = vec![false; m.tables as usize];
+        for (i, db) in m.databases.iter().enumerate() {
+            if db.url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
+                return bad(format!("merchant database {i} is not a mysql:// URL"));
+            }
+            if db.first_table > db.last_table || db.last_table >= m.tables {
+                return bad(format!(
+                    "merchant database {i}: tables {}..={} are not within 0..{}",
+                    db.first_table, db.last_table, m.tables
+                ));
+            }
+            for t in db.first_table..=db.last_table {
+                if std::mem::replace(&mut owner[t as usize], true) {
+                    return bad(format!("merchant table {t} is held by two databases"));
+                }
+            }
+        }
+        if let Some(t) = owner.iter().position(|held| !held) {
+            return bad(format!("merchant table {t} is held by no database"));
         }
         Ok(())
     }

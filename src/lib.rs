@@ -12,6 +12,9 @@
 //!   committed write; a disabled variant when `[cache] enabled = false`. The carts' Redis
 //!   hashes and dirty sets live there too.
 //! - [`lease`] — worker-id leases in the commerce database: processes never share an id space.
+//! - [`events`] — the order event stream: the outbox relay to NATS JetStream (one active
+//!   relay per shard database), durable consumers and the read models they feed (the
+//!   merchant copy by shop, its reports), rebuilds from the shards.
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
 //!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), and the
@@ -23,7 +26,7 @@
 //!   lists the router is built from.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
 //! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
-//! - [`cluster`] — a throwaway local cluster (MariaDB, Redis) from the binaries on PATH, for
+//! - [`cluster`] — a throwaway local cluster (MariaDB, Redis, NATS) from the binaries on PATH, for
 //!   the playground and the tests.
 //! - [`playground`] — `orderly playground`.
 //! - [`telemetry`] — logs (JSON for `serve`, text elsewhere) and the Prometheus recorder
@@ -35,6 +38,7 @@ pub mod cache;
 pub mod cluster;
 pub mod config;
 pub mod domain;
+pub mod events;
 pub mod http;
 pub mod lease;
 pub mod playground;

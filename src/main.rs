@@ -85,6 +85,27 @@ enum Command {
         #[arg(long, default_value_t = 1, conflicts_with = "target")]
         replicas: usize,
     },
+    /// Publish the order events of every shard database's outbox to NATS JetStream (what
+    /// `serve` also does unless `events.relay = false`).
+    Relay,
+    /// A shop's daily report, from the merchant copy.
+    Report {
+        #[arg(long)]
+        shop: String,
+        /// First day, YYYY-MM-DD.
+        #[arg(long)]
+        from: chrono::NaiveDate,
+        /// Last day (inclusive), YYYY-MM-DD.
+        #[arg(long)]
+        to: chrono::NaiveDate,
+        #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
+        format: ReportFormat,
+    },
+    /// Work with the read models the event stream keeps.
+    Project {
+        #[command(subcommand)]
+        command: ProjectCommand,
+    },
     /// Work with order ids.
     Id {
         #[command(subcommand)]
@@ -97,6 +118,98 @@ enum Command {
         #[arg(long)]
         shards: Option<u32>,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ReportFormat {
+    Table,
+    Csv,
+}
+
+#[derive(Subcommand)]
+enum ProjectCommand {
+    /// Rebuild a read model from the shards, then follow the stream from where it started.
+    Rebuild {
+        #[arg(value_enum)]
+        projection: ProjectionName,
+    },
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ProjectionName {
+    /// The merchant copy by shop, with its reports.
+    Merchant,
+    /// The daily reports: kept in the merchant copy's transactions, so this rebuilds both.
+    Reports,
+}
+
+fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: ReportFormat) {
+    let header = [
+        "day",
+        "orders",
+        "units",
+        "gross",
+        "discounts",
+        "paid",
+        "refunded",
+        "pending",
+        "paid_st",
+        "shipped",
+        "completed",
+        "closed",
+        "invalid",
+    ];
+    let lines: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| {
+            let mut l = vec![
+                r.day.to_string(),
+                r.orders.to_string(),
+                r.units.to_string(),
+                r.gross.to_string(),
+                r.discounts.to_string(),
+                r.paid.to_string(),
+                r.refunded.to_string(),
+            ];
+            l.extend(r.by_status.iter().map(i64::to_string));
+            l
+        })
+        .collect();
+    match format {
+        ReportFormat::Csv => {
+            println!("{}", header.join(","));
+            for l in &lines {
+                println!("{}", l.join(","));
+            }
+        }
+        ReportFormat::Table => {
+            let widths: Vec<usize> = (0..header.len())
+                .map(|i| {
+                    lines
+                        .iter()
+                        .map(|l| l[i].len())
+                        .chain([header[i].len()])
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            let row = |cells: Vec<&str>| {
+                cells
+                    .iter()
+                    .zip(&widths)
+                    .map(|(c, w)| format!("{c:>w$}"))
+                    .collect::<Vec<_>>()
+                    .join("  ")
+            };
+            println!("{}", row(header.to_vec()));
+            for l in &lines {
+                println!("{}", row(l.iter().map(String::as_str).collect()));
+            }
+            if lines.is_empty() {
+                println!("(no orders in this range)");
+            }
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -211,6 +324,41 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Playground { port } => orderly::playground::run(config.map(PathBuf::as_path), port).await,
+        Command::Relay => {
+            let settings = Settings::load(config.map(PathBuf::as_path))?;
+            let token = CancellationToken::new();
+            tokio::spawn(shutdown_signal(token.clone()));
+            app::relay(&settings, token).await
+        }
+        Command::Report {
+            shop,
+            from,
+            to,
+            format,
+        } => {
+            let settings = Settings::load(config.map(PathBuf::as_path))?;
+            let shop = orderly::domain::ids::ShopId::parse(&shop)
+                .ok_or_else(|| anyhow::anyhow!("not a shop id: {shop}"))?;
+            anyhow::ensure!(from <= to, "--from must not be after --to");
+            let rows = app::daily_report(&settings, shop, from, to).await?;
+            print_report(&rows, format);
+            Ok(())
+        }
+        Command::Project {
+            command: ProjectCommand::Rebuild { projection },
+        } => {
+            let settings = Settings::load(config.map(PathBuf::as_path))?;
+            let done = match projection {
+                ProjectionName::Merchant | ProjectionName::Reports => {
+                    app::rebuild_merchant(&settings, true).await?
+                }
+            };
+            println!(
+                "{} orders backfilled; following the stream after message {}",
+                done.orders, done.followed_after
+            );
+            Ok(())
+        }
         Command::Id {
             command: IdCommand::Decode { order_id, shards },
         } => {

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{migrate, Application};
 use crate::cluster::{ClusterSpec, LocalCluster};
-use crate::config::{Settings, ShardDatabase};
+use crate::config::{MerchantDatabase, Settings, ShardDatabase};
 use crate::domain::actor::{Caller, Role};
 use crate::domain::ids::{ShopId, UserId};
 use crate::http::auth::AuthKeys;
@@ -46,6 +46,13 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         })
         .collect();
     s.commerce.url = cluster.mariadb(0).url(&format!("{db_prefix}commerce"));
+    // The merchant copy on the last server, away from the commerce database.
+    let last = cluster.mariadb(servers as usize - 1);
+    s.merchant.databases = vec![MerchantDatabase {
+        url: last.url(&format!("{db_prefix}merchant")),
+        first_table: 0,
+        last_table: s.merchant.tables - 1,
+    }];
     s.commerce.replicas = cluster
         .replicas(0)
         .iter()
@@ -53,6 +60,22 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         .collect();
     if let Some(url) = cluster.redis_url() {
         s.redis.url = url;
+    }
+    match cluster.nats_url() {
+        Some(url) => s.events.nats_url = url,
+        // Never the machine's own broker: no NATS in the cluster, no relay.
+        None => s.events.relay = false,
+    }
+    // A stream and subject space per set of databases, so services sharing one broker
+    // (the tests' apps) keep their events apart.
+    let tag: String = db_prefix
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect();
+    let tag = tag.trim_matches('_');
+    if !tag.is_empty() {
+        s.events.stream = format!("{tag}_ORDERS");
+        s.events.subject_prefix = tag.to_owned();
     }
     s
 }
@@ -64,7 +87,8 @@ pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
         .databases
         .iter()
         .map(|d| d.primary.clone())
-        .chain([settings.commerce.url.clone()]);
+        .chain([settings.commerce.url.clone()])
+        .chain(settings.merchant.databases.iter().map(|d| d.url.clone()));
     for url in urls {
         let (server, rest) = url
             .rsplit_once('/')
@@ -226,6 +250,7 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
         mariadb_servers: 2,
         replicas_per_server: 1,
         with_redis: true,
+        with_nats: true,
         base_dir: None,
         durable: false,
     })
@@ -287,7 +312,11 @@ Try it (after the exports above):
   FID=$(curl -s -X POST {base_url}/v1/order-ids -H "Authorization: Bearer $USER_TOKEN" | sed 's/.*"order_id":"\([0-9]*\)".*/\1/')
   curl -s -X POST {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"order_id":"'$FID'","items":[{{"product_id":"{flash_product}","quantity":1}}],"address":{{"name":"Li Lei","phone":"13800000000","detail":"1 Century Avenue, Shanghai"}}}}'
   curl -s {base_url}/v1/flash-sales/{sale} -H "Authorization: Bearer $ADMIN_TOKEN"
-  # 8. the cart (Redis, written behind to MySQL within a second): add two products, read it
+  # 8. the merchant's view: the shop's orders from the copy by shop, fed by the event stream
+  #    through NATS JetStream ("copy" says how far behind it is), and today's report
+  curl -s "{base_url}/v1/shops/{shop}/orders?limit=5" -H "Authorization: Bearer $MERCHANT_TOKEN"
+  curl -s "{base_url}/v1/shops/{shop}/reports/daily?from={today}&to={today}" -H "Authorization: Bearer $MERCHANT_TOKEN"
+  # 9. the cart (Redis, written behind to MySQL within a second): add two products, read it
   #    with today's prices, price it, and check out of it; the order's lines leave the cart
   curl -s -X PUT {base_url}/v1/cart/items/{p0} -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"quantity":1}}'
   curl -s -X PUT {base_url}/v1/cart/items/{p1} -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"quantity":2}}'
@@ -306,6 +335,9 @@ Try it (after the exports above):
         price = demo.first_price,
         sale = flash.sale_id,
         flash_product = flash.product_id,
+        today = (chrono::Utc::now()
+            + chrono::TimeDelta::minutes(i64::from(settings.merchant.report_utc_offset_minutes)))
+        .date_naive(),
     );
     let stop = token.clone();
     tokio::spawn(async move {

@@ -203,6 +203,33 @@ fn describe_metrics() {
         "orderly_replica_in_rotation",
         "1 while the replica takes reads, 0 while it is out (down or lagging)"
     );
+    // the event stream (`crate::events`)
+    describe_gauge!(
+        "orderly_outbox_backlog",
+        "Order events waiting in a shard database's outbox, sampled by its relay (0 after a \
+         partial batch); grows while NATS is down"
+    );
+    describe_counter!(
+        "orderly_events_published_total",
+        "Outbox events the relay published, JetStream acknowledged and the relay deleted, by \
+         database"
+    );
+    describe_counter!(
+        "orderly_relay_failures_total",
+        "Relay steps that failed (NATS or the database unreachable), by database"
+    );
+    describe_gauge!(
+        "orderly_relay_active",
+        "1 while this process holds the relay lock of the database, 0 while another does"
+    );
+    describe_counter!(
+        "orderly_projection_events_total",
+        "Events a read model applied and acknowledged, by projection (merchant, search)"
+    );
+    describe_counter!(
+        "orderly_projection_failures_total",
+        "Times a read model's consumer failed (redelivered after a pause), by projection"
+    );
     // cache
     describe_counter!(
         "orderly_cache_reads_total",

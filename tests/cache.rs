@@ -49,6 +49,7 @@ async fn fixture_with(cache: CacheSettings) -> Fixture {
     let cluster = LocalCluster::start(ClusterSpec {
         mariadb_servers: 0,
         with_redis: true,
+        with_nats: false,
         ..ClusterSpec::default()
     })
     .await
@@ -439,6 +440,7 @@ async fn a_cache_whose_redis_is_down_at_start_is_degraded_and_recovers() {
     let cluster = LocalCluster::start(ClusterSpec {
         mariadb_servers: 0,
         with_redis: true,
+        with_nats: false,
         ..ClusterSpec::default()
     })
     .await

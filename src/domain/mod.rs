@@ -5,6 +5,7 @@
 pub mod actor;
 pub mod cart;
 pub mod consistency;
+pub mod events;
 pub mod flash;
 pub mod ids;
 pub mod money;

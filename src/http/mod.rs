@@ -15,6 +15,7 @@ pub mod extract;
 pub mod flash;
 pub mod health;
 pub mod limits;
+pub mod merchant;
 pub mod openapi;
 pub mod orders;
 
@@ -36,6 +37,7 @@ use tracing::{Instrument, Level, Span};
 use crate::config::ServerSettings;
 use crate::lease::IdSource;
 use crate::service::catalog::CatalogService;
+use crate::service::merchant::MerchantService;
 use crate::service::orders::OrderService;
 
 use self::auth::AuthKeys;
@@ -46,6 +48,8 @@ use self::error::ApiError;
 pub struct AppState {
     pub orders: OrderService,
     pub catalog: CatalogService,
+    /// The merchant copy and reports (reads only; the stream writes them).
+    pub merchant: MerchantService,
     pub ids: Arc<IdSource>,
     pub auth: Arc<AuthKeys>,
     /// The write tasks in flight (see [`write`]); shutdown waits for them.
@@ -189,6 +193,7 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(cart::router())
         .merge(catalog::router())
         .merge(flash::router())
+        .merge(merchant::router())
         .merge(health::router())
         .merge(openapi::router())
 }

@@ -305,7 +305,7 @@ async fn get_order(
     Ok(served_by(response, served))
 }
 
-fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime<Utc>> {
+pub(crate) fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime<Utc>> {
     match DateTime::parse_from_rfc3339(v).map(|t| t.with_timezone(&Utc)) {
         Ok(t) if crate::domain::order::is_storable_time(&t) => Some(t),
         _ => {

@@ -5,6 +5,7 @@
 pub mod cart;
 pub mod catalog;
 pub mod flash;
+pub mod merchant;
 pub mod orders;
 pub mod sweeper;
 pub mod watermarks;

@@ -42,6 +42,7 @@ use crate::domain::order::{
 use crate::domain::patch_rules::{patchable_in, PatchFields, PatchRefusal};
 use crate::domain::shard::Gene;
 use crate::domain::status::{transition, Command, OrderStatus};
+use crate::events::RelayWakers;
 use crate::storage::commerce::{self, FlashLine, Reservation, ReserveOutcome};
 use crate::storage::orders::{
     self, Committed, FieldChanges, IdState, ListQuery, MoneyMovement, NotWritten, OrderWrite, StatusChange,
@@ -76,6 +77,8 @@ pub struct OrderService {
     flash: Arc<FlashSales>,
     /// Carts, for creates and previews `from_cart` (see [`super::cart`]).
     carts: Arc<CartService>,
+    /// Wakes the event relay of a database after a commit there (see [`crate::events`]).
+    relay_wakers: RelayWakers,
 }
 
 /// How a read must be served: its consistency, and the token of a write the client wants to
@@ -276,7 +279,7 @@ fn voided_id() -> Error {
 
 const CURSOR_PREFIX: &str = "v1.";
 
-fn encode_cursor(o: &Order) -> String {
+pub(crate) fn encode_cursor(o: &Order) -> String {
     use base64::Engine;
     let raw = format!(
         "{CURSOR_PREFIX}{}.{}",
@@ -286,7 +289,7 @@ fn encode_cursor(o: &Order) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
-fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
+pub(crate) fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
     use base64::Engine;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
     let raw = String::from_utf8(raw).ok()?;
@@ -328,6 +331,7 @@ impl OrderService {
                 cache.clone(),
                 CartSettings::default(),
             )),
+            relay_wakers: RelayWakers::default(),
         }
     }
 
@@ -339,6 +343,12 @@ impl OrderService {
 
     pub fn carts(&self) -> &Arc<CartService> {
         &self.carts
+    }
+
+    /// Wakes these relays after each commit (the relays of the same process).
+    pub fn with_relay_wakers(mut self, wakers: RelayWakers) -> Self {
+        self.relay_wakers = wakers;
+        self
     }
 
     /// The flash sales this service sells through (built from `[flash]` settings).
@@ -406,6 +416,7 @@ impl OrderService {
             Snapshot::None => None,
         };
         drop(conn);
+        self.relay_wakers.wake(shard.database);
         self.after_commit(self.shards.database(shard), &committed, order.as_ref())
             .await;
         Ok(Ok((committed, order)))
@@ -414,7 +425,8 @@ impl OrderService {
     /// Everything that must follow a committed order write, before its answer leaves: the
     /// read-your-writes watermarks of the order and its owner (here, and with the cache's
     /// notice in Redis when the database has replicas), the cache (replaced with the order at
-    /// the committed version, or invalidated) and metrics. The event outbox hangs here too.
+    /// the committed version, or invalidated) and metrics. (The event itself committed with
+    /// the write, in the outbox; its relay was woken before this.)
     async fn after_commit(&self, db: &Database, c: &Committed, order: Option<&Order>) {
         metrics::counter!("orderly_order_writes_total", "status" => c.status.name()).increment(1);
         let watermark = c.gtid.as_deref().and_then(Gtid::parse).map(|gtid| Watermark {

@@ -6,9 +6,12 @@
 //! - [`replicas`] is one server with its read replicas: the read/write split, read-your-writes
 //!   by GTID, replica health and rotation.
 //! - [`carts`] is the SQL of carts, the write-behind copy of what Redis holds.
+//! - [`merchant`] is the merchant copy of the orders, sharded by shop, with its daily
+//!   reports (a read model the event stream keeps).
 //! - [`flash`] is the SQL of flash sales (their units are taken in [`commerce::reserve`]).
-//! - [`orders`] is the SQL of the four order tables; [`commerce`] of users, shops, products,
-//!   coupons, order claims and stock reservations.
+//! - [`orders`] is the SQL of the four order tables; [`outbox`] of the order events written
+//!   with every order change; [`commerce`] of users, shops, products, coupons, order claims
+//!   and stock reservations.
 //!
 //! Every write that must not be lost or doubled is a compare-and-set in one statement or one
 //! short transaction. A duplicate-key error (MySQL 1062) is translated here, in one place,
@@ -17,7 +20,9 @@
 pub mod carts;
 pub mod commerce;
 pub mod flash;
+pub mod merchant;
 pub mod orders;
+pub mod outbox;
 pub mod replicas;
 pub mod schema;
 pub mod shards;

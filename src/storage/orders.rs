@@ -9,7 +9,9 @@
 //! ([`Committed`]: ids, version, status, GTID) or why nothing did ([`NotWritten`]). The SQL of
 //! each write is private to this module, so a write path cannot commit around it. Changes
 //! are compare-and-set statements on `version` and `status`; a caller that lost reloads to
-//! say why.
+//! say why. Every write that moves the version writes its event into the outbox in the same
+//! transaction ([`super::outbox::record`]); the stock-release bookkeeping moves no version
+//! and tells the outside nothing, so it writes none.
 //!
 //! # Void order ids: a late create never lands after its stock went back
 //! The sweeper may give back the reservation of an order it did not find; a create whose
@@ -33,6 +35,7 @@ use sqlx::mysql::MySqlRow;
 use sqlx::AssertSqlSafe;
 use sqlx::{MySqlConnection, Row};
 
+use crate::domain::events::EventKind;
 use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{
@@ -41,6 +44,7 @@ use crate::domain::order::{
 use crate::domain::payment_rules::{money_rule, MoneyEffect, MoneyRefusal};
 use crate::domain::status::OrderStatus;
 
+use super::outbox;
 use super::shards::ShardTables;
 use super::{corrupt, ts, Result};
 
@@ -204,6 +208,7 @@ async fn insert_order(
         tx.rollback().await?;
         return Ok(Inserted::Voided);
     }
+    outbox::record(&mut tx, t, order.order_id, EventKind::Created, now).await?;
     tx.commit().await?;
     Ok(Inserted::Written)
 }
@@ -761,6 +766,8 @@ async fn record_money(
         q = q.bind(reason);
     }
     q.bind(id.get()).execute(&mut *tx).await?;
+    let kind = EventKind::of_money(m.kind == PaymentKind::Refund, status, to);
+    outbox::record(&mut tx, t, id, kind, now).await?;
     tx.commit().await?;
     Ok(MoneyOutcome::Recorded {
         from: status,
@@ -978,9 +985,13 @@ pub async fn write_order(
             change,
             now,
         } => {
-            if !cas_status(conn, t, id, expected_version, from, to, change, now).await? {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            if !cas_status(&mut tx, t, id, expected_version, from, to, change, now).await? {
+                tx.rollback().await?;
                 return Ok(Err(NotWritten::Lost));
             }
+            outbox::record(&mut tx, t, id, EventKind::of_move(from, to), now).await?;
+            tx.commit().await?;
             (id, Some(expected_version + 1), Some(to), Some(from))
         }
         OrderWrite::Fields {
@@ -990,9 +1001,13 @@ pub async fn write_order(
             changes,
             now,
         } => {
-            if !cas_fields(conn, t, id, expected_version, status, changes, now).await? {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            if !cas_fields(&mut tx, t, id, expected_version, status, changes, now).await? {
+                tx.rollback().await?;
                 return Ok(Err(NotWritten::Lost));
             }
+            outbox::record(&mut tx, t, id, EventKind::Changed, now).await?;
+            tx.commit().await?;
             (id, Some(expected_version + 1), Some(status), Some(status))
         }
         OrderWrite::Money { id, movement, now } => match record_money(conn, t, id, movement, now).await? {

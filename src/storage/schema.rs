@@ -8,6 +8,7 @@
 use sqlx::AssertSqlSafe;
 use sqlx::{MySqlPool, Row};
 
+use super::merchant::MerchantMap;
 use super::shards::{ShardMap, ShardTables};
 use super::Result;
 
@@ -288,6 +289,74 @@ const SHARD_V2: &[&str] = &[
 /// [`super::orders::shipped_before`]). Without it, each step would scan the whole shard.
 const SHARD_V3: &[&str] = &["CREATE INDEX IF NOT EXISTS idx_status_shipped ON {orders} (status, shipped_at)"];
 
+/// The transactional outbox of order events: one table per shard database, which every
+/// table shard's migration creates if it is not there yet (see [`super::outbox`]).
+/// `(order_id, version)` is unique: one event per committed version.
+const SHARD_V4: &[&str] = &["CREATE TABLE IF NOT EXISTS order_outbox (
+        id BIGINT NOT NULL AUTO_INCREMENT PRIMARY KEY,
+        order_id BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        shop_id BIGINT NOT NULL,
+        kind VARCHAR(16) NOT NULL,
+        payload LONGTEXT NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        UNIQUE KEY uq_outbox_order_version (order_id, version)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"];
+
+/// The merchant copy (see [`super::merchant`]): one table per `merchant_NN` scope, plus the
+/// reports and the progress of its database, created by whichever table's migration runs
+/// first there. `day` is the report day (in `merchant.report_utc_offset_minutes`);
+/// `idx_shop_created` serves the shop's list newest first with a keyset cursor, and
+/// `idx_shop_status` the same filtered by status. `doc` is the order's snapshot JSON.
+const MERCHANT_V1: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS {merchant_orders} (
+        order_id BIGINT NOT NULL PRIMARY KEY,
+        shop_id BIGINT NOT NULL,
+        user_id BIGINT NOT NULL,
+        status TINYINT NOT NULL,
+        version BIGINT NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        day DATE NOT NULL,
+        units BIGINT NOT NULL,
+        gross BIGINT NOT NULL,
+        discounts BIGINT NOT NULL,
+        paid BIGINT NOT NULL,
+        refunded BIGINT NOT NULL,
+        doc LONGTEXT NOT NULL,
+        KEY idx_shop_created (shop_id, created_at, order_id),
+        KEY idx_shop_status (shop_id, status, created_at, order_id)
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4",
+    "CREATE TABLE IF NOT EXISTS merchant_reports (
+        shop_id BIGINT NOT NULL,
+        day DATE NOT NULL,
+        orders BIGINT NOT NULL,
+        units BIGINT NOT NULL,
+        gross BIGINT NOT NULL,
+        discounts BIGINT NOT NULL,
+        paid BIGINT NOT NULL,
+        refunded BIGINT NOT NULL,
+        status_0 BIGINT NOT NULL,
+        status_1 BIGINT NOT NULL,
+        status_2 BIGINT NOT NULL,
+        status_3 BIGINT NOT NULL,
+        status_4 BIGINT NOT NULL,
+        status_5 BIGINT NOT NULL,
+        PRIMARY KEY (shop_id, day)
+    ) ENGINE=InnoDB",
+    "CREATE TABLE IF NOT EXISTS projection_state (
+        name VARCHAR(32) NOT NULL PRIMARY KEY,
+        pending BIGINT NOT NULL,
+        applied_through DATETIME(6) NULL,
+        updated_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB",
+];
+
+const MERCHANT: &[Migration] = &[Migration {
+    version: 1,
+    description: "merchant copy by shop, daily reports, projection progress",
+    statements: MERCHANT_V1,
+}];
+
 struct Migration {
     version: i32,
     description: &'static str,
@@ -343,6 +412,11 @@ const SHARD: &[Migration] = &[
         description: "index of shipped orders by shipment time",
         statements: SHARD_V3,
     },
+    Migration {
+        version: 4,
+        description: "the outbox of order events",
+        statements: SHARD_V4,
+    },
 ];
 
 /// What a migrate run did.
@@ -397,6 +471,23 @@ async fn apply(
         report.applied.push(format!("{scope} v{}", m.version));
     }
     Ok(())
+}
+
+/// Creates every table of the merchant copy on its database.
+pub async fn migrate_merchant(map: &MerchantMap) -> Result<MigrateReport> {
+    let mut report = MigrateReport::default();
+    for t in map.tables() {
+        let scope = format!("merchant_{:02}", t.index);
+        apply(
+            map.pool(t),
+            &scope,
+            MERCHANT,
+            |s| s.replace("{merchant_orders}", &t.name),
+            &mut report,
+        )
+        .await?;
+    }
+    Ok(report)
 }
 
 /// Creates every table of the commerce database and of every shard on its server.

@@ -107,6 +107,33 @@ fn table() -> Vec<(&'static str, Value, [Expect; 7])> {
                 Allowed,
             ],
         ),
+        // The merchant copy and reports.
+        (
+            "list_shop_orders",
+            Value::Null,
+            [
+                Unauthorized,
+                Forbidden,
+                Forbidden,
+                Allowed,
+                Hidden,
+                Forbidden,
+                Allowed,
+            ],
+        ),
+        (
+            "shop_daily_reports",
+            Value::Null,
+            [
+                Unauthorized,
+                Forbidden,
+                Forbidden,
+                Allowed,
+                Hidden,
+                Forbidden,
+                Allowed,
+            ],
+        ),
         (
             "get_order",
             Value::Null,
@@ -479,6 +506,8 @@ async fn authorization_matrix_every_endpoint_and_role() {
                     path.replace("{product_id}", &cat.products[0])
                 } else if path.starts_with("/v1/flash-sales/") {
                     path.replace("{id}", &sale_id)
+                } else if path.starts_with("/v1/shops/{shop_id}/") {
+                    path.replace("{shop_id}", &cat.shop.to_string())
                 } else {
                     assert!(!path.contains('{'), "{path}: teach this test its parameter");
                     path.clone()

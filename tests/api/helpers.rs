@@ -58,6 +58,7 @@ pub async fn own_redis() -> LocalCluster {
     LocalCluster::start(ClusterSpec {
         mariadb_servers: 0,
         with_redis: true,
+        with_nats: false,
         ..ClusterSpec::default()
     })
     .await
@@ -395,5 +396,128 @@ impl TestApp {
             .fetch_one(&self.commerce)
             .await
             .unwrap()
+    }
+
+    // ------------------------------------------------------------ events
+
+    /// Rows waiting in the outboxes of every shard database.
+    pub async fn outbox_rows(&self) -> i64 {
+        let mut total = 0;
+        for db in self.app.orders.shards().databases() {
+            let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM order_outbox")
+                .fetch_one(db.write())
+                .await
+                .unwrap();
+            total += n;
+        }
+        total
+    }
+
+    /// Polls until every outbox is empty (the relay published everything), at most `within`.
+    pub async fn wait_outbox_drained(&self, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let left = self.outbox_rows().await;
+            if left == 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{left} outbox rows still waiting after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every message of this app's event stream, in stream order.
+    pub async fn stream_events(&self) -> Vec<orderly::domain::events::OrderEvent> {
+        let broker = orderly::events::Broker::connect(&self.settings.events)
+            .await
+            .expect("nats");
+        let mut stream = broker
+            .jetstream()
+            .get_stream(&self.settings.events.stream)
+            .await
+            .expect("stream");
+        let state = stream.info().await.expect("stream info").state.clone();
+        let mut events = Vec::new();
+        if state.messages == 0 {
+            return events;
+        }
+        for seq in state.first_sequence..=state.last_sequence {
+            let m = stream.get_raw_message(seq).await.expect("message");
+            let id = m
+                .headers
+                .get("Nats-Msg-Id")
+                .map(|v| v.to_string())
+                .expect("Nats-Msg-Id");
+            let e: orderly::domain::events::OrderEvent =
+                serde_json::from_slice(&m.payload).expect("an order event");
+            assert_eq!(e.event_id, id, "the message id is the event id");
+            events.push(e);
+        }
+        events
+    }
+
+    // ------------------------------------------------------------ merchant copy
+
+    /// Every row of the merchant copy, `(order_id, version, status, doc)`, by order id.
+    pub async fn merchant_copy(&self) -> Vec<(i64, i64, i64, String)> {
+        let map = self.app.merchant.map();
+        let mut rows = Vec::new();
+        for t in map.tables() {
+            let part: Vec<(i64, i64, i8, String)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SELECT order_id, version, status, doc FROM {}",
+                t.name
+            )))
+            .fetch_all(map.pool(t))
+            .await
+            .unwrap();
+            rows.extend(part.into_iter().map(|(o, v, s, d)| (o, v, i64::from(s), d)));
+        }
+        rows.sort();
+        rows
+    }
+
+    /// Every report row of the copy, as text, sorted: for comparing whole tables.
+    pub async fn merchant_reports(&self) -> Vec<String> {
+        let mut rows = Vec::new();
+        for pool in self.app.merchant.map().pools() {
+            let part: Vec<(String,)> = sqlx::query_as(
+                "SELECT CONCAT_WS(',', shop_id, day, orders, units, gross, discounts, paid, refunded,
+                    status_0, status_1, status_2, status_3, status_4, status_5)
+                 FROM merchant_reports",
+            )
+            .fetch_all(pool)
+            .await
+            .unwrap();
+            rows.extend(part.into_iter().map(|(r,)| r));
+        }
+        rows.sort();
+        rows
+    }
+
+    /// Polls until the copy holds exactly `want` (order id -> version), at most `within`.
+    pub async fn wait_copy(&self, want: &std::collections::HashMap<i64, i64>, within: Duration) {
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let got: std::collections::HashMap<i64, i64> = self
+                .merchant_copy()
+                .await
+                .into_iter()
+                .map(|(o, v, _, _)| (o, v))
+                .collect();
+            if &got == want {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the merchant copy never reached the acknowledged versions: {} of {} orders, {} at their version",
+                got.len(),
+                want.len(),
+                want.iter().filter(|(o, v)| got.get(o) == Some(v)).count()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 }

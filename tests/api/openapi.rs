@@ -33,6 +33,9 @@ const SPEC_ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/cart"),
     ("put", "/v1/cart/items/{product_id}"),
     ("delete", "/v1/cart"),
+    // SPEC section 6.
+    ("get", "/v1/shops/{shop_id}/orders"),
+    ("get", "/v1/shops/{shop_id}/reports/daily"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),
@@ -163,6 +166,9 @@ async fn openapi_document_and_live_routes_agree() {
     let fill = |path: &str| -> String {
         if path.starts_with("/v1/cart/items/") {
             return path.replace("{product_id}", &cat.products[0]);
+        }
+        if path.starts_with("/v1/shops/{shop_id}/") {
+            return path.replace("{shop_id}", &cat.shop.to_string());
         }
         let id = if path.starts_with("/v1/orders/") {
             order["order_id"].as_str().unwrap().to_owned()

@@ -152,8 +152,11 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
     // TestApp::spawn migrated already: a second run applies nothing.
     let again = orderly::app::migrate(&app.settings).await.unwrap();
     assert!(again.applied.is_empty(), "{:?}", again.applied);
-    // Six commerce migrations, three per shard.
-    assert_eq!(again.already, 6 + 3 * TEST_SHARDS as usize);
+    // Six commerce migrations, four per shard, one per table of the merchant copy.
+    assert_eq!(
+        again.already,
+        6 + 4 * TEST_SHARDS as usize + app.settings.merchant.tables as usize
+    );
     // Every shard's five tables exist on the server that holds it, and only there.
     let shards = app.app.orders.shards();
     for shard in shards.all() {

@@ -1,0 +1,132 @@
+//! The order event stream (SPEC 6): the outbox relay to NATS JetStream, and the broker
+//! connection the read models consume from.
+//!
+//! - [`relay`] publishes each shard database's outbox ([`crate::storage::outbox`]) to the
+//!   stream, one active relay per database, and deletes rows only once JetStream acknowledged
+//!   them.
+//! - [`consumer`] feeds each read model ([`consumer::Projection`]) from a durable consumer of
+//!   its own, acknowledging a batch only once it is applied.
+//! - [`merchant`] is the merchant copy by shop with its daily reports, as a projection.
+//! - [`rebuild`] rebuilds a read model from the shards and follows the stream from there.
+//!
+//! The stream: one JetStream stream (`events.stream`), subjects
+//! `<events.subject_prefix>.orders.<shop_id>.<kind>`, file storage, every message with its
+//! event id as `Nats-Msg-Id` so that JetStream drops a republished event within
+//! `events.duplicate_window_secs`. Orders never wait for NATS: the outbox is written in the
+//! order's own transaction, and the relay catches up whenever the broker is back.
+
+pub mod consumer;
+pub mod merchant;
+pub mod rebuild;
+pub mod relay;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, stream};
+use tokio::sync::Notify;
+
+use crate::config::EventSettings;
+use crate::domain::events::EventKind;
+
+/// Errors of the broker side.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot connect to NATS: {0}")]
+    Connect(#[source] async_nats::ConnectError),
+    #[error("JetStream stream setup failed: {0}")]
+    Stream(String),
+    #[error("publish failed: {0}")]
+    Publish(#[source] async_nats::jetstream::context::PublishError),
+}
+
+/// A JetStream context bound to the settings' stream and subjects.
+#[derive(Clone)]
+pub struct Broker {
+    js: jetstream::Context,
+    settings: Arc<EventSettings>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("stream", &self.settings.stream)
+            .finish()
+    }
+}
+
+impl Broker {
+    /// Connects to `events.nats_url` (failing if it is down: callers retry) and makes sure
+    /// the stream exists.
+    pub async fn connect(settings: &EventSettings) -> Result<Broker, BrokerError> {
+        let timeout = Duration::from_millis(settings.publish_timeout_ms);
+        let client = async_nats::ConnectOptions::new()
+            .name("orderly")
+            .connection_timeout(timeout)
+            .request_timeout(Some(timeout))
+            .connect(settings.nats_url.as_str())
+            .await
+            .map_err(BrokerError::Connect)?;
+        let mut js = jetstream::new(client);
+        js.set_timeout(timeout);
+        let broker = Broker {
+            js,
+            settings: Arc::new(settings.clone()),
+        };
+        broker.ensure_stream().await?;
+        Ok(broker)
+    }
+
+    /// Creates the stream if it is not there (an existing one is kept as it is).
+    async fn ensure_stream(&self) -> Result<(), BrokerError> {
+        let s = &self.settings;
+        self.js
+            .get_or_create_stream(stream::Config {
+                name: s.stream.clone(),
+                subjects: vec![format!("{}.orders.>", s.subject_prefix)],
+                storage: stream::StorageType::File,
+                duplicate_window: Duration::from_secs(s.duplicate_window_secs),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| BrokerError::Stream(e.to_string()))?;
+        Ok(())
+    }
+
+    /// The subject of an event of `shop`.
+    pub fn subject(&self, shop: i64, kind: EventKind) -> String {
+        format!("{}.orders.{shop}.{}", self.settings.subject_prefix, kind.name())
+    }
+
+    /// The JetStream context (for consumers and tests).
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    pub fn settings(&self) -> &EventSettings {
+        &self.settings
+    }
+}
+
+/// Wakes the relay of a shard database when a write of this process committed an event
+/// there, so events do not wait for the next poll. One per database, by index.
+#[derive(Debug, Clone, Default)]
+pub struct RelayWakers(Arc<[Notify]>);
+
+impl RelayWakers {
+    pub fn new(databases: usize) -> Self {
+        RelayWakers((0..databases).map(|_| Notify::new()).collect())
+    }
+
+    /// After a commit on database `index`. A wake with no relay waiting is kept for its next
+    /// wait (`Notify` stores one permit), so none is lost between two polls.
+    pub fn wake(&self, index: usize) {
+        if let Some(n) = self.0.get(index) {
+            n.notify_one();
+        }
+    }
+
+    fn of(&self, index: usize) -> Option<&Notify> {
+        self.0.get(index)
+    }
+}

@@ -1,0 +1,191 @@
+//! The transactional outbox of order events (SPEC 6).
+//!
+//! One table, `order_outbox`, per shard database (every table shard of a server writes into
+//! it), so one relay per database drains it. [`record`] runs inside the order write's own
+//! transaction (only [`super::orders::write_order`] calls it): the event commits with the
+//! change or not at all, and no write path can commit a change without its event.
+//!
+//! The snapshot is built by the database from the rows the transaction just wrote
+//! (`INSERT … SELECT JSON_OBJECT(…)`): one statement, no order data shipped to the client
+//! and back, and exactly what committed. `(order_id, version)` is unique: a version is
+//! written once, and so is its event.
+//!
+//! Rows are read in id order and deleted only after the broker acknowledged them
+//! ([`crate::events::relay`]). Auto-increment ids are taken at insert, not at commit, so a
+//! lower id may become visible after a higher one; the relay never keeps a high-water mark
+//! and simply reads what is left, so a late row is picked up by the next batch. Two events of
+//! one order can never be in that race: the second version's write waits for the first's
+//! commit (the row lock and the compare-and-set on version).
+
+use chrono::{DateTime, Utc};
+use sqlx::{AssertSqlSafe, MySqlConnection, Row};
+
+use super::shards::ShardTables;
+use super::{corrupt, ts, Result};
+use crate::domain::events::EventKind;
+use crate::domain::ids::OrderId;
+
+/// The outbox table of a shard database (shared by its table shards).
+pub const TABLE: &str = "order_outbox";
+
+/// Dates in the snapshot: RFC 3339 in UTC with microseconds, as every stored time is.
+const RFC3339: &str = "'%Y-%m-%dT%H:%i:%s.%fZ'";
+
+/// Writes the event of `id`'s current row (its version is the one just written) into the
+/// outbox, in the caller's transaction.
+pub(crate) async fn record(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    id: OrderId,
+    kind: EventKind,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let sql = format!(
+        "INSERT INTO {TABLE} (order_id, version, shop_id, kind, payload, created_at)
+         SELECT o.order_id, o.version, o.shop_id, ?, {}, ?
+         FROM {} o WHERE o.order_id = ?",
+        snapshot_json(t),
+        t.orders
+    );
+    let done = sqlx::query(AssertSqlSafe(sql))
+        .bind(kind.name())
+        .bind(ts(now))
+        .bind(id.get())
+        .execute(conn)
+        .await?;
+    if done.rows_affected() != 1 {
+        return Err(corrupt("outbox: no order row for the event of", id));
+    }
+    Ok(())
+}
+
+/// The SQL expression of an order's snapshot (the JSON of
+/// [`crate::domain::events::OrderSnapshot`]), over the order row aliased `o`.
+fn snapshot_json(t: &ShardTables) -> String {
+    let time = |col: &str| format!("DATE_FORMAT({col}, {RFC3339})");
+    format!(
+        "JSON_OBJECT(
+            'order_id', o.order_id, 'user_id', o.user_id, 'shop_id', o.shop_id,
+            'status', o.status, 'version', o.version, 'currency', o.currency,
+            'total_amount', o.total_amount, 'discount_amount', o.discount_amount,
+            'pay_amount', o.pay_amount,
+            'receiver_name', o.receiver_name, 'receiver_phone', o.receiver_phone,
+            'receiver_region', o.receiver_region, 'receiver_detail', o.receiver_detail,
+            'remark', o.remark, 'tracking_number', o.tracking_number, 'carrier', o.carrier,
+            'close_reason', o.close_reason, 'refund_required', o.refund_required <> 0,
+            'pay_deadline', {deadline},
+            'created_at', {created}, 'updated_at', {updated}, 'paid_at', {paid},
+            'shipped_at', {shipped}, 'completed_at', {completed}, 'closed_at', {closed},
+            'invalidated_at', {invalidated},
+            'items', (SELECT JSON_ARRAYAGG(JSON_OBJECT('line_no', i.line_no,
+                    'product_id', i.product_id, 'product_name', i.product_name,
+                    'unit_price', i.unit_price, 'quantity', i.quantity,
+                    'line_total', i.line_total) ORDER BY i.line_no)
+                FROM {items} i WHERE i.order_id = o.order_id),
+            'payments', (SELECT JSON_ARRAYAGG(JSON_OBJECT('kind', p.kind,
+                    'transaction_no', p.transaction_no, 'channel', p.channel,
+                    'amount', p.amount, 'created_at', {p_created}) ORDER BY p.id)
+                FROM {payments} p WHERE p.order_id = o.order_id),
+            'discounts', (SELECT JSON_ARRAYAGG(JSON_OBJECT('line_no', d.line_no,
+                    'coupon_id', d.coupon_id, 'kind', d.kind, 'amount', d.amount,
+                    'description', d.description)
+                    ORDER BY d.line_no)
+                FROM {discounts} d WHERE d.order_id = o.order_id)
+         )",
+        created = time("o.created_at"),
+        updated = time("o.updated_at"),
+        deadline = time("o.pay_deadline"),
+        paid = time("o.paid_at"),
+        shipped = time("o.shipped_at"),
+        completed = time("o.completed_at"),
+        closed = time("o.closed_at"),
+        invalidated = time("o.invalidated_at"),
+        p_created = time("p.created_at"),
+        items = t.items,
+        payments = t.payments,
+        discounts = t.discounts,
+    )
+}
+
+/// The snapshots of up to `limit` orders of a shard with ids above `after`, in id order,
+/// each with its id: what a read model's rebuild starts from.
+pub async fn snapshots(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    after: i64,
+    limit: u32,
+) -> Result<Vec<(i64, String)>> {
+    let sql = format!(
+        "SELECT o.order_id, {} FROM {} o WHERE o.order_id > ? ORDER BY o.order_id LIMIT ?",
+        snapshot_json(t),
+        t.orders
+    );
+    let rows = sqlx::query(AssertSqlSafe(sql))
+        .bind(after)
+        .bind(limit)
+        .fetch_all(conn)
+        .await?;
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+}
+
+/// One outbox row waiting for the relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pending {
+    pub id: i64,
+    pub order_id: OrderId,
+    pub version: i64,
+    pub shop_id: i64,
+    pub kind: EventKind,
+    /// The order snapshot, JSON.
+    pub payload: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// The oldest `limit` rows of the outbox, in id order.
+pub async fn pending(conn: &mut MySqlConnection, limit: u32) -> Result<Vec<Pending>> {
+    let rows = sqlx::query(AssertSqlSafe(format!(
+        "SELECT id, order_id, version, shop_id, kind, payload, created_at
+         FROM {TABLE} ORDER BY id LIMIT ?"
+    )))
+    .bind(limit)
+    .fetch_all(conn)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let order: i64 = r.try_get("order_id")?;
+            let kind: String = r.try_get("kind")?;
+            let created: chrono::NaiveDateTime = r.try_get("created_at")?;
+            Ok(Pending {
+                id: r.try_get("id")?,
+                order_id: OrderId::new(order).ok_or_else(|| corrupt("outbox order_id", order))?,
+                version: r.try_get("version")?,
+                shop_id: r.try_get("shop_id")?,
+                kind: EventKind::parse(&kind).ok_or_else(|| corrupt("outbox kind", &kind))?,
+                payload: r.try_get("payload")?,
+                created_at: created.and_utc(),
+            })
+        })
+        .collect()
+}
+
+/// Deletes relayed rows (acknowledged by the broker).
+pub async fn delete(conn: &mut MySqlConnection, ids: &[i64]) -> Result<u64> {
+    if ids.is_empty() {
+        return Ok(0);
+    }
+    let placeholders = vec!["?"; ids.len()].join(", ");
+    let sql = format!("DELETE FROM {TABLE} WHERE id IN ({placeholders})");
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for id in ids {
+        q = q.bind(id);
+    }
+    Ok(q.execute(conn).await?.rows_affected())
+}
+
+/// Rows waiting in the outbox (an estimate is not enough: the metric alerts on growth).
+pub async fn backlog(conn: &mut MySqlConnection) -> Result<u64> {
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT COUNT(*) FROM {TABLE}")))
+        .fetch_one(conn)
+        .await?;
+    Ok(n.max(0) as u64)
+}
