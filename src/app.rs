@@ -23,6 +23,8 @@ use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
 use crate::lease::{lease_worker, IdSource};
+use crate::search::index::TantivyIndex;
+use crate::search::{projection as search, IndexError, OrderIndex};
 use crate::service::cart::{self, CartService};
 use crate::service::catalog::CatalogService;
 use crate::service::flash::{self, FlashSales};
@@ -50,6 +52,8 @@ pub struct Application {
     /// Every database, for the replica probes.
     databases: Vec<Arc<Database>>,
     relay_wakers: RelayWakers,
+    /// The search index when `[search] enabled`: its consumer runs beside the relays.
+    search: Option<Arc<TantivyIndex>>,
 }
 
 impl Application {
@@ -112,6 +116,11 @@ impl Application {
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
             .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
         let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+        // Opened (not written) here: a process that cannot open its index should not start.
+        let search = match settings.search.enabled {
+            true => Some(Arc::new(TantivyIndex::open(&settings.search)?)),
+            false => None,
+        };
         let state = AppState {
             orders,
             catalog: CatalogService::new(commerce_db, cache),
@@ -121,6 +130,7 @@ impl Application {
             writes: TaskTracker::new(),
             metrics: telemetry::metrics(),
             limits: Arc::new(UserLimits::new(&settings.limits)),
+            search: search.clone().map(|i| i as Arc<dyn OrderIndex>),
         };
         Ok(Application {
             listener,
@@ -131,6 +141,7 @@ impl Application {
             background,
             databases,
             relay_wakers,
+            search,
         })
     }
 
@@ -188,6 +199,10 @@ impl Application {
                 self.shutdown.clone(),
             ))
         });
+        let searcher = self
+            .search
+            .clone()
+            .map(|index| tokio::spawn(search::run(s.events.clone(), index, self.shutdown.clone())));
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -237,7 +252,9 @@ impl Application {
         let _ = gates.await;
         let _ = cleanup.await;
         let _ = flusher.await;
-        for task in [relays, copy].into_iter().flatten() {
+        // The consumers stop between batches at the token; a batch being applied commits
+        // first (it is short).
+        for task in [relays, copy, searcher].into_iter().flatten() {
             let _ = task.await;
         }
         served?;
@@ -344,4 +361,26 @@ pub async fn daily_report(
 ) -> anyhow::Result<Vec<storage::merchant::DailyReport>> {
     let map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
     Ok(storage::merchant::daily_reports(&map, shop, from, to).await?)
+}
+
+/// `orderly project rebuild search`: empties the search index of `settings`, fills it from
+/// every shard and leaves its consumer to follow the stream after the backfill's start (see
+/// [`crate::events::rebuild`]). Takes the index's writer: it fails while a `serve` on the same
+/// data directory holds it.
+pub async fn rebuild_search(settings: &Settings, progress: bool) -> anyhow::Result<rebuild::Rebuilt> {
+    let shards = ShardMap::connect(settings).await?;
+    let broker = Broker::connect(&settings.events).await?;
+    let index = Arc::new(TantivyIndex::open(&settings.search)?);
+    let taker = index.clone();
+    tokio::task::spawn_blocking(move || taker.take_writer())
+        .await?
+        .map_err(|e| match e {
+            IndexError::Locked => anyhow::anyhow!(
+                "{e}: stop the `serve` that runs the search consumer on {}",
+                settings.search.data_dir.display()
+            ),
+            e => e.into(),
+        })?;
+    let projection = search::Search::new(index);
+    Ok(rebuild::rebuild(&broker, &shards, &projection, projection.reset(), progress).await?)
 }

@@ -3,7 +3,7 @@
 //! rest of the code trusts them.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Toml};
@@ -33,6 +33,7 @@ pub struct Settings {
     pub cart: CartSettings,
     pub events: EventSettings,
     pub merchant: MerchantSettings,
+    pub search: SearchSettings,
 }
 
 /// Carts (see [`crate::service::cart`]); every tunable is explained in `config.default.toml`.
@@ -85,6 +86,22 @@ impl Default for EventSettings {
     /// `config.default.toml`'s values.
     fn default() -> Self {
         Settings::defaults().events
+    }
+}
+
+/// The order search index (see [`crate::search`]); every tunable is explained in
+/// `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct SearchSettings {
+    pub enabled: bool,
+    pub data_dir: PathBuf,
+    pub writer_memory_mb: usize,
+}
+
+impl Default for SearchSettings {
+    /// `config.default.toml`'s values.
+    fn default() -> Self {
+        Settings::defaults().search
     }
 }
 
@@ -379,6 +396,13 @@ impl Settings {
         };
         if !token(&e.stream) || !e.subject_prefix.split('.').all(token) {
             return bad("events.stream must be letters, digits, _ or -; events.subject_prefix such tokens joined by dots".into());
+        }
+        // Tantivy refuses a writer arena below 15 MB, or of 4 GB and more.
+        if !(15..4000).contains(&self.search.writer_memory_mb) {
+            return bad("search.writer_memory_mb must be at least 15 and below 4000".into());
+        }
+        if self.search.data_dir.as_os_str().is_empty() {
+            return bad("search.data_dir must name a directory".into());
         }
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)

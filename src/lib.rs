@@ -19,6 +19,8 @@
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
 //!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), and the
 //!   background steps (sweeper, payment-timeout closer, completer, cart flusher).
+//! - [`search`] — order search: an embedded tantivy index of every order's latest version
+//!   behind one small trait, fed by the stream (consumer `search`), read by the search route.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
 //!   completion on a tracked task of its own, whatever happens to its request. Every request
 //!   gets an id, a span and its metrics; per-user rate limits and an in-flight bound guard
@@ -42,6 +44,7 @@ pub mod events;
 pub mod http;
 pub mod lease;
 pub mod playground;
+pub mod search;
 pub mod service;
 pub mod storage;
 pub mod telemetry;

@@ -106,6 +106,22 @@ enum Command {
         #[command(subcommand)]
         command: ProjectCommand,
     },
+    /// The event stream's benchmark on a self-started cluster: commit-to-copy lag under
+    /// the create load, the outbox's cost, relay throughput against raw JetStream publishes,
+    /// the merchant list against its SQL.
+    BenchEvents {
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long)]
+        durable: bool,
+        /// Outbox rows the relay-throughput phase drains.
+        #[arg(long, default_value_t = 20_000)]
+        relay_events: usize,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Work with order ids.
     Id {
         #[command(subcommand)]
@@ -141,6 +157,8 @@ enum ProjectionName {
     Merchant,
     /// The daily reports: kept in the merchant copy's transactions, so this rebuilds both.
     Reports,
+    /// The order search index in `search.data_dir` (no `serve` may hold its writer).
+    Search,
 }
 
 fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: ReportFormat) {
@@ -324,6 +342,26 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Command::Playground { port } => orderly::playground::run(config.map(PathBuf::as_path), port).await,
+        Command::BenchEvents {
+            duration,
+            concurrency,
+            durable,
+            relay_events,
+            out,
+        } => {
+            let md = bench::events::run(
+                bench::events::EventsOptions {
+                    duration,
+                    concurrency,
+                    durable,
+                    relay_events,
+                },
+                out,
+            )
+            .await?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Relay => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let token = CancellationToken::new();
@@ -352,6 +390,7 @@ async fn main() -> anyhow::Result<()> {
                 ProjectionName::Merchant | ProjectionName::Reports => {
                     app::rebuild_merchant(&settings, true).await?
                 }
+                ProjectionName::Search => app::rebuild_search(&settings, true).await?,
             };
             println!(
                 "{} orders backfilled; following the stream after message {}",

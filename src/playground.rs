@@ -66,6 +66,8 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         // Never the machine's own broker: no NATS in the cluster, no relay.
         None => s.events.relay = false,
     }
+    // A throwaway cluster's search index lives and dies with it, one per set of databases.
+    s.search.data_dir = cluster.dir().join(format!("{db_prefix}search"));
     // A stream and subject space per set of databases, so services sharing one broker
     // (the tests' apps) keep their events apart.
     let tag: String = db_prefix

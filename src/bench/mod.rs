@@ -112,6 +112,7 @@
 //! - [`checks`]: the correctness checks.
 
 pub mod checks;
+pub mod events;
 pub mod workload;
 
 use std::collections::BTreeMap;

@@ -51,7 +51,7 @@ pub struct Relayed {
 
 /// The message body of an outbox row: the [`crate::domain::events::OrderEvent`] JSON, built
 /// around the stored snapshot without parsing it.
-fn body(row: &Pending) -> Bytes {
+pub(crate) fn body(row: &Pending) -> Bytes {
     format!(
         r#"{{"event_id":"{}","kind":"{}","occurred_at":"{}","order":{}}}"#,
         event_id(row.order_id, row.version),

@@ -18,6 +18,7 @@ pub mod limits;
 pub mod merchant;
 pub mod openapi;
 pub mod orders;
+pub mod search;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// This process's per-user rate limits (see [`limits`]).
     pub limits: Arc<limits::UserLimits>,
+    /// The order search index; `None` when `[search] enabled = false` (searches answer 503).
+    pub search: Option<Arc<dyn crate::search::OrderIndex>>,
 }
 
 /// Runs a mutating use case to completion on its own task and awaits its answer.
@@ -194,6 +197,7 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(catalog::router())
         .merge(flash::router())
         .merge(merchant::router())
+        .merge(search::router())
         .merge(health::router())
         .merge(openapi::router())
 }

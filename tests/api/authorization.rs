@@ -243,6 +243,20 @@ fn table() -> Vec<(&'static str, Value, [Expect; 7])> {
                 Allowed,
             ],
         ),
+        (
+            // Another shop's merchant and another user find nothing of the owner's: 200.
+            "search_orders",
+            Value::Null,
+            [
+                Unauthorized,
+                Allowed,
+                Allowed,
+                Allowed,
+                Allowed,
+                Forbidden,
+                Allowed,
+            ],
+        ),
         // Catalog.
         (
             "create_user",

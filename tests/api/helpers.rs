@@ -72,6 +72,8 @@ pub struct TestApp {
     pub keys: AuthKeys,
     pub commerce: MySqlPool,
     pub app: orderly::http::AppState,
+    /// The search index's data directory, removed with the last app on it (twins share it).
+    pub search_dir: Arc<tempfile::TempDir>,
     shutdown: CancellationToken,
 }
 
@@ -113,20 +115,25 @@ impl TestApp {
         // limits' own tests turn them on.
         base.limits = orderly::config::LimitSettings::off();
         let mut settings = cluster_settings(base, cluster, &prefix, TEST_SHARDS);
+        // Every app its own search index, in a directory that goes with the test.
+        let search_dir = Arc::new(tempfile::tempdir().expect("search data dir"));
+        settings.search.data_dir = search_dir.path().to_owned();
+        // Tantivy's smallest writer arena: test batches are tiny, and many apps run at once.
+        settings.search.writer_memory_mb = 15;
         tweak(&mut settings);
         settings.validate().expect("test settings");
         create_databases(&settings).await.expect("create databases");
         migrate(&settings).await.expect("migrate");
-        Self::start(settings).await
+        Self::start(settings, search_dir).await
     }
 
     /// A second service process on this app's databases and Redis (its own worker id, its
     /// own in-process state): what another instance behind a load balancer sees.
     pub async fn twin(&self) -> TestApp {
-        Self::start(self.settings.clone()).await
+        Self::start(self.settings.clone(), self.search_dir.clone()).await
     }
 
-    async fn start(settings: Settings) -> TestApp {
+    async fn start(settings: Settings, search_dir: Arc<tempfile::TempDir>) -> TestApp {
         let shutdown = CancellationToken::new();
         let app = Application::build(settings.clone(), shutdown.clone())
             .await
@@ -147,6 +154,7 @@ impl TestApp {
             settings,
             commerce,
             app: state,
+            search_dir,
             shutdown,
         }
     }

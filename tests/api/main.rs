@@ -25,6 +25,7 @@ mod payments;
 mod problems;
 mod read_your_writes;
 mod routing;
+mod search;
 mod shutdown;
 mod stalled_commit;
 mod worker_ids;

@@ -16,6 +16,7 @@ const SPEC_ROUTES: &[(&str, &str)] = &[
     ("post", "/v1/orders"),
     ("get", "/v1/orders/{id}"),
     ("get", "/v1/orders"),
+    ("get", "/v1/search/orders"),
     ("patch", "/v1/orders/{id}"),
     ("post", "/v1/orders/{id}/payments"),
     ("post", "/v1/orders/{id}/shipment"),
