@@ -40,6 +40,7 @@ fn validation(c: &mut Criterion) {
                 quantity: 2,
             })
             .collect(),
+        from_cart: false,
         coupon_ids: vec!["5".into()],
         address: Address {
             name: "Li Lei".into(),

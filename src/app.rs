@@ -25,6 +25,7 @@ use crate::http::{router, AppState};
 use crate::lease::{lease_worker, IdSource};
 use crate::search::index::TantivyIndex;
 use crate::search::{projection as search, IndexError, OrderIndex};
+use crate::service::cart::{self, CartService};
 use crate::service::catalog::CatalogService;
 use crate::service::flash::{self, FlashSales};
 use crate::service::merchant::MerchantService;
@@ -102,10 +103,16 @@ impl Application {
             cache.clone(),
             settings.flash.clone(),
         ));
+        let carts = Arc::new(CartService::new(
+            commerce.clone(),
+            cache.clone(),
+            settings.cart.clone(),
+        ));
         let relay_wakers = RelayWakers::new(shards.databases().len());
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
             .with_relay_wakers(relay_wakers.clone())
             .with_flash(flash)
+            .with_carts(carts)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
             .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
         let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
@@ -146,7 +153,8 @@ impl Application {
         &self.state
     }
 
-    /// Serves until the shutdown token fires, with the sweeper running beside it.
+    /// Serves until the shutdown token fires, with the sweeper and the cart flusher running
+    /// beside it.
     ///
     /// Shutdown (Ctrl-C, SIGTERM, or the token): stop accepting, let requests in flight
     /// finish and every write task complete, all within `server.shutdown_grace_ms`; then
@@ -170,6 +178,10 @@ impl Application {
         let probes = tokio::spawn(replicas::run_probes(
             self.databases.clone(),
             Duration::from_millis(s.replicas.probe_interval_ms),
+            self.shutdown.clone(),
+        ));
+        let flusher = tokio::spawn(cart::run(
+            self.state.orders.carts().clone(),
             self.shutdown.clone(),
         ));
         let relays = s.events.relay.then(|| {
@@ -239,6 +251,7 @@ impl Application {
         let _ = probes.await;
         let _ = gates.await;
         let _ = cleanup.await;
+        let _ = flusher.await;
         // The consumers stop between batches at the token; a batch being applied commits
         // first (it is short).
         for task in [relays, copy, searcher].into_iter().flatten() {

@@ -30,9 +30,24 @@ pub struct Settings {
     pub limits: LimitSettings,
     pub replicas: ReplicaSettings,
     pub flash: FlashSettings,
+    pub cart: CartSettings,
     pub events: EventSettings,
     pub merchant: MerchantSettings,
     pub search: SearchSettings,
+}
+
+/// Carts (see [`crate::service::cart`]); every tunable is explained in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct CartSettings {
+    pub loss_window_ms: u64,
+    pub flush_batch: usize,
+}
+
+impl Default for CartSettings {
+    /// `config.default.toml`'s values.
+    fn default() -> Self {
+        Settings::defaults().cart
+    }
 }
 
 /// The merchant copy sharded by shop, with its reports (see [`crate::storage::merchant`]);
@@ -360,6 +375,9 @@ impl Settings {
                 "flash: gate_rebuild_interval_secs, fallback_concurrency and refresh_ms must be positive"
                     .into(),
             );
+        }
+        if self.cart.loss_window_ms == 0 || self.cart.flush_batch == 0 {
+            return bad("cart.loss_window_ms and cart.flush_batch must be positive".into());
         }
         self.validate_merchant()?;
         let e = &self.events;

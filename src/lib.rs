@@ -9,14 +9,16 @@
 //!   the SQL of order shards, commerce and flash sales, with one commit point for every order
 //!   write, and the pool guard (no connection goes back to a pool inside a transaction).
 //! - [`cache`] — Redis cache-aside for orders, user profiles and first pages, never behind a
-//!   committed write; a disabled variant when `[cache] enabled = false`.
+//!   committed write; a disabled variant when `[cache] enabled = false`. The carts' Redis
+//!   hashes and dirty sets live there too.
 //! - [`lease`] — worker-id leases in the commerce database: processes never share an id space.
 //! - [`events`] — the order event stream: the outbox relay to NATS JetStream (one active
 //!   relay per shard database), durable consumers and the read models they feed (the
 //!   merchant copy by shop, its reports), rebuilds from the shards.
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
-//!   gate, the catalog, and the background steps (sweeper, payment-timeout closer, completer).
+//!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), and the
+//!   background steps (sweeper, payment-timeout closer, completer, cart flusher).
 //! - [`search`] — order search: an embedded tantivy index of every order's latest version
 //!   behind one small trait, fed by the stream (consumer `search`), read by the search route.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to

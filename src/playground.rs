@@ -318,12 +318,22 @@ Try it (after the exports above):
   #    through NATS JetStream ("copy" says how far behind it is), and today's report
   curl -s "{base_url}/v1/shops/{shop}/orders?limit=5" -H "Authorization: Bearer $MERCHANT_TOKEN"
   curl -s "{base_url}/v1/shops/{shop}/reports/daily?from={today}&to={today}" -H "Authorization: Bearer $MERCHANT_TOKEN"
+  # 9. the cart (Redis, written behind to MySQL within a second): add two products, read it
+  #    with today's prices, price it, and check out of it; the order's lines leave the cart
+  curl -s -X PUT {base_url}/v1/cart/items/{p0} -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"quantity":1}}'
+  curl -s -X PUT {base_url}/v1/cart/items/{p1} -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"quantity":2}}'
+  curl -s {base_url}/v1/cart -H "Authorization: Bearer $USER_TOKEN"
+  curl -s -X POST {base_url}/v1/orders/preview -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"from_cart":true}}'
+  CID=$(curl -s -X POST {base_url}/v1/order-ids -H "Authorization: Bearer $USER_TOKEN" | sed 's/.*"order_id":"\([0-9]*\)".*/\1/')
+  curl -s -X POST {base_url}/v1/orders -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"order_id":"'$CID'","from_cart":true,"address":{{"name":"Li Lei","phone":"13800000000","detail":"1 Century Avenue, Shanghai"}}}}'
+  curl -s {base_url}/v1/cart -H "Authorization: Bearer $USER_TOKEN"
 "#,
         shop = demo.shop,
         products = demo.product_ids.join(", "),
         buyer = demo.buyer,
         coupon = demo.coupon_id,
         p0 = demo.product_ids[0],
+        p1 = demo.product_ids.get(1).unwrap_or(&demo.product_ids[0]),
         price = demo.first_price,
         sale = flash.sale_id,
         flash_product = flash.product_id,

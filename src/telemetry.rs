@@ -162,6 +162,17 @@ fn describe_metrics() {
         "Flash-sale buyers the Redis gate answered without MySQL (sold_out, over_limit), and \
          those sent to the database path because the gate could not answer (fallback)"
     );
+    // carts (`crate::service::cart`)
+    describe_counter!(
+        "orderly_cart_writes_total",
+        "Cart changes by where they went: redis (written behind), mysql (Redis did not answer)"
+    );
+    describe_counter!(
+        "orderly_cart_flushed_total",
+        "Dirty carts the flusher handled: written (to MySQL), stale (MySQL held a newer cart, \
+         written while Redis did not answer: the Redis copy was dropped), gone (evicted before \
+         its flush: its unflushed changes are lost)"
+    );
     // replicas (`crate::storage::replicas`)
     describe_counter!(
         "orderly_db_reads_total",

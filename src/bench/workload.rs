@@ -36,6 +36,8 @@ use crate::storage::replicas::wait_for_gtid;
 use crate::storage::shards::{ShardMap, ShardTables};
 use crate::storage::{self, StorageError};
 
+mod cart;
+
 use super::checks::{self, Check};
 use super::{drive, new_histogram, Baseline, BenchOptions, GtidWaitLevel, Phase, Run, Scenario, ServedBy};
 
@@ -213,6 +215,11 @@ pub struct Workload {
     hot_cached: Mutex<Option<Check>>,
     cold_pool: Mutex<Pool>,
     list_users: Mutex<Arc<Vec<usize>>>,
+    /// `cart`: the buyers whose carts the service phases changed (by buyer index).
+    cart_touched: Vec<std::sync::atomic::AtomicBool>,
+    /// The settings the bench was given (the cart flusher's measurement builds a cart service
+    /// of its own from them).
+    settings: Settings,
 }
 
 /// Products of the catalog hold this much stock: no normal scenario sells out.
@@ -318,8 +325,9 @@ impl Workload {
             .pool_max_idle_per_host(opts.concurrency)
             .timeout(Duration::from_secs(30))
             .build()?;
-        let needs_redis =
-            opts.scenarios.contains(&Scenario::GetHot) || opts.scenarios.contains(&Scenario::GetCold);
+        let needs_redis = opts.scenarios.contains(&Scenario::GetHot)
+            || opts.scenarios.contains(&Scenario::GetCold)
+            || opts.scenarios.contains(&Scenario::Cart);
         let (redis_client, redis) = if settings.cache.enabled && needs_redis {
             match connect_redis(&settings.redis.url).await {
                 Some((client, conn)) => (Some(client), Some(conn)),
@@ -374,6 +382,8 @@ impl Workload {
             hot_cached: Mutex::new(None),
             cold_pool: Mutex::new(Arc::new(Vec::new())),
             list_users: Mutex::new(Arc::new(Vec::new())),
+            cart_touched: (0..opts.users).map(|_| Default::default()).collect(),
+            settings: settings.clone(),
         })
     }
 
@@ -414,6 +424,8 @@ impl Workload {
     pub fn baseline(&self, scenario: Scenario) -> Baseline {
         if scenario == Scenario::GetHot && self.redis.is_some() {
             Baseline::RedisGet
+        } else if scenario == Scenario::Cart && self.redis.is_some() {
+            Baseline::RedisCart
         } else {
             Baseline::Sql
         }
@@ -467,7 +479,7 @@ impl Workload {
         } else {
             vec![full(Phase::Service)]
         };
-        if scenario == Scenario::GetHot && self.app.is_some() {
+        if matches!(scenario, Scenario::GetHot | Scenario::Cart) && self.app.is_some() {
             runs.push(full(Phase::InProcess));
         }
         runs.push(full(Phase::Raw));
@@ -593,6 +605,9 @@ impl Workload {
         }
         if scenario == Scenario::GetCold {
             self.evict_cold_pool().await?;
+        }
+        if self.baseline(scenario) == Baseline::RedisCart {
+            self.open_redis_per_client(opts.concurrency).await?;
         }
         if self.baseline(scenario) == Baseline::RedisGet {
             self.open_redis_per_client(opts.concurrency).await?;
@@ -1119,6 +1134,9 @@ impl Workload {
         if scenario == Scenario::GetHot {
             out.extend(Self::lock(&self.hot_cached).take());
         }
+        if scenario == Scenario::Cart {
+            out.push(self.check_carts().await);
+        }
         Ok(out)
     }
 
@@ -1296,6 +1314,12 @@ impl Workload {
                 Some(base) => self.service_op(base, phase, scenario, slot, i).await,
                 None => Outcome::Error("no_primary_only_service".into()),
             },
+            Phase::InProcess if scenario == Scenario::Cart => {
+                self.in_process_cart_put(i).await.err().unwrap_or(Outcome::Ok)
+            }
+            Phase::Raw if self.baseline(scenario) == Baseline::RedisCart => {
+                self.raw_cart_put(client, i).await.err().unwrap_or(Outcome::Ok)
+            }
             Phase::InProcess => {
                 let (user, id) = self.read_target(scenario, slot, i);
                 self.in_process_get(user, id).await.err().unwrap_or(Outcome::Ok)
@@ -1383,6 +1407,7 @@ impl Workload {
                     .await
             }
             Scenario::Lifecycle => self.http_lifecycle(base).await,
+            Scenario::Cart => self.http_cart_put(base, i).await,
         };
         result.err().unwrap_or(Outcome::Ok)
     }
@@ -1522,6 +1547,7 @@ impl Workload {
                 self.raw_list(user).await
             }
             Scenario::Lifecycle => self.raw_lifecycle().await,
+            Scenario::Cart => self.raw_cart_sql(i).await,
         };
         result.err().unwrap_or(Outcome::Ok)
     }

@@ -192,6 +192,15 @@ impl Cache {
         }
     }
 
+    /// The Redis behind the cache, for the carts (which live there, see
+    /// [`crate::service::cart`]); `None` when the cache is disabled.
+    pub fn redis(&self) -> Option<&RedisCache> {
+        match self {
+            Cache::Redis(r) => Some(r),
+            Cache::Disabled => None,
+        }
+    }
+
     pub fn health(&self) -> CacheHealth {
         match self {
             Cache::Redis(r) => r.health(),

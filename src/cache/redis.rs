@@ -14,6 +14,7 @@
 //! | `{prefix}{u:<user_id>}:g`   | the page's generation, bumped by every order write |
 //! | `{prefix}{o:<order_id>}:rw` | read-your-writes watermark of the order: a token   |
 //! | `{prefix}{u:<user_id>}:rw`  | the same for the user's order list                 |
+//! | `{prefix}{ct:<bucket>}:…`   | carts and their dirty sets: see [`cart`]           |
 //!
 //! "Absent" (no such order or user) is version 0 with an empty payload, kept
 //! `absent_ttl_secs`. `<tag>` is the first [`TAG_LEN`] characters of the `run_id` of the
@@ -183,11 +184,16 @@ fn glob_escape(s: &str) -> String {
 }
 
 /// The Lua scripts. Values are parsed with `^(%d+):([^:]*):` (version, tag).
+pub mod cart;
 mod gate;
 
 pub use gate::GateAnswer;
 
 mod lua {
+    pub use super::cart::scripts::{
+        CHECK_OUT as CART_CHECK_OUT, CLEAN as CART_CLEAN, CLEAR as CART_CLEAR, DROP_OLDER as CART_DROP_OLDER,
+        FILL as CART_FILL, SET as CART_SET,
+    };
     pub use super::gate::scripts::{GIVE_BACK as GATE_GIVE_BACK, REBUILD as GATE_REBUILD, TAKE as GATE_TAKE};
 
     /// KEYS[1] entry, KEYS[2] its marker. ARGV[1] version loaded, ARGV[2] tag of the read,
@@ -271,7 +277,7 @@ redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
 return 1
 ";
 
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 14] = [
         FILL_ENTRY,
         ENTRY_WRITTEN,
         FILL_PAGE,
@@ -280,6 +286,12 @@ return 1
         GATE_TAKE,
         GATE_GIVE_BACK,
         GATE_REBUILD,
+        CART_SET,
+        CART_CLEAR,
+        CART_CHECK_OUT,
+        CART_FILL,
+        CART_CLEAN,
+        CART_DROP_OLDER,
     ];
 }
 
@@ -292,6 +304,12 @@ struct Scripts {
     gate_take: Script,
     gate_give_back: Script,
     gate_rebuild: Script,
+    cart_set: Script,
+    cart_clear: Script,
+    cart_check_out: Script,
+    cart_fill: Script,
+    cart_clean: Script,
+    cart_drop_older: Script,
 }
 
 impl Scripts {
@@ -305,6 +323,12 @@ impl Scripts {
             gate_take: Script::new(lua::GATE_TAKE),
             gate_give_back: Script::new(lua::GATE_GIVE_BACK),
             gate_rebuild: Script::new(lua::GATE_REBUILD),
+            cart_set: Script::new(lua::CART_SET),
+            cart_clear: Script::new(lua::CART_CLEAR),
+            cart_check_out: Script::new(lua::CART_CHECK_OUT),
+            cart_fill: Script::new(lua::CART_FILL),
+            cart_clean: Script::new(lua::CART_CLEAN),
+            cart_drop_older: Script::new(lua::CART_DROP_OLDER),
         }
     }
 }

@@ -3,6 +3,7 @@
 //! async here; everything above depends on this, it on nothing.
 
 pub mod actor;
+pub mod cart;
 pub mod consistency;
 pub mod events;
 pub mod flash;

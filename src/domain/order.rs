@@ -123,8 +123,14 @@ pub struct CreateOrderRequest {
     /// From `POST /v1/order-ids`; the idempotency key of the create.
     #[schema(value_type = OrderId)]
     pub order_id: String,
-    #[schema(min_items = 1, max_items = 100)]
+    /// The lines; absent (or empty) with `from_cart: true`.
+    #[serde(default)]
+    #[schema(max_items = 100)]
     pub items: Vec<LineRequest>,
+    /// Order what the buyer's cart holds instead of `items`; a new order removes exactly
+    /// the purchased lines from the cart (a replay removes nothing).
+    #[serde(default)]
+    pub from_cart: bool,
     #[serde(default)]
     #[schema(value_type = Vec<CouponId>)]
     pub coupon_ids: Vec<String>,
@@ -146,8 +152,13 @@ pub struct LineRequest {
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PreviewRequest {
-    #[schema(min_items = 1, max_items = 100)]
+    /// The lines; absent (or empty) with `from_cart: true`.
+    #[serde(default)]
+    #[schema(max_items = 100)]
     pub items: Vec<LineRequest>,
+    /// Price what the buyer's cart holds instead of `items`.
+    #[serde(default)]
+    pub from_cart: bool,
     #[serde(default)]
     #[schema(value_type = Vec<CouponId>)]
     pub coupon_ids: Vec<String>,
@@ -221,8 +232,39 @@ fn parse_coupons(ids: &[String], errors: &mut FieldErrors) -> Vec<CouponId> {
     out
 }
 
+/// The lines of a request that asks for the cart's: `cart` (the cart's lines, in product id
+/// order), refused when the request names items too or the cart is empty.
+fn cart_lines(items: &[LineRequest], cart: &[NewLine], errors: &mut FieldErrors) -> Vec<NewLine> {
+    if !items.is_empty() {
+        errors.push("items", "must be absent with from_cart: true");
+    } else if cart.is_empty() {
+        errors.push("from_cart", "the cart is empty");
+    }
+    cart.to_vec()
+}
+
 impl NewOrder {
+    /// Parses a create request that names its items (`from_cart` is refused here: see
+    /// [`NewOrder::parse_from_cart`]).
     pub fn parse(user_id: UserId, req: CreateOrderRequest) -> Result<NewOrder, FieldErrors> {
+        Self::parse_with(user_id, req, None)
+    }
+
+    /// Parses a `from_cart: true` create request whose lines are `cart`'s (already valid: a
+    /// cart keeps the limits of an order).
+    pub fn parse_from_cart(
+        user_id: UserId,
+        req: CreateOrderRequest,
+        cart: &[NewLine],
+    ) -> Result<NewOrder, FieldErrors> {
+        Self::parse_with(user_id, req, Some(cart))
+    }
+
+    fn parse_with(
+        user_id: UserId,
+        req: CreateOrderRequest,
+        cart: Option<&[NewLine]>,
+    ) -> Result<NewOrder, FieldErrors> {
         let mut errors = FieldErrors::default();
         let order_id = OrderId::parse(&req.order_id);
         match order_id {
@@ -233,7 +275,14 @@ impl NewOrder {
             ),
             Some(_) => {}
         }
-        let lines = parse_lines(&req.items, &mut errors);
+        let lines = match (req.from_cart, cart) {
+            (false, _) => parse_lines(&req.items, &mut errors),
+            (true, Some(cart)) => cart_lines(&req.items, cart, &mut errors),
+            (true, None) => {
+                errors.push("from_cart", "is not served here");
+                Vec::new()
+            }
+        };
         let coupon_ids = parse_coupons(&req.coupon_ids, &mut errors);
         req.address.check(&mut errors, "address");
         check_text(&mut errors, "remark", &req.remark, MAX_REMARK_CHARS, false);
@@ -278,10 +327,21 @@ impl NewOrder {
     }
 }
 
-/// Parses a preview body into lines and coupons.
-pub fn parse_preview(req: &PreviewRequest) -> Result<(Vec<NewLine>, Vec<CouponId>), FieldErrors> {
+/// Parses a preview body into lines and coupons; `cart` holds the cart's lines when the body
+/// asks for them (`from_cart: true`).
+pub fn parse_preview(
+    req: &PreviewRequest,
+    cart: Option<&[NewLine]>,
+) -> Result<(Vec<NewLine>, Vec<CouponId>), FieldErrors> {
     let mut errors = FieldErrors::default();
-    let lines = parse_lines(&req.items, &mut errors);
+    let lines = match (req.from_cart, cart) {
+        (false, _) => parse_lines(&req.items, &mut errors),
+        (true, Some(cart)) => cart_lines(&req.items, cart, &mut errors),
+        (true, None) => {
+            errors.push("from_cart", "is not served here");
+            Vec::new()
+        }
+    };
     let coupons = parse_coupons(&req.coupon_ids, &mut errors);
     errors.into_result((lines, coupons))
 }
@@ -587,6 +647,7 @@ mod tests {
                 detail: "1 Road".into(),
             },
             remark: String::new(),
+            from_cart: false,
         }
     }
 

@@ -8,6 +8,7 @@
 //! their template (`/v1/orders/{id}`), never by the raw path, so ids cannot multiply series.
 
 pub mod auth;
+pub mod cart;
 pub mod catalog;
 pub mod error;
 pub mod extract;
@@ -192,6 +193,7 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
     use utoipa::OpenApi;
     utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(orders::router())
+        .merge(cart::router())
         .merge(catalog::router())
         .merge(flash::router())
         .merge(merchant::router())

@@ -55,6 +55,7 @@ use super::AppState;
     ),
     tags(
         (name = "orders", description = "Order ids, pricing, creation, reads and the life cycle"),
+        (name = "cart", description = "The buyer's cart (checked out with `POST /v1/orders` and `from_cart: true`)"),
         (name = "search", description = "Order search over the index fed by the event stream"),
         (name = "catalog", description = "Users, shops, products, stock and coupons"),
         (name = "service", description = "Health, readiness, metrics and this document")

@@ -2,6 +2,7 @@
 //! functions in the right order, and answer in domain terms ([`Error`]); HTTP maps those to
 //! problem responses.
 
+pub mod cart;
 pub mod catalog;
 pub mod flash;
 pub mod merchant;

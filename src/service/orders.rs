@@ -28,15 +28,15 @@ use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlPool};
 
 use crate::cache::{Cache, WatermarkOf, FIRST_PAGE};
-use crate::config::{FlashSettings, OrderSettings};
+use crate::config::{CartSettings, FlashSettings, OrderSettings};
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
 use crate::domain::flash::FlashSale;
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::money::Money;
 use crate::domain::order::{
-    check_text, parse_preview, price_order, Address, CreateOrderRequest, FieldErrors, NewOrder, Order,
-    PaymentKind, PreviewRequest, Pricing, MAX_CARRIER_CHARS, MAX_REASON_CHARS, MAX_REMARK_CHARS,
+    check_text, parse_preview, price_order, Address, CreateOrderRequest, FieldErrors, NewLine, NewOrder,
+    Order, PaymentKind, PreviewRequest, Pricing, MAX_CARRIER_CHARS, MAX_REASON_CHARS, MAX_REMARK_CHARS,
     MAX_TRACKING_CHARS,
 };
 use crate::domain::patch_rules::{patchable_in, PatchFields, PatchRefusal};
@@ -51,6 +51,7 @@ use crate::storage::replicas::{self, Database, Read, ReadQuery};
 use crate::storage::shards::{Shard, ShardMap};
 use crate::storage::StorageError;
 
+use super::cart::CartService;
 use super::flash::{Admission, FlashSales};
 use super::watermarks::LocalWatermarks;
 use super::{retry_deadlocks, Error, Result};
@@ -74,6 +75,8 @@ pub struct OrderService {
     watermarks: Arc<LocalWatermarks>,
     /// Flash sales: live sales for pricing, their gates (see [`super::flash`]).
     flash: Arc<FlashSales>,
+    /// Carts, for creates and previews `from_cart` (see [`super::cart`]).
+    carts: Arc<CartService>,
     /// Wakes the event relay of a database after a commit there (see [`crate::events`]).
     relay_wakers: RelayWakers,
 }
@@ -323,6 +326,11 @@ impl OrderService {
                 cache.clone(),
                 FlashSettings::default(),
             )),
+            carts: Arc::new(CartService::new(
+                commerce.clone(),
+                cache.clone(),
+                CartSettings::default(),
+            )),
             relay_wakers: RelayWakers::default(),
         }
     }
@@ -330,6 +338,16 @@ impl OrderService {
     /// The wakers of this process's relays.
     pub fn relay_wakers(&self) -> &RelayWakers {
         &self.relay_wakers
+    }
+
+    /// The carts creates and previews `from_cart` read and check out of.
+    pub fn with_carts(mut self, carts: Arc<CartService>) -> Self {
+        self.carts = carts;
+        self
+    }
+
+    pub fn carts(&self) -> &Arc<CartService> {
+        &self.carts
     }
 
     /// Wakes these relays after each commit (the relays of the same process).
@@ -527,7 +545,57 @@ impl OrderService {
         let Caller::User(user) = caller else {
             return Err(Error::Forbidden("only a buyer creates orders"));
         };
-        let new = NewOrder::parse(user, req)?;
+        if !req.from_cart {
+            let new = NewOrder::parse(user, req)?;
+            return self.create_new(user, new).await;
+        }
+        self.create_from_cart(user, req).await
+    }
+
+    /// A create of what the cart holds (`from_cart: true`). The order's content is the cart's
+    /// lines as they were when it was created, so:
+    /// - the cart is read *before* the order id is checked: a replay that reads a cart the
+    ///   first attempt already emptied finds that attempt's order;
+    /// - a replay of an order that exists is compared with the order's own lines (the cart
+    ///   has changed since), and answered as it was;
+    /// - only the attempt that wrote the order removes the purchased lines, once per order id
+    ///   (the cart records it), each line by the ordered quantity: what was added since stays.
+    async fn create_from_cart(&self, user: UserId, req: CreateOrderRequest) -> Result<(Order, Created)> {
+        let cart = self.carts.load(user).await?;
+        let lines = cart.cart.order_lines();
+        if let Some(id) = OrderId::parse(&req.order_id).filter(|id| id.gene() == Gene::of_user(user)) {
+            let shard = self.shards.of_order(id);
+            let mut conn = self.conn(shard).await?;
+            if let IdState::Taken(stored) = orders::id_state(&mut conn, &shard.tables, id).await? {
+                let order = orders::load_order(&mut conn, &shard.tables, id)
+                    .await?
+                    .ok_or(Error::NotFound)?;
+                let bought: Vec<NewLine> = order
+                    .items
+                    .iter()
+                    .map(|l| NewLine {
+                        product_id: l.product_id,
+                        quantity: l.quantity,
+                    })
+                    .collect();
+                let new = NewOrder::parse_from_cart(user, req, &bought)?;
+                return self
+                    .replay(&mut conn, shard, id, &stored, &new.request_hash())
+                    .await;
+            }
+        }
+        let new = NewOrder::parse_from_cart(user, req, &lines)?;
+        let (order, created) = self.create_new(user, new.clone()).await?;
+        if created == Created::New {
+            if let Err(e) = self.carts.check_out(user, order.order_id, &new.lines).await {
+                // The order stands; its lines stay in the cart, where the buyer sees them.
+                tracing::warn!(order_id = %order.order_id, error = %e, "order created; its lines could not be removed from the cart");
+            }
+        }
+        Ok((order, created))
+    }
+
+    async fn create_new(&self, user: UserId, new: NewOrder) -> Result<(Order, Created)> {
         let hash = new.request_hash();
         let shard = self.shards.of_order(new.order_id);
         tracing::Span::current()
@@ -827,7 +895,12 @@ impl OrderService {
         let Caller::User(user) = caller else {
             return Err(Error::Forbidden("only a buyer previews orders"));
         };
-        let (lines, coupons) = parse_preview(&req)?;
+        let cart = if req.from_cart {
+            Some(self.carts.load(user).await?.cart.order_lines())
+        } else {
+            None
+        };
+        let (lines, coupons) = parse_preview(&req, cart.as_deref())?;
         Ok(self.price(user, None, &lines, &coupons, Utc::now()).await?.0)
     }
 

@@ -261,6 +261,19 @@ const COMMERCE_V5: &[&str] = &[
     "CREATE INDEX IF NOT EXISTS idx_reservations_flash ON stock_reservations (flash_sale_id, state)",
 ];
 
+/// Carts (see [`super::carts`]): the write-behind copy of the carts Redis holds, one row per
+/// buyer. `items` is a JSON array of `[product_id, quantity]` pairs (no prices: a cart shows
+/// the catalog's current ones); `checkouts` the last order ids whose lines were removed
+/// (comma-separated), so a removal happens once per order. `version` is the cart's change
+/// counter: the flusher writes a row only with a newer version, so nothing regresses.
+const COMMERCE_V6: &[&str] = &["CREATE TABLE IF NOT EXISTS carts (
+        user_id BIGINT NOT NULL PRIMARY KEY,
+        version BIGINT NOT NULL,
+        items TEXT NOT NULL,
+        checkouts VARCHAR(400) NOT NULL DEFAULT '',
+        updated_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB"];
+
 /// Void order ids of a shard: see [`ShardTables::voids`]. And payment numbers compare byte
 /// for byte, as in `payment_numbers`: under the default case-insensitive collation a second
 /// payment "abc" after "AbC" would be taken for a replay and dropped.
@@ -375,6 +388,11 @@ const COMMERCE: &[Migration] = &[
         version: 5,
         description: "flash sales, their buyers, the sale of each reservation",
         statements: COMMERCE_V5,
+    },
+    Migration {
+        version: 6,
+        description: "carts (write-behind from Redis)",
+        statements: COMMERCE_V6,
     },
 ];
 

@@ -333,6 +333,46 @@ fn table() -> Vec<(&'static str, Value, [Expect; 7])> {
                 Allowed,
             ],
         ),
+        // The cart: a buyer's own (there is no other's cart to address).
+        (
+            "get_cart",
+            Value::Null,
+            [
+                Unauthorized,
+                Allowed,
+                Allowed,
+                Forbidden,
+                Forbidden,
+                Forbidden,
+                Forbidden,
+            ],
+        ),
+        (
+            "set_cart_item",
+            json!({"quantity": 1}),
+            [
+                Unauthorized,
+                Allowed,
+                Allowed,
+                Forbidden,
+                Forbidden,
+                Forbidden,
+                Forbidden,
+            ],
+        ),
+        (
+            "clear_cart",
+            Value::Null,
+            [
+                Unauthorized,
+                Allowed,
+                Allowed,
+                Forbidden,
+                Forbidden,
+                Forbidden,
+                Forbidden,
+            ],
+        ),
         // Flash sales.
         (
             "create_flash_sale",
@@ -476,6 +516,8 @@ async fn authorization_matrix_every_endpoint_and_role() {
                     path.replace("{id}", &OWNER.to_string())
                 } else if path.starts_with("/v1/products/") {
                     path.replace("{id}", &cat.products[0])
+                } else if path.starts_with("/v1/cart/items/") {
+                    path.replace("{product_id}", &cat.products[0])
                 } else if path.starts_with("/v1/flash-sales/") {
                     path.replace("{id}", &sale_id)
                 } else if path.starts_with("/v1/shops/{shop_id}/") {

@@ -33,7 +33,7 @@ async fn bench_runs_every_scenario_with_passing_checks() {
     let opts = small();
     let w = Arc::new(Workload::setup(&app.settings, &app.base, &opts).await.unwrap());
     let results = run_scenarios(w, &opts).await.unwrap();
-    assert_eq!(results.len(), 6);
+    assert_eq!(results.len(), 7);
     for r in &results {
         assert!(
             r.service.ops > 0 && r.raw.ops > 0,

@@ -8,6 +8,7 @@ mod bad_input;
 mod bench;
 mod cache;
 mod cancellation;
+mod cart;
 mod catalog;
 mod events;
 mod exactly_once;

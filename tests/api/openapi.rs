@@ -31,6 +31,9 @@ const SPEC_ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/products/{id}"),
     ("post", "/v1/products/{id}/stock"),
     ("post", "/v1/coupons"),
+    ("get", "/v1/cart"),
+    ("put", "/v1/cart/items/{product_id}"),
+    ("delete", "/v1/cart"),
     // SPEC section 6.
     ("get", "/v1/shops/{shop_id}/orders"),
     ("get", "/v1/shops/{shop_id}/reports/daily"),
@@ -162,6 +165,9 @@ async fn openapi_document_and_live_routes_agree() {
         .to_utc();
     let sale = app.flash_sale(&cat.products[0], 5, 1, 1, far, 300).await;
     let fill = |path: &str| -> String {
+        if path.starts_with("/v1/cart/items/") {
+            return path.replace("{product_id}", &cat.products[0]);
+        }
         if path.starts_with("/v1/shops/{shop_id}/") {
             return path.replace("{shop_id}", &cat.shop.to_string());
         }
