@@ -228,6 +228,40 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
     // orders, units, gross, discounts, paid, refunded, then by status.
     assert_eq!((figures[0], figures[1], figures[4], figures[5]), (6, 6, paid, 0));
     assert_eq!((figures[6], figures[7]), (4, 2), "4 unpaid, 2 paid");
+
+    // The search index holds each order once, at its latest version.
+    let admin = app.admin_token();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, found) = app
+            .call("GET", "/v1/search/orders?q=product&limit=100", Some(&admin), None)
+            .await;
+        assert_eq!(s, StatusCode::OK, "{found}");
+        let got: HashMap<i64, i64> = found["orders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| {
+                (
+                    o["order_id"].as_str().unwrap().parse().unwrap(),
+                    o["version"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            found["orders"].as_array().unwrap().len(),
+            got.len(),
+            "an order twice: {found}"
+        );
+        if got == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the index never matched: {got:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test]
