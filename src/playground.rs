@@ -318,6 +318,10 @@ Try it (after the exports above):
   #    through NATS JetStream ("copy" says how far behind it is), and today's report
   curl -s "{base_url}/v1/shops/{shop}/orders?limit=5" -H "Authorization: Bearer $MERCHANT_TOKEN"
   curl -s "{base_url}/v1/shops/{shop}/reports/daily?from={today}&to={today}" -H "Authorization: Bearer $MERCHANT_TOKEN"
+  #    and search (an embedded index fed by the same stream): by product name or tracking
+  #    number; the buyer finds only their own orders, the merchant only its shop's
+  curl -s "{base_url}/v1/search/orders?q=keyboard" -H "Authorization: Bearer $USER_TOKEN"
+  curl -s "{base_url}/v1/search/orders?q=SF1234567890" -H "Authorization: Bearer $MERCHANT_TOKEN"
   # 9. the cart (Redis, written behind to MySQL within a second): add two products, read it
   #    with today's prices, price it, and check out of it; the order's lines leave the cart
   curl -s -X PUT {base_url}/v1/cart/items/{p0} -H "Authorization: Bearer $USER_TOKEN" -H 'Content-Type: application/json' -d '{{"quantity":1}}'

@@ -380,15 +380,25 @@ pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
 
     // 3. Relay throughput against raw JetStream publishes of the same messages.
     eprintln!("events bench: relay throughput ...");
-    let filled = timed(opts.concurrency, Duration::from_secs(600), {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut fillers = Vec::new();
+    for _ in 0..opts.concurrency {
         let f = raw_tx(true, 7_200_000_000_000_000_000);
+        let next = next.clone();
         let limit = opts.relay_events as u64;
-        move |n: u64| {
-            let f = f.clone();
-            async move { n < limit && f(n).await }
-        }
-    });
-    let _ = filled.await;
+        fillers.push(tokio::spawn(async move {
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= limit {
+                    return;
+                }
+                f(n).await;
+            }
+        }));
+    }
+    for f in fillers {
+        let _ = f.await;
+    }
     let broker = Broker::connect(&s.events).await?;
     let mut raw_settings = s.events.clone();
     raw_settings.stream = "BENCH_RAW".into();
