@@ -12,7 +12,8 @@ use utoipa_axum::routes;
 
 use crate::domain::ids::ShopId;
 use crate::domain::status::OrderStatus;
-use crate::service::merchant::{MerchantService, ShopListParams};
+use crate::service::merchant::MerchantService;
+use crate::service::orders::ListFilters;
 use crate::service::Error;
 use crate::storage::merchant::{CopyState, DailyReport};
 
@@ -20,7 +21,7 @@ use super::auth::Auth;
 use super::error::ApiError;
 use super::extract::{PathParam, QueryMap};
 use super::openapi::{Forbidden, NotFound, Unauthorized, Unavailable, Unprocessable};
-use super::orders::{parse_time, OrderView};
+use super::orders::{list_filter, OrderView};
 use super::AppState;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -98,26 +99,9 @@ async fn shop_orders(
     let shop = shop_id(&shop)?;
     MerchantService::allow(c, shop)?;
     let mut errors = crate::domain::order::FieldErrors::default();
-    let mut p = ShopListParams::default();
+    let mut p = ListFilters::default();
     for (k, v) in &params {
-        match k.as_str() {
-            "status" => {
-                p.status = OrderStatus::parse(v).or_else(|| {
-                    errors.push("status", "must be a status name or code");
-                    None
-                })
-            }
-            "created_from" => p.created_from = parse_time(k, v, &mut errors),
-            "created_to" => p.created_to = parse_time(k, v, &mut errors),
-            "limit" => {
-                p.limit = v.parse().ok().or_else(|| {
-                    errors.push("limit", "must be a number between 1 and 100");
-                    None
-                })
-            }
-            "cursor" => p.cursor = Some(v.clone()),
-            other => errors.push(other, "is not a filter of this list"),
-        }
+        list_filter(k, v, &mut p, &mut errors);
     }
     errors.into_result(())?;
     let page = s.merchant.list(c, shop, p).await?;

@@ -23,8 +23,8 @@ use crate::domain::order::{
 use crate::domain::status::OrderStatus;
 use crate::lease::IdSourceError;
 use crate::service::orders::{
-    Created, ListParams, PatchRequest, PaymentRequest, ReadOptions, RefundRequest, Served, ShipmentRequest,
-    VersionedRequest,
+    Created, ListFilters, ListParams, PatchRequest, PaymentRequest, ReadOptions, RefundRequest, Served,
+    ShipmentRequest, VersionedRequest,
 };
 use crate::service::Error;
 
@@ -305,6 +305,29 @@ async fn get_order(
     Ok(served_by(response, served))
 }
 
+/// Parses one filter of an order list (`status`, `created_from`, `created_to`, `limit`,
+/// `cursor`) into `f`; any other name is an error of its own.
+pub(crate) fn list_filter(k: &str, v: &str, f: &mut ListFilters, errors: &mut FieldErrors) {
+    match k {
+        "status" => {
+            f.status = OrderStatus::parse(v).or_else(|| {
+                errors.push("status", "must be a status name or code");
+                None
+            })
+        }
+        "created_from" => f.created_from = parse_time(k, v, errors),
+        "created_to" => f.created_to = parse_time(k, v, errors),
+        "limit" => {
+            f.limit = v.parse().ok().or_else(|| {
+                errors.push("limit", "must be a number between 1 and 100");
+                None
+            })
+        }
+        "cursor" => f.cursor = Some(v.to_owned()),
+        other => errors.push(other, "is not a filter of this list"),
+    }
+}
+
 pub(crate) fn parse_time(field: &str, v: &str, errors: &mut FieldErrors) -> Option<DateTime<Utc>> {
     match DateTime::parse_from_rfc3339(v).map(|t| t.with_timezone(&Utc)) {
         Ok(t) if crate::domain::order::is_storable_time(&t) => Some(t),
@@ -357,23 +380,8 @@ async fn list(
                     None
                 })
             }
-            "status" => {
-                p.status = OrderStatus::parse(v).or_else(|| {
-                    errors.push("status", "must be a status name or code");
-                    None
-                })
-            }
-            "created_from" => p.created_from = parse_time(k, v, &mut errors),
-            "created_to" => p.created_to = parse_time(k, v, &mut errors),
-            "limit" => {
-                p.limit = v.parse().ok().or_else(|| {
-                    errors.push("limit", "must be a number between 1 and 100");
-                    None
-                })
-            }
-            "cursor" => p.cursor = Some(v.clone()),
             "consistency" => {}
-            other => errors.push(other, "is not a filter of this list"),
+            _ => list_filter(k, v, &mut p.filters, &mut errors),
         }
     }
     errors.into_result(())?;

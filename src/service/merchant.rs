@@ -3,28 +3,18 @@
 //! A shop's merchant and administrators may read; another shop's merchant is told the shop
 //! does not exist (404), so existence does not leak; buyers and the payment channel may never.
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::NaiveDate;
 
 use crate::domain::actor::Caller;
 use crate::domain::ids::ShopId;
 use crate::domain::order::{FieldErrors, Order};
-use crate::domain::status::OrderStatus;
 use crate::storage::merchant::{self, CopyState, DailyReport, MerchantMap, ShopQuery};
 
-use super::orders::{decode_cursor, encode_cursor, DEFAULT_PAGE, MAX_PAGE};
+use super::orders::{encode_cursor, ListFilters};
 use super::{Error, Result};
 
 /// The longest report range one request may ask for: a year, with a leap day.
 pub const MAX_REPORT_DAYS: i64 = 366;
-
-#[derive(Debug, Clone, Default)]
-pub struct ShopListParams {
-    pub status: Option<OrderStatus>,
-    pub created_from: Option<DateTime<Utc>>,
-    pub created_to: Option<DateTime<Utc>>,
-    pub limit: Option<u32>,
-    pub cursor: Option<String>,
-}
 
 /// A page of a shop's orders and the state of the copy it came from.
 #[derive(Debug)]
@@ -61,26 +51,15 @@ impl MerchantService {
         }
     }
 
-    pub async fn list(&self, caller: Caller, shop: ShopId, p: ShopListParams) -> Result<ShopPage> {
+    pub async fn list(&self, caller: Caller, shop: ShopId, p: ListFilters) -> Result<ShopPage> {
         Self::allow(caller, shop)?;
-        let limit = p.limit.unwrap_or(DEFAULT_PAGE);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(FieldErrors::single("limit", format!("must be between 1 and {MAX_PAGE}")).into());
-        }
-        let before = match &p.cursor {
-            None => None,
-            Some(c) => {
-                let (at, id) = decode_cursor(c)
-                    .ok_or_else(|| FieldErrors::single("cursor", "is not a cursor this service issued"))?;
-                Some((at, id.get()))
-            }
-        };
+        let (limit, before) = p.page()?;
         let q = ShopQuery {
             shop,
             status: p.status,
             created_from: p.created_from,
             created_to: p.created_to,
-            before,
+            before: before.map(|(at, id)| (at, id.get())),
             limit: limit + 1,
         };
         let snapshots = merchant::list(&self.map, &q).await?;

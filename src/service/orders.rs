@@ -210,15 +210,40 @@ pub struct VersionedRequest {
     pub reason: String,
 }
 
-/// Filters of `GET /v1/orders`, already parsed.
+/// The filters and the page of every order list (a buyer's, a shop's), already parsed.
 #[derive(Debug, Clone, Default)]
-pub struct ListParams {
-    pub user_id: Option<UserId>,
+pub struct ListFilters {
     pub status: Option<OrderStatus>,
     pub created_from: Option<DateTime<Utc>>,
     pub created_to: Option<DateTime<Utc>>,
     pub limit: Option<u32>,
     pub cursor: Option<String>,
+}
+
+impl ListFilters {
+    /// The page size (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]) and the keyset position
+    /// the cursor names: orders strictly older than it.
+    pub(crate) fn page(&self) -> Result<(u32, Option<(DateTime<Utc>, OrderId)>)> {
+        let limit = self.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(FieldErrors::single("limit", format!("must be between 1 and {MAX_PAGE}")).into());
+        }
+        let before = match &self.cursor {
+            None => None,
+            Some(c) => Some(
+                decode_cursor(c)
+                    .ok_or_else(|| FieldErrors::single("cursor", "is not a cursor this service issued"))?,
+            ),
+        };
+        Ok((limit, before))
+    }
+}
+
+/// `GET /v1/orders`: whose orders (administrators name a user), and the filters.
+#[derive(Debug, Clone, Default)]
+pub struct ListParams {
+    pub user_id: Option<UserId>,
+    pub filters: ListFilters,
 }
 
 /// Channel numbers are opaque to us but bounded: letters, digits, `-` and `_`.
@@ -289,7 +314,7 @@ pub(crate) fn encode_cursor(o: &Order) -> String {
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(raw)
 }
 
-pub(crate) fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
+fn decode_cursor(s: &str) -> Option<(DateTime<Utc>, OrderId)> {
     use base64::Engine;
     let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(s).ok()?;
     let raw = String::from_utf8(raw).ok()?;
@@ -988,17 +1013,8 @@ impl OrderService {
                 return Err(Error::Forbidden("only buyers and administrators list orders"))
             }
         };
-        let limit = p.limit.unwrap_or(DEFAULT_PAGE);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(FieldErrors::single("limit", format!("must be between 1 and {MAX_PAGE}")).into());
-        }
-        let before = match &p.cursor {
-            None => None,
-            Some(c) => Some(
-                decode_cursor(c)
-                    .ok_or_else(|| FieldErrors::single("cursor", "is not a cursor this service issued"))?,
-            ),
-        };
+        let (limit, before) = p.filters.page()?;
+        let p = p.filters;
         let shard = self.shards.of_user(user);
         tracing::Span::current()
             .record("user_id", tracing::field::display(user))
