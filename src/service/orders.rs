@@ -210,6 +210,9 @@ pub struct VersionedRequest {
     pub reason: String,
 }
 
+/// A keyset position in a list, newest first: `(created_at, order_id)` of the last order seen.
+pub(crate) type Keyset = (DateTime<Utc>, OrderId);
+
 /// The filters and the page of every order list (a buyer's, a shop's), already parsed.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilters {
@@ -223,7 +226,7 @@ pub struct ListFilters {
 impl ListFilters {
     /// The page size (default [`DEFAULT_PAGE`], at most [`MAX_PAGE`]) and the keyset position
     /// the cursor names: orders strictly older than it.
-    pub(crate) fn page(&self) -> Result<(u32, Option<(DateTime<Utc>, OrderId)>)> {
+    pub(crate) fn page(&self) -> Result<(u32, Option<Keyset>)> {
         let limit = self.limit.unwrap_or(DEFAULT_PAGE);
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(FieldErrors::single("limit", format!("must be between 1 and {MAX_PAGE}")).into());
