@@ -76,6 +76,7 @@ pub struct EventSettings {
     pub stream: String,
     pub subject_prefix: String,
     pub duplicate_window_secs: u64,
+    pub retention_days: u64,
     pub relay_batch: u32,
     pub relay_poll_ms: u64,
     pub publish_timeout_ms: u64,
@@ -386,8 +387,9 @@ impl Settings {
             || e.publish_timeout_ms == 0
             || e.retry_ms == 0
             || e.duplicate_window_secs == 0
+            || e.retention_days == 0
         {
-            return bad("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms and duplicate_window_secs must be positive".into());
+            return bad("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms, duplicate_window_secs and retention_days must be positive".into());
         }
         let token = |s: &str| {
             !s.is_empty()

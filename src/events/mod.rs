@@ -77,7 +77,8 @@ impl Broker {
         Ok(broker)
     }
 
-    /// Creates the stream if it is not there (an existing one is kept as it is).
+    /// Creates the stream if it is not there (an existing one is kept as it is: change its
+    /// retention with the broker's tools).
     async fn ensure_stream(&self) -> Result<(), BrokerError> {
         let s = &self.settings;
         self.js
@@ -86,6 +87,7 @@ impl Broker {
                 subjects: vec![format!("{}.orders.>", s.subject_prefix)],
                 storage: stream::StorageType::File,
                 duplicate_window: Duration::from_secs(s.duplicate_window_secs),
+                max_age: Duration::from_secs(s.retention_days * 24 * 3600),
                 ..Default::default()
             })
             .await
