@@ -25,6 +25,7 @@ use crate::http::{router, AppState};
 use crate::lease::{lease_worker, IdSource};
 use crate::search::index::TantivyIndex;
 use crate::search::{projection as search, IndexError, OrderIndex};
+use crate::service::archive::{self, Archiver, PassOptions};
 use crate::service::cart::{self, CartService};
 use crate::service::catalog::CatalogService;
 use crate::service::flash::{self, FlashSales};
@@ -54,6 +55,10 @@ pub struct Application {
     relay_wakers: RelayWakers,
     /// The search index when `[search] enabled`: its consumer runs beside the relays.
     search: Option<Arc<TantivyIndex>>,
+    /// The archive's database: its outbox has a relay too.
+    archive_db: Arc<Database>,
+    /// Runs in the background with `archive.run_in_serve`.
+    archiver: Archiver,
 }
 
 impl Application {
@@ -72,6 +77,7 @@ impl Application {
             .await?,
         );
         let commerce = commerce_db.write().clone();
+        let archive_db = connect_archive(&settings).await?;
         // One probe before serving, so replicas that answer take reads from the first request.
         let databases: Vec<Arc<Database>> = shards
             .databases()
@@ -108,8 +114,17 @@ impl Application {
             cache.clone(),
             settings.cart.clone(),
         ));
-        let relay_wakers = RelayWakers::new(shards.databases().len());
+        // One relay per shard database, then the archive's.
+        let relay_wakers = RelayWakers::new(shards.databases().len() + 1);
+        let archive_relay = shards.databases().len();
+        let archiver = Archiver::new(
+            shards.clone(),
+            archive_db.clone(),
+            commerce.clone(),
+            settings.archive.clone(),
+        );
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
+            .with_archive(archive_db.clone(), settings.archive.min_age(), archive_relay)
             .with_relay_wakers(relay_wakers.clone())
             .with_flash(flash)
             .with_carts(carts)
@@ -142,6 +157,8 @@ impl Application {
             databases,
             relay_wakers,
             search,
+            archive_db,
+            archiver,
         })
     }
 
@@ -186,7 +203,7 @@ impl Application {
         ));
         let relays = s.events.relay.then(|| {
             tokio::spawn(relay::run(
-                self.state.orders.shards().databases().to_vec(),
+                relay_databases(self.state.orders.shards(), &self.archive_db),
                 s.events.clone(),
                 self.relay_wakers.clone(),
                 self.shutdown.clone(),
@@ -203,6 +220,10 @@ impl Application {
             .search
             .clone()
             .map(|index| tokio::spawn(search::run(s.events.clone(), index, self.shutdown.clone())));
+        let archiver = s
+            .archive
+            .run_in_serve
+            .then(|| tokio::spawn(archive::run(self.archiver.clone(), self.shutdown.clone())));
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -254,7 +275,7 @@ impl Application {
         let _ = flusher.await;
         // The consumers stop between batches at the token; a batch being applied commits
         // first (it is short).
-        for task in [relays, copy, searcher].into_iter().flatten() {
+        for task in [relays, copy, searcher, archiver].into_iter().flatten() {
             let _ = task.await;
         }
         served?;
@@ -310,6 +331,41 @@ pub async fn lease_worker_from(
     Ok(lease_worker(pool, ttl, shutdown).await?)
 }
 
+/// The archive's database (no replicas: archived orders are read rarely, on its primary).
+async fn connect_archive(settings: &Settings) -> anyhow::Result<Arc<Database>> {
+    Ok(Arc::new(
+        Database::connect(
+            "archive",
+            DatabaseRef::Archive,
+            &settings.archive.url,
+            &[],
+            &settings.database,
+            &settings.replicas,
+        )
+        .await?,
+    ))
+}
+
+/// The databases whose outboxes are relayed: every shard database, then the archive (the
+/// index order of [`RelayWakers`]).
+fn relay_databases(shards: &ShardMap, archive: &Arc<Database>) -> Vec<Arc<Database>> {
+    shards
+        .databases()
+        .iter()
+        .cloned()
+        .chain([archive.clone()])
+        .collect()
+}
+
+/// `orderly archive`: one pass of the archiver with `opts`.
+pub async fn archive_pass(settings: &Settings, opts: &PassOptions) -> anyhow::Result<archive::PassSummary> {
+    let shards = ShardMap::connect(settings).await?;
+    let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
+    let archive_db = connect_archive(settings).await?;
+    let archiver = Archiver::new(shards, archive_db, commerce, settings.archive.clone());
+    Ok(archiver.pass(opts).await?)
+}
+
 /// `orderly migrate`: creates every table on every database of the settings.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateReport> {
     let shards = ShardMap::connect(settings).await?;
@@ -319,6 +375,10 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateRepor
     let m = schema::migrate_merchant(&merchant).await?;
     report.applied.extend(m.applied);
     report.already += m.already;
+    let archive = storage::connect(&settings.archive.url, &settings.database).await?;
+    let a = schema::migrate_archive(&archive).await?;
+    report.applied.extend(a.applied);
+    report.already += a.already;
     Ok(report)
 }
 
@@ -326,14 +386,10 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateRepor
 /// `shutdown` (one relay per database is active at a time, whichever process holds it).
 pub async fn relay(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let shards = ShardMap::connect(settings).await?;
-    let wakers = RelayWakers::new(shards.databases().len());
-    relay::run(
-        shards.databases().to_vec(),
-        settings.events.clone(),
-        wakers,
-        shutdown,
-    )
-    .await;
+    let archive = connect_archive(settings).await?;
+    let databases = relay_databases(&shards, &archive);
+    let wakers = RelayWakers::new(databases.len());
+    relay::run(databases, settings.events.clone(), wakers, shutdown).await;
     Ok(())
 }
 

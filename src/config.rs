@@ -34,6 +34,37 @@ pub struct Settings {
     pub events: EventSettings,
     pub merchant: MerchantSettings,
     pub search: SearchSettings,
+    pub archive: ArchiveSettings,
+}
+
+/// The archive of old orders (see [`crate::service::archive`]); every tunable is explained
+/// in `config.default.toml`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ArchiveSettings {
+    pub url: String,
+    pub older_than_days: u32,
+    pub min_age_days: u32,
+    pub batch_size: u32,
+    pub pause_ms: u64,
+    pub delete_chunk: u32,
+    pub max_replica_lag_ms: u64,
+    pub max_slowdown: u32,
+    pub run_in_serve: bool,
+    pub interval_secs: u64,
+}
+
+impl Default for ArchiveSettings {
+    /// `config.default.toml`'s values.
+    fn default() -> Self {
+        Settings::defaults().archive
+    }
+}
+
+impl ArchiveSettings {
+    /// No archived order is younger than this, measured at any time after its move.
+    pub fn min_age(&self) -> chrono::TimeDelta {
+        chrono::TimeDelta::days(i64::from(self.min_age_days))
+    }
 }
 
 /// Carts (see [`crate::service::cart`]); every tunable is explained in `config.default.toml`.
@@ -381,6 +412,7 @@ impl Settings {
             return bad("cart.loss_window_ms and cart.flush_batch must be positive".into());
         }
         self.validate_merchant()?;
+        self.validate_archive()?;
         let e = &self.events;
         if e.relay_batch == 0
             || e.relay_poll_ms == 0
@@ -413,6 +445,27 @@ impl Settings {
             return bad(
                 "limits.create_burst and limits.ids_burst must be positive when their rate is".into(),
             );
+        }
+        Ok(())
+    }
+
+    fn validate_archive(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+        let a = &self.archive;
+        if a.url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
+            return bad("archive.url is not a mysql:// URL");
+        }
+        if a.min_age_days < 2 {
+            return bad("archive.min_age_days must be at least 2 (creates are retried for a day)");
+        }
+        if a.older_than_days < a.min_age_days {
+            return bad("archive.older_than_days must be at least archive.min_age_days");
+        }
+        if !(1..=10_000).contains(&a.batch_size) || !(1..=1_000).contains(&a.delete_chunk) {
+            return bad("archive.batch_size must be 1..=10000 and archive.delete_chunk 1..=1000");
+        }
+        if a.max_slowdown == 0 || a.interval_secs == 0 {
+            return bad("archive.max_slowdown and archive.interval_secs must be positive");
         }
         Ok(())
     }

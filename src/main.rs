@@ -88,6 +88,35 @@ enum Command {
     /// Publish the order events of every shard database's outbox to NATS JetStream (what
     /// `serve` also does unless `events.relay = false`).
     Relay,
+    /// Move old final orders out of the hot shards into the archive (SPEC 2.7).
+    Archive {
+        /// Orders created longer ago than this move, e.g. `90d` (default:
+        /// archive.older_than_days; never less than archive.min_age_days).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        older_than: Option<std::time::Duration>,
+        /// Orders looked at per batch and shard (default: archive.batch_size).
+        #[arg(long)]
+        batch_size: Option<u32>,
+        /// Pause between batches, e.g. `200ms` (default: archive.pause_ms); it grows while
+        /// replicas lag or the hot tables slow down.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        pause: Option<std::time::Duration>,
+        /// Table shards to archive: `0-31`, `5`, or `3-7` (default: all).
+        #[arg(long, value_parser = parse_shard_range)]
+        shards: Option<std::ops::RangeInclusive<u32>>,
+        /// One pass, then exit (the default).
+        #[arg(long, conflicts_with = "run_loop")]
+        once: bool,
+        /// A pass every archive.interval_secs until Ctrl-C.
+        #[arg(long = "loop")]
+        run_loop: bool,
+        /// Count what a pass would move, per shard; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also write every batch as gzip NDJSON here before anything is deleted.
+        #[arg(long)]
+        export_dir: Option<PathBuf>,
+    },
     /// A shop's daily report, from the merchant copy.
     Report {
         #[arg(long)]
@@ -134,6 +163,60 @@ enum Command {
         #[arg(long)]
         shards: Option<u32>,
     },
+}
+
+/// `--shards 0-31` or `--shards 5`.
+fn parse_shard_range(s: &str) -> Result<std::ops::RangeInclusive<u32>, String> {
+    let bad = || format!("{s:?} is not a shard or a range like 0-31");
+    let (a, b) = s.split_once('-').unwrap_or((s, s));
+    let (a, b): (u32, u32) = (
+        a.trim().parse().map_err(|_| bad())?,
+        b.trim().parse().map_err(|_| bad())?,
+    );
+    if a > b {
+        return Err(bad());
+    }
+    Ok(a..=b)
+}
+
+fn print_archive_summary(s: &orderly::service::archive::PassSummary) {
+    let verb = if s.dry_run { "would move" } else { "moved" };
+    for shard in &s.shards {
+        if shard.busy {
+            println!(
+                "shard {:02}: skipped, another process is archiving it",
+                shard.shard
+            );
+        } else if s.dry_run {
+            println!(
+                "shard {:02}: {verb} {}, {} old orders not final yet",
+                shard.shard, shard.moved, shard.not_final
+            );
+        } else if shard.moved > 0 || shard.moved_on > 0 {
+            println!(
+                "shard {:02}: {verb} {} ({} KiB){}",
+                shard.shard,
+                shard.moved,
+                shard.bytes / 1024,
+                if shard.moved_on > 0 {
+                    format!(", {} left hot (changed during the move)", shard.moved_on)
+                } else {
+                    String::new()
+                }
+            );
+        }
+    }
+    if s.dry_run {
+        println!("{} orders {verb}; nothing changed", s.moved());
+    } else {
+        println!(
+            "{} orders {verb}, {:.1} MiB of documents, in {:.1} s ({:.0} orders/s)",
+            s.moved(),
+            s.bytes() as f64 / (1024.0 * 1024.0),
+            s.elapsed.as_secs_f64(),
+            s.rate()
+        );
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -361,6 +444,55 @@ async fn main() -> anyhow::Result<()> {
             .await?;
             println!("{md}");
             Ok(())
+        }
+        Command::Archive {
+            older_than,
+            batch_size,
+            pause,
+            shards,
+            once: _,
+            run_loop,
+            dry_run,
+            export_dir,
+        } => {
+            let settings = Settings::load(config.map(PathBuf::as_path))?;
+            let mut opts = orderly::service::archive::PassOptions::from_settings(&settings.archive);
+            if let Some(d) = older_than {
+                let d = chrono::TimeDelta::from_std(d)?;
+                anyhow::ensure!(
+                    d >= settings.archive.min_age(),
+                    "--older-than must be at least archive.min_age_days ({} days): reads skip the archive for younger orders",
+                    settings.archive.min_age_days
+                );
+                opts.older_than = d;
+            }
+            if let Some(b) = batch_size {
+                anyhow::ensure!((1..=10_000).contains(&b), "--batch-size must be 1..=10000");
+                opts.batch_size = b;
+            }
+            if let Some(p) = pause {
+                opts.pause = p;
+            }
+            opts.shards = shards;
+            opts.dry_run = dry_run;
+            opts.export_dir = export_dir;
+            opts.progress = true;
+            let token = CancellationToken::new();
+            tokio::spawn(shutdown_signal(token.clone()));
+            loop {
+                let summary = tokio::select! {
+                    s = app::archive_pass(&settings, &opts) => s?,
+                    _ = token.cancelled() => return Ok(()),
+                };
+                print_archive_summary(&summary);
+                if !run_loop {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = token.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(settings.archive.interval_secs)) => {}
+                }
+            }
         }
         Command::Relay => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;

@@ -53,6 +53,9 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
         first_table: 0,
         last_table: s.merchant.tables - 1,
     }];
+    // The archive beside the commerce database: the same server by default, its own
+    // database, so it can move to a cheaper server by changing one URL.
+    s.archive.url = cluster.mariadb(0).url(&format!("{db_prefix}archive"));
     s.commerce.replicas = cluster
         .replicas(0)
         .iter()
@@ -89,7 +92,7 @@ pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
         .databases
         .iter()
         .map(|d| d.primary.clone())
-        .chain([settings.commerce.url.clone()])
+        .chain([settings.commerce.url.clone(), settings.archive.url.clone()])
         .chain(settings.merchant.databases.iter().map(|d| d.url.clone()));
     for url in urls {
         let (server, rest) = url

@@ -135,6 +135,9 @@ impl fmt::Display for GtidPosition {
 pub enum DatabaseRef {
     Shards(u16),
     Commerce,
+    /// The archive of old orders. It has no replicas, so no watermark or token is ever made
+    /// for it (and none is accepted).
+    Archive,
 }
 
 /// The position a read must reach to see a write: its database and its GTID. Written as a
@@ -187,6 +190,7 @@ impl fmt::Display for Watermark {
         match self.database {
             DatabaseRef::Shards(i) => write!(f, "o{i}:{}", self.gtid),
             DatabaseRef::Commerce => write!(f, "c:{}", self.gtid),
+            DatabaseRef::Archive => write!(f, "a:{}", self.gtid),
         }
     }
 }

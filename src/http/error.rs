@@ -229,6 +229,12 @@ fn service_problem(e: Error) -> Response {
             "this id was already used with different content",
             none,
         ),
+        Error::Archived => problem(
+            S::CONFLICT,
+            "archived",
+            "the order is archived: it can be read, and money for it is still recorded, but it changes no more",
+            none,
+        ),
         Error::OutOfStock { product_id } => problem(
             S::CONFLICT,
             "out_of_stock",
@@ -326,6 +332,7 @@ mod tests {
             }
             .into(),
             Error::IdempotencyConflict.into(),
+            Error::Archived.into(),
             Error::OutOfStock {
                 product_id: ProductId::new(7).unwrap(),
             }

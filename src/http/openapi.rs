@@ -220,7 +220,8 @@ problem_responses! {
     NotFound => "`not_found`: no such resource, or one the caller may not see",
     Conflict => "`version_conflict` (with `current_version`), `invalid_transition` (with \
                  `current_status`), `idempotency_conflict`, `out_of_stock` (with `product_id`), \
-                 `coupon_unavailable` (with `coupon_id`) or `payment_mismatch`",
+                 `coupon_unavailable` (with `coupon_id`), `payment_mismatch` or `archived` (the order \
+                 was moved to the archive and changes no more)",
     PayloadTooLarge => "`payload_too_large`: the body is over the limit",
     UnsupportedMediaType => "`unsupported_media_type`: the body is not sent as application/json",
     Unprocessable => "`validation_failed`: the failing fields are in `errors`",

@@ -23,8 +23,8 @@ use crate::domain::order::{
 use crate::domain::status::OrderStatus;
 use crate::lease::IdSourceError;
 use crate::service::orders::{
-    Created, ListFilters, ListParams, PatchRequest, PaymentRequest, ReadOptions, RefundRequest, Served,
-    ShipmentRequest, VersionedRequest,
+    Created, ListFilters, ListParams, MoneyAnswer, PatchRequest, PaymentRequest, ReadOptions, RefundRequest,
+    Served, ShipmentRequest, VersionedRequest,
 };
 use crate::service::Error;
 
@@ -88,6 +88,10 @@ pub struct OrderView<'a> {
     completed_at: Option<DateTime<Utc>>,
     closed_at: Option<DateTime<Utc>>,
     invalidated_at: Option<DateTime<Utc>>,
+    /// Present (`true`) only on a payment's or refund's answer for an archived order: the
+    /// money was recorded against the archived document, which is now `refund_required`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    archived: bool,
 }
 
 impl<'a> From<&'a Order> for OrderView<'a> {
@@ -120,6 +124,7 @@ impl<'a> From<&'a Order> for OrderView<'a> {
             completed_at: o.completed_at,
             closed_at: o.closed_at,
             invalidated_at: o.invalidated_at,
+            archived: false,
         }
     }
 }
@@ -152,9 +157,23 @@ pub struct OrderList<'a> {
 
 /// The whole order, as `caller` may see it, with its version as a strong `ETag`.
 fn order_response(caller: Caller, status: StatusCode, order: &Order) -> Response {
+    view_response(status, order, OrderView::from(order).redacted_for(caller))
+}
+
+fn view_response(status: StatusCode, order: &Order, view: OrderView<'_>) -> Response {
     let etag = format!("\"{}\"", order.version);
-    let view = OrderView::from(order).redacted_for(caller);
     (status, [(header::ETAG, etag)], axum::Json(view)).into_response()
+}
+
+/// A payment's or refund's answer: [`written_response`], saying whether the money went to
+/// the archived order.
+fn money_response(s: &AppState, caller: Caller, answer: &MoneyAnswer) -> Response {
+    if !answer.archived {
+        return written_response(s, caller, StatusCode::OK, &answer.order);
+    }
+    let mut view = OrderView::from(&answer.order).redacted_for(caller);
+    view.archived = true;
+    view_response(StatusCode::OK, &answer.order, view)
 }
 
 fn order_id(raw: &str) -> Result<OrderId, ApiError> {
@@ -439,8 +458,8 @@ async fn pay(
     Json(req): Json<PaymentRequest>,
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
-    let order = write(&s, async move { orders.pay(c, id, req).await }).await?;
-    Ok(written_response(&s, c, StatusCode::OK, &order))
+    let answer = write(&s, async move { orders.pay(c, id, req).await }).await?;
+    Ok(money_response(&s, c, &answer))
 }
 
 #[utoipa::path(
@@ -539,8 +558,8 @@ async fn refund(
     Json(req): Json<RefundRequest>,
 ) -> ApiResult {
     let (orders, id) = (s.orders.clone(), order_id(&id)?);
-    let order = write(&s, async move { orders.refund(c, id, req).await }).await?;
-    Ok(written_response(&s, c, StatusCode::OK, &order))
+    let answer = write(&s, async move { orders.refund(c, id, req).await }).await?;
+    Ok(money_response(&s, c, &answer))
 }
 
 #[utoipa::path(

@@ -2,6 +2,7 @@
 //! functions in the right order, and answer in domain terms ([`Error`]); HTTP maps those to
 //! problem responses.
 
+pub mod archive;
 pub mod cart;
 pub mod catalog;
 pub mod flash;
@@ -30,6 +31,9 @@ pub enum Error {
     InvalidTransition { status: OrderStatus },
     #[error("this id was used with different content")]
     IdempotencyConflict,
+    /// The order was moved to the archive: only money can still be recorded for it.
+    #[error("the order is archived")]
+    Archived,
     #[error("product {product_id} is out of stock")]
     OutOfStock { product_id: ProductId },
     #[error("coupon {coupon_id} is no longer available")]

@@ -79,6 +79,20 @@ pub struct OrderService {
     carts: Arc<CartService>,
     /// Wakes the event relay of a database after a commit there (see [`crate::events`]).
     relay_wakers: RelayWakers,
+    /// Where archived orders are read, and money for them recorded (see
+    /// [`super::archive`]); `None`: no archive (tools and benches built without one).
+    archive: Option<ArchiveReads>,
+}
+
+/// The archive as the order use cases see it.
+#[derive(Clone)]
+struct ArchiveReads {
+    db: Arc<Database>,
+    /// No archived order is younger than this (`archive.min_age_days`): reads of anything
+    /// newer never ask the archive.
+    min_age: TimeDelta,
+    /// The archive's relay, after a commit of money there.
+    relay: usize,
 }
 
 /// How a read must be served: its consistency, and the token of a write the client wants to
@@ -95,6 +109,8 @@ pub enum Served {
     Cache,
     Primary,
     Replica,
+    /// The archive of old orders (the order is no longer in its shard).
+    Archive,
 }
 
 impl Served {
@@ -103,6 +119,7 @@ impl Served {
             Served::Cache => "cache",
             Served::Primary => "primary",
             Served::Replica => "replica",
+            Served::Archive => "archive",
         }
     }
 
@@ -127,9 +144,18 @@ impl ServedCell {
         match self.0.load(std::sync::atomic::Ordering::Relaxed) {
             2 => Served::Primary,
             3 => Served::Replica,
+            4 => Served::Archive,
             _ => Served::Cache,
         }
     }
+}
+
+/// What a payment or refund answers: the order at its new version, and whether it was
+/// recorded against the archived order (which is then flagged `refund_required`).
+#[derive(Debug)]
+pub struct MoneyAnswer {
+    pub order: Order,
+    pub archived: bool,
 }
 
 /// A page of `GET /v1/orders`.
@@ -360,7 +386,34 @@ impl OrderService {
                 CartSettings::default(),
             )),
             relay_wakers: RelayWakers::default(),
+            archive: None,
         }
+    }
+
+    /// Reads fall back to this archive, and money for archived orders is recorded there;
+    /// `relay` is the index of its outbox's relay among [`Self::relay_wakers`].
+    pub fn with_archive(mut self, db: Arc<Database>, min_age: TimeDelta, relay: usize) -> Self {
+        self.archive = Some(ArchiveReads { db, min_age, relay });
+        self
+    }
+
+    /// The archive if `id` is old enough to be in it: an order younger than
+    /// `archive.min_age_days` is never moved, so its absence from the shard is final.
+    fn archive_for(&self, id: OrderId) -> Option<&ArchiveReads> {
+        self.archive
+            .as_ref()
+            .filter(|a| id.created_at() < Utc::now() - a.min_age)
+    }
+
+    /// The archived order `id`, read on the archive's primary (it has no replicas). Asked
+    /// only after the shard answered "no such order": an order moves into the archive before
+    /// it leaves the shard, so one of the two reads finds it.
+    async fn archived(&self, id: OrderId) -> Result<Option<Order>> {
+        let Some(a) = self.archive_for(id) else {
+            return Ok(None);
+        };
+        let mut conn = a.db.write().acquire().await.map_err(StorageError::from)?;
+        Ok(crate::storage::archive::load(&mut conn, id).await?)
     }
 
     /// The wakers of this process's relays.
@@ -525,28 +578,36 @@ impl OrderService {
     /// The order `id` from the server `read` calls for (a `session` read waits for
     /// `watermark`); a `session` read that a replica answers with "no such order" asks the
     /// primary (the create may not have arrived there yet, and an absence must never be
-    /// cached from a lagging copy).
+    /// cached from a lagging copy). An order old enough to be archived that the shard does
+    /// not have is then looked for in the archive.
     async fn load_order(
         &self,
         shard: &Shard,
         id: OrderId,
         consistency: Consistency,
         watermark: Option<Gtid>,
-    ) -> Result<Read<Option<Order>>> {
+    ) -> Result<(Option<Order>, Served)> {
         let db = self.shards.database(shard);
         let tables = shard.tables.clone();
         let query = replicas::query(move |c| -> ReadQuery<'_, Option<Order>> {
             let t = tables.clone();
             Box::pin(async move { orders::load_order(c, &t, id).await })
         });
-        let found = db.read(consistency, watermark.as_ref(), &query).await?;
+        let mut found = db.read(consistency, watermark.as_ref(), &query).await?;
         if found.value.is_none()
             && found.served == replicas::Served::Replica
             && consistency == Consistency::Session
         {
-            return Ok(db.read(Consistency::Strong, None, &query).await?);
+            found = db.read(Consistency::Strong, None, &query).await?;
         }
-        Ok(found)
+        let served = Served::of(&found);
+        if found.value.is_some() {
+            return Ok((found.value, served));
+        }
+        Ok(match self.archived(id).await? {
+            Some(o) => (Some(o), Served::Archive),
+            None => (None, served),
+        })
     }
 
     pub fn shards(&self) -> &ShardMap {
@@ -956,26 +1017,26 @@ impl OrderService {
                 self.cache
                     .order(id, |shared| async move {
                         let watermark = self.watermark(db, of, read.token, shared);
-                        let found = self
+                        let (found, from) = self
                             .load_order(shard, id, Consistency::Session, watermark)
                             .await?;
-                        served.set(Served::of(&found));
-                        Ok::<_, Error>(found.value)
+                        served.set(from);
+                        Ok::<_, Error>(found)
                     })
                     .await?
             }
             Consistency::Eventual => match self.cache.order_hit(id).await {
                 Some(hit) => hit,
                 None => {
-                    let found = self.load_order(shard, id, Consistency::Eventual, None).await?;
-                    served.set(Served::of(&found));
-                    found.value
+                    let (found, from) = self.load_order(shard, id, Consistency::Eventual, None).await?;
+                    served.set(from);
+                    found
                 }
             },
             Consistency::Strong => {
-                let found = self.load_order(shard, id, Consistency::Strong, None).await?;
-                served.set(Served::of(&found));
-                found.value
+                let (found, from) = self.load_order(shard, id, Consistency::Strong, None).await?;
+                served.set(from);
+                found
             }
         };
         match order {
@@ -993,7 +1054,18 @@ impl OrderService {
     ) -> Result<Order> {
         match orders::load_order(conn, &shard.tables, id).await? {
             Some(o) if caller.can_see(&o) => Ok(o),
-            _ => Err(Error::NotFound),
+            Some(_) => Err(Error::NotFound),
+            None => Err(self.absent(caller, id).await),
+        }
+    }
+
+    /// Why a change of `id`, which its shard does not hold, is refused: `archived` if the
+    /// caller may see it in the archive, else `not_found`.
+    async fn absent(&self, caller: Caller, id: OrderId) -> Error {
+        match self.archived(id).await {
+            Ok(Some(o)) if caller.can_see(&o) => Error::Archived,
+            Ok(_) => Error::NotFound,
+            Err(e) => e,
         }
     }
 
@@ -1034,6 +1106,10 @@ impl OrderService {
             before,
             limit: if cached { FIRST_PAGE as u32 } else { limit + 1 },
         };
+        let archive_query = ListQuery {
+            limit: limit + 1,
+            ..query.clone()
+        };
         let tables = shard.tables.clone();
         let list = replicas::query(move |c| -> ReadQuery<'_, Vec<Order>> {
             let (t, q) = (tables.clone(), query.clone());
@@ -1060,6 +1136,9 @@ impl OrderService {
             served.set(Served::of(&found));
             found.value
         };
+        if self.merge_archived(&mut page, &archive_query).await? {
+            served.set(Served::Archive);
+        }
         let next = if page.len() > limit as usize {
             page.truncate(limit as usize);
             page.last().map(encode_cursor)
@@ -1071,6 +1150,35 @@ impl OrderService {
             next_cursor: next,
             served: served.get(),
         })
+    }
+
+    /// Adds the user's archived orders that belong in `page` (the shard's, newest first, read
+    /// before this), unless the page is full of orders too young to be archived. The
+    /// shard is read first, the archive second: an order moving meanwhile is in the archive
+    /// before it leaves the shard, so the page misses none; one in both places is shown once,
+    /// as the shard has it. Answers whether the archive added any.
+    async fn merge_archived(&self, page: &mut Vec<Order>, q: &ListQuery) -> Result<bool> {
+        let Some(a) = &self.archive else {
+            return Ok(false);
+        };
+        let want = q.limit as usize;
+        // Archived orders were created before this (their ids are older than the pass's
+        // cutoff, and an order is created within a day of its id).
+        let horizon = Utc::now() - a.min_age + ID_MAX_AGE + ID_MAX_SKEW;
+        if page.len() >= want && page[want - 1].created_at >= horizon {
+            return Ok(false);
+        }
+        let mut conn = a.db.write().acquire().await.map_err(StorageError::from)?;
+        let older = crate::storage::archive::list_user_orders(&mut conn, q).await?;
+        let hot: std::collections::HashSet<i64> = page.iter().map(|o| o.order_id.get()).collect();
+        let before = page.len();
+        page.extend(older.into_iter().filter(|o| !hot.contains(&o.order_id.get())));
+        if page.len() == before {
+            return Ok(false);
+        }
+        page.sort_by(|x, y| (y.created_at, y.order_id.get()).cmp(&(x.created_at, x.order_id.get())));
+        page.truncate(want.max(before));
+        Ok(page.iter().any(|o| !hot.contains(&o.order_id.get())))
     }
 
     // ------------------------------------------------------------------ life cycle
@@ -1146,7 +1254,12 @@ impl OrderService {
                 current_version: o.version,
             },
             Ok(Some(o)) => Error::InvalidTransition { status: o.status },
-            Ok(None) => Error::NotFound,
+            // Moved to the archive since it was read (the caller could see it then).
+            Ok(None) => match self.archived(id).await {
+                Ok(Some(_)) => Error::Archived,
+                Ok(None) => Error::NotFound,
+                Err(e) => e,
+            },
             Err(e) => e.into(),
         }
     }
@@ -1367,7 +1480,7 @@ impl OrderService {
     }
 
     #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
-    pub async fn pay(&self, caller: Caller, id: OrderId, req: PaymentRequest) -> Result<Order> {
+    pub async fn pay(&self, caller: Caller, id: OrderId, req: PaymentRequest) -> Result<MoneyAnswer> {
         if caller != Caller::Service {
             return Err(Error::Forbidden("only the payment channel reports payments"));
         }
@@ -1387,7 +1500,7 @@ impl OrderService {
     }
 
     #[tracing::instrument(skip_all, fields(order_id = %id, shard = self.shards.of_order(id).index.get(), caller = ?caller))]
-    pub async fn refund(&self, caller: Caller, id: OrderId, req: RefundRequest) -> Result<Order> {
+    pub async fn refund(&self, caller: Caller, id: OrderId, req: RefundRequest) -> Result<MoneyAnswer> {
         if !matches!(caller, Caller::Service | Caller::Admin(_)) {
             return Err(Error::Forbidden(
                 "only the payment channel or an administrator refunds",
@@ -1412,7 +1525,7 @@ impl OrderService {
     /// so one number can pay or refund only one order across every shard; the shard then
     /// records it (idempotent by number on its own). A number the shard refused for good is
     /// given back by the call that holds the claim, so it is not burned.
-    async fn move_money(&self, caller: Caller, id: OrderId, m: MoneyMovement) -> Result<Order> {
+    async fn move_money(&self, caller: Caller, id: OrderId, m: MoneyMovement) -> Result<MoneyAnswer> {
         let number = commerce::PaymentNumber {
             transaction_no: &m.transaction_no,
             kind: m.kind,
@@ -1446,7 +1559,15 @@ impl OrderService {
             now: now(),
         };
         // Reloaded after the commit: the cache gets the new version, and so does the answer.
-        let recorded = self.commit(shard, write, Snapshot::Reload).await;
+        let mut recorded = self.commit(shard, write, Snapshot::Reload).await;
+        // Not in its shard: an archived order's money is recorded against its document.
+        let mut archived = false;
+        if matches!(recorded, Ok(Err(NotWritten::NotFound))) {
+            if let Some(a) = self.archive_for(id).cloned() {
+                recorded = self.commit_archived_money(&a, id, &m).await;
+                archived = !matches!(recorded, Ok(Err(NotWritten::NotFound)));
+            }
+        }
         // Refused for good, with nothing recorded under the number. (A shard-level conflict
         // or duplicate means the number *is* recorded there, for another order: its claim
         // stays.)
@@ -1492,21 +1613,51 @@ impl OrderService {
             Ok(Err(_)) => return Err(Error::NotFound),
             Err(e) => return Err(e.into()),
         }
-        if let Some(order) = answer {
-            return if caller.can_see(&order) {
-                Ok(order)
-            } else {
-                Err(Error::NotFound)
-            };
-        }
-        let mut conn = self.conn(shard).await?;
-        let order = orders::load_order(&mut conn, &shard.tables, id)
-            .await?
-            .ok_or(Error::NotFound)?;
+        let order = match answer {
+            Some(order) => order,
+            None if archived => self.archived(id).await?.ok_or(Error::NotFound)?,
+            None => {
+                let mut conn = self.conn(shard).await?;
+                orders::load_order(&mut conn, &shard.tables, id)
+                    .await?
+                    .ok_or(Error::NotFound)?
+            }
+        };
         if !caller.can_see(&order) {
             return Err(Error::NotFound);
         }
-        Ok(order)
+        Ok(MoneyAnswer { order, archived })
+    }
+
+    /// [`Self::commit`] for money against an archived order: the archive's commit point
+    /// ([`crate::storage::archive::record_money`]), then the same `after_commit`.
+    async fn commit_archived_money(
+        &self,
+        a: &ArchiveReads,
+        id: OrderId,
+        m: &MoneyMovement,
+    ) -> Result<std::result::Result<(Committed, Option<Order>), NotWritten>, StorageError> {
+        let mut conn = a.db.write().acquire().await?;
+        let mut outcome = crate::storage::archive::record_money(&mut conn, id, m, now()).await;
+        for _ in 0..crate::storage::DEADLOCK_RETRIES {
+            match &outcome {
+                Err(e) if e.is_retryable() => {
+                    outcome = crate::storage::archive::record_money(&mut conn, id, m, now()).await;
+                }
+                _ => break,
+            }
+        }
+        let committed = match outcome? {
+            Ok(c) => c,
+            Err(not) => return Ok(Err(not)),
+        };
+        let order = crate::storage::archive::load(&mut conn, id).await.ok().flatten();
+        drop(conn);
+        metrics::counter!("orderly_archived_money_total").increment(1);
+        tracing::warn!(order_id = %id, transaction_no = %m.transaction_no, "money recorded for an archived order; flagged refund_required");
+        self.relay_wakers.wake(a.relay);
+        self.after_commit(&a.db, &committed, order.as_ref()).await;
+        Ok(Ok((committed, order)))
     }
 }
 

@@ -931,3 +931,23 @@ pub async fn release_payment_number(pool: &MySqlPool, n: &PaymentNumber<'_>) -> 
         .await?;
     Ok(())
 }
+
+/// Deletes the claims and stock reservations of archived orders (their stock question was
+/// settled long ago: an order is archived only once final with its stock given back).
+/// Payment numbers stay: they keep a number from paying a second order, archived or not.
+pub async fn prune_archived(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64> {
+    if orders.is_empty() {
+        return Ok(0);
+    }
+    let list = vec!["?"; orders.len()].join(", ");
+    let mut pruned = 0;
+    for table in ["stock_reservations", "order_claims"] {
+        let sql = format!("DELETE FROM {table} WHERE order_id IN ({list})");
+        let mut q = sqlx::query(AssertSqlSafe(&*sql));
+        for o in orders {
+            q = q.bind(o.get());
+        }
+        pruned += q.execute(pool).await?.rows_affected();
+    }
+    Ok(pruned)
+}

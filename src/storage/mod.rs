@@ -5,6 +5,8 @@
 //! - [`schema`] creates the tables (`orderly migrate`).
 //! - [`replicas`] is one server with its read replicas: the read/write split, read-your-writes
 //!   by GTID, replica health and rotation.
+//! - [`archive`] is the SQL of the archive: old final orders as one document each, out of
+//!   the hot shards.
 //! - [`carts`] is the SQL of carts, the write-behind copy of what Redis holds.
 //! - [`merchant`] is the merchant copy of the orders, sharded by shop, with its daily
 //!   reports (a read model the event stream keeps).
@@ -17,6 +19,7 @@
 //! short transaction. A duplicate-key error (MySQL 1062) is translated here, in one place,
 //! into [`StorageError::Duplicate`]; the layers above decide what it means (replay, conflict).
 
+pub mod archive;
 pub mod carts;
 pub mod commerce;
 pub mod flash;

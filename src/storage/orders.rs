@@ -865,6 +865,109 @@ async fn clear_release_pending(conn: &mut MySqlConnection, t: &ShardTables, id: 
     Ok(done.rows_affected() == 1)
 }
 
+// ---------------------------------------------------------------- the archive's move
+
+/// The id of the last of the next `limit` orders of a shard with ids in `(after, bound)`, in
+/// id order (the primary key), or `None` when there are none: one batch of a pass, bounded
+/// by what it scans rather than by what it finds (most old orders may not be final).
+pub async fn archive_scan_end(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    after: i64,
+    bound: i64,
+    limit: u32,
+) -> Result<Option<i64>> {
+    let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT MAX(order_id) FROM (SELECT order_id FROM {} WHERE order_id > ? AND order_id < ?
+            ORDER BY order_id LIMIT ?) batch",
+        t.orders
+    )))
+    .bind(after)
+    .bind(bound)
+    .bind(limit)
+    .fetch_one(conn)
+    .await?;
+    Ok(last)
+}
+
+/// How many orders of a shard below `bound` a pass would move now, and how many it would
+/// leave because they are not final yet (`orderly archive --dry-run`; a consistent read, no
+/// locks).
+pub async fn archive_counts(conn: &mut MySqlConnection, t: &ShardTables, bound: i64) -> Result<(u64, u64)> {
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT CAST(COALESCE(SUM(movable), 0) AS SIGNED), CAST(COALESCE(SUM(1 - movable), 0) AS SIGNED)
+         FROM (SELECT (status IN (3, 4, 5) AND release_pending = 0 AND refund_required = 0) AS movable
+               FROM {} WHERE order_id < ?) o",
+        t.orders
+    )))
+    .bind(bound)
+    .fetch_one(conn)
+    .await?;
+    let (movable, left): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+    Ok((movable.max(0) as u64, left.max(0) as u64))
+}
+
+/// What deleting an archived chunk from the hot tables did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Deleted {
+    /// Gone from the hot tables (or gone already: a re-run after a crash).
+    pub deleted: Vec<OrderId>,
+    /// Still hot at a newer version than the one archived (money arrived in between): kept
+    /// here; its archived copy is stale.
+    pub moved_on: Vec<(OrderId, i64)>,
+}
+
+/// Deletes archived orders from the four hot tables, each only if it is still at the version
+/// the archive holds, in one short transaction over the chunk, by primary key, in id order
+/// (`orders` rows locked first, so it serialises with every write of these orders).
+/// Touches no version and writes no event: the order itself is unchanged, only moved.
+pub async fn delete_archived(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    chunk: &[(OrderId, i64)],
+) -> Result<Deleted> {
+    let mut out = Deleted::default();
+    if chunk.is_empty() {
+        return Ok(out);
+    }
+    let mut ids: Vec<(OrderId, i64)> = chunk.to_vec();
+    ids.sort_by_key(|(id, _)| id.get());
+    let list = vec!["?"; ids.len()].join(", ");
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    let sql = format!(
+        "SELECT order_id, version FROM {} WHERE order_id IN ({list}) ORDER BY order_id FOR UPDATE",
+        t.orders
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for (id, _) in &ids {
+        q = q.bind(id.get());
+    }
+    let mut current = std::collections::HashMap::new();
+    for row in q.fetch_all(&mut *tx).await? {
+        let (id, version): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
+        current.insert(id, version);
+    }
+    for (id, archived) in &ids {
+        match current.get(&id.get()) {
+            Some(v) if v != archived => out.moved_on.push((*id, *v)),
+            _ => out.deleted.push(*id),
+        }
+    }
+    if !out.deleted.is_empty() {
+        let list = vec!["?"; out.deleted.len()].join(", ");
+        for table in [&t.items, &t.payments, &t.discounts, &t.orders] {
+            let sql = format!("DELETE FROM {table} WHERE order_id IN ({list})");
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for id in &out.deleted {
+                q = q.bind(id.get());
+            }
+            q.execute(&mut *tx).await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(out)
+}
+
 // ---------------------------------------------------------------- the commit point
 
 /// Every change of an order, as the one storage entry [`write_order`] takes it. The SQL of

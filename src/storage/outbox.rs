@@ -139,6 +139,29 @@ pub async fn snapshots(
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
+/// The snapshots of the orders of a shard with ids in `(after, upto]` that may be archived:
+/// final (completed, closed, invalid), their stock given back (`release_pending` clear) and
+/// no refund outstanding, in id order. What the archive stores (one consistent read).
+pub async fn archivable_snapshots(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<String>> {
+    let sql = format!(
+        "SELECT {} FROM {} o WHERE o.order_id > ? AND o.order_id <= ?
+            AND o.status IN (3, 4, 5) AND o.release_pending = 0 AND o.refund_required = 0
+         ORDER BY o.order_id",
+        snapshot_json(t),
+        t.orders
+    );
+    Ok(sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(after)
+        .bind(upto)
+        .fetch_all(conn)
+        .await?)
+}
+
 /// One outbox row waiting for the relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pending {

@@ -187,6 +187,18 @@ impl Database {
             .count()
     }
 
+    /// The largest lag the last probe measured over this database's replicas, in rotation or
+    /// not (zero without replicas).
+    pub fn max_replica_lag(&self) -> Duration {
+        let ms = self
+            .replicas
+            .iter()
+            .map(|r| r.lag_ms.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        Duration::from_millis(ms)
+    }
+
     /// Runs `query` on the server `consistency` and `watermark` call for (see the module
     /// docs). `watermark` only counts for `session` reads.
     pub async fn read<T, Q>(

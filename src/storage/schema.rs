@@ -473,6 +473,26 @@ async fn apply(
     Ok(())
 }
 
+const ARCHIVE: &[Migration] = &[
+    Migration {
+        version: 1,
+        description: "archived orders, checkpoints",
+        statements: super::archive::ARCHIVE_V1,
+    },
+    Migration {
+        version: 2,
+        description: "the outbox of events of archived orders",
+        statements: SHARD_V4,
+    },
+];
+
+/// Creates the archive's tables on its database (scope `archive`).
+pub async fn migrate_archive(pool: &MySqlPool) -> Result<MigrateReport> {
+    let mut report = MigrateReport::default();
+    apply(pool, "archive", ARCHIVE, str::to_owned, &mut report).await?;
+    Ok(report)
+}
+
 /// Creates every table of the merchant copy on its database.
 pub async fn migrate_merchant(map: &MerchantMap) -> Result<MigrateReport> {
     let mut report = MigrateReport::default();

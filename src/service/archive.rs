@@ -1,0 +1,506 @@
+//! The archiver (`orderly archive`, SPEC 2.7): moves old final orders out of the hot shards
+//! into the archive without losing one.
+//!
+//! # A pass, per table shard and batch
+//! 1. Scan the next `batch_size` order ids by primary key from the checkpoint, below the
+//!    pass's bound `OrderId::lower_bound_at(cutoff)` (ids carry their creation time, and no
+//!    index starts with `created_at`).
+//! 2. Read the snapshots of the final ones among them (completed, closed, invalid; stock
+//!    given back; no refund outstanding) in one consistent read; the others stay and are
+//!    looked at again by a later pass, which starts from the lowest id.
+//! 3. With `--export-dir`, write them as gzip NDJSON (temporary name, fsync, rename) before
+//!    anything changes.
+//! 4. Write their documents and the shard's checkpoint in **one archive transaction**; the
+//!    checkpoint names this batch's *start*, so a pass interrupted anywhere after it runs
+//!    the batch again (documents are only replaced by a higher version: a re-run is a no-op
+//!    there) and finishes the deletes.
+//! 5. Verify the batch in the archive (count, id checksum, versions); only then delete it
+//!    from the four hot tables, in id order, in transactions of `delete_chunk` orders, each
+//!    order only if it is still at the archived version. One that moved on (money arrived
+//!    in between) stays hot and its stale document is removed from the archive.
+//! 6. Prune the claims and reservations of the deleted orders in the commerce database;
+//!    pause (longer while replicas lag or the deletes slow down: see [`Throttle`]).
+//!
+//! Every order is at every moment in the hot shard, in the archive, or in both (between 4
+//! and 5); readers look in the shard first and then in the archive, so none misses an
+//! order in the middle of its move. A shard is archived by one process at a time: the pass
+//! holds a named lock (`GET_LOCK`) on the shard's database for its duration.
+//!
+//! # Crash safety
+//! Failpoints (`--features failpoints`): `archive::export` (half a batch written),
+//! `archive::after_commit` (documents committed, nothing deleted) and
+//! `archive::between_deletes` (after the first delete chunk). Each returns an error where it
+//! stands, as a crash would; a re-run leaves every order in exactly one place.
+
+use std::io::Write;
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeDelta, Utc};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+use sqlx::{MySqlConnection, MySqlPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::ArchiveSettings;
+use crate::domain::ids::OrderId;
+use crate::storage::archive::{self, ArchivedDoc, Checkpoint};
+use crate::storage::replicas::Database;
+use crate::storage::shards::{Shard, ShardMap};
+use crate::storage::{commerce, orders, outbox, StorageError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ArchiveError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error("export: {0}")]
+    Export(#[from] std::io::Error),
+    #[error("shard {shard}: the archive does not hold the batch just written (ids {first}..={last}); nothing was deleted")]
+    Unverified { shard: u32, first: i64, last: i64 },
+    #[error("failpoint {0}")]
+    Failpoint(&'static str),
+    #[error("shard {0} is not in this deployment")]
+    NoSuchShard(u32),
+}
+
+impl From<sqlx::Error> for ArchiveError {
+    fn from(e: sqlx::Error) -> Self {
+        ArchiveError::Storage(e.into())
+    }
+}
+
+/// What one pass is asked to do (`orderly archive`'s flags; defaults from settings).
+#[derive(Debug, Clone)]
+pub struct PassOptions {
+    /// Orders created before `now - older_than` move (never less than
+    /// `archive.min_age_days`: [`Archiver::pass`] raises it).
+    pub older_than: TimeDelta,
+    pub batch_size: u32,
+    pub pause: Duration,
+    pub shards: Option<RangeInclusive<u32>>,
+    /// Count what would move; change nothing.
+    pub dry_run: bool,
+    pub export_dir: Option<PathBuf>,
+    /// A progress bar per shard on the terminal.
+    pub progress: bool,
+}
+
+impl PassOptions {
+    pub fn from_settings(s: &ArchiveSettings) -> PassOptions {
+        PassOptions {
+            older_than: TimeDelta::days(i64::from(s.older_than_days)),
+            batch_size: s.batch_size,
+            pause: Duration::from_millis(s.pause_ms),
+            shards: None,
+            dry_run: false,
+            export_dir: None,
+            progress: false,
+        }
+    }
+}
+
+/// What a pass did over one shard.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ShardSummary {
+    pub shard: u32,
+    /// Orders moved (dry run: that would move).
+    pub moved: u64,
+    /// Old orders left hot because they are not final yet (dry run only counts them).
+    pub not_final: u64,
+    /// Orders whose archived copy was dropped because they moved on meanwhile.
+    pub moved_on: u64,
+    /// Bytes of the moved orders' documents (uncompressed JSON).
+    pub bytes: u64,
+    pub batches: u64,
+    /// Another process holds this shard's archive lock: skipped.
+    pub busy: bool,
+}
+
+/// What a pass did.
+#[derive(Debug, Clone, Default)]
+pub struct PassSummary {
+    pub shards: Vec<ShardSummary>,
+    pub elapsed: Duration,
+    pub dry_run: bool,
+}
+
+impl PassSummary {
+    pub fn moved(&self) -> u64 {
+        self.shards.iter().map(|s| s.moved).sum()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.bytes).sum()
+    }
+
+    /// Orders moved per second.
+    pub fn rate(&self) -> f64 {
+        self.moved() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The pause between batches, stretched while the system is under strain: doubling (up to
+/// `archive.max_slowdown` times the base pause) while a replica of the shard's database lags
+/// more than `archive.max_replica_lag_ms`, or while a batch's deletes take more than four
+/// times the fastest batch seen in this pass (the hot tables are busy with requests);
+/// halving back as they recover. Never shorter than the base pause.
+#[derive(Debug, Clone)]
+pub struct Throttle {
+    base: Duration,
+    max_factor: u32,
+    max_lag: Duration,
+    factor: u32,
+    fastest: Option<Duration>,
+}
+
+impl Throttle {
+    pub fn new(base: Duration, settings: &ArchiveSettings) -> Throttle {
+        Throttle {
+            base,
+            max_factor: settings.max_slowdown.max(1),
+            max_lag: Duration::from_millis(settings.max_replica_lag_ms),
+            factor: 1,
+            fastest: None,
+        }
+    }
+
+    /// The pause after a batch whose deletes took `deletes` (per chunk), with replicas
+    /// `lag` behind.
+    pub fn after_batch(&mut self, deletes: Duration, lag: Duration) -> Duration {
+        let fastest = *self.fastest.get_or_insert(deletes);
+        self.fastest = Some(fastest.min(deletes));
+        let strained = lag > self.max_lag || deletes > fastest * 4;
+        self.factor = if strained {
+            (self.factor * 2).min(self.max_factor)
+        } else {
+            (self.factor / 2).max(1)
+        };
+        self.base * self.factor
+    }
+
+    pub fn factor(&self) -> u32 {
+        self.factor
+    }
+}
+
+/// Moves old final orders from the shards to the archive (see the module docs).
+#[derive(Clone)]
+pub struct Archiver {
+    shards: ShardMap,
+    archive: Arc<Database>,
+    commerce: MySqlPool,
+    settings: ArchiveSettings,
+}
+
+impl Archiver {
+    pub fn new(
+        shards: ShardMap,
+        archive: Arc<Database>,
+        commerce: MySqlPool,
+        settings: ArchiveSettings,
+    ) -> Self {
+        Archiver {
+            shards,
+            archive,
+            commerce,
+            settings,
+        }
+    }
+
+    /// One pass over the shards `opts` names, one shard after another.
+    pub async fn pass(&self, opts: &PassOptions) -> Result<PassSummary, ArchiveError> {
+        let started = Instant::now();
+        let count = self.shards.count().get();
+        let range = opts.shards.clone().unwrap_or(0..=count - 1);
+        if let Some(bad) = range.clone().find(|s| *s >= count) {
+            return Err(ArchiveError::NoSuchShard(bad));
+        }
+        // Never younger than the floor reads rely on (see `archive.min_age_days`).
+        let older_than = opts.older_than.max(self.settings.min_age());
+        let cutoff = Utc::now() - older_than;
+        let bars = opts.progress.then(MultiProgress::new);
+        let mut summary = PassSummary {
+            dry_run: opts.dry_run,
+            ..PassSummary::default()
+        };
+        for index in range {
+            let shard = self
+                .shards
+                .all()
+                .iter()
+                .find(|s| u32::from(s.index.get()) == index)
+                .ok_or(ArchiveError::NoSuchShard(index))?;
+            let bar = match &bars {
+                Some(m) => m.add(shard_bar(index)),
+                None => ProgressBar::hidden(),
+            };
+            let done = if opts.dry_run {
+                self.count_shard(shard, cutoff).await?
+            } else {
+                self.archive_shard(shard, cutoff, opts, &bar).await?
+            };
+            bar.finish_with_message(format!("{} moved", done.moved));
+            summary.shards.push(done);
+        }
+        summary.elapsed = started.elapsed();
+        Ok(summary)
+    }
+
+    /// `--dry-run`: what a pass would move from `shard`, and what it would leave.
+    async fn count_shard(&self, shard: &Shard, cutoff: DateTime<Utc>) -> Result<ShardSummary, ArchiveError> {
+        let mut conn = self.shards.primary(shard).acquire().await?;
+        let (movable, not_final) =
+            orders::archive_counts(&mut conn, &shard.tables, OrderId::lower_bound_at(cutoff)).await?;
+        Ok(ShardSummary {
+            shard: u32::from(shard.index.get()),
+            moved: movable,
+            not_final,
+            ..ShardSummary::default()
+        })
+    }
+
+    async fn archive_shard(
+        &self,
+        shard: &Shard,
+        cutoff: DateTime<Utc>,
+        opts: &PassOptions,
+        bar: &ProgressBar,
+    ) -> Result<ShardSummary, ArchiveError> {
+        let index = u32::from(shard.index.get());
+        let mut out = ShardSummary {
+            shard: index,
+            ..ShardSummary::default()
+        };
+        // The lock and every statement on the hot side share one session: if it dies, the
+        // lock goes with it before another process can take the shard.
+        let mut hot = self.shards.primary(shard).acquire().await?.detach();
+        if !lock_shard(&mut hot, &shard.tables.orders).await? {
+            out.busy = true;
+            return Ok(out);
+        }
+        let mut arch = self.archive.write().acquire().await?;
+        let (bound, mut after, mut moved_in_pass) = match archive::checkpoint(&mut arch, index).await? {
+            // An interrupted pass resumes where it stood, with its own bound.
+            Some(c) if !c.done => (c.bound, c.resume_after, c.moved),
+            _ => (OrderId::lower_bound_at(cutoff), 0, 0),
+        };
+        let first = orders::archive_scan_end(&mut hot, &shard.tables, after, bound, 1)
+            .await?
+            .unwrap_or(bound);
+        bar.set_length((bound - first).max(1) as u64);
+        let mut throttle = Throttle::new(opts.pause, &self.settings);
+        let db = self.shards.database(shard);
+        while let Some(last) =
+            orders::archive_scan_end(&mut hot, &shard.tables, after, bound, opts.batch_size).await?
+        {
+            let docs = outbox::archivable_snapshots(&mut hot, &shard.tables, after, last)
+                .await?
+                .into_iter()
+                .map(ArchivedDoc::from_json)
+                .collect::<Result<Vec<_>, _>>()?;
+            out.batches += 1;
+            if docs.is_empty() {
+                after = last;
+                bar.set_position((last - first).max(0) as u64);
+                continue;
+            }
+            if let Some(dir) = &opts.export_dir {
+                export(dir, index, &docs).await?;
+            }
+            let checkpoint = Checkpoint {
+                bound,
+                resume_after: after,
+                done: false,
+                moved: moved_in_pass,
+            };
+            archive::store_batch(&mut arch, index, &docs, &checkpoint, Utc::now()).await?;
+            fail::fail_point!("archive::after_commit", |_| Err(ArchiveError::Failpoint(
+                "archive::after_commit"
+            )));
+            if !archive::verify(&mut arch, &docs).await? {
+                return Err(ArchiveError::Unverified {
+                    shard: index,
+                    first: docs[0].order_id.get(),
+                    last: docs[docs.len() - 1].order_id.get(),
+                });
+            }
+            let started = Instant::now();
+            let mut chunks = 0u32;
+            for chunk in docs.chunks(self.settings.delete_chunk as usize) {
+                if chunks > 0 {
+                    fail::fail_point!("archive::between_deletes", |_| Err(ArchiveError::Failpoint(
+                        "archive::between_deletes"
+                    )));
+                }
+                chunks += 1;
+                let pairs: Vec<(OrderId, i64)> = chunk.iter().map(|d| (d.order_id, d.version)).collect();
+                let done = delete_chunk(&mut hot, shard, &pairs).await?;
+                if !done.moved_on.is_empty() {
+                    let stale: Vec<(OrderId, i64)> = chunk
+                        .iter()
+                        .filter(|d| done.moved_on.iter().any(|(id, _)| *id == d.order_id))
+                        .map(|d| (d.order_id, d.version))
+                        .collect();
+                    archive::remove_stale(&mut arch, &stale).await?;
+                    out.moved_on += stale.len() as u64;
+                }
+                crate::service::retry_deadlocks(|| commerce::prune_archived(&self.commerce, &done.deleted))
+                    .await?;
+                let kept: std::collections::HashSet<i64> =
+                    done.moved_on.iter().map(|(id, _)| id.get()).collect();
+                for d in chunk.iter().filter(|d| !kept.contains(&d.order_id.get())) {
+                    out.moved += 1;
+                    out.bytes += d.doc.len() as u64;
+                }
+                moved_in_pass += done.deleted.len() as i64;
+            }
+            metrics::counter!("orderly_archived_orders_total").increment(docs.len() as u64);
+            after = last;
+            bar.set_position((last - first).max(0) as u64);
+            bar.set_message(format!("{} moved", out.moved));
+            let per_chunk = started.elapsed() / chunks.max(1);
+            db.probe().await;
+            let pause = throttle.after_batch(per_chunk, db.max_replica_lag());
+            metrics::gauge!("orderly_archive_slowdown").set(f64::from(throttle.factor()));
+            tokio::time::sleep(pause).await;
+        }
+        archive::set_checkpoint(
+            &mut arch,
+            index,
+            &Checkpoint {
+                bound,
+                resume_after: bound,
+                done: true,
+                moved: moved_in_pass,
+            },
+            Utc::now(),
+        )
+        .await?;
+        Ok(out)
+    }
+}
+
+/// [`orders::delete_archived`], again after a deadlock (which committed nothing).
+async fn delete_chunk(
+    hot: &mut MySqlConnection,
+    shard: &Shard,
+    pairs: &[(OrderId, i64)],
+) -> Result<orders::Deleted, StorageError> {
+    let mut tries = 0;
+    loop {
+        match orders::delete_archived(hot, &shard.tables, pairs).await {
+            Err(e) if e.is_retryable() && tries < crate::storage::DEADLOCK_RETRIES => tries += 1,
+            other => return other,
+        }
+    }
+}
+
+fn shard_bar(index: u32) -> ProgressBar {
+    let bar = ProgressBar::new(1);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "shard {index:02} [{{bar:30}}] {{percent:>3}}% {{msg}} {{elapsed}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar
+}
+
+/// Takes the archive lock of a table shard on `conn`'s session, without waiting.
+async fn lock_shard(conn: &mut MySqlConnection, orders_table: &str) -> Result<bool, StorageError> {
+    let got: Option<i64> =
+        sqlx::query_scalar("SELECT GET_LOCK(LEFT(CONCAT('orderly_archive.', DATABASE(), '.', ?), 64), 0)")
+            .bind(orders_table)
+            .fetch_one(conn)
+            .await?;
+    Ok(got == Some(1))
+}
+
+/// Writes a batch as gzip NDJSON (one document per line) under `dir/shard_NN/`, named by
+/// its first and last id: to a temporary name, synced, then renamed, so a file with the
+/// final name is always whole. A batch exported again (a re-run) replaces its file.
+async fn export(dir: &Path, shard: u32, docs: &[ArchivedDoc]) -> Result<PathBuf, ArchiveError> {
+    let dir = dir.join(format!("shard_{shard:02}"));
+    let name = format!(
+        "{}-{}.ndjson.gz",
+        docs[0].order_id.get(),
+        docs[docs.len() - 1].order_id.get()
+    );
+    let lines: Vec<String> = docs.iter().map(|d| d.doc.clone()).collect();
+    tokio::task::spawn_blocking(move || -> Result<PathBuf, ArchiveError> {
+        std::fs::create_dir_all(&dir)?;
+        let path = dir.join(&name);
+        let partial = dir.join(format!("{name}.partial"));
+        let file = std::fs::File::create(&partial)?;
+        let mut gz =
+            flate2::write::GzEncoder::new(std::io::BufWriter::new(file), flate2::Compression::default());
+        for (i, line) in lines.iter().enumerate() {
+            if i == lines.len() / 2 {
+                fail::fail_point!("archive::export", |_| Err(ArchiveError::Failpoint(
+                    "archive::export"
+                )));
+            }
+            gz.write_all(line.as_bytes())?;
+            gz.write_all(b"\n")?;
+        }
+        let file = gz.finish()?.into_inner().map_err(|e| e.into_error())?;
+        file.sync_all()?;
+        std::fs::rename(&partial, &path)?;
+        Ok(path)
+    })
+    .await
+    .map_err(|e| ArchiveError::Export(std::io::Error::other(e)))?
+}
+
+/// `serve`'s background archiver (`archive.run_in_serve`): a pass with the settings'
+/// defaults every `archive.interval_secs`, until `shutdown`. Shards another process is
+/// archiving are skipped (their lock is taken); a failed pass is logged and retried at the
+/// next interval.
+pub async fn run(archiver: Archiver, shutdown: CancellationToken) {
+    let interval = Duration::from_secs(archiver.settings.interval_secs);
+    let opts = PassOptions::from_settings(&archiver.settings);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = archiver.pass(&opts) => match r {
+                Ok(s) => tracing::info!(moved = s.moved(), bytes = s.bytes(), elapsed_ms = s.elapsed.as_millis() as u64, "archive pass"),
+                Err(e) => tracing::warn!(error = %e, "archive pass failed; retrying at the next interval"),
+            },
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_throttle_backs_off_under_strain_and_recovers() {
+        let s = ArchiveSettings::default();
+        let base = Duration::from_millis(200);
+        let mut t = Throttle::new(base, &s);
+        let fast = Duration::from_millis(5);
+        assert_eq!(t.after_batch(fast, Duration::ZERO), base);
+        // Deletes 5 times slower than the fastest: the hot tables are busy.
+        assert_eq!(t.after_batch(fast * 5, Duration::ZERO), base * 2);
+        assert_eq!(t.after_batch(fast * 5, Duration::ZERO), base * 4);
+        // A lagging replica alone is strain too.
+        let lag = Duration::from_millis(s.max_replica_lag_ms + 1);
+        assert_eq!(t.after_batch(fast, lag), base * 8);
+        for _ in 0..10 {
+            t.after_batch(fast, lag);
+        }
+        assert_eq!(t.factor(), s.max_slowdown);
+        t.after_batch(fast, Duration::ZERO);
+        assert_eq!(t.factor(), s.max_slowdown / 2);
+        for _ in 0..10 {
+            t.after_batch(fast, Duration::ZERO);
+        }
+        assert_eq!(t.after_batch(fast, Duration::ZERO), base);
+    }
+}
