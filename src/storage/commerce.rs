@@ -951,3 +951,44 @@ pub async fn prune_archived(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64>
     }
     Ok(pruned)
 }
+
+/// The claim and reservation a create and its end leave behind, written for an old order
+/// put straight into storage (demo data, tests): confirmed, or released with its stock.
+pub async fn record_old_claim(
+    pool: &MySqlPool,
+    order: OrderId,
+    user: UserId,
+    product: ProductId,
+    quantity: i64,
+    released: bool,
+    at: DateTime<Utc>,
+) -> Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT IGNORE INTO order_claims
+            (order_id, user_id, request_hash, state, attempt, touches, created_at, touched_at)
+         VALUES (?, ?, ?, ?, 0, 0, ?, ?)",
+    )
+    .bind(order.get())
+    .bind(user.get())
+    .bind(&[0u8; 32][..])
+    .bind(if released { CLAIM_RELEASED } else { CLAIM_CONFIRMED })
+    .bind(ts(at))
+    .bind(ts(at))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT IGNORE INTO stock_reservations (order_id, product_id, quantity, state, created_at, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+    )
+    .bind(order.get())
+    .bind(product.get())
+    .bind(quantity)
+    .bind(if released { CLAIM_RELEASED } else { 0 })
+    .bind(ts(at))
+    .bind(ts(at))
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod archive;
 mod authorization;
 mod auto_complete;
 mod bad_input;
