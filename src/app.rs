@@ -405,7 +405,8 @@ pub async fn rebuild_merchant(settings: &Settings, progress: bool) -> anyhow::Re
             .await
             .map_err(consumer::ProjectionError::new)
     };
-    Ok(rebuild::rebuild(&broker, &shards, &copy, reset, progress).await?)
+    let archive = storage::connect(&settings.archive.url, &settings.database).await?;
+    Ok(rebuild::rebuild(&broker, &shards, &archive, &copy, reset, progress).await?)
 }
 
 /// `orderly report`: a shop's daily report rows from the merchant copy.
@@ -438,5 +439,14 @@ pub async fn rebuild_search(settings: &Settings, progress: bool) -> anyhow::Resu
             e => e.into(),
         })?;
     let projection = search::Search::new(index);
-    Ok(rebuild::rebuild(&broker, &shards, &projection, projection.reset(), progress).await?)
+    let archive = storage::connect(&settings.archive.url, &settings.database).await?;
+    Ok(rebuild::rebuild(
+        &broker,
+        &shards,
+        &archive,
+        &projection,
+        projection.reset(),
+        progress,
+    )
+    .await?)
 }

@@ -6,7 +6,9 @@
 //!    truncate its tables, empty its index), and create the consumer again to start after
 //!    `S`.
 //! 3. Backfill: every order of every shard, at its current version, applied as an event
-//!    (read in id order, in pages).
+//!    (read in id order, in pages); then every archived order. The shards are read before
+//!    the archive, and an order moves into the archive before it leaves its shard, so an
+//!    order moving meanwhile is read in one place or both.
 //!
 //! Every event after `S` is delivered by the consumer; every event up to `S` was committed
 //! before the backfill read its order, so the backfill holds it or something newer.
@@ -53,6 +55,7 @@ pub enum RebuildError {
 pub async fn rebuild<P, R>(
     broker: &Broker,
     shards: &ShardMap,
+    archive: &sqlx::MySqlPool,
     projection: &P,
     reset: R,
     progress: bool,
@@ -67,9 +70,9 @@ where
     consumer::durable(broker, projection.name(), StartAt::After(after)).await?;
 
     let bar = if progress {
-        let bar = ProgressBar::new(shards.all().len() as u64);
+        let bar = ProgressBar::new(shards.all().len() as u64 + 1);
         bar.set_style(
-            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] shard {pos}/{len} ({elapsed})")
+            ProgressStyle::with_template("{spinner} {msg} [{bar:30}] {pos}/{len} stores ({elapsed})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
         bar.set_message(format!("rebuilding {}", projection.name()));
@@ -90,25 +93,24 @@ where
             let page = outbox::snapshots(&mut conn, &shard.tables, last, PAGE).await?;
             let Some((id, _)) = page.last() else { break };
             last = *id;
-            let mut batch = Batch::default();
-            for (id, json) in &page {
-                let order: OrderSnapshot =
-                    serde_json::from_str(json).map_err(|e| RebuildError::Snapshot(*id, e.to_string()))?;
-                let oid = crate::domain::ids::OrderId::new(*id)
-                    .ok_or_else(|| RebuildError::Snapshot(*id, "not an order id".into()))?;
-                batch.events.push(OrderEvent {
-                    event_id: event_id(oid, order.version),
-                    kind: EventKind::Changed,
-                    occurred_at: order.updated_at,
-                    order,
-                });
-            }
-            projection.apply(&batch).await?;
-            orders += batch.events.len() as u64;
+            orders += apply_page(projection, &page).await?;
             bar.set_message(format!("rebuilding {}: {orders} orders", projection.name()));
         }
         bar.inc(1);
     }
+    let mut conn = archive
+        .acquire()
+        .await
+        .map_err(crate::storage::StorageError::from)?;
+    let mut last = 0i64;
+    loop {
+        let page = crate::storage::archive::documents(&mut conn, last, PAGE).await?;
+        let Some((id, _)) = page.last() else { break };
+        last = *id;
+        orders += apply_page(projection, &page).await?;
+        bar.set_message(format!("rebuilding {}: {orders} orders", projection.name()));
+    }
+    bar.inc(1);
     bar.finish_with_message(format!(
         "rebuilt {}: {orders} orders at {}; following the stream after #{after}",
         projection.name(),
@@ -118,4 +120,24 @@ where
         orders,
         followed_after: after,
     })
+}
+
+/// Applies a page of `(order id, snapshot JSON)` as events at the orders' current versions;
+/// answers how many.
+async fn apply_page<P: Projection>(projection: &P, page: &[(i64, String)]) -> Result<u64, RebuildError> {
+    let mut batch = Batch::default();
+    for (id, json) in page {
+        let order: OrderSnapshot =
+            serde_json::from_str(json).map_err(|e| RebuildError::Snapshot(*id, e.to_string()))?;
+        let oid = crate::domain::ids::OrderId::new(*id)
+            .ok_or_else(|| RebuildError::Snapshot(*id, "not an order id".into()))?;
+        batch.events.push(OrderEvent {
+            event_id: event_id(oid, order.version),
+            kind: EventKind::Changed,
+            occurred_at: order.updated_at,
+            order,
+        });
+    }
+    projection.apply(&batch).await?;
+    Ok(batch.events.len() as u64)
 }
