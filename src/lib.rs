@@ -6,8 +6,8 @@
 //!   see what. No I/O.
 //! - [`config`] — settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
 //! - [`storage`] — MariaDB: the shard map (each database with its read replicas), the schema,
-//!   the SQL of order shards, commerce and flash sales, with one commit point for every order
-//!   write, and the pool guard (no connection goes back to a pool inside a transaction).
+//!   the SQL of order shards, commerce, flash sales and the archive, with one commit point for
+//!   every order write, and the pool guard (no connection goes back to a pool inside a transaction).
 //! - [`cache`] — Redis cache-aside for orders, user profiles and first pages, never behind a
 //!   committed write; a disabled variant when `[cache] enabled = false`. The carts' Redis
 //!   hashes and dirty sets live there too.
@@ -18,7 +18,8 @@
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
 //!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), and the
-//!   background steps (sweeper, payment-timeout closer, completer, cart flusher).
+//!   background steps (sweeper, payment-timeout closer, completer, cart flusher), and the
+//!   archiver that moves old final orders out of the hot shards.
 //! - [`search`] — order search: an embedded tantivy index of every order's latest version
 //!   behind one small trait, fed by the stream (consumer `search`), read by the search route.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to

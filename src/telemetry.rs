@@ -230,6 +230,22 @@ fn describe_metrics() {
         "orderly_projection_failures_total",
         "Times a read model's consumer failed (redelivered after a pause), by projection"
     );
+    // the archive (`crate::service::archive`)
+    describe_counter!(
+        "orderly_archived_orders_total",
+        "Orders the archiver wrote to the archive (and then deleted from their shards, unless \
+         they changed meanwhile)"
+    );
+    describe_gauge!(
+        "orderly_archive_slowdown",
+        "How many times the base pause the archiver waits between batches (1: no strain; more \
+         while a replica lags or the hot tables' deletes slow down)"
+    );
+    describe_counter!(
+        "orderly_archived_money_total",
+        "Payments and refunds recorded for archived orders (each flags its order \
+         refund_required: look at it)"
+    );
     // cache
     describe_counter!(
         "orderly_cache_reads_total",
