@@ -285,11 +285,12 @@ impl Archiver {
             return Ok(out);
         }
         let mut arch = self.archive.write().acquire().await?;
-        let (bound, mut after, mut moved_in_pass) = match archive::checkpoint(&mut arch, index).await? {
-            // An interrupted pass resumes where it stood, with its own bound.
-            Some(c) if !c.done => (c.bound, c.resume_after, c.moved),
-            _ => (OrderId::lower_bound_at(cutoff), 0, 0),
-        };
+        let (bound, mut after, mut moved_in_pass, mut resumed) =
+            match archive::checkpoint(&mut arch, index).await? {
+                // An interrupted pass resumes where it stood, with its own bound.
+                Some(c) if !c.done => (c.bound, c.resume_after, c.moved, true),
+                _ => (OrderId::lower_bound_at(cutoff), 0, 0, false),
+            };
         let first = orders::archive_scan_end(&mut hot, &shard.tables, after, bound, 1)
             .await?
             .unwrap_or(bound);
@@ -305,6 +306,14 @@ impl Archiver {
                 .map(ArchivedDoc::from_json)
                 .collect::<Result<Vec<_>, _>>()?;
             out.batches += 1;
+            if std::mem::take(&mut resumed) {
+                // The interrupted batch: a document it archived whose order then changed
+                // on its shard (money arrived before the deletes ran) is stale; the order
+                // stays hot (or is archived again below, at its new version).
+                out.moved_on += self
+                    .drop_stale(shard, &mut hot, &mut arch, after, last, &docs)
+                    .await?;
+            }
             if docs.is_empty() {
                 after = last;
                 bar.set_position((last - first).max(0) as u64);
@@ -330,6 +339,10 @@ impl Archiver {
                     last: docs[docs.len() - 1].order_id.get(),
                 });
             }
+            // Safely archived: the claims and reservations go (before the orders leave their
+            // shard, so the sweeper never sees a claim whose order is gone).
+            let ids: Vec<OrderId> = docs.iter().map(|d| d.order_id).collect();
+            crate::service::retry_deadlocks(|| commerce::prune_archived(&self.commerce, &ids)).await?;
             let started = Instant::now();
             let mut chunks = 0u32;
             for chunk in docs.chunks(self.settings.delete_chunk as usize) {
@@ -350,8 +363,6 @@ impl Archiver {
                     archive::remove_stale(&mut arch, &stale).await?;
                     out.moved_on += stale.len() as u64;
                 }
-                crate::service::retry_deadlocks(|| commerce::prune_archived(&self.commerce, &done.deleted))
-                    .await?;
                 let kept: std::collections::HashSet<i64> =
                     done.moved_on.iter().map(|(id, _)| id.get()).collect();
                 for d in chunk.iter().filter(|d| !kept.contains(&d.order_id.get())) {
@@ -383,6 +394,35 @@ impl Archiver {
         )
         .await?;
         Ok(out)
+    }
+    /// Removes from the archive the documents of this shard's orders with ids in
+    /// `(after, last]` that are still hot at another version and are not in this batch's
+    /// `docs` (those are written again at their current version). Answers how many.
+    async fn drop_stale(
+        &self,
+        shard: &Shard,
+        hot: &mut MySqlConnection,
+        arch: &mut MySqlConnection,
+        after: i64,
+        last: i64,
+        docs: &[ArchivedDoc],
+    ) -> Result<u64, ArchiveError> {
+        let archived: Vec<(OrderId, i64)> = archive::versions_between(arch, after, last)
+            .await?
+            .into_iter()
+            .filter(|(id, _)| self.shards.of_order(*id).index == shard.index)
+            .filter(|(id, _)| !docs.iter().any(|d| d.order_id == *id))
+            .collect();
+        if archived.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<OrderId> = archived.iter().map(|(id, _)| *id).collect();
+        let current = orders::versions_of(hot, &shard.tables, &ids).await?;
+        let stale: Vec<(OrderId, i64)> = archived
+            .into_iter()
+            .filter(|(id, v)| current.get(id).is_some_and(|hot| hot != v))
+            .collect();
+        Ok(archive::remove_stale(arch, &stale).await?)
     }
 }
 

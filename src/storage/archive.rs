@@ -237,6 +237,30 @@ pub async fn remove_stale(conn: &mut MySqlConnection, stale: &[(OrderId, i64)]) 
     Ok(removed)
 }
 
+/// The archived orders with ids in `(after, upto]`, with their versions (every shard's:
+/// the caller keeps its own).
+pub async fn versions_between(
+    conn: &mut MySqlConnection,
+    after: i64,
+    upto: i64,
+) -> Result<Vec<(OrderId, i64)>> {
+    let rows =
+        sqlx::query("SELECT order_id, version FROM archived_orders WHERE order_id > ? AND order_id <= ?")
+            .bind(after)
+            .bind(upto)
+            .fetch_all(conn)
+            .await?;
+    rows.iter()
+        .map(|r| {
+            let id: i64 = r.try_get(0)?;
+            Ok((
+                OrderId::new(id).ok_or_else(|| corrupt("order_id", id))?,
+                r.try_get(1)?,
+            ))
+        })
+        .collect()
+}
+
 /// The archived order `id`, or `None`.
 pub async fn load(conn: &mut MySqlConnection, id: OrderId) -> Result<Option<Order>> {
     let doc: Option<String> = sqlx::query_scalar("SELECT doc FROM archived_orders WHERE order_id = ?")

@@ -907,6 +907,34 @@ pub async fn archive_counts(conn: &mut MySqlConnection, t: &ShardTables, bound: 
     Ok((movable.max(0) as u64, left.max(0) as u64))
 }
 
+/// The versions of those of `ids` this shard holds.
+pub async fn versions_of(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    ids: &[OrderId],
+) -> Result<std::collections::HashMap<OrderId, i64>> {
+    let mut out = std::collections::HashMap::new();
+    for chunk in ids.chunks(1000) {
+        let sql = format!(
+            "SELECT order_id, version FROM {} WHERE order_id IN ({})",
+            t.orders,
+            vec!["?"; chunk.len()].join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for id in chunk {
+            q = q.bind(id.get());
+        }
+        for row in q.fetch_all(&mut *conn).await? {
+            let id: i64 = row.try_get(0)?;
+            out.insert(
+                OrderId::new(id).ok_or_else(|| corrupt("order_id", id))?,
+                row.try_get(1)?,
+            );
+        }
+    }
+    Ok(out)
+}
+
 /// What deleting an archived chunk from the hot tables did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Deleted {

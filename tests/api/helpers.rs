@@ -399,6 +399,13 @@ impl TestApp {
         total
     }
 
+    /// A pool on the archive's database.
+    pub async fn archive_pool(&self) -> MySqlPool {
+        orderly::storage::connect(&self.settings.archive.url, &self.settings.database)
+            .await
+            .unwrap()
+    }
+
     pub async fn count_commerce_rows(&self, table: &str) -> i64 {
         sqlx::query_scalar(AssertSqlSafe(format!("SELECT COUNT(*) FROM {table}")))
             .fetch_one(&self.commerce)

@@ -380,6 +380,7 @@ async fn a_rebuild_from_the_shards_gives_the_same_copy_and_reports() {
     let done = orderly::events::rebuild::rebuild(
         &broker,
         app.app.orders.shards(),
+        &app.archive_pool().await,
         &copy,
         async move {
             orderly::storage::merchant::reset(&map)
