@@ -684,6 +684,25 @@ mod tests {
     }
 
     #[test]
+    fn the_archive_never_moves_orders_a_retried_create_could_still_look_for() {
+        let s = valid();
+        assert_eq!((s.archive.older_than_days, s.archive.min_age_days), (90, 30));
+        let mut s = valid();
+        s.archive.min_age_days = 1;
+        s.archive.older_than_days = 1;
+        assert!(s.validate().is_err(), "ids are retried for a day");
+        let mut s = valid();
+        s.archive.older_than_days = 29;
+        assert!(s.validate().is_err(), "older_than below the floor reads rely on");
+        let mut s = valid();
+        s.archive.batch_size = 0;
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        s.archive.url = "not a url".into();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
     fn shard_ranges_must_cover_every_shard_once() {
         let mut s = valid();
         s.shards.databases[0].last_shard = 30;
