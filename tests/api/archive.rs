@@ -632,3 +632,36 @@ async fn archived_orders_read_as_before_and_money_for_them_is_recorded() {
         .await;
     assert_eq!(still, before[&ids[0].get()]);
 }
+
+#[tokio::test]
+async fn serve_archives_in_the_background_beside_a_twin_process() {
+    let _one = PASSES.lock().await;
+    let app = TestApp::spawn_with(|s| {
+        s.sweeper.interval_secs = 3600;
+        s.archive.run_in_serve = true;
+        s.archive.interval_secs = 1;
+        s.archive.batch_size = 50;
+        s.archive.pause_ms = 10;
+    })
+    .await;
+    // A second process on the same databases: each shard's lock keeps them apart.
+    let twin = app.twin().await;
+    let ids = old_orders(&app, &(9601..9611).collect::<Vec<_>>(), 600, FINAL).await;
+    let all: HashSet<i64> = ids.iter().map(|i| i.get()).collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let at = places(&app, &ids).await;
+        if at.values().all(|(hot, arch)| !hot && *arch) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} orders archived in the background",
+            at.values().filter(|(hot, arch)| !hot && *arch).count(),
+            ids.len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert_each_in_one_place(&app, &ids, &all).await;
+    drop(twin);
+}
