@@ -357,13 +357,22 @@ fn relay_databases(shards: &ShardMap, archive: &Arc<Database>) -> Vec<Arc<Databa
         .collect()
 }
 
-/// `orderly archive`: one pass of the archiver with `opts`.
-pub async fn archive_pass(settings: &Settings, opts: &PassOptions) -> anyhow::Result<archive::PassSummary> {
+/// The archiver of `settings`' databases, for `orderly archive`.
+pub async fn archiver(settings: &Settings) -> anyhow::Result<Archiver> {
     let shards = ShardMap::connect(settings).await?;
     let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
     let archive_db = connect_archive(settings).await?;
-    let archiver = Archiver::new(shards, archive_db, commerce, settings.archive.clone());
-    Ok(archiver.pass(opts).await?)
+    Ok(Archiver::new(
+        shards,
+        archive_db,
+        commerce,
+        settings.archive.clone(),
+    ))
+}
+
+/// One pass of the archiver of `settings` with `opts`.
+pub async fn archive_pass(settings: &Settings, opts: &PassOptions) -> anyhow::Result<archive::PassSummary> {
+    Ok(archiver(settings).await?.pass(opts).await?)
 }
 
 /// `orderly migrate`: creates every table on every database of the settings.

@@ -168,12 +168,11 @@ fn view_response(status: StatusCode, order: &Order, view: OrderView<'_>) -> Resp
 /// A payment's or refund's answer: [`written_response`], saying whether the money went to
 /// the archived order.
 fn money_response(s: &AppState, caller: Caller, answer: &MoneyAnswer) -> Response {
-    if !answer.archived {
-        return written_response(s, caller, StatusCode::OK, &answer.order);
-    }
     let mut view = OrderView::from(&answer.order).redacted_for(caller);
-    view.archived = true;
-    view_response(StatusCode::OK, &answer.order, view)
+    view.archived = answer.archived;
+    let mut response = view_response(StatusCode::OK, &answer.order, view);
+    add_token(s, &mut response, answer.order.order_id);
+    response
 }
 
 fn order_id(raw: &str) -> Result<OrderId, ApiError> {
@@ -184,12 +183,16 @@ fn order_id(raw: &str) -> Result<OrderId, ApiError> {
 /// [`super::extract::TokenHeader`]).
 fn written_response(s: &AppState, caller: Caller, status: StatusCode, order: &Order) -> Response {
     let mut response = order_response(caller, status, order);
-    if let Some(token) = s.orders.consistency_token(order.order_id) {
+    add_token(s, &mut response, order.order_id);
+    response
+}
+
+fn add_token(s: &AppState, response: &mut Response, order: OrderId) {
+    if let Some(token) = s.orders.consistency_token(order) {
         if let Ok(v) = HeaderValue::from_str(&token.to_string()) {
             response.headers_mut().insert(CONSISTENCY_TOKEN, v);
         }
     }
-    response
 }
 
 /// Which part of the system answered a read: `cache`, `replica` or `primary`.

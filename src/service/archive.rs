@@ -89,6 +89,8 @@ pub struct PassOptions {
     pub export_dir: Option<PathBuf>,
     /// A progress bar per shard on the terminal.
     pub progress: bool,
+    /// Stops the pass between two batches (the next pass resumes where it stopped).
+    pub stop: CancellationToken,
 }
 
 impl PassOptions {
@@ -101,6 +103,7 @@ impl PassOptions {
             dry_run: false,
             export_dir: None,
             progress: false,
+            stop: CancellationToken::new(),
         }
     }
 }
@@ -230,6 +233,9 @@ impl Archiver {
             ..PassSummary::default()
         };
         for index in range {
+            if opts.stop.is_cancelled() {
+                break;
+            }
             let shard = self
                 .shards
                 .all()
@@ -255,14 +261,24 @@ impl Archiver {
     /// `--dry-run`: what a pass would move from `shard`, and what it would leave.
     async fn count_shard(&self, shard: &Shard, cutoff: DateTime<Utc>) -> Result<ShardSummary, ArchiveError> {
         let mut conn = self.shards.primary(shard).acquire().await?;
-        let (movable, not_final) =
-            orders::archive_counts(&mut conn, &shard.tables, OrderId::lower_bound_at(cutoff)).await?;
-        Ok(ShardSummary {
+        let bound = OrderId::lower_bound_at(cutoff);
+        let mut out = ShardSummary {
             shard: u32::from(shard.index.get()),
-            moved: movable,
-            not_final,
             ..ShardSummary::default()
-        })
+        };
+        // In primary-key ranges of a batch each: no statement reads the whole old part of
+        // the table at once.
+        let mut after = 0;
+        while let Some(last) =
+            orders::archive_scan_end(&mut conn, &shard.tables, after, bound, self.settings.batch_size).await?
+        {
+            let (movable, not_final) = orders::archive_counts(&mut conn, &shard.tables, after, last).await?;
+            out.moved += movable;
+            out.not_final += not_final;
+            out.batches += 1;
+            after = last;
+        }
+        Ok(out)
     }
 
     async fn archive_shard(
@@ -285,11 +301,17 @@ impl Archiver {
             return Ok(out);
         }
         let mut arch = self.archive.write().acquire().await?;
-        let (bound, mut after, mut moved_in_pass, mut resumed) =
+        let (bound, mut after, mut moved_in_pass, mut interrupted) =
             match archive::checkpoint(&mut arch, index).await? {
-                // An interrupted pass resumes where it stood, with its own bound.
-                Some(c) if !c.done => (c.bound, c.resume_after, c.moved, true),
-                _ => (OrderId::lower_bound_at(cutoff), 0, 0, false),
+                // An interrupted pass resumes where it stood, with its own bound (or this
+                // pass's, if that is older: never past what these settings allow).
+                Some(c) if !c.done => (
+                    c.bound.min(OrderId::lower_bound_at(cutoff)),
+                    c.resume_after,
+                    c.moved,
+                    Some(c.batch_last),
+                ),
+                _ => (OrderId::lower_bound_at(cutoff), 0, 0, None),
             };
         let first = orders::archive_scan_end(&mut hot, &shard.tables, after, bound, 1)
             .await?
@@ -300,18 +322,22 @@ impl Archiver {
         while let Some(last) =
             orders::archive_scan_end(&mut hot, &shard.tables, after, bound, opts.batch_size).await?
         {
+            if opts.stop.is_cancelled() {
+                return Ok(out);
+            }
             let docs = outbox::archivable_snapshots(&mut hot, &shard.tables, after, last)
                 .await?
                 .into_iter()
                 .map(ArchivedDoc::from_json)
                 .collect::<Result<Vec<_>, _>>()?;
             out.batches += 1;
-            if std::mem::take(&mut resumed) {
-                // The interrupted batch: a document it archived whose order then changed
-                // on its shard (money arrived before the deletes ran) is stale; the order
-                // stays hot (or is archived again below, at its new version).
+            if let Some(batch_last) = interrupted.take() {
+                // The interrupted batch (maybe of another size): a document it archived whose
+                // order then changed on its shard (money arrived before the deletes ran) is
+                // stale; the order stays hot (or is archived again, at its new version).
+                let upto = batch_last.max(last);
                 out.moved_on += self
-                    .drop_stale(shard, &mut hot, &mut arch, after, last, &docs)
+                    .drop_stale(shard, &mut hot, &mut arch, after, upto, &docs)
                     .await?;
             }
             if docs.is_empty() {
@@ -325,6 +351,7 @@ impl Archiver {
             let checkpoint = Checkpoint {
                 bound,
                 resume_after: after,
+                batch_last: last,
                 done: false,
                 moved: moved_in_pass,
             };
@@ -379,7 +406,10 @@ impl Archiver {
             db.probe().await;
             let pause = throttle.after_batch(per_chunk, db.max_replica_lag());
             metrics::gauge!("orderly_archive_slowdown").set(f64::from(throttle.factor()));
-            tokio::time::sleep(pause).await;
+            tokio::select! {
+                _ = opts.stop.cancelled() => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
         }
         archive::set_checkpoint(
             &mut arch,
@@ -387,6 +417,7 @@ impl Archiver {
             &Checkpoint {
                 bound,
                 resume_after: bound,
+                batch_last: bound,
                 done: true,
                 moved: moved_in_pass,
             },
@@ -395,6 +426,7 @@ impl Archiver {
         .await?;
         Ok(out)
     }
+
     /// Removes from the archive the documents of this shard's orders with ids in
     /// `(after, last]` that are still hot at another version and are not in this batch's
     /// `docs` (those are written again at their current version). Answers how many.
@@ -407,11 +439,12 @@ impl Archiver {
         last: i64,
         docs: &[ArchivedDoc],
     ) -> Result<u64, ArchiveError> {
+        let in_batch: std::collections::HashSet<OrderId> = docs.iter().map(|d| d.order_id).collect();
         let archived: Vec<(OrderId, i64)> = archive::versions_between(arch, after, last)
             .await?
             .into_iter()
             .filter(|(id, _)| self.shards.of_order(*id).index == shard.index)
-            .filter(|(id, _)| !docs.iter().any(|d| d.order_id == *id))
+            .filter(|(id, _)| !in_batch.contains(id))
             .collect();
         if archived.is_empty() {
             return Ok(0);
@@ -504,14 +537,20 @@ async fn export(dir: &Path, shard: u32, docs: &[ArchivedDoc]) -> Result<PathBuf,
 /// next interval.
 pub async fn run(archiver: Archiver, shutdown: CancellationToken) {
     let interval = Duration::from_secs(archiver.settings.interval_secs);
-    let opts = PassOptions::from_settings(&archiver.settings);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = archiver.pass(&opts) => match r {
-                Ok(s) => tracing::info!(moved = s.moved(), bytes = s.bytes(), elapsed_ms = s.elapsed.as_millis() as u64, "archive pass"),
-                Err(e) => tracing::warn!(error = %e, "archive pass failed; retrying at the next interval"),
-            },
+    let opts = PassOptions {
+        stop: shutdown.clone(),
+        ..PassOptions::from_settings(&archiver.settings)
+    };
+    while !shutdown.is_cancelled() {
+        // The pass stops between two batches at the token: never in the middle of one.
+        match archiver.pass(&opts).await {
+            Ok(s) => tracing::info!(
+                moved = s.moved(),
+                bytes = s.bytes(),
+                elapsed_ms = s.elapsed.as_millis() as u64,
+                "archive pass"
+            ),
+            Err(e) => tracing::warn!(error = %e, "archive pass failed; retrying at the next interval"),
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,

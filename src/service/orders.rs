@@ -1165,14 +1165,27 @@ impl OrderService {
         // Archived orders were created before this (their ids are older than the pass's
         // cutoff, and an order is created within a day of its id).
         let horizon = Utc::now() - a.min_age + ID_MAX_AGE + ID_MAX_SKEW;
-        if page.len() >= want && page[want - 1].created_at >= horizon {
+        let full_of_young = page.len() >= want && page[want - 1].created_at >= horizon;
+        if full_of_young || q.created_from.is_some_and(|from| from >= horizon) {
             return Ok(false);
         }
         let mut conn = a.db.write().acquire().await.map_err(StorageError::from)?;
-        let older = crate::storage::archive::list_user_orders(&mut conn, q).await?;
+        let mut older: std::collections::HashMap<i64, Order> =
+            crate::storage::archive::list_user_orders(&mut conn, q)
+                .await?
+                .into_iter()
+                .map(|o| (o.order_id.get(), o))
+                .collect();
+        // In both places mid-move, or a lagging replica's copy of an order that has since
+        // moved and taken money in the archive: the newer version is the order.
+        for o in page.iter_mut() {
+            if let Some(newer) = older.remove(&o.order_id.get()).filter(|x| x.version > o.version) {
+                *o = newer;
+            }
+        }
         let hot: std::collections::HashSet<i64> = page.iter().map(|o| o.order_id.get()).collect();
         let before = page.len();
-        page.extend(older.into_iter().filter(|o| !hot.contains(&o.order_id.get())));
+        page.extend(older.into_values());
         if page.len() == before {
             return Ok(false);
         }
@@ -1564,7 +1577,7 @@ impl OrderService {
         let mut archived = false;
         if matches!(recorded, Ok(Err(NotWritten::NotFound))) {
             if let Some(a) = self.archive_for(id).cloned() {
-                recorded = self.commit_archived_money(&a, id, &m).await;
+                recorded = self.commit_archived_money(shard, &a, id, &m).await;
                 archived = !matches!(recorded, Ok(Err(NotWritten::NotFound)));
             }
         }
@@ -1630,13 +1643,21 @@ impl OrderService {
     }
 
     /// [`Self::commit`] for money against an archived order: the archive's commit point
-    /// ([`crate::storage::archive::record_money`]), then the same `after_commit`.
+    /// ([`crate::storage::archive::record_money`]), then the same `after_commit`, with the
+    /// watermark of the order's shard: its primary's last GTID, read after the shard said the
+    /// order is gone, so a read that waits for it sees the delete on any replica and goes on
+    /// to the archive, never to the order's last hot version.
     async fn commit_archived_money(
         &self,
+        shard: &Shard,
         a: &ArchiveReads,
         id: OrderId,
         m: &MoneyMovement,
     ) -> Result<std::result::Result<(Committed, Option<Order>), NotWritten>, StorageError> {
+        let gone_at = {
+            let mut conn = self.shards.primary(shard).acquire().await?;
+            orders::last_logged_gtid(&mut conn).await?
+        };
         let mut conn = a.db.write().acquire().await?;
         let mut outcome = crate::storage::archive::record_money(&mut conn, id, m, now()).await;
         for _ in 0..crate::storage::DEADLOCK_RETRIES {
@@ -1648,7 +1669,7 @@ impl OrderService {
             }
         }
         let committed = match outcome? {
-            Ok(c) => c,
+            Ok(c) => Committed { gtid: gone_at, ..c },
             Err(not) => return Ok(Err(not)),
         };
         let order = crate::storage::archive::load(&mut conn, id).await.ok().flatten();
@@ -1656,7 +1677,8 @@ impl OrderService {
         metrics::counter!("orderly_archived_money_total").increment(1);
         tracing::warn!(order_id = %id, transaction_no = %m.transaction_no, "money recorded for an archived order; flagged refund_required");
         self.relay_wakers.wake(a.relay);
-        self.after_commit(&a.db, &committed, order.as_ref()).await;
+        self.after_commit(self.shards.database(shard), &committed, order.as_ref())
+            .await;
         Ok(Ok((committed, order)))
     }
 }

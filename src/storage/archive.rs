@@ -23,6 +23,7 @@ use super::{corrupt, ts, Result};
 use crate::domain::events::{EventKind, OrderSnapshot, PaymentSnapshot};
 use crate::domain::ids::{OrderId, ShopId, UserId};
 use crate::domain::order::{Order, PaymentKind};
+use crate::domain::payment_rules::{money_rule, MoneyRefusal};
 use crate::domain::status::OrderStatus;
 
 /// The archive's tables (scope `archive`).
@@ -41,11 +42,13 @@ pub(crate) const ARCHIVE_V1: &[&str] = &[
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4 ROW_FORMAT=COMPRESSED KEY_BLOCK_SIZE=8",
     // bound: the pass's exclusive upper order id (`OrderId::lower_bound_at(cutoff)`);
     // resume_after: every order of the shard at or below it was moved or skipped by this
-    // pass; done: the pass reached its bound, the next one starts from the lowest id.
+    // pass; batch_last: the last id of the batch being moved (a resumed pass cleans up to
+    // it); done: the pass reached its bound, the next one starts from the lowest id.
     "CREATE TABLE IF NOT EXISTS archive_checkpoints (
         shard INT NOT NULL PRIMARY KEY,
         bound BIGINT NOT NULL,
         resume_after BIGINT NOT NULL,
+        batch_last BIGINT NOT NULL,
         done TINYINT NOT NULL,
         moved BIGINT NOT NULL,
         updated_at DATETIME(6) NOT NULL
@@ -100,15 +103,18 @@ fn order_of(doc: &str) -> Result<Order> {
 pub struct Checkpoint {
     pub bound: i64,
     pub resume_after: i64,
+    pub batch_last: i64,
     pub done: bool,
     pub moved: i64,
 }
 
 pub async fn checkpoint(conn: &mut MySqlConnection, shard: u32) -> Result<Option<Checkpoint>> {
-    let row = sqlx::query("SELECT bound, resume_after, done, moved FROM archive_checkpoints WHERE shard = ?")
-        .bind(shard)
-        .fetch_optional(conn)
-        .await?;
+    let row = sqlx::query(
+        "SELECT bound, resume_after, done, moved, batch_last FROM archive_checkpoints WHERE shard = ?",
+    )
+    .bind(shard)
+    .fetch_optional(conn)
+    .await?;
     row.map(|r| {
         let done: i8 = r.try_get(2)?;
         Ok(Checkpoint {
@@ -116,6 +122,7 @@ pub async fn checkpoint(conn: &mut MySqlConnection, shard: u32) -> Result<Option
             resume_after: r.try_get(1)?,
             done: done != 0,
             moved: r.try_get(3)?,
+            batch_last: r.try_get(4)?,
         })
     })
     .transpose()
@@ -128,14 +135,17 @@ async fn write_checkpoint(
     now: DateTime<Utc>,
 ) -> Result<()> {
     sqlx::query(
-        "INSERT INTO archive_checkpoints (shard, bound, resume_after, done, moved, updated_at)
-         VALUES (?, ?, ?, ?, ?, ?)
+        "INSERT INTO archive_checkpoints
+            (shard, bound, resume_after, batch_last, done, moved, updated_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE bound = VALUES(bound), resume_after = VALUES(resume_after),
-            done = VALUES(done), moved = VALUES(moved), updated_at = VALUES(updated_at)",
+            batch_last = VALUES(batch_last), done = VALUES(done), moved = VALUES(moved),
+            updated_at = VALUES(updated_at)",
     )
     .bind(shard)
     .bind(c.bound)
     .bind(c.resume_after)
+    .bind(c.batch_last)
     .bind(c.done)
     .bind(c.moved)
     .bind(ts(now))
@@ -316,12 +326,13 @@ pub async fn documents(conn: &mut MySqlConnection, after: i64, limit: u32) -> Re
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
-/// The archive's commit point: a payment or refund for an archived order. Never lost: it is
-/// appended to the document and the order is flagged `refund_required` (money arriving for
-/// an order that is over must be looked at, and usually go back), in one transaction with
-/// the order's event in the archive's outbox. Idempotent by number like the shard's: the
-/// same number with the same content is a [`NotWritten::Replay`], with other content a
-/// [`NotWritten::Conflict`]. The status never changes.
+/// The archive's commit point: a payment or refund for an archived order, by the same rule as
+/// on a shard ([`money_rule`]): a payment is never refused (it is appended to the document
+/// and flags the order `refund_required`: money arriving for an order that is over must go
+/// back); a refund may return only the excess, and clears the flag once it has. In one
+/// transaction with the order's event in the archive's outbox. Idempotent by number like the
+/// shard's: the same number with the same content is a [`NotWritten::Replay`], with other
+/// content a [`NotWritten::Conflict`]. An archived order is final and stays in its status.
 pub async fn record_money(
     conn: &mut MySqlConnection,
     id: OrderId,
@@ -351,6 +362,17 @@ pub async fn record_money(
     let status = s
         .status()
         .ok_or_else(|| corrupt("archived order status", s.status))?;
+    let net: i64 = s
+        .payments
+        .iter()
+        .map(|p| if p.kind == 0 { p.amount } else { -p.amount })
+        .sum();
+    let effect = match money_rule(status, m.kind, m.amount.minor(), s.pay_amount, net) {
+        // Final statuses take money without moving (the rule never closes them again).
+        Ok(e) if e.to == status && !e.closes => e,
+        Ok(_) | Err(MoneyRefusal::NotNow) => return Ok(Err(NotWritten::NotNow(status))),
+        Err(MoneyRefusal::WrongAmount { limit }) => return Ok(Err(NotWritten::Mismatch { due: limit })),
+    };
     // Stored times have microseconds, as the shards' DATETIME(6) columns do.
     let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
     s.payments.push(PaymentSnapshot {
@@ -360,7 +382,9 @@ pub async fn record_money(
         amount: m.amount.minor(),
         created_at: now,
     });
-    s.refund_required = true;
+    if let Some(flag) = effect.refund_required {
+        s.refund_required = flag;
+    }
     s.version += 1;
     s.updated_at = now;
     let payload = serde_json::to_string(&s).map_err(|e| corrupt("archived order document", e))?;

@@ -933,13 +933,31 @@ pub async fn release_payment_number(pool: &MySqlPool, n: &PaymentNumber<'_>) -> 
 }
 
 /// Deletes the claims and stock reservations of archived orders (their stock question was
-/// settled long ago: an order is archived only once final with its stock given back).
-/// Payment numbers stay: they keep a number from paying a second order, archived or not.
+/// settled long ago: an order is archived only once final with its stock given back), in one
+/// transaction; units a claim still counts against its buyer (an unhold that failed after the
+/// payment) stop counting first. Payment numbers stay: they keep a number from paying a
+/// second order, archived or not.
 pub async fn prune_archived(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64> {
     if orders.is_empty() {
         return Ok(0);
     }
     let list = vec!["?"; orders.len()].join(", ");
+    let mut tx = pool.begin().await?;
+    let sql = format!(
+        "SELECT order_id FROM order_claims WHERE order_id IN ({list}) AND held_units > 0
+         ORDER BY order_id"
+    );
+    let mut q = sqlx::query_scalar::<_, i64>(AssertSqlSafe(&*sql));
+    for o in orders {
+        q = q.bind(o.get());
+    }
+    for held in q.fetch_all(&mut *tx).await? {
+        unhold_in(
+            &mut tx,
+            OrderId::new(held).ok_or_else(|| corrupt("order_id", held))?,
+        )
+        .await?;
+    }
     let mut pruned = 0;
     for table in ["stock_reservations", "order_claims"] {
         let sql = format!("DELETE FROM {table} WHERE order_id IN ({list})");
@@ -947,8 +965,9 @@ pub async fn prune_archived(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64>
         for o in orders {
             q = q.bind(o.get());
         }
-        pruned += q.execute(pool).await?.rows_affected();
+        pruned += q.execute(&mut *tx).await?.rows_affected();
     }
+    tx.commit().await?;
     Ok(pruned)
 }
 

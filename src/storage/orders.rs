@@ -890,17 +890,23 @@ pub async fn archive_scan_end(
     Ok(last)
 }
 
-/// How many orders of a shard below `bound` a pass would move now, and how many it would
-/// leave because they are not final yet (`orderly archive --dry-run`; a consistent read, no
-/// locks).
-pub async fn archive_counts(conn: &mut MySqlConnection, t: &ShardTables, bound: i64) -> Result<(u64, u64)> {
+/// How many orders of a shard with ids in `(after, upto]` a pass would move now, and how
+/// many it would leave because they are not final yet (`orderly archive --dry-run`; a
+/// consistent read, no locks).
+pub async fn archive_counts(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    after: i64,
+    upto: i64,
+) -> Result<(u64, u64)> {
     let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT CAST(COALESCE(SUM(movable), 0) AS SIGNED), CAST(COALESCE(SUM(1 - movable), 0) AS SIGNED)
          FROM (SELECT (status IN (3, 4, 5) AND release_pending = 0 AND refund_required = 0) AS movable
-               FROM {} WHERE order_id < ?) o",
+               FROM {} WHERE order_id > ? AND order_id <= ?) o",
         t.orders
     )))
-    .bind(bound)
+    .bind(after)
+    .bind(upto)
     .fetch_one(conn)
     .await?;
     let (movable, left): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
@@ -933,6 +939,22 @@ pub async fn versions_of(
         }
     }
     Ok(out)
+}
+
+/// The last GTID this server logged in its own replication domain (`None` without a binary
+/// log): a read of a replica that has it sees every transaction committed here before this
+/// call, such as the archiver's delete of an order.
+pub async fn last_logged_gtid(conn: &mut MySqlConnection) -> Result<Option<String>> {
+    let row = sqlx::query("SELECT @@gtid_binlog_pos, @@gtid_domain_id")
+        .fetch_one(conn)
+        .await?;
+    let (position, domain): (String, u32) = (row.try_get(0)?, row.try_get(1)?);
+    let own = format!("{domain}-");
+    Ok(position
+        .split(',')
+        .map(str::trim)
+        .find(|g| g.starts_with(&own))
+        .map(str::to_owned))
 }
 
 /// What deleting an archived chunk from the hot tables did.

@@ -71,6 +71,7 @@ fn pass_options(batch: u32) -> PassOptions {
         dry_run: false,
         export_dir: None,
         progress: false,
+        stop: tokio_util::sync::CancellationToken::new(),
     }
 }
 
@@ -594,6 +595,53 @@ async fn archived_orders_read_as_before_and_money_for_them_is_recorded() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // Refunds follow the shard's rules: only the excess goes back, and once it has the
+    // flag clears; a refund beyond it is refused and records nothing.
+    let refund = |no: &str, amount: i64| json!({"refund_no": no, "amount": amount, "reason": "late payment of a closed order"});
+    let path = format!("/v1/orders/{closed}/refunds");
+    let (s, b) = app
+        .call("POST", &path, Some(&service), Some(refund("late-refund-0", 1001)))
+        .await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::CONFLICT, Some("payment_mismatch")),
+        "{b}"
+    );
+    let (s, headers, refunded) = app
+        .call_full("POST", &path, Some(&service), Some(refund("late-refund-1", 1000)))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{refunded}");
+    // Its token names the order's shard database (at the delete's position or later), so a
+    // read that sends it back never gets the order's last hot version from a lagging replica.
+    let token_header = headers["consistency-token"].to_str().unwrap();
+    assert!(token_header.starts_with('o'), "{token_header}");
+    assert_eq!(
+        (&refunded["archived"], &refunded["refund_required"]),
+        (&json!(true), &json!(false)),
+        "{refunded}"
+    );
+    assert_eq!(refunded["version"], paid["version"].as_i64().unwrap() + 1);
+    let (s, b) = app
+        .call("POST", &path, Some(&service), Some(refund("late-refund-2", 1000)))
+        .await;
+    assert_eq!(
+        (s, b["code"].as_str()),
+        (StatusCode::CONFLICT, Some("invalid_transition")),
+        "{b}"
+    );
+    let (_, now) = app
+        .call(
+            "GET",
+            &format!("/v1/orders/{closed}?consistency=strong"),
+            Some(&token),
+            None,
+        )
+        .await;
+    assert_eq!(
+        now["version"], refunded["version"],
+        "a refused refund records nothing"
+    );
 
     // Every other change is refused as archived, and writes nothing.
     let (s, b) = app
