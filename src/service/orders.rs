@@ -1189,7 +1189,7 @@ impl OrderService {
         if page.len() == before {
             return Ok(false);
         }
-        page.sort_by(|x, y| (y.created_at, y.order_id.get()).cmp(&(x.created_at, x.order_id.get())));
+        page.sort_by_key(|o| std::cmp::Reverse((o.created_at, o.order_id.get())));
         page.truncate(want.max(before));
         Ok(page.iter().any(|o| !hot.contains(&o.order_id.get())))
     }

@@ -403,7 +403,7 @@ async fn live_creates_and_reads_during_a_pass_never_miss_an_order() {
         let (s, b) = app.get_order(user, &id.to_string()).await;
         assert_eq!(s, StatusCode::OK, "order {id} missing during the pass: {b}");
         reads += 1;
-        if i % 5 == 0 {
+        if i.is_multiple_of(5) {
             // A whole user's list, two pages at a time with the cursor: every order once.
             let want: HashSet<String> = ids
                 .iter()
@@ -424,7 +424,7 @@ async fn live_creates_and_reads_during_a_pass_never_miss_an_order() {
             );
             lists += 1;
         }
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             app.place_order(9000 + (i % 50) as i64, &[(&catalog.products[0], 1)])
                 .await;
             creates += 1;
