@@ -151,6 +151,23 @@ enum Command {
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
     },
+    /// The archiver's benchmark on a self-started cluster: its rate against a raw move of
+    /// the same orders, get-cold and create latency without and with a pass running, and
+    /// the compressed archive's size against an uncompressed copy.
+    BenchArchive {
+        /// Each load scenario's time per side (without a pass, with one).
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// Old orders each side of the rate comparison moves.
+        #[arg(long, default_value_t = 10_000)]
+        orders: usize,
+        #[arg(long)]
+        durable: bool,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
     /// Work with order ids.
     Id {
         #[command(subcommand)]
@@ -187,7 +204,7 @@ fn print_archive_summary(s: &orderly::service::archive::PassSummary) {
                 "shard {:02}: skipped, another process is archiving it",
                 shard.shard
             );
-        } else if s.dry_run {
+        } else if s.dry_run && (shard.moved > 0 || shard.not_final > 0) {
             println!(
                 "shard {:02}: {verb} {}, {} old orders not final yet",
                 shard.shard, shard.moved, shard.not_final
@@ -445,6 +462,26 @@ async fn main() -> anyhow::Result<()> {
             println!("{md}");
             Ok(())
         }
+        Command::BenchArchive {
+            duration,
+            concurrency,
+            orders,
+            durable,
+            out,
+        } => {
+            let md = bench::archive::run(
+                bench::archive::ArchiveOptions {
+                    duration,
+                    concurrency,
+                    durable,
+                    orders,
+                },
+                out,
+            )
+            .await?;
+            println!("{md}");
+            Ok(())
+        }
         Command::Archive {
             older_than,
             batch_size,
@@ -479,13 +516,13 @@ async fn main() -> anyhow::Result<()> {
             opts.progress = true;
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));
+            // Ctrl-C stops a pass between two batches; the next one resumes there.
+            opts.stop = token.clone();
+            let archiver = app::archiver(&settings).await?;
             loop {
-                let summary = tokio::select! {
-                    s = app::archive_pass(&settings, &opts) => s?,
-                    _ = token.cancelled() => return Ok(()),
-                };
+                let summary = archiver.pass(&opts).await?;
                 print_archive_summary(&summary);
-                if !run_loop {
+                if !run_loop || token.is_cancelled() {
                     return Ok(());
                 }
                 tokio::select! {

@@ -110,7 +110,9 @@
 //! - this file: options, environment (self-started or given), the phase driver, reports;
 //! - [`workload`]: what one operation of each scenario does, over HTTP and raw;
 //! - [`checks`]: the correctness checks.
+//! - [`archive`]: `orderly bench-archive`, the archiver against a raw move and beside the load.
 
+pub mod archive;
 pub mod checks;
 pub mod events;
 pub mod workload;
