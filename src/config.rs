@@ -49,6 +49,7 @@ pub struct ArchiveSettings {
     pub delete_chunk: u32,
     pub max_replica_lag_ms: u64,
     pub max_slowdown: u32,
+    pub max_busy_percent: u32,
     pub run_in_serve: bool,
     pub interval_secs: u64,
 }
@@ -463,6 +464,9 @@ impl Settings {
         }
         if !(1..=10_000).contains(&a.batch_size) || !(1..=1_000).contains(&a.delete_chunk) {
             return bad("archive.batch_size must be 1..=10000 and archive.delete_chunk 1..=1000");
+        }
+        if !(1..=100).contains(&a.max_busy_percent) {
+            return bad("archive.max_busy_percent must be 1..=100");
         }
         if a.max_slowdown == 0 || a.interval_secs == 0 {
             return bad("archive.max_slowdown and archive.interval_secs must be positive");

@@ -557,7 +557,9 @@ pub async fn run(opts: ArchiveOptions, out: PathBuf) -> anyhow::Result<String> {
 
     // 1. The archive rate, A B B A.
     eprintln!("archive bench: archiver against the raw move, halves A B B A ...");
+    // The rate is the mechanism's: no pause, no rest.
     let rate_pass = |span: Span| PassOptions {
+        busy_percent: 100,
         older_than: span.pass_older_than(),
         pause: Duration::ZERO,
         ..defaults.clone()

@@ -89,6 +89,9 @@ pub struct PassOptions {
     pub export_dir: Option<PathBuf>,
     /// A progress bar per shard on the terminal.
     pub progress: bool,
+    /// The most of the time the pass may work (`archive.max_busy_percent`; 100: no rest
+    /// beyond the pause): see [`Throttle`].
+    pub busy_percent: u32,
     /// Stops the pass between two batches (the next pass resumes where it stopped).
     pub stop: CancellationToken,
 }
@@ -103,6 +106,7 @@ impl PassOptions {
             dry_run: false,
             export_dir: None,
             progress: false,
+            busy_percent: s.max_busy_percent,
             stop: CancellationToken::new(),
         }
     }
@@ -148,14 +152,18 @@ impl PassSummary {
     }
 }
 
-/// The pause between batches, stretched while the system is under strain: doubling (up to
-/// `archive.max_slowdown` times the base pause) while a replica of the shard's database lags
-/// more than `archive.max_replica_lag_ms`, or while a batch's deletes take more than four
-/// times the fastest batch seen in this pass (the hot tables are busy with requests);
-/// halving back as they recover. Never shorter than the base pause.
+/// The pause between batches. At least long enough that the pass works at most
+/// `busy_percent` of the time (a batch that took 1 s at 20 % is followed by 4 s of rest), so
+/// requests keep most of the database whatever a batch costs on this machine; and at least
+/// the base pause, stretched while the system is under strain: doubling (up to
+/// `archive.max_slowdown` times) while a replica of the shard's database lags more than
+/// `archive.max_replica_lag_ms`, or while a batch's deletes take more than four times the
+/// fastest batch seen in this pass (the hot tables are busy with requests); halving back as
+/// they recover.
 #[derive(Debug, Clone)]
 pub struct Throttle {
     base: Duration,
+    busy_percent: u32,
     max_factor: u32,
     max_lag: Duration,
     factor: u32,
@@ -163,9 +171,10 @@ pub struct Throttle {
 }
 
 impl Throttle {
-    pub fn new(base: Duration, settings: &ArchiveSettings) -> Throttle {
+    pub fn new(base: Duration, busy_percent: u32, settings: &ArchiveSettings) -> Throttle {
         Throttle {
             base,
+            busy_percent: busy_percent.clamp(1, 100),
             max_factor: settings.max_slowdown.max(1),
             max_lag: Duration::from_millis(settings.max_replica_lag_ms),
             factor: 1,
@@ -173,9 +182,9 @@ impl Throttle {
         }
     }
 
-    /// The pause after a batch whose deletes took `deletes` (per chunk), with replicas
-    /// `lag` behind.
-    pub fn after_batch(&mut self, deletes: Duration, lag: Duration) -> Duration {
+    /// The pause after a batch that took `batch` in all, whose deletes took `deletes` (per
+    /// chunk), with replicas `lag` behind.
+    pub fn after_batch(&mut self, batch: Duration, deletes: Duration, lag: Duration) -> Duration {
         let fastest = *self.fastest.get_or_insert(deletes);
         self.fastest = Some(fastest.min(deletes));
         let strained = lag > self.max_lag || deletes > fastest * 4;
@@ -184,7 +193,8 @@ impl Throttle {
         } else {
             (self.factor / 2).max(1)
         };
-        self.base * self.factor
+        let rest = batch.mul_f64(f64::from(100 - self.busy_percent) / f64::from(self.busy_percent));
+        (self.base * self.factor).max(rest)
     }
 
     pub fn factor(&self) -> u32 {
@@ -317,7 +327,7 @@ impl Archiver {
             .await?
             .unwrap_or(bound);
         bar.set_length((bound - first).max(1) as u64);
-        let mut throttle = Throttle::new(opts.pause, &self.settings);
+        let mut throttle = Throttle::new(opts.pause, opts.busy_percent, &self.settings);
         let db = self.shards.database(shard);
         while let Some(last) =
             orders::archive_scan_end(&mut hot, &shard.tables, after, bound, opts.batch_size).await?
@@ -325,6 +335,7 @@ impl Archiver {
             if opts.stop.is_cancelled() {
                 return Ok(out);
             }
+            let batch_started = Instant::now();
             let docs = outbox::archivable_snapshots(&mut hot, &shard.tables, after, last)
                 .await?
                 .into_iter()
@@ -404,7 +415,7 @@ impl Archiver {
             bar.set_message(format!("{} moved", out.moved));
             let per_chunk = started.elapsed() / chunks.max(1);
             db.probe().await;
-            let pause = throttle.after_batch(per_chunk, db.max_replica_lag());
+            let pause = throttle.after_batch(batch_started.elapsed(), per_chunk, db.max_replica_lag());
             metrics::gauge!("orderly_archive_slowdown").set(f64::from(throttle.factor()));
             tokio::select! {
                 _ = opts.stop.cancelled() => {}
@@ -744,24 +755,46 @@ mod tests {
     fn the_throttle_backs_off_under_strain_and_recovers() {
         let s = ArchiveSettings::default();
         let base = Duration::from_millis(200);
-        let mut t = Throttle::new(base, &s);
+        let mut t = Throttle::new(base, 100, &s);
         let fast = Duration::from_millis(5);
-        assert_eq!(t.after_batch(fast, Duration::ZERO), base);
+        assert_eq!(t.after_batch(Duration::ZERO, fast, Duration::ZERO), base);
         // Deletes 5 times slower than the fastest: the hot tables are busy.
-        assert_eq!(t.after_batch(fast * 5, Duration::ZERO), base * 2);
-        assert_eq!(t.after_batch(fast * 5, Duration::ZERO), base * 4);
+        assert_eq!(t.after_batch(Duration::ZERO, fast * 5, Duration::ZERO), base * 2);
+        assert_eq!(t.after_batch(Duration::ZERO, fast * 5, Duration::ZERO), base * 4);
         // A lagging replica alone is strain too.
         let lag = Duration::from_millis(s.max_replica_lag_ms + 1);
-        assert_eq!(t.after_batch(fast, lag), base * 8);
+        assert_eq!(t.after_batch(Duration::ZERO, fast, lag), base * 8);
         for _ in 0..10 {
-            t.after_batch(fast, lag);
+            t.after_batch(Duration::ZERO, fast, lag);
         }
         assert_eq!(t.factor(), s.max_slowdown);
-        t.after_batch(fast, Duration::ZERO);
+        t.after_batch(Duration::ZERO, fast, Duration::ZERO);
         assert_eq!(t.factor(), s.max_slowdown / 2);
         for _ in 0..10 {
-            t.after_batch(fast, Duration::ZERO);
+            t.after_batch(Duration::ZERO, fast, Duration::ZERO);
         }
-        assert_eq!(t.after_batch(fast, Duration::ZERO), base);
+        assert_eq!(t.after_batch(Duration::ZERO, fast, Duration::ZERO), base);
+    }
+
+    #[test]
+    fn the_throttle_rests_long_enough_to_keep_the_pass_under_its_share_of_the_time() {
+        let s = ArchiveSettings::default();
+        let base = Duration::from_millis(200);
+        let mut t = Throttle::new(base, 20, &s);
+        let fast = Duration::from_millis(5);
+        // A batch of 1 s at 20 %: 4 s of rest; a quick batch still gets the base pause.
+        assert_eq!(
+            t.after_batch(Duration::from_secs(1), fast, Duration::ZERO),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            t.after_batch(Duration::from_millis(10), fast, Duration::ZERO),
+            base
+        );
+        let mut all_out = Throttle::new(Duration::ZERO, 100, &s);
+        assert_eq!(
+            all_out.after_batch(Duration::from_secs(1), fast, Duration::ZERO),
+            Duration::ZERO
+        );
     }
 }

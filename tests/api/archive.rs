@@ -71,6 +71,7 @@ fn pass_options(batch: u32) -> PassOptions {
         dry_run: false,
         export_dir: None,
         progress: false,
+        busy_percent: 100,
         stop: tokio_util::sync::CancellationToken::new(),
     }
 }
