@@ -260,15 +260,7 @@ pub async fn versions_between(
             .bind(upto)
             .fetch_all(conn)
             .await?;
-    rows.iter()
-        .map(|r| {
-            let id: i64 = r.try_get(0)?;
-            Ok((
-                OrderId::new(id).ok_or_else(|| corrupt("order_id", id))?,
-                r.try_get(1)?,
-            ))
-        })
-        .collect()
+    super::id_versions(&rows)
 }
 
 /// The archived order `id`, or `None`.

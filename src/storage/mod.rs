@@ -120,6 +120,20 @@ pub(crate) fn ts(t: chrono::DateTime<chrono::Utc>) -> chrono::NaiveDateTime {
 }
 
 /// A stored value that no valid write could have produced.
+/// Rows of `(order_id, version)`, as ids and versions.
+pub(crate) fn id_versions(rows: &[sqlx::mysql::MySqlRow]) -> Result<Vec<(crate::domain::ids::OrderId, i64)>> {
+    use sqlx::Row;
+    rows.iter()
+        .map(|r| {
+            let id: i64 = r.try_get(0)?;
+            Ok((
+                crate::domain::ids::OrderId::new(id).ok_or_else(|| corrupt("order_id", id))?,
+                r.try_get(1)?,
+            ))
+        })
+        .collect()
+}
+
 pub(crate) fn corrupt(what: &str, v: impl std::fmt::Debug) -> StorageError {
     StorageError::Corrupt(format!("{what}: {v:?}"))
 }

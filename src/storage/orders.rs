@@ -841,15 +841,7 @@ async fn orders_due(
     .bind(limit)
     .fetch_all(conn)
     .await?;
-    rows.iter()
-        .map(|r| {
-            let v: i64 = r.try_get(0)?;
-            Ok((
-                OrderId::new(v).ok_or_else(|| corrupt("order_id", v))?,
-                r.try_get(1)?,
-            ))
-        })
-        .collect()
+    super::id_versions(&rows)
 }
 
 /// Marks the stock of a closed order as given back. Touches no version: it is bookkeeping,
