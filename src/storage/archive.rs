@@ -275,35 +275,13 @@ pub async fn load(conn: &mut MySqlConnection, id: OrderId) -> Result<Option<Orde
 /// A page of a user's archived orders, newest first, with the filters and keyset position
 /// of the hot shard's list ([`super::orders::list_user_orders`]).
 pub async fn list_user_orders(conn: &mut MySqlConnection, q: &ListQuery) -> Result<Vec<Order>> {
-    let mut sql = String::from("SELECT doc FROM archived_orders WHERE user_id = ?");
-    if q.status.is_some() {
-        sql.push_str(" AND status = ?");
-    }
-    if q.created_from.is_some() {
-        sql.push_str(" AND created_at >= ?");
-    }
-    if q.created_to.is_some() {
-        sql.push_str(" AND created_at < ?");
-    }
-    if q.before.is_some() {
-        sql.push_str(" AND (created_at, order_id) < (?, ?)");
-    }
-    sql.push_str(" ORDER BY created_at DESC, order_id DESC LIMIT ?");
-    let mut query = sqlx::query_scalar::<_, String>(AssertSqlSafe(sql)).bind(q.user_id.get());
-    if let Some(s) = q.status {
-        query = query.bind(s.code());
-    }
-    if let Some(f) = q.created_from {
-        query = query.bind(ts(f));
-    }
-    if let Some(to) = q.created_to {
-        query = query.bind(ts(to));
-    }
-    if let Some((at, id)) = q.before {
-        query = query.bind(ts(at)).bind(id.get());
-    }
-    let docs = query.bind(q.limit).fetch_all(conn).await?;
-    docs.iter().map(|d| order_of(d)).collect()
+    let sql = super::orders::user_list_sql("SELECT doc FROM archived_orders", q);
+    let rows = super::orders::bind_user_list(sqlx::query(AssertSqlSafe(sql)), q)
+        .fetch_all(conn)
+        .await?;
+    rows.iter()
+        .map(|r| order_of(&r.try_get::<String, _>(0)?))
+        .collect()
 }
 
 /// Up to `limit` archived documents with ids above `after`, in id order: what a read

@@ -477,7 +477,20 @@ pub async fn list_user_orders(
     t: &ShardTables,
     q: &ListQuery,
 ) -> Result<Vec<Order>> {
-    let mut sql = format!("SELECT {ORDER_COLUMNS} FROM {} WHERE user_id = ?", t.orders);
+    let sql = user_list_sql(&format!("SELECT {ORDER_COLUMNS} FROM {}", t.orders), q);
+    let rows = bind_user_list(sqlx::query(AssertSqlSafe(sql)), q)
+        .fetch_all(&mut *conn)
+        .await?;
+    let mut orders = rows.iter().map(order_from_row).collect::<Result<Vec<_>>>()?;
+    load_children(conn, t, &mut orders).await?;
+    Ok(orders)
+}
+
+/// `select` (`SELECT … FROM table`, the table with `user_id`, `status` and `created_at`
+/// columns) with the filters, keyset position, order and limit of `q`; bind them with
+/// [`bind_user_list`]. The shard's list and the archive's share it.
+pub(super) fn user_list_sql(select: &str, q: &ListQuery) -> String {
+    let mut sql = format!("{select} WHERE user_id = ?");
     if q.status.is_some() {
         sql.push_str(" AND status = ?");
     }
@@ -491,7 +504,15 @@ pub async fn list_user_orders(
         sql.push_str(" AND (created_at, order_id) < (?, ?)");
     }
     sql.push_str(" ORDER BY created_at DESC, order_id DESC LIMIT ?");
-    let mut query = sqlx::query(AssertSqlSafe(&*sql)).bind(q.user_id.get());
+    sql
+}
+
+/// Binds the placeholders of [`user_list_sql`].
+pub(super) fn bind_user_list<'q>(
+    query: sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments>,
+    q: &ListQuery,
+) -> sqlx::query::Query<'q, sqlx::MySql, sqlx::mysql::MySqlArguments> {
+    let mut query = query.bind(q.user_id.get());
     if let Some(s) = q.status {
         query = query.bind(s.code());
     }
@@ -504,10 +525,7 @@ pub async fn list_user_orders(
     if let Some((at, id)) = q.before {
         query = query.bind(ts(at)).bind(id.get());
     }
-    let rows = query.bind(q.limit).fetch_all(&mut *conn).await?;
-    let mut orders = rows.iter().map(order_from_row).collect::<Result<Vec<_>>>()?;
-    load_children(conn, t, &mut orders).await?;
-    Ok(orders)
+    query.bind(q.limit)
 }
 
 /// A status change as a compare-and-set on (version, status).
