@@ -123,7 +123,9 @@ impl Application {
             commerce.clone(),
             settings.archive.clone(),
         );
+        let writes = TaskTracker::new();
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
+            .with_write_tracker(writes.clone())
             .with_archive(archive_db.clone(), settings.archive.min_age(), archive_relay)
             .with_relay_wakers(relay_wakers.clone())
             .with_flash(flash)
@@ -142,7 +144,7 @@ impl Application {
             merchant: MerchantService::new(merchant_map),
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),
-            writes: TaskTracker::new(),
+            writes,
             metrics: telemetry::metrics(),
             limits: Arc::new(UserLimits::new(&settings.limits)),
             search: search.clone().map(|i| i as Arc<dyn OrderIndex>),

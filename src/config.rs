@@ -218,6 +218,7 @@ pub struct ReplicaSettings {
     pub probe_interval_ms: u64,
     pub probe_timeout_ms: u64,
     pub acquire_timeout_ms: u64,
+    pub read_timeout_ms: u64,
     pub watermark_ttl_ms: u64,
 }
 
@@ -531,8 +532,9 @@ impl Settings {
             || r.probe_interval_ms == 0
             || r.probe_timeout_ms == 0
             || r.acquire_timeout_ms == 0
+            || r.read_timeout_ms == 0
         {
-            return bad("replicas: gtid_wait_ms, probe_interval_ms, probe_timeout_ms and acquire_timeout_ms must be positive".into());
+            return bad("replicas: gtid_wait_ms, probe_interval_ms, probe_timeout_ms, acquire_timeout_ms and read_timeout_ms must be positive".into());
         }
         // A replica may be this far behind and still in rotation: up to max_lag_ms, plus one
         // probe interval before the probe sees it.

@@ -14,6 +14,10 @@ use orderly::cache::CacheHealth;
 use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::config::{CacheSettings, RedisSettings};
 use orderly::domain::ids::{OrderId, UserId};
+use orderly::domain::consistency::DatabaseRef;
+
+/// The database every entry of these tests is loaded from (it only picks the fill bound).
+const DB: DatabaseRef = DatabaseRef::Shards(0);
 use orderly::domain::order::Order;
 use orderly::domain::user::User;
 
@@ -147,7 +151,7 @@ async fn read_until_hit(f: &Fixture, db: &Db, id: OrderId, expect: Option<i64>) 
     let began = Instant::now();
     loop {
         let before = db.loads();
-        let got = f.cache.order(id, |_| db.load()).await.unwrap();
+        let got = f.cache.order(id, DB, || db.load()).await.unwrap();
         assert_eq!(version(&got), expect, "a read answered a stale order");
         if db.loads() == before {
             return;
@@ -165,10 +169,10 @@ async fn a_filled_entry_is_a_hit_that_touches_no_database() {
     let f = fixture().await;
     let id = order_id(1);
     let db = Db::with(Some(order(1, 3)));
-    assert_eq!(f.cache.order(id, |_| db.load()).await.unwrap(), Some(order(1, 3)));
+    assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), Some(order(1, 3)));
     assert_eq!(db.loads(), 1);
     for _ in 0..3 {
-        assert_eq!(f.cache.order(id, |_| db.load()).await.unwrap(), Some(order(1, 3)));
+        assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), Some(order(1, 3)));
     }
     assert_eq!(db.loads(), 1);
     assert!(f.raw_order(id).await.unwrap().starts_with(b"3:"));
@@ -187,11 +191,11 @@ async fn a_filled_entry_is_a_hit_that_touches_no_database() {
         Ok::<_, Infallible>(Some(user.clone()))
     };
     assert_eq!(
-        f.cache.user(owner(), load_user).await.unwrap(),
+        f.cache.user(owner(), DB, load_user).await.unwrap(),
         Some(user.clone())
     );
     assert_eq!(
-        f.cache.user(owner(), load_user).await.unwrap(),
+        f.cache.user(owner(), DB, load_user).await.unwrap(),
         Some(user.clone())
     );
     assert_eq!(users.load(Ordering::SeqCst), 1);
@@ -199,7 +203,7 @@ async fn a_filled_entry_is_a_hit_that_touches_no_database() {
     let pages = Db::with(Some(order(1, 3)));
     assert_eq!(
         f.cache
-            .first_page(owner(), |_| pages.load_page())
+            .first_page(owner(), DB, || pages.load_page())
             .await
             .unwrap()
             .len(),
@@ -207,7 +211,7 @@ async fn a_filled_entry_is_a_hit_that_touches_no_database() {
     );
     assert_eq!(
         f.cache
-            .first_page(owner(), |_| pages.load_page())
+            .first_page(owner(), DB, || pages.load_page())
             .await
             .unwrap()
             .len(),
@@ -224,20 +228,20 @@ async fn a_fill_loaded_before_a_newer_write_is_refused() {
     let paused = f.cache.fill_gate().pause_next_order_fill(id);
     let reader = {
         let (db, cache) = (db.clone(), &f.cache);
-        async move { cache.order(id, |_| db.load()).await.unwrap() }
+        async move { cache.order(id, DB, || db.load()).await.unwrap() }
     };
     let writer = async {
         paused.loaded().await;
         // The write commits v2 and its notice arrives while the reader holds v1.
         db.set(Some(order(2, 2)));
-        f.cache.order_written(id, owner(), 2, None, None).await;
+        f.cache.order_written(id, owner(), 2, None).await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
     assert_eq!(version(&read), Some(1), "the slow reader answers what it loaded");
     assert_eq!(f.raw_order(id).await, None, "the marker refused the stale fill");
     let loads = db.loads();
-    assert_eq!(version(&f.cache.order(id, |_| db.load()).await.unwrap()), Some(2));
+    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(2));
     assert_eq!(db.loads(), loads + 1);
     read_until_hit(&f, &db, id, Some(2)).await;
 }
@@ -248,12 +252,12 @@ async fn a_fill_loaded_before_a_write_with_a_snapshot_is_refused() {
     let id = order_id(3);
     let db = Db::with(Some(order(3, 1)));
     let paused = f.cache.fill_gate().pause_next_order_fill(id);
-    let reader = f.cache.order(id, |_| db.load());
+    let reader = f.cache.order(id, DB, || db.load());
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(3, 2)));
         f.cache
-            .order_written(id, owner(), 2, Some(&order(3, 2)), None)
+            .order_written(id, owner(), 2, Some(&order(3, 2)))
             .await;
         paused.release();
     };
@@ -261,7 +265,7 @@ async fn a_fill_loaded_before_a_write_with_a_snapshot_is_refused() {
     assert_eq!(version(&read.unwrap()), Some(1));
     // The snapshot stands; the next read is a hit at v2.
     let loads = db.loads();
-    assert_eq!(version(&f.cache.order(id, |_| db.load()).await.unwrap()), Some(2));
+    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(2));
     assert_eq!(db.loads(), loads);
 }
 
@@ -271,22 +275,22 @@ async fn a_page_loaded_before_a_write_is_not_filled_after_it() {
     let id = order_id(4);
     let db = Db::with(None);
     let paused = f.cache.fill_gate().pause_next_page_fill(owner());
-    let reader = f.cache.first_page(owner(), |_| db.load_page());
+    let reader = f.cache.first_page(owner(), DB, || db.load_page());
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(4, 1)));
         f.cache
-            .order_written(id, owner(), 1, Some(&order(4, 1)), None)
+            .order_written(id, owner(), 1, Some(&order(4, 1)))
             .await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
     assert!(read.unwrap().is_empty());
     // The generation moved: the empty page was not cached.
-    let page = f.cache.first_page(owner(), |_| db.load_page()).await.unwrap();
+    let page = f.cache.first_page(owner(), DB, || db.load_page()).await.unwrap();
     assert_eq!(page, vec![order(4, 1)]);
     assert_eq!(db.loads(), 2);
-    f.cache.first_page(owner(), |_| db.load_page()).await.unwrap();
+    f.cache.first_page(owner(), DB, || db.load_page()).await.unwrap();
     assert_eq!(db.loads(), 2, "a page filled after the write is a hit");
 }
 
@@ -295,23 +299,23 @@ async fn an_absent_order_is_cached_and_cleared_by_its_creation() {
     let f = fixture().await;
     let id = order_id(5);
     let db = Db::with(None);
-    assert_eq!(f.cache.order(id, |_| db.load()).await.unwrap(), None);
-    assert_eq!(f.cache.order(id, |_| db.load()).await.unwrap(), None);
+    assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), None);
+    assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), None);
     assert_eq!(db.loads(), 1, "absence is cached");
     db.set(Some(order(5, 1)));
-    f.cache.order_written(id, owner(), 1, None, None).await;
-    assert_eq!(version(&f.cache.order(id, |_| db.load()).await.unwrap()), Some(1));
+    f.cache.order_written(id, owner(), 1, None).await;
+    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(1));
     assert_eq!(db.loads(), 2);
     read_until_hit(&f, &db, id, Some(1)).await;
 
     // The same with the creation's snapshot: no load at all.
     let id = order_id(6);
     let db = Db::with(None);
-    assert_eq!(f.cache.order(id, |_| db.load()).await.unwrap(), None);
+    assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), None);
     f.cache
-        .order_written(id, owner(), 1, Some(&order(6, 1)), None)
+        .order_written(id, owner(), 1, Some(&order(6, 1)))
         .await;
-    assert_eq!(version(&f.cache.order(id, |_| db.load()).await.unwrap()), Some(1));
+    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(1));
     assert_eq!(db.loads(), 1);
 
     // And a user profile.
@@ -323,11 +327,11 @@ async fn an_absent_order_is_cached_and_cleared_by_its_creation() {
         created_at: order(1, 1).created_at,
     };
     let none = || async { Ok::<Option<User>, Infallible>(None) };
-    assert_eq!(f.cache.user(uid, none).await.unwrap(), None);
+    assert_eq!(f.cache.user(uid, DB, none).await.unwrap(), None);
     f.cache.user_written(&user).await;
     let unused = || async { panic!("a hit must not load") };
     assert_eq!(
-        f.cache.user::<Infallible, _, _>(uid, unused).await.unwrap(),
+        f.cache.user::<Infallible, _, _>(uid, DB, unused).await.unwrap(),
         Some(user)
     );
 }
@@ -337,7 +341,7 @@ async fn concurrent_misses_of_one_key_share_one_load() {
     let f = fixture().await;
     let id = order_id(7);
     let db = Db::with(Some(order(7, 1)));
-    let reads = (0..200).map(|_| f.cache.order(id, |_| db.load_slowly()));
+    let reads = (0..200).map(|_| f.cache.order(id, DB, || db.load_slowly()));
     let answers = futures::future::join_all(reads).await;
     assert!(answers.iter().all(|a| version(a.as_ref().unwrap()) == Some(1)));
     assert_eq!(db.loads(), 1);
@@ -352,17 +356,17 @@ async fn reads_and_writes_survive_a_killed_redis_and_hits_resume_after_it_restar
 
     f.cluster.kill_redis().unwrap();
     for _ in 0..5 {
-        assert_eq!(version(&f.cache.order(id, |_| db.load()).await.unwrap()), Some(1));
+        assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(1));
     }
     assert_eq!(f.cache.health(), CacheHealth::Degraded);
     db.set(Some(order(8, 2)));
     let began = Instant::now();
-    f.cache.order_written(id, owner(), 2, None, None).await;
+    f.cache.order_written(id, owner(), 2, None).await;
     assert!(
         began.elapsed() < Duration::from_secs(1),
         "a write notice does not wait for Redis"
     );
-    assert_eq!(version(&f.cache.order(id, |_| db.load()).await.unwrap()), Some(2));
+    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(2));
 
     f.cluster.start_redis().await.unwrap();
     read_until_hit(&f, &db, id, Some(2)).await;
@@ -378,7 +382,7 @@ async fn a_notice_that_timed_out_is_replayed_before_the_entry_is_read_again() {
 
     f.cluster.pause_redis().unwrap();
     db.set(Some(order(9, 2)));
-    f.cache.order_written(id, owner(), 2, None, None).await;
+    f.cache.order_written(id, owner(), 2, None).await;
     f.cluster.resume_redis().unwrap();
     read_until_hit(&f, &db, id, Some(2)).await;
 }
@@ -399,10 +403,10 @@ async fn a_notice_skipped_while_the_breaker_is_open_is_replayed_before_the_entry
     f.cluster.pause_redis().unwrap();
     let other = Db::with(None);
     while f.cache.health() == CacheHealth::Up {
-        f.cache.order(order_id(11), |_| other.load()).await.unwrap();
+        f.cache.order(order_id(11), DB, || other.load()).await.unwrap();
     }
     db.set(Some(order(10, 2)));
-    f.cache.order_written(id, owner(), 2, None, None).await;
+    f.cache.order_written(id, owner(), 2, None).await;
     f.cluster.resume_redis().unwrap();
     assert!(
         f.raw_order(id).await.unwrap().starts_with(b"1:"),
@@ -422,7 +426,7 @@ async fn entries_of_a_redis_restarted_from_an_old_snapshot_are_misses() {
     let _: () = redis::cmd("SAVE").query_async(&mut raw).await.unwrap();
 
     db.set(Some(order(12, 2)));
-    f.cache.order_written(id, owner(), 2, None, None).await;
+    f.cache.order_written(id, owner(), 2, None).await;
     assert_eq!(f.raw_order(id).await, None, "the notice was delivered");
 
     f.cluster.kill_redis().unwrap();
@@ -453,7 +457,7 @@ async fn a_cache_whose_redis_is_down_at_start_is_degraded_and_recovers() {
     let cache = RedisCache::connect(&redis, &settings()).await.unwrap();
     assert_eq!(cache.health(), CacheHealth::Degraded);
     let db = Db::with(Some(order(13, 1)));
-    assert!(cache.order(order_id(13), |_| db.load()).await.unwrap().is_some());
+    assert!(cache.order(order_id(13), DB, || db.load()).await.unwrap().is_some());
     cluster.start_redis().await.unwrap();
     let f = Fixture { cluster, cache };
     read_until_hit(&f, &db, order_id(13), Some(1)).await;
@@ -475,17 +479,17 @@ async fn too_many_undelivered_notices_purge_every_entry_before_the_cache_is_read
     f.cluster.pause_redis().unwrap();
     let other = Db::with(None);
     while f.cache.health() == CacheHealth::Up {
-        f.cache.order(order_id(16), |_| other.load()).await.unwrap();
+        f.cache.order(order_id(16), DB, || other.load()).await.unwrap();
     }
     // Two orders and a page: more than the set holds, so it turns into a purge.
     db_a.set(Some(order(14, 2)));
-    f.cache.order_written(a, owner(), 2, None, None).await;
+    f.cache.order_written(a, owner(), 2, None).await;
     f.cluster.resume_redis().unwrap();
     assert!(f.raw_order(a).await.unwrap().starts_with(b"1:"));
     read_until_hit(&f, &db_a, a, Some(2)).await;
     assert_eq!(f.raw_order(b).await, None, "the purge removed every entry");
     assert_eq!(
-        version(&f.cache.order(b, |_| db_b.load()).await.unwrap()),
+        version(&f.cache.order(b, DB, || db_b.load()).await.unwrap()),
         Some(1)
     );
 }

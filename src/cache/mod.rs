@@ -32,16 +32,15 @@ mod flight;
 pub mod redis;
 
 use std::future::Future;
-use std::time::Duration;
 
 use crate::config::{CacheSettings, RedisSettings};
-use crate::domain::consistency::Watermark;
+use crate::domain::consistency::DatabaseRef;
 use crate::domain::flash::FlashSale;
 use crate::domain::ids::{FlashSaleId, OrderId, UserId};
 use crate::domain::order::Order;
 use crate::domain::user::User;
 
-pub use self::redis::{FillGate, GateAnswer, RedisCache, WatermarkOf};
+pub use self::redis::{FillGate, GateAnswer, RedisCache};
 
 /// The cache the services use; cheap to clone.
 #[derive(Clone)]
@@ -73,43 +72,45 @@ impl Cache {
         )))
     }
 
-    /// The order `id` (`None`: there is no such order), from Redis or from `load`. On a miss
-    /// `load` gets the order's read-your-writes watermark as Redis holds it, read in the same
-    /// round trip as the entry (`None`: none, or Redis unused).
-    pub async fn order<E, F, Fut>(&self, id: OrderId, load: F) -> Result<Option<Order>, E>
+    /// The order `id` (`None`: there is no such order), from Redis or from `load`, which
+    /// reads `db`. A miss loads behind `db`'s bound on concurrent loads (one database's
+    /// trouble never holds another's), and `load` must answer at least every write
+    /// acknowledged before it was called: the cache trusts it to (see [`redis`]).
+    pub async fn order<E, F, Fut>(&self, id: OrderId, db: DatabaseRef, load: F) -> Result<Option<Order>, E>
     where
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Order>, E>>,
     {
         match self {
-            Cache::Redis(r) => r.order(id, load).await,
-            Cache::Disabled => load(None).await,
+            Cache::Redis(r) => r.order(id, db, load).await,
+            Cache::Disabled => load().await,
         }
     }
 
-    /// The user profile `id` (`None`: no such user), from Redis or from `load`.
-    pub async fn user<E, F, Fut>(&self, id: UserId, load: F) -> Result<Option<User>, E>
+    /// The user profile `id` (`None`: no such user), from Redis or from `load`, like
+    /// [`Cache::order`].
+    pub async fn user<E, F, Fut>(&self, id: UserId, db: DatabaseRef, load: F) -> Result<Option<User>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<User>, E>>,
     {
         match self {
-            Cache::Redis(r) => r.user(id, load).await,
+            Cache::Redis(r) => r.user(id, db, load).await,
             Cache::Disabled => load().await,
         }
     }
 
     /// The newest orders of `user` with no filter: at most [`FIRST_PAGE`] of them, newest
-    /// first, from Redis or from `load` (which must return the newest `FIRST_PAGE`). On a miss
-    /// `load` gets the user's watermark, like [`Cache::order`].
-    pub async fn first_page<E, F, Fut>(&self, user: UserId, load: F) -> Result<Vec<Order>, E>
+    /// first, from Redis or from `load` (which must return the newest `FIRST_PAGE`), like
+    /// [`Cache::order`].
+    pub async fn first_page<E, F, Fut>(&self, user: UserId, db: DatabaseRef, load: F) -> Result<Vec<Order>, E>
     where
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
         match self {
-            Cache::Redis(r) => r.first_page(user, load).await,
-            Cache::Disabled => load(None).await,
+            Cache::Redis(r) => r.first_page(user, db, load).await,
+            Cache::Disabled => load().await,
         }
     }
 
@@ -117,28 +118,9 @@ impl Cache {
     /// leaves. `snapshot` is the order at exactly that version when the caller has it (it then
     /// replaces the entry instead of deleting it). Never fails: what cannot reach Redis now is
     /// replayed before the cache is read again.
-    ///
-    /// `watermark` (the write's consistency token and how long to keep it) is stored for the
-    /// order and its owner in the same round trip, for `session` reads of other processes.
-    pub async fn order_written(
-        &self,
-        order: OrderId,
-        owner: UserId,
-        version: i64,
-        snapshot: Option<&Order>,
-        watermark: Option<(&Watermark, Duration)>,
-    ) {
+    pub async fn order_written(&self, order: OrderId, owner: UserId, version: i64, snapshot: Option<&Order>) {
         if let Cache::Redis(r) = self {
-            r.order_written(order, owner, version, snapshot, watermark).await
-        }
-    }
-
-    /// The read-your-writes watermark Redis holds for `of` (none when the cache is disabled
-    /// or Redis does not answer: the process's own and the client's token still count).
-    pub async fn watermark(&self, of: WatermarkOf) -> Option<Watermark> {
-        match self {
-            Cache::Redis(r) => r.watermark(of).await,
-            Cache::Disabled => None,
+            r.order_written(order, owner, version, snapshot).await
         }
     }
 

@@ -12,8 +12,6 @@
 //! | `{prefix}{u:<user_id>}:w`   | its write marker                                   |
 //! | `{prefix}{u:<user_id>}:l`   | first page of the user's orders: `<tag>:<bytes>`   |
 //! | `{prefix}{u:<user_id>}:g`   | the page's generation, bumped by every order write |
-//! | `{prefix}{o:<order_id>}:rw` | read-your-writes watermark of the order: a token   |
-//! | `{prefix}{u:<user_id>}:rw`  | the same for the user's order list                 |
 //! | `{prefix}{ct:<bucket>}:…`   | carts and their dirty sets: see [`cart`]           |
 //!
 //! "Absent" (no such order or user) is version 0 with an empty payload, kept
@@ -26,11 +24,17 @@
 //! (below). Otherwise it GETs the entry (MGET entry and generation for a page); a hit with the
 //! right tag that decodes is the answer and touches no database. A miss reads the entry's
 //! marker and joins the single flight of its key, marker (or generation) and tag
-//! ([`FlightKey`]); the flight's leader GETs again (with Redis `TIME` and the key's
-//! read-your-writes watermark, which it hands to its loader), takes a fill permit,
-//! loads, and fills with a conditional script, only over a connection with the tag its GET
-//! saw, and only within `fill_lease_ms` of the start of its load. Redis errors never reach
-//! the caller: they count for the breaker and the read answers from its loader.
+//! ([`FlightKey`]); the flight's leader GETs again (with Redis `TIME`), takes a fill permit
+//! of the entry's database (a bound per database: a stalled one holds only its own), loads,
+//! and fills with a conditional script, only over a connection with the tag its GET saw,
+//! and only within `fill_lease_ms` of the start of its load. Redis errors never reach the
+//! caller: they count for the breaker and the read answers from its loader.
+//!
+//! Nothing a fill relies on to be current lives in Redis: the loader reads a server that
+//! holds every write acknowledged before the load began (the replica read's fence, see
+//! [`crate::storage::replicas`]), so a Redis that lost its keys (`FLUSHALL`, a restart
+//! without persistence, a failover, an eviction) never makes a fill older than a write
+//! acknowledged before its miss. Markers only fence the writes that commit *during* a load.
 //!
 //! # Writes
 //! `order_written` sends, in one round trip, a script that raises the order's marker to the
@@ -73,8 +77,16 @@
 //!    version behind): a miss shares a flight only with misses that saw the same marker or
 //!    generation, which the write raised before it was acknowledged, so the flight's leader
 //!    saw the raised value before it loaded; and never a flight older than the fill lease.
+//! 10. *Redis lost its keys* (markers, generations and entries gone together: `FLUSHALL`, an
+//!    empty restart, a failover to a replica that had not received them, eviction) and a
+//!    miss of another process reads a lagging replica: the load's fence holds every
+//!    acknowledged write, so the lagging replica is waited for or the primary answers; the
+//!    fill is as new as any write acknowledged before the miss.
 //!
 //! # Not covered
+//! - Keys lost *during* a load (between a write's notice and the fill of a load that began
+//!   before that write committed): the marker that would refuse the fill is gone, and the
+//!   entry may be one version behind until the write's next notice or its TTL.
 //! - Another process that never saw Redis fail keeps serving entries that a partitioned
 //!   process could not invalidate, until that process replays its pending notices or the
 //!   entries' TTL ends (the pending set lives in the process that failed).
@@ -101,7 +113,7 @@ use super::codec;
 use super::flight::Flights;
 use super::CacheHealth;
 use crate::config::{CacheSettings, RedisSettings};
-use crate::domain::consistency::Watermark;
+use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::order::Order;
 use crate::domain::user::User;
@@ -148,22 +160,6 @@ fn page_key(prefix: &str, user: UserId) -> String {
 
 fn generation_key(prefix: &str, user: UserId) -> String {
     format!("{prefix}{{u:{user}}}:g")
-}
-
-/// Redis key of a read-your-writes watermark (a consistency token, `o0:0-1-42`).
-fn watermark_key(prefix: &str, of: WatermarkOf) -> String {
-    match of {
-        WatermarkOf::Order(id) => format!("{prefix}{{o:{id}}}:rw"),
-        WatermarkOf::User(id) => format!("{prefix}{{u:{id}}}:rw"),
-    }
-}
-
-/// Whose watermark: an order's (its own writes) or a user's (the writes of all their orders,
-/// for their order list).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum WatermarkOf {
-    Order(OrderId),
-    User(UserId),
 }
 
 /// Whether a key is an entry (not a marker or a generation): what a purge removes.
@@ -260,29 +256,11 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-    /// KEYS[1] watermark. ARGV[1] token, ARGV[2] its database and domain (`o0:0-`), ARGV[3]
-    /// its sequence number, ARGV[4] TTL ms. Keeps the later of the stored and the new token
-    /// (two writes of one order may notify in either order); a token of another database or
-    /// domain is replaced. Returns 1 raised, 0 kept.
-    pub const RAISE_WATERMARK: &str = r"
-local cur = redis.call('GET', KEYS[1])
-if cur and string.sub(cur, 1, #ARGV[2]) == ARGV[2] then
-  local seq = tonumber(string.match(cur, '(%d+)$'))
-  if seq and seq >= tonumber(ARGV[3]) then
-    redis.call('PEXPIRE', KEYS[1], ARGV[4])
-    return 0
-  end
-end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[4])
-return 1
-";
-
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 13] = [
         FILL_ENTRY,
         ENTRY_WRITTEN,
         FILL_PAGE,
         PAGE_WRITTEN,
-        RAISE_WATERMARK,
         GATE_TAKE,
         GATE_GIVE_BACK,
         GATE_REBUILD,
@@ -300,7 +278,6 @@ struct Scripts {
     entry_written: Script,
     fill_page: Script,
     page_written: Script,
-    raise_watermark: Script,
     gate_take: Script,
     gate_give_back: Script,
     gate_rebuild: Script,
@@ -319,7 +296,6 @@ impl Scripts {
             entry_written: Script::new(lua::ENTRY_WRITTEN),
             fill_page: Script::new(lua::FILL_PAGE),
             page_written: Script::new(lua::PAGE_WRITTEN),
-            raise_watermark: Script::new(lua::RAISE_WATERMARK),
             gate_take: Script::new(lua::GATE_TAKE),
             gate_give_back: Script::new(lua::GATE_GIVE_BACK),
             gate_rebuild: Script::new(lua::GATE_REBUILD),
@@ -397,8 +373,6 @@ struct EntryKeys {
     key: EntryKey,
     data: String,
     marker: String,
-    /// The read-your-writes watermark read with the entry on a miss (orders only).
-    watermark: Option<String>,
 }
 
 impl EntryKeys {
@@ -407,7 +381,6 @@ impl EntryKeys {
             key: EntryKey::Order(id),
             data: order_key(prefix, id),
             marker: order_marker_key(prefix, id),
-            watermark: Some(watermark_key(prefix, WatermarkOf::Order(id))),
         }
     }
 
@@ -416,7 +389,6 @@ impl EntryKeys {
             key: EntryKey::User(id),
             data: user_key(prefix, id),
             marker: user_marker_key(prefix, id),
-            watermark: None,
         }
     }
 }
@@ -485,6 +457,33 @@ fn entry_hit<T: Entity>(raw: &[u8], tag: &str) -> Option<Option<T>> {
 fn page_hit(raw: &[u8], tag: &str) -> Option<Vec<Order>> {
     let payload = raw.strip_prefix(tag.as_bytes())?.strip_prefix(b":")?;
     codec::decode_page(payload)
+}
+
+/// The bound on concurrent loads of misses, one per database: a database that stalls holds
+/// only its own permits, never the fills of the others.
+struct FillPermits {
+    per_database: usize,
+    semaphores: Mutex<HashMap<DatabaseRef, Arc<Semaphore>>>,
+}
+
+impl FillPermits {
+    fn new(per_database: usize) -> FillPermits {
+        FillPermits {
+            per_database: per_database.max(1),
+            semaphores: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn acquire(&self, db: DatabaseRef) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let semaphore = self
+            .semaphores
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(db)
+            .or_insert_with(|| Arc::new(Semaphore::new(self.per_database)))
+            .clone();
+        semaphore.acquire_owned().await.ok()
+    }
 }
 
 /// Write notices that could not be delivered.
@@ -680,7 +679,7 @@ struct Inner {
     pending: Pending,
     /// Held by the one task replaying pending notices.
     replay: Arc<tokio::sync::Mutex<()>>,
-    fills: Semaphore,
+    fills: FillPermits,
     orders: Flights<FlightKey, Arc<Option<Order>>>,
     users: Flights<FlightKey, Arc<Option<User>>>,
     pages: Flights<FlightKey, Arc<Vec<Order>>>,
@@ -720,7 +719,7 @@ impl RedisCache {
             ),
             pending: Pending::new(cache.max_pending_invalidations),
             replay: Arc::new(tokio::sync::Mutex::new(())),
-            fills: Semaphore::new(cache.max_concurrent_fills.max(1)),
+            fills: FillPermits::new(cache.max_concurrent_fills),
             orders: Flights::new(Duration::from_millis(cache.fill_lease_ms)),
             users: Flights::new(Duration::from_millis(cache.fill_lease_ms)),
             pages: Flights::new(Duration::from_millis(cache.fill_lease_ms)),
@@ -742,30 +741,30 @@ impl RedisCache {
         Ok(RedisCache { inner })
     }
 
-    pub async fn order<E, F, Fut>(&self, id: OrderId, load: F) -> Result<Option<Order>, E>
+    pub async fn order<E, F, Fut>(&self, id: OrderId, db: DatabaseRef, load: F) -> Result<Option<Order>, E>
     where
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Order>, E>>,
     {
         let keys = EntryKeys::order(&self.inner.prefix, id);
-        self.inner.read_entry(keys, &self.inner.orders, load).await
+        self.inner.read_entry(keys, db, &self.inner.orders, load).await
     }
 
-    pub async fn user<E, F, Fut>(&self, id: UserId, load: F) -> Result<Option<User>, E>
+    pub async fn user<E, F, Fut>(&self, id: UserId, db: DatabaseRef, load: F) -> Result<Option<User>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<User>, E>>,
     {
         let keys = EntryKeys::user(&self.inner.prefix, id);
-        self.inner.read_entry(keys, &self.inner.users, |_| load()).await
+        self.inner.read_entry(keys, db, &self.inner.users, load).await
     }
 
-    pub async fn first_page<E, F, Fut>(&self, user: UserId, load: F) -> Result<Vec<Order>, E>
+    pub async fn first_page<E, F, Fut>(&self, user: UserId, db: DatabaseRef, load: F) -> Result<Vec<Order>, E>
     where
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
-        self.inner.read_page(user, load).await
+        self.inner.read_page(user, db, load).await
     }
 
     pub async fn order_written(
@@ -774,7 +773,6 @@ impl RedisCache {
         owner: UserId,
         version: i64,
         snapshot: Option<&Order>,
-        watermark: Option<(&Watermark, Duration)>,
     ) {
         let inner = &self.inner;
         let snapshot = snapshot.filter(|o| o.order_id == order && o.version == version);
@@ -790,14 +788,6 @@ impl RedisCache {
                     &conn.tag,
                 ))
                 .add_command(inner.page_written_cmd(owner));
-                // The watermarks ride in the same round trip. They are not replayed when
-                // Redis is down: the writing process keeps its own, and the client has the
-                // token.
-                if let Some((w, ttl)) = watermark {
-                    for of in [WatermarkOf::Order(order), WatermarkOf::User(owner)] {
-                        pipe.add_command(inner.raise_watermark_cmd(of, w, ttl));
-                    }
-                }
                 inner.query_pipe::<redis::Value>(&conn, &pipe).await.is_some()
             }
         };
@@ -806,16 +796,6 @@ impl RedisCache {
             inner.pending.add(EntryKey::Order(order), version);
             inner.pending.add(EntryKey::Page(owner), 0);
         }
-    }
-
-    /// The watermark stored for `of`, if Redis answers and holds one.
-    pub async fn watermark(&self, of: WatermarkOf) -> Option<Watermark> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
-        let raw: Option<String> = inner
-            .query(&conn, redis::cmd("GET").arg(watermark_key(&inner.prefix, of)))
-            .await?;
-        raw.as_deref().and_then(Watermark::parse)
     }
 
     /// The cached order `id` if Redis holds it now (`Some(None)`: cached as absent); never
@@ -1009,21 +989,22 @@ impl Inner {
     async fn read_entry<T, E, F, Fut>(
         self: &Arc<Self>,
         keys: EntryKeys,
+        db: DatabaseRef,
         flights: &Flights<FlightKey, Arc<Option<T>>>,
         load: F,
     ) -> Result<Option<T>, E>
     where
         T: Entity,
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
         if self.must_skip(keys.key) {
             count(keys.key, "skipped");
-            return load(None).await;
+            return load().await;
         }
         let Some(conn) = self.conn().await else {
             count(keys.key, "skipped");
-            return load(None).await;
+            return load().await;
         };
         // A hit costs one GET, like a bare read of the value. Only a miss reads the marker
         // (after the GET, so still after this read started), to choose its flight.
@@ -1031,7 +1012,7 @@ impl Inner {
             .query::<Option<Vec<u8>>>(&conn, redis::cmd("GET").arg(&keys.data))
             .await
         {
-            None => return load(None).await,
+            None => return load().await,
             Some(Some(raw)) => {
                 if let Some(hit) = entry_hit::<T>(&raw, &conn.tag) {
                     count(keys.key, "hit");
@@ -1044,58 +1025,49 @@ impl Inner {
             .query::<Option<String>>(&conn, redis::cmd("GET").arg(&keys.marker))
             .await
         else {
-            return load(None).await;
+            return load().await;
         };
         let shared = flights
             .run((keys.key, marker, conn.tag.clone()), || async {
-                self.lead_entry::<T, E, F, Fut>(&keys, load).await.map(Arc::new)
+                self.lead_entry::<T, E, F, Fut>(&keys, db, load).await.map(Arc::new)
             })
             .await?;
         Ok((*shared).clone())
     }
 
-    /// The flight leader of an entry: GET again (with the watermark of an order), load,
-    /// fill.
+    /// The flight leader of an entry: GET again, load, fill.
     ///
-    /// The watermark read here is as new as any a follower could need: a follower shares this
-    /// flight only if it saw the same marker, and every write raises the marker and the
-    /// watermark in one round trip.
-    async fn lead_entry<T, E, F, Fut>(self: &Arc<Self>, keys: &EntryKeys, load: F) -> Result<Option<T>, E>
+    /// Its load begins after every follower's miss began (a follower shares this flight only
+    /// if it saw the same marker, which every write raises before it is acknowledged), so
+    /// what it loads holds every write acknowledged before any of them.
+    async fn lead_entry<T, E, F, Fut>(
+        self: &Arc<Self>,
+        keys: &EntryKeys,
+        db: DatabaseRef,
+        load: F,
+    ) -> Result<Option<T>, E>
     where
         T: Entity,
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
         let Some(conn) = self.conn().await else {
-            return load(None).await;
+            return load().await;
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("MGET").arg(&keys.data);
-        if let Some(w) = &keys.watermark {
-            pipe.arg(w);
-        } else {
-            // Keeps the answer's shape: the data key twice costs nothing.
-            pipe.arg(&keys.data);
-        }
-        pipe.cmd("TIME");
-        type Seen = ((Option<Vec<u8>>, Option<String>), (i64, i64));
-        let Some(((raw, watermark), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
-            return load(None).await;
+        pipe.cmd("GET").arg(&keys.data).cmd("TIME");
+        type Seen = (Option<Vec<u8>>, (i64, i64));
+        let Some((raw, time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
+            return load().await;
         };
         if let Some(hit) = raw.as_deref().and_then(|r| entry_hit::<T>(r, &conn.tag)) {
             count(keys.key, "hit");
             return Ok(hit);
         }
-        let watermark = keys
-            .watermark
-            .as_ref()
-            .and(watermark)
-            .as_deref()
-            .and_then(Watermark::parse);
         let deadline = self.deadline(time);
-        let _permit = self.fills.acquire().await.ok();
+        let _permit = self.fills.acquire(db).await;
         let started = Instant::now();
-        let loaded = load(watermark).await?;
+        let loaded = load().await?;
         self.gate.pass(keys.key).await;
         let (version, payload, ttl) = match &loaded {
             Some(v) => (v.version(), v.encode(), self.ttl),
@@ -1115,19 +1087,19 @@ impl Inner {
         Ok(loaded)
     }
 
-    async fn read_page<E, F, Fut>(self: &Arc<Self>, user: UserId, load: F) -> Result<Vec<Order>, E>
+    async fn read_page<E, F, Fut>(self: &Arc<Self>, user: UserId, db: DatabaseRef, load: F) -> Result<Vec<Order>, E>
     where
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
         let key = EntryKey::Page(user);
         if self.must_skip(key) {
             count(key, "skipped");
-            return load(None).await;
+            return load().await;
         }
         let Some(conn) = self.conn().await else {
             count(key, "skipped");
-            return load(None).await;
+            return load().await;
         };
         let (page, generation) = (page_key(&self.prefix, user), generation_key(&self.prefix, user));
         let mut mget = redis::cmd("MGET");
@@ -1136,7 +1108,7 @@ impl Inner {
             .query::<(Option<Vec<u8>>, Option<String>)>(&conn, &mget)
             .await
         {
-            None => return load(None).await,
+            None => return load().await,
             Some((Some(raw), seen)) => {
                 if let Some(hit) = page_hit(&raw, &conn.tag) {
                     count(key, "hit");
@@ -1149,51 +1121,43 @@ impl Inner {
         let shared = self
             .pages
             .run((key, seen, conn.tag.clone()), || async {
-                self.lead_page(key, &page, &generation, load).await.map(Arc::new)
+                self.lead_page(key, db, &page, &generation, load).await.map(Arc::new)
             })
             .await?;
         Ok((*shared).clone())
     }
 
-    /// The flight leader of a page: MGET again (noting the generation and the user's
-    /// watermark, which every order write raises with the generation), load, fill.
+    /// The flight leader of a page: MGET again (noting the generation), load, fill.
     async fn lead_page<E, F, Fut>(
         self: &Arc<Self>,
         key: EntryKey,
+        db: DatabaseRef,
         page: &str,
         generation: &str,
         load: F,
     ) -> Result<Vec<Order>, E>
     where
-        F: FnOnce(Option<Watermark>) -> Fut,
+        F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
         let Some(conn) = self.conn().await else {
-            return load(None).await;
-        };
-        let EntryKey::Page(user) = key else {
-            return load(None).await;
+            return load().await;
         };
         let mut pipe = redis::pipe();
-        pipe.cmd("MGET")
-            .arg(page)
-            .arg(generation)
-            .arg(watermark_key(&self.prefix, WatermarkOf::User(user)))
-            .cmd("TIME");
-        type Seen = ((Option<Vec<u8>>, Option<String>, Option<String>), (i64, i64));
-        let Some(((raw, seen, watermark), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
-            return load(None).await;
+        pipe.cmd("MGET").arg(page).arg(generation).cmd("TIME");
+        type Seen = ((Option<Vec<u8>>, Option<String>), (i64, i64));
+        let Some(((raw, seen), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
+            return load().await;
         };
-        let watermark = watermark.as_deref().and_then(Watermark::parse);
         if let Some(hit) = raw.as_deref().and_then(|r| page_hit(r, &conn.tag)) {
             count(key, "hit");
             return Ok(hit);
         }
         let seen = seen.unwrap_or_else(|| "0".to_owned());
         let deadline = self.deadline(time);
-        let _permit = self.fills.acquire().await.ok();
+        let _permit = self.fills.acquire(db).await;
         let started = Instant::now();
-        let loaded = load(watermark).await?;
+        let loaded = load().await?;
         self.gate.pass(key).await;
         if let Some(fill_conn) = self.fill_conn(key, &conn.tag, started) {
             let mut cmd = evalsha(&self.scripts.fill_page, &[page, generation]);
@@ -1255,17 +1219,6 @@ impl Inner {
             .arg(tag)
             .arg(value)
             .arg(self.jittered_ms(self.ttl));
-        cmd
-    }
-
-    fn raise_watermark_cmd(&self, of: WatermarkOf, w: &Watermark, ttl: Duration) -> Cmd {
-        let token = w.to_string();
-        let scope = format!("{}{}-", &token[..=token.find(':').unwrap_or(0)], w.gtid.domain);
-        let mut cmd = evalsha(&self.scripts.raise_watermark, &[&watermark_key(&self.prefix, of)]);
-        cmd.arg(token)
-            .arg(scope)
-            .arg(w.gtid.seq)
-            .arg(ttl.as_millis() as u64);
         cmd
     }
 

@@ -104,6 +104,11 @@ impl GtidPosition {
         self.0.is_empty()
     }
 
+    /// The last GTID of each domain.
+    pub fn gtids(&self) -> &[Gtid] {
+        &self.0
+    }
+
     /// Records that the server has applied `gtid` (and so everything of its domain before it).
     pub fn raise(&mut self, gtid: Gtid) {
         match self.0.iter_mut().find(|g| g.domain == gtid.domain) {

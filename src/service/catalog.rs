@@ -174,7 +174,7 @@ impl CatalogService {
     /// user" from a replica is asked again of the primary (the profile may be new).
     async fn load_user(&self, id: UserId) -> Result<Option<User>> {
         self.cache
-            .user(id, || async {
+            .user(id, self.profiles.reference(), || async {
                 let query = replicas::query(move |c| -> ReadQuery<'_, Option<User>> {
                     Box::pin(commerce::load_user(c, id))
                 });

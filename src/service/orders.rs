@@ -23,11 +23,13 @@
 
 use std::sync::Arc;
 
+use tokio_util::task::TaskTracker;
+
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlPool};
 
-use crate::cache::{Cache, WatermarkOf, FIRST_PAGE};
+use crate::cache::{Cache, FIRST_PAGE};
 use crate::config::{CartSettings, FlashSettings, OrderSettings};
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
@@ -53,11 +55,16 @@ use crate::storage::StorageError;
 
 use super::cart::CartService;
 use super::flash::{Admission, FlashSales};
-use super::watermarks::LocalWatermarks;
+use super::watermarks::{LocalWatermarks, WatermarkOf};
 use super::{retry_deadlocks, Error, Result};
 
 /// The default of `replicas.watermark_ttl_ms`, for services built without settings.
 const DEFAULT_WATERMARK_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long the `orders::after_write` failpoint holds a write between its COMMIT and its
+/// `after_commit` (tests cut the caller off meanwhile).
+#[cfg(feature = "failpoints")]
+pub const COMMIT_FAILPOINT_DELAY: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The largest page of `GET /v1/orders`.
 pub const MAX_PAGE: u32 = 100;
@@ -82,6 +89,9 @@ pub struct OrderService {
     /// Where archived orders are read, and money for them recorded (see
     /// [`super::archive`]); `None`: no archive (tools and benches built without one).
     archive: Option<ArchiveReads>,
+    /// The tasks background steps write on ([`Self::uncut`]); `serve` hands in the tracker
+    /// of its request writes, so a shutdown waits for both.
+    writes: TaskTracker,
 }
 
 /// The archive as the order use cases see it.
@@ -387,6 +397,7 @@ impl OrderService {
             )),
             relay_wakers: RelayWakers::default(),
             archive: None,
+            writes: TaskTracker::new(),
         }
     }
 
@@ -432,6 +443,12 @@ impl OrderService {
     }
 
     /// Wakes these relays after each commit (the relays of the same process).
+    /// The tracker background writes run on (`serve`'s, which its shutdown waits for).
+    pub fn with_write_tracker(mut self, writes: TaskTracker) -> Self {
+        self.writes = writes;
+        self
+    }
+
     pub fn with_relay_wakers(mut self, wakers: RelayWakers) -> Self {
         self.relay_wakers = wakers;
         self
@@ -466,6 +483,18 @@ impl OrderService {
 
     // ------------------------------------------------------------------ the commit point
 
+    /// Runs `work` on this service's write tracker (the one `serve` waits for at shutdown),
+    /// so that dropping the caller (a background step's timeout, shutdown) stops only the
+    /// waiting: a write is never cut between its COMMIT and its `after_commit`.
+    /// A task that panicked is an error of its own kind (`JoinError`).
+    pub(crate) async fn uncut<T, Fut>(&self, work: Fut) -> std::result::Result<T, tokio::task::JoinError>
+    where
+        Fut: std::future::Future<Output = T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.writes.spawn(work).await
+    }
+
     /// The one door every order write goes through: [`orders::write_order`] (retried on a
     /// deadlock: a deadlocked statement committed nothing), then [`Self::after_commit`] with
     /// what committed. Runs on a write task (see [`crate::http::write`]), so a commit is never
@@ -491,6 +520,19 @@ impl OrderService {
             Ok(c) => c,
             Err(not) => return Ok(Err(not)),
         };
+        // Tests stand here between COMMIT and `after_commit` (a step cut off, a process
+        // killed): `return(<order id>)` delays that order's write by `COMMIT_FAILPOINT_DELAY`,
+        // `panic(<order id>)`... is spelled `return(panic:<order id>)`.
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(arg)) = fail::eval("orders::after_write", |arg| arg) {
+            let id = committed.order_id.to_string();
+            if arg == format!("panic:{id}") {
+                panic!("failpoint orders::after_write: the write of {id} dies after its commit");
+            }
+            if arg == id {
+                tokio::time::sleep(COMMIT_FAILPOINT_DELAY).await;
+            }
+        }
         let order = match snapshot {
             Snapshot::Known(o) => Some(*o),
             // A reload that fails leaves the answer to the caller's own reload; the cache
@@ -509,9 +551,9 @@ impl OrderService {
     }
 
     /// Everything that must follow a committed order write, before its answer leaves: the
-    /// read-your-writes watermarks of the order and its owner (here, and with the cache's
-    /// notice in Redis when the database has replicas), the cache (replaced with the order at
-    /// the committed version, or invalidated) and metrics. (The event itself committed with
+    /// read-your-writes watermarks of the order and its owner in this process (its
+    /// `Consistency-Token`), the cache (replaced with the order at the committed version, or
+    /// invalidated) and metrics. (The event itself committed with
     /// the write, in the outbox; its relay was woken before this.)
     async fn after_commit(&self, db: &Database, c: &Committed, order: Option<&Order>) {
         metrics::counter!("orderly_order_writes_total", "status" => c.status.name()).increment(1);
@@ -523,13 +565,9 @@ impl OrderService {
             self.watermarks
                 .record(&[WatermarkOf::Order(c.order_id), WatermarkOf::User(c.user_id)], w);
         }
-        let shared = watermark
-            .as_ref()
-            .filter(|_| db.has_replicas())
-            .map(|w| (w, self.watermarks.ttl()));
         let snapshot = order.filter(|o| o.version == c.version);
         self.cache
-            .order_written(c.order_id, c.user_id, c.version, snapshot, shared)
+            .order_written(c.order_id, c.user_id, c.version, snapshot)
             .await;
     }
 
@@ -539,40 +577,20 @@ impl OrderService {
         self.watermarks.get(WatermarkOf::Order(order))
     }
 
-    /// The GTID a `session` read of `of` on `db` must see: the latest of this process's
-    /// watermark, `shared` (Redis's, read by the cache with the entry) and the client's
-    /// token, those of `db` only.
-    fn watermark(
-        &self,
-        db: &Database,
-        of: WatermarkOf,
-        token: Option<Watermark>,
-        shared: Option<Watermark>,
-    ) -> Option<Gtid> {
+    /// The newest write on `db` a `session` read of `of` is known to need: the later of this
+    /// process's watermark and the client's token, those of `db` only. It only raises the
+    /// read's fence ([`Database::read`]), which already holds every acknowledged write; the
+    /// token is what the client proves it saw.
+    fn watermark(&self, db: &Database, of: WatermarkOf, token: Option<Watermark>) -> Option<Gtid> {
         if !db.has_replicas() {
             return None;
         }
-        [self.watermarks.get(of), shared, token]
+        [self.watermarks.get(of), token]
             .into_iter()
             .flatten()
             .filter(|w| w.database == db.reference())
             .reduce(Watermark::max)
             .map(|w| w.gtid)
-    }
-
-    /// [`Self::watermark`] for a read that does not go through the cache: Redis's watermark
-    /// costs a round trip of its own.
-    async fn fetch_watermark(
-        &self,
-        db: &Database,
-        of: WatermarkOf,
-        token: Option<Watermark>,
-    ) -> Option<Gtid> {
-        if !db.has_replicas() {
-            return None;
-        }
-        let shared = self.cache.watermark(of).await;
-        self.watermark(db, of, token, shared)
     }
 
     /// The order `id` from the server `read` calls for (a `session` read waits for
@@ -900,7 +918,20 @@ impl OrderService {
         let order = orders::load_order(conn, &shard.tables, id)
             .await?
             .ok_or(Error::NotFound)?;
+        self.after_replay(&order).await;
         Ok((order, Created::Replay))
+    }
+
+    /// What a replayed write owes the readers: the first attempt may have committed and then
+    /// lost its [`Self::after_commit`] (its process killed, its step cut off between COMMIT
+    /// and the notice), so a replay, which read the order from the primary, notifies the
+    /// cache of it as the write would have. A notice of a version the cache already has
+    /// changes nothing.
+    async fn after_replay(&self, order: &Order) {
+        metrics::counter!("orderly_order_replays_total").increment(1);
+        self.cache
+            .order_written(order.order_id, order.user_id, order.version, Some(order))
+            .await;
     }
 
     /// The order write failed or found its id void: give the reservation back now if the
@@ -1015,8 +1046,8 @@ impl OrderService {
         let order = match read.consistency {
             Consistency::Session => {
                 self.cache
-                    .order(id, |shared| async move {
-                        let watermark = self.watermark(db, of, read.token, shared);
+                    .order(id, db.reference(), || async move {
+                        let watermark = self.watermark(db, of, read.token);
                         let (found, from) = self
                             .load_order(shard, id, Consistency::Session, watermark)
                             .await?;
@@ -1120,8 +1151,8 @@ impl OrderService {
         let served = &served;
         let mut page = if cached && read.consistency == Consistency::Session {
             self.cache
-                .first_page(user, |shared| async move {
-                    let watermark = self.watermark(db, of, read.token, shared);
+                .first_page(user, db.reference(), || async move {
+                    let watermark = self.watermark(db, of, read.token);
                     let found = db.read(read.consistency, watermark.as_ref(), list).await?;
                     served.set(Served::of(&found));
                     Ok::<_, Error>(found.value)
@@ -1129,7 +1160,7 @@ impl OrderService {
                 .await?
         } else {
             let watermark = match read.consistency {
-                Consistency::Session => self.fetch_watermark(db, of, read.token).await,
+                Consistency::Session => self.watermark(db, of, read.token),
                 _ => None,
             };
             let found = db.read(read.consistency, watermark.as_ref(), list).await?;
@@ -1600,6 +1631,7 @@ impl OrderService {
             }
         }
         let mut answer = None;
+        let replayed = matches!(recorded, Ok(Err(NotWritten::Replay)));
         match recorded {
             Ok(Ok((c, snapshot))) => {
                 if c.status.releases_stock() && !c.previous.releases_stock() {
@@ -1636,6 +1668,9 @@ impl OrderService {
                     .ok_or(Error::NotFound)?
             }
         };
+        if replayed && !archived {
+            self.after_replay(&order).await;
+        }
         if !caller.can_see(&order) {
             return Err(Error::NotFound);
         }

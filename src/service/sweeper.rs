@@ -444,22 +444,34 @@ impl OrderService {
             ..Default::default()
         };
         for (id, version) in orders {
-            let write = OrderWrite::Status {
-                id,
-                expected_version: version,
-                from,
-                to,
-                change: &change,
-                now: now(),
-            };
-            match self.commit(shard, write, Snapshot::None).await? {
-                Ok(_) => {
-                    if due == Due::Unpaid {
-                        self.release_stock(shard, id).await;
+            // Each move runs to its end (cache notice, stock given back) on a write task of
+            // its own, whatever happens to this step (its timeout, shutdown).
+            let (service, shard, change) = (self.clone(), shard.clone(), change.clone());
+            let moved = self
+                .uncut(async move {
+                    let write = OrderWrite::Status {
+                        id,
+                        expected_version: version,
+                        from,
+                        to,
+                        change: &change,
+                        now: now(),
+                    };
+                    let moved = service.commit(&shard, write, Snapshot::None).await?.is_ok();
+                    if moved && due == Due::Unpaid {
+                        service.release_stock(&shard, id).await;
                     }
-                    out.moved += 1;
-                }
-                Err(_) => out.raced += 1,
+                    Ok::<_, StorageError>(moved)
+                })
+                .await
+                .map_err(|e| {
+                    tracing::error!(order_id = %id, error = %e, "a background move panicked");
+                    StorageError::Db(sqlx::Error::WorkerCrashed)
+                })??;
+            if moved {
+                out.moved += 1;
+            } else {
+                out.raced += 1;
             }
         }
         Ok(())
@@ -550,8 +562,8 @@ fn count_complete(out: &CompleteOutcome) {
 /// Creates leave their claims for the sweeper to confirm, so under load a step finds a full
 /// batch: the sweep repeats, after a short pause ([`CATCH_UP_PAUSE`]), while its batches come
 /// back full and make progress, for up to one interval, so the sweeper keeps up with the
-/// create rate. Shutdown cuts a
-/// step off wherever it is: each step's writes are single transactions, safe to redo.
+/// create rate. Shutdown stops a step between its writes: each order's move runs to its end
+/// (commit, cache notice, stock) on a write task that `serve` waits for.
 pub async fn run(
     service: OrderService,
     grace: Duration,

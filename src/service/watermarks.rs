@@ -1,10 +1,10 @@
 //! Read-your-writes watermarks kept in this process.
 //!
 //! Every committed order write records its watermark (database and GTID) for the order and
-//! for its owner, here and in Redis (through the cache). A `session` read takes the later of
-//! this process's, Redis's and the client's token. This copy is what makes read-your-writes
-//! hold within one process while Redis is down, and what a write's `Consistency-Token` header
-//! is read from.
+//! for its owner. A write's `Consistency-Token` header is read from here, and a `session`
+//! read raises its fence with the later of this process's watermark and the client's token
+//! (the fence, the primary's position read after the read began, already holds them: see
+//! [`crate::storage::replicas`]).
 //!
 //! Entries expire after `replicas.watermark_ttl_ms` (by then every replica in rotation has
 //! the write); expired ones are swept as new ones come in, so memory follows the write rate.
@@ -13,8 +13,16 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::cache::WatermarkOf;
 use crate::domain::consistency::Watermark;
+use crate::domain::ids::{OrderId, UserId};
+
+/// Whose watermark: an order's (its own writes) or a user's (the writes of all their orders,
+/// for their list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WatermarkOf {
+    Order(OrderId),
+    User(UserId),
+}
 
 /// Inserts between two sweeps of expired entries: a sweep walks the whole map, so it runs once
 /// per this many writes (amortised O(1) per write) and at most this many expired entries

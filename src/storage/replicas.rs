@@ -9,21 +9,31 @@
 //! - `strong`: the primary.
 //! - `eventual`: a replica in rotation, however far behind (within the lag bound); the primary
 //!   when none is.
-//! - `session` (read-your-writes): a replica in rotation that has applied the read's watermark
-//!   (the GTID of the newest write the reader must see). One the probe already saw past it
-//!   answers at once; otherwise it is asked to wait for it ([`wait_for_gtid`], at most
-//!   `replicas.gtid_wait_ms`), and on timeout the primary answers.
+//! - `session` (read-your-writes): a replica in rotation that has applied the read's *fence*:
+//!   the primary's `@@gtid_binlog_pos` read after the read began ([`Database::fence`]), so it
+//!   holds every write acknowledged before the read, whichever process made it and whatever
+//!   Redis has lost. One the probe (or an earlier wait) already saw past it answers at once;
+//!   otherwise it is asked to wait for it ([`wait_for_position`], at most
+//!   `replicas.gtid_wait_ms`), and on timeout the primary answers. Concurrent session reads
+//!   share one fence read (a read that began before a fence read was sent may use its
+//!   answer), so under load a fence costs far less than a round trip per read. A primary
+//!   whose position cannot be read answers the read itself: never a replica on a guess.
 //!
-//! A replica that fails (unreachable, no free connection in time, an error) leaves the
-//! rotation at once and the read moves on to the next one, then to the primary: a dead
-//! replica costs a read latency, never an error.
+//! A replica that fails (unreachable, no free connection in time, an error, or no answer
+//! within `replicas.read_timeout_ms`: a frozen server) leaves the rotation at once and the
+//! read moves on to the next one, then to the primary: a dead or frozen replica costs a read
+//! latency, never an error and never more than its timeout.
 //!
 //! # Rotation
 //! A probe per database ([`Database::probe`], every `replicas.probe_interval_ms`) reads the
 //! primary's `@@gtid_binlog_pos` and each replica's `@@gtid_slave_pos`. A replica's lag is the
 //! age of the oldest primary position it has not applied; a replica that answers and lags at
 //! most `replicas.max_lag_ms` is in rotation, any other is out until a probe finds it healthy.
-//! Measuring lag by positions (not `Seconds_Behind_Master`) counts a stopped applier too.
+//! Measuring lag by positions (not `Seconds_Behind_Master`) counts a stopped applier too. A
+//! probe that cannot read the primary's position cannot measure lag: every replica leaves the
+//! rotation until one can (unknown lag is not small lag). The probe and the fences read the
+//! primary over a small pool of their own ([`CONTROL_CONNECTIONS`]), so a request pool
+//! exhausted by heavy writes never blinds them.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -38,6 +48,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{DatabaseSettings, ReplicaSettings};
 use crate::domain::consistency::{Consistency, DatabaseRef, Gtid, GtidPosition};
+use tokio::sync::Mutex as AsyncMutex;
 
 use super::{connect, Result, StorageError};
 
@@ -73,6 +84,9 @@ pub struct Read<T> {
 const HISTORY_SPAN_FACTOR: u32 = 4;
 /// At most this many primary positions are kept (one per probe).
 const HISTORY_MAX: usize = 512;
+/// Connections of the control pool (probe and fences) per primary: one fence read at a time
+/// (they are shared, see [`Database::fence`]) plus the probe's.
+pub const CONTROL_CONNECTIONS: u32 = 2;
 
 struct Replica {
     /// `<database>/r<index>`: a metric label, never a URL (it could hold credentials).
@@ -93,9 +107,16 @@ impl Replica {
             .increment(1);
     }
 
-    fn has_applied(&self, gtid: &Gtid) -> bool {
-        self.position.read().map(|p| p.includes(gtid)).unwrap_or(false)
+    fn has_applied(&self, fence: &GtidPosition) -> bool {
+        self.position.read().map(|p| p.includes_all(fence)).unwrap_or(false)
     }
+}
+
+/// The last fence read of a database: when its query was sent, and what it answered.
+#[derive(Default)]
+struct LastFence {
+    sent: Option<Instant>,
+    position: GtidPosition,
 }
 
 /// One database server: its primary and its replicas (see the module docs).
@@ -103,6 +124,10 @@ pub struct Database {
     name: String,
     reference: DatabaseRef,
     primary: MySqlPool,
+    /// The probe's and the fences' own connections to the primary.
+    control: MySqlPool,
+    /// Held while a fence is read; the answer serves every read that began before it was sent.
+    fence: AsyncMutex<LastFence>,
     replicas: Vec<Replica>,
     /// Round robin over the replicas.
     next: AtomicUsize,
@@ -111,6 +136,7 @@ pub struct Database {
     gtid_wait: Duration,
     max_lag: Duration,
     probe_timeout: Duration,
+    read_timeout: Duration,
 }
 
 impl std::fmt::Debug for Database {
@@ -133,6 +159,7 @@ impl Database {
         database: &DatabaseSettings,
         settings: &ReplicaSettings,
     ) -> Result<Database> {
+        let control = connect_control(primary, settings)?;
         let primary = connect(primary, database).await?;
         let mut pools = Vec::with_capacity(replicas.len());
         for (i, url) in replicas.iter().enumerate() {
@@ -148,12 +175,15 @@ impl Database {
             name: name.to_owned(),
             reference,
             primary,
+            control,
+            fence: AsyncMutex::new(LastFence::default()),
             replicas: pools,
             next: AtomicUsize::new(0),
             history: Mutex::new(VecDeque::new()),
             gtid_wait: Duration::from_millis(settings.gtid_wait_ms),
             max_lag: Duration::from_millis(settings.max_lag_ms),
             probe_timeout: Duration::from_millis(settings.probe_timeout_ms),
+            read_timeout: Duration::from_millis(settings.read_timeout_ms),
         })
     }
 
@@ -199,26 +229,35 @@ impl Database {
         Duration::from_millis(ms)
     }
 
-    /// Runs `query` on the server `consistency` and `watermark` call for (see the module
-    /// docs). `watermark` only counts for `session` reads.
-    pub async fn read<T, Q>(
-        &self,
-        consistency: Consistency,
-        watermark: Option<&Gtid>,
-        query: Q,
-    ) -> Result<Read<T>>
+    /// Runs `query` on the server `consistency` calls for (see the module docs). `known`
+    /// (the newest write this reader knows of: a client's token, this process's own writes)
+    /// only counts for `session` reads, and only raises their fence.
+    pub async fn read<T, Q>(&self, consistency: Consistency, known: Option<&Gtid>, query: Q) -> Result<Read<T>>
     where
         Q: for<'c> Fn(&'c mut MySqlConnection) -> ReadQuery<'c, T>,
     {
         if consistency != Consistency::Strong && !self.replicas.is_empty() {
-            let watermark = watermark.filter(|_| consistency == Consistency::Session);
+            let fence = match consistency {
+                Consistency::Session => match self.fence().await {
+                    Ok(mut fence) => {
+                        if let Some(g) = known {
+                            fence.raise(*g);
+                        }
+                        Some(fence)
+                    }
+                    // Whether a replica has every acknowledged write is unknown: the primary
+                    // answers (and fails the read if it is down).
+                    Err(_) => return self.read_primary(query).await,
+                },
+                _ => None,
+            };
             let start = self.next.fetch_add(1, Ordering::Relaxed);
             let n = self.replicas.len();
             for replica in (0..n).map(|i| &self.replicas[(start + i) % n]) {
                 if !replica.in_rotation.load(Ordering::Acquire) {
                     continue;
                 }
-                match self.read_replica(replica, watermark, &query).await {
+                match self.read_replica(replica, fence.as_ref(), &query).await {
                     Ok(Some(value)) => {
                         metrics::counter!("orderly_db_reads_total", "database" => self.name.clone(), "server" => "replica")
                             .increment(1);
@@ -227,13 +266,20 @@ impl Database {
                             served: Served::Replica,
                         });
                     }
-                    // The watermark did not arrive in time: the primary has it.
+                    // The fence did not arrive in time: the primary has it.
                     Ok(None) => break,
                     Err(StorageError::Corrupt(m)) => return Err(StorageError::Corrupt(m)),
                     Err(e) => replica.leave_rotation("read_failed", Some(&e)),
                 }
             }
         }
+        self.read_primary(query).await
+    }
+
+    async fn read_primary<T, Q>(&self, query: Q) -> Result<Read<T>>
+    where
+        Q: for<'c> Fn(&'c mut MySqlConnection) -> ReadQuery<'c, T>,
+    {
         let mut conn = self.primary.acquire().await?;
         let value = query(&mut conn).await?;
         metrics::counter!("orderly_db_reads_total", "database" => self.name.clone(), "server" => "primary")
@@ -244,32 +290,88 @@ impl Database {
         })
     }
 
-    /// `Ok(None)`: the replica did not apply `watermark` within the wait.
+    /// The fence of a `session` read that begins now: the primary's position, read after
+    /// this call began, so it holds every write acknowledged before. Reads that arrive while
+    /// a fence read is under way wait for the next one, which one of them sends: under load
+    /// one round trip serves every read that began before it was sent.
+    pub async fn fence(&self) -> Result<GtidPosition> {
+        let began = Instant::now();
+        let mut last = tokio::time::timeout(self.probe_timeout, self.fence.lock())
+            .await
+            .map_err(|_| StorageError::Db(sqlx::Error::PoolTimedOut))?;
+        if last.sent.is_some_and(|sent| sent >= began) {
+            metrics::counter!("orderly_replica_fences_total", "database" => self.name.clone(), "outcome" => "shared")
+                .increment(1);
+            return Ok(last.position.clone());
+        }
+        let sent = Instant::now();
+        let read = tokio::time::timeout(
+            self.probe_timeout,
+            position(&self.control, "SELECT @@gtid_binlog_pos"),
+        )
+        .await;
+        let outcome = match read {
+            Ok(Ok(position)) => {
+                *last = LastFence {
+                    sent: Some(sent),
+                    position: position.clone(),
+                };
+                Ok(position)
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StorageError::Db(sqlx::Error::PoolTimedOut)),
+        };
+        let label = if outcome.is_ok() { "read" } else { "failed" };
+        metrics::counter!("orderly_replica_fences_total", "database" => self.name.clone(), "outcome" => label)
+            .increment(1);
+        outcome
+    }
+
+    /// `Ok(None)`: the replica did not apply `fence` within the wait. The wait and the query
+    /// together take at most `gtid_wait_ms + read_timeout_ms`: a replica that does not answer
+    /// by then (frozen, overloaded) has its connection closed and leaves the rotation.
     async fn read_replica<T, Q>(
         &self,
         replica: &Replica,
-        watermark: Option<&Gtid>,
+        fence: Option<&GtidPosition>,
         query: &Q,
     ) -> Result<Option<T>>
     where
         Q: for<'c> Fn(&'c mut MySqlConnection) -> ReadQuery<'c, T>,
     {
         let mut conn = replica.pool.acquire().await?;
-        if let Some(gtid) = watermark.filter(|g| !replica.has_applied(g)) {
-            let began = Instant::now();
-            let arrived = wait_for_gtid(&mut conn, gtid, self.gtid_wait).await?;
-            metrics::histogram!("orderly_replica_gtid_wait_seconds").record(began.elapsed().as_secs_f64());
-            if !arrived {
-                metrics::counter!("orderly_replica_gtid_wait_timeouts_total", "replica" => replica.name.clone())
-                    .increment(1);
-                return Ok(None);
+        let fence = fence.filter(|f| !f.is_empty() && !replica.has_applied(f));
+        let bound = self.read_timeout + if fence.is_some() { self.gtid_wait } else { Duration::ZERO };
+        let work = async {
+            if let Some(fence) = fence {
+                let began = Instant::now();
+                let arrived = wait_for_position(&mut conn, fence, self.gtid_wait).await?;
+                metrics::histogram!("orderly_replica_gtid_wait_seconds").record(began.elapsed().as_secs_f64());
+                if !arrived {
+                    metrics::counter!("orderly_replica_gtid_wait_timeouts_total", "replica" => replica.name.clone())
+                        .increment(1);
+                    return Ok(None);
+                }
+                // What it applied it keeps: later reads of this fence or older need no wait.
+                if let Ok(mut p) = replica.position.write() {
+                    for g in fence.gtids() {
+                        p.raise(*g);
+                    }
+                }
             }
-            // What it applied it keeps: later reads of this watermark or older need no wait.
-            if let Ok(mut p) = replica.position.write() {
-                p.raise(*gtid);
+            Ok(Some(query(&mut conn).await?))
+        };
+        match tokio::time::timeout(bound, work).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                // The statement may still be running (or the server frozen): this connection
+                // must never serve another read.
+                conn.close_on_drop();
+                metrics::counter!("orderly_replica_read_timeouts_total", "replica" => replica.name.clone())
+                    .increment(1);
+                Err(StorageError::Db(sqlx::Error::PoolTimedOut))
             }
         }
-        Ok(Some(query(&mut conn).await?))
     }
 
     /// One probe of every replica (see the module docs): updates positions, lag and
@@ -281,7 +383,7 @@ impl Database {
         let now = Instant::now();
         let primary = tokio::time::timeout(
             self.probe_timeout,
-            position(&self.primary, "SELECT @@gtid_binlog_pos"),
+            position(&self.control, "SELECT @@gtid_binlog_pos"),
         )
         .await;
         let history = match primary {
@@ -320,6 +422,8 @@ impl Database {
                 *p = pos;
             }
             let Some(lag) = lag else {
+                // Reachable, but how far behind is unknown: not in rotation until it is known.
+                replica.leave_rotation("lag_unknown", None);
                 continue;
             };
             replica.lag_ms.store(lag.as_millis() as u64, Ordering::Relaxed);
@@ -361,19 +465,39 @@ async fn position(pool: &MySqlPool, sql: &'static str) -> Result<GtidPosition> {
     GtidPosition::parse(&raw).ok_or_else(|| super::corrupt("GTID position", raw))
 }
 
-/// Waits until the server behind `conn` has applied `gtid`, at most `timeout`; `false` when it
-/// has not by then.
+/// Waits until the server behind `conn` has applied every GTID of `position`, at most
+/// `timeout`; `false` when it has not by then.
 ///
-/// MariaDB: `MASTER_GTID_WAIT(gtid, seconds)` answers 0 once the replica's `gtid_slave_pos`
-/// holds it, -1 on timeout. (MySQL 8 spells this `WAIT_FOR_EXECUTED_GTID_SET(set, seconds)`,
-/// 0 or 1, with UUID-based GTID sets: the one function to change there.)
-pub async fn wait_for_gtid(conn: &mut MySqlConnection, gtid: &Gtid, timeout: Duration) -> Result<bool> {
+/// MariaDB: `MASTER_GTID_WAIT(position, seconds)` answers 0 once the replica's
+/// `gtid_slave_pos` holds it, -1 on timeout. (MySQL 8 spells this
+/// `WAIT_FOR_EXECUTED_GTID_SET(set, seconds)`, 0 or 1, with UUID-based GTID sets: the one
+/// function to change there.)
+pub async fn wait_for_position(conn: &mut MySqlConnection, position: &GtidPosition, timeout: Duration) -> Result<bool> {
     let answer: Option<i64> = sqlx::query_scalar("SELECT MASTER_GTID_WAIT(?, ?)")
-        .bind(gtid.to_string())
+        .bind(position.to_string())
         .bind(timeout.as_secs_f64())
         .fetch_one(conn)
         .await?;
     Ok(answer == Some(0))
+}
+
+/// [`wait_for_position`] for one GTID.
+pub async fn wait_for_gtid(conn: &mut MySqlConnection, gtid: &Gtid, timeout: Duration) -> Result<bool> {
+    let mut position = GtidPosition::default();
+    position.raise(*gtid);
+    wait_for_position(conn, &position, timeout).await
+}
+
+/// The control pool of a primary: the probe and the fences, [`CONTROL_CONNECTIONS`] at
+/// most, opened lazily, each statement bounded by the probe's timeout.
+fn connect_control(url: &str, settings: &ReplicaSettings) -> Result<MySqlPool> {
+    let opts: MySqlConnectOptions = url.parse().map_err(StorageError::Db)?;
+    Ok(MySqlPoolOptions::new()
+        .max_connections(CONTROL_CONNECTIONS)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_millis(settings.probe_timeout_ms))
+        .test_before_acquire(false)
+        .connect_lazy_with(opts))
 }
 
 /// A replica pool: opened lazily, read-only sessions, and a short acquire timeout so that a

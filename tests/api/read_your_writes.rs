@@ -262,11 +262,11 @@ async fn two_processes_and_an_order(user: i64) -> TwoProcesses {
     }
 }
 
-/// Another service process, Redis stopped (so no watermark is shared) and the replica's
-/// applier stopped: the client's `Consistency-Token` alone makes the read see its write; the
-/// same read without it shows the old state.
+/// Another service process, Redis stopped (nothing shared) and the replica's applier
+/// stopped: the reader's reads see the write, with the client's `Consistency-Token` and
+/// without it (the read's fence is the primary's position, which no Redis outage hides).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
+async fn read_your_writes_from_another_process_with_redis_stopped() {
     let TwoProcesses {
         cluster,
         writer,
@@ -282,19 +282,24 @@ async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
     assert!(consistency.starts_with("o0:"), "{consistency}");
 
     let path = format!("/v1/orders/{id}");
-    let (s, served, o) = read(&reader, &token, &path, Some(&consistency)).await;
-    assert_eq!(s, StatusCode::OK, "{o}");
-    assert_eq!(
-        (o["status"].as_str(), served.as_str()),
-        (Some("awaiting_shipment"), "primary")
-    );
-    let (_, _, list) = read(&reader, &token, "/v1/orders", Some(&consistency)).await;
-    assert_eq!(
-        list["orders"][0]["status"], "awaiting_shipment",
-        "the list with the token"
-    );
-    // Without the token the other process cannot know: it reads the lagging replica.
-    let (_, served, o) = read(&reader, &token, &path, None).await;
+    for with_token in [Some(consistency.as_str()), None] {
+        let (s, served, o) = read(&reader, &token, &path, with_token).await;
+        assert_eq!(s, StatusCode::OK, "{o}");
+        assert_eq!(
+            (o["status"].as_str(), served.as_str()),
+            (Some("awaiting_shipment"), "primary"),
+            "token {with_token:?}"
+        );
+        for list_path in ["/v1/orders", "/v1/orders?limit=50"] {
+            let (_, _, list) = read(&reader, &token, list_path, with_token).await;
+            assert_eq!(
+                list["orders"][0]["status"], "awaiting_shipment",
+                "{list_path}, token {with_token:?}"
+            );
+        }
+    }
+    // The replica does lag: an eventual read of it shows the unpaid order.
+    let (_, served, o) = read(&reader, &token, &format!("{path}?consistency=eventual"), None).await;
     assert_eq!(
         (o["status"].as_str(), served.as_str()),
         (Some("pending_payment"), "replica"),
@@ -320,11 +325,100 @@ async fn read_your_writes_by_token_from_another_process_with_redis_stopped() {
     cluster.start_redis().await.unwrap();
 }
 
-/// Another service process, Redis up, no token: the watermark the writer left in Redis makes
-/// the other process's reads (a cache miss of the order, of the owner's first page, and an
-/// uncached page) see the write although the replica lacks it.
+/// How Redis loses what it held.
+#[derive(Debug, Clone, Copy)]
+enum RedisLoss {
+    FlushAll,
+    RestartEmpty,
+}
+
+async fn lose_redis_keys(cluster: &LocalCluster, app: &TestApp, loss: RedisLoss) {
+    match loss {
+        RedisLoss::FlushAll => {
+            let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
+            let mut con = client.get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("FLUSHALL").query_async::<()>(&mut con).await.unwrap();
+        }
+        RedisLoss::RestartEmpty => {
+            cluster.stop_redis().await.unwrap();
+            cluster.start_redis_empty().await.unwrap();
+        }
+    }
+}
+
+/// SPEC 2.5 with two processes and a lagging replica: the order is paid through A while the
+/// replica's applier is stopped, then Redis loses every key (markers, entries, generations).
+/// B's miss must not read the lagging replica into the cache; afterwards A and B, with and
+/// without the payment's token, in detail and on the first page, never answer the unpaid
+/// version.
+async fn cache_survives_redis_losing_its_keys(user: i64, loss: RedisLoss) {
+    let TwoProcesses {
+        cluster,
+        writer,
+        reader,
+        token,
+        order,
+        id,
+    } = two_processes_and_an_order(user).await;
+    let path = format!("/v1/orders/{id}");
+    // Both processes have the unpaid order and page cached.
+    for app in [&writer, &reader] {
+        let (_, _, o) = read(app, &token, &path, None).await;
+        assert_eq!(o["status"], "pending_payment");
+        let (_, _, list) = read(app, &token, "/v1/orders", None).await;
+        assert_eq!(list["orders"][0]["status"], "pending_payment");
+    }
+
+    cluster.stop_replica_sql(0, 0).await.unwrap();
+    let consistency = pay_with_token(&writer, &order).await;
+    lose_redis_keys(&cluster, &writer, loss).await;
+
+    // B first: its misses are the fills that could put the old version back.
+    let (s, _, o) = read(&reader, &token, &path, None).await;
+    assert_eq!(s, StatusCode::OK, "{o}");
+    assert_eq!(o["status"], "awaiting_shipment", "B's miss after {loss:?}");
+    let (_, _, list) = read(&reader, &token, "/v1/orders", None).await;
+    assert_eq!(list["orders"][0]["status"], "awaiting_shipment", "B's first page after {loss:?}");
+    // Whatever is cached now is what everyone reads.
+    for (name, app) in [("A", &writer), ("B", &reader)] {
+        for with_token in [None, Some(consistency.as_str())] {
+            let (_, served, o) = read(app, &token, &path, with_token).await;
+            assert_eq!(
+                o["status"], "awaiting_shipment",
+                "{name}'s detail (served by {served}), token {with_token:?}, after {loss:?}"
+            );
+            assert_eq!(o["version"], 2, "{name}");
+            let (_, served, list) = read(app, &token, "/v1/orders", with_token).await;
+            assert_eq!(
+                list["orders"][0]["status"], "awaiting_shipment",
+                "{name}'s first page (served by {served}), token {with_token:?}, after {loss:?}"
+            );
+        }
+    }
+    // The setup does lag: the replica still holds the unpaid order.
+    let (_, served, list) = read(&reader, &token, "/v1/orders?consistency=eventual", None).await;
+    assert_eq!(
+        (list["orders"][0]["status"].as_str(), served.as_str()),
+        (Some("pending_payment"), "replica")
+    );
+    cluster.start_replica_sql(0, 0).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn read_your_writes_across_processes_through_the_shared_watermark() {
+async fn cache_is_never_behind_an_acknowledged_write_after_redis_flushall() {
+    cache_survives_redis_losing_its_keys(5353, RedisLoss::FlushAll).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cache_is_never_behind_an_acknowledged_write_after_redis_restarts_empty() {
+    cache_survives_redis_losing_its_keys(5454, RedisLoss::RestartEmpty).await;
+}
+
+/// Another service process, Redis up, no token: the other process's reads (a cache miss of
+/// the order, of the owner's first page, and an uncached page) see the write although the
+/// replica lacks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn read_your_writes_across_processes_without_a_token() {
     let TwoProcesses {
         cluster,
         writer,
@@ -594,4 +688,174 @@ async fn read_your_writes_holds_under_bursts_of_replica_delay() {
         replica_reads.load(Ordering::Relaxed) > 0,
         "some reads were served by the replica (else the test proves nothing)"
     );
+}
+
+/// Reads on a replica that stopped answering (SIGSTOP: connections open, statements never
+/// answered) are bounded: none waits longer than the replica's timeout plus a primary read,
+/// and the reads of the other server's shards (each with its own replica, misses that need
+/// the cache's fill permits) are not held up by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_replica_costs_a_bounded_wait_and_never_stalls_other_shards() {
+    let cluster = LocalCluster::start(ClusterSpec {
+        mariadb_servers: 2,
+        replicas_per_server: 1,
+        with_redis: true,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("two servers with a replica each");
+    const READ_TIMEOUT_MS: u64 = 500;
+    let app = Arc::new(
+        TestApp::spawn_on(&cluster, |s| {
+            s.replicas.read_timeout_ms = READ_TIMEOUT_MS;
+            // Fewer permits than the readers of the frozen server's orders: one shared bound
+            // would be held entirely by their loads.
+            s.cache.max_concurrent_fills = 4;
+        })
+        .await,
+    );
+    until_replicas_in_rotation(&app).await;
+    let catalog = app.catalog(&[10_000]).await;
+    let on = |database: usize, from: i64| {
+        (from..)
+            .find(|&u| {
+                app.app
+                    .orders
+                    .shards()
+                    .of_user(orderly::domain::ids::UserId::new(u).unwrap())
+                    .database
+                    == database
+            })
+            .unwrap()
+    };
+    let (frozen_user, other_user) = (on(0, 7100), on(1, 7100));
+    let mut orders = std::collections::HashMap::new();
+    for user in [frozen_user, other_user] {
+        let mut ids = Vec::new();
+        for _ in 0..16 {
+            let o = app.place_order(user, &[(&catalog.products[0], 1)]).await;
+            ids.push(o["order_id"].as_str().unwrap().to_owned());
+        }
+        orders.insert(user, ids);
+    }
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
+    // Warm connections to both replicas (lists are never cached beyond the first page), so
+    // the freeze meets open connections, not new ones (which the acquire timeout bounds).
+    for user in [frozen_user, other_user] {
+        for _ in 0..8 {
+            let (_, served, _) = read(&app, &app.user_token(user), "/v1/orders?limit=50", None).await;
+            assert_eq!(served, "replica");
+        }
+    }
+
+    cluster.replica(0, 0).unwrap().pause().unwrap();
+    let bound = Duration::from_millis(READ_TIMEOUT_MS + 50) + Duration::from_secs(3);
+    let mut readers = Vec::new();
+    for r in 0..32usize {
+        let user = if r % 2 == 0 { frozen_user } else { other_user };
+        let (app, id) = (app.clone(), orders[&user][r / 2].clone());
+        readers.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder()
+                .timeout(Duration::from_secs(20))
+                .build()
+                .unwrap();
+            let token = app.user_token(user);
+            let mut slowest = Duration::ZERO;
+            // A miss of an order nobody read yet (it needs a fill permit), then the list.
+            for path in [format!("/v1/orders/{id}"), "/v1/orders?limit=50".to_owned()] {
+                let began = Instant::now();
+                let resp = client
+                    .get(format!("{}{path}", app.base))
+                    .bearer_auth(&token)
+                    .send()
+                    .await;
+                let status = resp.map(|r| r.status()).map_err(|e| e.to_string());
+                assert_eq!(status, Ok(StatusCode::OK), "{path}");
+                slowest = slowest.max(began.elapsed());
+            }
+            (user, slowest)
+        }));
+    }
+    let mut slowest = std::collections::HashMap::new();
+    for r in readers {
+        let (user, took) = r.await.expect("a reader failed");
+        let s = slowest.entry(user).or_insert(Duration::ZERO);
+        *s = (*s).max(took);
+    }
+    cluster.replica(0, 0).unwrap().resume().unwrap();
+    assert!(
+        slowest[&frozen_user] < bound,
+        "a read of the frozen replica's server waited {:?}",
+        slowest[&frozen_user]
+    );
+    assert!(
+        slowest[&other_user] < Duration::from_secs(3),
+        "a read of the other server waited {:?}",
+        slowest[&other_user]
+    );
+}
+
+/// A replica's lag is known only from the primary's position: when the primary's position
+/// cannot be read, the replica leaves the rotation (unknown lag is not small lag); and the
+/// probe reads it over a connection of its own, so a request pool exhausted by writes does
+/// not blind it (a replica that stopped applying is then seen lagging and leaves).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_whose_lag_cannot_be_measured_leaves_the_rotation() {
+    use orderly::domain::consistency::DatabaseRef;
+    use orderly::storage::replicas::Database;
+    use sqlx::Connection;
+    let cluster = replicated_cluster().await;
+    let primary = cluster.mariadb(0);
+    let replica = cluster.replica(0, 0).unwrap();
+    let mut settings = Settings::defaults();
+    settings.database.max_connections = 2;
+    settings.database.acquire_timeout_ms = 5_000;
+    settings.replicas.max_lag_ms = 300;
+    settings.replicas.probe_timeout_ms = 300;
+    let db = Database::connect(
+        "probe-test",
+        DatabaseRef::Shards(0),
+        &primary.url("mysql"),
+        &[replica.url("mysql")],
+        &settings.database,
+        &settings.replicas,
+    )
+    .await
+    .unwrap();
+    db.probe().await;
+    assert_eq!(db.replicas_in_rotation(), 1, "a healthy replica is in rotation");
+
+    // Every request connection of the primary is busy, the replica stops applying, and the
+    // primary keeps writing (from outside this process).
+    let held = [db.write().acquire().await.unwrap(), db.write().acquire().await.unwrap()];
+    cluster.stop_replica_sql(0, 0).await.unwrap();
+    let mut admin = sqlx::MySqlConnection::connect(&primary.admin_url()).await.unwrap();
+    sqlx::query("CREATE DATABASE IF NOT EXISTS probe_writes").execute(&mut admin).await.unwrap();
+    sqlx::query("CREATE TABLE IF NOT EXISTS probe_writes.t (n INT)").execute(&mut admin).await.unwrap();
+    for _ in 0..5 {
+        sqlx::query("INSERT INTO probe_writes.t VALUES (1)").execute(&mut admin).await.unwrap();
+        db.probe().await;
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    db.probe().await;
+    assert_eq!(
+        db.replicas_in_rotation(),
+        0,
+        "a replica that stopped applying leaves, although the request pool is exhausted"
+    );
+    drop(held);
+    cluster.start_replica_sql(0, 0).await.unwrap();
+    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    db.probe().await;
+    assert_eq!(db.replicas_in_rotation(), 1, "caught up: back in rotation");
+
+    // The primary stops answering: the replica's lag cannot be measured any more.
+    primary.pause().unwrap();
+    db.probe().await;
+    let in_rotation = db.replicas_in_rotation();
+    primary.resume().unwrap();
+    assert_eq!(in_rotation, 0, "unknown lag must not keep a replica in rotation");
 }
