@@ -2,6 +2,8 @@
 
 mod helpers;
 
+#[cfg(feature = "failpoints")]
+mod after_commit;
 mod archive;
 mod authorization;
 mod auto_complete;
