@@ -1488,8 +1488,14 @@ impl Workload {
             .iter()
             .map(|p| p.snapshot())
             .collect();
-        let pricing = price_order(user_id, Some(id), &new.lines, &[], &snapshots, &[], Utc::now())
+        let priced_at = Utc::now();
+        let pricing = price_order(user_id, Some(id), &new.lines, &[], &snapshots, &[], priced_at)
             .map_err(|_| Outcome::Error("pricing".into()))?;
+        let unit_prices: Vec<_> = pricing
+            .items
+            .iter()
+            .map(|l| (l.product_id, l.unit_price.minor()))
+            .collect();
         let reservation = Reservation {
             order_id: id,
             user_id,
@@ -1499,6 +1505,8 @@ impl Workload {
             coupons: &[],
             max_held_units: self.max_held_units,
             flash: &[],
+            priced_at,
+            unit_prices: &unit_prices,
         };
         let mut c = self.commerce.acquire().await?;
         match commerce::reserve(&mut c, &reservation, Utc::now()).await? {

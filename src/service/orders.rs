@@ -34,7 +34,7 @@ use crate::config::{CartSettings, FlashSettings, OrderSettings};
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
 use crate::domain::flash::FlashSale;
-use crate::domain::ids::{OrderId, UserId};
+use crate::domain::ids::{FlashSaleId, OrderId, ProductId, UserId};
 use crate::domain::money::Money;
 use crate::domain::order::{
     check_text, parse_preview, price_order, Address, CreateOrderRequest, FieldErrors, NewLine, NewOrder,
@@ -772,7 +772,7 @@ impl OrderService {
             Ok(Ok(pricing))
         }
         .await;
-        let pricing = match before_reserve {
+        let mut pricing = match before_reserve {
             Ok(Ok(pricing)) => pricing,
             Ok(Err(replayed)) => {
                 self.flash.give_back(new.order_id, &gated).await;
@@ -792,6 +792,11 @@ impl OrderService {
             })
             .collect();
         let attempt: i64 = rand::random();
+        let unit_prices: Vec<(ProductId, i64)> = pricing
+            .items
+            .iter()
+            .map(|l| (l.product_id, l.unit_price.minor()))
+            .collect();
         let reservation = Reservation {
             order_id: new.order_id,
             user_id: user,
@@ -801,6 +806,8 @@ impl OrderService {
             coupons: &new.coupon_ids,
             max_held_units: self.max_unpaid_units,
             flash: &flash_lines,
+            priced_at,
+            unit_prices: &unit_prices,
         };
         let reserved = async {
             let mut outcome = ReserveOutcome::Vanished;
@@ -838,8 +845,19 @@ impl OrderService {
             ReserveOutcome::LimitExceeded { .. } | ReserveOutcome::FlashLimit { .. } => "limit_exceeded",
         };
         metrics::counter!("orderly_reservations_total", "outcome" => counted).increment(1);
+        let mut sales = sales;
         match outcome {
-            ReserveOutcome::Reserved | ReserveOutcome::AlreadyReserved => {}
+            ReserveOutcome::Reserved => {}
+            ReserveOutcome::AlreadyReserved => {
+                // An earlier attempt reserved this order at its own terms (perhaps inside a
+                // flash sale that has ended since, or before one began): the order is
+                // written at exactly those, and what this attempt took at a gate goes back.
+                let terms = self.claimed_terms(new.order_id, &new, &gated).await?;
+                if let Some((claimed_pricing, claimed_sales)) = terms {
+                    pricing = claimed_pricing;
+                    sales = claimed_sales;
+                }
+            }
             ReserveOutcome::Vanished => {
                 return Err(Error::Unavailable("the order's claim keeps changing".into()))
             }
@@ -859,6 +877,14 @@ impl OrderService {
             }
         }
 
+        // Tests stop a create here, reserved but not written (as a process that died between
+        // the two commits would): `return(<order id>)`.
+        #[cfg(feature = "failpoints")]
+        if let Some(Some(arg)) = fail::eval("orders::after_reserve", |arg| arg) {
+            if arg == new.order_id.to_string() {
+                return Err(Error::Unavailable("failpoint orders::after_reserve".into()));
+            }
+        }
         let created = now();
         // An order of a flash sale gets the sale's payment timeout (the shortest, with two).
         let timeout = sales
@@ -902,6 +928,60 @@ impl OrderService {
                 Err(e.into())
             }
         }
+    }
+
+    /// The pricing and flash sales an earlier attempt of `id` reserved at (see
+    /// [`commerce::claim_terms`]), after giving back what this attempt took at gates of sales
+    /// those terms do not name. `None`: the claim records no terms (made before they were
+    /// recorded); the order is priced anew, as it was then.
+    async fn claimed_terms(
+        &self,
+        id: OrderId,
+        new: &NewOrder,
+        gated: &[FlashSaleId],
+    ) -> Result<Option<(Pricing, Vec<FlashSale>)>> {
+        let terms = {
+            let mut c = self.commerce.acquire().await.map_err(StorageError::from)?;
+            commerce::claim_terms(&mut c, id).await?
+        };
+        let Some(terms) = terms else {
+            return Ok(None);
+        };
+        let mut sales = Vec::new();
+        for sale in terms.lines.iter().filter_map(|(_, _, sale)| *sale) {
+            if let Some(s) = crate::storage::flash::load_sale(&self.commerce, sale).await? {
+                sales.push(s);
+            }
+        }
+        let not_claimed: Vec<FlashSaleId> = gated
+            .iter()
+            .copied()
+            .filter(|g| !sales.iter().any(|s| s.sale_id == *g))
+            .collect();
+        self.flash.give_back(id, &not_claimed).await;
+        let ids: Vec<_> = new.lines.iter().map(|l| l.product_id).collect();
+        let products: Vec<_> = commerce::load_products(&self.commerce, &ids)
+            .await?
+            .iter()
+            .map(|p| {
+                let mut snapshot = p.snapshot();
+                if let Some((_, price, _)) = terms.lines.iter().find(|(q, _, _)| *q == p.product_id) {
+                    snapshot.price = Money::new(*price).unwrap_or(snapshot.price);
+                }
+                snapshot
+            })
+            .collect();
+        let coupon_rows = commerce::load_coupons(&self.commerce, &new.coupon_ids).await?;
+        let pricing = price_order(
+            new.user_id,
+            Some(id),
+            &new.lines,
+            &new.coupon_ids,
+            &products,
+            &coupon_rows,
+            terms.priced_at,
+        )?;
+        Ok(Some((pricing, sales)))
     }
 
     async fn replay(

@@ -345,6 +345,46 @@ pub struct Reservation<'a> {
     /// The lines bought through a flash sale: their units are also taken from the sale
     /// (within its allotment, window and per-user limit).
     pub flash: &'a [FlashLine],
+    /// The priced terms, recorded with the claim: when the order was priced and each line's
+    /// unit price (see [`claim_terms`]).
+    pub priced_at: DateTime<Utc>,
+    pub unit_prices: &'a [(ProductId, i64)],
+}
+
+/// The terms the first attempt of an order priced it at, as its claim records them: a
+/// retry writes exactly these (see the migration of `priced_at`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClaimTerms {
+    pub priced_at: DateTime<Utc>,
+    /// Per product: the unit price, and the flash sale it was bought through.
+    pub lines: Vec<(ProductId, i64, Option<FlashSaleId>)>,
+}
+
+/// The priced terms of `order`'s claim; `None` for a claim without them (made before they
+/// were recorded) or without reservations.
+pub async fn claim_terms(conn: &mut MySqlConnection, order: OrderId) -> Result<Option<ClaimTerms>> {
+    let rows: Vec<(Option<NaiveDateTime>, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+        "SELECT c.priced_at, r.product_id, r.unit_price, r.flash_sale_id
+         FROM order_claims c JOIN stock_reservations r ON r.order_id = c.order_id
+         WHERE c.order_id = ?",
+    )
+    .bind(order.get())
+    .fetch_all(&mut *conn)
+    .await?;
+    let Some(priced_at) = rows.first().and_then(|r| r.0) else {
+        return Ok(None);
+    };
+    let mut lines = Vec::with_capacity(rows.len());
+    for (_, product, price, sale) in rows {
+        let (Some(product), Some(price)) = (ProductId::new(product), price) else {
+            return Ok(None);
+        };
+        lines.push((product, price, sale.and_then(FlashSaleId::new)));
+    }
+    Ok(Some(ClaimTerms {
+        priced_at: priced_at.and_utc(),
+        lines,
+    }))
 }
 
 /// Takes stock and coupons for an order id exactly once; see the module docs.
@@ -362,8 +402,8 @@ pub async fn reserve(
     // for the first attempt's transaction, so attempts of one order id serialise here).
     let inserted = sqlx::query(
         "INSERT INTO order_claims
-            (order_id, user_id, request_hash, state, attempt, held_units, created_at, touched_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (order_id, user_id, request_hash, state, attempt, held_units, created_at, touched_at, priced_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(r.order_id.get())
     .bind(r.user_id.get())
@@ -372,6 +412,7 @@ pub async fn reserve(
     .bind(r.attempt)
     .bind(if r.max_held_units.is_some() { units } else { 0 })
     .bind(ts(now))
+    .bind(ts(r.priced_at))
     .bind(ts(now))
     .execute(&mut *tx)
     .await;
@@ -428,10 +469,11 @@ pub async fn reserve(
             return Ok(refusal);
         }
     }
-    let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?)"; lines.len()].join(", ");
+    let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; lines.len()].join(", ");
     let sql = format!(
-        "INSERT INTO stock_reservations (order_id, product_id, quantity, state, flash_sale_id, created_at, updated_at) VALUES {placeholders}"
+        "INSERT INTO stock_reservations (order_id, product_id, quantity, state, flash_sale_id, unit_price, created_at, updated_at) VALUES {placeholders}"
     );
+    let price_of = |p: ProductId| r.unit_prices.iter().find(|(q, _)| *q == p).map(|(_, price)| *price);
     let mut q = sqlx::query(AssertSqlSafe(&*sql));
     for l in &lines {
         q = q
@@ -440,6 +482,7 @@ pub async fn reserve(
             .bind(l.quantity)
             .bind(CLAIM_RESERVED)
             .bind(sale_of(l.product_id).map(|f| f.sale_id.get()))
+            .bind(price_of(l.product_id))
             .bind(ts(now))
             .bind(ts(now));
     }

@@ -274,6 +274,15 @@ const COMMERCE_V6: &[&str] = &["CREATE TABLE IF NOT EXISTS carts (
         updated_at DATETIME(6) NOT NULL
     ) ENGINE=InnoDB"];
 
+/// The priced terms of a claim (see [`super::commerce::claim_terms`]): when the first attempt
+/// priced the order, and each line's unit price, so that a retry writes the order at exactly
+/// those terms (a flash sale that started or ended in between changes nothing). `NULL` on
+/// claims made before this migration: their retries price anew, as they always did.
+const COMMERCE_V7: &[&str] = &[
+    "ALTER TABLE order_claims ADD COLUMN IF NOT EXISTS priced_at DATETIME(6) NULL",
+    "ALTER TABLE stock_reservations ADD COLUMN IF NOT EXISTS unit_price BIGINT NULL",
+];
+
 /// Void order ids of a shard: see [`ShardTables::voids`]. And payment numbers compare byte
 /// for byte, as in `payment_numbers`: under the default case-insensitive collation a second
 /// payment "abc" after "AbC" would be taken for a replay and dropped.
@@ -393,6 +402,11 @@ const COMMERCE: &[Migration] = &[
         version: 6,
         description: "carts (write-behind from Redis)",
         statements: COMMERCE_V6,
+    },
+    Migration {
+        version: 7,
+        description: "the priced terms of a claim (when, and each line's unit price)",
+        statements: COMMERCE_V7,
     },
 ];
 

@@ -156,6 +156,8 @@ async fn exactly_once_creation_sweeper_returns_stock_after_a_crash() {
         coupons: &coupons,
         max_held_units: None,
         flash: &[],
+        priced_at: chrono::Utc::now(),
+        unit_prices: &[],
     };
     commerce::reserve(&mut conn, &r, Utc::now()).await.unwrap();
     assert_eq!(app.stock_of(&cat.products[0]).await, 7);

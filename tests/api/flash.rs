@@ -327,3 +327,85 @@ async fn flash_sales_price_only_inside_their_window_and_do_not_overlap() {
     assert_eq!(s, StatusCode::OK);
     assert!(ended["ended_at"].is_string(), "{ended}");
 }
+
+/// A create reserved inside a sale and retried after the sale ended (its first attempt died
+/// between the reservation and the order write): the order is written at the sale's price,
+/// and counted against the sale once.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_retried_after_its_flash_sale_ended_keeps_the_sale_terms() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[100]).await;
+    let product = &cat.products[0];
+    let sale = start_sale(&app, product, 10, 300, 2, 600).await;
+    let sale_id = sale["sale_id"].as_str().unwrap().to_owned();
+    let user = 9_401;
+    let id = app.new_order_id(user).await;
+    let body = TestApp::order_body(&id, &[(product, 1)]);
+
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("orders::after_reserve", &format!("return({id})")).unwrap();
+    let (s, first) = app.create_order(user, body.clone()).await;
+    fail::remove("orders::after_reserve");
+    drop(scenario);
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "reserved, not written: {first}");
+
+    let (s, ended) = app
+        .call("POST", &format!("/v1/flash-sales/{sale_id}/end"), Some(&app.admin_token()), None)
+        .await;
+    assert_eq!(s, StatusCode::OK, "{ended}");
+    let (s, order) = app.create_order(user, body).await;
+    assert!(s.is_success(), "{order}");
+    assert_eq!(
+        (order["items"][0]["unit_price"].as_i64(), order["pay_amount"].as_i64()),
+        (Some(300), Some(300)),
+        "the retry writes the terms the reservation took: {order}"
+    );
+    let (_, sale) = app
+        .call("GET", &format!("/v1/flash-sales/{sale_id}"), Some(&app.admin_token()), None)
+        .await;
+    assert_eq!(sale["sold"], 1, "counted against the sale once: {sale}");
+    assert_eq!(app.stock_of(product).await, 99);
+}
+
+/// A create reserved at the regular price and retried after a sale of its product began: the
+/// order is written at the regular price, and the sale (its units, the buyer's limit, its
+/// gate) does not count it.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_create_retried_after_a_flash_sale_began_keeps_the_regular_terms() {
+    let app = TestApp::spawn().await;
+    let cat = app.catalog(&[100]).await;
+    let product = &cat.products[0];
+    let starts = Utc::now() + TimeDelta::seconds(3);
+    let sale = app.flash_sale(product, 10, 300, 1, starts, 600).await;
+    let sale_id = sale["sale_id"].as_str().unwrap().to_owned();
+    let user = 9_402;
+    let id = app.new_order_id(user).await;
+    let body = TestApp::order_body(&id, &[(product, 1)]);
+
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("orders::after_reserve", &format!("return({id})")).unwrap();
+    let (s, first) = app.create_order(user, body.clone()).await;
+    fail::remove("orders::after_reserve");
+    drop(scenario);
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "reserved, not written: {first}");
+
+    let wait = (starts - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(500);
+    tokio::time::sleep(wait).await;
+    let (s, order) = app.create_order(user, body).await;
+    assert!(s.is_success(), "{order}");
+    assert_eq!(
+        order["items"][0]["unit_price"].as_i64(),
+        Some(1000),
+        "the retry writes the terms the reservation took: {order}"
+    );
+    let (_, sale) = app
+        .call("GET", &format!("/v1/flash-sales/{sale_id}"), Some(&app.admin_token()), None)
+        .await;
+    assert_eq!(sale["sold"], 0, "the sale does not count it: {sale}");
+    // The buyer's limit (1) is untouched: they can still buy the sale's unit.
+    let bought = app.place_order(user, &[(product, 1)]).await;
+    assert_eq!(bought["items"][0]["unit_price"], 300, "{bought}");
+    assert_eq!(gate_left(&app, &sale).await, Some(9), "the retry gave back what it took at the gate");
+}

@@ -276,6 +276,8 @@ async fn limits_units_of_an_abandoned_reservation_are_freed_by_the_sweeper() {
         coupons: &[],
         max_held_units: Some(5),
         flash: &[],
+        priced_at: chrono::Utc::now(),
+        unit_prices: &[],
     };
     let mut conn = app.commerce.acquire().await.unwrap();
     assert_eq!(

@@ -238,6 +238,8 @@ async fn reserve_by_hand(
         coupons: &new.coupon_ids,
         max_held_units: None,
         flash: &[],
+        priced_at: chrono::Utc::now(),
+        unit_prices: &[],
     };
     let mut conn = app.commerce.acquire().await.unwrap();
     let reserved = commerce::reserve(&mut conn, &r, Utc::now()).await.unwrap();
