@@ -77,21 +77,58 @@ impl Broker {
         Ok(broker)
     }
 
-    /// Creates the stream if it is not there (an existing one is kept as it is: change its
-    /// retention with the broker's tools).
-    async fn ensure_stream(&self) -> Result<(), BrokerError> {
+    /// Creates the stream if it is not there; an existing one is kept as it is (change its
+    /// retention with the broker's tools), as long as it captures our subjects.
+    ///
+    /// Safe when several processes (a relay, the consumers, another instance) set it up at
+    /// once: between one's look and its create, another may create it, and JetStream then
+    /// refuses the second create ("stream name already in use", or "subjects overlap with an
+    /// existing stream" when the name check and the subject check straddle the other's
+    /// create). Either refusal means the stream may be there now: look again and check it.
+    pub(crate) async fn ensure_stream(&self) -> Result<(), BrokerError> {
         let s = &self.settings;
-        self.js
+        let subjects = format!("{}.orders.>", s.subject_prefix);
+        let created = self
+            .js
             .get_or_create_stream(stream::Config {
                 name: s.stream.clone(),
-                subjects: vec![format!("{}.orders.>", s.subject_prefix)],
+                subjects: vec![subjects.clone()],
                 storage: stream::StorageType::File,
                 duplicate_window: Duration::from_secs(s.duplicate_window_secs),
                 max_age: Duration::from_secs(s.retention_days * 24 * 3600),
                 ..Default::default()
             })
-            .await
-            .map_err(|e| BrokerError::Stream(e.to_string()))?;
+            .await;
+        let info = match created {
+            Ok(stream) => stream.cached_info().clone(),
+            Err(e) if lost_create_race(&e) => {
+                let mut existing = self.js.get_stream(&s.stream).await.map_err(|get| {
+                    BrokerError::Stream(format!(
+                        "{e}; and no stream {} to use instead ({get}): another stream captures {subjects}",
+                        s.stream
+                    ))
+                })?;
+                existing
+                    .info()
+                    .await
+                    .map_err(|i| BrokerError::Stream(i.to_string()))?
+                    .clone()
+            }
+            Err(e) => return Err(BrokerError::Stream(e.to_string())),
+        };
+        if !info.config.subjects.contains(&subjects) {
+            return Err(BrokerError::Stream(format!(
+                "stream {} exists without the subjects {subjects} (it has {:?})",
+                s.stream, info.config.subjects
+            )));
+        }
+        if info.config.duplicate_window < Duration::from_secs(s.duplicate_window_secs) {
+            tracing::warn!(
+                stream = %s.stream,
+                window = ?info.config.duplicate_window,
+                "the stream's duplicate window is shorter than events.duplicate_window_secs: a republish after a relay crash may be stored twice"
+            );
+        }
         Ok(())
     }
 
@@ -107,6 +144,18 @@ impl Broker {
 
     pub fn settings(&self) -> &EventSettings {
         &self.settings
+    }
+}
+
+/// Whether JetStream refused a create because the stream (or one on its subjects) appeared
+/// meanwhile.
+fn lost_create_race(e: &jetstream::context::CreateStreamError) -> bool {
+    match e.kind() {
+        jetstream::context::CreateStreamErrorKind::JetStream(js) => matches!(
+            js.error_code(),
+            jetstream::ErrorCode::STREAM_NAME_EXIST | jetstream::ErrorCode::STREAM_SUBJECT_OVERLAP
+        ),
+        _ => false,
     }
 }
 

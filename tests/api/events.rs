@@ -174,8 +174,8 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
         let mut conn = db.write().acquire().await.unwrap().detach();
         assert!(relay::try_lock(&mut conn).await.unwrap());
         // The relay publishes, the broker acknowledges, and the relay dies before deleting.
-        let (acked, duplicates) = relay::publish_pending(&mut conn, &broker, 100).await.unwrap();
-        assert_eq!(duplicates, 0);
+        let (acked, r) = relay::publish_pending(&mut conn, &broker, 100).await.unwrap();
+        assert_eq!((r.duplicates, r.failed), (0, None));
         published += acked.len();
         drop(conn);
     }
@@ -188,6 +188,7 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
         let mut conn = db.write().acquire().await.unwrap().detach();
         assert!(relay::try_lock(&mut conn).await.unwrap());
         let r = relay::relay_once(&mut conn, &broker, 100).await.unwrap();
+        assert_eq!(r.failed, None);
         again.published += r.published;
         again.duplicates += r.duplicates;
     }
@@ -195,7 +196,8 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
         again,
         relay::Relayed {
             published: 8,
-            duplicates: 8
+            duplicates: 8,
+            failed: None,
         }
     );
     assert_eq!(app.outbox_rows().await, 0);
@@ -528,7 +530,7 @@ async fn a_row_jetstream_refuses_is_parked_after_its_attempts_and_the_rows_behin
 
     // Parked after events.max_publish_attempts refusals, counted, and kept whole.
     assert_eq!(metric(&app, "orderly_outbox_parked", &[ours]).await, 1.0);
-    let attempts = 3u32;
+    let attempts = app.settings.events.max_publish_attempts;
     assert_eq!(
         metric(
             &app,
@@ -552,7 +554,7 @@ async fn a_row_jetstream_refuses_is_parked_after_its_attempts_and_the_rows_behin
     // The operator lifts the limit and republishes the parked rows.
     config.max_message_size = -1;
     js.update_stream(config).await.unwrap();
-    let moved = 1;
+    let moved = orderly::app::republish_parked(&app.settings).await.unwrap();
     assert_eq!(moved, 1);
     app.wait_outbox_drained(Duration::from_secs(30)).await;
     let events = app.stream_events().await;
