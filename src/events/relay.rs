@@ -189,7 +189,11 @@ pub async fn publish_pending(
                 break;
             }
             Err(_) => {
-                unsent = Some(Failure::of(row, FailureReason::SendTimeout, "publish not sent in time"));
+                unsent = Some(Failure::of(
+                    row,
+                    FailureReason::SendTimeout,
+                    "publish not sent in time",
+                ));
                 break;
             }
         }
@@ -289,8 +293,8 @@ pub async fn run(
 /// yet); a database that does not answer keeps its last value.
 async fn sample_backlog(db: &Database) {
     let counted = async {
-        let mut conn = db.write().acquire().await?;
-        Ok::<_, StorageError>(outbox::backlog(&mut conn).await?)
+        let mut conn = db.write().acquire().await.map_err(StorageError::from)?;
+        outbox::backlog(&mut conn).await
     }
     .await;
     if let Ok(n) = counted {
@@ -342,7 +346,11 @@ async fn run_database(
                 state.sample_parked(&mut conn, false).await?;
                 let r = relay_once(&mut conn, &broker, settings.relay_batch).await?;
                 published.increment(r.published as u64);
-                Ok::<_, RelayError>(state.after_step(&mut conn, &broker, r, settings.relay_batch).await?)
+                Ok::<_, RelayError>(
+                    state
+                        .after_step(&mut conn, &broker, r, settings.relay_batch)
+                        .await?,
+                )
             }
             .await;
             let next = match step {

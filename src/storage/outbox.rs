@@ -267,8 +267,8 @@ pub async fn unpark_all(conn: &mut MySqlConnection) -> Result<u64> {
     // What is parked now; the INSERT's locking read then holds the range until the commit,
     // so the DELETE removes exactly the rows it copied.
     let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!("SELECT MAX(id) FROM {PARKED}")))
-    .fetch_one(&mut *tx)
-    .await?;
+        .fetch_one(&mut *tx)
+        .await?;
     let Some(last) = last else {
         tx.commit().await?;
         return Ok(0);

@@ -303,7 +303,7 @@ async fn metric(app: &TestApp, series: &str, labels: &[&str]) -> f64 {
         .filter(|l| l.starts_with(&format!("{series}{{")))
         .filter(|l| labels.iter().all(|want| l.contains(want)))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+        .fold(0.0, |a, b| a + b)
 }
 
 /// Polls `metric` until `done` holds for it, at most `within`; answers the last value.
@@ -575,26 +575,40 @@ async fn a_row_jetstream_refuses_is_parked_after_its_attempts_and_the_rows_behin
 #[tokio::test]
 async fn the_stream_is_set_up_by_many_processes_at_once_without_error() {
     let nats_url = crate::helpers::cluster().nats_url().expect("nats");
-    for round in 0..10 {
-        // A fresh stream each round: the race is between creators of a stream not there yet.
-        let mut settings = orderly::config::EventSettings {
-            nats_url: nats_url.clone(),
-            ..Default::default()
-        };
-        settings.stream = format!("RACE_{}_{round}", std::process::id());
-        settings.subject_prefix = format!("race{}_{round}", std::process::id());
-        let setups: Vec<_> = (0..8)
-            .map(|_| {
-                let settings = settings.clone();
-                tokio::spawn(async move { Broker::connect(&settings).await.map(|_| ()) })
-            })
-            .collect();
-        for s in setups {
-            if let Err(e) = s.await.unwrap() {
-                panic!("round {round}: a concurrent stream setup failed: {e}");
+    let mut settings = orderly::config::EventSettings {
+        nats_url,
+        ..Default::default()
+    };
+    settings.stream = format!("RACE_{}", std::process::id());
+    settings.subject_prefix = format!("race{}", std::process::id());
+    // Processes starting together (a relay and two consumers per instance, instances of two
+    // releases during a rolling deploy, one of them keeping events a day longer) all look for
+    // the stream, find none, and create it: the failpoint holds each between its look and its
+    // create, so every one but the first creates a stream that is there by then.
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("events::before_stream_create", "return(300)").unwrap();
+    let setups: Vec<_> = (0..6)
+        .map(|i| {
+            let mut settings = settings.clone();
+            if i % 2 == 1 {
+                settings.retention_days += 1;
             }
+            tokio::spawn(async move { Broker::connect(&settings).await.map(|_| ()) })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for s in setups {
+        if let Err(e) = s.await.unwrap() {
+            failed.push(e.to_string());
         }
-        let broker = Broker::connect(&settings).await.unwrap();
-        broker.jetstream().delete_stream(&settings.stream).await.unwrap();
     }
+    fail::remove("events::before_stream_create");
+    scenario.teardown();
+    assert!(failed.is_empty(), "concurrent stream setups failed: {failed:?}");
+    // One stream, capturing our subjects.
+    let broker = Broker::connect(&settings).await.unwrap();
+    let mut stream = broker.jetstream().get_stream(&settings.stream).await.unwrap();
+    let subjects = stream.info().await.unwrap().config.subjects.clone();
+    assert_eq!(subjects, vec![format!("{}.orders.>", settings.subject_prefix)]);
+    broker.jetstream().delete_stream(&settings.stream).await.unwrap();
 }
