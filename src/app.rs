@@ -404,6 +404,25 @@ pub async fn relay(settings: &Settings, shutdown: CancellationToken) -> anyhow::
     Ok(())
 }
 
+/// `orderly relay --republish-parked`: moves every parked outbox row (see
+/// [`crate::storage::outbox::park`]) of every relayed database back into its outbox, under
+/// its old id, for the relays to publish again; answers how many. Run it once the cause is
+/// fixed (a larger `max_msg_size` on the stream or the server), or they are parked again.
+pub async fn republish_parked(settings: &Settings) -> anyhow::Result<u64> {
+    let shards = ShardMap::connect(settings).await?;
+    let archive = connect_archive(settings).await?;
+    let mut moved = 0;
+    for db in relay_databases(&shards, &archive) {
+        let mut conn = db.write().acquire().await?;
+        let n = storage::outbox::unpark_all(&mut conn).await?;
+        if n > 0 {
+            tracing::info!(database = %db.name(), rows = n, "parked outbox rows put back");
+        }
+        moved += n;
+    }
+    Ok(moved)
+}
+
 /// `orderly project rebuild merchant` (and `reports`, which live in the same transactions):
 /// the copy and its reports rebuilt from the shards, then followed from the stream.
 pub async fn rebuild_merchant(settings: &Settings, progress: bool) -> anyhow::Result<rebuild::Rebuilt> {

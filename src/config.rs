@@ -113,6 +113,7 @@ pub struct EventSettings {
     pub relay_poll_ms: u64,
     pub publish_timeout_ms: u64,
     pub retry_ms: u64,
+    pub max_publish_attempts: u32,
 }
 
 impl Default for EventSettings {
@@ -422,8 +423,9 @@ impl Settings {
             || e.retry_ms == 0
             || e.duplicate_window_secs == 0
             || e.retention_days == 0
+            || e.max_publish_attempts == 0
         {
-            return bad("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms, duplicate_window_secs and retention_days must be positive".into());
+            return bad("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms, duplicate_window_secs, retention_days and max_publish_attempts must be positive".into());
         }
         let token = |s: &str| {
             !s.is_empty()

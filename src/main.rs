@@ -87,7 +87,12 @@ enum Command {
     },
     /// Publish the order events of every shard database's outbox to NATS JetStream (what
     /// `serve` also does unless `events.relay = false`).
-    Relay,
+    Relay {
+        /// Instead: move the rows the relay parked (JetStream kept refusing them) back into
+        /// their outboxes, for the running relays to publish again, and exit.
+        #[arg(long)]
+        republish_parked: bool,
+    },
     /// Move old final orders out of the hot shards into the archive (SPEC 2.7).
     Archive {
         /// Orders created longer ago than this move, e.g. `90d` (default:
@@ -531,7 +536,17 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         }
-        Command::Relay => {
+        Command::Relay {
+            republish_parked: true,
+        } => {
+            let settings = Settings::load(config.map(PathBuf::as_path))?;
+            let moved = app::republish_parked(&settings).await?;
+            println!("{moved} parked events put back into their outboxes");
+            Ok(())
+        }
+        Command::Relay {
+            republish_parked: false,
+        } => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));

@@ -206,8 +206,21 @@ fn describe_metrics() {
     // the event stream (`crate::events`)
     describe_gauge!(
         "orderly_outbox_backlog",
-        "Order events waiting in a shard database's outbox, sampled by its relay (0 after a \
-         partial batch); grows while NATS is down"
+        "Order events waiting in a shard database's outbox, sampled by its relay after every \
+         failed publish and full batch (0 only once a partial batch all went out); grows while \
+         NATS is down"
+    );
+    describe_counter!(
+        "orderly_relay_publish_failures_total",
+        "Publishes the relay could not get acknowledged, by database and reason (send_timeout: \
+         the NATS client's buffer is full, NATS away long; send_error; ack_timeout; ack_error; \
+         no_stream; refused: JetStream or the client refuses the message itself, parked after \
+         events.max_publish_attempts); the row and those after it are retried"
+    );
+    describe_gauge!(
+        "orderly_outbox_parked",
+        "Order events the relay parked in order_outbox_parked because JetStream kept refusing \
+         them, by database; not published until `orderly relay --republish-parked`; alert on > 0"
     );
     describe_counter!(
         "orderly_events_published_total",
@@ -216,7 +229,7 @@ fn describe_metrics() {
     );
     describe_counter!(
         "orderly_relay_failures_total",
-        "Relay steps that failed (NATS or the database unreachable), by database"
+        "Relay steps that failed (a publish failed, or the database did not answer), by database"
     );
     describe_gauge!(
         "orderly_relay_active",

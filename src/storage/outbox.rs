@@ -16,6 +16,12 @@
 //! and simply reads what is left, so a late row is picked up by the next batch. Two events of
 //! one order can never be in that race: the second version's write waits for the first's
 //! commit (the row lock and the compare-and-set on version).
+//!
+//! A row JetStream refuses for what it is (too large) would hold back every row behind it
+//! forever: the relay [`park`]s it after `events.max_publish_attempts` refusals, moving it
+//! whole into `order_outbox_parked`, and [`unpark_all`] moves parked rows back, under their
+//! old ids, for an operator who fixed the cause (`orderly relay --republish-parked`). A row is
+//! in exactly one of the two tables at any time: each move is one transaction.
 
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, MySqlConnection, Row};
@@ -27,6 +33,12 @@ use crate::domain::ids::OrderId;
 
 /// The outbox table of a shard database (shared by its table shards).
 pub const TABLE: &str = "order_outbox";
+
+/// Where the relay moves rows JetStream keeps refusing (see [`park`]).
+pub const PARKED: &str = "order_outbox_parked";
+
+/// The columns an outbox row keeps when it is parked and put back.
+const COLUMNS: &str = "id, order_id, version, shop_id, kind, payload, created_at";
 
 /// Dates in the snapshot: RFC 3339 in UTC with microseconds, as every stored time is.
 const RFC3339: &str = "'%Y-%m-%dT%H:%i:%s.%fZ'";
@@ -219,6 +231,66 @@ pub async fn delete(conn: &mut MySqlConnection, ids: &[i64]) -> Result<u64> {
 /// Rows waiting in the outbox (an estimate is not enough: the metric alerts on growth).
 pub async fn backlog(conn: &mut MySqlConnection) -> Result<u64> {
     let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT COUNT(*) FROM {TABLE}")))
+        .fetch_one(conn)
+        .await?;
+    Ok(n.max(0) as u64)
+}
+
+/// Moves outbox row `id` into [`PARKED`], with the number of refusals and the last one, in
+/// one transaction; false when the row was not there (another relay moved it).
+pub async fn park(conn: &mut MySqlConnection, id: i64, attempts: u32, reason: &str) -> Result<bool> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    // The column holds 512 characters; the reason is for a person, its start is enough.
+    let reason: String = reason.chars().take(512).collect();
+    let moved = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {PARKED} ({COLUMNS}, attempts, reason, parked_at)
+         SELECT {COLUMNS}, ?, ?, NOW(6) FROM {TABLE} WHERE id = ?"
+    )))
+    .bind(attempts)
+    .bind(reason)
+    .bind(id)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(AssertSqlSafe(format!("DELETE FROM {TABLE} WHERE id = ?")))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(moved == 1)
+}
+
+/// Moves every parked row back into the outbox under its old id, in one transaction, so the
+/// relay publishes it again in its place; answers how many.
+pub async fn unpark_all(conn: &mut MySqlConnection) -> Result<u64> {
+    let mut tx = sqlx::Connection::begin(conn).await?;
+    // What is parked now; the INSERT's locking read then holds the range until the commit,
+    // so the DELETE removes exactly the rows it copied.
+    let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!("SELECT MAX(id) FROM {PARKED}")))
+        .fetch_one(&mut *tx)
+        .await?;
+    let Some(last) = last else {
+        tx.commit().await?;
+        return Ok(0);
+    };
+    let moved = sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {TABLE} ({COLUMNS}) SELECT {COLUMNS} FROM {PARKED} WHERE id <= ? ORDER BY id"
+    )))
+    .bind(last)
+    .execute(&mut *tx)
+    .await?
+    .rows_affected();
+    sqlx::query(AssertSqlSafe(format!("DELETE FROM {PARKED} WHERE id <= ?")))
+        .bind(last)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(moved)
+}
+
+/// Rows waiting in [`PARKED`] for an operator.
+pub async fn parked(conn: &mut MySqlConnection) -> Result<u64> {
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT COUNT(*) FROM {PARKED}")))
         .fetch_one(conn)
         .await?;
     Ok(n.max(0) as u64)

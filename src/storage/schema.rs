@@ -312,6 +312,23 @@ const SHARD_V4: &[&str] = &["CREATE TABLE IF NOT EXISTS order_outbox (
         UNIQUE KEY uq_outbox_order_version (order_id, version)
     ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"];
 
+/// Outbox rows the relay parked: JetStream refused them `events.max_publish_attempts` times
+/// for what they are (too large), so they were moved here, whole, to let the rows behind
+/// them flow (see [`super::outbox::park`]). `id` is the row's outbox id, kept so that
+/// `orderly relay --republish-parked` puts it back where it was; `reason` is the last refusal.
+const SHARD_V5: &[&str] = &["CREATE TABLE IF NOT EXISTS order_outbox_parked (
+        id BIGINT NOT NULL PRIMARY KEY,
+        order_id BIGINT NOT NULL,
+        version BIGINT NOT NULL,
+        shop_id BIGINT NOT NULL,
+        kind VARCHAR(16) NOT NULL,
+        payload LONGTEXT NOT NULL,
+        created_at DATETIME(6) NOT NULL,
+        attempts INT NOT NULL,
+        reason VARCHAR(512) NOT NULL,
+        parked_at DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB DEFAULT CHARSET=utf8mb4"];
+
 /// The merchant copy (see [`super::merchant`]): one table per `merchant_NN` scope, plus the
 /// reports and the progress of its database, created by whichever table's migration runs
 /// first there. `day` is the report day (in `merchant.report_utc_offset_minutes`);
@@ -431,6 +448,11 @@ const SHARD: &[Migration] = &[
         description: "the outbox of order events",
         statements: SHARD_V4,
     },
+    Migration {
+        version: 5,
+        description: "parked outbox rows",
+        statements: SHARD_V5,
+    },
 ];
 
 /// What a migrate run did.
@@ -497,6 +519,11 @@ const ARCHIVE: &[Migration] = &[
         version: 2,
         description: "the outbox of events of archived orders",
         statements: SHARD_V4,
+    },
+    Migration {
+        version: 3,
+        description: "parked outbox rows of archived orders",
+        statements: SHARD_V5,
     },
 ];
 

@@ -3,6 +3,7 @@
 //! whatever dies in between.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,8 +174,8 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
         let mut conn = db.write().acquire().await.unwrap().detach();
         assert!(relay::try_lock(&mut conn).await.unwrap());
         // The relay publishes, the broker acknowledges, and the relay dies before deleting.
-        let (acked, duplicates) = relay::publish_pending(&mut conn, &broker, 100).await.unwrap();
-        assert_eq!(duplicates, 0);
+        let (acked, r) = relay::publish_pending(&mut conn, &broker, 100).await.unwrap();
+        assert_eq!((r.duplicates, r.failed), (0, None));
         published += acked.len();
         drop(conn);
     }
@@ -187,6 +188,7 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
         let mut conn = db.write().acquire().await.unwrap().detach();
         assert!(relay::try_lock(&mut conn).await.unwrap());
         let r = relay::relay_once(&mut conn, &broker, 100).await.unwrap();
+        assert_eq!(r.failed, None);
         again.published += r.published;
         again.duplicates += r.duplicates;
     }
@@ -194,7 +196,8 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
         again,
         relay::Relayed {
             published: 8,
-            duplicates: 8
+            duplicates: 8,
+            failed: None,
         }
     );
     assert_eq!(app.outbox_rows().await, 0);
@@ -284,8 +287,58 @@ async fn one_relay_per_database_holds_the_lock() {
     }
 }
 
+/// The sum of the samples of `series` in the app's `GET /metrics` whose labels hold every one
+/// of `labels` (0 when there is none).
+async fn metric(app: &TestApp, series: &str, labels: &[&str]) -> f64 {
+    let text = app
+        .client
+        .get(format!("{}/metrics", app.base))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{series}{{")))
+        .filter(|l| labels.iter().all(|want| l.contains(want)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .fold(0.0, |a, b| a + b)
+}
+
+/// Polls `metric` until `done` holds for it, at most `within`; answers the last value.
+async fn wait_metric(
+    app: &TestApp,
+    series: &str,
+    labels: &[&str],
+    within: Duration,
+    what: &str,
+    done: impl Fn(f64) -> bool,
+) -> f64 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let v = metric(app, series, labels).await;
+        if done(v) {
+            return v;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {series}{labels:?} is {v} after {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Renames the app's shard databases with `tag`: metric labels carry the database name, and
+/// every app of this test process renders the same recorder.
+fn tag_databases(s: &mut orderly::config::Settings, tag: &str) {
+    for d in &mut s.shards.databases {
+        d.name = format!("{tag}_{}", d.name);
+    }
+}
+
 #[tokio::test]
-async fn every_acknowledged_order_reaches_the_stream_when_nats_dies_mid_burst() {
+async fn orders_go_on_through_a_long_nats_outage_whose_backlog_shows_and_no_event_is_lost() {
     // A broker of the test's own: killing the shared one would stall the other tests' relays.
     let own = LocalCluster::start(ClusterSpec {
         mariadb_servers: 0,
@@ -300,22 +353,28 @@ async fn every_acknowledged_order_reaches_the_stream_when_nats_dies_mid_burst() 
         TestApp::spawn_with(|s| {
             s.events.nats_url = nats_url;
             s.events.retry_ms = 100;
-            s.events.publish_timeout_ms = 1000;
+            s.events.publish_timeout_ms = 500;
+            tag_databases(s, "outage");
         })
         .await,
     );
-    let cat = app.catalog(&[10_000]).await;
+    let ours = r#"database="outage_"#;
+    let cat = app.catalog(&[1_000_000]).await;
     let product = cat.products[0].clone();
 
-    // Eight buyers place orders and pay every other one, while the broker dies and returns.
-    const PER_BUYER: usize = 25;
+    // Eight buyers place orders and pay every other one, until told to stop, while the broker
+    // dies and stays away long enough for the NATS client's own buffer to fill.
+    const AT_LEAST: usize = 10;
+    let stop = Arc::new(AtomicBool::new(false));
+    let down = Arc::new(AtomicBool::new(false));
     let mut buyers = Vec::new();
     for user in 1..=8i64 {
-        let app = app.clone();
-        let product = product.clone();
+        let (app, product, stop, down) = (app.clone(), product.clone(), stop.clone(), down.clone());
         buyers.push(tokio::spawn(async move {
             let mut acked: HashMap<String, i64> = HashMap::new();
-            for n in 0..PER_BUYER {
+            let mut while_down = 0;
+            let mut n = 0;
+            while n < AT_LEAST || !stop.load(Ordering::SeqCst) {
                 let o = app.place_order(user, &[(&product, 1)]).await;
                 let id = o["order_id"].as_str().unwrap().to_owned();
                 let mut version = o["version"].as_i64().unwrap();
@@ -324,28 +383,81 @@ async fn every_acknowledged_order_reaches_the_stream_when_nats_dies_mid_burst() 
                     assert_eq!(s, StatusCode::OK, "{paid}");
                     version = paid["version"].as_i64().unwrap();
                 }
+                if down.load(Ordering::SeqCst) {
+                    while_down += 1;
+                }
                 acked.insert(id, version);
+                n += 1;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            acked
+            (acked, while_down)
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     own.kill_nats().unwrap();
-    // Orders go on while the broker is gone; their events wait in the outboxes.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert!(
-        app.outbox_rows().await > 0,
-        "events wait in the outbox while NATS is down"
-    );
-    own.start_nats().await.unwrap();
+    down.store(true, Ordering::SeqCst);
 
+    // The relay counts what it could not publish, by reason, until the client's buffer is full
+    // and publishes time out before they are even sent.
+    let failures = "orderly_relay_publish_failures_total";
+    wait_metric(
+        &app,
+        failures,
+        &[ours, r#"reason="send_timeout""#],
+        Duration::from_secs(90),
+        "no publish timed out at send while NATS was down",
+        |v| v > 0.0,
+    )
+    .await;
+    stop.store(true, Ordering::SeqCst);
     let mut acked = HashMap::new();
+    let mut placed_while_down = 0;
     for b in buyers {
-        acked.extend(b.await.unwrap());
+        let (orders, while_down) = b.await.unwrap();
+        acked.extend(orders);
+        placed_while_down += while_down;
     }
-    assert_eq!(acked.len(), 8 * PER_BUYER);
-    app.wait_outbox_drained(Duration::from_secs(60)).await;
+    assert!(
+        placed_while_down >= 8,
+        "orders were created and paid while NATS was down ({placed_while_down})"
+    );
+
+    // NATS is still down: the events wait, the backlog gauge shows every one of them, and the
+    // relay never reports itself caught up.
+    let waiting = app.outbox_rows().await;
+    assert!(waiting > 0, "events wait in the outbox while NATS is down");
+    let backlog = "orderly_outbox_backlog";
+    wait_metric(
+        &app,
+        backlog,
+        &[ours],
+        Duration::from_secs(10),
+        "the backlog gauge never showed the outbox",
+        |v| v == waiting as f64,
+    )
+    .await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(
+            metric(&app, backlog, &[ours]).await,
+            waiting as f64,
+            "the relay claimed a smaller backlog while NATS was down"
+        );
+    }
+    assert!(metric(&app, failures, &[ours]).await > 0.0);
+
+    own.start_nats().await.unwrap();
+    assert_eq!(acked.len(), acked.keys().collect::<HashSet<_>>().len());
+    app.wait_outbox_drained(Duration::from_secs(90)).await;
+    wait_metric(
+        &app,
+        backlog,
+        &[ours],
+        Duration::from_secs(10),
+        "the backlog gauge never went back to 0",
+        |v| v == 0.0,
+    )
+    .await;
     let events = app.stream_events().await;
     assert_unique(&events);
     let orders = by_order(&events);
@@ -360,5 +472,143 @@ async fn every_acknowledged_order_reaches_the_stream_when_nats_dies_mid_burst() 
     assert_eq!(orders.len(), acked.len());
     // The merchant copy holds every acknowledged order once, at its final version.
     let want: HashMap<i64, i64> = acked.iter().map(|(id, v)| (id.parse().unwrap(), *v)).collect();
-    app.wait_copy(&want, Duration::from_secs(60)).await;
+    app.wait_copy(&want, Duration::from_secs(90)).await;
+}
+
+#[tokio::test]
+async fn a_row_jetstream_refuses_is_parked_after_its_attempts_and_the_rows_behind_it_flow() {
+    let app = TestApp::spawn_with(|s| {
+        s.events.retry_ms = 100;
+        tag_databases(s, "poison");
+    })
+    .await;
+    let ours = r#"database="poison_"#;
+    // The stream takes messages up to 2.5 KB: a plain order's event is about 1 KB, one with
+    // a long remark and address well over 3 KB. JetStream refuses those, every time.
+    let broker = Broker::connect(&app.settings.events).await.expect("nats");
+    let js = broker.jetstream();
+    let mut config = js
+        .get_stream(&app.settings.events.stream)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .config
+        .clone();
+    config.max_message_size = 2500;
+    js.update_stream(config.clone()).await.unwrap();
+
+    let cat = app.catalog(&[100]).await;
+    let user = 77;
+    let before = app.place_order(user, &[(&cat.products[0], 1)]).await;
+    let id = app.new_order_id(user).await;
+    let mut body = TestApp::order_body(&id, &[(&cat.products[0], 1)]);
+    body["remark"] = json!("订".repeat(500));
+    body["address"]["detail"] = json!("路".repeat(200));
+    let (s, poison) = app.create_order(user, body).await;
+    assert_eq!(s, StatusCode::CREATED, "{poison}");
+    let poison_id: i64 = poison["order_id"].as_str().unwrap().parse().unwrap();
+    // The same buyer, the same shard database: these queue behind the refused row.
+    let after = app.place_order(user, &[(&cat.products[0], 2)]).await;
+    assert_eq!(app.pay(&after).await.0, StatusCode::OK);
+    let last = app.place_order(user, &[(&cat.products[0], 3)]).await;
+
+    // The refused row is moved aside, and the rows behind it are published.
+    app.wait_outbox_drained(Duration::from_secs(30)).await;
+    let id_of = |o: &Value| o["order_id"].as_str().unwrap().parse::<i64>().unwrap();
+    let want: HashMap<i64, i64> = [(id_of(&before), 1), (id_of(&after), 2), (id_of(&last), 1)]
+        .into_iter()
+        .collect();
+    app.wait_copy(&want, Duration::from_secs(30)).await;
+    let events = app.stream_events().await;
+    assert!(
+        events.iter().all(|e| e.order.order_id != poison_id),
+        "JetStream took the refused event"
+    );
+    assert_eq!(events.len(), 4, "every event but the refused one");
+
+    // Parked after events.max_publish_attempts refusals, counted, and kept whole.
+    assert_eq!(metric(&app, "orderly_outbox_parked", &[ours]).await, 1.0);
+    let attempts = app.settings.events.max_publish_attempts;
+    assert_eq!(
+        metric(
+            &app,
+            "orderly_relay_publish_failures_total",
+            &[ours, r#"reason="refused""#]
+        )
+        .await,
+        f64::from(attempts)
+    );
+    let mut parked = Vec::new();
+    for db in app.app.orders.shards().databases() {
+        let rows: Vec<(i64, i64, i64)> =
+            sqlx::query_as("SELECT order_id, version, attempts FROM order_outbox_parked")
+                .fetch_all(db.write())
+                .await
+                .unwrap();
+        parked.extend(rows);
+    }
+    assert_eq!(parked, vec![(poison_id, 1, i64::from(attempts))]);
+
+    // The operator lifts the limit and republishes the parked rows.
+    config.max_message_size = -1;
+    js.update_stream(config).await.unwrap();
+    let moved = orderly::app::republish_parked(&app.settings).await.unwrap();
+    assert_eq!(moved, 1);
+    app.wait_outbox_drained(Duration::from_secs(30)).await;
+    let events = app.stream_events().await;
+    assert_unique(&events);
+    assert_eq!(events.len(), 5);
+    assert!(events.iter().any(|e| e.order.order_id == poison_id));
+    wait_metric(
+        &app,
+        "orderly_outbox_parked",
+        &[ours],
+        Duration::from_secs(10),
+        "the parked gauge never went back to 0",
+        |v| v == 0.0,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn the_stream_is_set_up_by_many_processes_at_once_without_error() {
+    let nats_url = crate::helpers::cluster().nats_url().expect("nats");
+    let mut settings = orderly::config::EventSettings {
+        nats_url,
+        ..Default::default()
+    };
+    settings.stream = format!("RACE_{}", std::process::id());
+    settings.subject_prefix = format!("race{}", std::process::id());
+    // Processes starting together (a relay and two consumers per instance, instances of two
+    // releases during a rolling deploy, one of them keeping events a day longer) all look for
+    // the stream, find none, and create it: the failpoint holds each between its look and its
+    // create, so every one but the first creates a stream that is there by then.
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("events::before_stream_create", "return(300)").unwrap();
+    let setups: Vec<_> = (0..6)
+        .map(|i| {
+            let mut settings = settings.clone();
+            if i % 2 == 1 {
+                settings.retention_days += 1;
+            }
+            tokio::spawn(async move { Broker::connect(&settings).await.map(|_| ()) })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for s in setups {
+        if let Err(e) = s.await.unwrap() {
+            failed.push(e.to_string());
+        }
+    }
+    fail::remove("events::before_stream_create");
+    scenario.teardown();
+    assert!(failed.is_empty(), "concurrent stream setups failed: {failed:?}");
+    // One stream, capturing our subjects.
+    let broker = Broker::connect(&settings).await.unwrap();
+    let mut stream = broker.jetstream().get_stream(&settings.stream).await.unwrap();
+    let subjects = stream.info().await.unwrap().config.subjects.clone();
+    assert_eq!(subjects, vec![format!("{}.orders.>", settings.subject_prefix)]);
+    broker.jetstream().delete_stream(&settings.stream).await.unwrap();
 }
