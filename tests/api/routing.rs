@@ -152,10 +152,10 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
     // TestApp::spawn migrated already: a second run applies nothing.
     let again = orderly::app::migrate(&app.settings).await.unwrap();
     assert!(again.applied.is_empty(), "{:?}", again.applied);
-    // Six commerce migrations, five per shard, one per table of the merchant copy, three of
+    // Seven commerce migrations, five per shard, one per table of the merchant copy, three of
     // the archive.
     let merchant_tables = app.settings.merchant.tables as usize;
-    assert_eq!(again.already, 6 + 5 * TEST_SHARDS as usize + merchant_tables + 3);
+    assert_eq!(again.already, 7 + 5 * TEST_SHARDS as usize + merchant_tables + 3);
     // One outbox per shard database, whichever of its shards created it.
     for db in app.app.orders.shards().databases() {
         let n: i64 = sqlx::query_scalar(
