@@ -145,6 +145,7 @@ impl Default for SearchSettings {
 pub struct FlashSettings {
     pub gate_rebuild_interval_secs: u64,
     pub fallback_concurrency: usize,
+    pub fallback_queue: usize,
     pub refresh_ms: u64,
 }
 

@@ -95,9 +95,11 @@ impl NewFlashSale {
         if !(1..=MAX_SALE_UNITS).contains(&req.units) {
             errors.push("units", format!("must be between 1 and {MAX_SALE_UNITS}"));
         }
-        let sale_price = Money::new(req.sale_price);
+        // A free order could never be paid (a payment needs a positive amount): it would
+        // hold its units until its payment timeout and then close, every time.
+        let sale_price = Money::new(req.sale_price).filter(|p| p.minor() > 0);
         if sale_price.is_none() {
-            errors.push("sale_price", "must be between 0 and 10^15 minor units");
+            errors.push("sale_price", "must be between 1 and 10^15 minor units");
         }
         if !(1..=MAX_PER_USER_LIMIT).contains(&req.per_user_limit) {
             errors.push(
@@ -184,6 +186,10 @@ mod tests {
         ] {
             assert!(fields.contains(&f), "{f} not named in {fields:?}");
         }
+        let mut free = request();
+        free.sale_price = 0;
+        let errors = NewFlashSale::parse(&free, now).unwrap_err();
+        assert_eq!(errors.0[0].field, "sale_price", "a sale at price 0 could never be paid");
         let mut past = request();
         past.starts_at = now - TimeDelta::hours(3);
         past.ends_at = now - TimeDelta::hours(1);

@@ -19,6 +19,7 @@
 //! (`flash.fallback_concurrency`) on the hot rows: slower, never oversold.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -51,9 +52,16 @@ pub struct FlashSales {
     /// Refreshes of `known` go one at a time.
     refreshing: tokio::sync::Mutex<()>,
     /// The database path's bound per sale, while its gate cannot answer.
-    fallback: Mutex<HashMap<FlashSaleId, Arc<Semaphore>>>,
+    fallback: Mutex<HashMap<FlashSaleId, Arc<FallbackBound>>>,
     /// Sales whose gate is being rebuilt in the background.
     rebuilding: Arc<Mutex<HashSet<FlashSaleId>>>,
+}
+
+/// The database path's bound of one sale: `flash.fallback_concurrency` places, and the
+/// buyers waiting for one (at most `flash.fallback_queue`).
+struct FallbackBound {
+    places: Arc<Semaphore>,
+    waiting: AtomicUsize,
 }
 
 /// What a sale's gate let an order do.
@@ -66,6 +74,8 @@ pub enum Admission {
     Already,
     /// The gate cannot answer: go on to the database, holding this place in the sale's bound.
     Fallback(OwnedSemaphorePermit),
+    /// The gate cannot answer and the sale's database path has a full queue: come back later.
+    Busy,
     /// The gate took nothing, but this order id took units of the sale before (a replay):
     /// go on to the database, which answers it as it was.
     Known,
@@ -150,25 +160,49 @@ impl FlashSales {
             }
             GateAnswer::Missing => {
                 self.rebuild_soon(sale.clone());
-                Admission::Fallback(self.fallback_permit(sale.sale_id).await)
+                self.fallback(sale.sale_id).await
             }
-            GateAnswer::Unavailable => Admission::Fallback(self.fallback_permit(sale.sale_id).await),
+            GateAnswer::Unavailable => self.fallback(sale.sale_id).await,
         }
     }
 
-    async fn fallback_permit(&self, sale: FlashSaleId) -> OwnedSemaphorePermit {
-        metrics::counter!("orderly_flash_gate_total", "outcome" => "fallback").increment(1);
+    async fn fallback(&self, sale: FlashSaleId) -> Admission {
+        match self.fallback_permit(sale).await {
+            Some(place) => Admission::Fallback(place),
+            None => Admission::Busy,
+        }
+    }
+
+    /// A place among the buyers that reserve in MySQL while the gate cannot answer; `None`
+    /// when `flash.fallback_queue` buyers of this sale already wait in this process (the
+    /// buyer is told to come back: a queue without a bound would hold every buyer of an
+    /// 11.11 sale in memory, each with its request, for as long as Redis is down).
+    async fn fallback_permit(&self, sale: FlashSaleId) -> Option<OwnedSemaphorePermit> {
         let bound = {
             let mut f = self.fallback.lock().unwrap_or_else(|p| p.into_inner());
             f.entry(sale)
-                .or_insert_with(|| Arc::new(Semaphore::new(self.settings.fallback_concurrency.max(1))))
+                .or_insert_with(|| {
+                    Arc::new(FallbackBound {
+                        places: Arc::new(Semaphore::new(self.settings.fallback_concurrency.max(1))),
+                        waiting: AtomicUsize::new(0),
+                    })
+                })
                 .clone()
         };
+        if let Ok(place) = bound.places.clone().try_acquire_owned() {
+            metrics::counter!("orderly_flash_gate_total", "outcome" => "fallback").increment(1);
+            return Some(place);
+        }
+        if bound.waiting.fetch_add(1, Ordering::AcqRel) >= self.settings.fallback_queue {
+            bound.waiting.fetch_sub(1, Ordering::AcqRel);
+            metrics::counter!("orderly_flash_gate_total", "outcome" => "fallback_full").increment(1);
+            return None;
+        }
+        metrics::counter!("orderly_flash_gate_total", "outcome" => "fallback").increment(1);
         // Acquiring fails only on a closed semaphore, and these are never closed.
-        bound
-            .acquire_owned()
-            .await
-            .unwrap_or_else(|_| unreachable!("a sale's bound is never closed"))
+        let place = bound.places.clone().acquire_owned().await.ok();
+        bound.waiting.fetch_sub(1, Ordering::AcqRel);
+        place
     }
 
     /// Returns `order`'s units to the gates of `sales` (after the database gave them back,

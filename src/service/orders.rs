@@ -734,6 +734,7 @@ impl OrderService {
                     bounds.push(place);
                     continue;
                 }
+                Admission::Busy => Error::Unavailable("the flash sale's queue is full; retry".into()),
                 Admission::SoldOut => Error::OutOfStock {
                     product_id: sale.product_id,
                 },
