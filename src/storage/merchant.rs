@@ -230,7 +230,11 @@ pub async fn apply(map: &MerchantMap, database: usize, events: &[&OrderEvent]) -
 /// Applies one event to its order's row of the copy, that row locked; answers what it
 /// changes in the order's report row, `None` if the event is not newer than the row (nothing
 /// changed).
-async fn apply_one(conn: &mut MySqlConnection, map: &MerchantMap, e: &OrderEvent) -> Result<Option<ReportDelta>> {
+async fn apply_one(
+    conn: &mut MySqlConnection,
+    map: &MerchantMap,
+    e: &OrderEvent,
+) -> Result<Option<ReportDelta>> {
     let o = &e.order;
     let t = &map.table_of(o.shop_id).name;
     let new = Contribution::of(o);
@@ -295,7 +299,12 @@ async fn apply_one(conn: &mut MySqlConnection, map: &MerchantMap, e: &OrderEvent
     .execute(&mut *conn)
     .await?;
     if moved.rows_affected() != 1 {
-        return Ok(None);
+        // Not while the row is locked; an error rolls back rather than count a row that did
+        // not move (or commit a new order's row at version 0).
+        return Err(super::corrupt(
+            "merchant copy row moved under its lock",
+            o.order_id,
+        ));
     }
     Ok(Some(ReportDelta::between(old, new)))
 }
@@ -520,7 +529,9 @@ async fn reset_database(map: &MerchantMap, database: usize) -> Result<()> {
             .execute(&mut *tx)
             .await?;
     }
-    sqlx::query("DELETE FROM merchant_reports").execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM merchant_reports")
+        .execute(&mut *tx)
+        .await?;
     sqlx::query("DELETE FROM projection_state WHERE name = ?")
         .bind(PROJECTION)
         .execute(&mut *tx)

@@ -413,7 +413,10 @@ async fn cart_concurrent_first_changes_in_mysql_lose_no_line() {
         put_ok(&app, 8500, p, 1).await;
     }
     let changes = users.iter().flat_map(|&user| {
-        cat.products.iter().enumerate().map(move |(i, p)| (user, p, i as i64 + 1))
+        cat.products
+            .iter()
+            .enumerate()
+            .map(move |(i, p)| (user, p, i as i64 + 1))
     });
     join_all(changes.map(|(user, p, q)| {
         let app = &app;

@@ -414,13 +414,16 @@ async fn apply_events(map: &MerchantMap, events: &[OrderEvent]) {
     }
 }
 
+/// shop, day, status, units, gross, discounts, paid, refunded of one row of the copy.
+type CopyOrderRow = (i64, String, i8, i64, i64, i64, i64, i64);
+
 /// Report rows summed over the copy's own rows, in the form of
 /// [`TestApp::merchant_reports`].
 async fn reports_from_copy(app: &TestApp) -> Vec<String> {
     let map = app.app.merchant.map();
     let mut sums: BTreeMap<(i64, String), [i64; 12]> = BTreeMap::new();
     for t in map.tables() {
-        let rows: Vec<(i64, String, i8, i64, i64, i64, i64, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        let rows: Vec<CopyOrderRow> = sqlx::query_as(AssertSqlSafe(format!(
             "SELECT shop_id, CAST(day AS CHAR), status, units, gross, discounts, paid, refunded
              FROM {}",
             t.name
@@ -638,8 +641,16 @@ async fn a_rebuild_racing_a_live_applier_counts_every_order_once() {
 
     app.wait_copy(&want, Duration::from_secs(1)).await;
     let reports = app.merchant_reports().await;
-    assert_eq!(reports, reports_from_copy(&app).await, "the reports are the sums of the copy");
-    assert_eq!(reports, reports_from_shards(&app).await, "each order counted once");
+    assert_eq!(
+        reports,
+        reports_from_copy(&app).await,
+        "the reports are the sums of the copy"
+    );
+    assert_eq!(
+        reports,
+        reports_from_shards(&app).await,
+        "each order counted once"
+    );
 }
 
 #[tokio::test]
