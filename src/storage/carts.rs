@@ -5,7 +5,10 @@
 //! Every write is guarded by the version: the flusher's upsert replaces a row only with a
 //! newer version ([`upsert_newer`]), so two flushers (or a slow one) never put an older cart
 //! back. A direct change ([`change`]) is a read-modify-write of one row in one short
-//! transaction, the row locked.
+//! transaction, the row locked; a cart without a row gets an empty one first, so that there
+//! is a row to lock (under READ COMMITTED a locking read of a missing row locks nothing, and
+//! two first changes of one cart would both start from the empty cart, the second
+//! overwriting the first).
 
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, MySqlPool, Row};
@@ -105,18 +108,31 @@ pub async fn change<E>(
     apply: impl Fn(&mut Cart) -> std::result::Result<bool, E>,
 ) -> Result<std::result::Result<(StoredCart, bool), E>> {
     let mut tx = pool.begin().await?;
+    // A row to lock (see the module docs): a new cart's, empty at version 0, which is what
+    // `load` answers for no row. `ON DUPLICATE KEY UPDATE` locks an existing row
+    // exclusively; a plain insert's duplicate-key error would take a shared lock, which two
+    // changes could not both upgrade to write. Rolled back below if nothing changes.
+    let empty = StoredCart::default();
+    sqlx::query(
+        "INSERT INTO carts (user_id, version, items, checkouts, updated_at) VALUES (?, ?, ?, ?, ?)
+         ON DUPLICATE KEY UPDATE user_id = user_id",
+    )
+    .bind(user.get())
+    .bind(empty.version)
+    .bind(empty.cart.lines_json())
+    .bind(empty.cart.checkouts_text())
+    .bind(ts(now))
+    .execute(&mut *tx)
+    .await?;
     let row = sqlx::query("SELECT version, items, checkouts FROM carts WHERE user_id = ? FOR UPDATE")
         .bind(user.get())
-        .fetch_optional(&mut *tx)
+        .fetch_one(&mut *tx)
         .await?;
-    let mut stored = match row {
-        None => StoredCart::default(),
-        Some(r) => stored_from(
-            r.try_get(0)?,
-            &r.try_get::<String, _>(1)?,
-            &r.try_get::<String, _>(2)?,
-        )?,
-    };
+    let mut stored = stored_from(
+        row.try_get(0)?,
+        &row.try_get::<String, _>(1)?,
+        &row.try_get::<String, _>(2)?,
+    )?;
     let changed = match apply(&mut stored.cart) {
         Ok(c) => c,
         Err(e) => {
@@ -124,21 +140,19 @@ pub async fn change<E>(
             return Ok(Err(e));
         }
     };
-    if changed {
-        stored.version += step;
-        sqlx::query(
-            "INSERT INTO carts (user_id, version, items, checkouts, updated_at) VALUES (?, ?, ?, ?, ?)
-             ON DUPLICATE KEY UPDATE items = VALUES(items), checkouts = VALUES(checkouts),
-                updated_at = VALUES(updated_at), version = VALUES(version)",
-        )
-        .bind(user.get())
-        .bind(stored.version)
+    if !changed {
+        tx.rollback().await?;
+        return Ok(Ok((stored, false)));
+    }
+    stored.version += step;
+    sqlx::query("UPDATE carts SET items = ?, checkouts = ?, updated_at = ?, version = ? WHERE user_id = ?")
         .bind(stored.cart.lines_json())
         .bind(stored.cart.checkouts_text())
         .bind(ts(now))
+        .bind(stored.version)
+        .bind(user.get())
         .execute(&mut *tx)
         .await?;
-    }
     tx.commit().await?;
-    Ok(Ok((stored, changed)))
+    Ok(Ok((stored, true)))
 }

@@ -10,13 +10,20 @@
 //!
 //! # Invariants
 //! - **Idempotent by version.** An event is applied only if its version is above the stored
-//!   one (the row is read `FOR UPDATE` first), so a redelivery, a replay or an older event
-//!   after a newer one changes nothing: neither the copy nor the reports.
+//!   one, read under the row's lock, so a redelivery, a replay or an older event after a
+//!   newer one changes nothing: neither the copy nor the reports. The row is made to exist
+//!   before it is read (a new order's row is inserted at version 0, which no event has):
+//!   under READ COMMITTED a locking read of a missing row locks nothing, and two appliers at
+//!   once (two `serve` processes, a rebuild beside one) would both take the order for new.
 //! - **Reports are the sum of the copy.** An applied event adds to its order's report row the
-//!   difference between the order's new contribution and its old one (nothing, for an order
-//!   new to the copy), in the same transaction as the copy's row. So a report row always
-//!   equals the sums over the copy's orders of that shop and day.
+//!   difference between the order's new contribution and that of the row it replaced
+//!   (nothing, for an order new to the copy), in the same transaction as the copy's row. So
+//!   a report row always equals the sums over the copy's orders of that shop and day.
+//! - **One lock order.** A transaction locks its copy rows by order id, then its report rows
+//!   by shop and day, whatever the order of its events: two appliers wait for each other
+//!   instead of deadlocking.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
@@ -145,52 +152,103 @@ pub struct Applied {
     pub stale: usize,
 }
 
-/// Applies `events` (all of tables in database `database`) in one transaction.
+/// What applied events change in one report row.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ReportDelta {
+    orders: i64,
+    units: i64,
+    gross: i64,
+    discounts: i64,
+    paid: i64,
+    refunded: i64,
+    by_status: [i64; 6],
+}
+
+impl ReportDelta {
+    /// The change from `old` (`None`: the order is new to the copy) to `new`.
+    fn between(old: Option<Contribution>, new: Contribution) -> Self {
+        let orders = i64::from(old.is_none());
+        let old = old.unwrap_or_default();
+        let mut by_status = [0i64; 6];
+        for (s, sign) in [(old.status, -1), (new.status, 1)] {
+            if let Some(s) = s.and_then(|s| usize::try_from(s).ok()).filter(|s| *s < 6) {
+                by_status[s] += sign;
+            }
+        }
+        ReportDelta {
+            orders,
+            units: new.units - old.units,
+            gross: new.gross - old.gross,
+            discounts: new.discounts - old.discounts,
+            paid: new.paid - old.paid,
+            refunded: new.refunded - old.refunded,
+            by_status,
+        }
+    }
+
+    fn add(&mut self, d: &ReportDelta) {
+        self.orders += d.orders;
+        self.units += d.units;
+        self.gross += d.gross;
+        self.discounts += d.discounts;
+        self.paid += d.paid;
+        self.refunded += d.refunded;
+        for (s, x) in self.by_status.iter_mut().zip(d.by_status) {
+            *s += x;
+        }
+    }
+}
+
+/// Applies `events` (all of tables in database `database`) in one transaction: first every
+/// copy row, in order id order (an order's events by version), then the report rows they
+/// changed, by shop and day (see "One lock order").
 pub async fn apply(map: &MerchantMap, database: usize, events: &[&OrderEvent]) -> Result<Applied> {
+    let mut events = events.to_vec();
+    events.sort_by_key(|e| (e.order.order_id, e.order.version));
     let mut tx = map.0.pools[database].begin().await?;
     let mut done = Applied::default();
+    let mut reports: BTreeMap<(i64, NaiveDate), ReportDelta> = BTreeMap::new();
     for e in events {
-        if apply_one(&mut tx, map, e).await? {
-            done.applied += 1;
-        } else {
-            done.stale += 1;
+        match apply_one(&mut tx, map, e).await? {
+            Some(delta) => {
+                done.applied += 1;
+                reports
+                    .entry((e.order.shop_id, map.day_of(e.order.created_at)))
+                    .or_default()
+                    .add(&delta);
+            }
+            None => done.stale += 1,
         }
+    }
+    for ((shop, day), d) in reports {
+        add_to_report(&mut tx, shop, day, &d).await?;
     }
     tx.commit().await?;
     Ok(done)
 }
 
-async fn apply_one(conn: &mut MySqlConnection, map: &MerchantMap, e: &OrderEvent) -> Result<bool> {
+/// Applies one event to its order's row of the copy, that row locked; answers what it
+/// changes in the order's report row, `None` if the event is not newer than the row (nothing
+/// changed).
+async fn apply_one(
+    conn: &mut MySqlConnection,
+    map: &MerchantMap,
+    e: &OrderEvent,
+) -> Result<Option<ReportDelta>> {
     let o = &e.order;
     let t = &map.table_of(o.shop_id).name;
-    let stored = sqlx::query(AssertSqlSafe(format!(
-        "SELECT version, status, units, gross, discounts, paid, refunded FROM {t}
-         WHERE order_id = ? FOR UPDATE"
-    )))
-    .bind(o.order_id)
-    .fetch_optional(&mut *conn)
-    .await?;
-    let old = match &stored {
-        Some(row) => {
-            let version: i64 = row.try_get("version")?;
-            if version >= o.version {
-                return Ok(false);
-            }
-            Some(Contribution::stored(row)?)
-        }
-        None => None,
-    };
     let new = Contribution::of(o);
     let day = map.day_of(o.created_at);
     let doc = serde_json::to_string(o).map_err(|e| super::corrupt("snapshot", e))?;
-    // `version` last: MySQL evaluates the assignments in order.
+    // A row to lock first (see "Idempotent by version"): a new order's at version 0, which
+    // the update below moves to the event's. `ON DUPLICATE KEY UPDATE` locks an existing row
+    // exclusively; a plain insert's duplicate-key error would take a shared lock, which two
+    // appliers could not both upgrade to write.
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {t} (order_id, shop_id, user_id, status, created_at, day, units, gross,
             discounts, paid, refunded, doc, version)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-         ON DUPLICATE KEY UPDATE status = VALUES(status), units = VALUES(units),
-            gross = VALUES(gross), discounts = VALUES(discounts), paid = VALUES(paid),
-            refunded = VALUES(refunded), doc = VALUES(doc), version = VALUES(version)"
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0)
+         ON DUPLICATE KEY UPDATE order_id = order_id"
     )))
     .bind(o.order_id)
     .bind(o.shop_id)
@@ -204,17 +262,55 @@ async fn apply_one(conn: &mut MySqlConnection, map: &MerchantMap, e: &OrderEvent
     .bind(new.paid)
     .bind(new.refunded)
     .bind(&doc)
-    .bind(o.version)
     .execute(&mut *conn)
     .await?;
-
-    let old = old.unwrap_or_default();
-    let mut by_status = [0i64; 6];
-    for (s, sign) in [(old.status, -1), (new.status, 1)] {
-        if let Some(s) = s.and_then(|s| usize::try_from(s).ok()).filter(|s| *s < 6) {
-            by_status[s] += sign;
-        }
+    let stored = sqlx::query(AssertSqlSafe(format!(
+        "SELECT version, status, units, gross, discounts, paid, refunded FROM {t}
+         WHERE order_id = ? FOR UPDATE"
+    )))
+    .bind(o.order_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let version: i64 = stored.try_get("version")?;
+    if version >= o.version {
+        return Ok(None);
     }
+    let old = if version == 0 {
+        None
+    } else {
+        Some(Contribution::stored(&stored)?)
+    };
+    // Guarded by the version read: the report follows only a row that really moved.
+    let moved = sqlx::query(AssertSqlSafe(format!(
+        "UPDATE {t} SET status = ?, units = ?, gross = ?, discounts = ?, paid = ?, refunded = ?,
+            doc = ?, version = ?
+         WHERE order_id = ? AND version = ?"
+    )))
+    .bind(o.status)
+    .bind(new.units)
+    .bind(new.gross)
+    .bind(new.discounts)
+    .bind(new.paid)
+    .bind(new.refunded)
+    .bind(&doc)
+    .bind(o.version)
+    .bind(o.order_id)
+    .bind(version)
+    .execute(&mut *conn)
+    .await?;
+    if moved.rows_affected() != 1 {
+        // Not while the row is locked; an error rolls back rather than count a row that did
+        // not move (or commit a new order's row at version 0).
+        return Err(super::corrupt(
+            "merchant copy row moved under its lock",
+            o.order_id,
+        ));
+    }
+    Ok(Some(ReportDelta::between(old, new)))
+}
+
+/// Adds `d` to the report row of `shop` and `day` (created if absent).
+async fn add_to_report(conn: &mut MySqlConnection, shop: i64, day: NaiveDate, d: &ReportDelta) -> Result<()> {
     sqlx::query(
         "INSERT INTO merchant_reports (shop_id, day, orders, units, gross, discounts, paid, refunded,
             status_0, status_1, status_2, status_3, status_4, status_5)
@@ -226,23 +322,23 @@ async fn apply_one(conn: &mut MySqlConnection, map: &MerchantMap, e: &OrderEvent
             status_2 = status_2 + VALUES(status_2), status_3 = status_3 + VALUES(status_3),
             status_4 = status_4 + VALUES(status_4), status_5 = status_5 + VALUES(status_5)",
     )
-    .bind(o.shop_id)
+    .bind(shop)
     .bind(day)
-    .bind(i64::from(stored.is_none()))
-    .bind(new.units - old.units)
-    .bind(new.gross - old.gross)
-    .bind(new.discounts - old.discounts)
-    .bind(new.paid - old.paid)
-    .bind(new.refunded - old.refunded)
-    .bind(by_status[0])
-    .bind(by_status[1])
-    .bind(by_status[2])
-    .bind(by_status[3])
-    .bind(by_status[4])
-    .bind(by_status[5])
+    .bind(d.orders)
+    .bind(d.units)
+    .bind(d.gross)
+    .bind(d.discounts)
+    .bind(d.paid)
+    .bind(d.refunded)
+    .bind(d.by_status[0])
+    .bind(d.by_status[1])
+    .bind(d.by_status[2])
+    .bind(d.by_status[3])
+    .bind(d.by_status[4])
+    .bind(d.by_status[5])
     .execute(&mut *conn)
     .await?;
-    Ok(true)
+    Ok(())
 }
 
 /// How far the copy got, as its consumer last recorded it.
@@ -400,19 +496,46 @@ pub async fn daily_reports(
         .collect()
 }
 
-/// Empties the copy, its reports and its state (a rebuild's first step).
+/// Empties the copy, its reports and its state (a rebuild's first step), one database at a
+/// time, each in one transaction under REPEATABLE READ: its deletes then lock every row and
+/// every gap of the tables, so an applier running meanwhile (a `serve` beside the rebuild)
+/// either commits before them (its rows go, copy and report rows alike) or waits until they
+/// committed (its rows stay, alike). Under READ COMMITTED it could insert a new row behind
+/// the deletes and have its report row deleted, or the reverse.
 pub async fn reset(map: &MerchantMap) -> Result<()> {
-    for t in map.tables() {
+    for database in 0..map.pools().len() {
+        let mut tries = 0;
+        loop {
+            match reset_database(map, database).await {
+                Ok(()) => break,
+                // An applier holding rows the deletes need, and waiting for one they hold.
+                Err(e) if e.is_retryable() && tries < super::DEADLOCK_RETRIES => tries += 1,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn reset_database(map: &MerchantMap, database: usize) -> Result<()> {
+    let mut conn = map.pools()[database].acquire().await?;
+    // The next transaction only: the connection stays READ COMMITTED after it.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *conn)
+        .await?;
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    for t in map.tables().iter().filter(|t| t.database == database) {
         sqlx::query(AssertSqlSafe(format!("DELETE FROM {}", t.name)))
-            .execute(map.pool(t))
+            .execute(&mut *tx)
             .await?;
     }
-    for pool in map.pools() {
-        sqlx::query("DELETE FROM merchant_reports").execute(pool).await?;
-        sqlx::query("DELETE FROM projection_state WHERE name = ?")
-            .bind(PROJECTION)
-            .execute(pool)
-            .await?;
-    }
+    sqlx::query("DELETE FROM merchant_reports")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM projection_state WHERE name = ?")
+        .bind(PROJECTION)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
     Ok(())
 }

@@ -2,7 +2,8 @@
 //! writers then a flush (MySQL equals Redis, a change racing the flush stays dirty), Redis
 //! restarted empty (only the unflushed changes are lost), Redis down and partitioned (MySQL
 //! directly, never an older copy served after), two flushers at once (nothing regresses),
-//! checkout from the cart replayed (one order, the lines removed once), and bad input.
+//! concurrent first changes of fresh carts in MySQL (none lost), checkout from the cart
+//! replayed (one order, the lines removed once), and bad input.
 //!
 //! The flusher loop of these apps runs once an hour: the tests drive `flush_once` themselves.
 
@@ -396,6 +397,51 @@ async fn cart_two_flushers_at_once_write_every_cart_and_never_regress() {
         assert_eq!(in_mysql(&app, u).await, redis, "user {u}");
         assert_eq!(dirty_score(&app, u).await, None, "user {u} still dirty");
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cart_concurrent_first_changes_in_mysql_lose_no_line() {
+    // No Redis: every change is a read-modify-write of the MySQL row, and a fresh cart has
+    // no row yet for the first changes to lock.
+    let app = TestApp::spawn_with(|s| s.cache.enabled = false).await;
+    const PRODUCTS: usize = 6;
+    let cat = app.catalog(&[10; PRODUCTS]).await;
+    let users: Vec<i64> = (8501..8531).collect();
+    // Every product is known to the service before the race, so the changes start together.
+    put_ok(&app, 8500, &cat.products[0], 1).await;
+    for p in &cat.products {
+        put_ok(&app, 8500, p, 1).await;
+    }
+    let changes = users.iter().flat_map(|&user| {
+        cat.products
+            .iter()
+            .enumerate()
+            .map(move |(i, p)| (user, p, i as i64 + 1))
+    });
+    join_all(changes.map(|(user, p, q)| {
+        let app = &app;
+        async move { put_ok(app, user, p, q).await }
+    }))
+    .await;
+    let want: Lines = cat
+        .products
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.parse().unwrap(), i as i64 + 1))
+        .collect();
+    let mut lost = Vec::new();
+    for &user in &users {
+        let (version, stored) = in_mysql(&app, user).await;
+        if stored != want || version != PRODUCTS as i64 {
+            lost.push((user, version, stored.len()));
+        }
+    }
+    assert_eq!(
+        lost,
+        Vec::<(i64, i64, usize)>::new(),
+        "carts (user, version, lines) that lost a change; each should hold {PRODUCTS} lines at version {PRODUCTS}"
+    );
+    assert_eq!(get_lines(&app, users[0]).await, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
