@@ -12,6 +12,8 @@
 //! | `{prefix}{u:<user_id>}:w`   | its write marker                                   |
 //! | `{prefix}{u:<user_id>}:l`   | first page of the user's orders: `<tag>:<bytes>`   |
 //! | `{prefix}{u:<user_id>}:g`   | the page's generation, bumped by every order write |
+//! | `{prefix}{o:<order_id>}:f`  | fill lease: the token of the miss that may fill    |
+//! | `{prefix}{u:<user_id>}:f`   | the same for the profile; `:pf` for the page       |
 //! | `{prefix}{ct:<bucket>}:…`   | carts and their dirty sets: see [`cart`]           |
 //!
 //! "Absent" (no such order or user) is version 0 with an empty payload, kept
@@ -24,7 +26,8 @@
 //! (below). Otherwise it GETs the entry (MGET entry and generation for a page); a hit with the
 //! right tag that decodes is the answer and touches no database. A miss reads the entry's
 //! marker and joins the single flight of its key, marker (or generation) and tag
-//! ([`FlightKey`]); the flight's leader GETs again (with Redis `TIME`), takes a fill permit
+//! ([`FlightKey`]); the flight's leader sets the key's fill lease to a token of its own and
+//! GETs again (with Redis `TIME`), takes a fill permit
 //! of the entry's database (a bound per database: a stalled one holds only its own), loads,
 //! and fills with a conditional script, only over a connection with the tag its GET saw,
 //! and only within `fill_lease_ms` of the start of its load. Redis errors never reach the
@@ -34,7 +37,10 @@
 //! holds every write acknowledged before the load began (the replica read's fence, see
 //! [`crate::storage::replicas`]), so a Redis that lost its keys (`FLUSHALL`, a restart
 //! without persistence, a failover, an eviction) never makes a fill older than a write
-//! acknowledged before its miss. Markers only fence the writes that commit *during* a load.
+//! acknowledged before its miss. Markers fence the writes that commit *during* a load, and
+//! the fill lease the loss of those markers: a fill lands only while the lease still holds
+//! the token its leader set before loading, so a Redis that lost its keys (the marker with
+//! them) between the load and the fill refuses it.
 //!
 //! # Writes
 //! `order_written` sends, in one round trip, a script that raises the order's marker to the
@@ -78,15 +84,18 @@
 //!    generation, which the write raised before it was acknowledged, so the flight's leader
 //!    saw the raised value before it loaded; and never a flight older than the fill lease.
 //! 10. *Redis lost its keys* (markers, generations and entries gone together: `FLUSHALL`, an
-//!    empty restart, a failover to a replica that had not received them, eviction) and a
-//!    miss of another process reads a lagging replica: the load's fence holds every
-//!    acknowledged write, so the lagging replica is waited for or the primary answers; the
-//!    fill is as new as any write acknowledged before the miss.
+//!    empty restart, a failover to a replica that had not received them) and a miss of
+//!    another process reads a lagging replica: the load's fence holds every acknowledged
+//!    write, so the lagging replica is waited for or the primary answers; the fill is as new
+//!    as any write acknowledged before the miss.
+//! 11. *Redis lost its keys during a load*, after the notice of a write that committed
+//!    during it (so its marker is gone): the fill lease went with them, and the fill script
+//!    refuses a fill whose lease no longer holds its token.
 //!
 //! # Not covered
-//! - Keys lost *during* a load (between a write's notice and the fill of a load that began
-//!   before that write committed): the marker that would refuse the fill is gone, and the
-//!   entry may be one version behind until the write's next notice or its TTL.
+//! - An eviction that removes a fresh marker but not the fill lease of a load racing its
+//!   write (an eviction policy that picks keys by nearest expiry, `volatile-ttl`, would):
+//!   run Redis with `allkeys-lru`, `allkeys-lfu` or `noeviction`.
 //! - Another process that never saw Redis fail keeps serving entries that a partitioned
 //!   process could not invalidate, until that process replays its pending notices or the
 //!   entries' TTL ends (the pending set lives in the process that failed).
@@ -162,6 +171,15 @@ fn generation_key(prefix: &str, user: UserId) -> String {
     format!("{prefix}{{u:{user}}}:g")
 }
 
+fn page_lease_key(prefix: &str, user: UserId) -> String {
+    format!("{prefix}{{u:{user}}}:pf")
+}
+
+/// A fill lease token: random, so no other read (of this or another process) holds it.
+fn lease_token() -> String {
+    format!("{:016x}", rand::random::<u64>())
+}
+
 /// Whether a key is an entry (not a marker or a generation): what a purge removes.
 fn is_entry_key(key: &[u8]) -> bool {
     key.ends_with(b":d") || key.ends_with(b":p") || key.ends_with(b":l")
@@ -192,12 +210,14 @@ mod lua {
     };
     pub use super::gate::scripts::{GIVE_BACK as GATE_GIVE_BACK, REBUILD as GATE_REBUILD, TAKE as GATE_TAKE};
 
-    /// KEYS[1] entry, KEYS[2] its marker. ARGV[1] version loaded, ARGV[2] tag of the read,
-    /// ARGV[3] value, ARGV[4] TTL ms, ARGV[5] deadline (Redis time, µs).
-    /// Returns 1 set, 0 refused (marker or a current entry), -1 too late.
+    /// KEYS[1] entry, KEYS[2] its marker, KEYS[3] its fill lease. ARGV[1] version loaded,
+    /// ARGV[2] tag of the read, ARGV[3] value, ARGV[4] TTL ms, ARGV[5] deadline (Redis time,
+    /// µs), ARGV[6] the lease token of the read.
+    /// Returns 1 set, 0 refused (marker, lease or a current entry), -1 too late.
     pub const FILL_ENTRY: &str = r"
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[5]) then return -1 end
+if redis.call('GET', KEYS[3]) ~= ARGV[6] then return 0 end
 local v = tonumber(ARGV[1])
 local m = redis.call('GET', KEYS[2])
 if m and tonumber(m) and tonumber(m) > v then return 0 end
@@ -237,11 +257,13 @@ end
 return 0
 ";
 
-    /// KEYS[1] page, KEYS[2] generation. ARGV[1] generation seen before the load ('0':
-    /// none), ARGV[2] value, ARGV[3] TTL ms, ARGV[4] deadline (Redis time, µs).
+    /// KEYS[1] page, KEYS[2] generation, KEYS[3] its fill lease. ARGV[1] generation seen
+    /// before the load ('0': none), ARGV[2] value, ARGV[3] TTL ms, ARGV[4] deadline (Redis
+    /// time, µs), ARGV[5] the lease token of the read.
     pub const FILL_PAGE: &str = r"
 local t = redis.call('TIME')
 if tonumber(t[1]) * 1000000 + tonumber(t[2]) > tonumber(ARGV[4]) then return -1 end
+if redis.call('GET', KEYS[3]) ~= ARGV[5] then return 0 end
 local g = redis.call('GET', KEYS[2]) or '0'
 if g ~= ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
@@ -373,6 +395,7 @@ struct EntryKeys {
     key: EntryKey,
     data: String,
     marker: String,
+    lease: String,
 }
 
 impl EntryKeys {
@@ -381,6 +404,7 @@ impl EntryKeys {
             key: EntryKey::Order(id),
             data: order_key(prefix, id),
             marker: order_marker_key(prefix, id),
+            lease: format!("{prefix}{{o:{id}}}:f"),
         }
     }
 
@@ -389,6 +413,7 @@ impl EntryKeys {
             key: EntryKey::User(id),
             data: user_key(prefix, id),
             marker: user_marker_key(prefix, id),
+            lease: format!("{prefix}{{u:{id}}}:f"),
         }
     }
 }
@@ -1054,8 +1079,17 @@ impl Inner {
         let Some(conn) = self.conn().await else {
             return load().await;
         };
+        let token = lease_token();
         let mut pipe = redis::pipe();
-        pipe.cmd("GET").arg(&keys.data).cmd("TIME");
+        pipe.cmd("SET")
+            .arg(&keys.lease)
+            .arg(&token)
+            .arg("PX")
+            .arg(self.lease_ms())
+            .ignore()
+            .cmd("GET")
+            .arg(&keys.data)
+            .cmd("TIME");
         type Seen = (Option<Vec<u8>>, (i64, i64));
         let Some((raw, time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
             return load().await;
@@ -1074,12 +1108,13 @@ impl Inner {
             None => (0, Vec::new(), self.absent_ttl),
         };
         if let Some(fill_conn) = self.fill_conn(keys.key, &conn.tag, started) {
-            let mut cmd = evalsha(&self.scripts.fill_entry, &[&keys.data, &keys.marker]);
+            let mut cmd = evalsha(&self.scripts.fill_entry, &[&keys.data, &keys.marker, &keys.lease]);
             cmd.arg(version)
                 .arg(&conn.tag)
                 .arg(entry_value(version, &conn.tag, &payload))
                 .arg(self.jittered_ms(ttl))
-                .arg(deadline);
+                .arg(deadline)
+                .arg(&token);
             let outcome: Option<i64> = self.query(&fill_conn, &cmd).await;
             tracing::trace!(key = %keys.data, ?outcome, "fill");
             count_fill(outcome);
@@ -1143,8 +1178,22 @@ impl Inner {
         let Some(conn) = self.conn().await else {
             return load().await;
         };
+        let EntryKey::Page(user) = key else {
+            return load().await;
+        };
+        let lease = page_lease_key(&self.prefix, user);
+        let token = lease_token();
         let mut pipe = redis::pipe();
-        pipe.cmd("MGET").arg(page).arg(generation).cmd("TIME");
+        pipe.cmd("SET")
+            .arg(&lease)
+            .arg(&token)
+            .arg("PX")
+            .arg(self.lease_ms())
+            .ignore()
+            .cmd("MGET")
+            .arg(page)
+            .arg(generation)
+            .cmd("TIME");
         type Seen = ((Option<Vec<u8>>, Option<String>), (i64, i64));
         let Some(((raw, seen), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
             return load().await;
@@ -1160,11 +1209,12 @@ impl Inner {
         let loaded = load().await?;
         self.gate.pass(key).await;
         if let Some(fill_conn) = self.fill_conn(key, &conn.tag, started) {
-            let mut cmd = evalsha(&self.scripts.fill_page, &[page, generation]);
+            let mut cmd = evalsha(&self.scripts.fill_page, &[page, generation, &lease]);
             cmd.arg(&seen)
                 .arg(page_value(&conn.tag, &codec::encode_page(&loaded)))
                 .arg(self.jittered_ms(self.page_ttl))
-                .arg(deadline);
+                .arg(deadline)
+                .arg(&token);
             let outcome: Option<i64> = self.query(&fill_conn, &cmd).await;
             tracing::trace!(key = %page, ?outcome, "page fill");
             count_fill(outcome);
@@ -1188,6 +1238,12 @@ impl Inner {
             return None;
         }
         Some(conn)
+    }
+
+    /// How long a fill lease lives: past the fill's own deadline (the lease counted from the
+    /// read), so a lease never expires before a fill that may still land.
+    fn lease_ms(&self) -> u64 {
+        (self.fill_lease.as_millis() as u64).saturating_mul(2).max(1)
     }
 
     /// The Redis-clock deadline (µs) of a fill whose read saw Redis `TIME` = `time`.

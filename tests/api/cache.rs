@@ -168,19 +168,28 @@ async fn cache_stale_fill_never_lands_after_a_newer_write() {
     );
 }
 
-/// The consistency checker: 8 writers and 32 readers on 200 hot orders. Each writer owns 25
-/// orders and changes them with `PATCH` (no conflicts between writers); after each 200 it
-/// raises the order's acknowledged version. A read that starts after an acknowledgement must
-/// see that version or a newer one: by order id, through `?include=user`, and in the owner's
-/// first page of orders.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// The consistency checker: 8 writers and 32 readers on 200 hot orders, over two service
+/// processes on a cluster with a GTID replica, while Redis loses every key (`FLUSHALL`) every
+/// few hundred milliseconds. Each writer owns 25 orders and changes them with `PATCH` through
+/// process A (no conflicts between writers); after each 200 it raises the order's
+/// acknowledged version. Half the readers read through A, half through B. A read that starts
+/// after an acknowledgement must see that version or a newer one: by order id, through
+/// `?include=user`, and in the owner's first page of orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cache_is_never_behind_an_acknowledged_write() {
     const WRITERS: usize = 8;
     const READERS: usize = 32;
     const USERS: usize = 20;
     const PER_USER: usize = 10;
     const WRITES: u64 = 10_000;
-    let app = Arc::new(TestApp::spawn().await);
+    let cluster = LocalCluster::start(ClusterSpec {
+        replicas_per_server: 1,
+        ..ClusterSpec::default()
+    })
+    .await
+    .unwrap();
+    let app = Arc::new(TestApp::spawn_on(&cluster, |_| {}).await);
+    let twin = Arc::new(app.twin().await);
     let cat = app.catalog(&[100_000]).await;
     let product = cat.products[0].clone();
     let admin = app.admin_token();
@@ -230,10 +239,23 @@ async fn cache_is_never_behind_an_acknowledged_write() {
         })
     });
     let writers: Vec<_> = writers.collect();
+    let flushes = Arc::new(AtomicU64::new(0));
+    let loss = {
+        let (url, done, flushes) = (app.settings.redis.url.clone(), done.clone(), flushes.clone());
+        tokio::spawn(async move {
+            let mut con = redis_conn(&url).await;
+            while !done.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if redis::cmd("FLUSHALL").query_async::<()>(&mut con).await.is_ok() {
+                    flushes.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        })
+    };
 
     let readers = (0..READERS).map(|r| {
         let (app, orders, acked, done, checked, violations) = (
-            app.clone(),
+            if r % 2 == 0 { app.clone() } else { twin.clone() },
             orders.clone(),
             acked.clone(),
             done.clone(),
@@ -308,6 +330,8 @@ async fn cache_is_never_behind_an_acknowledged_write() {
     for r in readers {
         r.await.unwrap();
     }
+    loss.await.unwrap();
+    assert!(flushes.load(Ordering::SeqCst) >= 3, "Redis lost its keys during the run");
     let (writes, checked, violations) = (
         writes.load(Ordering::SeqCst),
         checked.load(Ordering::SeqCst),
