@@ -17,13 +17,13 @@ const SERVER_MAX_CONNECTIONS: u32 = 10;
 
 /// Opens connections to `url` until the server refuses one, adding them to `held`; answers
 /// the refusal's MySQL error number.
-async fn fill_server(url: &str, held: &mut Vec<(u64, MySqlConnection)>) -> Option<u16> {
+async fn fill_server(url: &str, held: &mut Vec<(i64, MySqlConnection)>) -> Option<u16> {
     // The server allows `max_connections` and one more for an administrator (`orderly` is
     // one): a few more than that must be refused.
     for _ in 0..(SERVER_MAX_CONNECTIONS + 10) {
         match MySqlConnection::connect(url).await {
             Ok(mut c) => {
-                let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+                let id: i64 = sqlx::query_scalar("SELECT CAST(CONNECTION_ID() AS SIGNED)")
                     .fetch_one(&mut c)
                     .await
                     .unwrap();
@@ -39,9 +39,10 @@ async fn fill_server(url: &str, held: &mut Vec<(u64, MySqlConnection)>) -> Optio
 }
 
 /// Every connection of the server that is not the test's (the service's, all of them).
-async fn others(admin: &mut MySqlConnection, held: &[(u64, MySqlConnection)]) -> Vec<u64> {
-    let ids: Vec<u64> = sqlx::query_scalar(
-        "SELECT id FROM information_schema.processlist WHERE id <> CONNECTION_ID() AND user = 'orderly'",
+async fn others(admin: &mut MySqlConnection, held: &[(i64, MySqlConnection)]) -> Vec<i64> {
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "SELECT CAST(id AS SIGNED) FROM information_schema.processlist \
+         WHERE id <> CONNECTION_ID() AND user = 'orderly'",
     )
     .fetch_all(admin)
     .await
