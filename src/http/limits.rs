@@ -1,5 +1,18 @@
-//! Limits at the HTTP edge: per-user rate limits on creating orders and issuing ids, and a
-//! bound on the requests a process serves at once.
+//! Limits at the HTTP edge: the request body read whole and bounded before anything answers,
+//! per-user rate limits on creating orders and issuing ids, and a bound on the requests a
+//! process serves at once.
+//!
+//! # Request bodies
+//! Every request's body is read to its end, at most `server.body_limit_bytes` within
+//! `server.request_timeout_ms`, before the request takes an in-flight place, whatever the
+//! route does with it (see [`read_body`]). hyper closes a keep-alive connection whose
+//! request body was left unread and had not arrived when the answer went out: a handler that
+//! never reads its body (`POST /v1/order-ids`), or one refused before its JSON extractor ran
+//! (401, 403, 429, 503), would otherwise break the connection of every client that sends the
+//! body after the headers (SPEC 2.11). Over the limit is 413 `payload_too_large` (declared
+//! by `Content-Length` or found while reading) and the connection may then close; a body
+//! that cannot be read is 400 `unreadable_body`, one that does not arrive in time 408
+//! `body_timeout`. Routes see the body as a buffer, so the JSON extractor finds it whole.
 //!
 //! # Per-user rate limits
 //! A keyed token bucket (GCRA, the `governor` crate) per limited route, keyed by the
@@ -24,11 +37,14 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::Method;
+use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -180,6 +196,44 @@ pub(super) async fn per_user_limits(State(s): State<AppState>, req: Request, nex
         }
     }
     next.run(Request::from_parts(parts, body)).await
+}
+
+/// Reads the whole body of `req` (at most `limit` bytes, within `timeout`), then lets the
+/// request go on with it as a buffer; see the module docs. A request without a body goes on
+/// at once.
+pub async fn read_body(limit: usize, timeout: Duration, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    match tokio::time::timeout(timeout, read_at_most(body, limit)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Err(refused)) => refused.into_response(),
+        Err(_) => ApiError::BodyTimeout.into_response(),
+    }
+}
+
+/// The bytes of `body`, or 413 once it passes `limit`, or 400 when it cannot be read (the
+/// client went away, a broken chunked encoding).
+async fn read_at_most(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut chunks = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|_| ApiError::UnreadableBody)?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
 }
 
 /// Paths never refused for load: probes and scrapes must see an overloaded process as it is.

@@ -109,7 +109,9 @@ async fn body_after_headers_then_another_request(
         .map_err(|e| format!("after answering {status} {answer}: writing the next request: {e}"))?;
     match read_response(stream).await {
         Ok((200, _)) => Ok(status),
-        Ok((other, b)) => Err(format!("after answering {status}: the next request got {other} {b}")),
+        Ok((other, b)) => Err(format!(
+            "after answering {status}: the next request got {other} {b}"
+        )),
         Err(e) => Err(format!(
             "after answering {status} {answer}: the next request: {e}"
         )),
@@ -172,7 +174,9 @@ async fn keep_alive_survives_a_body_sent_after_the_headers_on_every_write_route(
     let mut answered = 0;
     for (who, token) in &tokens {
         for (method, path) in &writes {
-            match body_after_headers_then_another_request(&mut stream, method, path, token.as_deref(), &body).await {
+            match body_after_headers_then_another_request(&mut stream, method, path, token.as_deref(), &body)
+                .await
+            {
                 Ok(_) => answered += 1,
                 Err(e) => {
                     failures.push(format!("{method} {path} ({who}): {e}"));

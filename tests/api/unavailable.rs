@@ -101,8 +101,15 @@ async fn refused_database_connections_answer_503_with_retry_after() {
             break;
         }
     }
-    assert!(others(&mut admin, &held).await.is_empty(), "the service kept a connection");
-    assert_eq!(refused, Some(1040), "the server must refuse with Too many connections");
+    assert!(
+        others(&mut admin, &held).await.is_empty(),
+        "the service kept a connection"
+    );
+    assert_eq!(
+        refused,
+        Some(1040),
+        "the server must refuse with Too many connections"
+    );
 
     let token = app.user_token(user);
     let read = format!("/v1/orders/{order_id}?consistency=strong");
@@ -115,9 +122,7 @@ async fn refused_database_connections_answer_503_with_retry_after() {
             let req = if (round + i) % 2 == 0 {
                 app.client.get(format!("{}{read}", app.base))
             } else {
-                app.client
-                    .post(format!("{}/v1/orders", app.base))
-                    .json(&create)
+                app.client.post(format!("{}/v1/orders", app.base)).json(&create)
             };
             calls.push(req.bearer_auth(&token).send());
         }
@@ -130,7 +135,11 @@ async fn refused_database_connections_answer_503_with_retry_after() {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             let body: serde_json::Value = resp.json().await.unwrap_or_default();
-            answers.push((status, retry_after, body["code"].as_str().unwrap_or("").to_owned()));
+            answers.push((
+                status,
+                retry_after,
+                body["code"].as_str().unwrap_or("").to_owned(),
+            ));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -138,7 +147,10 @@ async fn refused_database_connections_answer_503_with_retry_after() {
         .iter()
         .filter(|(status, retry_after, code)| {
             *status != StatusCode::SERVICE_UNAVAILABLE
-                || retry_after.as_deref().and_then(|s| s.parse::<u64>().ok()).is_none()
+                || retry_after
+                    .as_deref()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .is_none()
                 || code != "unavailable"
         })
         .collect();
@@ -146,5 +158,59 @@ async fn refused_database_connections_answer_503_with_retry_after() {
         wrong.is_empty(),
         "every request that needed a refused connection must be 503 unavailable with \
          Retry-After; got {wrong:?} (all: {answers:?})"
+    );
+}
+
+/// Captures what the current thread logs, as text.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A process whose pools can open more connections to a server than its `max_connections`
+/// says so when it starts: a WARN naming the server, both numbers and the pools.
+#[tokio::test]
+async fn pools_that_cannot_fit_a_server_are_warned_about_at_start() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _log = tracing::subscriber::set_default(subscriber);
+    // Pools open lazily beyond their first connection, so this many per pool costs nothing
+    // here. The first server holds the commerce, archive and a shard database: 3 × 200, the
+    // lease's 2 and a relay's connection for two of them, 604 over its 500. The second holds
+    // a shard database and the merchant copy: 401, which fits.
+    let app = TestApp::spawn_with(|s| s.database.max_connections = 200).await;
+    let fits = TestApp::spawn_with(|s| s.database.max_connections = 8).await;
+    drop((app, fits));
+    let text = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    let warnings: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("max_connections"))
+        .collect();
+    let first = orderly::storage::budget::server_of(&crate::helpers::cluster().mariadb(0).url("x")).unwrap();
+    assert!(
+        warnings.iter().any(|l| l.contains(&first)
+            && l.contains("max_connections=500")
+            && l.contains("connections=604")
+            && l.contains("commerce")),
+        "no warning names the first server, its 500 and the 604 connections: {text}"
+    );
+    assert_eq!(
+        warnings.len(),
+        1,
+        "one warning, for the one server the big pools overfill; none for pools that fit: {text}"
     );
 }
