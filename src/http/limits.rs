@@ -265,9 +265,11 @@ pub fn bound_in_flight<S: Clone + Send + Sync + 'static>(router: Router<S>, max:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::routing::get;
+    use axum::routing::{get, post};
     use governor::clock::FakeRelativeClock;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     fn user(n: i64) -> UserId {
         UserId::new(n).unwrap()
@@ -349,5 +351,85 @@ mod tests {
         }
         let served = client.get(format!("{base}/fast")).send().await.unwrap();
         assert_eq!(served.status(), 200);
+    }
+
+    /// Sends `parts` on `stream` with `pause` between them, then reads one answer: its
+    /// status, or `None` when the connection closed without one.
+    async fn exchange(stream: &mut TcpStream, parts: &[&str], pause: Duration) -> Option<u16> {
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            stream.write_all(part.as_bytes()).await.ok()?;
+        }
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())?;
+                if body.len() >= length {
+                    return head.split(' ').nth(1)?.parse().ok();
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The body reader: a body over the limit is 413 (declared, or found while reading a
+    /// chunked one), one that does not come in time 408, and a route that never reads its
+    /// body answers after it came, on a connection that stays usable.
+    #[tokio::test]
+    async fn bodies_are_read_whole_within_their_limit_and_their_time() {
+        let app = Router::new()
+            .route("/ignores-its-body", post(|| async { "ignored" }))
+            .layer(middleware::from_fn(|req, next| {
+                read_body(16, Duration::from_millis(300), req, next)
+            }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let pause = Duration::from_millis(30);
+        let head = |length: usize| {
+            format!("POST /ignores-its-body HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n")
+        };
+
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..3 {
+            let answer = exchange(&mut kept, &[&head(16), &"x".repeat(16)], pause).await;
+            assert_eq!(answer, Some(200), "the body came after the headers");
+        }
+
+        let mut declared = TcpStream::connect(addr).await.unwrap();
+        let answer = exchange(&mut declared, &[&head(17)], pause).await;
+        assert_eq!(answer, Some(413), "a declared length over the limit");
+
+        let mut chunked = TcpStream::connect(addr).await.unwrap();
+        let chunked_head = "POST /ignores-its-body HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let answer = exchange(
+            &mut chunked,
+            &[chunked_head, "a\r\n0123456789\r\n", "a\r\n0123456789\r\n"],
+            pause,
+        )
+        .await;
+        assert_eq!(answer, Some(413), "a chunked body that grows over the limit");
+
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let answer = exchange(&mut slow, &[&head(16), "x"], pause).await;
+        assert_eq!(answer, Some(408), "a body that does not come in time");
     }
 }
