@@ -112,9 +112,17 @@ pub struct Overcommit {
 /// for each server they cannot fit into. A server that does not answer within `timeout` is
 /// skipped (a replica down at start: its pool opens lazily, and the probe reports it).
 pub async fn check(pools: &[PlannedPool], timeout: Duration) -> Vec<Overcommit> {
+    // All servers at once: one that hangs delays the start by `timeout`, not once per server.
+    let servers = per_server(pools);
+    let limits = futures::future::join_all(
+        servers
+            .values()
+            .map(|d| tokio::time::timeout(timeout, server_limits(&d.url))),
+    )
+    .await;
     let mut over = Vec::new();
-    for (server, demand) in per_server(pools) {
-        let limits = match tokio::time::timeout(timeout, server_limits(&demand.url)).await {
+    for ((server, demand), limits) in servers.into_iter().zip(limits) {
+        let limits = match limits {
             Ok(Ok(limits)) => limits,
             Ok(Err(e)) => {
                 tracing::info!(%server, error = %e, "cannot read the server's max_connections");
