@@ -1,4 +1,6 @@
-//! `Application::build` wires settings into a running service: connects the databases,
+//! `Application::build` wires settings into a running service: weighs its database pools
+//! against each server's `max_connections` (a warning when they cannot fit, see
+//! [`crate::storage::budget`]), connects the databases,
 //! obtains a worker id (fixed in settings, or leased in the commerce database: see
 //! [`crate::lease`]; Redis is never needed for it), binds the listener (port 0 works), and serves until a
 //! [`CancellationToken`] fires. Background loops take the same token.
@@ -32,6 +34,7 @@ use crate::service::flash::{self, FlashSales};
 use crate::service::merchant::MerchantService;
 use crate::service::orders::OrderService;
 use crate::service::sweeper;
+use crate::storage::budget::{self, PlannedPool};
 use crate::storage::merchant::MerchantMap;
 use crate::storage::replicas::{self, Database};
 use crate::storage::shards::ShardMap;
@@ -64,6 +67,12 @@ pub struct Application {
 impl Application {
     /// Connects everything and binds `server.listen`.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
+        // Warns, before any pool opens, when they cannot fit into a server's max_connections.
+        budget::check(
+            &serve_pools(&settings),
+            Duration::from_millis(settings.database.acquire_timeout_ms),
+        )
+        .await;
         let shards = ShardMap::connect(&settings).await?;
         let commerce_db = Arc::new(
             Database::connect(
@@ -313,6 +322,71 @@ async fn sample_gauges(state: AppState, shutdown: CancellationToken) {
     }
 }
 
+/// The connections of the worker-id lease's pool: one renewal at a time, plus one for the
+/// release racing a last renewal.
+const LEASE_POOL_CONNECTIONS: u32 = 2;
+
+/// Every pool a `serve` process of `settings` opens (see [`Application::build`] and
+/// [`Application::run`]), with the most connections each may hold: the primary and replica
+/// pools of every shard database and of the commerce database, the archive's and the merchant
+/// copy's pools, the worker-id lease's pool, and the connection each outbox relay holds
+/// outside its database's pool. What [`budget::check`] weighs against the servers.
+pub fn serve_pools(settings: &Settings) -> Vec<PlannedPool> {
+    let size = settings.database.max_connections;
+    let pool = |name: String, url: &str, connections: u32| PlannedPool {
+        name,
+        url: url.to_owned(),
+        connections,
+    };
+    let with_replicas = |name: &str, primary: &str, replicas: &[String]| -> Vec<PlannedPool> {
+        let mut pools = vec![pool(name.to_owned(), primary, size)];
+        for (i, url) in replicas.iter().enumerate() {
+            pools.push(pool(format!("{name}/r{i}"), url, size));
+        }
+        pools
+    };
+    let mut pools = Vec::new();
+    for d in &settings.shards.databases {
+        pools.extend(with_replicas(&d.name, &d.primary, &d.replicas));
+    }
+    pools.extend(with_replicas(
+        "commerce",
+        &settings.commerce.url,
+        &settings.commerce.replicas,
+    ));
+    pools.push(pool("archive".into(), &settings.archive.url, size));
+    for (i, d) in settings.merchant.databases.iter().enumerate() {
+        pools.push(pool(format!("merchant{i}"), &d.url, size));
+    }
+    if settings.ids.worker_id.is_none() {
+        pools.push(pool(
+            "lease".into(),
+            &settings.commerce.url,
+            LEASE_POOL_CONNECTIONS,
+        ));
+    }
+    if settings.events.relay {
+        // A relay detaches one connection from its database's pool (its GET_LOCK lives on
+        // it), and the pool may open another in its place.
+        for d in &settings.shards.databases {
+            pools.push(pool(format!("{} relay", d.name), &d.primary, 1));
+        }
+        pools.push(pool("archive relay".into(), &settings.archive.url, 1));
+    }
+    pools
+}
+
+/// `database.max_connections` for `processes` processes like `serve` on `settings`, started
+/// together against servers that allow `max_connections` each: `wanted`, or fewer so that
+/// their pools fit together into every server (the bench's and the playground's processes).
+pub fn fitting_pool_size(settings: &Settings, processes: u32, max_connections: u32, wanted: u32) -> u32 {
+    budget::fitting_pool_size(wanted, processes, max_connections, |size| {
+        let mut s = settings.clone();
+        s.database.max_connections = size;
+        serve_pools(&s)
+    })
+}
+
 /// Leases a worker id in the commerce database of `settings` (see [`crate::lease`]), on a
 /// pool of its own: a renewal never queues behind request traffic for a connection, so a
 /// busy service does not lose its lease (and answer 503) for lack of one.
@@ -323,8 +397,7 @@ pub async fn lease_worker_from(
     let pool = storage::connect(
         &settings.commerce.url,
         &DatabaseSettings {
-            // One renewal at a time, plus one for the release racing a last renewal.
-            max_connections: 2,
+            max_connections: LEASE_POOL_CONNECTIONS,
             ..settings.database.clone()
         },
     )

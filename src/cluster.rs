@@ -150,6 +150,11 @@ const SHARED_MARIADB_OPTIONS: &[&str] = &[
     "--collation-server=utf8mb4_general_ci",
 ];
 
+/// `max_connections` of every server: tests open pools from many threads against every
+/// shard, plus fault-test reconnect storms. What the bench and the playground size their
+/// pools to fit (see [`crate::storage::budget`]).
+pub const MAX_CONNECTIONS: u32 = 500;
+
 /// `mariadbd` options for serving (not for the bootstrap).
 const SERVER_MARIADB_OPTIONS: &[&str] = &[
     // Binary log with fixed file names (the default is derived from the host name), so a
@@ -165,8 +170,6 @@ const SERVER_MARIADB_OPTIONS: &[&str] = &[
     // Never fsync the binary log: it is still written to the OS at commit, so a SIGKILLed server
     // loses nothing, and tmpfs has nothing to sync to.
     "--sync-binlog=0",
-    // Tests open pools from many threads against every shard, plus fault-test reconnect storms.
-    "--max-connections=500",
     // Every connection keeps its prepared statements (one per shard table and statement):
     // hundreds of connections × hundreds of statements exceed the default of 16382.
     "--max-prepared-stmt-count=1048576",
@@ -960,7 +963,8 @@ impl MariaDbServer {
             .arg(format!("--port={}", self.port))
             .arg(format!("--server-id={}", self.server_id))
             .args(SHARED_MARIADB_OPTIONS)
-            .args(SERVER_MARIADB_OPTIONS);
+            .args(SERVER_MARIADB_OPTIONS)
+            .arg(format!("--max-connections={MAX_CONNECTIONS}"));
         if self.durable {
             command.args(DURABLE_MARIADB_OPTIONS);
         }

@@ -298,7 +298,16 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
     base.auth.jwt_secret =
         uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
     base.server.listen = ([127, 0, 0, 1], port).into();
-    let settings = cluster_settings(base, &cluster, "orderly_", 32);
+    let mut settings = cluster_settings(base, &cluster, "orderly_", 32);
+    // The playground's service and a command run beside it with the settings written below
+    // (`orderly archive`) fit into every server's max_connections together, whatever pool
+    // size a given config asks for.
+    settings.database.max_connections = crate::app::fitting_pool_size(
+        &settings,
+        2,
+        crate::cluster::MAX_CONNECTIONS,
+        settings.database.max_connections,
+    );
     settings.validate()?;
     create_databases(&settings).await?;
     let report = migrate(&settings).await?;

@@ -149,8 +149,9 @@ fn describe_metrics() {
     );
     describe_counter!(
         "orderly_db_errors_total",
-        "Database errors, by kind (lock: deadlock or lock wait timeout, server, pool_timeout, \
-         connection, other); duplicate keys are answers and are not counted"
+        "Database errors, by kind (lock: deadlock or lock wait timeout, refused: too many \
+         connections, server, pool_timeout, connection, other); duplicate keys are answers and \
+         are not counted"
     );
     describe_gauge!(
         "orderly_db_pool_connections",

@@ -427,9 +427,13 @@ pub async fn run(opts: ArchiveOptions, out: PathBuf) -> anyhow::Result<String> {
     let mut base = Settings::defaults();
     base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
     base.server.listen = ([127, 0, 0, 1], 0).into();
-    base.database.max_connections = base.database.max_connections.max(opts.concurrency as u32);
+    let wanted = base.database.max_connections.max(opts.concurrency as u32);
     base.limits = LimitSettings::off();
     let mut s = cluster_settings(base, &cluster, "barchive_", 32);
+    // Within the servers' max_connections for the setup instance, the measured one and the raw
+    // pools together.
+    s.database.max_connections =
+        crate::app::fitting_pool_size(&s, 3, crate::cluster::MAX_CONNECTIONS, wanted);
     // See the module docs: nothing consumes the seeded orders' events during the phases.
     s.events.relay = false;
     s.merchant.consume = false;

@@ -233,9 +233,13 @@ pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
     let mut base = Settings::defaults();
     base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
     base.server.listen = ([127, 0, 0, 1], 0).into();
-    base.database.max_connections = base.database.max_connections.max(opts.concurrency as u32);
+    let wanted = base.database.max_connections.max(opts.concurrency as u32);
     base.limits = LimitSettings::off();
     let mut s = cluster_settings(base, &cluster, "bevents_", 32);
+    // Within the servers' max_connections for the instance and the bench's own relays and
+    // consumer together.
+    s.database.max_connections =
+        crate::app::fitting_pool_size(&s, 2, crate::cluster::MAX_CONNECTIONS, wanted);
     // This bench runs the relay and the copy's consumer itself, to stop and time them.
     s.events.relay = false;
     s.merchant.consume = false;

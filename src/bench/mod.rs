@@ -1779,9 +1779,16 @@ pub async fn run(
             }
             base.server.listen = ([127, 0, 0, 1], 0).into();
             // The service gets as many connections per server as the raw baseline may use.
-            base.database.max_connections = base.database.max_connections.max(opts.concurrency as u32);
+            let wanted = base.database.max_connections.max(opts.concurrency as u32);
             // The replicas are the cluster's (none with `--replicas 0`).
-            let s = cluster_settings(base, &started, "bench_", 32);
+            let mut s = cluster_settings(base, &started, "bench_", 32);
+            // But no more than lets every process of the bench fit into the servers'
+            // max_connections together: the service, its cache-off twin, the primary-only
+            // twin (with replicas) and the raw phase's pools (counted as one more service).
+            // Pools that outgrow the server measure its refusals, not the service.
+            let processes = 3 + u32::from(opts.replicas > 0);
+            s.database.max_connections =
+                crate::app::fitting_pool_size(&s, processes, crate::cluster::MAX_CONNECTIONS, wanted);
             s.validate()?;
             create_databases(&s).await?;
             migrate(&s).await?;

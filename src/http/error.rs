@@ -3,6 +3,12 @@
 //! Every refusal carries a stable machine `code`. Internal causes (database errors, broken
 //! invariants) are logged with their chain and never sent to the client: a 5xx says only
 //! that it is our fault or a dependency's.
+//!
+//! Every 503 carries `Retry-After` ([`service_unavailable`] is the one way to answer it): an
+//! overloaded process, a request past its time, and a dependency that is down or refuses
+//! connections (a database's "Too many connections", an exhausted pool: every storage error
+//! [`StorageError::is_transient`] calls so, decided there in one place). A 500 is a bug of
+//! ours, never a dependency's bad moment (SPEC 2.11).
 
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -54,6 +60,14 @@ pub enum ApiError {
     UnsupportedMediaType,
     #[error("payload too large")]
     PayloadTooLarge,
+    /// The request body could not be read to its end (a broken chunked encoding, the client
+    /// went away).
+    #[error("unreadable request body")]
+    UnreadableBody,
+    /// The request body did not arrive within `server.request_timeout_ms` (see
+    /// [`super::limits::read_body`]).
+    #[error("request body too slow")]
+    BodyTimeout,
     #[error("no such route")]
     NoRoute,
     #[error("method not allowed")]
@@ -148,6 +162,18 @@ impl IntoResponse for ApiError {
                 "the body is too large",
                 none,
             ),
+            ApiError::UnreadableBody => problem(
+                S::BAD_REQUEST,
+                "unreadable_body",
+                "the request body could not be read to its end",
+                none,
+            ),
+            ApiError::BodyTimeout => problem(
+                S::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive in time",
+                none,
+            ),
             ApiError::NoRoute => problem(S::NOT_FOUND, "not_found", "no such resource", none),
             ApiError::MethodNotAllowed => problem(
                 S::METHOD_NOT_ALLOWED,
@@ -155,12 +181,10 @@ impl IntoResponse for ApiError {
                 "method not allowed here",
                 none,
             ),
-            ApiError::Timeout => problem(
-                S::SERVICE_UNAVAILABLE,
+            ApiError::Timeout => service_unavailable(
                 "timeout",
                 "the request took too long; a change it started may still complete, so retry it \
                  with the same ids",
-                none,
             ),
             ApiError::RateLimited { retry_after_secs } => with_retry_after(
                 problem(
@@ -171,14 +195,9 @@ impl IntoResponse for ApiError {
                 ),
                 retry_after_secs,
             ),
-            ApiError::Overloaded => with_retry_after(
-                problem(
-                    S::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    "the service is serving as many requests as it can; retry shortly",
-                    none,
-                ),
-                1,
+            ApiError::Overloaded => service_unavailable(
+                "overloaded",
+                "the service is serving as many requests as it can; retry shortly",
             ),
             ApiError::Internal(why) => {
                 tracing::error!(%why, "internal error");
@@ -187,6 +206,21 @@ impl IntoResponse for ApiError {
             ApiError::Service(e) => service_problem(e),
         }
     }
+}
+
+/// The `Retry-After` of every 503. Whatever makes us answer one (a full in-flight bound, a
+/// database out of connections, a deadlock, a replica failing over) passes in well under a
+/// second, or a retry a second later is refused just as cheaply; whole seconds are all the
+/// header can say, so one is the shortest honest answer.
+pub const UNAVAILABLE_RETRY_AFTER_SECS: u64 = 1;
+
+/// A 503 problem with `Retry-After`: every 503 problem is built here. (`/readyz`'s 503 is a
+/// probe's report, not a refusal.)
+pub fn service_unavailable(code: &str, detail: &str) -> Response {
+    with_retry_after(
+        problem(StatusCode::SERVICE_UNAVAILABLE, code, detail, Map::new()),
+        UNAVAILABLE_RETRY_AFTER_SECS,
+    )
 }
 
 /// Adds `Retry-After: secs` (RFC 9110 10.2.3: delay in whole seconds).
@@ -270,26 +304,17 @@ fn service_problem(e: Error) -> Response {
         Error::PaymentMismatch { detail } => problem(S::CONFLICT, "payment_mismatch", &detail, none),
         Error::Unavailable(why) => {
             tracing::warn!(%why, "service unavailable");
-            problem(
-                S::SERVICE_UNAVAILABLE,
-                "unavailable",
-                "temporarily unavailable; retry",
-                none,
-            )
+            service_unavailable("unavailable", "temporarily unavailable; retry")
+        }
+        // A dependency's bad moment (refused or lost connections, an exhausted pool, a
+        // deadlock) is a 503 to retry; anything else a database says is a bug of ours.
+        Error::Storage(e) if e.is_transient() => {
+            tracing::warn!(error = %cause_chain(&e), "database unavailable");
+            service_unavailable("unavailable", "a database is unavailable; retry")
         }
         Error::Storage(e) => {
-            let transient = e.is_connection_failure() || e.is_retryable();
             tracing::error!(error = %cause_chain(&e), "storage failure");
-            if transient {
-                problem(
-                    S::SERVICE_UNAVAILABLE,
-                    "unavailable",
-                    "a database is unavailable; retry",
-                    none,
-                )
-            } else {
-                problem(S::INTERNAL_SERVER_ERROR, "internal", "internal error", none)
-            }
+            problem(S::INTERNAL_SERVER_ERROR, "internal", "internal error", none)
         }
     }
 }
@@ -319,6 +344,8 @@ mod tests {
             ApiError::MalformedJson("x".into()),
             ApiError::UnsupportedMediaType,
             ApiError::PayloadTooLarge,
+            ApiError::UnreadableBody,
+            ApiError::BodyTimeout,
             ApiError::NoRoute,
             ApiError::MethodNotAllowed,
             ApiError::Timeout,
@@ -361,6 +388,29 @@ mod tests {
                 assert!(members.contains_key(key), "{text}: {key} is missing");
             }
         }
+    }
+
+    /// Every 503 says when to retry; a storage error is a 503 exactly when it is transient.
+    #[test]
+    fn every_503_carries_retry_after_and_transient_storage_errors_are_503() {
+        use crate::storage::StorageError;
+        let unavailable: [ApiError; 5] = [
+            ApiError::Timeout,
+            ApiError::Overloaded,
+            Error::Unavailable("x".into()).into(),
+            StorageError::Db(sqlx::Error::PoolTimedOut).into(),
+            StorageError::Db(sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into())).into(),
+        ];
+        for e in unavailable {
+            let text = format!("{e:?}");
+            let response = e.into_response();
+            assert_eq!(response.status(), 503, "{text}");
+            assert_eq!(response.headers()["retry-after"], "1", "{text}");
+        }
+        let ours: ApiError = StorageError::Corrupt("x".into()).into();
+        let response = ours.into_response();
+        assert_eq!(response.status(), 500);
+        assert!(!response.headers().contains_key("retry-after"));
     }
 
     #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,18 @@
-//! Limits at the HTTP edge: per-user rate limits on creating orders and issuing ids, and a
-//! bound on the requests a process serves at once.
+//! Limits at the HTTP edge: the request body read whole and bounded before anything answers,
+//! per-user rate limits on creating orders and issuing ids, and a bound on the requests a
+//! process serves at once.
+//!
+//! # Request bodies
+//! Every request's body is read to its end, at most `server.body_limit_bytes` within
+//! `server.request_timeout_ms`, before the request takes an in-flight place, whatever the
+//! route does with it (see [`read_body`]). hyper closes a keep-alive connection whose
+//! request body was left unread and had not arrived when the answer went out: a handler that
+//! never reads its body (`POST /v1/order-ids`), or one refused before its JSON extractor ran
+//! (401, 403, 429, 503), would otherwise break the connection of every client that sends the
+//! body after the headers (SPEC 2.11). Over the limit is 413 `payload_too_large` (declared
+//! by `Content-Length` or found while reading) and the connection may then close; a body
+//! that cannot be read is 400 `unreadable_body`, one that does not arrive in time 408
+//! `body_timeout`. Routes see the body as a buffer, so the JSON extractor finds it whole.
 //!
 //! # Per-user rate limits
 //! A keyed token bucket (GCRA, the `governor` crate) per limited route, keyed by the
@@ -24,11 +37,14 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::{Body, HttpBody};
 use axum::extract::{FromRequestParts, Request, State};
-use axum::http::Method;
+use axum::http::{header, Method};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
@@ -182,6 +198,44 @@ pub(super) async fn per_user_limits(State(s): State<AppState>, req: Request, nex
     next.run(Request::from_parts(parts, body)).await
 }
 
+/// Reads the whole body of `req` (at most `limit` bytes, within `timeout`), then lets the
+/// request go on with it as a buffer; see the module docs. A request without a body goes on
+/// at once.
+pub async fn read_body(limit: usize, timeout: Duration, req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    if body.is_end_stream() {
+        return next.run(Request::from_parts(parts, body)).await;
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return ApiError::PayloadTooLarge.into_response();
+    }
+    match tokio::time::timeout(timeout, read_at_most(body, limit)).await {
+        Ok(Ok(bytes)) => next.run(Request::from_parts(parts, Body::from(bytes))).await,
+        Ok(Err(refused)) => refused.into_response(),
+        Err(_) => ApiError::BodyTimeout.into_response(),
+    }
+}
+
+/// The bytes of `body`, or 413 once it passes `limit`, or 400 when it cannot be read (the
+/// client went away, a broken chunked encoding).
+async fn read_at_most(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let mut chunks = body.into_data_stream();
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = chunks.next().await {
+        let chunk = chunk.map_err(|_| ApiError::UnreadableBody)?;
+        if buf.len() + chunk.len() > limit {
+            return Err(ApiError::PayloadTooLarge);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
 /// Paths never refused for load: probes and scrapes must see an overloaded process as it is.
 fn exempt_from_load_shedding(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
@@ -211,9 +265,11 @@ pub fn bound_in_flight<S: Clone + Send + Sync + 'static>(router: Router<S>, max:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use axum::routing::get;
+    use axum::routing::{get, post};
     use governor::clock::FakeRelativeClock;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
 
     fn user(n: i64) -> UserId {
         UserId::new(n).unwrap()
@@ -295,5 +351,85 @@ mod tests {
         }
         let served = client.get(format!("{base}/fast")).send().await.unwrap();
         assert_eq!(served.status(), 200);
+    }
+
+    /// Sends `parts` on `stream` with `pause` between them, then reads one answer: its
+    /// status, or `None` when the connection closed without one.
+    async fn exchange(stream: &mut TcpStream, parts: &[&str], pause: Duration) -> Option<u16> {
+        for (i, part) in parts.iter().enumerate() {
+            if i > 0 {
+                tokio::time::sleep(pause).await;
+            }
+            stream.write_all(part.as_bytes()).await.ok()?;
+        }
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            let text = String::from_utf8_lossy(&buf).to_string();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse::<usize>().ok())?;
+                if body.len() >= length {
+                    return head.split(' ').nth(1)?.parse().ok();
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut chunk))
+                .await
+                .ok()?
+                .ok()?;
+            if n == 0 {
+                return None;
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// The body reader: a body over the limit is 413 (declared, or found while reading a
+    /// chunked one), one that does not come in time 408, and a route that never reads its
+    /// body answers after it came, on a connection that stays usable.
+    #[tokio::test]
+    async fn bodies_are_read_whole_within_their_limit_and_their_time() {
+        let app = Router::new()
+            .route("/ignores-its-body", post(|| async { "ignored" }))
+            .layer(middleware::from_fn(|req, next| {
+                read_body(16, Duration::from_millis(300), req, next)
+            }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let pause = Duration::from_millis(30);
+        let head = |length: usize| {
+            format!("POST /ignores-its-body HTTP/1.1\r\nHost: t\r\nContent-Length: {length}\r\n\r\n")
+        };
+
+        let mut kept = TcpStream::connect(addr).await.unwrap();
+        for _ in 0..3 {
+            let answer = exchange(&mut kept, &[&head(16), &"x".repeat(16)], pause).await;
+            assert_eq!(answer, Some(200), "the body came after the headers");
+        }
+
+        let mut declared = TcpStream::connect(addr).await.unwrap();
+        let answer = exchange(&mut declared, &[&head(17)], pause).await;
+        assert_eq!(answer, Some(413), "a declared length over the limit");
+
+        let mut chunked = TcpStream::connect(addr).await.unwrap();
+        let chunked_head = "POST /ignores-its-body HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n";
+        let answer = exchange(
+            &mut chunked,
+            &[chunked_head, "a\r\n0123456789\r\n", "a\r\n0123456789\r\n"],
+            pause,
+        )
+        .await;
+        assert_eq!(answer, Some(413), "a chunked body that grows over the limit");
+
+        let mut slow = TcpStream::connect(addr).await.unwrap();
+        let answer = exchange(&mut slow, &[&head(16), "x"], pause).await;
+        assert_eq!(answer, Some(408), "a body that does not come in time");
     }
 }

@@ -3,8 +3,10 @@
 //!
 //! Around every route, outermost first: the request id (`X-Request-Id`, taken from the client
 //! when sane, else made up, and echoed), the request span and its log line, the request
-//! metrics, the panic catcher, the in-flight bound, the time limit, the body limit and the
-//! per-user rate limits (see [`limits`]). Routes are labelled by
+//! metrics, the panic catcher, the body reader (every body read whole, up to the body limit,
+//! before anything else answers, so that a keep-alive connection survives every answer), the
+//! in-flight bound, the time limit, the body limit and the per-user rate limits (see
+//! [`limits`]). Routes are labelled by
 //! their template (`/v1/orders/{id}`), never by the raw path, so ids cannot multiply series.
 
 pub mod auth;
@@ -214,13 +216,21 @@ pub fn router(state: AppState, server: &ServerSettings) -> Router {
             state.clone(),
             limits::per_user_limits,
         ))
-        // Enforced by the JSON extractor, which answers with a 413 problem.
+        // The body reader enforces the limit first (see [`limits::read_body`]); the JSON
+        // extractor would answer a longer body with the same 413 problem.
         .layer(axum::extract::DefaultBodyLimit::max(server.body_limit_bytes))
         .layer(middleware::from_fn(move |req, next| {
             time_limit(timeout, req, next)
         }));
+    let body_limit = server.body_limit_bytes;
     // Inside the metrics, so that refusals are counted.
     limits::bound_in_flight(routes, server.max_in_flight)
+        // Outside the in-flight bound, so that its refusals find the body read too, and a
+        // client slow to send a body holds no place. Bounded by the request timeout: the
+        // body is the client's part, and the time limit of the handler starts once it is in.
+        .layer(middleware::from_fn(move |req, next| {
+            limits::read_body(body_limit, timeout, req, next)
+        }))
         .layer(CatchPanicLayer::custom(panic_problem))
         .layer(middleware::from_fn(record_metrics))
         .layer(

@@ -46,6 +46,7 @@ use super::AppState;
             Unauthorized,
             Forbidden,
             NotFound,
+            RequestTimeout,
             Conflict,
             PayloadTooLarge,
             UnsupportedMediaType,
@@ -214,7 +215,9 @@ macro_rules! problem_responses {
 }
 
 problem_responses! {
-    BadRequest => "`malformed_json`: the body is not JSON",
+    BadRequest => "`malformed_json`: the body is not JSON; `unreadable_body`: the body could not be \
+                   read to its end",
+    RequestTimeout => "`body_timeout`: the body did not arrive within the request timeout",
     Unauthorized => "`unauthorized`: no bearer token, or one that does not verify",
     Forbidden => "`forbidden`: the caller's role may not do this",
     NotFound => "`not_found`: no such resource, or one the caller may not see",
@@ -225,12 +228,13 @@ problem_responses! {
     PayloadTooLarge => "`payload_too_large`: the body is over the limit",
     UnsupportedMediaType => "`unsupported_media_type`: the body is not sent as application/json",
     Unprocessable => "`validation_failed`: the failing fields are in `errors`",
-    Unavailable => "`unavailable` or `timeout`: a dependency is down or the request took too \
-                    long; retry (with the same ids for a write)",
+    Unavailable => "`unavailable`, `overloaded` or `timeout`: a dependency is down or refuses \
+                    connections, the service is full, or the request took too long; retry after \
+                    `Retry-After` seconds (with the same ids for a write)",
 }
 
 /// The problems a JSON write can answer, as one `responses(...)` entry: 400, 401, 403, 404,
-/// 409, 413, 415, 422 and 503, each a reference to its reusable response above.
+/// 408, 409, 413, 415, 422 and 503, each a reference to its reusable response above.
 pub struct WriteProblems;
 
 impl utoipa::IntoResponses for WriteProblems {
@@ -240,6 +244,7 @@ impl utoipa::IntoResponses for WriteProblems {
             (401, "Unauthorized"),
             (403, "Forbidden"),
             (404, "NotFound"),
+            (408, "RequestTimeout"),
             (409, "Conflict"),
             (413, "PayloadTooLarge"),
             (415, "UnsupportedMediaType"),

@@ -5,6 +5,8 @@
 //! - [`schema`] creates the tables (`orderly migrate`).
 //! - [`replicas`] is one server with its read replicas: the read/write split, read-your-writes
 //!   by GTID, replica health and rotation.
+//! - [`budget`] weighs the connections a process's pools may open against what each server
+//!   allows (`max_connections`), and sizes pools of processes started together to fit.
 //! - [`archive`] is the SQL of the archive: old final orders as one document each, out of
 //!   the hot shards.
 //! - [`carts`] is the SQL of carts, the write-behind copy of what Redis holds.
@@ -20,6 +22,7 @@
 //! into [`StorageError::Duplicate`]; the layers above decide what it means (replay, conflict).
 
 pub mod archive;
+pub mod budget;
 pub mod carts;
 pub mod commerce;
 pub mod flash;
@@ -51,6 +54,22 @@ const ER_DUP_ENTRY: u16 = 1062;
 const ER_LOCK_DEADLOCK: u16 = 1213;
 const ER_LOCK_WAIT_TIMEOUT: u16 = 1205;
 
+/// The server has no connection to give now: "Too many connections" (`max_connections`
+/// taken), the account's `max_user_connections`, or its hourly limits. Said while logging in,
+/// before any statement ran: nothing was done, and a later attempt may find a place.
+const REFUSED_CONNECTION: [u16; 3] = [
+    1040, // ER_CON_COUNT_ERROR
+    1203, // ER_TOO_MANY_USER_CONNECTIONS
+    1226, // ER_USER_LIMIT_REACHED
+];
+
+/// The server ended the connection under a statement: shutting down, or the connection was
+/// killed. Like a lost connection, the outcome of a write in flight is unknown.
+const ENDED_CONNECTION: [u16; 2] = [
+    1053, // ER_SERVER_SHUTDOWN
+    1927, // ER_CONNECTION_KILLED
+];
+
 /// The MySQL error number (not the SQLSTATE) of a server error.
 fn mysql_error_number(e: &sqlx::Error) -> Option<u16> {
     match e {
@@ -67,15 +86,13 @@ impl From<sqlx::Error> for StorageError {
             }
         }
         // Every database error passes here once (a duplicate key is an answer, not an error).
+        let number = mysql_error_number(&e);
         let kind = match &e {
-            sqlx::Error::Database(_)
-                if matches!(
-                    mysql_error_number(&e),
-                    Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)
-                ) =>
-            {
+            sqlx::Error::Database(_) if matches!(number, Some(ER_LOCK_DEADLOCK | ER_LOCK_WAIT_TIMEOUT)) => {
                 "lock"
             }
+            sqlx::Error::Database(_) if number.is_some_and(|n| REFUSED_CONNECTION.contains(&n)) => "refused",
+            sqlx::Error::Database(_) if number.is_some_and(|n| ENDED_CONNECTION.contains(&n)) => "connection",
             sqlx::Error::Database(_) => "server",
             sqlx::Error::PoolTimedOut => "pool_timeout",
             sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::PoolClosed => "connection",
@@ -100,15 +117,33 @@ impl StorageError {
 
     /// The connection or server failed: the outcome of a write in flight is unknown.
     pub fn is_connection_failure(&self) -> bool {
-        matches!(
-            self,
+        match self {
             StorageError::Db(
                 sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Protocol(_)
-            )
-        )
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Protocol(_),
+            ) => true,
+            StorageError::Db(e) => mysql_error_number(e).is_some_and(|n| ENDED_CONNECTION.contains(&n)),
+            _ => false,
+        }
+    }
+
+    /// The server refused a new connection (too many connections, the account's limits):
+    /// nothing was done. (A refused TCP connect is an `Io` error, which sqlx's pool retries
+    /// until its acquire timeout: [`Self::is_connection_failure`].)
+    pub fn is_refused_connection(&self) -> bool {
+        match self {
+            StorageError::Db(e) => mysql_error_number(e).is_some_and(|n| REFUSED_CONNECTION.contains(&n)),
+            _ => false,
+        }
+    }
+
+    /// A dependency's bad moment that a retry may get past: a lost, refused or exhausted
+    /// connection, a deadlock. The one place that decides it: HTTP answers these 503 with
+    /// `Retry-After`, every other storage error 500 (see [`crate::http::error`]).
+    pub fn is_transient(&self) -> bool {
+        self.is_connection_failure() || self.is_refused_connection() || self.is_retryable()
     }
 }
 
