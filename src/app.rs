@@ -343,6 +343,14 @@ pub fn serve_pools(settings: &Settings) -> Vec<PlannedPool> {
         for (i, url) in replicas.iter().enumerate() {
             pools.push(pool(format!("{name}/r{i}"), url, size));
         }
+        if !replicas.is_empty() {
+            // The replica probe's and the session reads' fences (see storage::replicas).
+            pools.push(pool(
+                format!("{name} control"),
+                primary,
+                crate::storage::replicas::CONTROL_CONNECTIONS,
+            ));
+        }
         pools
     };
     let mut pools = Vec::new();
