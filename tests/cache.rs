@@ -13,8 +13,8 @@ use orderly::cache::redis::{order_key, RedisCache};
 use orderly::cache::CacheHealth;
 use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::config::{CacheSettings, RedisSettings};
-use orderly::domain::ids::{OrderId, UserId};
 use orderly::domain::consistency::DatabaseRef;
+use orderly::domain::ids::{OrderId, UserId};
 
 /// The database every entry of these tests is loaded from (it only picks the fill bound).
 const DB: DatabaseRef = DatabaseRef::Shards(0);
@@ -169,10 +169,16 @@ async fn a_filled_entry_is_a_hit_that_touches_no_database() {
     let f = fixture().await;
     let id = order_id(1);
     let db = Db::with(Some(order(1, 3)));
-    assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), Some(order(1, 3)));
+    assert_eq!(
+        f.cache.order(id, DB, || db.load()).await.unwrap(),
+        Some(order(1, 3))
+    );
     assert_eq!(db.loads(), 1);
     for _ in 0..3 {
-        assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), Some(order(1, 3)));
+        assert_eq!(
+            f.cache.order(id, DB, || db.load()).await.unwrap(),
+            Some(order(1, 3))
+        );
     }
     assert_eq!(db.loads(), 1);
     assert!(f.raw_order(id).await.unwrap().starts_with(b"3:"));
@@ -241,7 +247,10 @@ async fn a_fill_loaded_before_a_newer_write_is_refused() {
     assert_eq!(version(&read), Some(1), "the slow reader answers what it loaded");
     assert_eq!(f.raw_order(id).await, None, "the marker refused the stale fill");
     let loads = db.loads();
-    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(2));
+    assert_eq!(
+        version(&f.cache.order(id, DB, || db.load()).await.unwrap()),
+        Some(2)
+    );
     assert_eq!(db.loads(), loads + 1);
     read_until_hit(&f, &db, id, Some(2)).await;
 }
@@ -256,16 +265,17 @@ async fn a_fill_loaded_before_a_write_with_a_snapshot_is_refused() {
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(3, 2)));
-        f.cache
-            .order_written(id, owner(), 2, Some(&order(3, 2)))
-            .await;
+        f.cache.order_written(id, owner(), 2, Some(&order(3, 2))).await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
     assert_eq!(version(&read.unwrap()), Some(1));
     // The snapshot stands; the next read is a hit at v2.
     let loads = db.loads();
-    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(2));
+    assert_eq!(
+        version(&f.cache.order(id, DB, || db.load()).await.unwrap()),
+        Some(2)
+    );
     assert_eq!(db.loads(), loads);
 }
 
@@ -279,9 +289,7 @@ async fn a_page_loaded_before_a_write_is_not_filled_after_it() {
     let writer = async {
         paused.loaded().await;
         db.set(Some(order(4, 1)));
-        f.cache
-            .order_written(id, owner(), 1, Some(&order(4, 1)))
-            .await;
+        f.cache.order_written(id, owner(), 1, Some(&order(4, 1))).await;
         paused.release();
     };
     let (read, ()) = tokio::join!(reader, writer);
@@ -304,7 +312,10 @@ async fn an_absent_order_is_cached_and_cleared_by_its_creation() {
     assert_eq!(db.loads(), 1, "absence is cached");
     db.set(Some(order(5, 1)));
     f.cache.order_written(id, owner(), 1, None).await;
-    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(1));
+    assert_eq!(
+        version(&f.cache.order(id, DB, || db.load()).await.unwrap()),
+        Some(1)
+    );
     assert_eq!(db.loads(), 2);
     read_until_hit(&f, &db, id, Some(1)).await;
 
@@ -312,10 +323,11 @@ async fn an_absent_order_is_cached_and_cleared_by_its_creation() {
     let id = order_id(6);
     let db = Db::with(None);
     assert_eq!(f.cache.order(id, DB, || db.load()).await.unwrap(), None);
-    f.cache
-        .order_written(id, owner(), 1, Some(&order(6, 1)))
-        .await;
-    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(1));
+    f.cache.order_written(id, owner(), 1, Some(&order(6, 1))).await;
+    assert_eq!(
+        version(&f.cache.order(id, DB, || db.load()).await.unwrap()),
+        Some(1)
+    );
     assert_eq!(db.loads(), 1);
 
     // And a user profile.
@@ -356,7 +368,10 @@ async fn reads_and_writes_survive_a_killed_redis_and_hits_resume_after_it_restar
 
     f.cluster.kill_redis().unwrap();
     for _ in 0..5 {
-        assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(1));
+        assert_eq!(
+            version(&f.cache.order(id, DB, || db.load()).await.unwrap()),
+            Some(1)
+        );
     }
     assert_eq!(f.cache.health(), CacheHealth::Degraded);
     db.set(Some(order(8, 2)));
@@ -366,7 +381,10 @@ async fn reads_and_writes_survive_a_killed_redis_and_hits_resume_after_it_restar
         began.elapsed() < Duration::from_secs(1),
         "a write notice does not wait for Redis"
     );
-    assert_eq!(version(&f.cache.order(id, DB, || db.load()).await.unwrap()), Some(2));
+    assert_eq!(
+        version(&f.cache.order(id, DB, || db.load()).await.unwrap()),
+        Some(2)
+    );
 
     f.cluster.start_redis().await.unwrap();
     read_until_hit(&f, &db, id, Some(2)).await;
@@ -457,7 +475,11 @@ async fn a_cache_whose_redis_is_down_at_start_is_degraded_and_recovers() {
     let cache = RedisCache::connect(&redis, &settings()).await.unwrap();
     assert_eq!(cache.health(), CacheHealth::Degraded);
     let db = Db::with(Some(order(13, 1)));
-    assert!(cache.order(order_id(13), DB, || db.load()).await.unwrap().is_some());
+    assert!(cache
+        .order(order_id(13), DB, || db.load())
+        .await
+        .unwrap()
+        .is_some());
     cluster.start_redis().await.unwrap();
     let f = Fixture { cluster, cache };
     read_until_hit(&f, &db, order_id(13), Some(1)).await;

@@ -792,13 +792,7 @@ impl RedisCache {
         self.inner.read_page(user, db, load).await
     }
 
-    pub async fn order_written(
-        &self,
-        order: OrderId,
-        owner: UserId,
-        version: i64,
-        snapshot: Option<&Order>,
-    ) {
+    pub async fn order_written(&self, order: OrderId, owner: UserId, version: i64, snapshot: Option<&Order>) {
         let inner = &self.inner;
         let snapshot = snapshot.filter(|o| o.order_id == order && o.version == version);
         let keys = EntryKeys::order(&inner.prefix, order);
@@ -1054,7 +1048,9 @@ impl Inner {
         };
         let shared = flights
             .run((keys.key, marker, conn.tag.clone()), || async {
-                self.lead_entry::<T, E, F, Fut>(&keys, db, load).await.map(Arc::new)
+                self.lead_entry::<T, E, F, Fut>(&keys, db, load)
+                    .await
+                    .map(Arc::new)
             })
             .await?;
         Ok((*shared).clone())
@@ -1122,7 +1118,12 @@ impl Inner {
         Ok(loaded)
     }
 
-    async fn read_page<E, F, Fut>(self: &Arc<Self>, user: UserId, db: DatabaseRef, load: F) -> Result<Vec<Order>, E>
+    async fn read_page<E, F, Fut>(
+        self: &Arc<Self>,
+        user: UserId,
+        db: DatabaseRef,
+        load: F,
+    ) -> Result<Vec<Order>, E>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
@@ -1156,7 +1157,9 @@ impl Inner {
         let shared = self
             .pages
             .run((key, seen, conn.tag.clone()), || async {
-                self.lead_page(key, db, &page, &generation, load).await.map(Arc::new)
+                self.lead_page(key, db, &page, &generation, load)
+                    .await
+                    .map(Arc::new)
             })
             .await?;
         Ok((*shared).clone())

@@ -189,7 +189,10 @@ mod tests {
         let mut free = request();
         free.sale_price = 0;
         let errors = NewFlashSale::parse(&free, now).unwrap_err();
-        assert_eq!(errors.0[0].field, "sale_price", "a sale at price 0 could never be paid");
+        assert_eq!(
+            errors.0[0].field, "sale_price",
+            "a sale at price 0 could never be paid"
+        );
         let mut past = request();
         past.starts_at = now - TimeDelta::hours(3);
         past.ends_at = now - TimeDelta::hours(1);

@@ -473,7 +473,12 @@ pub async fn reserve(
     let sql = format!(
         "INSERT INTO stock_reservations (order_id, product_id, quantity, state, flash_sale_id, unit_price, created_at, updated_at) VALUES {placeholders}"
     );
-    let price_of = |p: ProductId| r.unit_prices.iter().find(|(q, _)| *q == p).map(|(_, price)| *price);
+    let price_of = |p: ProductId| {
+        r.unit_prices
+            .iter()
+            .find(|(q, _)| *q == p)
+            .map(|(_, price)| *price)
+    };
     let mut q = sqlx::query(AssertSqlSafe(&*sql));
     for l in &lines {
         q = q

@@ -108,7 +108,10 @@ impl Replica {
     }
 
     fn has_applied(&self, fence: &GtidPosition) -> bool {
-        self.position.read().map(|p| p.includes_all(fence)).unwrap_or(false)
+        self.position
+            .read()
+            .map(|p| p.includes_all(fence))
+            .unwrap_or(false)
     }
 }
 
@@ -232,7 +235,12 @@ impl Database {
     /// Runs `query` on the server `consistency` calls for (see the module docs). `known`
     /// (the newest write this reader knows of: a client's token, this process's own writes)
     /// only counts for `session` reads, and only raises their fence.
-    pub async fn read<T, Q>(&self, consistency: Consistency, known: Option<&Gtid>, query: Q) -> Result<Read<T>>
+    pub async fn read<T, Q>(
+        &self,
+        consistency: Consistency,
+        known: Option<&Gtid>,
+        query: Q,
+    ) -> Result<Read<T>>
     where
         Q: for<'c> Fn(&'c mut MySqlConnection) -> ReadQuery<'c, T>,
     {
@@ -341,12 +349,18 @@ impl Database {
     {
         let mut conn = replica.pool.acquire().await?;
         let fence = fence.filter(|f| !f.is_empty() && !replica.has_applied(f));
-        let bound = self.read_timeout + if fence.is_some() { self.gtid_wait } else { Duration::ZERO };
+        let bound = self.read_timeout
+            + if fence.is_some() {
+                self.gtid_wait
+            } else {
+                Duration::ZERO
+            };
         let work = async {
             if let Some(fence) = fence {
                 let began = Instant::now();
                 let arrived = wait_for_position(&mut conn, fence, self.gtid_wait).await?;
-                metrics::histogram!("orderly_replica_gtid_wait_seconds").record(began.elapsed().as_secs_f64());
+                metrics::histogram!("orderly_replica_gtid_wait_seconds")
+                    .record(began.elapsed().as_secs_f64());
                 if !arrived {
                     metrics::counter!("orderly_replica_gtid_wait_timeouts_total", "replica" => replica.name.clone())
                         .increment(1);
@@ -472,7 +486,11 @@ async fn position(pool: &MySqlPool, sql: &'static str) -> Result<GtidPosition> {
 /// `gtid_slave_pos` holds it, -1 on timeout. (MySQL 8 spells this
 /// `WAIT_FOR_EXECUTED_GTID_SET(set, seconds)`, 0 or 1, with UUID-based GTID sets: the one
 /// function to change there.)
-pub async fn wait_for_position(conn: &mut MySqlConnection, position: &GtidPosition, timeout: Duration) -> Result<bool> {
+pub async fn wait_for_position(
+    conn: &mut MySqlConnection,
+    position: &GtidPosition,
+    timeout: Duration,
+) -> Result<bool> {
     let answer: Option<i64> = sqlx::query_scalar("SELECT MASTER_GTID_WAIT(?, ?)")
         .bind(position.to_string())
         .bind(timeout.as_secs_f64())

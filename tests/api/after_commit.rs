@@ -80,7 +80,10 @@ async fn a_create_replayed_after_a_lost_notice_repairs_the_cache() {
     let (s, first) = app.create_order(user, body.clone()).await;
     fail::remove(POINT);
     drop(scenario);
-    assert!(s.is_server_error(), "the first attempt died after its commit: {s} {first}");
+    assert!(
+        s.is_server_error(),
+        "the first attempt died after its commit: {s} {first}"
+    );
 
     let (s, replayed) = app.create_order(user, body).await;
     assert_eq!(s, StatusCode::OK, "a replay of the committed order: {replayed}");
@@ -112,7 +115,10 @@ async fn a_payment_replayed_after_a_lost_notice_repairs_the_cache() {
     let (s, first) = app.pay(&order).await;
     fail::remove(POINT);
     drop(scenario);
-    assert!(s.is_server_error(), "the first attempt died after its commit: {s} {first}");
+    assert!(
+        s.is_server_error(),
+        "the first attempt died after its commit: {s} {first}"
+    );
 
     let (s, replayed) = app.pay(&order).await;
     assert_eq!(s, StatusCode::OK, "{replayed}");

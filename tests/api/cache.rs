@@ -331,7 +331,10 @@ async fn cache_is_never_behind_an_acknowledged_write() {
         r.await.unwrap();
     }
     loss.await.unwrap();
-    assert!(flushes.load(Ordering::SeqCst) >= 3, "Redis lost its keys during the run");
+    assert!(
+        flushes.load(Ordering::SeqCst) >= 3,
+        "Redis lost its keys during the run"
+    );
     let (writes, checked, violations) = (
         writes.load(Ordering::SeqCst),
         checked.load(Ordering::SeqCst),

@@ -348,21 +348,38 @@ async fn a_create_retried_after_its_flash_sale_ended_keeps_the_sale_terms() {
     let (s, first) = app.create_order(user, body.clone()).await;
     fail::remove("orders::after_reserve");
     drop(scenario);
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "reserved, not written: {first}");
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "reserved, not written: {first}"
+    );
 
     let (s, ended) = app
-        .call("POST", &format!("/v1/flash-sales/{sale_id}/end"), Some(&app.admin_token()), None)
+        .call(
+            "POST",
+            &format!("/v1/flash-sales/{sale_id}/end"),
+            Some(&app.admin_token()),
+            None,
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{ended}");
     let (s, order) = app.create_order(user, body).await;
     assert!(s.is_success(), "{order}");
     assert_eq!(
-        (order["items"][0]["unit_price"].as_i64(), order["pay_amount"].as_i64()),
+        (
+            order["items"][0]["unit_price"].as_i64(),
+            order["pay_amount"].as_i64()
+        ),
         (Some(300), Some(300)),
         "the retry writes the terms the reservation took: {order}"
     );
     let (_, sale) = app
-        .call("GET", &format!("/v1/flash-sales/{sale_id}"), Some(&app.admin_token()), None)
+        .call(
+            "GET",
+            &format!("/v1/flash-sales/{sale_id}"),
+            Some(&app.admin_token()),
+            None,
+        )
         .await;
     assert_eq!(sale["sold"], 1, "counted against the sale once: {sale}");
     assert_eq!(app.stock_of(product).await, 99);
@@ -389,7 +406,11 @@ async fn a_create_retried_after_a_flash_sale_began_keeps_the_regular_terms() {
     let (s, first) = app.create_order(user, body.clone()).await;
     fail::remove("orders::after_reserve");
     drop(scenario);
-    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE, "reserved, not written: {first}");
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "reserved, not written: {first}"
+    );
 
     let wait = (starts - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(500);
     tokio::time::sleep(wait).await;
@@ -401,11 +422,20 @@ async fn a_create_retried_after_a_flash_sale_began_keeps_the_regular_terms() {
         "the retry writes the terms the reservation took: {order}"
     );
     let (_, sale) = app
-        .call("GET", &format!("/v1/flash-sales/{sale_id}"), Some(&app.admin_token()), None)
+        .call(
+            "GET",
+            &format!("/v1/flash-sales/{sale_id}"),
+            Some(&app.admin_token()),
+            None,
+        )
         .await;
     assert_eq!(sale["sold"], 0, "the sale does not count it: {sale}");
     // The buyer's limit (1) is untouched: they can still buy the sale's unit.
     let bought = app.place_order(user, &[(product, 1)]).await;
     assert_eq!(bought["items"][0]["unit_price"], 300, "{bought}");
-    assert_eq!(gate_left(&app, &sale).await, Some(9), "the retry gave back what it took at the gate");
+    assert_eq!(
+        gate_left(&app, &sale).await,
+        Some(9),
+        "the retry gave back what it took at the gate"
+    );
 }

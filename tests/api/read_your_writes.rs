@@ -378,7 +378,10 @@ async fn cache_survives_redis_losing_its_keys(user: i64, loss: RedisLoss) {
     assert_eq!(s, StatusCode::OK, "{o}");
     assert_eq!(o["status"], "awaiting_shipment", "B's miss after {loss:?}");
     let (_, _, list) = read(&reader, &token, "/v1/orders", None).await;
-    assert_eq!(list["orders"][0]["status"], "awaiting_shipment", "B's first page after {loss:?}");
+    assert_eq!(
+        list["orders"][0]["status"], "awaiting_shipment",
+        "B's first page after {loss:?}"
+    );
     // Whatever is cached now is what everyone reads.
     for (name, app) in [("A", &writer), ("B", &reader)] {
         for with_token in [None, Some(consistency.as_str())] {
@@ -830,13 +833,27 @@ async fn a_replica_whose_lag_cannot_be_measured_leaves_the_rotation() {
 
     // Every request connection of the primary is busy, the replica stops applying, and the
     // primary keeps writing (from outside this process).
-    let held = [db.write().acquire().await.unwrap(), db.write().acquire().await.unwrap()];
+    let held = [
+        db.write().acquire().await.unwrap(),
+        db.write().acquire().await.unwrap(),
+    ];
     cluster.stop_replica_sql(0, 0).await.unwrap();
-    let mut admin = sqlx::MySqlConnection::connect(&primary.admin_url()).await.unwrap();
-    sqlx::query("CREATE DATABASE IF NOT EXISTS probe_writes").execute(&mut admin).await.unwrap();
-    sqlx::query("CREATE TABLE IF NOT EXISTS probe_writes.t (n INT)").execute(&mut admin).await.unwrap();
+    let mut admin = sqlx::MySqlConnection::connect(&primary.admin_url())
+        .await
+        .unwrap();
+    sqlx::query("CREATE DATABASE IF NOT EXISTS probe_writes")
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE IF NOT EXISTS probe_writes.t (n INT)")
+        .execute(&mut admin)
+        .await
+        .unwrap();
     for _ in 0..5 {
-        sqlx::query("INSERT INTO probe_writes.t VALUES (1)").execute(&mut admin).await.unwrap();
+        sqlx::query("INSERT INTO probe_writes.t VALUES (1)")
+            .execute(&mut admin)
+            .await
+            .unwrap();
         db.probe().await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
@@ -848,7 +865,10 @@ async fn a_replica_whose_lag_cannot_be_measured_leaves_the_rotation() {
     );
     drop(held);
     cluster.start_replica_sql(0, 0).await.unwrap();
-    cluster.wait_replicas_caught_up(Duration::from_secs(20)).await.unwrap();
+    cluster
+        .wait_replicas_caught_up(Duration::from_secs(20))
+        .await
+        .unwrap();
     db.probe().await;
     assert_eq!(db.replicas_in_rotation(), 1, "caught up: back in rotation");
 
