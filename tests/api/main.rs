@@ -12,6 +12,7 @@ mod bench;
 mod cache;
 mod cancellation;
 mod cart;
+mod chaos;
 mod catalog;
 mod events;
 mod exactly_once;
