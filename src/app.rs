@@ -230,7 +230,14 @@ impl Application {
         let searcher = self
             .search
             .clone()
-            .map(|index| tokio::spawn(search::run(s.events.clone(), index, self.shutdown.clone())));
+            .map(|index| {
+                tokio::spawn(search::run(
+                    s.events.clone(),
+                    index,
+                    self.state.orders.commerce().clone(),
+                    self.shutdown.clone(),
+                ))
+            });
         let archiver = s
             .archive
             .run_in_serve

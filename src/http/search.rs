@@ -105,6 +105,12 @@ async fn search_orders(
         .search
         .clone()
         .ok_or_else(|| Error::Unavailable("search is not enabled on this process".into()))?;
+    if index.fed_elsewhere() {
+        return Err(Error::Unavailable(
+            "another host keeps this deployment's search index; route /v1/search/* to it".into(),
+        )
+        .into());
+    }
     let found = tokio::task::spawn_blocking(move || index.search(&query))
         .await
         .map_err(|e| ApiError::Internal(format!("search task failed: {e}")))?

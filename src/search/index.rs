@@ -95,6 +95,9 @@ pub struct TantivyIndex {
     fields: Fields,
     writer: Mutex<Option<IndexWriter<TantivyDocument>>>,
     memory_bytes: usize,
+    /// This directory is not the deployment's index (another host writes that one: see
+    /// `projection::run`): searches here would miss what the stream brought there.
+    fed_elsewhere: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for TantivyIndex {
@@ -128,7 +131,14 @@ impl TantivyIndex {
             fields,
             writer: Mutex::new(None),
             memory_bytes: writer_memory_mb * 1024 * 1024,
+            fed_elsewhere: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Marks whether another host writes the deployment's index (see [`OrderIndex::fed_elsewhere`]).
+    pub fn set_fed_elsewhere(&self, elsewhere: bool) {
+        self.fed_elsewhere
+            .store(elsewhere, std::sync::atomic::Ordering::Release);
     }
 
     /// Takes the directory's writer if this index does not hold it yet: [`IndexError::Locked`]
@@ -310,6 +320,10 @@ fn poisoned() -> IndexError {
 }
 
 impl OrderIndex for TantivyIndex {
+    fn fed_elsewhere(&self) -> bool {
+        self.fed_elsewhere.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     fn upsert(&self, snapshots: &[OrderSnapshot]) -> Result<Upserted, IndexError> {
         // The newest snapshot of each order in the batch: uncommitted documents are not
         // searchable, so versions inside one batch are settled here.

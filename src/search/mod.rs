@@ -122,6 +122,12 @@ pub trait OrderIndex: Send + Sync + 'static {
 
     /// Removes every document (the reset of a rebuild); committed when it answers.
     fn clear(&self) -> Result<(), IndexError>;
+
+    /// Whether the deployment's index is another one (written on another host): searches
+    /// here must be refused rather than answered from an index the stream does not feed.
+    fn fed_elsewhere(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

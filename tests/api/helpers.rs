@@ -133,6 +133,15 @@ impl TestApp {
         Self::start(self.settings.clone(), self.search_dir.clone()).await
     }
 
+    /// A second service process on this app's databases and Redis, as on another host: with
+    /// a search data directory of its own.
+    pub async fn twin_on_another_host(&self) -> TestApp {
+        let dir = Arc::new(tempfile::tempdir().expect("search data dir"));
+        let mut settings = self.settings.clone();
+        settings.search.data_dir = dir.path().to_owned();
+        Self::start(settings, dir).await
+    }
+
     async fn start(settings: Settings, search_dir: Arc<tempfile::TempDir>) -> TestApp {
         let shutdown = CancellationToken::new();
         let app = Application::build(settings.clone(), shutdown.clone())

@@ -456,3 +456,29 @@ async fn a_second_process_on_the_data_directory_serves_searches_while_one_writes
         assert_eq!(ids(&body), vec![id.clone()]);
     }
 }
+
+/// Two hosts with search enabled, each with its own index directory: one is elected the
+/// deployment's search writer and finds every order; the other consumes nothing (the stream
+/// is not split between two indexes) and refuses searches with a 503 that says why, rather
+/// than answering from an index the stream does not feed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_search_writer_per_deployment_and_other_hosts_refuse() {
+    let app = TestApp::spawn().await;
+    let other = app.twin_on_another_host().await;
+    let (_, products) = shop_with(&app, &["election kettle"]).await;
+    let user = 9_901;
+    let token = app.user_token(user);
+    let mut placed = BTreeSet::new();
+    for _ in 0..6 {
+        let o = app.place_order(user, &[(&products[0], 1)]).await;
+        placed.insert(o["order_id"].as_str().unwrap().to_owned());
+    }
+    let found = eventually(&app, &token, "q=kettle", |b| id_set(b) == placed).await;
+    assert_eq!(id_set(&found), placed, "the elected writer indexed every order");
+    let (s, refused) = search(&other, &token, "q=kettle").await;
+    assert_eq!(
+        (s, refused["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("unavailable")),
+        "the other host must not answer from its own index: {refused}"
+    );
+}
