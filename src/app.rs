@@ -388,6 +388,10 @@ pub fn serve_pools(settings: &Settings) -> Vec<PlannedPool> {
         }
         pools.push(pool("archive relay".into(), &settings.archive.url, 1));
     }
+    if settings.search.enabled {
+        // The search writer's election lock, detached from the commerce pool likewise.
+        pools.push(pool("search writer".into(), &settings.commerce.url, 1));
+    }
     pools
 }
 
