@@ -227,17 +227,14 @@ impl Application {
                 self.shutdown.clone(),
             ))
         });
-        let searcher = self
-            .search
-            .clone()
-            .map(|index| {
-                tokio::spawn(search::run(
-                    s.events.clone(),
-                    index,
-                    self.state.orders.commerce().clone(),
-                    self.shutdown.clone(),
-                ))
-            });
+        let searcher = self.search.clone().map(|index| {
+            tokio::spawn(search::run(
+                s.events.clone(),
+                index,
+                self.state.orders.commerce().clone(),
+                self.shutdown.clone(),
+            ))
+        });
         let archiver = s
             .archive
             .run_in_serve

@@ -84,13 +84,13 @@
 //!    generation, which the write raised before it was acknowledged, so the flight's leader
 //!    saw the raised value before it loaded; and never a flight older than the fill lease.
 //! 10. *Redis lost its keys* (markers, generations and entries gone together: `FLUSHALL`, an
-//!    empty restart, a failover to a replica that had not received them) and a miss of
-//!    another process reads a lagging replica: the load's fence holds every acknowledged
-//!    write, so the lagging replica is waited for or the primary answers; the fill is as new
-//!    as any write acknowledged before the miss.
+//!     empty restart, a failover to a replica that had not received them) and a miss of
+//!     another process reads a lagging replica: the load's fence holds every acknowledged
+//!     write, so the lagging replica is waited for or the primary answers; the fill is as new
+//!     as any write acknowledged before the miss.
 //! 11. *Redis lost its keys during a load*, after the notice of a write that committed
-//!    during it (so its marker is gone): the fill lease went with them, and the fill script
-//!    refuses a fill whose lease no longer holds its token.
+//!     during it (so its marker is gone): the fill lease went with them, and the fill script
+//!     refuses a fill whose lease no longer holds its token.
 //!
 //! # Not covered
 //! - An eviction that removes a fresh marker but not the fill lease of a load racing its

@@ -153,18 +153,20 @@ const LOCK_CHECK: Duration = Duration::from_secs(5);
 /// Takes the directory's writer, then the deployment's: `Ok(Some(connection holding the
 /// lock))` elected, `Ok(None)` another host holds the deployment's, `Err(Locked)` another
 /// process holds this directory's.
-async fn elect(index: &Arc<TantivyIndex>, commerce: &MySqlPool) -> Result<Option<MySqlConnection>, IndexError> {
+async fn elect(
+    index: &Arc<TantivyIndex>,
+    commerce: &MySqlPool,
+) -> Result<Option<MySqlConnection>, IndexError> {
     let attempt = index.clone();
     tokio::task::spawn_blocking(move || attempt.take_writer())
         .await
         .map_err(|e| IndexError::Engine(format!("search writer task failed: {e}")))??;
     let locked = async {
         let mut conn = commerce.acquire().await?.detach();
-        let got: Option<i64> = sqlx::query_scalar(
-            "SELECT GET_LOCK(LEFT(CONCAT('orderly_search.', DATABASE()), 64), 0)",
-        )
-        .fetch_one(&mut conn)
-        .await?;
+        let got: Option<i64> =
+            sqlx::query_scalar("SELECT GET_LOCK(LEFT(CONCAT('orderly_search.', DATABASE()), 64), 0)")
+                .fetch_one(&mut conn)
+                .await?;
         Ok::<_, sqlx::Error>((got == Some(1)).then_some(conn))
     }
     .await;

@@ -363,7 +363,9 @@ pub struct ClaimTerms {
 /// The priced terms of `order`'s claim; `None` for a claim without them (made before they
 /// were recorded) or without reservations.
 pub async fn claim_terms(conn: &mut MySqlConnection, order: OrderId) -> Result<Option<ClaimTerms>> {
-    let rows: Vec<(Option<NaiveDateTime>, i64, Option<i64>, Option<i64>)> = sqlx::query_as(
+    /// (priced at, product, unit price, flash sale) per reserved line.
+    type TermsRow = (Option<NaiveDateTime>, i64, Option<i64>, Option<i64>);
+    let rows: Vec<TermsRow> = sqlx::query_as(
         "SELECT c.priced_at, r.product_id, r.unit_price, r.flash_sale_id
          FROM order_claims c JOIN stock_reservations r ON r.order_id = c.order_id
          WHERE c.order_id = ?",

@@ -57,7 +57,11 @@ impl Drop for Serve {
 
 /// `orderly serve` on `port` with the settings file `config`, once it answers `/healthz`.
 async fn start_serve(config: &Path, port: u16, log: &Path) -> Serve {
-    let log = std::fs::OpenOptions::new().create(true).append(true).open(log).unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_orderly"))
         .arg("--config")
         .arg(config)
@@ -117,8 +121,13 @@ async fn acknowledged_writes_survive_the_service_and_its_dependencies_killed_und
     let tally = Arc::new(Tally::default());
     let mut workers = Vec::new();
     for w in 0..8_i64 {
-        let (base, phase, stop, tally, product) =
-            (base.clone(), phase.clone(), stop.clone(), tally.clone(), product.clone());
+        let (base, phase, stop, tally, product) = (
+            base.clone(),
+            phase.clone(),
+            stop.clone(),
+            tally.clone(),
+            product.clone(),
+        );
         let (user_token, service_token) = (app.user_token(97_000 + w), app.service_token());
         workers.push(tokio::spawn(async move {
             let user = 97_000 + w;
@@ -293,7 +302,11 @@ async fn acknowledged_writes_survive_the_service_and_its_dependencies_killed_und
         paid.len(),
         failures.len()
     );
-    assert!(created.len() > 50, "too little load went through: {} creates", created.len());
+    assert!(
+        created.len() > 50,
+        "too little load went through: {} creates",
+        created.len()
+    );
     // Every acknowledged create and payment reads as acknowledged, from the primary.
     for (user, id) in &created {
         let (s, o) = app
@@ -306,7 +319,10 @@ async fn acknowledged_writes_survive_the_service_and_its_dependencies_killed_und
             .await;
         assert_eq!(s, StatusCode::OK, "acknowledged create {id}: {o}");
         if paid.contains(id) {
-            assert_eq!(o["status"], "awaiting_shipment", "acknowledged payment of {id}: {o}");
+            assert_eq!(
+                o["status"], "awaiting_shipment",
+                "acknowledged payment of {id}: {o}"
+            );
         }
     }
     // Once the sweeper settled the claims of creates that never wrote their order, every
@@ -314,7 +330,11 @@ async fn acknowledged_writes_survive_the_service_and_its_dependencies_killed_und
     let out = app
         .app
         .orders
-        .sweep_once(Utc::now() + chrono::TimeDelta::minutes(5), Duration::ZERO, 100_000)
+        .sweep_once(
+            Utc::now() + chrono::TimeDelta::minutes(5),
+            Duration::ZERO,
+            100_000,
+        )
         .await
         .unwrap();
     assert_eq!(out.failed, 0, "{out:?}");
