@@ -93,6 +93,77 @@ struct Tally {
     failures: Mutex<Vec<(Phase, u16, String)>>,
 }
 
+/// The pause of a client after a refusal or a connection that failed.
+const PAUSE: Duration = Duration::from_millis(50);
+
+/// A load client: posts, and notes every 5xx with the phase it counts under.
+struct Poster {
+    client: reqwest::Client,
+    base: String,
+    phase: Arc<AtomicU8>,
+    stop: Arc<AtomicBool>,
+    tally: Arc<Tally>,
+}
+
+impl Poster {
+    fn phase(&self) -> Phase {
+        Phase::from(self.phase.load(Ordering::SeqCst))
+    }
+
+    /// The answer (`None`: no answer, the connection failed). A 5xx counts under the phase it
+    /// was asked in, or the one it arrived in if that allows more (a refusal of a dependency
+    /// that went down meanwhile).
+    async fn post(
+        &self,
+        path: &str,
+        token: &str,
+        body: Option<&serde_json::Value>,
+    ) -> Option<(StatusCode, serde_json::Value)> {
+        let asked = self.phase();
+        let mut req = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            req = req.json(body);
+        }
+        let r = req.send().await.ok()?;
+        let at = std::cmp::max(asked, self.phase());
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        if status.is_server_error() {
+            self.tally
+                .failures
+                .lock()
+                .unwrap()
+                .push((at, status.as_u16(), body.to_string()));
+        }
+        Some((status, body))
+    }
+
+    /// Posts until a 2xx (its body) or a 4xx (`None`), as a client retrying the same request
+    /// would; gives up after 40 attempts or when the load stops.
+    async fn until_answered(
+        &self,
+        path: &str,
+        token: &str,
+        body: &serde_json::Value,
+    ) -> Option<serde_json::Value> {
+        for _ in 0..40 {
+            match self.post(path, token, Some(body)).await {
+                Some((s, answer)) if s.is_success() => return Some(answer),
+                Some((s, _)) if s.is_client_error() => return None,
+                _ => {}
+            }
+            if self.stop.load(Ordering::SeqCst) {
+                return None;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+        None
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acknowledged_writes_survive_the_service_and_its_dependencies_killed_under_load() {
     let cluster = LocalCluster::start(ClusterSpec::default()).await.unwrap();
@@ -121,111 +192,38 @@ async fn acknowledged_writes_survive_the_service_and_its_dependencies_killed_und
     let tally = Arc::new(Tally::default());
     let mut workers = Vec::new();
     for w in 0..8_i64 {
-        let (base, phase, stop, tally, product) = (
-            base.clone(),
-            phase.clone(),
-            stop.clone(),
-            tally.clone(),
-            product.clone(),
-        );
-        let (user_token, service_token) = (app.user_token(97_000 + w), app.service_token());
-        workers.push(tokio::spawn(async move {
-            let user = 97_000 + w;
-            let client = reqwest::Client::builder()
+        let poster = Poster {
+            client: reqwest::Client::builder()
                 .timeout(Duration::from_secs(15))
                 .build()
-                .unwrap();
-            // The phase an answer counts under: the one it was asked in, unless it arrived in
-            // one that allows more (a refusal of a dependency that went down meanwhile).
-            let now = || Phase::from(phase.load(Ordering::SeqCst));
-            let worst = |asked: Phase| std::cmp::max(asked, now());
-            while !stop.load(Ordering::SeqCst) {
-                let pause = || tokio::time::sleep(Duration::from_millis(50));
-                let asked = now();
-                let Ok(r) = client
-                    .post(format!("{base}/v1/order-ids"))
-                    .bearer_auth(&user_token)
-                    .send()
-                    .await
-                else {
-                    pause().await;
+                .unwrap(),
+            base: base.clone(),
+            phase: phase.clone(),
+            stop: stop.clone(),
+            tally: tally.clone(),
+        };
+        let product = product.clone();
+        let (user, user_token, service_token) = (97_000 + w, app.user_token(97_000 + w), app.service_token());
+        workers.push(tokio::spawn(async move {
+            while !poster.stop.load(Ordering::SeqCst) {
+                let Some((_, ids)) = poster.post("/v1/order-ids", &user_token, None).await else {
+                    tokio::time::sleep(PAUSE).await;
                     continue;
                 };
-                let at = worst(asked);
-                let status = r.status();
-                let body: serde_json::Value = r.json().await.unwrap_or_default();
-                if status.is_server_error() {
-                    tally.failures.lock().unwrap().push((at, status.as_u16(), body.to_string()));
-                }
-                let Some(id) = body["order_id"].as_str().map(str::to_owned) else {
-                    pause().await;
+                let Some(id) = ids["order_id"].as_str().map(str::to_owned) else {
+                    tokio::time::sleep(PAUSE).await;
                     continue;
                 };
                 // The create, retried with its id until it is answered (a client's retry).
                 let create = TestApp::order_body(&id, &[(&product, 1)]);
-                let mut order = None;
-                for _ in 0..40 {
-                    let asked = now();
-                    let Ok(r) = client
-                        .post(format!("{base}/v1/orders"))
-                        .bearer_auth(&user_token)
-                        .json(&create)
-                        .send()
-                        .await
-                    else {
-                        pause().await;
-                        continue;
-                    };
-                    let at = worst(asked);
-                    let status = r.status();
-                    let body: serde_json::Value = r.json().await.unwrap_or_default();
-                    if status.is_server_error() {
-                        tally.failures.lock().unwrap().push((at, status.as_u16(), body.to_string()));
-                    }
-                    if status == StatusCode::CREATED || status == StatusCode::OK {
-                        tally.created.lock().unwrap().push((user, id.clone()));
-                        order = Some(body);
-                        break;
-                    }
-                    if status.is_client_error() {
-                        break;
-                    }
-                    pause().await;
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                }
-                let Some(order) = order else { continue };
+                let Some(order) = poster.until_answered("/v1/orders", &user_token, &create).await else {
+                    continue;
+                };
+                poster.tally.created.lock().unwrap().push((user, id.clone()));
                 let pay = json!({"transaction_no": format!("tx-{id}"), "channel": "alipay", "amount": order["pay_amount"]});
-                for _ in 0..40 {
-                    let asked = now();
-                    let Ok(r) = client
-                        .post(format!("{base}/v1/orders/{id}/payments"))
-                        .bearer_auth(&service_token)
-                        .json(&pay)
-                        .send()
-                        .await
-                    else {
-                        pause().await;
-                        continue;
-                    };
-                    let at = worst(asked);
-                    let status = r.status();
-                    let body: serde_json::Value = r.json().await.unwrap_or_default();
-                    if status.is_server_error() {
-                        tally.failures.lock().unwrap().push((at, status.as_u16(), body.to_string()));
-                    }
-                    if status == StatusCode::OK {
-                        tally.paid.lock().unwrap().push(id.clone());
-                        break;
-                    }
-                    if status.is_client_error() {
-                        break;
-                    }
-                    pause().await;
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
+                let path = format!("/v1/orders/{id}/payments");
+                if poster.until_answered(&path, &service_token, &pay).await.is_some() {
+                    poster.tally.paid.lock().unwrap().push(id.clone());
                 }
             }
         }));

@@ -328,6 +328,22 @@ async fn flash_sales_price_only_inside_their_window_and_do_not_overlap() {
     assert!(ended["ended_at"].is_string(), "{ended}");
 }
 
+/// The first attempt of a create dies between its reservation and its order write (the
+/// failpoint `orders::after_reserve`), as in a process killed there.
+#[cfg(feature = "failpoints")]
+async fn reserve_without_writing(app: &TestApp, user: i64, id: &str, body: &Value) {
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("orders::after_reserve", &format!("return({id})")).unwrap();
+    let (s, first) = app.create_order(user, body.clone()).await;
+    fail::remove("orders::after_reserve");
+    drop(scenario);
+    assert_eq!(
+        s,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "reserved, not written: {first}"
+    );
+}
+
 /// A create reserved inside a sale and retried after the sale ended (its first attempt died
 /// between the reservation and the order write): the order is written at the sale's price,
 /// and counted against the sale once.
@@ -343,16 +359,7 @@ async fn a_create_retried_after_its_flash_sale_ended_keeps_the_sale_terms() {
     let id = app.new_order_id(user).await;
     let body = TestApp::order_body(&id, &[(product, 1)]);
 
-    let scenario = fail::FailScenario::setup();
-    fail::cfg("orders::after_reserve", &format!("return({id})")).unwrap();
-    let (s, first) = app.create_order(user, body.clone()).await;
-    fail::remove("orders::after_reserve");
-    drop(scenario);
-    assert_eq!(
-        s,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "reserved, not written: {first}"
-    );
+    reserve_without_writing(&app, user, &id, &body).await;
 
     let (s, ended) = app
         .call(
@@ -401,16 +408,7 @@ async fn a_create_retried_after_a_flash_sale_began_keeps_the_regular_terms() {
     let id = app.new_order_id(user).await;
     let body = TestApp::order_body(&id, &[(product, 1)]);
 
-    let scenario = fail::FailScenario::setup();
-    fail::cfg("orders::after_reserve", &format!("return({id})")).unwrap();
-    let (s, first) = app.create_order(user, body.clone()).await;
-    fail::remove("orders::after_reserve");
-    drop(scenario);
-    assert_eq!(
-        s,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "reserved, not written: {first}"
-    );
+    reserve_without_writing(&app, user, &id, &body).await;
 
     let wait = (starts - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(500);
     tokio::time::sleep(wait).await;
