@@ -52,6 +52,7 @@ pub struct ArchiveSettings {
     pub max_busy_percent: u32,
     pub run_in_serve: bool,
     pub interval_secs: u64,
+    pub read_timeout_ms: u64,
 }
 
 impl Default for ArchiveSettings {
