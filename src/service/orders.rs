@@ -189,7 +189,7 @@ fn archive_horizon(min_age: TimeDelta) -> DateTime<Utc> {
 fn reaches_archive(page: &[Order], q: &ListQuery, horizon: DateTime<Utc>) -> bool {
     let want = q.limit as usize;
     let full_of_young = want > 0 && page.len() >= want && page[want - 1].created_at >= horizon;
-    !full_of_young && !q.created_from.is_some_and(|from| from >= horizon)
+    !full_of_young && q.created_from.is_none_or(|from| from < horizon)
 }
 
 /// How a read must be served: its consistency, and the token of a write the client wants to
