@@ -135,7 +135,7 @@ impl Application {
         let writes = TaskTracker::new();
         let orders = OrderService::new(shards, commerce.clone(), cache.clone(), settings.orders.clone())
             .with_write_tracker(writes.clone())
-            .with_archive(archive_db.clone(), settings.archive.min_age(), archive_relay)
+            .with_archive(archive_db.clone(), &settings.archive, archive_relay)
             .with_relay_wakers(relay_wakers.clone())
             .with_flash(flash)
             .with_carts(carts)
@@ -479,6 +479,7 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateRepor
     let a = schema::migrate_archive(&archive).await?;
     report.applied.extend(a.applied);
     report.already += a.already;
+    schema::backfill_archived_users(&archive, &shards, &report).await?;
     Ok(report)
 }
 

@@ -52,6 +52,7 @@ pub struct ArchiveSettings {
     pub max_busy_percent: u32,
     pub run_in_serve: bool,
     pub interval_secs: u64,
+    pub read_timeout_ms: u64,
 }
 
 impl Default for ArchiveSettings {
@@ -472,8 +473,10 @@ impl Settings {
         if !(1..=100).contains(&a.max_busy_percent) {
             return bad("archive.max_busy_percent must be 1..=100");
         }
-        if a.max_slowdown == 0 || a.interval_secs == 0 {
-            return bad("archive.max_slowdown and archive.interval_secs must be positive");
+        if a.max_slowdown == 0 || a.interval_secs == 0 || a.read_timeout_ms == 0 {
+            return bad(
+                "archive.max_slowdown, archive.interval_secs and archive.read_timeout_ms must be positive",
+            );
         }
         Ok(())
     }

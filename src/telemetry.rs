@@ -256,6 +256,11 @@ fn describe_metrics() {
          while a replica lags or the hot tables' deletes slow down)"
     );
     describe_counter!(
+        "orderly_archive_read_failures_total",
+        "Reads of the archive that failed or did not answer within archive.read_timeout_ms \
+         (a list then answers its hot part, flagged archive: unavailable)"
+    );
+    describe_counter!(
         "orderly_archived_money_total",
         "Payments and refunds recorded for archived orders (each flags its order \
          refund_required: look at it)"

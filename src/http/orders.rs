@@ -153,6 +153,19 @@ pub struct OrderList<'a> {
     orders: Vec<OrderView<'a>>,
     /// Opaque; send it back as `cursor` for the next page. `null` on the last page.
     next_cursor: Option<String>,
+    /// Present only when the page reaches back into the archive of old orders and the
+    /// archive did not answer: the page then holds only the orders still in the hot store
+    /// (archived ones in its range are missing; ask again later). Never a failed list.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    archive: Option<ArchiveState>,
+}
+
+/// `OrderList.archive`.
+#[derive(Serialize, ToSchema, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+pub enum ArchiveState {
+    /// The archive failed or did not answer within `archive.read_timeout_ms`.
+    Unavailable,
 }
 
 /// The whole order, as `caller` may see it, with its version as a strong `ETag`.
@@ -411,6 +424,7 @@ async fn list(
     let body = OrderList {
         orders: page.orders.iter().map(OrderView::from).collect(),
         next_cursor: page.next_cursor,
+        archive: page.archive_unavailable.then_some(ArchiveState::Unavailable),
     };
     Ok(served_by(axum::Json(body).into_response(), page.served))
 }

@@ -16,14 +16,17 @@
 //!    there) and finishes the deletes.
 //! 5. Verify the batch in the archive (count, id checksum, versions); only then delete it
 //!    from the four hot tables, in id order, in transactions of `delete_chunk` orders, each
-//!    order only if it is still at the archived version. One that moved on (money arrived
-//!    in between) stays hot and its stale document is removed from the archive.
+//!    order only if it is still at the archived version; each transaction also records the
+//!    deleted orders' buyers in the shard's `archived_users` (lists ask the archive only for
+//!    them). One that moved on (money arrived in between) stays hot and its stale document
+//!    is removed from the archive.
 //! 6. Prune the claims and reservations of the deleted orders in the commerce database;
 //!    pause (longer while replicas lag or the deletes slow down: see [`Throttle`]).
 //!
 //! Every order is at every moment in the hot shard, in the archive, or in both (between 4
-//! and 5); readers look in the shard first and then in the archive, so none misses an
-//! order in the middle of its move. A shard is archived by one process at a time: the pass
+//! and 5); readers look in the shard first and then in the archive (a list: if the shard
+//! records the buyer, which it does from the delete on), so none misses an order in the
+//! middle of its move. A shard is archived by one process at a time: the pass
 //! holds a named lock (`GET_LOCK`) on the shard's database for its duration.
 //!
 //! # Crash safety

@@ -27,10 +27,10 @@ use tokio_util::task::TaskTracker;
 
 use chrono::{DateTime, DurationRound, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
-use sqlx::{MySql, MySqlPool};
+use sqlx::{MySql, MySqlConnection, MySqlPool};
 
 use crate::cache::{Cache, FIRST_PAGE};
-use crate::config::{CartSettings, FlashSettings, OrderSettings};
+use crate::config::{ArchiveSettings, CartSettings, FlashSettings, OrderSettings};
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
 use crate::domain::flash::FlashSale;
@@ -103,6 +103,93 @@ struct ArchiveReads {
     min_age: TimeDelta,
     /// The archive's relay, after a commit of money there.
     relay: usize,
+    /// `archive.read_timeout_ms`: what a read of the archive may cost at most.
+    read_timeout: std::time::Duration,
+}
+
+impl ArchiveReads {
+    /// `query` on the archive's primary (it has no replicas) within `archive.read_timeout_ms`,
+    /// the connection's acquisition included. A read cut off there closes its connection
+    /// (its statement may still run, or the server be frozen) and answers `Unavailable`.
+    async fn read<T, Q>(&self, query: Q) -> Result<T>
+    where
+        Q: for<'c> FnOnce(&'c mut MySqlConnection) -> ReadQuery<'c, T>,
+    {
+        let deadline = tokio::time::Instant::now() + self.read_timeout;
+        let late = || Error::Unavailable("the archive did not answer within archive.read_timeout_ms".into());
+        let answer = match tokio::time::timeout_at(deadline, self.db.write().acquire()).await {
+            Err(_) => Err(late()),
+            Ok(Err(e)) => Err(StorageError::from(e).into()),
+            Ok(Ok(mut conn)) => match tokio::time::timeout_at(deadline, query(&mut conn)).await {
+                Ok(answer) => answer.map_err(Error::from),
+                Err(_) => {
+                    conn.close_on_drop();
+                    Err(late())
+                }
+            },
+        };
+        if answer.is_err() {
+            metrics::counter!("orderly_archive_read_failures_total").increment(1);
+        }
+        answer
+    }
+}
+
+/// What the archive did for a list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FromArchive {
+    /// Not asked (the page does not reach back that far, or the buyer has no archived
+    /// orders), or it had nothing for the page.
+    Nothing,
+    /// It added orders to the page.
+    Added,
+    /// It failed or did not answer in time: the page is the hot store's part only.
+    Unavailable,
+}
+
+/// What a list read on the shard found: the page, and whether the buyer has archived
+/// orders, read after it on its connection (`None`: not asked, the page does not reach the
+/// archive).
+struct HotPage {
+    orders: Vec<Order>,
+    archived: Option<bool>,
+}
+
+/// [`HotPage::archived`] of a cache-aside read, set when its loader ran (`None` otherwise).
+#[derive(Default)]
+struct ArchivedCell(std::sync::atomic::AtomicU8);
+
+impl ArchivedCell {
+    fn set(&self, archived: Option<bool>) {
+        let v = match archived {
+            None => 0,
+            Some(false) => 1,
+            Some(true) => 2,
+        };
+        self.0.store(v, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Option<bool> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Some(false),
+            2 => Some(true),
+            _ => None,
+        }
+    }
+}
+
+/// Every archived order was created before this: its id is older than its pass's cutoff
+/// (at least `min_age` ago), and an order is created within a day of its id.
+fn archive_horizon(min_age: TimeDelta) -> DateTime<Utc> {
+    Utc::now() - min_age + ID_MAX_AGE + ID_MAX_SKEW
+}
+
+/// Whether `page`, the shard's answer to `q`, may lack archived orders: unless it is full of
+/// orders too young to be archived, or `q` asks only for such.
+fn reaches_archive(page: &[Order], q: &ListQuery, horizon: DateTime<Utc>) -> bool {
+    let want = q.limit as usize;
+    let full_of_young = want > 0 && page.len() >= want && page[want - 1].created_at >= horizon;
+    !full_of_young && q.created_from.is_none_or(|from| from < horizon)
 }
 
 /// How a read must be served: its consistency, and the token of a write the client wants to
@@ -174,6 +261,9 @@ pub struct OrderPage {
     pub orders: Vec<Order>,
     pub next_cursor: Option<String>,
     pub served: Served,
+    /// The page reaches back into the archive, which failed or did not answer in time: it
+    /// holds the hot store's orders only.
+    pub archive_unavailable: bool,
 }
 
 /// What [`OrderService::commit`] hands to `after_commit` besides what committed: the order
@@ -403,8 +493,13 @@ impl OrderService {
 
     /// Reads fall back to this archive, and money for archived orders is recorded there;
     /// `relay` is the index of its outbox's relay among [`Self::relay_wakers`].
-    pub fn with_archive(mut self, db: Arc<Database>, min_age: TimeDelta, relay: usize) -> Self {
-        self.archive = Some(ArchiveReads { db, min_age, relay });
+    pub fn with_archive(mut self, db: Arc<Database>, settings: &ArchiveSettings, relay: usize) -> Self {
+        self.archive = Some(ArchiveReads {
+            db,
+            min_age: settings.min_age(),
+            relay,
+            read_timeout: std::time::Duration::from_millis(settings.read_timeout_ms),
+        });
         self
     }
 
@@ -416,15 +511,16 @@ impl OrderService {
             .filter(|a| id.created_at() < Utc::now() - a.min_age)
     }
 
-    /// The archived order `id`, read on the archive's primary (it has no replicas). Asked
-    /// only after the shard answered "no such order": an order moves into the archive before
-    /// it leaves the shard, so one of the two reads finds it.
+    /// The archived order `id`, read on the archive's primary (it has no replicas) within
+    /// `archive.read_timeout_ms`. Asked only after the shard answered "no such order": an
+    /// order moves into the archive before it leaves the shard, so one of the two reads
+    /// finds it.
     async fn archived(&self, id: OrderId) -> Result<Option<Order>> {
         let Some(a) = self.archive_for(id) else {
             return Ok(None);
         };
-        let mut conn = a.db.write().acquire().await.map_err(StorageError::from)?;
-        Ok(crate::storage::archive::load(&mut conn, id).await?)
+        a.read(|c| -> ReadQuery<'_, Option<Order>> { Box::pin(crate::storage::archive::load(c, id)) })
+            .await
     }
 
     /// The wakers of this process's relays.
@@ -1222,23 +1318,41 @@ impl OrderService {
             limit: limit + 1,
             ..query.clone()
         };
+        // Once for the read and the merge: they agree on whether the page reaches the
+        // archive (the read asks for at least as many orders as the merge wants).
+        let horizon = self.archive.as_ref().map(|a| archive_horizon(a.min_age));
         let tables = shard.tables.clone();
-        let list = replicas::query(move |c| -> ReadQuery<'_, Vec<Order>> {
+        let list = replicas::query(move |c| -> ReadQuery<'_, HotPage> {
             let (t, q) = (tables.clone(), query.clone());
-            Box::pin(async move { orders::list_user_orders(c, &t, &q).await })
+            Box::pin(async move {
+                let orders = orders::list_user_orders(c, &t, &q).await?;
+                // After the list, on its connection: see `merge_archived`.
+                let archived = match horizon {
+                    Some(h) if reaches_archive(&orders, &q, h) => {
+                        Some(orders::has_archived_orders(c, &t, q.user_id).await?)
+                    }
+                    _ => None,
+                };
+                Ok(HotPage { orders, archived })
+            })
         });
         let served = ServedCell::default();
+        let loaded = ArchivedCell::default();
         let list = &list;
-        let served = &served;
-        let mut page = if cached && read.consistency == Consistency::Session {
-            self.cache
+        let (served, loaded) = (&served, &loaded);
+        let (mut page, archived) = if cached && read.consistency == Consistency::Session {
+            let page = self
+                .cache
                 .first_page(user, db.reference(), || async move {
                     let watermark = self.watermark(db, of, read.token);
                     let found = db.read(read.consistency, watermark.as_ref(), list).await?;
                     served.set(Served::of(&found));
-                    Ok::<_, Error>(found.value)
+                    loaded.set(found.value.archived);
+                    Ok::<_, Error>(found.value.orders)
                 })
-                .await?
+                .await?;
+            // A page from Redis (or another request's load) comes without it.
+            (page, loaded.get())
         } else {
             let watermark = match read.consistency {
                 Consistency::Session => self.watermark(db, of, read.token),
@@ -1246,9 +1360,16 @@ impl OrderService {
             };
             let found = db.read(read.consistency, watermark.as_ref(), list).await?;
             served.set(Served::of(&found));
-            found.value
+            (found.value.orders, found.value.archived)
         };
-        if self.merge_archived(&mut page, &archive_query).await? {
+        let from_archive = match horizon {
+            Some(h) => {
+                self.merge_archived(&mut page, &archive_query, h, shard, archived)
+                    .await
+            }
+            None => FromArchive::Nothing,
+        };
+        if from_archive == FromArchive::Added {
             served.set(Served::Archive);
         }
         let next = if page.len() > limit as usize {
@@ -1261,33 +1382,72 @@ impl OrderService {
             orders: page,
             next_cursor: next,
             served: served.get(),
+            archive_unavailable: from_archive == FromArchive::Unavailable,
         })
     }
 
-    /// Adds the user's archived orders that belong in `page` (the shard's, newest first, read
-    /// before this), unless the page is full of orders too young to be archived. The
-    /// shard is read first, the archive second: an order moving meanwhile is in the archive
-    /// before it leaves the shard, so the page misses none; one in both places is shown once,
-    /// as the shard has it. Answers whether the archive added any.
-    async fn merge_archived(&self, page: &mut Vec<Order>, q: &ListQuery) -> Result<bool> {
-        let Some(a) = &self.archive else {
-            return Ok(false);
-        };
-        let want = q.limit as usize;
-        // Archived orders were created before this (their ids are older than the pass's
-        // cutoff, and an order is created within a day of its id).
-        let horizon = Utc::now() - a.min_age + ID_MAX_AGE + ID_MAX_SKEW;
-        let full_of_young = page.len() >= want && page[want - 1].created_at >= horizon;
-        if full_of_young || q.created_from.is_some_and(|from| from >= horizon) {
-            return Ok(false);
+    /// Whether the shard records archived orders of `user`, read on its primary: for a page
+    /// read without it (from the cache), which may come from a newer copy than a replica.
+    /// If the primary cannot say, assumed (the archive is asked).
+    async fn archive_recorded(&self, shard: &Shard, user: UserId) -> bool {
+        let db = self.shards.database(shard);
+        let tables = shard.tables.clone();
+        let query = replicas::query(move |c| -> ReadQuery<'_, bool> {
+            let t = tables.clone();
+            Box::pin(async move { orders::has_archived_orders(c, &t, user).await })
+        });
+        match db.read(Consistency::Strong, None, &query).await {
+            Ok(found) => found.value,
+            Err(e) => {
+                tracing::warn!(error = %e, %user, "cannot read whether the buyer has archived orders; asking the archive");
+                true
+            }
         }
-        let mut conn = a.db.write().acquire().await.map_err(StorageError::from)?;
-        let mut older: std::collections::HashMap<i64, Order> =
-            crate::storage::archive::list_user_orders(&mut conn, q)
-                .await?
-                .into_iter()
-                .map(|o| (o.order_id.get(), o))
-                .collect();
+    }
+
+    /// Adds the user's archived orders that belong in `page` (the shard's, newest first, read
+    /// before this), unless the page is full of orders too young to be archived (before
+    /// `horizon`), or the shard has no record of archived orders of the buyer: `archived`,
+    /// read after the page on its connection, or (`None`) now on the shard's primary. The
+    /// shard is read first, the archive second: an order moving meanwhile is in the archive
+    /// before it leaves the shard, and the transaction that deletes it there records its
+    /// buyer, so the page misses none; one in both places is shown once, as the shard has it.
+    /// An archive that fails or does not answer within `archive.read_timeout_ms` leaves the
+    /// page as the shard has it ([`FromArchive::Unavailable`]): never a failed list.
+    async fn merge_archived(
+        &self,
+        page: &mut Vec<Order>,
+        q: &ListQuery,
+        horizon: DateTime<Utc>,
+        shard: &Shard,
+        archived: Option<bool>,
+    ) -> FromArchive {
+        let Some(a) = &self.archive else {
+            return FromArchive::Nothing;
+        };
+        if !reaches_archive(page, q, horizon) {
+            return FromArchive::Nothing;
+        }
+        let recorded = match archived {
+            Some(known) => known,
+            None => self.archive_recorded(shard, q.user_id).await,
+        };
+        if !recorded {
+            return FromArchive::Nothing;
+        }
+        let query = q.clone();
+        let found = a
+            .read(move |c| -> ReadQuery<'_, Vec<Order>> {
+                Box::pin(async move { crate::storage::archive::list_user_orders(c, &query).await })
+            })
+            .await;
+        let mut older: std::collections::HashMap<i64, Order> = match found {
+            Ok(orders) => orders.into_iter().map(|o| (o.order_id.get(), o)).collect(),
+            Err(e) => {
+                tracing::warn!(error = %e, user = %q.user_id, "the archive did not answer; the list is its hot part");
+                return FromArchive::Unavailable;
+            }
+        };
         // In both places mid-move, or a lagging replica's copy of an order that has since
         // moved and taken money in the archive: the newer version is the order.
         for o in page.iter_mut() {
@@ -1299,11 +1459,14 @@ impl OrderService {
         let before = page.len();
         page.extend(older.into_values());
         if page.len() == before {
-            return Ok(false);
+            return FromArchive::Nothing;
         }
         page.sort_by_key(|o| std::cmp::Reverse((o.created_at, o.order_id.get())));
-        page.truncate(want.max(before));
-        Ok(page.iter().any(|o| !hot.contains(&o.order_id.get())))
+        page.truncate((q.limit as usize).max(before));
+        match page.iter().any(|o| !hot.contains(&o.order_id.get())) {
+            true => FromArchive::Added,
+            false => FromArchive::Nothing,
+        }
     }
 
     // ------------------------------------------------------------------ life cycle

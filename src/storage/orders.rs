@@ -486,6 +486,18 @@ pub async fn list_user_orders(
     Ok(orders)
 }
 
+/// Whether the archiver moved orders of `user` out of this shard (a primary-key lookup). Its
+/// record commits with the delete of the first such order, so a statement after a list on
+/// the same connection answers `true` whenever the list missed an order for the archive.
+pub async fn has_archived_orders(conn: &mut MySqlConnection, t: &ShardTables, user: UserId) -> Result<bool> {
+    let sql = format!("SELECT 1 FROM {} WHERE user_id = ?", t.archived_users);
+    let found = sqlx::query(AssertSqlSafe(sql))
+        .bind(user.get())
+        .fetch_optional(conn)
+        .await?;
+    Ok(found.is_some())
+}
+
 /// `select` (`SELECT … FROM table`, the table with `user_id`, `status` and `created_at`
 /// columns) with the filters, keyset position, order and limit of `q`; bind them with
 /// [`bind_user_list`]. The shard's list and the archive's share it.
@@ -980,7 +992,9 @@ pub struct Deleted {
 /// Deletes archived orders from the four hot tables, each only if it is still at the version
 /// the archive holds, in one short transaction over the chunk, by primary key, in id order
 /// (`orders` rows locked first, so it serialises with every write of these orders).
-/// Touches no version and writes no event: the order itself is unchanged, only moved.
+/// Touches no version and writes no event: the order itself is unchanged, only moved. The
+/// same transaction records their buyers in `archived_users` (see
+/// [`has_archived_orders`]): whoever sees an order gone from the shard sees its buyer there.
 pub async fn delete_archived(
     conn: &mut MySqlConnection,
     t: &ShardTables,
@@ -995,7 +1009,7 @@ pub async fn delete_archived(
     let list = vec!["?"; ids.len()].join(", ");
     let mut tx = sqlx::Connection::begin(conn).await?;
     let sql = format!(
-        "SELECT order_id, version FROM {} WHERE order_id IN ({list}) ORDER BY order_id FOR UPDATE",
+        "SELECT order_id, version, user_id FROM {} WHERE order_id IN ({list}) ORDER BY order_id FOR UPDATE",
         t.orders
     );
     let mut q = sqlx::query(AssertSqlSafe(sql));
@@ -1004,14 +1018,32 @@ pub async fn delete_archived(
     }
     let mut current = std::collections::HashMap::new();
     for row in q.fetch_all(&mut *tx).await? {
-        let (id, version): (i64, i64) = (row.try_get(0)?, row.try_get(1)?);
-        current.insert(id, version);
+        let (id, version, user): (i64, i64, i64) = (row.try_get(0)?, row.try_get(1)?, row.try_get(2)?);
+        current.insert(id, (version, user));
     }
+    // Buyers of the orders deleted now (one gone already was recorded with its delete).
+    let mut users = std::collections::BTreeSet::new();
     for (id, archived) in &ids {
         match current.get(&id.get()) {
-            Some(v) if v != archived => out.moved_on.push((*id, *v)),
-            _ => out.deleted.push(*id),
+            Some((v, _)) if v != archived => out.moved_on.push((*id, *v)),
+            Some((_, user)) => {
+                users.insert(*user);
+                out.deleted.push(*id);
+            }
+            None => out.deleted.push(*id),
         }
+    }
+    if !users.is_empty() {
+        let sql = format!(
+            "INSERT IGNORE INTO {} (user_id, since) VALUES {}",
+            t.archived_users,
+            vec!["(?, UTC_TIMESTAMP(6))"; users.len()].join(", ")
+        );
+        let mut q = sqlx::query(AssertSqlSafe(sql));
+        for user in &users {
+            q = q.bind(*user);
+        }
+        q.execute(&mut *tx).await?;
     }
     if !out.deleted.is_empty() {
         let list = vec!["?"; out.deleted.len()].join(", ");

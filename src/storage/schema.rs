@@ -377,6 +377,17 @@ const MERCHANT_V1: &[&str] = &[
     ) ENGINE=InnoDB",
 ];
 
+/// Buyers with archived orders, per table shard (see [`ShardTables::archived_users`]). A row
+/// is written in the transaction that deletes the buyer's first archived orders from the
+/// shard ([`super::orders::delete_archived`]), so a list that no longer finds an order in
+/// the shard finds the row in a later statement on its connection; rows are never deleted
+/// (the archive keeps the orders). Existing archives are backfilled by
+/// [`backfill_archived_users`] when this migration is applied.
+const SHARD_V6: &[&str] = &["CREATE TABLE IF NOT EXISTS {archived_users} (
+        user_id BIGINT NOT NULL PRIMARY KEY,
+        since DATETIME(6) NOT NULL
+    ) ENGINE=InnoDB"];
+
 const MERCHANT: &[Migration] = &[Migration {
     version: 1,
     description: "merchant copy by shop, daily reports, projection progress",
@@ -453,6 +464,11 @@ const SHARD: &[Migration] = &[
         description: "parked outbox rows",
         statements: SHARD_V5,
     },
+    Migration {
+        version: 6,
+        description: "buyers with archived orders",
+        statements: SHARD_V6,
+    },
 ];
 
 /// What a migrate run did.
@@ -468,6 +484,7 @@ fn render(stmt: &str, t: &ShardTables) -> String {
         .replace("{payments}", &t.payments)
         .replace("{discounts}", &t.discounts)
         .replace("{voids}", &t.voids)
+        .replace("{archived_users}", &t.archived_users)
 }
 
 async fn apply(
@@ -532,6 +549,57 @@ pub async fn migrate_archive(pool: &MySqlPool) -> Result<MigrateReport> {
     let mut report = MigrateReport::default();
     apply(pool, "archive", ARCHIVE, str::to_owned, &mut report).await?;
     Ok(report)
+}
+
+/// Records, in each table shard whose `archived_users` table `report` says was created now,
+/// every buyer of that shard who already has orders in the archive (moved by an archiver
+/// from before the table): without it their lists would skip the archive. Idempotent; run by
+/// `migrate` after the archive's migrations. Answers the buyers recorded.
+pub async fn backfill_archived_users(
+    archive: &MySqlPool,
+    shards: &ShardMap,
+    report: &MigrateReport,
+) -> Result<u64> {
+    // Rows per INSERT: far below the 65 535 placeholders a statement may bind.
+    const CHUNK: usize = 1000;
+    let new: Vec<&super::shards::Shard> = shards
+        .all()
+        .iter()
+        .filter(|s| {
+            let applied = format!("shard_{} v6", s.index.suffix());
+            report.applied.contains(&applied)
+        })
+        .collect();
+    if new.is_empty() {
+        return Ok(0);
+    }
+    // A loose scan of `idx_user_created`: one row per buyer.
+    let users: Vec<i64> = sqlx::query_scalar("SELECT DISTINCT user_id FROM archived_orders")
+        .fetch_all(archive)
+        .await?;
+    let mut recorded = 0;
+    for shard in new {
+        let mine: Vec<i64> = users
+            .iter()
+            .copied()
+            .filter(|u| {
+                crate::domain::ids::UserId::new(*u).is_some_and(|u| shards.of_user(u).index == shard.index)
+            })
+            .collect();
+        for chunk in mine.chunks(CHUNK) {
+            let sql = format!(
+                "INSERT IGNORE INTO {} (user_id, since) VALUES {}",
+                shard.tables.archived_users,
+                vec!["(?, UTC_TIMESTAMP(6))"; chunk.len()].join(", ")
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for u in chunk {
+                q = q.bind(*u);
+            }
+            recorded += q.execute(shards.primary(shard)).await?.rows_affected();
+        }
+    }
+    Ok(recorded)
 }
 
 /// Creates every table of the merchant copy on its database.

@@ -26,6 +26,9 @@ pub struct ShardTables {
     /// Order ids the sweeper declared dead (their reservation was given back): a create of
     /// such an id that arrives late must not write the order.
     pub voids: String,
+    /// Buyers the archiver moved orders of out of this shard: a list asks the archive only
+    /// for them (see [`super::orders::has_archived_orders`]).
+    pub archived_users: String,
 }
 
 impl ShardTables {
@@ -37,6 +40,7 @@ impl ShardTables {
             payments: format!("order_payments_{s}"),
             discounts: format!("order_discounts_{s}"),
             voids: format!("order_voids_{s}"),
+            archived_users: format!("archived_users_{s}"),
         }
     }
 }

@@ -10,6 +10,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::AssertSqlSafe;
 
+use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::domain::ids::{OrderId, ProductId, UserId};
 use orderly::domain::money::Money;
 use orderly::domain::status::OrderStatus;
@@ -713,4 +714,208 @@ async fn serve_archives_in_the_background_beside_a_twin_process() {
     }
     assert_each_in_one_place(&app, &ids, &all).await;
     drop(twin);
+}
+
+/// An app like [`app`]'s whose archive database is on a MariaDB server of the test's own,
+/// which the test stops or freezes while the shards stay up on the shared cluster. Archive
+/// reads wait at most `read_timeout_ms`.
+async fn app_with_own_archive(read_timeout_ms: u64) -> (LocalCluster, TestApp) {
+    let own = LocalCluster::start(ClusterSpec {
+        mariadb_servers: 1,
+        with_redis: false,
+        with_nats: false,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("the archive's own MariaDB server");
+    let server = own.mariadb(0).base_url();
+    let app = TestApp::spawn_with(|s| {
+        s.sweeper.interval_secs = 3600;
+        s.archive.min_age_days = 30;
+        s.archive.older_than_days = 90;
+        s.archive.read_timeout_ms = read_timeout_ms;
+        let name = s.archive.url.rsplit_once('/').unwrap().1.to_owned();
+        s.archive.url = format!("{server}/{name}");
+    })
+    .await;
+    (own, app)
+}
+
+/// How the archive's server is down.
+#[derive(Debug, Clone, Copy)]
+enum Outage {
+    /// SIGSTOP: connections hang instead of failing.
+    Frozen,
+    /// Shut down: connections are refused.
+    Stopped,
+}
+
+async fn begin(own: &LocalCluster, outage: Outage) {
+    match outage {
+        Outage::Frozen => own.pause_mariadb(0).unwrap(),
+        Outage::Stopped => own.stop_mariadb(0).await.unwrap(),
+    }
+}
+
+async fn end(own: &LocalCluster, outage: Outage) {
+    match outage {
+        Outage::Frozen => own.resume_mariadb(0).unwrap(),
+        Outage::Stopped => own.start_mariadb(0).await.unwrap(),
+    }
+}
+
+/// A user after `from` on the same table shard as `user`.
+fn same_shard(app: &TestApp, user: i64, from: i64) -> i64 {
+    let shards = app.app.orders.shards();
+    let of = |u: i64| shards.of_user(UserId::new(u).unwrap()).index;
+    (from..).find(|u| of(*u) == of(user)).unwrap()
+}
+
+/// `GET path` as `user`, with how long it took.
+async fn timed_get(app: &TestApp, user: i64, path: &str) -> (StatusCode, Value, Duration) {
+    let started = std::time::Instant::now();
+    let (s, b) = app.call("GET", path, Some(&app.user_token(user)), None).await;
+    (s, b, started.elapsed())
+}
+
+fn listed_ids(page: &Value) -> Vec<String> {
+    page["orders"]
+        .as_array()
+        .unwrap_or_else(|| panic!("not a page: {page}"))
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_without_archived_orders_lists_at_once_while_the_archive_is_stopped_or_frozen() {
+    const READ_TIMEOUT_MS: u64 = 5000;
+    // "At once": far below the archive's read timeout (a list that waited for the archive
+    // would take all of it), with room for a slow test machine.
+    const AT_ONCE: Duration = Duration::from_millis(READ_TIMEOUT_MS / 5);
+    let (own, app) = app_with_own_archive(READ_TIMEOUT_MS).await;
+    let user = 9701;
+    // Hot orders only, old enough for the archive and young: old ones that are not final
+    // stay in the shard whatever a pass does.
+    let old_hot = old_orders(&app, &[user], 3, &[OrderStatus::Shipped]).await;
+    let catalog = app.catalog(&[100]).await;
+    let mut young = Vec::new();
+    for _ in 0..2 {
+        let o = app.place_order(user, &[(&catalog.products[0], 1)]).await;
+        young.push(o["order_id"].as_str().unwrap().to_owned());
+    }
+    // A neighbour on the same shard has archived orders: the shard's archive is not empty.
+    let neighbour = same_shard(&app, user, 9702);
+    old_orders(&app, &[neighbour], 4, FINAL).await;
+    let _one = PASSES.lock().await;
+    assert_eq!(pass(&app, &pass_options(50)).await.unwrap().moved(), 4);
+    drop(_one);
+
+    let mut all: Vec<String> = young.iter().rev().cloned().collect();
+    all.extend(old_hot.iter().map(|i| i.to_string()));
+    let queries = [
+        // The cached first page (session), then the server: a second time hits the cache.
+        ("limit=10", all.clone()),
+        ("limit=10", all.clone()),
+        ("limit=50&consistency=strong", all.clone()),
+        ("limit=2&consistency=eventual", all[..2].to_vec()),
+        ("limit=10&status=shipped", all[2..].to_vec()),
+    ];
+    for outage in [Outage::Frozen, Outage::Stopped] {
+        begin(&own, outage).await;
+        let mut failures = Vec::new();
+        for (q, want) in &queries {
+            let (s, b, took) = timed_get(&app, user, &format!("/v1/orders?{q}")).await;
+            if s != StatusCode::OK || took >= AT_ONCE || !b["archive"].is_null() || listed_ids(&b) != *want {
+                failures.push(format!("GET /v1/orders?{q}: {s} after {took:?}: {b}"));
+            }
+        }
+        // An old order its shard holds is read without the archive.
+        let path = format!("/v1/orders/{}", old_hot[0]);
+        let (s, b, took) = timed_get(&app, user, &path).await;
+        if s != StatusCode::OK || took >= AT_ONCE {
+            failures.push(format!("GET {path}: {s} after {took:?}: {b}"));
+        }
+        end(&own, outage).await;
+        assert!(
+            failures.is_empty(),
+            "archive {outage:?}: a buyer without archived orders waited for it or was refused:\n{}",
+            failures.join("\n")
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buyer_with_archived_orders_gets_the_hot_part_flagged_while_the_archive_is_down_and_everything_once_it_is_back(
+) {
+    const READ_TIMEOUT_MS: u64 = 1000;
+    // A list waits for a down archive at most its read timeout (plus the list's own work).
+    const BOUND: Duration = Duration::from_millis(READ_TIMEOUT_MS + 2000);
+    let (own, app) = app_with_own_archive(READ_TIMEOUT_MS).await;
+    let user = 9801;
+    let archived = old_orders(&app, &[user], 12, FINAL).await;
+    // Old orders that stay hot, created at the same times as the archived ones: the hot
+    // part and the archive interleave.
+    let old_hot = old_orders(&app, &[user], 3, &[OrderStatus::Shipped]).await;
+    let catalog = app.catalog(&[100]).await;
+    for _ in 0..4 {
+        app.place_order(user, &[(&catalog.products[0], 1)]).await;
+    }
+    let _one = PASSES.lock().await;
+    assert_eq!(pass(&app, &pass_options(50)).await.unwrap().moved(), 12);
+    drop(_one);
+    let everything = list_all(&app, user, "limit=7").await;
+    assert_eq!(everything.len(), 19);
+    let all: Vec<String> = everything
+        .iter()
+        .map(|o| o["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    let cold: HashSet<String> = archived.iter().map(|i| i.to_string()).collect();
+    let hot: Vec<String> = all.iter().filter(|o| !cold.contains(*o)).cloned().collect();
+    assert_eq!(hot.len(), 7);
+
+    for outage in [Outage::Frozen, Outage::Stopped] {
+        begin(&own, outage).await;
+        let mut failures = Vec::new();
+        for q in ["limit=10", "limit=10", "limit=50", "limit=50&consistency=strong"] {
+            let (s, b, took) = timed_get(&app, user, &format!("/v1/orders?{q}")).await;
+            if s != StatusCode::OK || took >= BOUND || b["archive"] != "unavailable" || listed_ids(&b) != hot
+            {
+                failures.push(format!("GET /v1/orders?{q}: {s} after {took:?}: {b}"));
+            }
+        }
+        // An order only the archive holds cannot be read now, and says so in time.
+        let path = format!("/v1/orders/{}", archived[0]);
+        let (s, b, took) = timed_get(&app, user, &path).await;
+        if s != StatusCode::SERVICE_UNAVAILABLE || took >= BOUND {
+            failures.push(format!("GET {path}: {s} after {took:?}: {b}"));
+        }
+        // One its shard holds is read as ever.
+        let path = format!("/v1/orders/{}", old_hot[0]);
+        let (s, b, took) = timed_get(&app, user, &path).await;
+        if s != StatusCode::OK || took >= BOUND {
+            failures.push(format!("GET {path}: {s} after {took:?}: {b}"));
+        }
+        end(&own, outage).await;
+        assert!(
+            failures.is_empty(),
+            "archive {outage:?}: the list was not its hot part, flagged, in time:\n{}",
+            failures.join("\n")
+        );
+        // Back up: the whole list again, unflagged (the first reads may still meet
+        // connections that died with the server).
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let (s, b, _) = timed_get(&app, user, "/v1/orders?limit=50").await;
+            if s == StatusCode::OK && b["archive"].is_null() && listed_ids(&b) == all {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "archive back after {outage:?}, the list is still not whole: {s} {b}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert_eq!(list_all(&app, user, "limit=7").await, everything);
+    }
 }

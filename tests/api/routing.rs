@@ -152,10 +152,10 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
     // TestApp::spawn migrated already: a second run applies nothing.
     let again = orderly::app::migrate(&app.settings).await.unwrap();
     assert!(again.applied.is_empty(), "{:?}", again.applied);
-    // Seven commerce migrations, five per shard, one per table of the merchant copy, three of
+    // Seven commerce migrations, six per shard, one per table of the merchant copy, three of
     // the archive.
     let merchant_tables = app.settings.merchant.tables as usize;
-    assert_eq!(again.already, 7 + 5 * TEST_SHARDS as usize + merchant_tables + 3);
+    assert_eq!(again.already, 7 + 6 * TEST_SHARDS as usize + merchant_tables + 3);
     // One outbox per shard database, whichever of its shards created it.
     for db in app.app.orders.shards().databases() {
         let n: i64 = sqlx::query_scalar(
@@ -166,25 +166,26 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
         .unwrap();
         assert_eq!(n, 1, "the outbox of {}", db.name());
     }
-    // Every shard's five tables exist on the server that holds it, and only there.
+    // Every shard's six tables exist on the server that holds it, and only there.
     let shards = app.app.orders.shards();
     for shard in shards.all() {
         for db in 0..shards.databases().len() {
             let pool = shards.databases()[db].write();
             let n: i64 = sqlx::query_scalar(
-                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?, ?, ?, ?)",
+                "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?, ?, ?, ?, ?)",
             )
             .bind(&shard.tables.orders)
             .bind(&shard.tables.items)
             .bind(&shard.tables.payments)
             .bind(&shard.tables.discounts)
             .bind(&shard.tables.voids)
+            .bind(&shard.tables.archived_users)
             .fetch_one(pool)
             .await
             .unwrap();
             assert_eq!(
                 n,
-                if db == shard.database { 5 } else { 0 },
+                if db == shard.database { 6 } else { 0 },
                 "shard {} on database {db}",
                 shard.index
             );
