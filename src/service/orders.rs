@@ -618,7 +618,7 @@ impl OrderService {
         };
         // Tests stand here between COMMIT and `after_commit` (a step cut off, a process
         // killed): `return(<order id>)` delays that order's write by `COMMIT_FAILPOINT_DELAY`,
-        // `panic(<order id>)`... is spelled `return(panic:<order id>)`.
+        // `return(panic:<order id>)` makes it die here.
         #[cfg(feature = "failpoints")]
         if let Some(Some(arg)) = fail::eval("orders::after_write", |arg| arg) {
             let id = committed.order_id.to_string();
@@ -1056,28 +1056,23 @@ impl OrderService {
             .filter(|g| !sales.iter().any(|s| s.sale_id == *g))
             .collect();
         self.flash.give_back(id, &not_claimed).await;
-        let ids: Vec<_> = new.lines.iter().map(|l| l.product_id).collect();
-        let products: Vec<_> = commerce::load_products(&self.commerce, &ids)
-            .await?
-            .iter()
-            .map(|p| {
-                let mut snapshot = p.snapshot();
-                if let Some((_, price, _)) = terms.lines.iter().find(|(q, _, _)| *q == p.product_id) {
-                    snapshot.price = Money::new(*price).unwrap_or(snapshot.price);
-                }
-                snapshot
-            })
-            .collect();
-        let coupon_rows = commerce::load_coupons(&self.commerce, &new.coupon_ids).await?;
-        let pricing = price_order(
-            new.user_id,
-            Some(id),
-            &new.lines,
-            &new.coupon_ids,
-            &products,
-            &coupon_rows,
-            terms.priced_at,
-        )?;
+        let claimed_price = |p: ProductId| {
+            terms
+                .lines
+                .iter()
+                .find(|(q, _, _)| *q == p)
+                .and_then(|(_, price, _)| Money::new(*price))
+        };
+        let pricing = self
+            .price_at(
+                new.user_id,
+                Some(id),
+                &new.lines,
+                &new.coupon_ids,
+                terms.priced_at,
+                claimed_price,
+            )
+            .await?;
         Ok(Some((pricing, sales)))
     }
 
@@ -1164,14 +1159,29 @@ impl OrderService {
         at: DateTime<Utc>,
         sales: &[FlashSale],
     ) -> Result<Pricing> {
+        let sale_price = |p: ProductId| sales.iter().find(|s| s.product_id == p).map(|s| s.sale_price);
+        self.price_at(user, order, lines, coupons, at, sale_price).await
+    }
+
+    /// Prices `lines` at `at`, each product at `price_of` it where that names a price, else at
+    /// the catalog's.
+    async fn price_at(
+        &self,
+        user: UserId,
+        order: Option<OrderId>,
+        lines: &[crate::domain::order::NewLine],
+        coupons: &[crate::domain::ids::CouponId],
+        at: DateTime<Utc>,
+        price_of: impl Fn(ProductId) -> Option<Money>,
+    ) -> Result<Pricing> {
         let ids: Vec<_> = lines.iter().map(|l| l.product_id).collect();
         let products: Vec<_> = commerce::load_products(&self.commerce, &ids)
             .await?
             .iter()
             .map(|p| {
                 let mut snapshot = p.snapshot();
-                if let Some(sale) = sales.iter().find(|s| s.product_id == p.product_id) {
-                    snapshot.price = sale.sale_price;
+                if let Some(price) = price_of(p.product_id) {
+                    snapshot.price = price;
                 }
                 snapshot
             })
