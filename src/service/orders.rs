@@ -594,8 +594,9 @@ impl OrderService {
 
     /// The one door every order write goes through: [`orders::commit`] (retried on a
     /// deadlock: a deadlocked statement committed nothing, see [`through_door`]), then
-    /// [`Self::after_commit`] with what committed. Runs on a write task (see [`crate::http::write`]), so a commit is never
-    /// separated from its `after_commit` by a dropped request.
+    /// [`Self::after_commit`] with what committed. Runs on a write task (see
+    /// [`crate::http::write`]), so a commit is never separated from its `after_commit` by a
+    /// dropped request.
     pub(crate) async fn commit(
         &self,
         shard: &Shard,
