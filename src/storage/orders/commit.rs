@@ -79,7 +79,8 @@ pub enum OrderWrite<'a> {
         changes: &'a FieldChanges,
         now: DateTime<Utc>,
     },
-    /// A payment or refund, with whatever status move [`money_rule`] says.
+    /// A payment or refund, with whatever status move
+    /// [`money_rule`](crate::domain::payment_rules::money_rule) says.
     Money {
         id: OrderId,
         movement: &'a MoneyMovement,

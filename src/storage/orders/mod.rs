@@ -12,11 +12,11 @@
 //!   the locked reads and [`money_rule`](crate::domain::payment_rules::money_rule)'s plan.
 //! - [`due`]: what the sweeper, the closer and the completer move next.
 //! - [`archive_move`]: the archiver's scans, counts and the plan of its move out of the shard.
-//! - [`commit`]: **the one door**.
+//! - [`mod@commit`]: **the one door**.
 //!
 //! # One door
-//! Every change of an order goes through [`commit`] ([`write_order`] for a shard,
-//! [`commit::commit`] with an [`OrderDoor`] for a shard or the archive; [`OrderWrite`] and
+//! Every change of an order goes through [`mod@commit`] ([`write_order`] for a shard,
+//! [`fn@commit`] with an [`OrderDoor`] for a shard or the archive; [`OrderWrite`] and
 //! [`ArchiveWrite`] name the changes): it runs the write as one statement or one short
 //! transaction and answers what committed ([`Committed`]: ids, version, status, GTID) or why
 //! nothing did ([`NotWritten`]). Changes are compare-and-set statements on `version` and
