@@ -28,23 +28,33 @@
 //!   the edge. The OpenAPI document (`GET /openapi.json`) is generated from the same route
 //!   lists the router is built from.
 //! - [`app`] — `Application::build` and `run`, wiring it all together.
-//! - [`bench`] — `orderly bench`: load scenarios with raw baselines and correctness checks.
-//! - [`cluster`] — a throwaway local cluster (MariaDB, Redis, NATS) from the binaries on PATH, for
-//!   the playground and the tests.
-//! - [`playground`] — `orderly playground`.
 //! - [`telemetry`] — logs (JSON for `serve`, text elsewhere) and the Prometheus recorder
 //!   behind `GET /metrics`, with every metric series described in one place.
+//!
+//! The local cluster, the test harness, the playground and the benches live in the
+//! `orderly-testkit` crate (`crates/orderly-testkit`), not here.
+
+/// `fail::fail_point!` with the feature `failpoints` (the crash tests drive these); without
+/// it, nothing: the `fail` crate is then not even a dependency. Defined before the modules,
+/// so every module can use it as `fail_point!`.
+#[cfg(feature = "failpoints")]
+macro_rules! fail_point {
+    ($($t:tt)*) => {
+        fail::fail_point!($($t)*)
+    };
+}
+#[cfg(not(feature = "failpoints"))]
+macro_rules! fail_point {
+    ($($t:tt)*) => {};
+}
 
 pub mod app;
-pub mod bench;
 pub mod cache;
-pub mod cluster;
 pub mod config;
 pub mod domain;
 pub mod events;
 pub mod http;
 pub mod lease;
-pub mod playground;
 pub mod search;
 pub mod service;
 pub mod storage;

@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use orderly::cache::codec::sample_order;
 use orderly::cache::redis::{order_key, RedisCache};
 use orderly::cache::CacheHealth;
-use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::config::{CacheSettings, RedisSettings};
 use orderly::domain::consistency::DatabaseRef;
 use orderly::domain::ids::{OrderId, UserId};
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 
 /// The database every entry of these tests is loaded from (it only picks the fill bound).
 const DB: DatabaseRef = DatabaseRef::Shards(0);

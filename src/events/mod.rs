@@ -179,7 +179,7 @@ impl Broker {
 
 /// The pause of the `events::before_stream_create` failpoint, if it is set.
 fn before_stream_create() -> Option<Duration> {
-    fail::fail_point!("events::before_stream_create", |ms| ms
+    fail_point!("events::before_stream_create", |ms| ms
         .and_then(|m| m.parse().ok())
         .map(Duration::from_millis));
     None

@@ -145,8 +145,9 @@ impl FailureReason {
 }
 
 /// The message body of an outbox row: the [`crate::domain::events::OrderEvent`] JSON, built
-/// around the stored snapshot without parsing it.
-pub(crate) fn body(row: &Pending) -> Bytes {
+/// around the stored snapshot without parsing it. Public for the events bench, whose raw
+/// baseline publishes exactly these bodies.
+pub fn body(row: &Pending) -> Bytes {
     format!(
         r#"{{"event_id":"{}","kind":"{}","occurred_at":"{}","order":{}}}"#,
         event_id(row.order_id, row.version),

@@ -717,12 +717,50 @@ impl OrderService {
         })
     }
 
-    pub fn shards(&self) -> &ShardMap {
+    /// The service's shard map, with its pools: inside the crate only (health, jobs); the
+    /// harness reads rows through pools of its own.
+    pub(crate) fn shards(&self) -> &ShardMap {
         &self.shards
     }
 
-    pub fn commerce(&self) -> &MySqlPool {
+    pub(crate) fn commerce(&self) -> &MySqlPool {
         &self.commerce
+    }
+
+    /// Per shard database with replicas: `(name, replicas in the read rotation, replicas
+    /// configured)`. What `/readyz` reports, for callers in the same process (the bench waits
+    /// on it before it measures replica reads).
+    pub fn replica_rotation(&self) -> Vec<(String, usize, usize)> {
+        self.shards
+            .databases()
+            .iter()
+            .filter(|d| d.has_replicas())
+            .map(|d| (d.name().to_owned(), d.replicas_in_rotation(), d.replica_count()))
+            .collect()
+    }
+
+    /// Connections of the service's own pools (commerce and every shard primary) that sit idle
+    /// in their pool inside an open transaction: always 0 unless the pool guard is broken. It
+    /// takes every idle connection (waiting at most `wait` for each), asks it
+    /// `@@in_transaction`, and gives them all back. For the cancellation tests.
+    pub async fn pooled_in_transaction(&self, wait: std::time::Duration) -> usize {
+        let mut inside = 0;
+        let pools = std::iter::once(&self.commerce).chain(self.shards.databases().iter().map(|d| d.write()));
+        for pool in pools {
+            let mut held = Vec::new();
+            for _ in 0..pool.size() {
+                let Ok(Ok(mut c)) = tokio::time::timeout(wait, pool.acquire()).await else {
+                    break;
+                };
+                let v: u64 = sqlx::query_scalar("SELECT @@in_transaction")
+                    .fetch_one(&mut *c)
+                    .await
+                    .unwrap_or(0);
+                inside += v as usize;
+                held.push(c);
+            }
+        }
+        inside
     }
 
     async fn conn(&self, shard: &Shard) -> Result<PoolConnection<MySql>> {

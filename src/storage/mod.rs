@@ -182,8 +182,9 @@ pub const DEADLOCK_RETRIES: usize = 3;
 
 /// Prepared statements kept per connection: ~20 statements × the shards of one server, with
 /// room for the `IN (?, …)` variants. The server's `max_prepared_stmt_count` must allow
-/// this times the connections of every client (the local cluster sets it to 1M).
-pub(crate) const STATEMENT_CACHE: usize = 512;
+/// this times the connections of every client (the local cluster sets it to 1M). Public so
+/// the bench's own replica sessions are set up as the service's are.
+pub const STATEMENT_CACHE: usize = 512;
 
 /// Opens a pool against `url` with the shared pool settings and the transaction guard
 /// ([`release_guard`]).

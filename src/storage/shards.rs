@@ -133,8 +133,9 @@ impl ShardMap {
         &self.0.databases[shard.database]
     }
 
-    /// The primary pool of a shard: the only handle that writes.
-    pub fn primary(&self, shard: &Shard) -> &MySqlPool {
+    /// The primary pool of a shard: the only handle that writes. Inside the crate only: the
+    /// harness opens pools of its own (`orderly_testkit::raw`).
+    pub(crate) fn primary(&self, shard: &Shard) -> &MySqlPool {
         self.0.databases[shard.database].write()
     }
 }

@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use chrono::Utc;
-use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::service::orders::COMMIT_FAILPOINT_DELAY;
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

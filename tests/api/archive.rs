@@ -10,11 +10,12 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::AssertSqlSafe;
 
-use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::domain::ids::{OrderId, ProductId, UserId};
 use orderly::domain::money::Money;
 use orderly::domain::status::OrderStatus;
-use orderly::service::archive::{write_old_orders, OldOrders, PassOptions, PassSummary};
+use orderly::service::archive::{PassOptions, PassSummary};
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
+use orderly_testkit::fixtures::{write_old_orders, OldOrders};
 
 use crate::helpers::TestApp;
 
@@ -56,9 +57,7 @@ async fn old_orders(app: &TestApp, users: &[i64], count: usize, statuses: &[Orde
         newest_age: TimeDelta::days(120),
         statuses: statuses.to_vec(),
     };
-    write_old_orders(app.app.orders.shards(), &app.commerce, &spec)
-        .await
-        .expect("old orders")
+    write_old_orders(&app.raw, &spec).await.expect("old orders")
 }
 
 const FINAL: &[OrderStatus] = &[OrderStatus::Completed, OrderStatus::Closed, OrderStatus::Invalid];
@@ -83,7 +82,7 @@ async fn pass(app: &TestApp, opts: &PassOptions) -> anyhow::Result<PassSummary> 
 
 /// Where each order is: `(rows in the hot shard's four tables, in the archive)`.
 async fn places(app: &TestApp, ids: &[OrderId]) -> HashMap<i64, (bool, bool)> {
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     let mut out: HashMap<i64, (bool, bool)> = ids.iter().map(|i| (i.get(), (false, false))).collect();
     for shard in shards.all() {
         let t = &shard.tables;
@@ -766,7 +765,7 @@ async fn end(own: &LocalCluster, outage: Outage) {
 
 /// A user after `from` on the same table shard as `user`.
 fn same_shard(app: &TestApp, user: i64, from: i64) -> i64 {
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     let of = |u: i64| shards.of_user(UserId::new(u).unwrap()).index;
     (from..).find(|u| of(*u) == of(user)).unwrap()
 }

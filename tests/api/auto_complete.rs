@@ -47,7 +47,7 @@ async fn pay_and_ship(app: &TestApp, cat: &Catalog, order: &Value) -> Value {
 
 /// The primary pool and the orders table of the shard of `order`.
 fn table_of(app: &TestApp, order: &Value) -> (MySqlPool, String) {
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     let shard = shards.of_order(OrderId::parse(id_of(order)).unwrap());
     (shards.primary(shard).clone(), shard.tables.orders.clone())
 }

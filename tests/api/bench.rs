@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use orderly::bench::{checks, run_scenarios, workload::Workload, BenchOptions, Scenario};
 use orderly::domain::ids::{OrderId, ProductId};
+use orderly_testkit::bench::{checks, run_scenarios, workload::Workload, BenchOptions, Scenario};
 
 use crate::helpers::TestApp;
 
@@ -71,7 +71,7 @@ async fn bench_runs_every_scenario_with_passing_checks() {
         "{:?}",
         flash.checks
     );
-    let table = orderly::bench::markdown(&results, &opts);
+    let table = orderly_testkit::bench::markdown(&results, &opts);
     assert!(table.contains("| lifecycle |"));
     assert!(table.contains("Flash sale: gate against database only"));
 }
@@ -85,7 +85,7 @@ async fn bench_checks_fail_on_a_corrupted_database() {
     let w = Arc::new(Workload::setup(&app.settings, &app.base, &opts).await.unwrap());
     let results = run_scenarios(w, &opts).await.unwrap();
     assert!(results[0].passed(), "{:?}", results[0].checks);
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     // What was loaded: shelf + reserved per product, now that the checks passed.
     let loaded: HashMap<ProductId, i64> = sqlx::query_as::<_, (i64, i64)>(
         "SELECT p.id, p.stock + CAST(COALESCE((SELECT SUM(quantity) FROM stock_reservations r

@@ -12,7 +12,7 @@ use orderly::domain::ids::OrderId;
 use rand::Rng;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::{AssertSqlSafe, Connection, MySqlConnection, MySqlPool};
+use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 
 use crate::helpers::TestApp;
 
@@ -290,24 +290,6 @@ async fn open_transactions(app: &TestApp) -> Vec<String> {
     open
 }
 
-/// Every idle connection of `pool`, asked whether the server holds a transaction for it.
-async fn pooled_in_transaction(pool: &MySqlPool) -> usize {
-    let mut held = Vec::new();
-    let mut inside = 0;
-    for _ in 0..pool.size() {
-        let Ok(Ok(mut c)) = tokio::time::timeout(Duration::from_millis(200), pool.acquire()).await else {
-            break;
-        };
-        let v: u64 = sqlx::query_scalar("SELECT @@in_transaction")
-            .fetch_one(&mut *c)
-            .await
-            .unwrap();
-        inside += v as usize;
-        held.push(c);
-    }
-    inside
-}
-
 async fn fresh(url: &str) -> MySqlConnection {
     MySqlConnection::connect(url).await.unwrap()
 }
@@ -357,10 +339,11 @@ async fn acknowledged_writes_survive_a_storm_of_cancelled_requests() {
     // 1. Nothing is inside a transaction: neither as the server sees it, nor in any pool.
     let open = open_transactions(&app).await;
     assert!(open.is_empty(), "open transactions after the storm: {open:#?}");
-    let mut inside = pooled_in_transaction(app.app.orders.commerce()).await;
-    for db in app.app.orders.shards().databases() {
-        inside += pooled_in_transaction(db.write()).await;
-    }
+    let inside = app
+        .app
+        .orders
+        .pooled_in_transaction(Duration::from_millis(200))
+        .await;
     assert_eq!(inside, 0, "pooled connections inside a transaction");
 
     // 2. Every 2xx is visible from a fresh connection.
@@ -370,7 +353,7 @@ async fn acknowledged_writes_survive_a_storm_of_cancelled_requests() {
         "too few acknowledged orders to mean anything: {}",
         acked.orders.len()
     );
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     for (id, version) in &acked.orders {
         let shard = shards.of_order(OrderId::parse(id).unwrap());
         let url = &app.settings.shards.databases[shard.database].primary;
@@ -503,7 +486,7 @@ async fn acknowledged_writes_survive_a_storm_of_cancelled_requests() {
 #[tokio::test]
 async fn a_connection_released_inside_a_transaction_is_never_handed_out_again() {
     let app = TestApp::spawn().await;
-    let pool = app.app.orders.commerce().clone();
+    let pool = app.commerce.clone();
     for _ in 0..5 {
         let mut c = pool.acquire().await.unwrap();
         // A raw BEGIN: the driver does not count it as a transaction.

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use orderly::cluster::{ClusterSpec, LocalCluster};
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use serde_json::json;
 

@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::domain::events::{EventKind, OrderEvent};
 use orderly::events::relay;
 use orderly::events::Broker;
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -170,8 +170,8 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
 
     let broker = Broker::connect(&app.settings.events).await.expect("nats");
     let mut published = 0;
-    for db in app.app.orders.shards().databases() {
-        let mut conn = db.write().acquire().await.unwrap().detach();
+    for db in app.raw.databases() {
+        let mut conn = db.acquire().await.unwrap().detach();
         assert!(relay::try_lock(&mut conn).await.unwrap());
         // The relay publishes, the broker acknowledges, and the relay dies before deleting.
         let (acked, r) = relay::publish_pending(&mut conn, &broker, 100).await.unwrap();
@@ -184,8 +184,8 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
 
     // The next relay publishes them all again; the stream drops every copy.
     let mut again = relay::Relayed::default();
-    for db in app.app.orders.shards().databases() {
-        let mut conn = db.write().acquire().await.unwrap().detach();
+    for db in app.raw.databases() {
+        let mut conn = db.acquire().await.unwrap().detach();
         assert!(relay::try_lock(&mut conn).await.unwrap());
         let r = relay::relay_once(&mut conn, &broker, 100).await.unwrap();
         assert_eq!(r.failed, None);
@@ -270,9 +270,9 @@ async fn a_relay_killed_after_publishing_and_before_deleting_duplicates_nothing(
 #[tokio::test]
 async fn one_relay_per_database_holds_the_lock() {
     let app = TestApp::spawn_with(|s| s.events.relay = false).await;
-    let db = &app.app.orders.shards().databases()[0];
-    let mut first = db.write().acquire().await.unwrap().detach();
-    let mut second = db.write().acquire().await.unwrap().detach();
+    let db = &app.raw.databases()[0];
+    let mut first = db.acquire().await.unwrap().detach();
+    let mut second = db.acquire().await.unwrap().detach();
     assert!(relay::try_lock(&mut first).await.unwrap());
     assert!(
         !relay::try_lock(&mut second).await.unwrap(),
@@ -541,10 +541,10 @@ async fn a_row_jetstream_refuses_is_parked_after_its_attempts_and_the_rows_behin
         f64::from(attempts)
     );
     let mut parked = Vec::new();
-    for db in app.app.orders.shards().databases() {
+    for db in app.raw.databases() {
         let rows: Vec<(i64, i64, i64)> =
             sqlx::query_as("SELECT order_id, version, attempts FROM order_outbox_parked")
-                .fetch_all(db.write())
+                .fetch_all(db)
                 .await
                 .unwrap();
         parked.extend(rows);

@@ -92,13 +92,8 @@ async fn exactly_once_creation_gives_stock_back_when_the_order_write_fails() {
     let user = 31;
     let id = app.new_order_id(user).await;
     // Break the user's shard table so the order write fails after the reservation.
-    let shard = app
-        .app
-        .orders
-        .shards()
-        .of_order(OrderId::parse(&id).unwrap())
-        .clone();
-    let pool = app.app.orders.shards().primary(&shard).clone();
+    let shard = app.raw.of_order(OrderId::parse(&id).unwrap()).clone();
+    let pool = app.raw.primary(&shard).clone();
     let t = &shard.tables.orders;
     sqlx::query(AssertSqlSafe(format!("RENAME TABLE {t} TO {t}_away")))
         .execute(&pool)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use orderly::cluster::{ClusterSpec, LocalCluster};
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::AssertSqlSafe;
@@ -199,8 +199,8 @@ async fn flash_units_come_back_once_when_the_create_fails_after_the_gate() {
     let user = 700_001;
     let id = app.new_order_id(user).await;
     let order_id = orderly::domain::ids::OrderId::parse(&id).unwrap();
-    let shard = app.app.orders.shards().of_order(order_id);
-    let pool = app.app.orders.shards().primary(shard);
+    let shard = app.raw.of_order(order_id);
+    let pool = app.raw.primary(shard);
     let items = shard.tables.items.clone();
     sqlx::query(AssertSqlSafe(format!(
         "ALTER TABLE {items} ADD CONSTRAINT injected_failure CHECK (quantity < 0)"

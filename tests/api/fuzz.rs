@@ -915,7 +915,7 @@ impl Snapshot {
 async fn snapshot(app: &TestApp) -> Snapshot {
     let mut m = BTreeMap::new();
     // One query per shard (not one per table): the snapshot is taken after every case.
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     let per_shard = shards.all().iter().map(|shard| {
         let t = &shard.tables;
         let sql = format!(

@@ -180,9 +180,7 @@ async fn lifecycle_sweeper_finishes_a_release_the_close_could_not() {
     let id: i64 = order["order_id"].as_str().unwrap().parse().unwrap();
     // As if the process died between closing the order and giving the stock back.
     let shard = app
-        .app
-        .orders
-        .shards()
+        .raw
         .of_order(orderly::domain::ids::OrderId::new(id).unwrap())
         .clone();
     sqlx::query(AssertSqlSafe(format!(
@@ -190,7 +188,7 @@ async fn lifecycle_sweeper_finishes_a_release_the_close_could_not() {
         shard.tables.orders
     )))
     .bind(id)
-    .execute(app.app.orders.shards().primary(&shard))
+    .execute(app.raw.primary(&shard))
     .await
     .unwrap();
     assert_eq!(app.stock_of(&cat.products[0]).await, 7);

@@ -197,7 +197,7 @@ type ShardOrderRow = (i64, String, i8, i64, i64, i64, i64, i64);
 async fn reports_from_shards(app: &TestApp) -> Vec<String> {
     let offset = app.settings.merchant.report_utc_offset_minutes;
     let mut sums: BTreeMap<(i64, String), [i64; 13]> = BTreeMap::new();
-    for shard in app.app.orders.shards().all() {
+    for shard in app.raw.all() {
         let t = &shard.tables;
         let sql = format!(
             "SELECT o.shop_id, CAST(DATE(o.created_at + INTERVAL {offset} MINUTE) AS CHAR),
@@ -211,7 +211,7 @@ async fn reports_from_shards(app: &TestApp) -> Vec<String> {
             orders = t.orders
         );
         let rows: Vec<ShardOrderRow> = sqlx::query_as(AssertSqlSafe(sql))
-            .fetch_all(app.app.orders.shards().primary(shard))
+            .fetch_all(app.raw.primary(shard))
             .await
             .unwrap();
         for (shop, day, status, gross, discount, units, paid, refunded) in rows {
@@ -621,7 +621,7 @@ async fn a_rebuild_racing_a_live_applier_counts_every_order_once() {
         let map = app.app.merchant.map().clone();
         let rebuilt = orderly::events::rebuild::rebuild(
             &broker,
-            app.app.orders.shards(),
+            &app.shard_map().await,
             &archive,
             &copy,
             async move {
@@ -675,7 +675,7 @@ async fn a_rebuild_from_the_shards_gives_the_same_copy_and_reports() {
     let map = app.app.merchant.map().clone();
     let done = orderly::events::rebuild::rebuild(
         &broker,
-        app.app.orders.shards(),
+        &app.shard_map().await,
         &app.archive_pool().await,
         &copy,
         async move {

@@ -10,7 +10,7 @@ use crate::helpers::TestApp;
 
 /// A user whose orders live on another database server than `user`'s.
 fn user_on_other_server(app: &TestApp, user: i64) -> i64 {
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     let db = |u: i64| shards.of_user(UserId::new(u).unwrap()).database;
     (user + 1..).find(|u| db(*u) != db(user)).expect("two servers")
 }
@@ -123,7 +123,7 @@ async fn payment_numbers_taken_over_by_a_retry_are_not_given_back_by_the_first_c
     use orderly::storage::commerce::{self, NumberClaim, PaymentNumber};
 
     let app = TestApp::spawn().await;
-    let pool = app.app.orders.commerce();
+    let pool = &app.commerce;
     let number = |order: i64, attempt: i64| PaymentNumber {
         transaction_no: "tx-race",
         kind: PaymentKind::Refund,
@@ -179,7 +179,7 @@ async fn payment_numbers_recorded_before_the_upgrade_are_backfilled() {
         .execute(&app.commerce)
         .await
         .unwrap();
-    let claimed = orderly::storage::schema::backfill_payment_numbers(&app.commerce, app.app.orders.shards())
+    let claimed = orderly::storage::schema::backfill_payment_numbers(&app.commerce, &app.shard_map().await)
         .await
         .unwrap();
     assert_eq!(claimed, 1);

@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use orderly::cluster::{ClusterSpec, LocalCluster};
 use orderly::config::Settings;
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
@@ -722,9 +722,7 @@ async fn a_frozen_replica_costs_a_bounded_wait_and_never_stalls_other_shards() {
     let on = |database: usize, from: i64| {
         (from..)
             .find(|&u| {
-                app.app
-                    .orders
-                    .shards()
+                app.raw
                     .of_user(orderly::domain::ids::UserId::new(u).unwrap())
                     .database
                     == database

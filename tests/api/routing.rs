@@ -11,7 +11,7 @@ use crate::helpers::{TestApp, TEST_SHARDS};
 async fn routing_by_order_id_and_user_id() {
     let app = TestApp::spawn().await;
     let cat = app.catalog(&[1000]).await;
-    let shards = app.app.orders.shards().clone();
+    let shards = app.raw.clone();
     let mut databases_used = std::collections::HashSet::new();
     let mut orders = Vec::new();
     for user in 1..=24i64 {
@@ -157,20 +157,20 @@ async fn routing_migrate_creates_every_shard_table_once_and_is_idempotent() {
     let merchant_tables = app.settings.merchant.tables as usize;
     assert_eq!(again.already, 7 + 6 * TEST_SHARDS as usize + merchant_tables + 3);
     // One outbox per shard database, whichever of its shards created it.
-    for db in app.app.orders.shards().databases() {
+    for (db, settings) in app.raw.databases().iter().zip(&app.settings.shards.databases) {
         let n: i64 = sqlx::query_scalar(
             "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name = 'order_outbox'",
         )
-        .fetch_one(db.write())
+        .fetch_one(db)
         .await
         .unwrap();
-        assert_eq!(n, 1, "the outbox of {}", db.name());
+        assert_eq!(n, 1, "the outbox of {}", settings.name);
     }
     // Every shard's six tables exist on the server that holds it, and only there.
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     for shard in shards.all() {
         for db in 0..shards.databases().len() {
-            let pool = shards.databases()[db].write();
+            let pool = &shards.databases()[db];
             let n: i64 = sqlx::query_scalar(
                 "SELECT COUNT(*) FROM information_schema.tables WHERE table_schema = DATABASE() AND table_name IN (?, ?, ?, ?, ?, ?)",
             )

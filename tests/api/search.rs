@@ -400,9 +400,9 @@ async fn a_wiped_index_is_rebuilt_with_every_order_at_its_latest_version() {
 
     search.reset().await.unwrap();
     assert!(index.is_empty(), "wiped");
-    let shards = app.app.orders.shards();
+    let shards = app.shard_map().await;
     let archive = app.archive_pool().await;
-    let rebuilt = rebuild(&broker, shards, &archive, &search, search.reset(), false)
+    let rebuilt = rebuild(&broker, &shards, &archive, &search, search.reset(), false)
         .await
         .unwrap();
     assert_eq!(rebuilt.orders, latest.len() as u64);

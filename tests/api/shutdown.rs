@@ -123,7 +123,7 @@ async fn acknowledged_writes_are_complete_after_sigterm_during_a_burst() {
     );
 
     // Every acknowledged order is complete: its row, its line, its reservation.
-    let shards = app.app.orders.shards();
+    let shards = &app.raw;
     let mut commerce = MySqlConnection::connect(&app.settings.commerce.url)
         .await
         .unwrap();

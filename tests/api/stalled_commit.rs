@@ -15,7 +15,7 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 
-use orderly::cluster::{ClusterSpec, LocalCluster};
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 
 use crate::helpers::{cluster, TestApp};
 
@@ -27,7 +27,7 @@ const ORDERS_ONLY_SERVER: usize = 1;
 /// A user whose orders live on shard database `database`.
 fn user_on(app: &TestApp, database: usize, from: i64) -> i64 {
     (from..)
-        .find(|&u| app.app.orders.shards().of_user(UserId::new(u).unwrap()).database == database)
+        .find(|&u| app.raw.of_user(UserId::new(u).unwrap()).database == database)
         .unwrap()
 }
 
@@ -107,13 +107,13 @@ async fn coupon_holder(app: &TestApp, coupon: &str) -> Option<i64> {
 
 async fn is_void(app: &TestApp, id: &str) -> bool {
     let oid = OrderId::parse(id).unwrap();
-    let shard = app.app.orders.shards().of_order(oid);
+    let shard = app.raw.of_order(oid);
     let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
         "SELECT COUNT(*) FROM {} WHERE order_id = ?",
         shard.tables.voids
     )))
     .bind(oid.get())
-    .fetch_one(app.app.orders.shards().primary(shard))
+    .fetch_one(app.raw.primary(shard))
     .await
     .unwrap();
     n == 1
@@ -260,10 +260,10 @@ async fn stalled_commit_open_order_transaction_is_never_swept() {
     let id = app.new_order_id(user).await;
     let body = TestApp::order_body(&id, &[(&cat.products[0], 4)]);
     let (new, pricing) = reserve_by_hand(&app, user, &body).await;
-    let shard = app.app.orders.shards().of_order(new.order_id).clone();
+    let shard = app.raw.of_order(new.order_id).clone();
 
     // insert_order's statements, up to (not including) its COMMIT.
-    let mut conn = app.app.orders.shards().primary(&shard).acquire().await.unwrap();
+    let mut conn = app.raw.primary(&shard).acquire().await.unwrap();
     let mut tx = conn.begin().await.unwrap();
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
@@ -328,8 +328,8 @@ async fn stalled_commit_late_insert_after_a_void_writes_nothing() {
     assert_eq!(coupon_holder(&app, &coupon).await, None);
 
     // Then its shard write arrives: refused, nothing written.
-    let shard = app.app.orders.shards().of_order(new.order_id);
-    let mut conn = app.app.orders.shards().primary(shard).acquire().await.unwrap();
+    let shard = app.raw.of_order(new.order_id);
+    let mut conn = app.raw.primary(shard).acquire().await.unwrap();
     let now = Utc::now();
     let write = orders::OrderWrite::Create {
         order: &new,
@@ -369,11 +369,11 @@ async fn stalled_commit_void_landing_during_a_create_refuses_it_and_gives_back()
     let mut body = TestApp::order_body(&id, &[(&cat.products[0], 3)]);
     body["coupon_ids"] = json!([coupon]);
     let oid = OrderId::parse(&id).unwrap();
-    let shard = app.app.orders.shards().of_order(oid).clone();
+    let shard = app.raw.of_order(oid).clone();
 
     // A sweeper's void, not yet committed: the create's early check does not see it, its
     // insert goes in, and its void check waits for this transaction.
-    let mut sweeper = app.app.orders.shards().primary(&shard).acquire().await.unwrap();
+    let mut sweeper = app.raw.primary(&shard).acquire().await.unwrap();
     let mut tx = sweeper.begin().await.unwrap();
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (order_id, voided_at) VALUES (?, UTC_TIMESTAMP(6))",

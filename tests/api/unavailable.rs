@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use orderly::cluster::{ClusterSpec, LocalCluster};
+use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use sqlx::mysql::MySqlDatabaseError;
 use sqlx::{Connection, MySqlConnection};

@@ -767,15 +767,15 @@ pub async fn late_create_for_fault_tests(
     write_order(conn, t, write).await
 }
 
-/// The event of an order row the events bench wrote by hand, in its transaction. Only the
-/// bench calls it; it goes with the bench when the bench moves out of this crate.
-#[doc(hidden)]
-pub(crate) async fn record_event_for_bench(
+/// The door without the service's `after_commit` (no cache notice, no watermark, no relay
+/// wake-up): for the testkit's fixtures (orders written at old times) and the bench's raw
+/// baselines (the service's SQL without the service). Compiled only with the `testkit`
+/// feature, which only `orderly-testkit` turns on: the server is never built with it, and
+/// inside the crate every write goes through `OrderService::commit`.
+#[cfg(feature = "testkit")]
+pub async fn commit_without_after_commit(
     conn: &mut MySqlConnection,
-    t: &ShardTables,
-    id: OrderId,
-    kind: EventKind,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    record_event(conn, t, id, kind, now).await
+    door: OrderDoor<'_>,
+) -> Result<std::result::Result<Committed, NotWritten>> {
+    commit(conn, door).await
 }

@@ -50,7 +50,9 @@ pub use archive_move::{archive_counts, archive_scan_end, last_logged_gtid, versi
 pub use changes::{FieldChanges, StatusChange};
 #[cfg(feature = "failpoints")]
 pub use commit::late_create_for_fault_tests;
-pub(crate) use commit::{commit, delete_archived, void_unless_written, write_order};
+pub(crate) use commit::{commit, delete_archived, void_unless_written};
+#[cfg(feature = "testkit")]
+pub use commit::commit_without_after_commit;
 pub use commit::{ArchiveWrite, Committed, NotWritten, OrderDoor, OrderWrite};
 pub use create::{id_state, request_hash_of, request_hashes, IdState};
 pub use due::{expired_unpaid, release_pending, shipped_before};
@@ -60,6 +62,4 @@ pub use money::MoneyMovement;
 pub use rows::load_order;
 pub use voids::{sweeper_connection, VoidOutcome, SWEEPER_LOCK_WAIT_SECS};
 
-#[doc(hidden)]
-pub(crate) use commit::record_event_for_bench;
 pub(crate) use commit::{remove_stale, store_batch};

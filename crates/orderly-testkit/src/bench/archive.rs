@@ -1,4 +1,4 @@
-//! `orderly bench-archive`: what the archiver (SPEC 2.7, issue 12) costs, each figure against
+//! `orderly-dev bench-archive`: what the archiver (SPEC 2.7, issue 12) costs, each figure against
 //! a baseline measured in the same run on a self-started cluster:
 //!
 //! - **archive rate**: orders moved per second by [`Archiver::pass`] (pause 0, the default
@@ -36,21 +36,23 @@ use tokio_util::sync::CancellationToken;
 
 use super::workload::Outcome;
 use super::{drive, PhaseStats, Sample};
-use crate::app::{migrate, Application};
-use crate::cluster::{ClusterSpec, LocalCluster};
-use crate::config::{LimitSettings, Settings};
-use crate::domain::actor::Role;
-use crate::domain::consistency::DatabaseRef;
-use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
-use crate::domain::money::Money;
-use crate::domain::status::OrderStatus;
-use crate::http::auth::AuthKeys;
-use crate::playground::{cluster_settings, create_databases};
-use crate::service::archive::{write_old_orders, Archiver, OldOrders, PassOptions};
-use crate::storage::archive::ArchivedDoc;
-use crate::storage::replicas::Database;
-use crate::storage::shards::ShardMap;
-use crate::storage::{orders, outbox, StorageError};
+use crate::cluster::ClusterSpec;
+use crate::fixtures::{write_old_orders, OldOrders};
+use crate::raw::RawDb;
+use crate::stack::{self, PoolFit, Stack, StackSpec};
+use orderly::app::Application;
+use orderly::config::{LimitSettings, Settings};
+use orderly::domain::actor::Role;
+use orderly::domain::consistency::DatabaseRef;
+use orderly::domain::ids::{OrderId, ProductId, ShopId, UserId};
+use orderly::domain::money::Money;
+use orderly::domain::status::OrderStatus;
+use orderly::http::auth::AuthKeys;
+use orderly::service::archive::{Archiver, PassOptions};
+use orderly::storage::archive::ArchivedDoc;
+use orderly::storage::replicas::Database;
+use orderly::storage::shards::ShardMap;
+use orderly::storage::{orders, outbox, StorageError};
 
 #[derive(Debug, Clone)]
 pub struct ArchiveOptions {
@@ -116,8 +118,7 @@ impl Span {
 
 /// What the bench writes seeded orders with.
 struct Seeder {
-    shards: ShardMap,
-    commerce: MySqlPool,
+    raw: RawDb,
     template: OldOrders,
 }
 
@@ -137,7 +138,7 @@ impl Seeder {
                 ..self.template.clone()
             };
             async move {
-                let ids = write_old_orders(&self.shards, &self.commerce, &spec).await?;
+                let ids = write_old_orders(&self.raw, &spec).await?;
                 let users = spec.users.len();
                 Ok::<_, StorageError>(
                     ids.into_iter()
@@ -172,7 +173,7 @@ fn mean_rate(runs: &[&Move]) -> f64 {
 
 /// The raw move of `ids` (see the module docs), shard after shard as the archiver goes.
 async fn raw_move(
-    shards: &ShardMap,
+    shards: &RawDb,
     archive: &MySqlPool,
     ids: &[OrderId],
     batch: u32,
@@ -229,7 +230,7 @@ const INSERT_CHUNK: usize = 500;
 
 /// The documents into the raw table, in one transaction, plain INSERTs.
 async fn insert_raw(conn: &mut MySqlConnection, docs: &[ArchivedDoc]) -> anyhow::Result<()> {
-    let now = crate::storage::ts(chrono::Utc::now());
+    let now = crate::raw::ts(chrono::Utc::now());
     let mut tx = sqlx::Connection::begin(conn).await?;
     for chunk in docs.chunks(INSERT_CHUNK) {
         let sql = format!(
@@ -246,7 +247,7 @@ async fn insert_raw(conn: &mut MySqlConnection, docs: &[ArchivedDoc]) -> anyhow:
                 .bind(d.shop_id.get())
                 .bind(d.status.code())
                 .bind(d.version)
-                .bind(crate::storage::ts(d.created_at))
+                .bind(crate::raw::ts(d.created_at))
                 .bind(now)
                 .bind(&d.doc);
         }
@@ -355,7 +356,7 @@ fn drive_passes(
     })
 }
 
-/// A request's outcome as `orderly bench` counts it: a 2xx is `Ok` (with its JSON), anything
+/// A request's outcome as `orderly-dev bench` counts it: a 2xx is `Ok` (with its JSON), anything
 /// else an error by its problem `code`.
 async fn answer(req: reqwest::RequestBuilder) -> Result<Value, Outcome> {
     let resp = req.send().await.map_err(|_| Outcome::Error("transport".into()))?;
@@ -416,31 +417,37 @@ pub async fn run(opts: ArchiveOptions, out: PathBuf) -> anyhow::Result<String> {
         "archive bench: starting a local cluster (2 MariaDB servers, Redis; {} profile) ...",
         if opts.durable { "durable" } else { "fast" }
     );
-    let cluster = LocalCluster::start(ClusterSpec {
-        mariadb_servers: 2,
-        with_redis: true,
-        with_nats: false,
-        durable: opts.durable,
-        ..ClusterSpec::default()
-    })
-    .await?;
     let mut base = Settings::defaults();
     base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
     base.server.listen = ([127, 0, 0, 1], 0).into();
     let wanted = base.database.max_connections.max(opts.concurrency as u32);
     base.limits = LimitSettings::off();
-    let mut s = cluster_settings(base, &cluster, "barchive_", 32);
-    // Within the servers' max_connections for the setup instance, the measured one and the raw
-    // pools together.
-    s.database.max_connections =
-        crate::app::fitting_pool_size(&s, 3, crate::cluster::MAX_CONNECTIONS, wanted);
-    // See the module docs: nothing consumes the seeded orders' events during the phases.
-    s.events.relay = false;
-    s.merchant.consume = false;
-    s.search.enabled = false;
-    s.validate()?;
-    create_databases(&s).await?;
-    migrate(&s).await?;
+    let Stack {
+        cluster, settings: s, ..
+    } = stack::start(
+        ClusterSpec {
+            mariadb_servers: 2,
+            with_redis: true,
+            with_nats: false,
+            durable: opts.durable,
+            ..ClusterSpec::default()
+        },
+        StackSpec {
+            base,
+            db_prefix: "barchive_".into(),
+            shards: 32,
+            // Within the servers' max_connections for the setup instance, the measured one
+            // and the raw pools together.
+            pool_fit: Some(PoolFit { processes: 3, wanted }),
+        },
+        |s| {
+            // See the module docs: nothing consumes the seeded orders' events during the phases.
+            s.events.relay = false;
+            s.merchant.consume = false;
+            s.search.enabled = false;
+        },
+    )
+    .await?;
     // A first instance sets the catalog up and stays while orders are seeded and the rate is
     // measured, its sweeper held back: its closer would close a seeded order between its
     // create and its next step (they are written at old times, long past their deadline).
@@ -500,7 +507,7 @@ pub async fn run(opts: ArchiveOptions, out: PathBuf) -> anyhow::Result<String> {
         .await?,
     );
     let archive = archive_db.write().clone();
-    let commerce = crate::storage::connect(&s.commerce.url, &s.database).await?;
+    let commerce = orderly::storage::connect(&s.commerce.url, &s.database).await?;
     let archiver = Archiver::new(
         shards.clone(),
         archive_db.clone(),
@@ -508,9 +515,10 @@ pub async fn run(opts: ArchiveOptions, out: PathBuf) -> anyhow::Result<String> {
         s.archive.clone(),
     );
     let defaults = PassOptions::from_settings(&s.archive);
+    // The seeder's and the raw move's pools: the bench's own.
+    let raw = RawDb::connect(&s).await?;
     let seeder = Seeder {
-        shards: shards.clone(),
-        commerce: commerce.clone(),
+        raw: raw.clone(),
         template: OldOrders {
             users: users.clone(),
             shop,
@@ -568,29 +576,15 @@ pub async fn run(opts: ArchiveOptions, out: PathBuf) -> anyhow::Result<String> {
         pause: Duration::ZERO,
         ..defaults.clone()
     };
-    let archived = |summary: crate::service::archive::PassSummary| Move {
+    let archived = |summary: orderly::service::archive::PassSummary| Move {
         moved: summary.moved(),
         secs: summary.elapsed.as_secs_f64(),
     };
     let ids = |set: &[(usize, OrderId)]| set.iter().map(|(_, id)| *id).collect::<Vec<_>>();
     let delete_chunk = s.archive.delete_chunk as usize;
     let a1 = archived(archiver.pass(&rate_pass(arch1)).await?);
-    let r1 = raw_move(
-        &shards,
-        &archive,
-        &ids(&sets[1]),
-        defaults.batch_size,
-        delete_chunk,
-    )
-    .await?;
-    let r2 = raw_move(
-        &shards,
-        &archive,
-        &ids(&sets[2]),
-        defaults.batch_size,
-        delete_chunk,
-    )
-    .await?;
+    let r1 = raw_move(&raw, &archive, &ids(&sets[1]), defaults.batch_size, delete_chunk).await?;
+    let r2 = raw_move(&raw, &archive, &ids(&sets[2]), defaults.batch_size, delete_chunk).await?;
     let a2 = archived(archiver.pass(&rate_pass(arch2)).await?);
     let archiver_rate = mean_rate(&[&a1, &a2]);
     let raw_rate = mean_rate(&[&r1, &r2]);

@@ -16,25 +16,26 @@ use serde_json::{json, Value};
 use sqlx::mysql::MySqlConnectOptions;
 use sqlx::{ConnectOptions, MySqlConnection, MySqlPool};
 
-use crate::cache::redis::order_key;
 use crate::cluster::LocalCluster;
-use crate::config::Settings;
-use crate::domain::actor::{Caller, Role};
-use crate::domain::consistency::Gtid;
-use crate::domain::flash::MAX_PER_USER_LIMIT;
-use crate::domain::ids::{OrderId, ProductId, ShopId, UserId};
-use crate::domain::money::{Currency, Money};
-use crate::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
-use crate::domain::status::OrderStatus;
-use crate::http::auth::AuthKeys;
-use crate::http::AppState;
-use crate::lease::IdSource;
-use crate::service::Error as ServiceError;
-use crate::storage::commerce::{self, Reservation, ReserveOutcome};
-use crate::storage::orders::{self, ListQuery, MoneyMovement, StatusChange};
-use crate::storage::replicas::wait_for_gtid;
-use crate::storage::shards::{ShardMap, ShardTables};
-use crate::storage::{self, StorageError};
+use crate::raw::RawDb;
+use orderly::cache::redis::order_key;
+use orderly::config::Settings;
+use orderly::domain::actor::{Caller, Role};
+use orderly::domain::consistency::Gtid;
+use orderly::domain::flash::MAX_PER_USER_LIMIT;
+use orderly::domain::ids::{OrderId, ProductId, ShopId, UserId};
+use orderly::domain::money::{Currency, Money};
+use orderly::domain::order::{price_order, Address, NewLine, NewOrder, PaymentKind, ProductSnapshot};
+use orderly::domain::status::OrderStatus;
+use orderly::http::auth::AuthKeys;
+use orderly::http::AppState;
+use orderly::lease::IdSource;
+use orderly::service::Error as ServiceError;
+use orderly::storage::commerce::{self, Reservation, ReserveOutcome};
+use orderly::storage::orders::{self, ListQuery, MoneyMovement, OrderDoor, StatusChange};
+use orderly::storage::replicas::wait_for_gtid;
+use orderly::storage::shards::ShardTables;
+use orderly::storage::{self, StorageError};
 
 mod cart;
 
@@ -167,7 +168,8 @@ pub struct Workload {
     /// keep-alive connection, so no client's GET rides in another's pipeline.
     redis_per_client: Mutex<Arc<Vec<redis::aio::MultiplexedConnection>>>,
     key_prefix: String,
-    shards: ShardMap,
+    /// The bench's own pools on every shard primary, for the raw baselines and the checks.
+    shards: RawDb,
     commerce: MySqlPool,
     ids: Arc<IdSource>,
     /// Stops the keeper of the raw phase's worker id; the guard also when the workload is
@@ -252,12 +254,12 @@ impl Workload {
     /// `flash_stock` on its shelf and no sale.
     pub async fn setup(settings: &Settings, base: &str, opts: &BenchOptions) -> anyhow::Result<Workload> {
         // The raw baseline gets the same pool sizes as the service under test.
-        let shards = ShardMap::connect(settings).await?;
+        let shards = RawDb::connect(settings).await?;
         let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
         // The raw phase issues ids as the service does: under a worker id of its own, leased
         // in the commerce database, released when the workload is dropped.
         let lease_stop = tokio_util::sync::CancellationToken::new();
-        let (ids, keeper) = crate::app::lease_worker_from(settings, lease_stop.clone()).await?;
+        let (ids, keeper) = orderly::app::lease_worker_from(settings, lease_stop.clone()).await?;
         let now = Utc::now().naive_utc();
         let shop: i64 = sqlx::query("INSERT INTO shops (name, created_at) VALUES ('bench shop', ?)")
             .bind(now)
@@ -863,13 +865,14 @@ impl Workload {
         let Some(app) = &self.app else {
             return Ok(());
         };
-        let databases = app.orders.shards().databases();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let out: Vec<&str> = databases
-                .iter()
-                .filter(|d| d.replicas_in_rotation() < d.replica_count())
-                .map(|d| d.name())
+            let out: Vec<String> = app
+                .orders
+                .replica_rotation()
+                .into_iter()
+                .filter(|(_, in_rotation, configured)| in_rotation < configured)
+                .map(|(name, _, _)| name)
                 .collect();
             if out.is_empty() {
                 return Ok(());
@@ -1037,7 +1040,7 @@ impl Workload {
     /// server holding several of them counts once), keyed by host name and port.
     async fn servers(&self) -> anyhow::Result<Vec<(String, &MySqlPool)>> {
         let mut seen = Vec::new();
-        let pools = std::iter::once(&self.commerce).chain(self.shards.databases().iter().map(|d| d.write()));
+        let pools = std::iter::once(&self.commerce).chain(self.shards.databases().iter());
         for pool in pools {
             let (host, port): (String, i64) = sqlx::query_as("SELECT @@hostname, CAST(@@port AS SIGNED)")
                 .fetch_one(pool)
@@ -1526,7 +1529,7 @@ impl Workload {
             now,
             pay_deadline: now + self.pay_timeout,
         };
-        if let Err(not) = orders::write_order(&mut conn, &shard.tables, write).await? {
+        if let Err(not) = orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(&shard.tables, write)).await? {
             return Err(Outcome::Error(format!("{not:?}")));
         }
         self.record(user, id);
@@ -1655,7 +1658,7 @@ impl Workload {
             movement: &pay,
             now: Utc::now(),
         };
-        if let Err(not) = orders::write_order(&mut conn, t, write).await? {
+        if let Err(not) = orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(t, write)).await? {
             return Err(Outcome::Error(format!("{not:?}")));
         }
         orders::load_order(&mut conn, t, id).await?;
@@ -1678,7 +1681,7 @@ impl Workload {
                 change: &change,
                 now: Utc::now(),
             };
-            if orders::write_order(&mut conn, t, write).await?.is_err() {
+            if orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(t, write)).await?.is_err() {
                 return Err(Outcome::Error("lost_race".into()));
             }
             orders::load_order(&mut conn, t, id).await?;

@@ -1,4 +1,4 @@
-//! `orderly bench-events`: what the order event stream costs and how far behind it runs,
+//! `orderly-dev bench-events`: what the order event stream costs and how far behind it runs,
 //! each figure against a raw baseline measured in the same run (issue 11):
 //!
 //! - **event lag**: from an order write (the outbox row's time, set just before its commit)
@@ -22,19 +22,20 @@ use serde_json::{json, Value};
 use sqlx::AssertSqlSafe;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{migrate, Application};
-use crate::cluster::{ClusterSpec, LocalCluster};
-use crate::config::{LimitSettings, Settings};
-use crate::domain::actor::Role;
-use crate::domain::events::EventKind;
-use crate::domain::ids::{OrderId, ShopId};
-use crate::events::consumer::{self, Batch, Projection, ProjectionError};
-use crate::events::merchant::MerchantCopy;
-use crate::events::{relay, Broker};
-use crate::http::auth::AuthKeys;
-use crate::playground::{cluster_settings, create_databases};
-use crate::storage::merchant::{self, ShopQuery};
-use crate::storage::outbox;
+use crate::cluster::ClusterSpec;
+use crate::raw::{self, RawDb};
+use crate::stack::{self, PoolFit, Stack, StackSpec};
+use orderly::app::Application;
+use orderly::config::{LimitSettings, Settings};
+use orderly::domain::actor::Role;
+use orderly::domain::ids::{OrderId, ShopId};
+use orderly::events::consumer::{self, Batch, Projection, ProjectionError};
+use orderly::events::merchant::MerchantCopy;
+use orderly::events::{relay, Broker};
+use orderly::http::auth::AuthKeys;
+use orderly::storage::merchant::{self, ShopQuery};
+use orderly::storage::outbox;
+use orderly::storage::shards::ShardMap;
 
 #[derive(Debug, Clone)]
 pub struct EventsOptions {
@@ -176,14 +177,14 @@ where
 /// create's shard write without the service around it.
 async fn raw_create(
     pool: &sqlx::MySqlPool,
-    t: &crate::storage::shards::ShardTables,
+    t: &orderly::storage::shards::ShardTables,
     id: i64,
     shop: i64,
     with_outbox: bool,
 ) -> bool {
     let work = async {
         let mut tx = pool.begin().await?;
-        let now = crate::storage::ts(Utc::now());
+        let now = raw::ts(Utc::now());
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
                 discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region,
@@ -209,44 +210,47 @@ async fn raw_create(
         .execute(&mut *tx)
         .await?;
         if with_outbox {
-            let oid = OrderId::new(id).ok_or_else(|| crate::storage::StorageError::Corrupt("id".into()))?;
-            crate::storage::orders::record_event_for_bench(&mut tx, t, oid, EventKind::Created, Utc::now())
-                .await?;
+            let oid = OrderId::new(id).ok_or_else(|| orderly::storage::StorageError::Corrupt("id".into()))?;
+            raw::insert_created_event(&mut tx, t, oid, Utc::now()).await?;
         }
         tx.commit().await?;
-        Ok::<_, crate::storage::StorageError>(())
+        Ok::<_, orderly::storage::StorageError>(())
     };
     work.await.is_ok()
 }
 
 /// Runs the events bench on a self-started cluster and writes `DIR/events.md`.
 pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
-    let cluster = Arc::new(
-        LocalCluster::start(ClusterSpec {
-            mariadb_servers: 2,
-            with_redis: true,
-            with_nats: true,
-            durable: opts.durable,
-            ..ClusterSpec::default()
-        })
-        .await?,
-    );
     let mut base = Settings::defaults();
     base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
     base.server.listen = ([127, 0, 0, 1], 0).into();
     let wanted = base.database.max_connections.max(opts.concurrency as u32);
     base.limits = LimitSettings::off();
-    let mut s = cluster_settings(base, &cluster, "bevents_", 32);
-    // Within the servers' max_connections for the instance and the bench's own relays and
-    // consumer together.
-    s.database.max_connections =
-        crate::app::fitting_pool_size(&s, 2, crate::cluster::MAX_CONNECTIONS, wanted);
-    // This bench runs the relay and the copy's consumer itself, to stop and time them.
-    s.events.relay = false;
-    s.merchant.consume = false;
-    s.validate()?;
-    create_databases(&s).await?;
-    migrate(&s).await?;
+    let Stack {
+        cluster, settings: s, ..
+    } = stack::start(
+        ClusterSpec {
+            mariadb_servers: 2,
+            with_redis: true,
+            with_nats: true,
+            durable: opts.durable,
+            ..ClusterSpec::default()
+        },
+        StackSpec {
+            base,
+            db_prefix: "bevents_".into(),
+            shards: 32,
+            // Within the servers' max_connections for the instance and the bench's own
+            // relays and consumer together.
+            pool_fit: Some(PoolFit { processes: 2, wanted }),
+        },
+        |s| {
+            // This bench runs the relay and the copy's consumer itself, to stop and time them.
+            s.events.relay = false;
+            s.merchant.consume = false;
+        },
+    )
+    .await?;
     let shutdown = CancellationToken::new();
     let app = Application::build(s.clone(), shutdown.clone()).await?;
     let base_url = format!("http://{}", app.address());
@@ -281,7 +285,8 @@ pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
     let product_id = product["product_id"].as_str().unwrap_or_default().to_owned();
     let shop = ShopId::parse(&shop_id).ok_or_else(|| anyhow::anyhow!("no shop: {shop}"))?;
 
-    let databases = state.orders.shards().databases().to_vec();
+    // The bench's own shard map (its relays run on pools of their own, counted in the fit).
+    let databases = ShardMap::connect(&s).await?.databases().to_vec();
     let start_relay = || {
         let token = CancellationToken::new();
         let task = tokio::spawn(relay::run(
@@ -360,7 +365,7 @@ pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
 
     // 2. The outbox's cost on the create's shard transaction (the relay drains it meanwhile).
     eprintln!("events bench: the create transaction with and without the outbox ...");
-    let shards = state.orders.shards().clone();
+    let shards = RawDb::connect(&s).await?;
     let raw_tx = |with_outbox: bool, base_id: i64| {
         let shards = shards.clone();
         move |n: u64| {
@@ -422,7 +427,7 @@ pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
         for (subject, row) in chunk {
             let publish = async_nats::jetstream::message::PublishMessage::build()
                 .payload(relay::body(row))
-                .message_id(crate::domain::events::event_id(row.order_id, row.version));
+                .message_id(orderly::domain::events::event_id(row.order_id, row.version));
             acks.push(
                 raw_broker
                     .jetstream()

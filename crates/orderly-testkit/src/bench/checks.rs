@@ -7,9 +7,9 @@ use std::collections::{HashMap, HashSet};
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
-use crate::domain::ids::{OrderId, ProductId};
-use crate::storage::commerce::CLAIM_RELEASED;
-use crate::storage::shards::ShardMap;
+use crate::raw::RawDb;
+use orderly::domain::ids::{OrderId, ProductId};
+use orderly::storage::commerce::CLAIM_RELEASED;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Check {
@@ -43,7 +43,7 @@ async fn unconfirmed_reservations(commerce: &MySqlPool) -> anyhow::Result<Vec<(i
         "SELECT r.order_id, r.product_id, r.quantity FROM stock_reservations r
          JOIN order_claims c ON c.order_id = r.order_id WHERE c.state = ?",
     )
-    .bind(crate::storage::commerce::CLAIM_RESERVED)
+    .bind(orderly::storage::commerce::CLAIM_RESERVED)
     .fetch_all(commerce)
     .await?;
     rows.iter()
@@ -65,7 +65,7 @@ async fn reserved_units(commerce: &MySqlPool) -> anyhow::Result<HashMap<i64, i64
 /// Every check that holds after any scenario. `loaded` is the stock put on the shelf per
 /// product; `acked` the order ids answered with success.
 pub async fn run(
-    shards: &ShardMap,
+    shards: &RawDb,
     commerce: &MySqlPool,
     loaded: &HashMap<ProductId, i64>,
     acked: &[OrderId],
@@ -263,7 +263,7 @@ pub async fn sold_exactly(commerce: &MySqlPool, product: ProductId, stock: i64) 
 /// loaded; never below zero), and the live orders of the product are `units` orders of one unit
 /// each (every buyer asks for one). `name` tells the sales apart (one per service phase).
 pub async fn flash_sale_sold_exactly(
-    shards: &ShardMap,
+    shards: &RawDb,
     commerce: &MySqlPool,
     name: &str,
     sale: &super::workload::FlashSaleMade,

@@ -15,13 +15,13 @@ use serde_json::json;
 
 use super::{Check, Outcome, Workload};
 use crate::bench::CartFlush;
-use crate::cache::redis::cart::{bucket_of, cart_key, dirty_key};
-use crate::cache::Cache;
-use crate::domain::actor::Caller;
-use crate::domain::cart::CartQuantity;
-use crate::domain::ids::UserId;
-use crate::service::cart::CartService;
-use crate::storage::carts;
+use orderly::cache::redis::cart::{bucket_of, cart_key, dirty_key};
+use orderly::cache::Cache;
+use orderly::domain::actor::Caller;
+use orderly::domain::cart::CartQuantity;
+use orderly::domain::ids::UserId;
+use orderly::service::cart::CartService;
+use orderly::storage::carts;
 
 /// Carts the flusher measurement writes (and the raw upsert as many): 16 buckets of 500 per
 /// round make this three rounds, enough to time past start-up costs.
@@ -241,7 +241,7 @@ impl Workload {
                     let user = UserId::new(FLUSH_USERS_FROM + n as i64).expect("positive");
                     service.set(Caller::User(user), product, q).await?;
                 }
-                Ok::<_, crate::service::Error>(())
+                Ok::<_, orderly::service::Error>(())
             }));
         }
         for t in tasks {
@@ -253,14 +253,14 @@ impl Workload {
 
         // Raw: the same rows through the flusher's own statement (`carts::upsert_newer`, in
         // its batches), issued directly: no Redis reads, no version read-back, no cleaning.
-        let mut cart = crate::domain::cart::Cart::default();
+        let mut cart = orderly::domain::cart::Cart::default();
         cart.set(product, q).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let rows: Vec<_> = (0..FLUSH_ROWS)
             .map(|n| {
                 let user = UserId::new(RAW_USERS_FROM + n as i64).expect("positive");
                 (
                     user,
-                    crate::domain::cart::StoredCart {
+                    orderly::domain::cart::StoredCart {
                         version: 1,
                         cart: cart.clone(),
                     },

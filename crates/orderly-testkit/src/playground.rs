@@ -1,115 +1,27 @@
-//! `orderly playground`: a throwaway local cluster (two MariaDB servers holding 16 table
+//! `orderly-dev playground` (`cargo playground`): a throwaway local cluster (two MariaDB servers holding 16 table
 //! shards each plus the commerce database, one GTID replica of each, and Redis) from the binaries on PATH, migrated,
 //! with a demo catalog, serving the API. It prints tokens and curl lines that work as
 //! printed, and removes everything on Ctrl-C.
 
-use sqlx::AssertSqlSafe;
 use std::path::Path;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{migrate, Application};
-use crate::cluster::{ClusterSpec, LocalCluster};
-use crate::config::{MerchantDatabase, Settings, ShardDatabase};
-use crate::domain::actor::{Caller, Role};
-use crate::domain::ids::{ShopId, UserId};
-use crate::http::auth::AuthKeys;
-use crate::service::archive::{write_old_orders, OldOrders};
-use crate::service::catalog::{
+use orderly::app::Application;
+use orderly::config::Settings;
+use orderly::domain::actor::{Caller, Role};
+use orderly::domain::ids::{ShopId, UserId};
+use orderly::http::auth::AuthKeys;
+use orderly::service::catalog::{
     CatalogService, NewCouponRequest, NewProductRequest, NewShopRequest, NewUserRequest,
 };
-use crate::storage;
 
-/// Settings for a local cluster: `shard_dbs[i]` holds an equal slice of the shards, the
-/// commerce database lives on the first server; each database lists its server's replicas.
-pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str, shards: u32) -> Settings {
-    let mut s = base;
-    let servers = cluster.mariadb_servers().len() as u32;
-    let per = shards / servers;
-    s.shards.count = shards;
-    s.shards.databases = (0..servers)
-        .map(|i| ShardDatabase {
-            name: format!("orders{i}"),
-            primary: cluster.mariadb(i as usize).url(&format!("{db_prefix}orders{i}")),
-            replicas: cluster
-                .replicas(i as usize)
-                .iter()
-                .map(|r| r.url(&format!("{db_prefix}orders{i}")))
-                .collect(),
-            first_shard: i * per,
-            last_shard: if i + 1 == servers {
-                shards - 1
-            } else {
-                (i + 1) * per - 1
-            },
-        })
-        .collect();
-    s.commerce.url = cluster.mariadb(0).url(&format!("{db_prefix}commerce"));
-    // The merchant copy on the last server, away from the commerce database.
-    let last = cluster.mariadb(servers as usize - 1);
-    s.merchant.databases = vec![MerchantDatabase {
-        url: last.url(&format!("{db_prefix}merchant")),
-        first_table: 0,
-        last_table: s.merchant.tables - 1,
-    }];
-    // The archive beside the commerce database: the same server by default, its own
-    // database, so it can move to a cheaper server by changing one URL.
-    s.archive.url = cluster.mariadb(0).url(&format!("{db_prefix}archive"));
-    s.commerce.replicas = cluster
-        .replicas(0)
-        .iter()
-        .map(|r| r.url(&format!("{db_prefix}commerce")))
-        .collect();
-    if let Some(url) = cluster.redis_url() {
-        s.redis.url = url;
-    }
-    match cluster.nats_url() {
-        Some(url) => s.events.nats_url = url,
-        // Never the machine's own broker: no NATS in the cluster, no relay.
-        None => s.events.relay = false,
-    }
-    // A throwaway cluster's search index lives and dies with it, one per set of databases.
-    s.search.data_dir = cluster.dir().join(format!("{db_prefix}search"));
-    // A stream and subject space per set of databases, so services sharing one broker
-    // (the tests' apps) keep their events apart.
-    let tag: String = db_prefix
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
-    let tag = tag.trim_matches('_');
-    if !tag.is_empty() {
-        s.events.stream = format!("{tag}_ORDERS");
-        s.events.subject_prefix = tag.to_owned();
-    }
-    s
-}
-
-/// Creates the databases named by `settings` on their servers.
-pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
-    let urls = settings
-        .shards
-        .databases
-        .iter()
-        .map(|d| d.primary.clone())
-        .chain([settings.commerce.url.clone(), settings.archive.url.clone()])
-        .chain(settings.merchant.databases.iter().map(|d| d.url.clone()));
-    for url in urls {
-        let (server, rest) = url
-            .rsplit_once('/')
-            .ok_or_else(|| anyhow::anyhow!("bad url {url}"))?;
-        let db = rest.split('?').next().unwrap_or(rest);
-        let pool = storage::connect(&format!("{server}/?ssl-mode=disabled"), &settings.database).await?;
-        sqlx::query(AssertSqlSafe(format!(
-            "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"
-        )))
-        .execute(&pool)
-        .await?;
-        pool.close().await;
-    }
-    Ok(())
-}
+use crate::cluster::ClusterSpec;
+use crate::fixtures::{write_old_orders, OldOrders};
+use crate::raw::RawDb;
+use crate::stack::{self, PoolFit, Stack, StackSpec};
 
 /// The demo flash sale: one "Flash-sale phone" at 599.00 for a day, one per buyer, already
 /// sold to the second demo buyer, so the printed line shows a sold-out answer at once.
@@ -119,7 +31,7 @@ pub struct DemoFlashSale {
 }
 
 pub async fn start_demo_flash_sale(
-    state: &crate::http::AppState,
+    state: &orderly::http::AppState,
     demo: &DemoCatalog,
 ) -> anyhow::Result<DemoFlashSale> {
     let admin = Caller::Admin(UserId::new(1).unwrap_or_else(|| unreachable!()));
@@ -130,7 +42,7 @@ pub async fn start_demo_flash_sale(
         .flash()
         .create(
             admin,
-            crate::domain::flash::NewFlashSaleRequest {
+            orderly::domain::flash::NewFlashSaleRequest {
                 product_id: product_id.clone(),
                 units: 1,
                 sale_price: 59_900,
@@ -143,7 +55,7 @@ pub async fn start_demo_flash_sale(
         .await?;
     let buyer = UserId::new(1002).unwrap_or_else(|| unreachable!());
     let order_id = state.ids.next_for(buyer)?;
-    let request: crate::domain::order::CreateOrderRequest = serde_json::from_value(serde_json::json!({
+    let request: orderly::domain::order::CreateOrderRequest = serde_json::from_value(serde_json::json!({
         "order_id": order_id.to_string(),
         "items": [{"product_id": product_id, "quantity": 1}],
         "address": {"name": "Han Meimei", "phone": "13900000000", "detail": "2 Century Avenue, Shanghai"},
@@ -253,14 +165,15 @@ pub async fn load_demo_catalog(catalog: &CatalogService) -> anyhow::Result<DemoC
 /// storage, since the API refuses ids older than a day. Answers how many, and the demo
 /// buyer's ids.
 async fn write_demo_old_orders(
-    state: &crate::http::AppState,
+    state: &orderly::http::AppState,
+    db: &RawDb,
     demo: &DemoCatalog,
-) -> anyhow::Result<(usize, Vec<crate::domain::ids::OrderId>)> {
-    use crate::domain::status::OrderStatus::*;
+) -> anyhow::Result<(usize, Vec<orderly::domain::ids::OrderId>)> {
+    use orderly::domain::status::OrderStatus::*;
     let other = UserId::new(1002).unwrap_or_else(|| unreachable!());
     let mut products = Vec::new();
     for id in &demo.product_ids[..2] {
-        let id = crate::domain::ids::ProductId::parse(id)
+        let id = orderly::domain::ids::ProductId::parse(id)
             .ok_or_else(|| anyhow::anyhow!("bad demo product id {id}"))?;
         let p = state.catalog.get_product(id).await?;
         products.push((p.product_id, p.name, p.price));
@@ -274,7 +187,7 @@ async fn write_demo_old_orders(
         // An odd cycle, so both buyers get every status.
         statuses: vec![Completed, Closed, Completed, Invalid, Shipped],
     };
-    let ids = write_old_orders(state.orders.shards(), state.orders.commerce(), &spec).await?;
+    let ids = write_old_orders(db, &spec).await?;
     Ok((ids.len(), ids.into_iter().step_by(2).collect()))
 }
 
@@ -282,15 +195,6 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
     println!(
         "starting a local cluster (2 MariaDB primaries with a replica each, Redis) from the binaries on PATH ..."
     );
-    let cluster = LocalCluster::start(ClusterSpec {
-        mariadb_servers: 2,
-        replicas_per_server: 1,
-        with_redis: true,
-        with_nats: true,
-        base_dir: None,
-        durable: false,
-    })
-    .await?;
     let mut base = match config {
         Some(_) => Settings::load(config).unwrap_or_else(|_| Settings::defaults()),
         None => Settings::defaults(),
@@ -298,26 +202,39 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
     base.auth.jwt_secret =
         uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
     base.server.listen = ([127, 0, 0, 1], port).into();
-    let mut settings = cluster_settings(base, &cluster, "orderly_", 32);
     // The playground's service and a command run beside it with the settings written below
     // (`orderly archive`) fit into every server's max_connections together, whatever pool
     // size a given config asks for.
-    settings.database.max_connections = crate::app::fitting_pool_size(
-        &settings,
-        2,
-        crate::cluster::MAX_CONNECTIONS,
-        settings.database.max_connections,
-    );
-    settings.validate()?;
-    create_databases(&settings).await?;
-    let report = migrate(&settings).await?;
+    let wanted = base.database.max_connections;
+    let Stack {
+        cluster,
+        settings,
+        migrations: report,
+    } = stack::start(
+        ClusterSpec {
+            mariadb_servers: 2,
+            replicas_per_server: 1,
+            with_redis: true,
+            with_nats: true,
+            base_dir: None,
+            durable: false,
+        },
+        StackSpec {
+            base,
+            db_prefix: "orderly_".into(),
+            shards: 32,
+            pool_fit: Some(PoolFit { processes: 2, wanted }),
+        },
+        |_| {},
+    )
+    .await?;
     println!("migrated: {} migrations applied", report.applied.len());
 
     let token = CancellationToken::new();
     let app = Application::build(settings.clone(), token.clone()).await?;
     let demo = load_demo_catalog(&app.state().catalog).await?;
     let flash = start_demo_flash_sale(app.state(), &demo).await?;
-    let old = write_demo_old_orders(app.state(), &demo).await?;
+    let old = write_demo_old_orders(app.state(), &RawDb::connect(&settings).await?, &demo).await?;
     // The settings of this cluster, for the commands run beside it (`orderly archive`).
     let config_file = cluster.dir().join("orderly.toml");
     std::fs::write(&config_file, toml::to_string(&settings)?)?;

@@ -1,4 +1,4 @@
-//! `orderly bench`: the 11.11 load generator (SPEC section 5).
+//! `orderly-dev bench`: the 11.11 load generator (SPEC section 5).
 //!
 //! Every scenario runs at least twice at the same concurrency for the same time: once against
 //! the service over HTTP (keep-alive clients, one JWT per user), once as a **raw baseline**:
@@ -110,7 +110,7 @@
 //! - this file: options, environment (self-started or given), the phase driver, reports;
 //! - [`workload`]: what one operation of each scenario does, over HTTP and raw;
 //! - [`checks`]: the correctness checks.
-//! - [`archive`]: `orderly bench-archive`, the archiver against a raw move and beside the load.
+//! - [`archive`]: `orderly-dev bench-archive`, the archiver against a raw move and beside the load.
 
 pub mod archive;
 pub mod checks;
@@ -128,10 +128,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{migrate, Application};
 use crate::cluster::{ClusterSpec, LocalCluster};
-use crate::config::Settings;
-use crate::playground::{cluster_settings, create_databases};
+use crate::stack::{self, PoolFit, Stack, StackSpec};
+use orderly::app::Application;
+use orderly::config::Settings;
 
 use self::checks::Check;
 use self::workload::{Outcome, Workload};
@@ -1721,7 +1721,7 @@ pub enum Target {
     Url(String),
 }
 
-/// `orderly bench`: prepares the target, runs, writes `out/results.json` and
+/// `orderly-dev bench`: prepares the target, runs, writes `out/results.json` and
 /// `out/results.md`, prints the table. Returns whether every check passed.
 pub async fn run(
     target: Target,
@@ -1761,18 +1761,6 @@ pub async fn run(
                     ""
                 },
             );
-            let started = Arc::new(
-                LocalCluster::start(ClusterSpec {
-                    mariadb_servers: 2,
-                    with_redis: true,
-                    durable,
-                    replicas_per_server: opts.replicas,
-                    ..ClusterSpec::default()
-                })
-                .await?,
-            );
-            profile.data_dir = Some(started.dir().display().to_string());
-            profile.replicas_per_server = opts.replicas;
             let mut base = settings.unwrap_or_else(Settings::defaults);
             if base.auth.jwt_secret.len() < 32 {
                 base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
@@ -1781,17 +1769,37 @@ pub async fn run(
             // The service gets as many connections per server as the raw baseline may use.
             let wanted = base.database.max_connections.max(opts.concurrency as u32);
             // The replicas are the cluster's (none with `--replicas 0`).
-            let mut s = cluster_settings(base, &started, "bench_", 32);
-            // But no more than lets every process of the bench fit into the servers'
-            // max_connections together: the service, its cache-off twin, the primary-only
-            // twin (with replicas) and the raw phase's pools (counted as one more service).
-            // Pools that outgrow the server measure its refusals, not the service.
-            let processes = 3 + u32::from(opts.replicas > 0);
-            s.database.max_connections =
-                crate::app::fitting_pool_size(&s, processes, crate::cluster::MAX_CONNECTIONS, wanted);
-            s.validate()?;
-            create_databases(&s).await?;
-            migrate(&s).await?;
+            let Stack {
+                cluster: started,
+                settings: s,
+                ..
+            } = stack::start(
+                ClusterSpec {
+                    mariadb_servers: 2,
+                    with_redis: true,
+                    durable,
+                    replicas_per_server: opts.replicas,
+                    ..ClusterSpec::default()
+                },
+                StackSpec {
+                    base,
+                    db_prefix: "bench_".into(),
+                    shards: 32,
+                    // But no more than lets every process of the bench fit into the servers'
+                    // max_connections together: the service, its cache-off twin, the
+                    // primary-only twin (with replicas) and the raw phase's pools (counted as
+                    // one more service). Pools that outgrow the server measure its refusals,
+                    // not the service.
+                    pool_fit: Some(PoolFit {
+                        processes: 3 + u32::from(opts.replicas > 0),
+                        wanted,
+                    }),
+                },
+                |_| {},
+            )
+            .await?;
+            profile.data_dir = Some(started.dir().display().to_string());
+            profile.replicas_per_server = opts.replicas;
             let app = Application::build(s.clone(), shutdown.clone()).await?;
             let url = format!("http://{}", app.address());
             state = Some(app.state().clone());
@@ -1964,4 +1972,4 @@ async fn gtid_wait(
 }
 
 /// Shared list of acknowledged order ids (per scenario).
-pub type Acked = Mutex<Vec<crate::domain::ids::OrderId>>;
+pub type Acked = Mutex<Vec<orderly::domain::ids::OrderId>>;

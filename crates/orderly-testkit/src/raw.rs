@@ -1,0 +1,195 @@
+//! Raw SQL of the harness: pools of its own on the databases the settings name, and the
+//! shard routing to find a row. The benches' raw baselines (the same SQL without the service
+//! around it) and the tests' row checks go through here; the service never hands out its
+//! pools.
+//!
+//! # Invariants
+//! * Every pool here is the harness's own, opened from the settings' URLs: nothing it does
+//!   queues behind, or holds a connection of, the service under test.
+//! * Routing is the service's own ([`ShardCount`], [`ShardTables`]): a row is looked for
+//!   where the service put it.
+//! * What is written here bypasses the service's commit point on purpose (baselines,
+//!   fixtures of broken states); the service's own writes never come through this module.
+
+use std::sync::Arc;
+
+use sqlx::MySqlPool;
+
+use orderly::config::Settings;
+use orderly::domain::ids::{OrderId, UserId};
+use orderly::domain::shard::{ShardCount, ShardIndex};
+use orderly::storage::shards::{Shard, ShardTables};
+use orderly::storage::{self, StorageError};
+
+/// The harness's pools: the primary of every shard database and the commerce database, with
+/// the routing of order ids and users to their table shards. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct RawDb(Arc<Inner>);
+
+#[derive(Debug)]
+struct Inner {
+    count: ShardCount,
+    shards: Vec<Shard>,
+    /// Primaries of `settings.shards.databases`, in that order.
+    databases: Vec<MySqlPool>,
+    commerce: MySqlPool,
+}
+
+impl RawDb {
+    /// Opens pools on every shard database's primary and on the commerce database of
+    /// `settings` (each of `settings.database`'s size).
+    pub async fn connect(settings: &Settings) -> Result<RawDb, StorageError> {
+        let count = settings.shard_count();
+        let mut owner = vec![0usize; count.get() as usize];
+        let mut databases = Vec::new();
+        for (i, db) in settings.shards.databases.iter().enumerate() {
+            databases.push(storage::connect(&db.primary, &settings.database).await?);
+            for s in db.first_shard..=db.last_shard {
+                owner[s as usize] = i;
+            }
+        }
+        let shards = count
+            .all()
+            .map(|index| Shard {
+                index,
+                database: owner[index.get() as usize],
+                tables: Arc::new(ShardTables::of(index)),
+            })
+            .collect();
+        let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
+        Ok(RawDb(Arc::new(Inner {
+            count,
+            shards,
+            databases,
+            commerce,
+        })))
+    }
+
+    pub fn count(&self) -> ShardCount {
+        self.0.count
+    }
+
+    pub fn shard(&self, index: ShardIndex) -> &Shard {
+        &self.0.shards[index.get() as usize]
+    }
+
+    pub fn of_order(&self, id: OrderId) -> &Shard {
+        self.shard(self.0.count.shard_of_gene(id.gene()))
+    }
+
+    pub fn of_user(&self, user: UserId) -> &Shard {
+        self.shard(self.0.count.shard_of_user(user))
+    }
+
+    pub fn all(&self) -> &[Shard] {
+        &self.0.shards
+    }
+
+    /// The primary of `shard`'s database.
+    pub fn primary(&self, shard: &Shard) -> &MySqlPool {
+        &self.0.databases[shard.database]
+    }
+
+    /// The primary of every shard database, in the settings' order.
+    pub fn databases(&self) -> &[MySqlPool] {
+        &self.0.databases
+    }
+
+    /// The commerce database.
+    pub fn commerce(&self) -> &MySqlPool {
+        &self.0.commerce
+    }
+}
+
+/// A timestamp as the shards store it (UTC, no zone), as the service's storage writes it.
+pub fn ts(t: chrono::DateTime<chrono::Utc>) -> chrono::NaiveDateTime {
+    t.naive_utc()
+}
+
+/// The raw baseline's outbox write: the `created` event of the order `id` just inserted
+/// into `t`, in the caller's transaction, with the same statements as the service's outbox
+/// (read the snapshot, then a plain `INSERT`), so that the baseline pays what the service
+/// pays. Not the service's code path: the events bench compares against it.
+pub async fn insert_created_event(
+    conn: &mut sqlx::MySqlConnection,
+    t: &ShardTables,
+    id: OrderId,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Result<(), StorageError> {
+    use sqlx::{AssertSqlSafe, Row};
+    let row = sqlx::query(AssertSqlSafe(format!(
+        "SELECT o.version, o.shop_id, {} FROM {} o WHERE o.order_id = ?",
+        snapshot_json(t),
+        t.orders
+    )))
+    .bind(id.get())
+    .fetch_optional(&mut *conn)
+    .await?
+    .ok_or_else(|| StorageError::Corrupt(format!("raw outbox: no order row for {id}")))?;
+    let version: i64 = row.try_get(0)?;
+    let shop: i64 = row.try_get(1)?;
+    let payload: String = row.try_get(2)?;
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO {} (order_id, version, shop_id, kind, payload, created_at)
+         VALUES (?, ?, ?, ?, ?, ?)",
+        orderly::storage::outbox::TABLE
+    )))
+    .bind(id.get())
+    .bind(version)
+    .bind(shop)
+    .bind(orderly::domain::events::EventKind::Created.name())
+    .bind(payload)
+    .bind(ts(now))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The JSON of an order's snapshot over the order row aliased `o`: a copy of the service's
+/// outbox statement (`storage::outbox`), for the raw baseline.
+fn snapshot_json(t: &ShardTables) -> String {
+    const RFC3339: &str = "'%Y-%m-%dT%H:%i:%s.%fZ'";
+    let time = |col: &str| format!("DATE_FORMAT({col}, {RFC3339})");
+    format!(
+        "JSON_OBJECT(
+            'order_id', o.order_id, 'user_id', o.user_id, 'shop_id', o.shop_id,
+            'status', o.status, 'version', o.version, 'currency', o.currency,
+            'total_amount', o.total_amount, 'discount_amount', o.discount_amount,
+            'pay_amount', o.pay_amount,
+            'receiver_name', o.receiver_name, 'receiver_phone', o.receiver_phone,
+            'receiver_region', o.receiver_region, 'receiver_detail', o.receiver_detail,
+            'remark', o.remark, 'tracking_number', o.tracking_number, 'carrier', o.carrier,
+            'close_reason', o.close_reason, 'refund_required', o.refund_required <> 0,
+            'pay_deadline', {deadline},
+            'created_at', {created}, 'updated_at', {updated}, 'paid_at', {paid},
+            'shipped_at', {shipped}, 'completed_at', {completed}, 'closed_at', {closed},
+            'invalidated_at', {invalidated},
+            'items', (SELECT JSON_ARRAYAGG(JSON_OBJECT('line_no', i.line_no,
+                    'product_id', i.product_id, 'product_name', i.product_name,
+                    'unit_price', i.unit_price, 'quantity', i.quantity,
+                    'line_total', i.line_total) ORDER BY i.line_no)
+                FROM {items} i WHERE i.order_id = o.order_id),
+            'payments', (SELECT JSON_ARRAYAGG(JSON_OBJECT('kind', p.kind,
+                    'transaction_no', p.transaction_no, 'channel', p.channel,
+                    'amount', p.amount, 'created_at', {p_created}) ORDER BY p.id)
+                FROM {payments} p WHERE p.order_id = o.order_id),
+            'discounts', (SELECT JSON_ARRAYAGG(JSON_OBJECT('line_no', d.line_no,
+                    'coupon_id', d.coupon_id, 'kind', d.kind, 'amount', d.amount,
+                    'description', d.description)
+                    ORDER BY d.line_no)
+                FROM {discounts} d WHERE d.order_id = o.order_id)
+         )",
+        created = time("o.created_at"),
+        updated = time("o.updated_at"),
+        deadline = time("o.pay_deadline"),
+        paid = time("o.paid_at"),
+        shipped = time("o.shipped_at"),
+        completed = time("o.completed_at"),
+        closed = time("o.closed_at"),
+        invalidated = time("o.invalidated_at"),
+        p_created = time("p.created_at"),
+        items = t.items,
+        payments = t.payments,
+        discounts = t.discounts,
+    )
+}
