@@ -24,16 +24,16 @@ use crate::events::{consumer, rebuild, relay, Broker, RelayWakers};
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
-use crate::lease::{lease_worker, IdSource};
+use crate::jobs;
+use crate::lease::IdSource;
 use crate::search::index::TantivyIndex;
 use crate::search::{projection as search, IndexError, OrderIndex};
 use crate::service::archive::{self, Archiver, PassOptions};
-use crate::service::cart::{self, CartService};
+use crate::service::cart::CartService;
 use crate::service::catalog::CatalogService;
-use crate::service::flash::{self, FlashSales};
+use crate::service::flash::FlashSales;
 use crate::service::merchant::MerchantService;
 use crate::service::orders::OrderService;
-use crate::service::sweeper;
 use crate::storage::budget::{self, PlannedPool};
 use crate::storage::merchant::MerchantMap;
 use crate::storage::replicas::{self, Database};
@@ -190,7 +190,7 @@ impl Application {
     /// client never got a 2xx for, and the sweeper repairs what it leaves.
     pub async fn run(self) -> anyhow::Result<()> {
         let s = &self.settings;
-        let sweeper = tokio::spawn(sweeper::run(
+        let sweeper = tokio::spawn(jobs::sweeper::run(
             self.state.orders.clone(),
             Duration::from_secs(s.orders.reservation_grace_secs),
             s.orders.auto_complete_after(),
@@ -199,7 +199,7 @@ impl Application {
             self.shutdown.clone(),
         ));
         let gauges = tokio::spawn(sample_gauges(self.state.clone(), self.shutdown.clone()));
-        let gates = tokio::spawn(flash::run(
+        let gates = tokio::spawn(jobs::gate_rebuild::run(
             self.state.orders.flash().clone(),
             self.shutdown.clone(),
         ));
@@ -208,7 +208,7 @@ impl Application {
             Duration::from_millis(s.replicas.probe_interval_ms),
             self.shutdown.clone(),
         ));
-        let flusher = tokio::spawn(cart::run(
+        let flusher = tokio::spawn(jobs::cart_flusher::run(
             self.state.orders.carts().clone(),
             self.shutdown.clone(),
         ));
@@ -238,7 +238,7 @@ impl Application {
         let archiver = s
             .archive
             .run_in_serve
-            .then(|| tokio::spawn(archive::run(self.archiver.clone(), self.shutdown.clone())));
+            .then(|| tokio::spawn(jobs::archiver::run(self.archiver.clone(), self.shutdown.clone())));
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -419,7 +419,7 @@ pub async fn lease_worker_from(
     )
     .await?;
     let ttl = Duration::from_secs(settings.ids.lease_ttl_secs);
-    Ok(lease_worker(pool, ttl, shutdown).await?)
+    Ok(jobs::lease_keeper::lease_worker(pool, ttl, shutdown).await?)
 }
 
 /// The archive's database (no replicas: archived orders are read rarely, on its primary).

@@ -17,9 +17,12 @@
 //!   merchant copy by shop, its reports), rebuilds from the shards.
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
-//!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), and the
-//!   background steps (sweeper, payment-timeout closer, completer, cart flusher), and the
-//!   archiver that moves old final orders out of the hot shards.
+//!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), the
+//!   single steps of the background work (`sweep_once`, `close_expired_once`, …), and the
+//!   archiver's pass that moves old final orders out of the hot shards.
+//! - [`jobs`] — the background loops, each a step plus a loop that stops at the shutdown
+//!   token: sweeper, payment-timeout closer, completer, cart flusher, flash gate rebuild,
+//!   archiver, worker-id lease keeper.
 //! - [`search`] — order search: an embedded tantivy index of every order's latest version
 //!   behind one small trait, fed by the stream (consumer `search`), read by the search route.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
@@ -43,6 +46,7 @@ pub mod config;
 pub mod domain;
 pub mod events;
 pub mod http;
+pub mod jobs;
 pub mod lease;
 pub mod playground;
 pub mod search;

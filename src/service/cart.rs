@@ -3,8 +3,8 @@
 //! # Where a cart lives
 //! A buyer's cart is a Redis hash (see [`crate::cache::redis::cart`]); every change runs one
 //! Lua script that changes it, bumps its version and marks the buyer dirty, scored by that
-//! version. The flusher ([`CartService::flush_once`], run every `cart.loss_window_ms` by
-//! every `serve` process) reads the dirty carts, writes them to `carts` in MySQL in batches,
+//! version. The flusher ([`CartService::flush_once`], run by [`crate::jobs::cart_flusher`]
+//! every `cart.loss_window_ms` in every `serve` process) reads the dirty carts, writes them to `carts` in MySQL in batches,
 //! each row only if its version is newer than the stored one, and unmarks a buyer only if the
 //! score is still the version it wrote. So a change racing a flush stays dirty, two flushers
 //! at once write each cart and never an older one over a newer one, and an empty cart (after
@@ -38,11 +38,9 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
 use sqlx::MySqlPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::redis::cart::CartWrite;
 use crate::cache::{Cache, RedisCache};
@@ -156,6 +154,12 @@ impl CartService {
             known: Mutex::new(HashSet::new()),
             direct: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Whether carts live in Redis (write-behind, flushed by
+    /// [`crate::jobs::cart_flusher`]); without Redis they live in MySQL only.
+    pub fn has_redis(&self) -> bool {
+        self.cache.redis().is_some()
     }
 
     pub fn settings(&self) -> &CartSettings {
@@ -404,30 +408,6 @@ impl CartService {
                     direct.remove(user);
                 }
             }
-        }
-    }
-}
-
-/// The flusher loop of `serve`: a flush every `cart.loss_window_ms` until `shutdown`, and one
-/// last flush then, so that a graceful stop loses no cart change.
-pub async fn run(carts: Arc<CartService>, shutdown: CancellationToken) {
-    if carts.cache.redis().is_none() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_millis(carts.settings.loss_window_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stop = tokio::select! {
-            _ = shutdown.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        match carts.flush_once().await {
-            Ok(out) if out.rounds > 0 => tracing::debug!(?out, "carts flushed"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cart flush failed; the carts stay dirty"),
-        }
-        if stop {
-            return;
         }
     }
 }

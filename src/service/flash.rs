@@ -26,7 +26,6 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::MySqlPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, GateAnswer};
 use crate::config::FlashSettings;
@@ -86,6 +85,11 @@ pub enum Admission {
 }
 
 impl FlashSales {
+    /// The `[flash]` settings this service runs with.
+    pub fn settings(&self) -> &FlashSettings {
+        &self.settings
+    }
+
     pub fn new(commerce: MySqlPool, cache: Cache, settings: FlashSettings) -> FlashSales {
         FlashSales {
             commerce,
@@ -313,23 +317,4 @@ async fn rebuild_gate(commerce: &MySqlPool, cache: &Cache, sale: &FlashSale) -> 
     Ok(cache
         .gate_rebuild(sale, state.left, &state.buyers, &state.orders, &state.released)
         .await)
-}
-
-/// Rebuilds every live sale's gate on start and every `flash.gate_rebuild_interval_secs` until
-/// `shutdown` fires.
-pub async fn run(sales: Arc<FlashSales>, shutdown: CancellationToken) {
-    let every = Duration::from_secs(sales.settings.gate_rebuild_interval_secs.max(1));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match sales.rebuild_all_once().await {
-            Ok(n) if n > 0 => tracing::debug!(gates = n, "flash gates rebuilt"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "flash gates not rebuilt; next interval"),
-        }
-    }
 }
