@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::{Cache, CacheHealth};
+use crate::clock::Clock;
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::WorkerId;
@@ -67,6 +68,15 @@ pub struct Application {
 impl Application {
     /// Connects everything and binds `server.listen`.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
+        Self::build_with_clock(settings, shutdown, Clock::system()).await
+    }
+
+    /// [`Self::build`] with the services reading `clock` (a test's manual clock).
+    pub async fn build_with_clock(
+        settings: Settings,
+        shutdown: CancellationToken,
+        clock: Clock,
+    ) -> anyhow::Result<Application> {
         // Warns, before any pool opens, when they cannot fit into a server's max_connections.
         budget::check(
             &serve_pools(&settings),
@@ -113,16 +123,14 @@ impl Application {
                 source
             }
         };
-        let flash = Arc::new(FlashSales::new(
-            commerce.clone(),
-            cache.clone(),
-            settings.flash.clone(),
-        ));
-        let carts = Arc::new(CartService::new(
-            commerce.clone(),
-            cache.clone(),
-            settings.cart.clone(),
-        ));
+        let flash = Arc::new(
+            FlashSales::new(commerce.clone(), cache.clone(), settings.flash.clone())
+                .with_clock(clock.clone()),
+        );
+        let carts = Arc::new(
+            CartService::new(commerce.clone(), cache.clone(), settings.cart.clone())
+                .with_clock(clock.clone()),
+        );
         // One relay per shard database, then the archive's.
         let relay_wakers = RelayWakers::new(shards.databases().len() + 1);
         let archive_relay = shards.databases().len();
@@ -140,7 +148,8 @@ impl Application {
             .with_flash(flash)
             .with_carts(carts)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
-            .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
+            .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms))
+            .with_clock(clock.clone());
         let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
         // Opened (not written) here: a process that cannot open its index should not start.
         let search = match settings.search.enabled {
@@ -149,7 +158,7 @@ impl Application {
         };
         let state = AppState {
             orders,
-            catalog: CatalogService::new(commerce_db, cache),
+            catalog: CatalogService::new(commerce_db, cache).with_clock(clock),
             merchant: MerchantService::new(merchant_map),
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),

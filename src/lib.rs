@@ -4,6 +4,7 @@
 //! - [`domain`] — the pure order domain — ids and their layout, shard routing, money, the
 //!   status machine, request validation and pricing, the payment and refund rules, who may
 //!   see what. No I/O.
+//! - [`clock`] — the time services read: the system's, or a manual one tests set and move.
 //! - [`config`] — settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
 //! - [`storage`] — MariaDB: the shard map (each database with its read replicas), the schema,
 //!   the SQL of order shards, commerce, flash sales and the archive, with one commit point for
@@ -41,6 +42,7 @@
 pub mod app;
 pub mod bench;
 pub mod cache;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod domain;

@@ -48,11 +48,11 @@ pub async fn run(
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = super::closer::step(&service, chrono::Utc::now(), batch) => {}
+            _ = super::closer::step(&service, service.clock().now(), batch) => {}
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = super::completer::step(&service, chrono::Utc::now(), auto_complete, batch) => {}
+            _ = super::completer::step(&service, service.clock().now(), auto_complete, batch) => {}
         }
     }
 }
@@ -90,7 +90,7 @@ async fn catch_up(
 /// One sweep step now, for claims untouched for `grace`, counted and logged. `None`: it
 /// failed (logged; the next interval retries).
 pub async fn step(service: &OrderService, grace: Duration, batch: u32) -> Option<SweepOutcome> {
-    match service.sweep_once(chrono::Utc::now(), grace, batch).await {
+    match service.sweep_once(service.clock().now(), grace, batch).await {
         Ok(out) => {
             count_sweep(&out);
             if out != SweepOutcome::default() {

@@ -44,6 +44,7 @@ use sqlx::MySqlPool;
 
 use crate::cache::redis::cart::CartWrite;
 use crate::cache::{Cache, RedisCache};
+use crate::clock::Clock;
 use crate::config::CartSettings;
 use crate::domain::actor::Caller;
 use crate::domain::cart::{Cart, CartQuantity, Refusal, StoredCart};
@@ -52,7 +53,6 @@ use crate::domain::order::{FieldErrors, NewLine, MAX_LINES};
 use crate::storage::carts;
 use crate::storage::commerce::{self, Product};
 
-use super::orders::now;
 use super::{retry_deadlocks, Error, Result};
 
 /// How much a change made in MySQL directly (Redis not answering) raises the cart's version.
@@ -124,6 +124,7 @@ pub struct CartService {
     /// User → the version of the cart this process wrote to MySQL while Redis did not
     /// answer; its Redis copy, if older, is dropped before Redis is used for it again.
     direct: Mutex<HashMap<UserId, i64>>,
+    clock: Clock,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -153,7 +154,14 @@ impl CartService {
             settings,
             known: Mutex::new(HashSet::new()),
             direct: Mutex::new(HashMap::new()),
+            clock: Clock::system(),
         }
+    }
+
+    /// The clock changes are stamped with (the system's by default).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Whether carts live in Redis (write-behind, flushed by
@@ -289,7 +297,7 @@ impl CartService {
             1
         };
         let changed = retry_deadlocks(|| async {
-            carts::change(&self.commerce, user, step, now(), |c| change.apply(c)).await
+            carts::change(&self.commerce, user, step, self.clock.now(), |c| change.apply(c)).await
         })
         .await?;
         let (stored, changed) = changed.map_err(|Refusal::TooManyLines| too_many_lines())?;
@@ -343,7 +351,7 @@ impl CartService {
                 .iter()
                 .filter_map(|d| d.cart.clone().map(|c| (d.user, c)))
                 .collect();
-            carts::upsert_newer(&self.commerce, &rows, now()).await?;
+            carts::upsert_newer(&self.commerce, &rows, self.clock.now()).await?;
             let users: Vec<UserId> = rows.iter().map(|(u, _)| *u).collect();
             let stored: HashMap<UserId, i64> = carts::versions(&self.commerce, &users)
                 .await?

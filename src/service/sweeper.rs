@@ -50,7 +50,7 @@ use crate::storage::orders::{self, OrderWrite, StatusChange, VoidOutcome};
 use crate::storage::shards::Shard;
 use crate::storage::StorageError;
 
-use super::orders::{now, OrderService, Snapshot};
+use super::orders::{OrderService, Snapshot};
 use super::{retry_deadlocks, Result};
 
 /// What one sweep step did.
@@ -268,7 +268,7 @@ impl OrderService {
         claim: &StaleClaim,
     ) -> Result<Settled, StorageError> {
         let id = claim.order_id;
-        match orders::void_unless_written(conn, &shard.tables, id, now()).await? {
+        match orders::void_unless_written(conn, &shard.tables, id, self.clock().now()).await? {
             VoidOutcome::Written(hash) if hash[..] == claim.request_hash[..] => {
                 let ids = [id];
                 let n = retry_deadlocks(|| commerce::confirm_claims(self.commerce(), &ids)).await?;
@@ -281,7 +281,8 @@ impl OrderService {
             VoidOutcome::Written(_) => Ok(Settled::Mismatch),
             VoidOutcome::Voided => {
                 let mut c = self.commerce().acquire().await?;
-                let given = commerce::abandon_claim(&mut c, id, claim.attempt, false, now()).await?;
+                let given =
+                    commerce::abandon_claim(&mut c, id, claim.attempt, false, self.clock().now()).await?;
                 drop(c);
                 self.flash().give_back(id, given.flash_sales()).await;
                 if given.done() {
@@ -447,7 +448,7 @@ impl OrderService {
                         from,
                         to,
                         change: &change,
-                        now: now(),
+                        now: service.clock().now(),
                     };
                     let moved = service.commit(&shard, write, Snapshot::None).await?.is_ok();
                     if moved && due == Due::Unpaid {

@@ -21,7 +21,7 @@ use crate::storage::StorageError;
 use crate::service::flash::Admission;
 use crate::service::{retry_deadlocks, Error, Result};
 
-use super::{check_id_is_fresh, now, voided_id, Created, OrderService, Snapshot};
+use super::{check_id_is_fresh, voided_id, Created, OrderService, Snapshot};
 
 /// What the flash gates let through for a create: the live sales of its products, the sales
 /// whose gates took units for it (given back unless it is reserved), and the places it
@@ -98,7 +98,7 @@ impl OrderService {
         tracing::Span::current()
             .record("order_id", tracing::field::display(new.order_id))
             .record("shard", shard.index.get());
-        let priced_at = Utc::now();
+        let priced_at = self.clock.now();
         let admitted = self.admit_at_gates(user, &new, priced_at).await?;
         // From here until the reservation answers, every way out gives the gates' units back.
         let before_reserve = self
@@ -200,7 +200,7 @@ impl OrderService {
             IdState::Free => {}
         }
         drop(conn);
-        check_id_is_fresh(new.order_id, Utc::now())?;
+        check_id_is_fresh(new.order_id, self.clock.now())?;
         let pricing = self
             .price_with(
                 user,
@@ -260,7 +260,7 @@ impl OrderService {
             for _ in 0..3 {
                 outcome = retry_deadlocks(|| async {
                     let mut c = self.commerce.acquire().await?;
-                    commerce::reserve(&mut c, &reservation, now()).await
+                    commerce::reserve(&mut c, &reservation, self.clock.now()).await
                 })
                 .await?;
                 if outcome != ReserveOutcome::Vanished {
@@ -336,7 +336,7 @@ impl OrderService {
         pricing: &Pricing,
         sales: &[FlashSale],
     ) -> Result<(Order, Created)> {
-        let created = now();
+        let created = self.clock.now();
         // An order of a flash sale gets the sale's payment timeout (the shortest, with two).
         let timeout = sales
             .iter()
@@ -473,7 +473,7 @@ impl OrderService {
         }
         let result = async {
             let mut c = self.commerce.acquire().await?;
-            commerce::abandon_claim(&mut c, id, attempt, true, now()).await
+            commerce::abandon_claim(&mut c, id, attempt, true, self.clock.now()).await
         }
         .await;
         match result {
@@ -562,6 +562,9 @@ impl OrderService {
             None
         };
         let (lines, coupons) = parse_preview(&req, cart.as_deref())?;
-        Ok(self.price(user, None, &lines, &coupons, Utc::now()).await?.0)
+        Ok(self
+            .price(user, None, &lines, &coupons, self.clock.now())
+            .await?
+            .0)
     }
 }

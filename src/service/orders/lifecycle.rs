@@ -19,8 +19,7 @@ use crate::storage::shards::Shard;
 use crate::service::{retry_deadlocks, Error, Result};
 
 use super::{
-    check_reference, check_version, now, OrderService, PatchRequest, ShipmentRequest, Snapshot,
-    VersionedRequest,
+    check_reference, check_version, OrderService, PatchRequest, ShipmentRequest, Snapshot, VersionedRequest,
 };
 
 impl OrderService {
@@ -57,7 +56,7 @@ impl OrderService {
             from: order.status,
             to,
             change: &change,
-            now: now(),
+            now: self.clock.now(),
         };
         let snapshot = if to.releases_stock() {
             // The release below writes again; the answer is reloaded after it.
@@ -128,7 +127,7 @@ impl OrderService {
         let released = async {
             let given = retry_deadlocks(|| async {
                 let mut c = self.commerce.acquire().await?;
-                commerce::release_claim(&mut c, id, now()).await
+                commerce::release_claim(&mut c, id, self.clock.now()).await
             })
             .await?;
             self.flash.give_back(id, given.flash_sales()).await;
@@ -195,7 +194,7 @@ impl OrderService {
             expected_version: req.expected_version,
             status: order.status,
             changes: &changes,
-            now: now(),
+            now: self.clock.now(),
         };
         match self.commit(shard, write, Snapshot::Reload).await? {
             Ok((_, Some(order))) => Ok(order),

@@ -34,11 +34,12 @@ use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
-use chrono::{DateTime, DurationRound, TimeDelta, Utc};
+use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
 use crate::cache::Cache;
+use crate::clock::Clock;
 use crate::config::{ArchiveSettings, CartSettings, FlashSettings, OrderSettings};
 use crate::domain::consistency::{Gtid, Watermark};
 use crate::domain::ids::OrderId;
@@ -93,6 +94,8 @@ pub struct OrderService {
     /// The tasks background steps write on ([`Self::uncut`]); `serve` hands in the tracker
     /// of its request writes, so a shutdown waits for both.
     writes: TaskTracker,
+    /// The time the use cases stamp and decide with (see [`crate::clock`]).
+    clock: Clock,
 }
 
 /// The archive as the order use cases see it.
@@ -152,13 +155,6 @@ pub(crate) enum Snapshot {
 pub enum Created {
     New,
     Replay,
-}
-
-/// Database time has microseconds; so do the times we hand out, so that an order built in
-/// memory and the same order read back are equal.
-pub(crate) fn now() -> DateTime<Utc> {
-    let t = Utc::now();
-    t.duration_trunc(TimeDelta::microseconds(1)).unwrap_or(t)
 }
 
 /// `PATCH` body, parsed.
@@ -274,7 +270,20 @@ impl OrderService {
             relay_wakers: RelayWakers::default(),
             archive: None,
             writes: TaskTracker::new(),
+            clock: Clock::system(),
         }
+    }
+
+    /// The clock the use cases read (the system's by default). The flash sales and carts
+    /// handed in with [`Self::with_flash`] and [`Self::with_carts`] bring their own: `app`
+    /// gives all of them the same.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     /// Reads fall back to this archive, and money for archived orders is recorded there;
@@ -467,11 +476,11 @@ impl OrderService {
             orders::last_logged_gtid(&mut conn).await?
         };
         let mut conn = a.db.write().acquire().await?;
-        let mut outcome = crate::storage::archive::record_money(&mut conn, id, m, now()).await;
+        let mut outcome = crate::storage::archive::record_money(&mut conn, id, m, self.clock.now()).await;
         for _ in 0..crate::storage::DEADLOCK_RETRIES {
             match &outcome {
                 Err(e) if e.is_retryable() => {
-                    outcome = crate::storage::archive::record_money(&mut conn, id, m, now()).await;
+                    outcome = crate::storage::archive::record_money(&mut conn, id, m, self.clock.now()).await;
                 }
                 _ => break,
             }

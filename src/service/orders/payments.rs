@@ -12,7 +12,7 @@ use crate::storage::StorageError;
 
 use crate::service::{retry_deadlocks, Error, Result};
 
-use super::{check_reference, now, OrderService, PaymentRequest, RefundRequest, Snapshot};
+use super::{check_reference, OrderService, PaymentRequest, RefundRequest, Snapshot};
 
 /// What a payment or refund answers: the order at its new version, and whether it was
 /// recorded against the archived order (which is then flagged `refund_required`).
@@ -91,7 +91,8 @@ impl OrderService {
         let mut claim = commerce::NumberClaim::Vanished;
         for _ in 0..3 {
             claim =
-                retry_deadlocks(|| commerce::claim_payment_number(&self.commerce, &number, now())).await?;
+                retry_deadlocks(|| commerce::claim_payment_number(&self.commerce, &number, self.clock.now()))
+                    .await?;
             if claim != commerce::NumberClaim::Vanished {
                 break;
             }
@@ -110,7 +111,7 @@ impl OrderService {
         let write = OrderWrite::Money {
             id,
             movement: &m,
-            now: now(),
+            now: self.clock.now(),
         };
         // Reloaded after the commit: the cache gets the new version, and so does the answer.
         let mut recorded = self.commit(shard, write, Snapshot::Reload).await;

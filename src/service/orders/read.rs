@@ -75,8 +75,8 @@ impl ArchivedCell {
 
 /// Every archived order was created before this: its id is older than its pass's cutoff
 /// (at least `min_age` ago), and an order is created within a day of its id.
-fn archive_horizon(min_age: TimeDelta) -> DateTime<Utc> {
-    Utc::now() - min_age + ID_MAX_AGE + ID_MAX_SKEW
+fn archive_horizon(min_age: TimeDelta, now: DateTime<Utc>) -> DateTime<Utc> {
+    now - min_age + ID_MAX_AGE + ID_MAX_SKEW
 }
 
 /// Whether `page`, the shard's answer to `q`, may lack archived orders: unless it is full of
@@ -233,7 +233,7 @@ impl OrderService {
     pub(super) fn archive_for(&self, id: OrderId) -> Option<&ArchiveReads> {
         self.archive
             .as_ref()
-            .filter(|a| id.created_at() < Utc::now() - a.min_age)
+            .filter(|a| id.created_at() < self.clock.now() - a.min_age)
     }
 
     /// The archived order `id`, read on the archive's primary (it has no replicas) within
@@ -317,7 +317,7 @@ impl OrderService {
         if caller == Caller::Service {
             return Err(Error::Forbidden("the payment channel reads no orders"));
         }
-        if cannot_exist(caller, id, Utc::now()) {
+        if cannot_exist(caller, id, self.clock.now()) {
             return Err(Error::NotFound);
         }
         let shard = self.shards.of_order(id);
@@ -424,7 +424,10 @@ impl OrderService {
         };
         // Once for the read and the merge: they agree on whether the page reaches the
         // archive (the read asks for at least as many orders as the merge wants).
-        let horizon = self.archive.as_ref().map(|a| archive_horizon(a.min_age));
+        let horizon = self
+            .archive
+            .as_ref()
+            .map(|a| archive_horizon(a.min_age, self.clock.now()));
         let tables = shard.tables.clone();
         let list = replicas::query(move |c| -> ReadQuery<'_, HotPage> {
             let (t, q) = (tables.clone(), query.clone());
