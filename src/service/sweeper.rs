@@ -31,8 +31,8 @@
 //!
 //! [`OrderService::sweep_once`], [`OrderService::close_expired_once`] and
 //! [`OrderService::complete_shipped_once`] are single steps (tests call them directly with a
-//! chosen time); [`crate::jobs::sweeper::run`] loops until its token is cancelled. A failure on one claim or shard
-//! is logged and the step goes on with the rest.
+//! chosen time); [`crate::jobs::sweeper::run`] loops until its token is cancelled. A
+//! failure on one claim or shard is logged and the step goes on with the rest.
 
 use std::collections::BTreeMap;
 use std::ops::AddAssign;
