@@ -26,7 +26,7 @@ const CATCH_UP_PAUSE: Duration = Duration::from_millis(100);
 /// ago, every `interval` until `shutdown` fires.
 ///
 /// Creates leave their claims for the sweeper to confirm, so under load a step finds a full
-/// batch: the sweep repeats, after a short pause ([`CATCH_UP_PAUSE`]), while its batches come
+/// batch: the sweep repeats, after a short pause (`CATCH_UP_PAUSE`), while its batches come
 /// back full and make progress, for up to one interval, so the sweeper keeps up with the
 /// create rate. Shutdown stops a step between its writes: each order's move runs to its end
 /// (commit, cache notice, stock) on a write task that `serve` waits for.

@@ -2,7 +2,7 @@
 //! compare-and-set.
 //!
 //! # Create, step by step (SPEC 2.1)
-//! 1. Parse: a [`NewOrder`] is valid and its id carries the user's gene.
+//! 1. Parse: a [`NewOrder`](crate::domain::order::NewOrder) is valid and its id carries the user's gene.
 //! 2. Replay check on the shard: an existing order with the same request hash is answered
 //!    as it is (200); with another hash, `idempotency_conflict`; an id the sweeper voided is
 //!    refused (422 on `order_id`: the client asks for a fresh id).
@@ -23,7 +23,7 @@
 //!
 //! # Layout
 //! - this module: [`OrderService`], its builders, the commit point every order write goes
-//!   through ([`OrderService::commit`], then `after_commit`) and its twin for money against
+//!   through (`OrderService::commit`, then `after_commit`) and its twin for money against
 //!   an archived order, and the types the use cases share.
 //! - `create`: create (the steps above, one method each) and preview.
 //! - `read`: get, list, pages and cursors, the archive's part of reads, `Served`.
@@ -342,7 +342,7 @@ impl OrderService {
     }
 
     /// Caps the units a user's unpaid orders may hold (`limits.max_unpaid_units_per_user`;
-    /// 0: no cap). See [`commerce`]'s module docs for how they are counted.
+    /// 0: no cap). See [`crate::storage::commerce`]'s module docs for how they are counted.
     pub fn with_max_unpaid_units(mut self, max: u32) -> Self {
         self.max_unpaid_units = (max > 0).then_some(i64::from(max));
         self
