@@ -8,7 +8,7 @@
 //!
 //! # Metrics
 //! Every series the service emits is described in [`describe_metrics`], so the `# HELP` lines
-//! of `/metrics` are the reference; README "Metrics" says what a dashboard plots from them.
+//! of `/metrics` are the reference; docs/operations.md says what a dashboard plots from them.
 //! No label ever takes an unbounded value (an order id, a raw path, a user).
 
 use std::sync::OnceLock;

@@ -210,7 +210,8 @@ async fn raw_create(
         .await?;
         if with_outbox {
             let oid = OrderId::new(id).ok_or_else(|| crate::storage::StorageError::Corrupt("id".into()))?;
-            outbox::record(&mut tx, t, oid, EventKind::Created, Utc::now()).await?;
+            crate::storage::orders::record_event_for_bench(&mut tx, t, oid, EventKind::Created, Utc::now())
+                .await?;
         }
         tx.commit().await?;
         Ok::<_, crate::storage::StorageError>(())

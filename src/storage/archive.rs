@@ -13,18 +13,24 @@
 //! A batch's documents and its checkpoint commit in one transaction ([`store_batch`]); a
 //! document is only ever replaced by a higher version, so running a batch twice changes
 //! nothing. The hot rows are deleted only after [`verify`] found the batch here.
+//!
+//! Every statement writing `archived_orders` or the archive's `order_outbox` (the batch,
+//! the removal of stale copies, money recorded against an archived order) runs in the one
+//! door, [`super::orders`]'s `commit.rs` (`OrderDoor::Archive`); this module reads, and
+//! keeps the checkpoints.
 
 use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, MySqlConnection, Row};
 
-use super::orders::{Committed, ListQuery, MoneyMovement, NotWritten};
-use super::outbox;
+use super::orders::ListQuery;
 use super::{corrupt, ts, Result};
-use crate::domain::events::{EventKind, OrderSnapshot, PaymentSnapshot};
+use crate::domain::events::OrderSnapshot;
 use crate::domain::ids::{OrderId, ShopId, UserId};
-use crate::domain::order::{Order, PaymentKind};
-use crate::domain::payment_rules::{money_rule, MoneyRefusal};
+use crate::domain::order::Order;
 use crate::domain::status::OrderStatus;
+
+/// The writes of `archived_orders` run in the one door (`storage/orders/commit.rs`).
+pub(crate) use super::orders::{remove_stale, store_batch};
 
 /// The archive's tables (scope `archive`).
 pub(crate) const ARCHIVE_V1: &[&str] = &[
@@ -69,7 +75,7 @@ pub struct ArchivedDoc {
 }
 
 impl ArchivedDoc {
-    /// The document of a snapshot the shard's database built ([`outbox::snapshots_where`]).
+    /// The document of a snapshot the shard's database built ([`super::outbox::archivable_snapshots`]).
     pub fn from_json(doc: String) -> Result<ArchivedDoc> {
         let s: OrderSnapshot =
             serde_json::from_str(&doc).map_err(|e| corrupt("archived order document", e))?;
@@ -128,7 +134,7 @@ pub async fn checkpoint(conn: &mut MySqlConnection, shard: u32) -> Result<Option
     .transpose()
 }
 
-async fn write_checkpoint(
+pub(in crate::storage) async fn write_checkpoint(
     conn: &mut MySqlConnection,
     shard: u32,
     c: &Checkpoint,
@@ -164,50 +170,6 @@ pub async fn set_checkpoint(
     write_checkpoint(conn, shard, c, now).await
 }
 
-/// Rows per INSERT: 8 placeholders each.
-const INSERT_CHUNK: usize = 500;
-
-/// Writes a batch's documents and the shard's checkpoint in one transaction. A document
-/// already archived is replaced only by a higher version: a batch run twice (after a crash
-/// between this commit and the deletes) changes nothing.
-pub async fn store_batch(
-    conn: &mut MySqlConnection,
-    shard: u32,
-    docs: &[ArchivedDoc],
-    checkpoint: &Checkpoint,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
-    for chunk in docs.chunks(INSERT_CHUNK) {
-        let sql = format!(
-            "INSERT INTO archived_orders
-                (order_id, user_id, shop_id, status, version, created_at, archived_at, doc)
-             VALUES {}
-             ON DUPLICATE KEY UPDATE
-                doc = IF(VALUES(version) > version, VALUES(doc), doc),
-                status = IF(VALUES(version) > version, VALUES(status), status),
-                version = GREATEST(version, VALUES(version))",
-            vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ")
-        );
-        let mut q = sqlx::query(AssertSqlSafe(sql));
-        for d in chunk {
-            q = q
-                .bind(d.order_id.get())
-                .bind(d.user_id.get())
-                .bind(d.shop_id.get())
-                .bind(d.status.code())
-                .bind(d.version)
-                .bind(ts(d.created_at))
-                .bind(ts(now))
-                .bind(&d.doc);
-        }
-        q.execute(&mut *tx).await?;
-    }
-    write_checkpoint(&mut tx, shard, checkpoint, now).await?;
-    tx.commit().await?;
-    Ok(())
-}
-
 /// Whether the archive holds exactly this batch: as many of its ids, with the same id
 /// checksum (XOR) and the same sum of versions. Read on the archive's primary after the
 /// batch committed.
@@ -229,22 +191,6 @@ pub async fn verify(conn: &mut MySqlConnection, docs: &[ArchivedDoc]) -> Result<
     let want_xor = docs.iter().fold(0i64, |x, d| x ^ d.order_id.get());
     let want_versions: i64 = docs.iter().map(|d| d.version).sum();
     Ok(count == docs.len() as i64 && xor == want_xor && versions == want_versions)
-}
-
-/// Deletes archived documents that turned out stale: the hot order moved on (a payment
-/// arrived between the batch's snapshot and its delete) and stays hot, so the archive must
-/// not keep a second, older copy. Only the version archived is removed.
-pub async fn remove_stale(conn: &mut MySqlConnection, stale: &[(OrderId, i64)]) -> Result<u64> {
-    let mut removed = 0;
-    for (id, version) in stale {
-        removed += sqlx::query("DELETE FROM archived_orders WHERE order_id = ? AND version = ?")
-            .bind(id.get())
-            .bind(version)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
-    }
-    Ok(removed)
 }
 
 /// The archived orders with ids in `(after, upto]`, with their versions (every shard's:
@@ -294,101 +240,6 @@ pub async fn documents(conn: &mut MySqlConnection, after: i64, limit: u32) -> Re
             .fetch_all(conn)
             .await?;
     rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
-}
-
-/// The archive's commit point: a payment or refund for an archived order, by the same rule as
-/// on a shard ([`money_rule`]): a payment is never refused (it is appended to the document
-/// and flags the order `refund_required`: money arriving for an order that is over must go
-/// back); a refund may return only the excess, and clears the flag once it has. In one
-/// transaction with the order's event in the archive's outbox. Idempotent by number like the
-/// shard's: the same number with the same content is a [`NotWritten::Replay`], with other
-/// content a [`NotWritten::Conflict`]. An archived order is final and stays in its status.
-pub async fn record_money(
-    conn: &mut MySqlConnection,
-    id: OrderId,
-    m: &MoneyMovement,
-    now: DateTime<Utc>,
-) -> Result<std::result::Result<Committed, NotWritten>> {
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    let doc: Option<String> =
-        sqlx::query_scalar("SELECT doc FROM archived_orders WHERE order_id = ? FOR UPDATE")
-            .bind(id.get())
-            .fetch_optional(&mut *tx)
-            .await?;
-    let Some(doc) = doc else {
-        return Ok(Err(NotWritten::NotFound));
-    };
-    let mut s: OrderSnapshot =
-        serde_json::from_str(&doc).map_err(|e| corrupt("archived order document", e))?;
-    let kind = i64::from(m.kind == PaymentKind::Refund);
-    if let Some(p) = s.payments.iter().find(|p| p.transaction_no == m.transaction_no) {
-        let same = p.kind == kind && p.amount == m.amount.minor() && p.channel == m.channel;
-        return Ok(Err(if same {
-            NotWritten::Replay
-        } else {
-            NotWritten::Conflict
-        }));
-    }
-    let status = s
-        .status()
-        .ok_or_else(|| corrupt("archived order status", s.status))?;
-    let net: i64 = s
-        .payments
-        .iter()
-        .map(|p| if p.kind == 0 { p.amount } else { -p.amount })
-        .sum();
-    let effect = match money_rule(status, m.kind, m.amount.minor(), s.pay_amount, net) {
-        // Final statuses take money without moving (the rule never closes them again).
-        Ok(e) if e.to == status && !e.closes => e,
-        Ok(_) | Err(MoneyRefusal::NotNow) => return Ok(Err(NotWritten::NotNow(status))),
-        Err(MoneyRefusal::WrongAmount { limit }) => return Ok(Err(NotWritten::Mismatch { due: limit })),
-    };
-    // Stored times have microseconds, as the shards' DATETIME(6) columns do.
-    let now = DateTime::from_timestamp_micros(now.timestamp_micros()).unwrap_or(now);
-    s.payments.push(PaymentSnapshot {
-        kind,
-        transaction_no: m.transaction_no.clone(),
-        channel: m.channel.clone(),
-        amount: m.amount.minor(),
-        created_at: now,
-    });
-    if let Some(flag) = effect.refund_required {
-        s.refund_required = flag;
-    }
-    s.version += 1;
-    s.updated_at = now;
-    let payload = serde_json::to_string(&s).map_err(|e| corrupt("archived order document", e))?;
-    sqlx::query("UPDATE archived_orders SET doc = ?, version = ? WHERE order_id = ?")
-        .bind(&payload)
-        .bind(s.version)
-        .bind(id.get())
-        .execute(&mut *tx)
-        .await?;
-    let event = EventKind::of_money(m.kind == PaymentKind::Refund, status, status);
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {} (order_id, version, shop_id, kind, payload, created_at)
-         VALUES (?, ?, ?, ?, ?, ?)",
-        outbox::TABLE
-    )))
-    .bind(id.get())
-    .bind(s.version)
-    .bind(s.shop_id)
-    .bind(event.name())
-    .bind(&payload)
-    .bind(ts(now))
-    .execute(&mut *tx)
-    .await?;
-    tx.commit().await?;
-    Ok(Ok(Committed {
-        order_id: id,
-        user_id: UserId::new(s.user_id).ok_or_else(|| corrupt("user_id", s.user_id))?,
-        shop_id: ShopId::new(s.shop_id).ok_or_else(|| corrupt("shop_id", s.shop_id))?,
-        version: s.version,
-        status,
-        previous: status,
-        // The archive has no replicas: no watermark to keep.
-        gtid: None,
-    }))
 }
 
 /// How many orders the archive holds, and their documents' bytes (uncompressed).

@@ -13,9 +13,12 @@
 //! - [`merchant`] is the merchant copy of the orders, sharded by shop, with its daily
 //!   reports (a read model the event stream keeps).
 //! - [`flash`] is the SQL of flash sales (their units are taken in [`commerce::reserve`]).
-//! - [`orders`] is the SQL of the four order tables; [`outbox`] of the order events written
-//!   with every order change; [`commerce`] of users, shops, products, coupons, order claims
-//!   and stock reservations.
+//! - [`orders`] is the SQL of the order tables, one concern per file, with the one door
+//!   (`orders/commit.rs`): the only file that writes an order row or an order event, on a
+//!   shard or in the archive (`tests/one_door.rs` fails on a write anywhere else); [`outbox`]
+//!   reads the order events the door writes with every order change, for the relay;
+//!   [`commerce`] is the SQL of users, shops, products and coupons, order claims and stock
+//!   reservations, and payment numbers.
 //!
 //! Every write that must not be lost or doubled is a compare-and-set in one statement or one
 //! short transaction. A duplicate-key error (MySQL 1062) is translated here, in one place,

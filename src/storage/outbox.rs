@@ -1,14 +1,23 @@
 //! The transactional outbox of order events (SPEC 6).
 //!
 //! One table, `order_outbox`, per shard database (every table shard of a server writes into
-//! it), so one relay per database drains it. [`record`] runs inside the order write's own
-//! transaction (only [`super::orders::write_order`] calls it): the event commits with the
-//! change or not at all, and no write path can commit a change without its event.
+//! it), so one relay per database drains it; the archive's database has one too, for money
+//! recorded against archived orders.
 //!
-//! The snapshot is built by the database from the rows the transaction just wrote
-//! (`SELECT JSON_OBJECT(…)` in the same transaction, then a plain `INSERT`): exactly what
-//! commits, whatever the write was. `(order_id, version)` is unique: a version is
-//! written once, and so is its event.
+//! # Who writes an event
+//! Only the door, [`super::orders`]'s `commit.rs`, inserts into the outbox: inside the order
+//! write's own transaction, so the event commits with the change or not at all, and no write
+//! path can commit a change without its event. This module only reads what the door inserts
+//! ([`event_row`]: the snapshot, built by the database from the rows the transaction just
+//! wrote, `SELECT JSON_OBJECT(…)` in the same transaction, then a plain `INSERT` in the door):
+//! exactly what commits, whatever the write was. `(order_id, version)` is unique: a version
+//! is written once, and so is its event. The test `tests/one_door.rs` fails on an insert of
+//! an event anywhere but the door.
+//!
+//! What stays here is consuming events already written, which is not writing them: the
+//! relay's reads, its deletes of relayed rows ([`delete`]), and the moves of a row between the
+//! outbox and its parking table ([`park`], [`unpark_all`]: the same row, id and payload, in
+//! exactly one of the two tables at any time). The one-door test knows these moves.
 //!
 //! Rows are read in id order and deleted only after the broker acknowledged them
 //! ([`crate::events::relay`]). Auto-increment ids are taken at insert, not at commit, so a
@@ -27,7 +36,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, MySqlConnection, Row};
 
 use super::shards::ShardTables;
-use super::{corrupt, ts, Result};
+use super::{corrupt, Result};
 use crate::domain::events::EventKind;
 use crate::domain::ids::OrderId;
 
@@ -43,18 +52,13 @@ const COLUMNS: &str = "id, order_id, version, shop_id, kind, payload, created_at
 /// Dates in the snapshot: RFC 3339 in UTC with microseconds, as every stored time is.
 const RFC3339: &str = "'%Y-%m-%dT%H:%i:%s.%fZ'";
 
-/// Writes the event of `id`'s current row (its version is the one just written) into the
-/// outbox, in the caller's transaction.
-pub(crate) async fn record(
+/// The event row of `id`'s current row (its version, shop and snapshot), read in the
+/// caller's transaction right after the order write: what the door inserts into [`TABLE`].
+pub(super) async fn event_row(
     conn: &mut MySqlConnection,
     t: &ShardTables,
     id: OrderId,
-    kind: EventKind,
-    now: DateTime<Utc>,
-) -> Result<()> {
-    // Read, then a plain INSERT: an `INSERT … SELECT` would hold the table's AUTO-INC lock
-    // for the whole statement (`innodb_autoinc_lock_mode` 1, the default), serialising every
-    // concurrent order write on this database behind the snapshot's subqueries.
+) -> Result<(i64, i64, String)> {
     let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT o.version, o.shop_id, {} FROM {} o WHERE o.order_id = ?",
         snapshot_json(t),
@@ -64,22 +68,7 @@ pub(crate) async fn record(
     .fetch_optional(&mut *conn)
     .await?
     .ok_or_else(|| corrupt("outbox: no order row for the event of", id))?;
-    let version: i64 = row.try_get(0)?;
-    let shop: i64 = row.try_get(1)?;
-    let payload: String = row.try_get(2)?;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {TABLE} (order_id, version, shop_id, kind, payload, created_at)
-         VALUES (?, ?, ?, ?, ?, ?)"
-    )))
-    .bind(id.get())
-    .bind(version)
-    .bind(shop)
-    .bind(kind.name())
-    .bind(payload)
-    .bind(ts(now))
-    .execute(conn)
-    .await?;
-    Ok(())
+    Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
 }
 
 /// The SQL expression of an order's snapshot (the JSON of

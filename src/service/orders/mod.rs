@@ -45,7 +45,9 @@ use crate::domain::consistency::{Gtid, Watermark};
 use crate::domain::ids::OrderId;
 use crate::domain::order::{Address, FieldErrors, Order};
 use crate::events::RelayWakers;
-use crate::storage::orders::{self, Committed, MoneyMovement, NotWritten, OrderWrite};
+use crate::storage::orders::{
+    self, ArchiveWrite, Committed, MoneyMovement, NotWritten, OrderDoor, OrderWrite,
+};
 use crate::storage::replicas::{Database, ReadQuery};
 use crate::storage::shards::{Shard, ShardMap};
 use crate::storage::StorageError;
@@ -366,10 +368,11 @@ impl OrderService {
         self.writes.spawn(work).await
     }
 
-    /// The one door every order write goes through: [`orders::write_order`] (retried on a
-    /// deadlock: a deadlocked statement committed nothing), then [`Self::after_commit`] with
-    /// what committed. Runs on a write task (see [`crate::http::write`]), so a commit is never
-    /// separated from its `after_commit` by a dropped request.
+    /// The one door every order write goes through: [`orders::commit`] (retried on a
+    /// deadlock: a deadlocked statement committed nothing, see [`through_door`]), then
+    /// [`Self::after_commit`] with what committed. Runs on a write task (see
+    /// [`crate::http::write`]), so a commit is never separated from its `after_commit` by a
+    /// dropped request.
     pub(crate) async fn commit(
         &self,
         shard: &Shard,
@@ -378,16 +381,7 @@ impl OrderService {
     ) -> Result<std::result::Result<(Committed, Option<Order>), NotWritten>, StorageError> {
         let pool = self.shards.primary(shard);
         let mut conn = pool.acquire().await?;
-        let mut outcome = orders::write_order(&mut conn, &shard.tables, write).await;
-        for _ in 0..crate::storage::DEADLOCK_RETRIES {
-            match &outcome {
-                Err(e) if e.is_retryable() => {
-                    outcome = orders::write_order(&mut conn, &shard.tables, write).await;
-                }
-                _ => break,
-            }
-        }
-        let committed = match outcome? {
+        let committed = match through_door(&mut conn, OrderDoor::Shard(&shard.tables, write)).await? {
             Ok(c) => c,
             Err(not) => return Ok(Err(not)),
         };
@@ -459,8 +453,8 @@ impl OrderService {
             .map_err(StorageError::from)?)
     }
 
-    /// [`Self::commit`] for money against an archived order: the archive's commit point
-    /// ([`crate::storage::archive::record_money`]), then the same `after_commit`, with the
+    /// [`Self::commit`] for money against an archived order: the same door and retry loop
+    /// ([`through_door`] with [`OrderDoor::Archive`]), then the same `after_commit`, with the
     /// watermark of the order's shard: its primary's last GTID, read after the shard said the
     /// order is gone, so a read that waits for it sees the delete on any replica and goes on
     /// to the archive, never to the order's last hot version.
@@ -476,16 +470,12 @@ impl OrderService {
             orders::last_logged_gtid(&mut conn).await?
         };
         let mut conn = a.db.write().acquire().await?;
-        let mut outcome = crate::storage::archive::record_money(&mut conn, id, m, self.clock.now()).await;
-        for _ in 0..crate::storage::DEADLOCK_RETRIES {
-            match &outcome {
-                Err(e) if e.is_retryable() => {
-                    outcome = crate::storage::archive::record_money(&mut conn, id, m, self.clock.now()).await;
-                }
-                _ => break,
-            }
-        }
-        let committed = match outcome? {
+        let write = ArchiveWrite::Money {
+            id,
+            movement: m,
+            now: self.clock.now(),
+        };
+        let committed = match through_door(&mut conn, OrderDoor::Archive(write)).await? {
             Ok(c) => Committed { gtid: gone_at, ..c },
             Err(not) => return Ok(Err(not)),
         };
@@ -498,4 +488,20 @@ impl OrderService {
             .await;
         Ok(Ok((committed, order)))
     }
+}
+
+/// The one retry loop of an order write, hot or archived: [`orders::commit`] again after a
+/// deadlock or lock-wait timeout (which committed nothing).
+async fn through_door(
+    conn: &mut sqlx::MySqlConnection,
+    door: OrderDoor<'_>,
+) -> std::result::Result<std::result::Result<Committed, NotWritten>, StorageError> {
+    let mut outcome = orders::commit(conn, door).await;
+    for _ in 0..crate::storage::DEADLOCK_RETRIES {
+        match &outcome {
+            Err(e) if e.is_retryable() => outcome = orders::commit(conn, door).await,
+            _ => break,
+        }
+    }
+    outcome
 }
