@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cache::{Cache, CacheHealth};
+use crate::clock::Clock;
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::WorkerId;
@@ -24,16 +25,16 @@ use crate::events::{consumer, rebuild, relay, Broker, RelayWakers};
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
-use crate::lease::{lease_worker, IdSource};
+use crate::jobs;
+use crate::lease::IdSource;
 use crate::search::index::TantivyIndex;
 use crate::search::{projection as search, IndexError, OrderIndex};
 use crate::service::archive::{self, Archiver, PassOptions};
-use crate::service::cart::{self, CartService};
+use crate::service::cart::CartService;
 use crate::service::catalog::CatalogService;
-use crate::service::flash::{self, FlashSales};
+use crate::service::flash::FlashSales;
 use crate::service::merchant::MerchantService;
 use crate::service::orders::OrderService;
-use crate::service::sweeper;
 use crate::storage::budget::{self, PlannedPool};
 use crate::storage::merchant::MerchantMap;
 use crate::storage::replicas::{self, Database};
@@ -67,6 +68,15 @@ pub struct Application {
 impl Application {
     /// Connects everything and binds `server.listen`.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> anyhow::Result<Application> {
+        Self::build_with_clock(settings, shutdown, Clock::system()).await
+    }
+
+    /// [`Self::build`] with the services reading `clock` (a test's manual clock).
+    pub async fn build_with_clock(
+        settings: Settings,
+        shutdown: CancellationToken,
+        clock: Clock,
+    ) -> anyhow::Result<Application> {
         // Warns, before any pool opens, when they cannot fit into a server's max_connections.
         budget::check(
             &serve_pools(&settings),
@@ -113,16 +123,14 @@ impl Application {
                 source
             }
         };
-        let flash = Arc::new(FlashSales::new(
-            commerce.clone(),
-            cache.clone(),
-            settings.flash.clone(),
-        ));
-        let carts = Arc::new(CartService::new(
-            commerce.clone(),
-            cache.clone(),
-            settings.cart.clone(),
-        ));
+        let flash = Arc::new(
+            FlashSales::new(commerce.clone(), cache.clone(), settings.flash.clone())
+                .with_clock(clock.clone()),
+        );
+        let carts = Arc::new(
+            CartService::new(commerce.clone(), cache.clone(), settings.cart.clone())
+                .with_clock(clock.clone()),
+        );
         // One relay per shard database, then the archive's.
         let relay_wakers = RelayWakers::new(shards.databases().len() + 1);
         let archive_relay = shards.databases().len();
@@ -140,7 +148,8 @@ impl Application {
             .with_flash(flash)
             .with_carts(carts)
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
-            .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms));
+            .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms))
+            .with_clock(clock.clone());
         let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
         // Opened (not written) here: a process that cannot open its index should not start.
         let search = match settings.search.enabled {
@@ -149,7 +158,7 @@ impl Application {
         };
         let state = AppState {
             orders,
-            catalog: CatalogService::new(commerce_db, cache),
+            catalog: CatalogService::new(commerce_db, cache).with_clock(clock),
             merchant: MerchantService::new(merchant_map),
             ids,
             auth: Arc::new(AuthKeys::new(&settings.auth)),
@@ -190,7 +199,7 @@ impl Application {
     /// client never got a 2xx for, and the sweeper repairs what it leaves.
     pub async fn run(self) -> anyhow::Result<()> {
         let s = &self.settings;
-        let sweeper = tokio::spawn(sweeper::run(
+        let sweeper = tokio::spawn(jobs::sweeper::run(
             self.state.orders.clone(),
             Duration::from_secs(s.orders.reservation_grace_secs),
             s.orders.auto_complete_after(),
@@ -199,7 +208,7 @@ impl Application {
             self.shutdown.clone(),
         ));
         let gauges = tokio::spawn(sample_gauges(self.state.clone(), self.shutdown.clone()));
-        let gates = tokio::spawn(flash::run(
+        let gates = tokio::spawn(jobs::gate_rebuild::run(
             self.state.orders.flash().clone(),
             self.shutdown.clone(),
         ));
@@ -208,7 +217,7 @@ impl Application {
             Duration::from_millis(s.replicas.probe_interval_ms),
             self.shutdown.clone(),
         ));
-        let flusher = tokio::spawn(cart::run(
+        let flusher = tokio::spawn(jobs::cart_flusher::run(
             self.state.orders.carts().clone(),
             self.shutdown.clone(),
         ));
@@ -238,7 +247,7 @@ impl Application {
         let archiver = s
             .archive
             .run_in_serve
-            .then(|| tokio::spawn(archive::run(self.archiver.clone(), self.shutdown.clone())));
+            .then(|| tokio::spawn(jobs::archiver::run(self.archiver.clone(), self.shutdown.clone())));
         let cleanup = tokio::spawn(limits::run_cleanup(
             self.state.limits.clone(),
             self.shutdown.clone(),
@@ -419,7 +428,7 @@ pub async fn lease_worker_from(
     )
     .await?;
     let ttl = Duration::from_secs(settings.ids.lease_ttl_secs);
-    Ok(lease_worker(pool, ttl, shutdown).await?)
+    Ok(jobs::lease_keeper::lease_worker(pool, ttl, shutdown).await?)
 }
 
 /// The archive's database (no replicas: archived orders are read rarely, on its primary).

@@ -23,10 +23,11 @@
 //!   a clean release lowers it to our last issued millisecond + 1. A new holder reads it as
 //!   the floor of its generator, so a clock stepped back across a restart is refused like a
 //!   step back within one process.
-//! - **Renew** every third of the TTL (`WHERE worker_id = ? AND holder = ?`). If the row is
-//!   no longer ours (expired and taken, or deleted) the source stops issuing at once and tries
-//!   to take back the *same* worker id whenever it is free (the generator keeps its worker id
-//!   for life, so it can never mix two); until then ids answer 503 and an error is logged. A
+//! - **Renew** every third of the TTL (`WHERE worker_id = ? AND holder = ?`), by
+//!   [`crate::jobs::lease_keeper`]. If the row is no longer ours (expired and taken, or
+//!   deleted) the source stops issuing at once and tries to take back the *same* worker id
+//!   whenever it is free (the generator keeps its worker id for life, so it can never mix
+//!   two); until then ids answer 503 and an error is logged. A
 //!   renewal that fails on a database error leaves the deadline of the last success standing.
 //! - **Release** on shutdown: first close the generator (no id after this), then give the row
 //!   back with `expires_at` in the past and the exact floor for the next holder.
@@ -39,8 +40,6 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use sqlx::{MySqlPool, Row};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
 use crate::domain::ids::{Clock, IdError, IdGenerator, OrderId, SystemClock, UserId, WorkerId, MAX_WORKERS};
 
@@ -140,8 +139,6 @@ impl IdSource {
 /// A few rounds of "list the free rows, try to take one": another process starting at the
 /// same moment may take the row we picked; more rounds than this means there is none left.
 const TAKE_ROUNDS: usize = 3;
-/// How long the release at shutdown may take; after that the row simply expires.
-const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// `expires_at` of a released row: long past in any clock (the seed uses the same).
 const RELEASED_AT: &str = "1970-01-01 00:00:01";
 
@@ -154,7 +151,7 @@ struct Free {
 }
 
 /// Our hold on one row of `worker_leases`.
-struct Lease {
+pub struct Lease {
     pool: MySqlPool,
     worker: u16,
     holder: String,
@@ -206,7 +203,7 @@ impl Lease {
     }
 
     /// Gives the row back: expired now, and the next holder's floor is `issued_below_ms`.
-    async fn release(&self, issued_below_ms: i64) -> Result<bool, sqlx::Error> {
+    pub(crate) async fn release(&self, issued_below_ms: i64) -> Result<bool, sqlx::Error> {
         let done = sqlx::query(
             "UPDATE worker_leases
              SET holder = NULL, expires_at = ?, issued_below_ms = ?, updated_at = NOW(6)
@@ -250,13 +247,10 @@ fn open(source: &IdSource, free: Free, deadline: Deadline) {
     source.hold_until(deadline);
 }
 
-/// Leases a free worker id (a random one of the free rows) in the commerce database `pool`
-/// and keeps it renewed until `shutdown`, then releases it. The keeper is the returned task.
-pub async fn lease_worker(
-    pool: MySqlPool,
-    ttl: Duration,
-    shutdown: CancellationToken,
-) -> Result<(Arc<IdSource>, JoinHandle<()>), LeaseError> {
+/// Leases a free worker id (a random one of the free rows) in the commerce database `pool`.
+/// The lease must then be kept: [`crate::jobs::lease_keeper`] renews it until shutdown and
+/// releases it then.
+pub async fn take_worker(pool: MySqlPool, ttl: Duration) -> Result<(Arc<IdSource>, Lease), LeaseError> {
     let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     for _ in 0..TAKE_ROUNDS {
         let free = free_rows(&pool, None).await?;
@@ -286,84 +280,56 @@ pub async fn lease_worker(
                 floor_ms = candidate.issued_below_ms,
                 "leased worker id"
             );
-            let source = Arc::new(source);
-            let keeper = tokio::spawn(keep(lease, source.clone(), shutdown));
-            return Ok((source, keeper));
+            return Ok((Arc::new(source), lease));
         }
     }
     Err(LeaseError::Exhausted)
 }
 
-/// Renews every third of the TTL; takes the same row back after a loss; releases on shutdown.
-async fn keep(lease: Lease, source: Arc<IdSource>, shutdown: CancellationToken) {
-    let generator = &source.generator;
-    let mut held = true;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break,
-            _ = tokio::time::sleep(lease.ttl / 3) => {}
-        }
-        if held {
-            // A renewal slower than the TTL is useless: the deadline it would set has passed.
-            match tokio::time::timeout(lease.ttl, lease.renew()).await {
-                Ok(Ok(Some(deadline))) => {
-                    source.hold_until(deadline);
-                    continue;
-                }
-                Ok(Ok(None)) => {
-                    source.stop();
-                    held = false;
-                    tracing::error!(worker = lease.worker, "worker-id lease lost; not issuing ids");
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(worker = lease.worker, error = %e, "cannot renew the worker-id lease");
-                    continue;
-                }
-                Err(_) => {
-                    tracing::warn!(worker = lease.worker, "renewing the worker-id lease timed out");
-                    continue;
-                }
+/// The steps of keeping a lease, for [`crate::jobs::lease_keeper`].
+impl Lease {
+    /// The worker id held.
+    pub(crate) fn worker(&self) -> u16 {
+        self.worker
+    }
+
+    /// The lease's time to live.
+    pub(crate) fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// Renews the hold of `source`: `true` while it is ours (the deadline moves on), `false`
+    /// when the row is not ours any more (the source stops issuing at once). A database
+    /// error leaves the deadline of the last success standing.
+    pub(crate) async fn renew_for(&self, source: &IdSource) -> Result<bool, sqlx::Error> {
+        match self.renew().await? {
+            Some(deadline) => {
+                source.hold_until(deadline);
+                Ok(true)
             }
-        }
-        // Not held: take the same row back if it is free.
-        let retaken = async {
-            for free in free_rows(&lease.pool, Some(lease.worker)).await? {
-                if let Some(deadline) = lease.take(free).await? {
-                    open(&source, free, deadline);
-                    return Ok::<_, sqlx::Error>(true);
-                }
+            None => {
+                source.stop();
+                Ok(false)
             }
-            Ok(false)
-        };
-        match tokio::time::timeout(lease.ttl, retaken).await {
-            Ok(Ok(true)) => {
-                held = true;
-                tracing::warn!(
-                    worker = lease.worker,
-                    "worker-id lease taken back; issuing ids again"
-                );
-            }
-            Ok(Ok(false)) => tracing::error!(
-                worker = lease.worker,
-                "worker id is held by another process or its lease row is gone; not issuing ids"
-            ),
-            Ok(Err(e)) => tracing::warn!(worker = lease.worker, error = %e, "cannot take the worker id back"),
-            Err(_) => tracing::warn!(worker = lease.worker, "taking the worker id back timed out"),
         }
     }
-    // Shutdown: no id after this line, then the next holder's floor is exactly our last id.
-    source.mono_until_ns.store(0, Ordering::Release);
-    let issued_below = generator.revoke();
-    match tokio::time::timeout(RELEASE_TIMEOUT, lease.release(issued_below)).await {
-        Ok(Ok(true)) => tracing::info!(worker = lease.worker, issued_below, "released worker id"),
-        Ok(Ok(false)) => {}
-        Ok(Err(e)) => {
-            tracing::warn!(worker = lease.worker, error = %e, "cannot release the worker id; it expires")
+
+    /// Takes the same row back for `source` if it is free: `true` when it issues again.
+    pub(crate) async fn take_back(&self, source: &IdSource) -> Result<bool, sqlx::Error> {
+        for free in free_rows(&self.pool, Some(self.worker)).await? {
+            if let Some(deadline) = self.take(free).await? {
+                open(source, free, deadline);
+                return Ok(true);
+            }
         }
-        Err(_) => tracing::warn!(
-            worker = lease.worker,
-            "releasing the worker id timed out; it expires"
-        ),
+        Ok(false)
+    }
+
+    /// Closes `source` for good (no id after this) and answers the floor for the next holder:
+    /// exactly our last issued millisecond + 1. Then [`Self::release`] gives the row back.
+    pub(crate) fn close(&self, source: &IdSource) -> i64 {
+        source.mono_until_ns.store(0, Ordering::Release);
+        source.generator.revoke()
     }
 }
 

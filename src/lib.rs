@@ -4,6 +4,7 @@
 //! - [`domain`] — the pure order domain — ids and their layout, shard routing, money, the
 //!   status machine, request validation and pricing, the payment and refund rules, who may
 //!   see what. No I/O.
+//! - [`clock`] — the time services read: the system's, or a manual one tests set and move.
 //! - [`config`] — settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
 //! - [`storage`] — MariaDB: the shard map (each database with its read replicas), the schema,
 //!   the SQL of order shards, commerce, flash sales and the archive, with one commit point for
@@ -17,9 +18,12 @@
 //!   merchant copy by shop, its reports), rebuilds from the shards.
 //! - [`service`] — the use cases — create exactly once, the life cycle, reads that respect
 //!   their consistency (replicas, read-your-writes watermarks), flash sales behind a Redis
-//!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), and the
-//!   background steps (sweeper, payment-timeout closer, completer, cart flusher), and the
-//!   archiver that moves old final orders out of the hot shards.
+//!   gate, the catalog, the cart (Redis write-behind, read back from MySQL, checkout), the
+//!   single steps of the background work (`sweep_once`, `close_expired_once`, …), and the
+//!   archiver's pass that moves old final orders out of the hot shards.
+//! - [`jobs`] — the background loops, each a step plus a loop that stops at the shutdown
+//!   token: sweeper, payment-timeout closer, completer, cart flusher, flash gate rebuild,
+//!   archiver, worker-id lease keeper.
 //! - [`search`] — order search: an embedded tantivy index of every order's latest version
 //!   behind one small trait, fed by the stream (consumer `search`), read by the search route.
 //! - [`http`] — the JSON API on axum, auth, and problem responses. Every write runs to
@@ -50,10 +54,12 @@ macro_rules! fail_point {
 
 pub mod app;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod domain;
 pub mod events;
 pub mod http;
+pub mod jobs;
 pub mod lease;
 pub mod search;
 pub mod service;

@@ -125,7 +125,7 @@ fn describe_metrics() {
         "Stock and coupon reservations of creates, by outcome (reserved, already_reserved, \
          out_of_stock, coupon_unavailable, limit_exceeded, conflict, vanished)"
     );
-    // jobs (`crate::service::sweeper::run`)
+    // jobs (`crate::jobs::sweeper`, `closer`, `completer`)
     describe_counter!(
         "orderly_sweeper_claims_total",
         "Sweeper results: claims confirmed, reservations returned, releases finished \

@@ -210,6 +210,11 @@ pub struct Archiver {
 }
 
 impl Archiver {
+    /// The `[archive]` settings passes run with by default.
+    pub fn settings(&self) -> &ArchiveSettings {
+        &self.settings
+    }
+
     pub fn new(
         shards: ShardMap,
         archive: Arc<Database>,
@@ -538,34 +543,6 @@ async fn export(dir: &Path, shard: u32, docs: &[ArchivedDoc]) -> Result<PathBuf,
     })
     .await
     .map_err(|e| ArchiveError::Export(std::io::Error::other(e)))?
-}
-
-/// `serve`'s background archiver (`archive.run_in_serve`): a pass with the settings'
-/// defaults every `archive.interval_secs`, until `shutdown`. Shards another process is
-/// archiving are skipped (their lock is taken); a failed pass is logged and retried at the
-/// next interval.
-pub async fn run(archiver: Archiver, shutdown: CancellationToken) {
-    let interval = Duration::from_secs(archiver.settings.interval_secs);
-    let opts = PassOptions {
-        stop: shutdown.clone(),
-        ..PassOptions::from_settings(&archiver.settings)
-    };
-    while !shutdown.is_cancelled() {
-        // The pass stops between two batches at the token: never in the middle of one.
-        match archiver.pass(&opts).await {
-            Ok(s) => tracing::info!(
-                moved = s.moved(),
-                bytes = s.bytes(),
-                elapsed_ms = s.elapsed.as_millis() as u64,
-                "archive pass"
-            ),
-            Err(e) => tracing::warn!(error = %e, "archive pass failed; retrying at the next interval"),
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-    }
 }
 
 #[cfg(test)]

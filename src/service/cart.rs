@@ -3,8 +3,8 @@
 //! # Where a cart lives
 //! A buyer's cart is a Redis hash (see [`crate::cache::redis::cart`]); every change runs one
 //! Lua script that changes it, bumps its version and marks the buyer dirty, scored by that
-//! version. The flusher ([`CartService::flush_once`], run every `cart.loss_window_ms` by
-//! every `serve` process) reads the dirty carts, writes them to `carts` in MySQL in batches,
+//! version. The flusher ([`CartService::flush_once`], run by [`crate::jobs::cart_flusher`]
+//! every `cart.loss_window_ms` in every `serve` process) reads the dirty carts, writes them to `carts` in MySQL in batches,
 //! each row only if its version is newer than the stored one, and unmarks a buyer only if the
 //! score is still the version it wrote. So a change racing a flush stays dirty, two flushers
 //! at once write each cart and never an older one over a newer one, and an empty cart (after
@@ -38,14 +38,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Mutex;
 
 use sqlx::MySqlPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::redis::cart::CartWrite;
 use crate::cache::{Cache, RedisCache};
+use crate::clock::Clock;
 use crate::config::CartSettings;
 use crate::domain::actor::Caller;
 use crate::domain::cart::{Cart, CartQuantity, Refusal, StoredCart};
@@ -54,7 +53,6 @@ use crate::domain::order::{FieldErrors, NewLine, MAX_LINES};
 use crate::storage::carts;
 use crate::storage::commerce::{self, Product};
 
-use super::orders::now;
 use super::{retry_deadlocks, Error, Result};
 
 /// How much a change made in MySQL directly (Redis not answering) raises the cart's version.
@@ -126,6 +124,7 @@ pub struct CartService {
     /// User → the version of the cart this process wrote to MySQL while Redis did not
     /// answer; its Redis copy, if older, is dropped before Redis is used for it again.
     direct: Mutex<HashMap<UserId, i64>>,
+    clock: Clock,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -155,7 +154,20 @@ impl CartService {
             settings,
             known: Mutex::new(HashSet::new()),
             direct: Mutex::new(HashMap::new()),
+            clock: Clock::system(),
         }
+    }
+
+    /// The clock changes are stamped with (the system's by default).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Whether carts live in Redis (write-behind, flushed by
+    /// [`crate::jobs::cart_flusher`]); without Redis they live in MySQL only.
+    pub fn has_redis(&self) -> bool {
+        self.cache.redis().is_some()
     }
 
     pub fn settings(&self) -> &CartSettings {
@@ -285,7 +297,7 @@ impl CartService {
             1
         };
         let changed = retry_deadlocks(|| async {
-            carts::change(&self.commerce, user, step, now(), |c| change.apply(c)).await
+            carts::change(&self.commerce, user, step, self.clock.now(), |c| change.apply(c)).await
         })
         .await?;
         let (stored, changed) = changed.map_err(|Refusal::TooManyLines| too_many_lines())?;
@@ -339,7 +351,7 @@ impl CartService {
                 .iter()
                 .filter_map(|d| d.cart.clone().map(|c| (d.user, c)))
                 .collect();
-            carts::upsert_newer(&self.commerce, &rows, now()).await?;
+            carts::upsert_newer(&self.commerce, &rows, self.clock.now()).await?;
             let users: Vec<UserId> = rows.iter().map(|(u, _)| *u).collect();
             let stored: HashMap<UserId, i64> = carts::versions(&self.commerce, &users)
                 .await?
@@ -404,30 +416,6 @@ impl CartService {
                     direct.remove(user);
                 }
             }
-        }
-    }
-}
-
-/// The flusher loop of `serve`: a flush every `cart.loss_window_ms` until `shutdown`, and one
-/// last flush then, so that a graceful stop loses no cart change.
-pub async fn run(carts: Arc<CartService>, shutdown: CancellationToken) {
-    if carts.cache.redis().is_none() {
-        return;
-    }
-    let mut tick = tokio::time::interval(Duration::from_millis(carts.settings.loss_window_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let stop = tokio::select! {
-            _ = shutdown.cancelled() => true,
-            _ = tick.tick() => false,
-        };
-        match carts.flush_once().await {
-            Ok(out) if out.rounds > 0 => tracing::debug!(?out, "carts flushed"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "cart flush failed; the carts stay dirty"),
-        }
-        if stop {
-            return;
         }
     }
 }

@@ -7,6 +7,7 @@ use sqlx::MySqlPool;
 use std::sync::Arc;
 
 use crate::cache::Cache;
+use crate::clock::Clock;
 use crate::domain::actor::Caller;
 use crate::domain::consistency::Consistency;
 use crate::domain::ids::{ProductId, ShopId, UserId};
@@ -16,7 +17,6 @@ use crate::storage::commerce::{self, NewCoupon, Product, Shop, User};
 use crate::storage::replicas::{self, Database, ReadQuery};
 use crate::storage::StorageError;
 
-use super::orders::now;
 use super::{Error, Result};
 
 /// The most stock one call adds, and the most a product holds: far from overflowing
@@ -96,6 +96,7 @@ pub struct CatalogService {
     /// The commerce database with its replicas, for user profiles.
     profiles: Arc<Database>,
     cache: Cache,
+    clock: Clock,
 }
 
 fn money_field(errors: &mut FieldErrors, field: &str, v: i64) -> Money {
@@ -122,7 +123,14 @@ impl CatalogService {
             commerce: commerce.write().clone(),
             profiles: commerce,
             cache,
+            clock: Clock::system(),
         }
+    }
+
+    /// The clock catalog writes are stamped with (the system's by default).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// The commerce database with its replicas.
@@ -153,7 +161,7 @@ impl CatalogService {
             errors.push("level", "must be between 0 and 100");
         }
         errors.into_result(())?;
-        let created = now();
+        let created = self.clock.now();
         let user_id = match commerce::insert_user(&self.commerce, id, &req.name, req.level, created).await {
             Err(StorageError::Duplicate(_)) => return Err(FieldErrors::single("user_id", "is taken").into()),
             other => other?,
@@ -213,7 +221,7 @@ impl CatalogService {
         let mut errors = FieldErrors::default();
         check_text(&mut errors, "name", &req.name, 100, true);
         errors.into_result(())?;
-        let shop_id = commerce::insert_shop(&self.commerce, &req.name, now()).await?;
+        let shop_id = commerce::insert_shop(&self.commerce, &req.name, self.clock.now()).await?;
         Ok(Shop {
             shop_id,
             name: req.name,
@@ -250,8 +258,16 @@ impl CatalogService {
         if !commerce::shop_exists(&self.commerce, shop).await? {
             return Err(FieldErrors::single("shop_id", "no such shop").into());
         }
-        let id = commerce::insert_product(&self.commerce, shop, &req.name, price, currency, req.stock, now())
-            .await?;
+        let id = commerce::insert_product(
+            &self.commerce,
+            shop,
+            &req.name,
+            price,
+            currency,
+            req.stock,
+            self.clock.now(),
+        )
+        .await?;
         Ok(Product {
             product_id: id,
             shop_id: shop,
@@ -276,7 +292,7 @@ impl CatalogService {
         }
         let product = self.get_product(id).await?;
         Self::manages(caller, product.shop_id)?;
-        if !commerce::add_stock(&self.commerce, id, req.quantity, MAX_STOCK, now()).await? {
+        if !commerce::add_stock(&self.commerce, id, req.quantity, MAX_STOCK, self.clock.now()).await? {
             return Err(FieldErrors::single("quantity", format!("stock would exceed {MAX_STOCK}")).into());
         }
         self.get_product(id).await
@@ -304,7 +320,7 @@ impl CatalogService {
         }
         let min_spend = money_field(&mut errors, "min_spend", req.min_spend);
         let currency = currency_field(&mut errors, req.currency.as_deref());
-        let valid_from = req.valid_from.unwrap_or_else(now);
+        let valid_from = req.valid_from.unwrap_or_else(|| self.clock.now());
         if !is_storable_time(&valid_from) {
             errors.push("valid_from", "must be between the years 1970 and 9999");
         }
@@ -337,7 +353,7 @@ impl CatalogService {
             valid_to: req.valid_to,
             currency,
         };
-        let coupon_id = commerce::insert_coupon(&self.commerce, &coupon, now()).await?;
+        let coupon_id = commerce::insert_coupon(&self.commerce, &coupon, self.clock.now()).await?;
         Ok(CouponView { coupon_id, coupon })
     }
 }

@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::MySqlPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio_util::sync::CancellationToken;
 
 use crate::cache::{Cache, GateAnswer};
+use crate::clock::Clock;
 use crate::config::FlashSettings;
 use crate::domain::actor::Caller;
 use crate::domain::flash::{FlashSale, NewFlashSale, NewFlashSaleRequest};
@@ -36,7 +36,6 @@ use crate::domain::ids::{FlashSaleId, OrderId, ProductId, UserId};
 use crate::domain::order::FieldErrors;
 use crate::storage::{commerce, flash};
 
-use super::orders::now;
 use super::{Error, Result};
 
 /// Sales starting within this much are loaded with the live ones, so that the in-memory list
@@ -55,6 +54,7 @@ pub struct FlashSales {
     fallback: Mutex<HashMap<FlashSaleId, Arc<FallbackBound>>>,
     /// Sales whose gate is being rebuilt in the background.
     rebuilding: Arc<Mutex<HashSet<FlashSaleId>>>,
+    clock: Clock,
 }
 
 /// The database path's bound of one sale: `flash.fallback_concurrency` places, and the
@@ -86,6 +86,11 @@ pub enum Admission {
 }
 
 impl FlashSales {
+    /// The `[flash]` settings this service runs with.
+    pub fn settings(&self) -> &FlashSettings {
+        &self.settings
+    }
+
     pub fn new(commerce: MySqlPool, cache: Cache, settings: FlashSettings) -> FlashSales {
         FlashSales {
             commerce,
@@ -95,7 +100,14 @@ impl FlashSales {
             refreshing: tokio::sync::Mutex::new(()),
             fallback: Mutex::new(HashMap::new()),
             rebuilding: Arc::new(Mutex::new(HashSet::new())),
+            clock: Clock::system(),
         }
+    }
+
+    /// The clock sales are read and stamped with (the system's by default).
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
     }
 
     // ------------------------------------------------------------------ live sales
@@ -119,7 +131,7 @@ impl FlashSales {
                 return Ok(k.1.clone());
             }
         }
-        let t = Utc::now();
+        let t = self.clock.now();
         let sales = Arc::new(flash::sales_between(&self.commerce, t, t + LOOKAHEAD).await?);
         *self.known.write().unwrap_or_else(|p| p.into_inner()) = (Some(Instant::now()), sales.clone());
         Ok(sales)
@@ -244,7 +256,7 @@ impl FlashSales {
 
     /// Rebuilds the gate of every sale live now or starting soon: one step of the loop.
     pub async fn rebuild_all_once(&self) -> Result<usize> {
-        let t = Utc::now();
+        let t = self.clock.now();
         let sales = flash::sales_between(&self.commerce, t, t + LOOKAHEAD).await?;
         let mut rebuilt = 0;
         for sale in &sales {
@@ -263,7 +275,7 @@ impl FlashSales {
                 "only an administrator or the product's merchant creates flash sales",
             ));
         }
-        let new = NewFlashSale::parse(&req, Utc::now())?;
+        let new = NewFlashSale::parse(&req, self.clock.now())?;
         let product = commerce::load_product(&self.commerce, new.product_id)
             .await?
             .ok_or_else(|| FieldErrors::single("product_id", "no such product"))?;
@@ -271,7 +283,7 @@ impl FlashSales {
             // Another shop's product: as for its catalog, the sale is not this merchant's to see.
             return Err(Error::NotFound);
         }
-        match flash::insert_sale(&self.commerce, product.shop_id, &new, now()).await? {
+        match flash::insert_sale(&self.commerce, product.shop_id, &new, self.clock.now()).await? {
             Ok(sale) => {
                 self.forget();
                 if let Err(e) = self.rebuild(&sale).await {
@@ -297,7 +309,7 @@ impl FlashSales {
     /// Ends a sale now: no more units are sold through it (orders made stay).
     pub async fn end(&self, caller: Caller, id: FlashSaleId) -> Result<FlashSale> {
         let sale = self.get(caller, id).await?;
-        flash::end_sale(&self.commerce, id, now()).await?;
+        flash::end_sale(&self.commerce, id, self.clock.now()).await?;
         self.forget();
         let ended = flash::load_sale(&self.commerce, id).await?.unwrap_or(sale);
         if let Err(e) = self.rebuild(&ended).await {
@@ -313,23 +325,4 @@ async fn rebuild_gate(commerce: &MySqlPool, cache: &Cache, sale: &FlashSale) -> 
     Ok(cache
         .gate_rebuild(sale, state.left, &state.buyers, &state.orders, &state.released)
         .await)
-}
-
-/// Rebuilds every live sale's gate on start and every `flash.gate_rebuild_interval_secs` until
-/// `shutdown` fires.
-pub async fn run(sales: Arc<FlashSales>, shutdown: CancellationToken) {
-    let every = Duration::from_secs(sales.settings.gate_rebuild_interval_secs.max(1));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        match sales.rebuild_all_once().await {
-            Ok(n) if n > 0 => tracing::debug!(gates = n, "flash gates rebuilt"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "flash gates not rebuilt; next interval"),
-        }
-    }
 }

@@ -1,4 +1,5 @@
-//! Background steps: the reservation sweeper, the payment-timeout closer and the completer.
+//! The steps of the background work on orders: the reservation sweeper, the payment-timeout
+//! closer and the completer (their loops, cadence and metrics are in [`crate::jobs`]).
 //!
 //! The sweeper settles claims and finishes releases. Two kinds of work, both found by an
 //! index:
@@ -30,8 +31,8 @@
 //!
 //! [`OrderService::sweep_once`], [`OrderService::close_expired_once`] and
 //! [`OrderService::complete_shipped_once`] are single steps (tests call them directly with a
-//! chosen time); [`run`] loops until its token is cancelled. A failure on one claim or shard
-//! is logged and the step goes on with the rest.
+//! chosen time); [`crate::jobs::sweeper::run`] loops until its token is cancelled. A
+//! failure on one claim or shard is logged and the step goes on with the rest.
 
 use std::collections::BTreeMap;
 use std::ops::AddAssign;
@@ -41,7 +42,6 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlConnection};
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use crate::domain::ids::OrderId;
 use crate::domain::status::{Command, OrderStatus};
@@ -50,7 +50,7 @@ use crate::storage::orders::{self, OrderWrite, StatusChange, VoidOutcome};
 use crate::storage::shards::Shard;
 use crate::storage::StorageError;
 
-use super::orders::{now, OrderService, Snapshot};
+use super::orders::{OrderService, Snapshot};
 use super::{retry_deadlocks, Result};
 
 /// What one sweep step did.
@@ -75,14 +75,6 @@ pub struct SweepOutcome {
 /// would otherwise hold the step forever. Whatever is cut off is safe to redo: the void
 /// handshake and the give-back are each one transaction.
 const DATABASE_STEP_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The pause between two batches of one sweep that is catching up. A batch takes a few
-/// milliseconds per database; with this pause the sweeper settles up to ten batches (5 000
-/// claims at the default batch size) a second, above any create rate one service process
-/// reaches, while leaving the databases to live requests most of the time. Without it, a
-/// backlog (after a restart, or the first grace period of a load) was worked off in one
-/// burst that doubled the latency of the requests running beside it.
-const CATCH_UP_PAUSE: Duration = Duration::from_millis(100);
 
 impl AddAssign for SweepOutcome {
     fn add_assign(&mut self, o: SweepOutcome) {
@@ -276,7 +268,7 @@ impl OrderService {
         claim: &StaleClaim,
     ) -> Result<Settled, StorageError> {
         let id = claim.order_id;
-        match orders::void_unless_written(conn, &shard.tables, id, now()).await? {
+        match orders::void_unless_written(conn, &shard.tables, id, self.clock().now()).await? {
             VoidOutcome::Written(hash) if hash[..] == claim.request_hash[..] => {
                 let ids = [id];
                 let n = retry_deadlocks(|| commerce::confirm_claims(self.commerce(), &ids)).await?;
@@ -289,7 +281,8 @@ impl OrderService {
             VoidOutcome::Written(_) => Ok(Settled::Mismatch),
             VoidOutcome::Voided => {
                 let mut c = self.commerce().acquire().await?;
-                let given = commerce::abandon_claim(&mut c, id, claim.attempt, false, now()).await?;
+                let given =
+                    commerce::abandon_claim(&mut c, id, claim.attempt, false, self.clock().now()).await?;
                 drop(c);
                 self.flash().give_back(id, given.flash_sales()).await;
                 if given.done() {
@@ -455,7 +448,7 @@ impl OrderService {
                         from,
                         to,
                         change: &change,
-                        now: now(),
+                        now: service.clock().now(),
                     };
                     let moved = service.commit(&shard, write, Snapshot::None).await?.is_ok();
                     if moved && due == Due::Unpaid {
@@ -519,116 +512,4 @@ fn mismatch(claim: &StaleClaim) {
         order_id = %claim.order_id,
         "sweep: the order on the shard does not carry its claim's request hash; claim left alone"
     );
-}
-
-/// Adds a sweep step to `orderly_sweeper_claims_total` (zeros too, so every series exists
-/// from the first step on).
-fn count_sweep(out: &SweepOutcome) {
-    for (outcome, n) in [
-        ("confirmed", out.confirmed),
-        ("returned", out.returned),
-        ("released", out.released),
-        ("failed", out.failed),
-    ] {
-        metrics::counter!("orderly_sweeper_claims_total", "outcome" => outcome).increment(n as u64);
-    }
-}
-
-/// Adds a close step to `orderly_closer_orders_total`.
-fn count_close(out: &CloseOutcome) {
-    for (outcome, n) in [
-        ("closed", out.closed),
-        ("raced", out.raced),
-        ("failed", out.failed),
-    ] {
-        metrics::counter!("orderly_closer_orders_total", "outcome" => outcome).increment(n as u64);
-    }
-}
-
-/// Adds a completer step to `orderly_completer_orders_total`.
-fn count_complete(out: &CompleteOutcome) {
-    for (outcome, n) in [
-        ("completed", out.completed),
-        ("raced", out.raced),
-        ("failed", out.failed),
-    ] {
-        metrics::counter!("orderly_completer_orders_total", "outcome" => outcome).increment(n as u64);
-    }
-}
-
-/// Sweeps, closes expired orders and completes orders shipped more than `auto_complete`
-/// ago, every `interval` until `shutdown` fires.
-///
-/// Creates leave their claims for the sweeper to confirm, so under load a step finds a full
-/// batch: the sweep repeats, after a short pause ([`CATCH_UP_PAUSE`]), while its batches come
-/// back full and make progress, for up to one interval, so the sweeper keeps up with the
-/// create rate. Shutdown stops a step between its writes: each order's move runs to its end
-/// (commit, cache notice, stock) on a write task that `serve` waits for.
-pub async fn run(
-    service: OrderService,
-    grace: Duration,
-    auto_complete: Duration,
-    interval: Duration,
-    batch: u32,
-    shutdown: CancellationToken,
-) {
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        let busy_until = tokio::time::Instant::now() + interval;
-        loop {
-            let step = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                step = service.sweep_once(Utc::now(), grace, batch) => step,
-            };
-            match step {
-                Ok(out) => {
-                    count_sweep(&out);
-                    if out != SweepOutcome::default() {
-                        tracing::info!(?out, "sweep");
-                    }
-                    let full = out.examined >= batch as usize && out.confirmed + out.returned > 0;
-                    if !full || tokio::time::Instant::now() >= busy_until {
-                        break;
-                    }
-                    // A breath between batches so that catching up never crowds out live
-                    // requests.
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(CATCH_UP_PAUSE) => {}
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "sweep failed; retrying next interval");
-                    break;
-                }
-            }
-        }
-        let closed = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            closed = service.close_expired_once(Utc::now(), batch) => closed,
-        };
-        if let Ok(out) = &closed {
-            count_close(out);
-        }
-        match closed {
-            Ok(out) if out != CloseOutcome::default() => tracing::info!(?out, "closed expired orders"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "closing expired orders failed; retrying next interval"),
-        }
-        let completed = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            completed = service.complete_shipped_once(Utc::now(), auto_complete, batch) => completed,
-        };
-        if let Ok(out) = &completed {
-            count_complete(out);
-        }
-        match completed {
-            Ok(out) if out != CompleteOutcome::default() => tracing::info!(?out, "completed shipped orders"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "completing shipped orders failed; retrying next interval"),
-        }
-    }
 }
