@@ -1529,7 +1529,9 @@ impl Workload {
             now,
             pay_deadline: now + self.pay_timeout,
         };
-        if let Err(not) = orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(&shard.tables, write)).await? {
+        if let Err(not) =
+            orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(&shard.tables, write)).await?
+        {
             return Err(Outcome::Error(format!("{not:?}")));
         }
         self.record(user, id);
@@ -1681,7 +1683,10 @@ impl Workload {
                 change: &change,
                 now: Utc::now(),
             };
-            if orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(t, write)).await?.is_err() {
+            if orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(t, write))
+                .await?
+                .is_err()
+            {
                 return Err(Outcome::Error("lost_race".into()));
             }
             orders::load_order(&mut conn, t, id).await?;
