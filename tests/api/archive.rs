@@ -154,6 +154,7 @@ fn exported_ids(dir: &std::path::Path) -> HashSet<i64> {
 }
 
 #[tokio::test]
+#[ignore = "slow group: .ci/run runs it (cargo test --test api -- --ignored)"]
 async fn archive_moves_ten_thousand_old_final_orders_in_batches() {
     let app = app().await;
     let users: Vec<i64> = (5001..5041).collect();
@@ -379,6 +380,7 @@ async fn a_pass_killed_at_each_failpoint_and_run_again_leaves_every_order_in_one
 }
 
 #[tokio::test]
+#[ignore = "slow group: .ci/run runs it (cargo test --test api -- --ignored)"]
 async fn live_creates_and_reads_during_a_pass_never_miss_an_order() {
     let app = app().await;
     let users: Vec<i64> = (8001..8011).collect();

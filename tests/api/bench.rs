@@ -28,6 +28,7 @@ fn small() -> BenchOptions {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow group: .ci/run runs it (cargo test --test api -- --ignored)"]
 async fn bench_runs_every_scenario_with_passing_checks() {
     let app = TestApp::spawn().await;
     let opts = small();

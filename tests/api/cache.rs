@@ -176,6 +176,7 @@ async fn cache_stale_fill_never_lands_after_a_newer_write() {
 /// after an acknowledgement must see that version or a newer one: by order id, through
 /// `?include=user`, and in the owner's first page of orders.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow group: .ci/run runs it (cargo test --test api -- --ignored)"]
 async fn cache_is_never_behind_an_acknowledged_write() {
     const WRITERS: usize = 8;
     const READERS: usize = 32;

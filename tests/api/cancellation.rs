@@ -295,6 +295,7 @@ async fn fresh(url: &str) -> MySqlConnection {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "slow group: .ci/run runs it (cargo test --test api -- --ignored)"]
 async fn acknowledged_writes_survive_a_storm_of_cancelled_requests() {
     // The server cuts requests off too, at its own timeout: a few times a request's
     // latency, so that its cut-offs land on the awaits of the slowest write paths.

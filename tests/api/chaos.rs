@@ -165,6 +165,7 @@ impl Poster {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore = "slow group: .ci/run runs it (cargo test --test api -- --ignored)"]
 async fn acknowledged_writes_survive_the_service_and_its_dependencies_killed_under_load() {
     let cluster = LocalCluster::start(ClusterSpec::default()).await.unwrap();
     let app = TestApp::spawn_on(&cluster, |_| {}).await;
