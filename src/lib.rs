@@ -7,8 +7,10 @@
 //! - [`clock`] — the time services read: the system's, or a manual one tests set and move.
 //! - [`config`] — settings from `config.default.toml`, a user file and `ORDERLY_*` variables.
 //! - [`storage`] — MariaDB: the shard map (each database with its read replicas), the schema,
-//!   the SQL of order shards, commerce, flash sales and the archive, with one commit point for
-//!   every order write, and the pool guard (no connection goes back to a pool inside a transaction).
+//!   the SQL of order shards, commerce, flash sales and the archive, and the pool guard (no
+//!   connection goes back to a pool inside a transaction). `storage/orders/commit.rs` is the
+//!   one door: the only file that writes an order row or an order event (`tests/one_door.rs`
+//!   fails on any other).
 //! - [`cache`] — Redis cache-aside for orders, user profiles and first pages, never behind a
 //!   committed write; a disabled variant when `[cache] enabled = false`. The carts' Redis
 //!   hashes and dirty sets live there too.
