@@ -162,7 +162,7 @@ impl TestApp {
         let base_url = format!("http://{}", app.address());
         let state = app.state().clone();
         tokio::spawn(app.run());
-        let raw = RawDb::connect(&settings).await.expect("raw pools");
+        let raw = RawDb::connect_checked(&settings).await.expect("raw pools");
         let commerce = raw.commerce().clone();
         TestApp {
             base: base_url,
