@@ -14,6 +14,7 @@ mod cancellation;
 mod cart;
 mod catalog;
 mod chaos;
+mod cluster;
 mod events;
 mod exactly_once;
 mod flash;

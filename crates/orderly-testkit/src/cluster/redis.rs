@@ -173,7 +173,7 @@ impl RedisServer {
 }
 
 /// Sends `PING` to the Redis server on `port` over a raw connection and expects `+PONG`.
-pub(super) async fn redis_ping(port: u16) -> Result<(), String> {
+pub async fn redis_ping(port: u16) -> Result<(), String> {
     redis_command(port, "PING", "+PONG").await
 }
 
