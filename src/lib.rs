@@ -9,9 +9,11 @@
 //! - [`storage`] — MariaDB: the shard map (each database with its read replicas), the schema,
 //!   the SQL of order shards, commerce, flash sales and the archive, with one commit point for
 //!   every order write, and the pool guard (no connection goes back to a pool inside a transaction).
-//! - [`cache`] — Redis cache-aside for orders, user profiles and first pages, never behind a
-//!   committed write; a disabled variant when `[cache] enabled = false`. The carts' Redis
-//!   hashes and dirty sets live there too.
+//! - [`redis`] — one shared connection (run tag, timeouts, circuit breaker, key prefix,
+//!   scripts) and, beside each other over it: [`redis::cache`], cache-aside for orders, user
+//!   profiles and first pages, never behind a committed write (a disabled variant when
+//!   `[cache] enabled = false`); [`redis::gate`], the flash-sale gate; [`redis::cart`], the
+//!   cart store.
 //! - [`lease`] — worker-id leases in the commerce database: processes never share an id space.
 //! - [`events`] — the order event stream: the outbox relay to NATS JetStream (one active
 //!   relay per shard database), durable consumers and the read models they feed (the
@@ -53,7 +55,6 @@ macro_rules! fail_point {
 }
 
 pub mod app;
-pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod domain;
@@ -61,6 +62,7 @@ pub mod events;
 pub mod http;
 pub mod jobs;
 pub mod lease;
+pub mod redis;
 pub mod search;
 pub mod service;
 pub mod storage;
