@@ -1,11 +1,11 @@
 //! Which codec the cache uses: JSON vs MessagePack vs bincode 1 on a realistic order (3 lines,
 //! 1 payment, 1 discount, an address in Chinese), by encoded size and by the time of one
 //! encode + decode of the cache record. Run with `cargo bench --bench cache_codec`; the
-//! figures are copied into the `cache::codec` module docs.
+//! figures are copied into the `redis::cache::codec` module docs.
 
 use bincode::Options;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
-use orderly::cache::codec::{decode_order, encode_order, sample_order, OrderRecord};
+use orderly::redis::cache::codec::{decode_order, encode_order, sample_order, OrderRecord};
 
 fn record() -> OrderRecord {
     OrderRecord::from(&sample_order(123_456_789_012_345, 987_654, 3))

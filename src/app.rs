@@ -15,7 +15,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cache::{Cache, CacheHealth};
 use crate::clock::Clock;
 use crate::config::{DatabaseSettings, Settings};
 use crate::domain::consistency::DatabaseRef;
@@ -27,6 +26,10 @@ use crate::http::limits::{self, UserLimits};
 use crate::http::{router, AppState};
 use crate::jobs;
 use crate::lease::IdSource;
+use crate::redis::cache::{Cache, CacheHealth};
+use crate::redis::cart::CartStore;
+use crate::redis::gate::FlashGate;
+use crate::redis::Redis;
 use crate::search::index::TantivyIndex;
 use crate::search::{projection as search, IndexError, OrderIndex};
 use crate::service::archive::{self, Archiver, PassOptions};
@@ -107,8 +110,10 @@ impl Application {
         for db in &databases {
             db.probe().await;
         }
-        // Never fails for a Redis that is down: the cache starts degraded and probes it.
-        let cache = Cache::from_settings(&settings.redis, &settings.cache).await?;
+        // Never fails for a Redis that is down: it starts degraded and probes it. One
+        // connection (and breaker) for the cache, the flash gate and the cart store.
+        let redis = Redis::from_settings(&settings.redis, &settings.cache).await?;
+        let cache = Cache::new(redis.as_ref(), &settings.cache);
         // Bound before the lease, so a taken port does not cost a worker id.
         let listener = TcpListener::bind(settings.server.listen).await?;
         let addr = listener.local_addr()?;
@@ -124,11 +129,15 @@ impl Application {
             }
         };
         let flash = Arc::new(
-            FlashSales::new(commerce.clone(), cache.clone(), settings.flash.clone())
-                .with_clock(clock.clone()),
+            FlashSales::new(
+                commerce.clone(),
+                redis.clone().map(FlashGate::new),
+                settings.flash.clone(),
+            )
+            .with_clock(clock.clone()),
         );
         let carts = Arc::new(
-            CartService::new(commerce.clone(), cache.clone(), settings.cart.clone())
+            CartService::new(commerce.clone(), redis.map(CartStore::new), settings.cart.clone())
                 .with_clock(clock.clone()),
         );
         // One relay per shard database, then the archive's.

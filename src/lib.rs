@@ -11,9 +11,11 @@
 //!   connection goes back to a pool inside a transaction). `storage/orders/commit.rs` is the
 //!   one door: the only file that writes an order row or an order event (`tests/one_door.rs`
 //!   fails on any other).
-//! - [`cache`] — Redis cache-aside for orders, user profiles and first pages, never behind a
-//!   committed write; a disabled variant when `[cache] enabled = false`. The carts' Redis
-//!   hashes and dirty sets live there too.
+//! - [`redis`] — one shared connection (run tag, timeouts, circuit breaker, key prefix,
+//!   scripts) and, beside each other over it: [`redis::cache`], cache-aside for orders, user
+//!   profiles and first pages, never behind a committed write (a disabled variant when
+//!   `[cache] enabled = false`); [`redis::gate`], the flash-sale gate; [`redis::cart`], the
+//!   cart store.
 //! - [`lease`] — worker-id leases in the commerce database: processes never share an id space.
 //! - [`events`] — the order event stream: the outbox relay to NATS JetStream (one active
 //!   relay per shard database), durable consumers and the read models they feed (the
@@ -55,7 +57,6 @@ macro_rules! fail_point {
 }
 
 pub mod app;
-pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod domain;
@@ -63,6 +64,7 @@ pub mod events;
 pub mod http;
 pub mod jobs;
 pub mod lease;
+pub mod redis;
 pub mod search;
 pub mod service;
 pub mod storage;

@@ -280,8 +280,8 @@ fn describe_metrics() {
     );
     describe_counter!(
         "orderly_cache_redis_errors_total",
-        "Redis calls of the cache that failed, by kind (error, timeout); each counts toward the \
-         circuit breaker"
+        "Redis calls that failed (cache, flash gate, carts: one connection), by kind (error, \
+         timeout); each counts toward the circuit breaker"
     );
     describe_gauge!(
         "orderly_cache_up",

@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use orderly::cache::codec::sample_order;
-use orderly::cache::redis::{order_key, RedisCache};
-use orderly::cache::CacheHealth;
 use orderly::config::{CacheSettings, RedisSettings};
 use orderly::domain::consistency::DatabaseRef;
 use orderly::domain::ids::{OrderId, UserId};
+use orderly::redis::cache::codec::sample_order;
+use orderly::redis::cache::{order_key, CacheHealth, RedisCache};
+use orderly::redis::gate::FlashGate;
+use orderly::redis::Redis;
 use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 
 /// The database every entry of these tests is loaded from (it only picks the fill bound).
@@ -47,6 +48,8 @@ fn settings() -> CacheSettings {
 struct Fixture {
     cluster: LocalCluster,
     cache: RedisCache,
+    /// Over the cache's connection, as in the server.
+    gate: FlashGate,
 }
 
 async fn fixture_with(cache: CacheSettings) -> Fixture {
@@ -62,8 +65,10 @@ async fn fixture_with(cache: CacheSettings) -> Fixture {
         url: cluster.redis_url().expect("redis url"),
         key_prefix: PREFIX.into(),
     };
-    let cache = RedisCache::connect(&redis, &cache).await.expect("connect");
-    Fixture { cluster, cache }
+    let conn = Redis::connect(&redis, &cache).await.expect("connect");
+    let gate = FlashGate::new(conn.clone());
+    let cache = RedisCache::new(conn, &cache);
+    Fixture { cluster, cache, gate }
 }
 
 async fn fixture() -> Fixture {
@@ -472,7 +477,9 @@ async fn a_cache_whose_redis_is_down_at_start_is_degraded_and_recovers() {
         url: cluster.redis_url().unwrap(),
         key_prefix: PREFIX.into(),
     };
-    let cache = RedisCache::connect(&redis, &settings()).await.unwrap();
+    let conn = Redis::connect(&redis, &settings()).await.unwrap();
+    let gate = FlashGate::new(conn.clone());
+    let cache = RedisCache::new(conn, &settings());
     assert_eq!(cache.health(), CacheHealth::Degraded);
     let db = Db::with(Some(order(13, 1)));
     assert!(cache
@@ -481,7 +488,7 @@ async fn a_cache_whose_redis_is_down_at_start_is_degraded_and_recovers() {
         .unwrap()
         .is_some());
     cluster.start_redis().await.unwrap();
-    let f = Fixture { cluster, cache };
+    let f = Fixture { cluster, cache, gate };
     read_until_hit(&f, &db, order_id(13), Some(1)).await;
 }
 
@@ -520,9 +527,9 @@ async fn too_many_undelivered_notices_purge_every_entry_before_the_cache_is_read
 /// gives back once; a rebuild replaces it; no gate answers `Missing`.
 #[tokio::test]
 async fn flash_gate_takes_once_per_order_and_gives_back_once() {
-    use orderly::cache::GateAnswer;
     use orderly::domain::flash::FlashSale;
     use orderly::domain::ids::{FlashSaleId, ProductId, ShopId, UserId};
+    use orderly::redis::gate::GateAnswer;
     let f = fixture().await;
     let now = chrono::Utc::now();
     let sale = FlashSale {
@@ -545,64 +552,52 @@ async fn flash_gate_takes_once_per_order_and_gives_back_once() {
     );
     let order = |n: i64| OrderId::new(n).unwrap();
     assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
+        f.gate.take(sale.sale_id, order(1), a, 1).await,
         GateAnswer::Missing
     );
-    assert!(f.cache.gate_rebuild(&sale, 2, &[], &[], &[]).await);
+    assert!(f.gate.rebuild(&sale, 2, &[], &[], &[]).await);
+    assert_eq!(f.gate.take(sale.sale_id, order(1), a, 1).await, GateAnswer::Took);
     assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
-        GateAnswer::Took
-    );
-    assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
+        f.gate.take(sale.sale_id, order(1), a, 1).await,
         GateAnswer::Already
     );
     assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(2), a, 1).await,
+        f.gate.take(sale.sale_id, order(2), a, 1).await,
         GateAnswer::OverLimit
     );
+    assert_eq!(f.gate.take(sale.sale_id, order(3), b, 1).await, GateAnswer::Took);
     assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(3), b, 1).await,
-        GateAnswer::Took
-    );
-    assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(4), c, 1).await,
+        f.gate.take(sale.sale_id, order(4), c, 1).await,
         GateAnswer::SoldOut
     );
-    assert_eq!(f.cache.gate_give_back(sale.sale_id, order(3)).await, Some(true));
+    assert_eq!(f.gate.give_back(sale.sale_id, order(3)).await, Some(true));
     assert_eq!(
-        f.cache.gate_give_back(sale.sale_id, order(3)).await,
+        f.gate.give_back(sale.sale_id, order(3)).await,
         Some(false),
         "once"
     );
-    assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(4), c, 1).await,
-        GateAnswer::Took
-    );
+    assert_eq!(f.gate.take(sale.sale_id, order(4), c, 1).await, GateAnswer::Took);
     // A rebuild from the database's state replaces everything.
     assert!(
-        f.cache
-            .gate_rebuild(&sale, 1, &[(a, 1)], &[(order(1), a, 1)], &[])
+        f.gate
+            .rebuild(&sale, 1, &[(a, 1)], &[(order(1), a, 1)], &[])
             .await
     );
     assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(1), a, 1).await,
+        f.gate.take(sale.sale_id, order(1), a, 1).await,
         GateAnswer::Already
     );
+    assert_eq!(f.gate.take(sale.sale_id, order(5), b, 1).await, GateAnswer::Took);
     assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(5), b, 1).await,
-        GateAnswer::Took
-    );
-    assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(6), c, 1).await,
+        f.gate.take(sale.sale_id, order(6), c, 1).await,
         GateAnswer::SoldOut
     );
     let mut over = sale.clone();
     over.ends_at = now - chrono::TimeDelta::seconds(1);
     over.starts_at = now - chrono::TimeDelta::hours(1);
-    assert!(f.cache.gate_rebuild(&over, 5, &[], &[], &[order(9)]).await);
+    assert!(f.gate.rebuild(&over, 5, &[], &[], &[order(9)]).await);
     assert_eq!(
-        f.cache.gate_take(sale.sale_id, order(7), c, 1).await,
+        f.gate.take(sale.sale_id, order(7), c, 1).await,
         GateAnswer::Closed
     );
 }

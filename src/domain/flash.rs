@@ -3,7 +3,7 @@
 //!
 //! Inside its window (`starts_at <= t < ends_at`, and not ended early) a sale's product is
 //! priced at the sale price and its units are taken through the sale (a Redis gate in front,
-//! the database as the truth: see `cache::redis` and `storage::commerce`); outside it the
+//! the database as the truth: see `redis::gate` and `storage::commerce`); outside it the
 //! product sells normally at its list price. An order of the sale gets the sale's payment
 //! timeout.
 

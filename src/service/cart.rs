@@ -1,7 +1,7 @@
 //! The cart: Redis write-behind with a bounded loss window (SPEC 6, "Cart").
 //!
 //! # Where a cart lives
-//! A buyer's cart is a Redis hash (see [`crate::cache::redis::cart`]); every change runs one
+//! A buyer's cart is a Redis hash (see [`crate::redis::cart`]); every change runs one
 //! Lua script that changes it, bumps its version and marks the buyer dirty, scored by that
 //! version. The flusher ([`CartService::flush_once`], run by [`crate::jobs::cart_flusher`]
 //! every `cart.loss_window_ms` in every `serve` process) reads the dirty carts, writes them to `carts` in MySQL in batches,
@@ -20,7 +20,7 @@
 //!
 //! # Redis down
 //! Reads and changes go to MySQL directly (a read-modify-write of the row in one short
-//! transaction), behind the cache's breaker and timeouts: slower, not failing. Such a change
+//! transaction), behind the shared Redis connection's breaker and timeouts: slower, not failing. Such a change
 //! raises the row's version by [`OUTAGE_STEP`], far above any version Redis could have reached
 //! meanwhile, so the flusher never writes the older Redis copy over it, and drops that copy
 //! instead (a later read loads MySQL's). This process also remembers the carts it wrote so
@@ -42,14 +42,13 @@ use std::sync::Mutex;
 
 use sqlx::MySqlPool;
 
-use crate::cache::redis::cart::CartWrite;
-use crate::cache::{Cache, RedisCache};
 use crate::clock::Clock;
 use crate::config::CartSettings;
 use crate::domain::actor::Caller;
 use crate::domain::cart::{Cart, CartQuantity, Refusal, StoredCart};
 use crate::domain::ids::{OrderId, ProductId, UserId};
 use crate::domain::order::{FieldErrors, NewLine, MAX_LINES};
+use crate::redis::cart::{CartStore, CartWrite};
 use crate::storage::carts;
 use crate::storage::commerce::{self, Product};
 
@@ -92,11 +91,11 @@ impl Change {
         }
     }
 
-    async fn in_redis(&self, r: &RedisCache, user: UserId) -> Option<CartWrite> {
+    async fn in_redis(&self, r: &CartStore, user: UserId) -> Option<CartWrite> {
         match self {
-            Change::Set(p, q) => r.cart_set(user, *p, q.get()).await,
-            Change::Clear => r.cart_clear(user).await,
-            Change::CheckOut(order, lines) => r.cart_check_out(user, *order, lines).await,
+            Change::Set(p, q) => r.set(user, *p, q.get()).await,
+            Change::Clear => r.clear(user).await,
+            Change::CheckOut(order, lines) => r.check_out(user, *order, lines).await,
         }
     }
 }
@@ -117,7 +116,8 @@ pub struct FlushOutcome {
 
 pub struct CartService {
     commerce: MySqlPool,
-    cache: Cache,
+    /// `None`: no Redis (`[cache] enabled = false`), carts live in MySQL only.
+    store: Option<CartStore>,
     settings: CartSettings,
     /// See [`MAX_KNOWN_PRODUCTS`].
     known: Mutex<HashSet<ProductId>>,
@@ -147,10 +147,10 @@ fn too_many_lines() -> Error {
 }
 
 impl CartService {
-    pub fn new(commerce: MySqlPool, cache: Cache, settings: CartSettings) -> CartService {
+    pub fn new(commerce: MySqlPool, store: Option<CartStore>, settings: CartSettings) -> CartService {
         CartService {
             commerce,
-            cache,
+            store,
             settings,
             known: Mutex::new(HashSet::new()),
             direct: Mutex::new(HashMap::new()),
@@ -167,7 +167,7 @@ impl CartService {
     /// Whether carts live in Redis (write-behind, flushed by
     /// [`crate::jobs::cart_flusher`]); without Redis they live in MySQL only.
     pub fn has_redis(&self) -> bool {
-        self.cache.redis().is_some()
+        self.store.is_some()
     }
 
     pub fn settings(&self) -> &CartSettings {
@@ -189,13 +189,13 @@ impl CartService {
     /// from MySQL when Redis does not answer.
     pub async fn load(&self, user: UserId) -> Result<StoredCart> {
         if let Some(r) = self.redis_for(user).await {
-            match r.cart_get(user).await {
+            match r.get(user).await {
                 Some(Some(c)) => return Ok(c),
                 Some(None) => {
                     let stored = carts::load(&self.commerce, user).await?;
                     // A fill that fails or finds a cart there changes nothing we answer: the
                     // one there is as new as MySQL's or newer, and the next read sees it.
-                    let _ = r.cart_fill(user, &stored).await;
+                    let _ = r.fill(user, &stored).await;
                     return Ok(stored);
                 }
                 None => {}
@@ -206,8 +206,8 @@ impl CartService {
 
     /// Redis for `user`'s cart, once any copy older than a change this process made in MySQL
     /// is dropped; `None`: no Redis, or it does not answer.
-    async fn redis_for(&self, user: UserId) -> Option<&RedisCache> {
-        let r = self.cache.redis()?;
+    async fn redis_for(&self, user: UserId) -> Option<&CartStore> {
+        let r = self.store.as_ref()?;
         let pending = {
             let direct = lock(&self.direct);
             if direct.is_empty() {
@@ -217,7 +217,7 @@ impl CartService {
             }
         };
         if let Some(v) = pending {
-            r.cart_drop_older(user, v).await?;
+            r.drop_older(user, v).await?;
             let mut direct = lock(&self.direct);
             if direct.get(&user) == Some(&v) {
                 direct.remove(&user);
@@ -284,25 +284,21 @@ impl CartService {
                     Some(CartWrite::TooManyLines) => return Err(too_many_lines()),
                     Some(CartWrite::Missing) => {
                         let stored = carts::load(&self.commerce, user).await?;
-                        if r.cart_fill(user, &stored).await.is_none() {
+                        if r.fill(user, &stored).await.is_none() {
                             break;
                         }
                     }
                 }
             }
         }
-        let step = if self.cache.redis().is_some() {
-            OUTAGE_STEP
-        } else {
-            1
-        };
+        let step = if self.store.is_some() { OUTAGE_STEP } else { 1 };
         let changed = retry_deadlocks(|| async {
             carts::change(&self.commerce, user, step, self.clock.now(), |c| change.apply(c)).await
         })
         .await?;
         let (stored, changed) = changed.map_err(|Refusal::TooManyLines| too_many_lines())?;
         metrics::counter!("orderly_cart_writes_total", "path" => "mysql").increment(1);
-        if changed && self.cache.redis().is_some() {
+        if changed && self.store.is_some() {
             let mut direct = lock(&self.direct);
             if direct.len() >= MAX_DIRECT {
                 direct.clear();
@@ -326,7 +322,7 @@ impl CartService {
     #[doc(hidden)]
     pub async fn flush_once_paused(&self, during: impl Future<Output = ()>) -> Result<FlushOutcome> {
         let mut out = FlushOutcome::default();
-        let Some(r) = self.cache.redis() else {
+        let Some(r) = self.store.as_ref() else {
             during.await;
             return Ok(out);
         };
@@ -335,7 +331,7 @@ impl CartService {
         let mut during = Some(during);
         loop {
             // Redis not answering: what is dirty is in Redis, so there is nothing to flush.
-            let Some(buckets) = r.cart_dirty(batch).await else {
+            let Some(buckets) = r.dirty(batch).await else {
                 return Ok(out);
             };
             let full = buckets.iter().any(|b| b.len() >= batch);
@@ -374,13 +370,13 @@ impl CartService {
                     },
                 }
             }
-            if r.cart_clean(&done).await.is_none() {
+            if r.clean(&done).await.is_none() {
                 // Written, still marked: the next flush writes them again (a no-op).
                 return Ok(out);
             }
             // MySQL newer: written by a change while Redis did not answer (the Redis copy is
             // older and goes), or by another flusher that read a newer copy (kept).
-            let Some(dropped) = r.cart_drop_older_many(&stale).await else {
+            let Some(dropped) = r.drop_older_many(&stale).await else {
                 return Ok(out);
             };
             for d in dropped {
@@ -404,10 +400,10 @@ impl CartService {
 
     /// Drops the Redis copies of the carts this process changed in MySQL directly, where they
     /// are older.
-    async fn drop_direct_copies(&self, r: &RedisCache) {
+    async fn drop_direct_copies(&self, r: &CartStore) {
         let pending: Vec<(UserId, i64)> = lock(&self.direct).iter().map(|(u, v)| (*u, *v)).collect();
         for chunk in pending.chunks(DROP_BATCH) {
-            if r.cart_drop_older_many(chunk).await.is_none() {
+            if r.drop_older_many(chunk).await.is_none() {
                 return;
             }
             let mut direct = lock(&self.direct);

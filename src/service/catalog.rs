@@ -6,13 +6,13 @@ use sqlx::MySqlPool;
 
 use std::sync::Arc;
 
-use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::domain::actor::Caller;
 use crate::domain::consistency::Consistency;
 use crate::domain::ids::{ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::{check_text, is_storable_time, FieldErrors};
+use crate::redis::cache::Cache;
 use crate::storage::commerce::{self, NewCoupon, Product, Shop, User};
 use crate::storage::replicas::{self, Database, ReadQuery};
 use crate::storage::StorageError;

@@ -1,6 +1,6 @@
 //! Flash sales: the sales themselves (created, read and ended by an administrator or the
 //! product's merchant), the sales live now (kept in memory, to price orders without a query),
-//! and their Redis gates (see `cache::redis`'s `gate` module).
+//! and their Redis gates (see [`crate::redis::gate`]).
 //!
 //! # A flash create
 //! [`super::orders::OrderService::create`] prices a product of a live sale at the sale price,
@@ -27,13 +27,13 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::MySqlPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::cache::{Cache, GateAnswer};
 use crate::clock::Clock;
 use crate::config::FlashSettings;
 use crate::domain::actor::Caller;
 use crate::domain::flash::{FlashSale, NewFlashSale, NewFlashSaleRequest};
 use crate::domain::ids::{FlashSaleId, OrderId, ProductId, UserId};
 use crate::domain::order::FieldErrors;
+use crate::redis::gate::{FlashGate, GateAnswer};
 use crate::storage::{commerce, flash};
 
 use super::{Error, Result};
@@ -44,7 +44,8 @@ const LOOKAHEAD: TimeDelta = TimeDelta::minutes(10);
 
 pub struct FlashSales {
     commerce: MySqlPool,
-    cache: Cache,
+    /// `None`: no Redis (`[cache] enabled = false`), the database decides every buyer.
+    gate: Option<FlashGate>,
     settings: FlashSettings,
     /// Sales live now or soon, and when they were read.
     known: RwLock<(Option<Instant>, Arc<Vec<FlashSale>>)>,
@@ -91,10 +92,10 @@ impl FlashSales {
         &self.settings
     }
 
-    pub fn new(commerce: MySqlPool, cache: Cache, settings: FlashSettings) -> FlashSales {
+    pub fn new(commerce: MySqlPool, gate: Option<FlashGate>, settings: FlashSettings) -> FlashSales {
         FlashSales {
             commerce,
-            cache,
+            gate,
             settings,
             known: RwLock::new((None, Arc::new(Vec::new()))),
             refreshing: tokio::sync::Mutex::new(()),
@@ -156,7 +157,11 @@ impl FlashSales {
 
     /// Asks `sale`'s gate for `units` for `order`.
     pub async fn take(&self, sale: &FlashSale, order: OrderId, user: UserId, units: i64) -> Admission {
-        match self.cache.gate_take(sale.sale_id, order, user, units).await {
+        let answer = match &self.gate {
+            Some(gate) => gate.take(sale.sale_id, order, user, units).await,
+            None => GateAnswer::Unavailable,
+        };
+        match answer {
             GateAnswer::Took => Admission::Took,
             GateAnswer::Already => Admission::Already,
             GateAnswer::Known => Admission::Known,
@@ -221,7 +226,10 @@ impl FlashSales {
     /// or when the create did not reserve). A gate that does not hold them does nothing.
     pub async fn give_back(&self, order: OrderId, sales: &[FlashSaleId]) {
         for &sale in sales {
-            if self.cache.gate_give_back(sale, order).await.is_none() {
+            let Some(gate) = &self.gate else {
+                return;
+            };
+            if gate.give_back(sale, order).await.is_none() {
                 tracing::debug!(sale = %sale, order_id = %order, "gate give-back not delivered; the next rebuild settles it");
             }
         }
@@ -229,7 +237,7 @@ impl FlashSales {
 
     /// Rebuilds `sale`'s gate from the database; whether Redis took it.
     pub async fn rebuild(&self, sale: &FlashSale) -> Result<bool> {
-        rebuild_gate(&self.commerce, &self.cache, sale).await
+        rebuild_gate(&self.commerce, self.gate.as_ref(), sale).await
     }
 
     /// Rebuilds `sale`'s gate in the background, unless that is under way already.
@@ -242,10 +250,10 @@ impl FlashSales {
         {
             return;
         }
-        let (commerce, cache, rebuilding) =
-            (self.commerce.clone(), self.cache.clone(), self.rebuilding.clone());
+        let (commerce, gate, rebuilding) =
+            (self.commerce.clone(), self.gate.clone(), self.rebuilding.clone());
         tokio::spawn(async move {
-            let outcome = rebuild_gate(&commerce, &cache, &sale).await;
+            let outcome = rebuild_gate(&commerce, gate.as_ref(), &sale).await;
             tracing::info!(sale = %sale.sale_id, ?outcome, "flash gate rebuilt on demand");
             rebuilding
                 .lock()
@@ -320,9 +328,14 @@ impl FlashSales {
 }
 
 /// Replaces `sale`'s gate with what the database holds; whether Redis took it.
-async fn rebuild_gate(commerce: &MySqlPool, cache: &Cache, sale: &FlashSale) -> Result<bool> {
+/// Without a gate (no Redis) nothing is written: `false`.
+async fn rebuild_gate(commerce: &MySqlPool, gate: Option<&FlashGate>, sale: &FlashSale) -> Result<bool> {
     let state = flash::gate_state(commerce, sale).await?;
-    Ok(cache
-        .gate_rebuild(sale, state.left, &state.buyers, &state.orders, &state.released)
-        .await)
+    Ok(match gate {
+        Some(gate) => {
+            gate.rebuild(sale, state.left, &state.buyers, &state.orders, &state.released)
+                .await
+        }
+        None => false,
+    })
 }

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
 use futures::future::join_all;
-use orderly::cache::redis::order_key;
-use orderly::cache::CacheHealth;
 use orderly::domain::ids::{IdParts, OrderId, UserId};
 use orderly::domain::shard::Gene;
+use orderly::redis::cache::order_key;
+use orderly::redis::cache::CacheHealth;
 use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use serde_json::{json, Value};

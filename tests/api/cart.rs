@@ -13,9 +13,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use orderly::cache::redis::cart::{bucket_of, cart_key, dirty_key};
 use orderly::config::Settings;
 use orderly::domain::ids::UserId;
+use orderly::redis::cart::{bucket_of, cart_key, dirty_key};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

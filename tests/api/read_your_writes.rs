@@ -108,7 +108,7 @@ async fn pay_with_token(app: &TestApp, order: &Value) -> String {
 async fn on_cache_entry(app: &TestApp, command: &str, id: &str) -> i64 {
     let client = redis::Client::open(app.settings.redis.url.as_str()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let key = orderly::cache::redis::order_key(
+    let key = orderly::redis::cache::order_key(
         &app.settings.redis.key_prefix,
         orderly::domain::ids::OrderId::parse(id).unwrap(),
     );

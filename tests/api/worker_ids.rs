@@ -248,7 +248,7 @@ async fn worker_ids_and_creates_keep_working_while_redis_is_down() {
     .await;
     assert_eq!(
         app.app.orders.cache().health(),
-        orderly::cache::CacheHealth::Up,
+        orderly::redis::cache::CacheHealth::Up,
         "the service found Redis at start"
     );
     let cat = app.catalog(&[100]).await;

@@ -38,13 +38,13 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::{MySql, MySqlConnection, MySqlPool};
 
-use crate::cache::Cache;
 use crate::clock::Clock;
 use crate::config::{ArchiveSettings, CartSettings, FlashSettings, OrderSettings};
 use crate::domain::consistency::{Gtid, Watermark};
 use crate::domain::ids::OrderId;
 use crate::domain::order::{Address, FieldErrors, Order};
 use crate::events::RelayWakers;
+use crate::redis::cache::Cache;
 use crate::storage::orders::{
     self, ArchiveWrite, Committed, MoneyMovement, NotWritten, OrderDoor, OrderWrite,
 };
@@ -251,24 +251,18 @@ fn voided_id() -> Error {
 }
 
 impl OrderService {
+    /// Flash sales without a gate and carts without a store (the database alone) until
+    /// [`Self::with_flash`] and [`Self::with_carts`] hand in the ones over Redis.
     pub fn new(shards: ShardMap, commerce: MySqlPool, cache: Cache, settings: OrderSettings) -> Self {
         OrderService {
             shards,
             commerce: commerce.clone(),
-            cache: cache.clone(),
+            cache,
             settings: Arc::new(settings),
             max_unpaid_units: None,
             watermarks: Arc::new(LocalWatermarks::new(DEFAULT_WATERMARK_TTL)),
-            flash: Arc::new(FlashSales::new(
-                commerce.clone(),
-                cache.clone(),
-                FlashSettings::default(),
-            )),
-            carts: Arc::new(CartService::new(
-                commerce.clone(),
-                cache.clone(),
-                CartSettings::default(),
-            )),
+            flash: Arc::new(FlashSales::new(commerce.clone(), None, FlashSettings::default())),
+            carts: Arc::new(CartService::new(commerce.clone(), None, CartSettings::default())),
             relay_wakers: RelayWakers::default(),
             archive: None,
             writes: TaskTracker::new(),

@@ -10,13 +10,13 @@ use chrono::{DateTime, TimeDelta, Utc};
 use sqlx::pool::PoolConnection;
 use sqlx::MySql;
 
-use crate::cache::FIRST_PAGE;
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::order::{FieldErrors, Order};
 use crate::domain::shard::Gene;
 use crate::domain::status::OrderStatus;
+use crate::redis::cache::FIRST_PAGE;
 use crate::storage::orders::{self, ListQuery};
 use crate::storage::replicas::{self, Database, Read, ReadQuery};
 use crate::storage::shards::Shard;

@@ -18,7 +18,6 @@ use sqlx::{ConnectOptions, MySqlConnection, MySqlPool};
 
 use crate::cluster::LocalCluster;
 use crate::raw::RawDb;
-use orderly::cache::redis::order_key;
 use orderly::config::Settings;
 use orderly::domain::actor::{Caller, Role};
 use orderly::domain::consistency::Gtid;
@@ -30,6 +29,7 @@ use orderly::domain::status::OrderStatus;
 use orderly::http::auth::AuthKeys;
 use orderly::http::AppState;
 use orderly::lease::IdSource;
+use orderly::redis::cache::order_key;
 use orderly::service::Error as ServiceError;
 use orderly::storage::commerce::{self, Reservation, ReserveOutcome};
 use orderly::storage::orders::{self, ListQuery, MoneyMovement, OrderDoor, StatusChange};

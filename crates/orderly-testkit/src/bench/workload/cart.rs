@@ -15,11 +15,12 @@ use serde_json::json;
 
 use super::{Check, Outcome, Workload};
 use crate::bench::CartFlush;
-use orderly::cache::redis::cart::{bucket_of, cart_key, dirty_key};
-use orderly::cache::Cache;
 use orderly::domain::actor::Caller;
 use orderly::domain::cart::CartQuantity;
 use orderly::domain::ids::UserId;
+use orderly::redis::cart::CartStore;
+use orderly::redis::cart::{bucket_of, cart_key, dirty_key};
+use orderly::redis::Redis;
 use orderly::service::cart::CartService;
 use orderly::storage::carts;
 
@@ -223,13 +224,19 @@ impl Workload {
     pub async fn measure_cart_flush(&self) -> anyhow::Result<Option<CartFlush>> {
         let mut redis_settings = self.settings.redis.clone();
         redis_settings.key_prefix = format!("{}bench-flush:", self.key_prefix);
-        let cache = Cache::from_settings(&redis_settings, &self.settings.cache).await?;
-        if cache.redis().is_none() || self.redis.is_none() {
+        let Some(store) = Redis::from_settings(&redis_settings, &self.settings.cache).await? else {
+            return Ok(None);
+        };
+        if self.redis.is_none() {
             return Ok(None);
         }
         let mut cart_settings = self.settings.cart.clone();
         cart_settings.flush_batch = carts::UPSERT_CHUNK;
-        let service = std::sync::Arc::new(CartService::new(self.commerce.clone(), cache, cart_settings));
+        let service = std::sync::Arc::new(CartService::new(
+            self.commerce.clone(),
+            Some(CartStore::new(store)),
+            cart_settings,
+        ));
         // Dirty carts, 64 at a time: one line each.
         let product = self.products[0].id;
         let q = CartQuantity::parse(1).map_err(|e| anyhow::anyhow!("{e}"))?;

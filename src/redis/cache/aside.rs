@@ -1,8 +1,10 @@
-//! The Redis cache: cache-aside entries that are never behind a committed write.
+//! The Redis cache: cache-aside entries that are never behind a committed write, over the
+//! shared connection ([`Redis`]: timeouts, breaker, run tag, scripts).
 //!
 //! # Keys
 //! Every key starts with the configured prefix and carries a hash tag, so that every script
-//! touches the keys of one tag only (Redis Cluster ready):
+//! touches the keys of one tag only (Redis Cluster ready). The cache's keys (the flash gate's
+//! and the carts' are in [`crate::redis::gate`] and [`crate::redis::cart`]):
 //!
 //! | key                         | holds                                              |
 //! |-----------------------------|----------------------------------------------------|
@@ -14,10 +16,9 @@
 //! | `{prefix}{u:<user_id>}:g`   | the page's generation, bumped by every order write |
 //! | `{prefix}{o:<order_id>}:f`  | fill lease: the token of the miss that may fill    |
 //! | `{prefix}{u:<user_id>}:f`   | the same for the profile; `:pf` for the page       |
-//! | `{prefix}{ct:<bucket>}:…`   | carts and their dirty sets: see [`cart`]           |
 //!
 //! "Absent" (no such order or user) is version 0 with an empty payload, kept
-//! `absent_ttl_secs`. `<tag>` is the first [`TAG_LEN`] characters of the `run_id` of the
+//! `absent_ttl_secs`. `<tag>` is the first [`TAG_LEN`](crate::redis::TAG_LEN) characters of the `run_id` of the
 //! Redis server that the writing connection talks to: a value whose tag is not the tag of the
 //! connection that reads it is a miss.
 //!
@@ -108,28 +109,23 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rand::Rng;
-use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Cmd, FromRedisValue, Pipeline, Script};
+use redis::{Cmd, Script};
 use tokio::sync::{oneshot, Notify, Semaphore};
 
-use super::breaker::{Breaker, State};
 use super::codec;
 use super::flight::Flights;
 use super::CacheHealth;
-use crate::config::{CacheSettings, RedisSettings};
+use crate::config::CacheSettings;
 use crate::domain::consistency::DatabaseRef;
 use crate::domain::ids::{OrderId, UserId};
 use crate::domain::order::Order;
 use crate::domain::user::User;
-
-/// Characters of the server's 40-character `run_id` kept in every value: 48 random bits make
-/// two runs sharing a tag practically impossible, at 12 bytes per value.
-pub const TAG_LEN: usize = 12;
+use crate::redis::conn::Conn;
+use crate::redis::{evalsha, Redis};
 
 /// A page generation lives this long after its last bump. It only has to outlive the fill
 /// lease of readers that noted it (seconds); a day keeps idle users' counters from piling up.
@@ -198,18 +194,7 @@ fn glob_escape(s: &str) -> String {
 }
 
 /// The Lua scripts. Values are parsed with `^(%d+):([^:]*):` (version, tag).
-pub mod cart;
-mod gate;
-
-pub use gate::GateAnswer;
-
 mod lua {
-    pub use super::cart::scripts::{
-        CHECK_OUT as CART_CHECK_OUT, CLEAN as CART_CLEAN, CLEAR as CART_CLEAR, DROP_OLDER as CART_DROP_OLDER,
-        FILL as CART_FILL, SET as CART_SET,
-    };
-    pub use super::gate::scripts::{GIVE_BACK as GATE_GIVE_BACK, REBUILD as GATE_REBUILD, TAKE as GATE_TAKE};
-
     /// KEYS[1] entry, KEYS[2] its marker, KEYS[3] its fill lease. ARGV[1] version loaded,
     /// ARGV[2] tag of the read, ARGV[3] value, ARGV[4] TTL ms, ARGV[5] deadline (Redis time,
     /// µs), ARGV[6] the lease token of the read.
@@ -278,37 +263,17 @@ redis.call('DEL', KEYS[1])
 return 1
 ";
 
-    pub const ALL: [&str; 13] = [
-        FILL_ENTRY,
-        ENTRY_WRITTEN,
-        FILL_PAGE,
-        PAGE_WRITTEN,
-        GATE_TAKE,
-        GATE_GIVE_BACK,
-        GATE_REBUILD,
-        CART_SET,
-        CART_CLEAR,
-        CART_CHECK_OUT,
-        CART_FILL,
-        CART_CLEAN,
-        CART_DROP_OLDER,
-    ];
+    pub const ALL: [&str; 4] = [FILL_ENTRY, ENTRY_WRITTEN, FILL_PAGE, PAGE_WRITTEN];
 }
+
+/// The cache's scripts, loaded by every new connection (see [`crate::redis`]).
+pub(crate) const SCRIPTS: [&str; 4] = lua::ALL;
 
 struct Scripts {
     fill_entry: Script,
     entry_written: Script,
     fill_page: Script,
     page_written: Script,
-    gate_take: Script,
-    gate_give_back: Script,
-    gate_rebuild: Script,
-    cart_set: Script,
-    cart_clear: Script,
-    cart_check_out: Script,
-    cart_fill: Script,
-    cart_clean: Script,
-    cart_drop_older: Script,
 }
 
 impl Scripts {
@@ -318,34 +283,8 @@ impl Scripts {
             entry_written: Script::new(lua::ENTRY_WRITTEN),
             fill_page: Script::new(lua::FILL_PAGE),
             page_written: Script::new(lua::PAGE_WRITTEN),
-            gate_take: Script::new(lua::GATE_TAKE),
-            gate_give_back: Script::new(lua::GATE_GIVE_BACK),
-            gate_rebuild: Script::new(lua::GATE_REBUILD),
-            cart_set: Script::new(lua::CART_SET),
-            cart_clear: Script::new(lua::CART_CLEAR),
-            cart_check_out: Script::new(lua::CART_CHECK_OUT),
-            cart_fill: Script::new(lua::CART_FILL),
-            cart_clean: Script::new(lua::CART_CLEAN),
-            cart_drop_older: Script::new(lua::CART_DROP_OLDER),
         }
     }
-}
-
-/// `EVALSHA` of a script loaded when the connection was made; arguments follow.
-fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(keys.len());
-    for k in keys {
-        cmd.arg(*k);
-    }
-    cmd
-}
-
-/// A connection and the run tag of the server it talks to (fixed for its life: a restarted
-/// server means a broken connection and a new one).
-struct Conn {
-    con: MultiplexedConnection,
-    tag: String,
 }
 
 /// Counts a read of `key` by outcome: `hit` (answered from Redis, the leader's second look
@@ -697,10 +636,7 @@ pub struct RedisCache {
 }
 
 struct Inner {
-    prefix: String,
-    client: redis::Client,
-    conn: RwLock<Option<Arc<Conn>>>,
-    breaker: Breaker,
+    redis: Redis,
     pending: Pending,
     /// Held by the one task replaying pending notices.
     replay: Arc<tokio::sync::Mutex<()>>,
@@ -716,16 +652,11 @@ struct Inner {
     jitter_percent: u32,
     marker: Duration,
     fill_lease: Duration,
-    timeout: Duration,
-    connect_timeout: Duration,
 }
 
 impl RedisCache {
-    /// Never fails for an unreachable Redis (the cache starts degraded and probes it later);
-    /// only an unparsable URL is an error.
-    pub async fn connect(redis: &RedisSettings, cache: &CacheSettings) -> anyhow::Result<RedisCache> {
-        let client = redis::Client::open(redis.url.as_str())
-            .with_context(|| format!("invalid Redis URL {:?}", redis.url))?;
+    /// The cache over `redis`, with the `[cache]` settings' TTLs, leases and bounds.
+    pub fn new(redis: Redis, cache: &CacheSettings) -> RedisCache {
         if cache.fill_lease_ms.saturating_mul(2) > cache.write_marker_ms {
             tracing::warn!(
                 fill_lease_ms = cache.fill_lease_ms,
@@ -735,13 +666,7 @@ impl RedisCache {
             );
         }
         let inner = Arc::new(Inner {
-            prefix: redis.key_prefix.clone(),
-            client,
-            conn: RwLock::new(None),
-            breaker: Breaker::new(
-                cache.failures_to_open,
-                Duration::from_millis(cache.probe_interval_ms),
-            ),
+            redis: redis.clone(),
             pending: Pending::new(cache.max_pending_invalidations),
             replay: Arc::new(tokio::sync::Mutex::new(())),
             fills: FillPermits::new(cache.max_concurrent_fills),
@@ -756,14 +681,17 @@ impl RedisCache {
             jitter_percent: cache.ttl_jitter_percent.min(100),
             marker: Duration::from_millis(cache.write_marker_ms),
             fill_lease: Duration::from_millis(cache.fill_lease_ms),
-            timeout: Duration::from_millis(cache.timeout_ms),
-            connect_timeout: Duration::from_millis(cache.connect_timeout_ms),
         });
-        if inner.probe().await.is_none() {
-            tracing::warn!(url = %redis.url, "Redis does not answer: the cache starts degraded");
-            inner.breaker.trip();
-        }
-        Ok(RedisCache { inner })
+        // Whoever reconnects (a read, a notice, the gate, a cart), undelivered notices are
+        // replayed right after: reads of pending keys never touch Redis, so they would not.
+        // Weak: the connection outlives no cache, and must not keep one alive.
+        let weak = Arc::downgrade(&inner);
+        redis.on_connect(move || {
+            if let Some(inner) = weak.upgrade() {
+                inner.schedule_recovery();
+            }
+        });
+        RedisCache { inner }
     }
 
     pub async fn order<E, F, Fut>(&self, id: OrderId, db: DatabaseRef, load: F) -> Result<Option<Order>, E>
@@ -771,7 +699,7 @@ impl RedisCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<Order>, E>>,
     {
-        let keys = EntryKeys::order(&self.inner.prefix, id);
+        let keys = EntryKeys::order(self.inner.redis.prefix(), id);
         self.inner.read_entry(keys, db, &self.inner.orders, load).await
     }
 
@@ -780,7 +708,7 @@ impl RedisCache {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<User>, E>>,
     {
-        let keys = EntryKeys::user(&self.inner.prefix, id);
+        let keys = EntryKeys::user(self.inner.redis.prefix(), id);
         self.inner.read_entry(keys, db, &self.inner.users, load).await
     }
 
@@ -795,8 +723,8 @@ impl RedisCache {
     pub async fn order_written(&self, order: OrderId, owner: UserId, version: i64, snapshot: Option<&Order>) {
         let inner = &self.inner;
         let snapshot = snapshot.filter(|o| o.order_id == order && o.version == version);
-        let keys = EntryKeys::order(&inner.prefix, order);
-        let delivered = match inner.conn().await {
+        let keys = EntryKeys::order(inner.redis.prefix(), order);
+        let delivered = match inner.redis.conn().await {
             None => false,
             Some(conn) => {
                 let mut pipe = redis::pipe();
@@ -807,7 +735,11 @@ impl RedisCache {
                     &conn.tag,
                 ))
                 .add_command(inner.page_written_cmd(owner));
-                inner.query_pipe::<redis::Value>(&conn, &pipe).await.is_some()
+                inner
+                    .redis
+                    .query_pipe::<redis::Value>(&conn, &pipe)
+                    .await
+                    .is_some()
             }
         };
         if !delivered {
@@ -824,9 +756,10 @@ impl RedisCache {
         if inner.must_skip(EntryKey::Order(id)) {
             return None;
         }
-        let conn = inner.conn().await?;
+        let conn = inner.redis.conn().await?;
         let raw: Option<Vec<u8>> = inner
-            .query(&conn, redis::cmd("GET").arg(order_key(&inner.prefix, id)))
+            .redis
+            .query(&conn, redis::cmd("GET").arg(order_key(inner.redis.prefix(), id)))
             .await?;
         let hit = entry_hit::<Order>(raw.as_deref()?, &conn.tag)?;
         count(EntryKey::Order(id), "hit");
@@ -835,12 +768,12 @@ impl RedisCache {
 
     pub async fn user_written(&self, user: &User) {
         let inner = &self.inner;
-        let keys = EntryKeys::user(&inner.prefix, user.user_id);
-        let delivered = match inner.conn().await {
+        let keys = EntryKeys::user(inner.redis.prefix(), user.user_id);
+        let delivered = match inner.redis.conn().await {
             None => false,
             Some(conn) => {
                 let cmd = inner.entry_written_cmd(&keys, USER_VERSION, Some(user.encode()), &conn.tag);
-                inner.query::<redis::Value>(&conn, &cmd).await.is_some()
+                inner.redis.query::<redis::Value>(&conn, &cmd).await.is_some()
             }
         };
         if !delivered {
@@ -850,7 +783,7 @@ impl RedisCache {
     }
 
     pub fn health(&self) -> CacheHealth {
-        if self.inner.breaker.is_closed() {
+        if self.inner.redis.is_up() {
             CacheHealth::Up
         } else {
             CacheHealth::Degraded
@@ -863,136 +796,6 @@ impl RedisCache {
 }
 
 impl Inner {
-    // ---- connection -------------------------------------------------------------------
-
-    fn current(&self) -> Option<Arc<Conn>> {
-        self.conn.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Forgets `conn` if it is still the current connection.
-    fn drop_conn(&self, conn: &Arc<Conn>) {
-        let mut current = self.conn.write().unwrap_or_else(|p| p.into_inner());
-        if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, conn)) {
-            *current = None;
-        }
-    }
-
-    /// The connection to use now, or `None` to skip Redis. Reconnects through the breaker's
-    /// single probe when there is no connection (and the breaker allows a probe).
-    async fn conn(self: &Arc<Self>) -> Option<Arc<Conn>> {
-        match self.breaker.state() {
-            State::Open => None,
-            State::Closed => match self.current() {
-                Some(c) => Some(c),
-                None => self.probe().await,
-            },
-            State::ProbeDue => self.probe().await,
-        }
-    }
-
-    /// Connects, if no other caller is connecting; closes the breaker on success.
-    async fn probe(self: &Arc<Self>) -> Option<Arc<Conn>> {
-        if !self.breaker.try_begin_probe() {
-            return None;
-        }
-        let wait = self.connect_timeout + self.timeout;
-        match tokio::time::timeout(wait, self.open_conn()).await {
-            Ok(Ok(conn)) => {
-                let conn = Arc::new(conn);
-                *self.conn.write().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
-                self.breaker.end_probe(true);
-                tracing::debug!(tag = %conn.tag, "connected to Redis");
-                self.schedule_recovery();
-                Some(conn)
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "cannot connect to Redis");
-                self.breaker.end_probe(false);
-                None
-            }
-            Err(_) => {
-                tracing::debug!("connecting to Redis timed out");
-                self.breaker.end_probe(false);
-                None
-            }
-        }
-    }
-
-    /// A new connection, its run tag, and the scripts loaded on its server.
-    async fn open_conn(&self) -> redis::RedisResult<Conn> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(self.connect_timeout)
-            .set_response_timeout(self.timeout);
-        let mut con = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        let mut pipe = redis::pipe();
-        pipe.cmd("INFO").arg("server");
-        for code in lua::ALL {
-            pipe.cmd("SCRIPT").arg("LOAD").arg(code).ignore();
-        }
-        let (info,): (String,) = pipe.query_async(&mut con).await?;
-        let run_id = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(str::trim)
-            .filter(|id| id.len() >= TAG_LEN && id.is_ascii())
-            .ok_or_else(|| {
-                redis::RedisError::from((redis::ErrorKind::ResponseError, "INFO server has no run_id"))
-            })?;
-        Ok(Conn {
-            con,
-            tag: run_id[..TAG_LEN].to_owned(),
-        })
-    }
-
-    /// Runs one command with the per-call timeout. `None`: it failed, and the failure has
-    /// been counted and the connection dropped.
-    async fn query<T: FromRedisValue>(&self, conn: &Arc<Conn>, cmd: &Cmd) -> Option<T> {
-        let mut con = conn.con.clone();
-        let result = tokio::time::timeout(self.timeout, cmd.query_async(&mut con)).await;
-        self.outcome(conn, result)
-    }
-
-    async fn query_pipe<T: FromRedisValue>(&self, conn: &Arc<Conn>, pipe: &Pipeline) -> Option<T> {
-        let mut con = conn.con.clone();
-        let result = tokio::time::timeout(self.timeout, pipe.query_async(&mut con)).await;
-        self.outcome(conn, result)
-    }
-
-    fn outcome<T>(
-        &self,
-        conn: &Arc<Conn>,
-        result: Result<redis::RedisResult<T>, tokio::time::error::Elapsed>,
-    ) -> Option<T> {
-        match result {
-            Ok(Ok(v)) => {
-                self.breaker.success();
-                Some(v)
-            }
-            Ok(Err(e)) => {
-                // Any error: I/O, a server that lost our scripts (NOSCRIPT after a restart or
-                // a flush), a protocol surprise. A new connection reloads the scripts.
-                tracing::debug!(error = %e, "Redis call failed");
-                metrics::counter!("orderly_cache_redis_errors_total", "kind" => "error").increment(1);
-                self.breaker.failure();
-                self.drop_conn(conn);
-                None
-            }
-            Err(_) => {
-                tracing::debug!(
-                    timeout_ms = self.timeout.as_millis() as u64,
-                    "Redis call timed out"
-                );
-                metrics::counter!("orderly_cache_redis_errors_total", "kind" => "timeout").increment(1);
-                self.breaker.failure();
-                self.drop_conn(conn);
-                None
-            }
-        }
-    }
-
     // ---- reads ------------------------------------------------------------------------
 
     /// Whether a read of `key` must go to its loader without touching Redis (pending notice
@@ -1021,13 +824,14 @@ impl Inner {
             count(keys.key, "skipped");
             return load().await;
         }
-        let Some(conn) = self.conn().await else {
+        let Some(conn) = self.redis.conn().await else {
             count(keys.key, "skipped");
             return load().await;
         };
         // A hit costs one GET, like a bare read of the value. Only a miss reads the marker
         // (after the GET, so still after this read started), to choose its flight.
         match self
+            .redis
             .query::<Option<Vec<u8>>>(&conn, redis::cmd("GET").arg(&keys.data))
             .await
         {
@@ -1041,6 +845,7 @@ impl Inner {
             Some(None) => {}
         }
         let Some(marker) = self
+            .redis
             .query::<Option<String>>(&conn, redis::cmd("GET").arg(&keys.marker))
             .await
         else {
@@ -1072,7 +877,7 @@ impl Inner {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Option<T>, E>>,
     {
-        let Some(conn) = self.conn().await else {
+        let Some(conn) = self.redis.conn().await else {
             return load().await;
         };
         let token = lease_token();
@@ -1087,7 +892,7 @@ impl Inner {
             .arg(&keys.data)
             .cmd("TIME");
         type Seen = (Option<Vec<u8>>, (i64, i64));
-        let Some((raw, time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
+        let Some((raw, time)) = self.redis.query_pipe::<Seen>(&conn, &pipe).await else {
             return load().await;
         };
         if let Some(hit) = raw.as_deref().and_then(|r| entry_hit::<T>(r, &conn.tag)) {
@@ -1111,7 +916,7 @@ impl Inner {
                 .arg(self.jittered_ms(ttl))
                 .arg(deadline)
                 .arg(&token);
-            let outcome: Option<i64> = self.query(&fill_conn, &cmd).await;
+            let outcome: Option<i64> = self.redis.query(&fill_conn, &cmd).await;
             tracing::trace!(key = %keys.data, ?outcome, "fill");
             count_fill(outcome);
         }
@@ -1133,14 +938,18 @@ impl Inner {
             count(key, "skipped");
             return load().await;
         }
-        let Some(conn) = self.conn().await else {
+        let Some(conn) = self.redis.conn().await else {
             count(key, "skipped");
             return load().await;
         };
-        let (page, generation) = (page_key(&self.prefix, user), generation_key(&self.prefix, user));
+        let (page, generation) = (
+            page_key(self.redis.prefix(), user),
+            generation_key(self.redis.prefix(), user),
+        );
         let mut mget = redis::cmd("MGET");
         mget.arg(&page).arg(&generation);
         let seen = match self
+            .redis
             .query::<(Option<Vec<u8>>, Option<String>)>(&conn, &mget)
             .await
         {
@@ -1178,13 +987,13 @@ impl Inner {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<Vec<Order>, E>>,
     {
-        let Some(conn) = self.conn().await else {
+        let Some(conn) = self.redis.conn().await else {
             return load().await;
         };
         let EntryKey::Page(user) = key else {
             return load().await;
         };
-        let lease = page_lease_key(&self.prefix, user);
+        let lease = page_lease_key(self.redis.prefix(), user);
         let token = lease_token();
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
@@ -1198,7 +1007,7 @@ impl Inner {
             .arg(generation)
             .cmd("TIME");
         type Seen = ((Option<Vec<u8>>, Option<String>), (i64, i64));
-        let Some(((raw, seen), time)) = self.query_pipe::<Seen>(&conn, &pipe).await else {
+        let Some(((raw, seen), time)) = self.redis.query_pipe::<Seen>(&conn, &pipe).await else {
             return load().await;
         };
         if let Some(hit) = raw.as_deref().and_then(|r| page_hit(r, &conn.tag)) {
@@ -1218,7 +1027,7 @@ impl Inner {
                 .arg(self.jittered_ms(self.page_ttl))
                 .arg(deadline)
                 .arg(&token);
-            let outcome: Option<i64> = self.query(&fill_conn, &cmd).await;
+            let outcome: Option<i64> = self.redis.query(&fill_conn, &cmd).await;
             tracing::trace!(key = %page, ?outcome, "page fill");
             count_fill(outcome);
         }
@@ -1232,10 +1041,10 @@ impl Inner {
             tracing::debug!(?key, "fill dropped: its load outlived the fill lease");
             return None;
         }
-        if self.pending.blocks(key) || !self.breaker.is_closed() {
+        if self.pending.blocks(key) || !self.redis.is_up() {
             return None;
         }
-        let conn = self.current()?;
+        let conn = self.redis.current()?;
         if conn.tag != read_tag {
             tracing::debug!(?key, "fill dropped: Redis restarted since the read");
             return None;
@@ -1282,7 +1091,10 @@ impl Inner {
     }
 
     fn page_written_cmd(&self, user: UserId) -> Cmd {
-        let (page, generation) = (page_key(&self.prefix, user), generation_key(&self.prefix, user));
+        let (page, generation) = (
+            page_key(self.redis.prefix(), user),
+            generation_key(self.redis.prefix(), user),
+        );
         let mut cmd = evalsha(&self.scripts.page_written, &[&page, &generation]);
         cmd.arg(GENERATION_TTL_MS);
         cmd
@@ -1295,7 +1107,7 @@ impl Inner {
     /// breaker allows it: reads of pending keys do not touch Redis, so they would never
     /// probe themselves.
     fn schedule_recovery(self: &Arc<Self>) {
-        if !self.pending.is_dirty() || self.breaker.state() == State::Open {
+        if !self.pending.is_dirty() || self.redis.is_skipped() {
             return;
         }
         let Ok(guard) = self.replay.clone().try_lock_owned() else {
@@ -1310,7 +1122,7 @@ impl Inner {
 
     async fn recover(self: &Arc<Self>) {
         loop {
-            let Some(conn) = self.conn().await else {
+            let Some(conn) = self.redis.conn().await else {
                 return;
             };
             if let Some(seq) = self.pending.purge_requested() {
@@ -1328,17 +1140,23 @@ impl Inner {
             let mut pipe = redis::pipe();
             for &(key, version, _) in &batch {
                 let cmd = match key {
-                    EntryKey::Order(id) => {
-                        self.entry_written_cmd(&EntryKeys::order(&self.prefix, id), version, None, &conn.tag)
-                    }
-                    EntryKey::User(id) => {
-                        self.entry_written_cmd(&EntryKeys::user(&self.prefix, id), version, None, &conn.tag)
-                    }
+                    EntryKey::Order(id) => self.entry_written_cmd(
+                        &EntryKeys::order(self.redis.prefix(), id),
+                        version,
+                        None,
+                        &conn.tag,
+                    ),
+                    EntryKey::User(id) => self.entry_written_cmd(
+                        &EntryKeys::user(self.redis.prefix(), id),
+                        version,
+                        None,
+                        &conn.tag,
+                    ),
                     EntryKey::Page(user) => self.page_written_cmd(user),
                 };
                 pipe.add_command(cmd).ignore();
             }
-            if self.query_pipe::<()>(&conn, &pipe).await.is_none() {
+            if self.redis.query_pipe::<()>(&conn, &pipe).await.is_none() {
                 return;
             }
             tracing::debug!(count = batch.len(), "replayed cache invalidations");
@@ -1348,7 +1166,7 @@ impl Inner {
 
     /// Unlinks every entry (not markers or generations) under the prefix.
     async fn purge(&self, conn: &Arc<Conn>) -> bool {
-        let pattern = format!("{}*", glob_escape(&self.prefix));
+        let pattern = format!("{}*", glob_escape(self.redis.prefix()));
         let mut cursor: u64 = 0;
         loop {
             let mut scan = redis::cmd("SCAN");
@@ -1357,14 +1175,14 @@ impl Inner {
                 .arg(&pattern)
                 .arg("COUNT")
                 .arg(PURGE_SCAN_COUNT);
-            let Some((next, keys)) = self.query::<(u64, Vec<Vec<u8>>)>(conn, &scan).await else {
+            let Some((next, keys)) = self.redis.query::<(u64, Vec<Vec<u8>>)>(conn, &scan).await else {
                 return false;
             };
             let entries: Vec<Vec<u8>> = keys.into_iter().filter(|k| is_entry_key(k)).collect();
             if !entries.is_empty() {
                 let mut unlink = redis::cmd("UNLINK");
                 unlink.arg(entries);
-                if self.query::<i64>(conn, &unlink).await.is_none() {
+                if self.redis.query::<i64>(conn, &unlink).await.is_none() {
                     return false;
                 }
             }
@@ -1379,7 +1197,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cache::codec::sample_order;
+    use crate::redis::cache::codec::sample_order;
 
     #[test]
     fn keys_share_one_hash_tag_per_script() {

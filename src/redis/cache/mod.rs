@@ -17,30 +17,31 @@
 //! `after_commit` step, before its response leaves. It leaves a marker holding the write's
 //! version, replaces the entry when it is given the order at that version (or deletes it when
 //! it is older), and invalidates the owner's first page. The interleavings ruled out, and how,
-//! are in [`redis`].
+//! are in the `aside` module, with the cache's key table.
 //!
 //! # Redis down
 //! Slower, not failing: every call has a short timeout, a circuit breaker skips Redis while it
-//! is down and probes it later; reads go to MySQL. Write notices that could not be delivered
-//! are kept and replayed before the cache is read again.
+//! is down and probes it later (both are the shared connection's, [`crate::redis::Redis`]);
+//! reads go to MySQL. Write notices that could not be delivered are kept and replayed before
+//! the cache is read again (and as soon as any user of the connection reconnects).
 
-mod breaker;
+mod aside;
 /// Public (hidden) only for `benches/cache_codec.rs`.
 #[doc(hidden)]
 pub mod codec;
 mod flight;
-pub mod redis;
 
 use std::future::Future;
 
-use crate::config::{CacheSettings, RedisSettings};
+use super::Redis;
+use crate::config::CacheSettings;
 use crate::domain::consistency::DatabaseRef;
-use crate::domain::flash::FlashSale;
-use crate::domain::ids::{FlashSaleId, OrderId, UserId};
+use crate::domain::ids::{OrderId, UserId};
 use crate::domain::order::Order;
 use crate::domain::user::User;
 
-pub use self::redis::{FillGate, GateAnswer, RedisCache};
+pub(crate) use self::aside::SCRIPTS;
+pub use self::aside::{order_key, FillGate, PausedFill, RedisCache};
 
 /// The cache the services use; cheap to clone.
 #[derive(Clone)]
@@ -61,21 +62,19 @@ pub enum CacheHealth {
 }
 
 impl Cache {
-    /// The cache the settings ask for. Never fails: a Redis that is down at start is a
-    /// degraded cache that probes it later.
-    pub async fn from_settings(redis: &RedisSettings, cache: &CacheSettings) -> anyhow::Result<Cache> {
-        if !cache.enabled {
-            return Ok(Cache::Disabled);
+    /// The cache over `redis`, or [`Cache::Disabled`] without one (`[cache] enabled =
+    /// false`, see [`Redis::from_settings`]).
+    pub fn new(redis: Option<&Redis>, cache: &CacheSettings) -> Cache {
+        match redis {
+            Some(r) => Cache::Redis(std::sync::Arc::new(RedisCache::new(r.clone(), cache))),
+            None => Cache::Disabled,
         }
-        Ok(Cache::Redis(std::sync::Arc::new(
-            RedisCache::connect(redis, cache).await?,
-        )))
     }
 
     /// The order `id` (`None`: there is no such order), from Redis or from `load`, which
     /// reads `db`. A miss loads behind `db`'s bound on concurrent loads (one database's
     /// trouble never holds another's), and `load` must answer at least every write
-    /// acknowledged before it was called: the cache trusts it to (see [`redis`]).
+    /// acknowledged before it was called: the cache trusts it to (see the `aside` module).
     pub async fn order<E, F, Fut>(&self, id: OrderId, db: DatabaseRef, load: F) -> Result<Option<Order>, E>
     where
         F: FnOnce() -> Fut,
@@ -137,49 +136,6 @@ impl Cache {
     pub async fn user_written(&self, user: &User) {
         if let Cache::Redis(r) = self {
             r.user_written(user).await
-        }
-    }
-
-    /// Takes `units` of a flash sale for `order` at the sale's Redis gate (see
-    /// [`redis`]'s `gate` module). With the cache disabled there is no gate: `Unavailable`.
-    pub async fn gate_take(&self, sale: FlashSaleId, order: OrderId, user: UserId, units: i64) -> GateAnswer {
-        match self {
-            Cache::Redis(r) => r.gate_take(sale, order, user, units).await,
-            Cache::Disabled => GateAnswer::Unavailable,
-        }
-    }
-
-    /// Returns `order`'s units to the sale's gate, once. `None`: Redis did not answer.
-    pub async fn gate_give_back(&self, sale: FlashSaleId, order: OrderId) -> Option<bool> {
-        match self {
-            Cache::Redis(r) => r.gate_give_back(sale, order).await,
-            Cache::Disabled => None,
-        }
-    }
-
-    /// Replaces a sale's gate with the state read from the database (units left, each
-    /// buyer's units, each live order's buyer and units, every order id the sale has seen);
-    /// whether it was written.
-    pub async fn gate_rebuild(
-        &self,
-        sale: &FlashSale,
-        left: i64,
-        buyers: &[(UserId, i64)],
-        orders: &[(OrderId, UserId, i64)],
-        seen: &[OrderId],
-    ) -> bool {
-        match self {
-            Cache::Redis(r) => r.gate_rebuild(sale, left, buyers, orders, seen).await,
-            Cache::Disabled => false,
-        }
-    }
-
-    /// The Redis behind the cache, for the carts (which live there, see
-    /// [`crate::service::cart`]); `None` when the cache is disabled.
-    pub fn redis(&self) -> Option<&RedisCache> {
-        match self {
-            Cache::Redis(r) => Some(r),
-            Cache::Disabled => None,
         }
     }
 

@@ -1,4 +1,6 @@
-//! Carts in Redis, written behind to MySQL (see [`crate::service::cart`]).
+//! The cart store: carts in Redis, written behind to MySQL (see [`crate::service::cart`]).
+//! [`CartStore`] runs its scripts over the shared connection ([`Redis`]: its timeouts and
+//! breaker; every call answers `None` when Redis does not answer).
 //!
 //! Keys (one hash tag per bucket of users, `{ct:<bucket>}`, so that a change script touches
 //! its cart and its bucket's dirty set in one slot, and the flusher reads a bucket's carts
@@ -17,8 +19,11 @@
 //! change racing a flush stays dirty.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
-use super::{evalsha, RedisCache};
+use redis::Script;
+
+use super::{evalsha, Redis};
 use crate::domain::cart::{parse_checkouts, Cart, StoredCart};
 use crate::domain::ids::{OrderId, ProductId, UserId};
 use crate::domain::order::{NewLine, MAX_LINES};
@@ -97,25 +102,65 @@ fn parse_write(answer: &[String]) -> CartWrite {
     }
 }
 
-impl RedisCache {
+/// The carts in Redis; see the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct CartStore {
+    redis: Redis,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    set: Script,
+    clear: Script,
+    check_out: Script,
+    fill: Script,
+    clean: Script,
+    drop_older: Script,
+}
+
+/// The cart scripts, loaded by every new connection (see [`crate::redis`]).
+pub(crate) const SCRIPTS: [&str; 6] = [
+    scripts::SET,
+    scripts::CLEAR,
+    scripts::CHECK_OUT,
+    scripts::FILL,
+    scripts::CLEAN,
+    scripts::DROP_OLDER,
+];
+
+impl CartStore {
+    pub fn new(redis: Redis) -> CartStore {
+        CartStore {
+            redis,
+            scripts: Arc::new(Scripts {
+                set: Script::new(scripts::SET),
+                clear: Script::new(scripts::CLEAR),
+                check_out: Script::new(scripts::CHECK_OUT),
+                fill: Script::new(scripts::FILL),
+                clean: Script::new(scripts::CLEAN),
+                drop_older: Script::new(scripts::DROP_OLDER),
+            }),
+        }
+    }
+
     /// The cart of `user` as Redis holds it. `None`: Redis does not answer; `Some(None)`: no
     /// cart there.
-    pub async fn cart_get(&self, user: UserId) -> Option<Option<StoredCart>> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
-        let pairs: Vec<String> = inner
-            .query(&conn, redis::cmd("HGETALL").arg(cart_key(&inner.prefix, user)))
+    pub async fn get(&self, user: UserId) -> Option<Option<StoredCart>> {
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
+        let pairs: Vec<String> = redis
+            .query(&conn, redis::cmd("HGETALL").arg(cart_key(redis.prefix(), user)))
             .await?;
         Some(parse_hash(&pairs))
     }
 
     /// Puts a cart read from MySQL into Redis, unless one is there already (a change or
     /// another fill got there first: that one is as new or newer). Not dirty: MySQL has it.
-    pub async fn cart_fill(&self, user: UserId, stored: &StoredCart) -> Option<()> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
-        let [cart, dirty] = self.cart_keys(user);
-        let mut cmd = evalsha(&inner.scripts.cart_fill, &[&cart, &dirty]);
+    pub async fn fill(&self, user: UserId, stored: &StoredCart) -> Option<()> {
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
+        let [cart, dirty] = self.keys(user);
+        let mut cmd = evalsha(&self.scripts.fill, &[&cart, &dirty]);
         cmd.arg(user.get())
             .arg(stored.version)
             .arg(stored.cart.checkouts_text())
@@ -123,54 +168,49 @@ impl RedisCache {
         for (p, q) in &stored.cart.lines {
             cmd.arg(p.get()).arg(*q);
         }
-        inner.query::<i64>(&conn, &cmd).await.map(|_| ())
+        redis.query::<i64>(&conn, &cmd).await.map(|_| ())
     }
 
-    fn cart_keys(&self, user: UserId) -> [String; 2] {
-        let prefix = &self.inner.prefix;
+    fn keys(&self, user: UserId) -> [String; 2] {
+        let prefix = self.redis.prefix();
         [cart_key(prefix, user), dirty_key(prefix, bucket_of(user))]
     }
 
-    async fn cart_script(
+    async fn change(
         &self,
         script: &redis::Script,
         user: UserId,
         args: impl FnOnce(&mut redis::Cmd),
     ) -> Option<CartWrite> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
-        let [cart, dirty] = self.cart_keys(user);
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
+        let [cart, dirty] = self.keys(user);
         let mut cmd = evalsha(script, &[&cart, &dirty]);
         cmd.arg(user.get()).arg(CART_TTL_MS);
         args(&mut cmd);
-        let answer: Vec<String> = inner.query(&conn, &cmd).await?;
+        let answer: Vec<String> = redis.query(&conn, &cmd).await?;
         Some(parse_write(&answer))
     }
 
     /// Sets one line (0 removes it). `None`: Redis does not answer.
-    pub async fn cart_set(&self, user: UserId, product: ProductId, quantity: i64) -> Option<CartWrite> {
-        let script = &self.inner.scripts.cart_set;
-        self.cart_script(script, user, |c| {
+    pub async fn set(&self, user: UserId, product: ProductId, quantity: i64) -> Option<CartWrite> {
+        let script = &self.scripts.set;
+        self.change(script, user, |c| {
             c.arg(product.get()).arg(quantity).arg(MAX_LINES);
         })
         .await
     }
 
     /// Empties the cart.
-    pub async fn cart_clear(&self, user: UserId) -> Option<CartWrite> {
-        let script = &self.inner.scripts.cart_clear;
-        self.cart_script(script, user, |_| {}).await
+    pub async fn clear(&self, user: UserId) -> Option<CartWrite> {
+        let script = &self.scripts.clear;
+        self.change(script, user, |_| {}).await
     }
 
     /// Removes what `order` bought, once per order (see [`Cart::check_out`]).
-    pub async fn cart_check_out(
-        &self,
-        user: UserId,
-        order: OrderId,
-        bought: &[NewLine],
-    ) -> Option<CartWrite> {
-        let script = &self.inner.scripts.cart_check_out;
-        self.cart_script(script, user, |c| {
+    pub async fn check_out(&self, user: UserId, order: OrderId, bought: &[NewLine]) -> Option<CartWrite> {
+        let script = &self.scripts.check_out;
+        self.change(script, user, |c| {
             c.arg(order.get()).arg(crate::domain::cart::KEPT_CHECKOUTS);
             for l in bought {
                 c.arg(l.product_id.get()).arg(l.quantity);
@@ -181,47 +221,47 @@ impl RedisCache {
 
     /// Drops the Redis copy of `user`'s cart if it is older than `version` (MySQL holds a
     /// newer one, written while Redis did not answer): the next read loads MySQL's.
-    pub async fn cart_drop_older(&self, user: UserId, version: i64) -> Option<bool> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
-        let [cart, dirty] = self.cart_keys(user);
-        let mut cmd = evalsha(&inner.scripts.cart_drop_older, &[&cart, &dirty]);
+    pub async fn drop_older(&self, user: UserId, version: i64) -> Option<bool> {
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
+        let [cart, dirty] = self.keys(user);
+        let mut cmd = evalsha(&self.scripts.drop_older, &[&cart, &dirty]);
         cmd.arg(user.get()).arg(version);
-        inner.query::<i64>(&conn, &cmd).await.map(|n| n == 1)
+        redis.query::<i64>(&conn, &cmd).await.map(|n| n == 1)
     }
 
-    /// [`Self::cart_drop_older`] for many carts in one round trip; whether each was dropped.
-    pub async fn cart_drop_older_many(&self, carts: &[(UserId, i64)]) -> Option<Vec<bool>> {
+    /// [`Self::drop_older`] for many carts in one round trip; whether each was dropped.
+    pub async fn drop_older_many(&self, carts: &[(UserId, i64)]) -> Option<Vec<bool>> {
         if carts.is_empty() {
             return Some(Vec::new());
         }
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
         let mut pipe = redis::pipe();
         for &(user, version) in carts {
-            let [cart, dirty] = self.cart_keys(user);
-            let mut cmd = evalsha(&inner.scripts.cart_drop_older, &[&cart, &dirty]);
+            let [cart, dirty] = self.keys(user);
+            let mut cmd = evalsha(&self.scripts.drop_older, &[&cart, &dirty]);
             cmd.arg(user.get()).arg(version);
             pipe.add_command(cmd);
         }
-        let answers: Vec<i64> = inner.query_pipe(&conn, &pipe).await?;
+        let answers: Vec<i64> = redis.query_pipe(&conn, &pipe).await?;
         Some(answers.into_iter().map(|n| n == 1).collect())
     }
 
     /// Up to `batch` dirty carts of every bucket, lowest score first, with their content:
     /// two round trips (the dirty sets, then the carts). Answers per bucket.
-    pub async fn cart_dirty(&self, batch: usize) -> Option<Vec<Vec<DirtyCart>>> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
+    pub async fn dirty(&self, batch: usize) -> Option<Vec<Vec<DirtyCart>>> {
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
         let mut pipe = redis::pipe();
         for b in 0..CART_BUCKETS {
             pipe.cmd("ZRANGE")
-                .arg(dirty_key(&inner.prefix, b))
+                .arg(dirty_key(redis.prefix(), b))
                 .arg(0)
                 .arg(batch.saturating_sub(1))
                 .arg("WITHSCORES");
         }
-        let sets: Vec<Vec<(String, f64)>> = inner.query_pipe(&conn, &pipe).await?;
+        let sets: Vec<Vec<(String, f64)>> = redis.query_pipe(&conn, &pipe).await?;
         let mut members: Vec<Vec<(UserId, i64)>> = Vec::with_capacity(sets.len());
         let mut pipe = redis::pipe();
         for set in sets {
@@ -229,7 +269,7 @@ impl RedisCache {
             for (m, score) in set {
                 // A member that is no user id cannot come from our scripts: skipped.
                 if let Some(user) = m.parse().ok().and_then(UserId::new) {
-                    pipe.cmd("HGETALL").arg(cart_key(&inner.prefix, user));
+                    pipe.cmd("HGETALL").arg(cart_key(redis.prefix(), user));
                     bucket.push((user, score as i64));
                 }
             }
@@ -238,7 +278,7 @@ impl RedisCache {
         if members.iter().all(Vec::is_empty) {
             return Some(members.into_iter().map(|_| Vec::new()).collect());
         }
-        let carts: Vec<Vec<String>> = inner.query_pipe(&conn, &pipe).await?;
+        let carts: Vec<Vec<String>> = redis.query_pipe(&conn, &pipe).await?;
         let mut carts = carts.into_iter();
         Some(
             members
@@ -259,29 +299,28 @@ impl RedisCache {
 
     /// These carts were written at these versions: each user leaves the dirty set if its
     /// score is still that version (a later change keeps it there).
-    pub async fn cart_clean(&self, done: &[(UserId, i64)]) -> Option<()> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
+    pub async fn clean(&self, done: &[(UserId, i64)]) -> Option<()> {
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
         let mut by_bucket: BTreeMap<i64, Vec<(UserId, i64)>> = BTreeMap::new();
         for &(u, v) in done {
             by_bucket.entry(bucket_of(u)).or_default().push((u, v));
         }
         let mut pipe = redis::pipe();
         for (b, pairs) in by_bucket {
-            let mut cmd = evalsha(&inner.scripts.cart_clean, &[&dirty_key(&inner.prefix, b)]);
+            let mut cmd = evalsha(&self.scripts.clean, &[&dirty_key(redis.prefix(), b)]);
             for (u, v) in pairs {
                 cmd.arg(u.get()).arg(v);
             }
             pipe.add_command(cmd).ignore();
         }
-        inner.query_pipe::<()>(&conn, &pipe).await
+        redis.query_pipe::<()>(&conn, &pipe).await
     }
 }
 
-/// The cart scripts (loaded with the cache's, see `lua::ALL`). Change scripts take KEYS
-/// cart, dirty and ARGV[1] user, ARGV[2] TTL ms, then their own; they answer `ok` and the
-/// cart's `HGETALL`, `missing`, or `full`.
-pub(super) mod scripts {
+/// The cart scripts. Change scripts take KEYS cart, dirty and ARGV[1] user, ARGV[2] TTL ms,
+/// then their own; they answer `ok` and the cart's `HGETALL`, `missing`, or `full`.
+mod scripts {
     /// ARGV[3] product, ARGV[4] quantity (0 removes), ARGV[5] line limit.
     pub const SET: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end

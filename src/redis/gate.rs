@@ -1,5 +1,7 @@
 //! The flash-sale gate: a sale's remaining units, its buyers' units and the orders that took
 //! units, in Redis, so that most buyers of a sold-out sale are answered without MySQL.
+//! [`FlashGate`] runs its scripts over the shared connection ([`Redis`]: its timeouts and
+//! breaker; a Redis that does not answer is [`GateAnswer::Unavailable`]).
 //!
 //! Keys (one hash tag per sale, `{fs:<sale_id>}`, so every script touches one slot):
 //!
@@ -11,19 +13,23 @@
 //! | `{prefix}{fs:<id>}:o`    | hash: order id → `<buyer>:<units>`                     |
 //! | `{prefix}{fs:<id>}:s`    | set: every order id that ever took units of the sale   |
 //!
-//! [`lua::TAKE`](super::lua) checks the window (Redis time), the units left and the buyer's
+//! [`scripts::TAKE`] checks the window (Redis time), the units left and the buyer's
 //! limit, and takes the units, once per order id (a retried create finds its order there).
 //! A refused order id the sale has seen before (a replay of an order since closed, or one
 //! made while the gate was down and rebuilt since) is answered `Known`: the caller takes the
 //! database path, which knows what that id did. So a refusal never needs MySQL, and a replay
 //! is never refused.
-//! [`lua::GIVE_BACK`](super::lua) returns an order's units once (it removes the order).
-//! The database stays the truth: [`lua::REBUILD`](super::lua) replaces the whole gate with a
+//! [`scripts::GIVE_BACK`] returns an order's units once (it removes the order).
+//! The database stays the truth: [`scripts::REBUILD`] replaces the whole gate with a
 //! state read from MySQL (on start, when a take finds no gate, and periodically). Redis keeps
 //! nothing on disk for the gate; a gate that is gone is rebuilt, one that is behind only lets
 //! a few more buyers through to the database, which refuses them.
 
-use super::{evalsha, Arc, Inner, RedisCache};
+use std::sync::Arc;
+
+use redis::Script;
+
+use super::{evalsha, Redis};
 use crate::domain::flash::FlashSale;
 use crate::domain::ids::{FlashSaleId, OrderId, UserId};
 
@@ -57,16 +63,44 @@ fn keys(prefix: &str, sale: FlashSaleId) -> [String; 5] {
 /// How long a gate outlives its sale's end: late give-backs still find it, then it goes.
 const GATE_AFTER_END_MS: i64 = 3_600_000;
 
-impl RedisCache {
-    pub async fn gate_take(&self, sale: FlashSaleId, order: OrderId, user: UserId, units: i64) -> GateAnswer {
-        let inner: &Arc<Inner> = &self.inner;
-        let Some(conn) = inner.conn().await else {
+/// The flash-sale gates of every sale; see the module docs. Cheap to clone.
+#[derive(Clone)]
+pub struct FlashGate {
+    redis: Redis,
+    scripts: Arc<Scripts>,
+}
+
+struct Scripts {
+    take: Script,
+    give_back: Script,
+    rebuild: Script,
+}
+
+/// The gate's scripts, loaded by every new connection (see [`crate::redis`]).
+pub(crate) const SCRIPTS: [&str; 3] = [scripts::TAKE, scripts::GIVE_BACK, scripts::REBUILD];
+
+impl FlashGate {
+    pub fn new(redis: Redis) -> FlashGate {
+        FlashGate {
+            redis,
+            scripts: Arc::new(Scripts {
+                take: Script::new(scripts::TAKE),
+                give_back: Script::new(scripts::GIVE_BACK),
+                rebuild: Script::new(scripts::REBUILD),
+            }),
+        }
+    }
+
+    /// Takes `units` of `sale` for `order` (see [`scripts::TAKE`]).
+    pub async fn take(&self, sale: FlashSaleId, order: OrderId, user: UserId, units: i64) -> GateAnswer {
+        let redis = &self.redis;
+        let Some(conn) = redis.conn().await else {
             return GateAnswer::Unavailable;
         };
-        let k = keys(&inner.prefix, sale);
-        let mut cmd = evalsha(&inner.scripts.gate_take, &[&k[0], &k[1], &k[2], &k[3], &k[4]]);
+        let k = keys(redis.prefix(), sale);
+        let mut cmd = evalsha(&self.scripts.take, &[&k[0], &k[1], &k[2], &k[3], &k[4]]);
         cmd.arg(order.get()).arg(user.get()).arg(units);
-        match inner.query::<i64>(&conn, &cmd).await {
+        match redis.query::<i64>(&conn, &cmd).await {
             None => GateAnswer::Unavailable,
             Some(1) => GateAnswer::Took,
             Some(2) => GateAnswer::Already,
@@ -80,21 +114,18 @@ impl RedisCache {
 
     /// Returns `order`'s units to the gate, if the gate holds them. `None`: Redis did not
     /// answer (the next rebuild sets the gate right).
-    pub async fn gate_give_back(&self, sale: FlashSaleId, order: OrderId) -> Option<bool> {
-        let inner = &self.inner;
-        let conn = inner.conn().await?;
-        let k = keys(&inner.prefix, sale);
-        let mut cmd = evalsha(
-            &inner.scripts.gate_give_back,
-            &[&k[0], &k[1], &k[2], &k[3], &k[4]],
-        );
+    pub async fn give_back(&self, sale: FlashSaleId, order: OrderId) -> Option<bool> {
+        let redis = &self.redis;
+        let conn = redis.conn().await?;
+        let k = keys(redis.prefix(), sale);
+        let mut cmd = evalsha(&self.scripts.give_back, &[&k[0], &k[1], &k[2], &k[3], &k[4]]);
         cmd.arg(order.get());
-        inner.query::<i64>(&conn, &cmd).await.map(|n| n == 1)
+        redis.query::<i64>(&conn, &cmd).await.map(|n| n == 1)
     }
 
     /// Replaces the gate of `sale` with `left` units, these buyers' units, these live orders
     /// and these order ids seen by the sale (live or given back).
-    pub async fn gate_rebuild(
+    pub async fn rebuild(
         &self,
         sale: &FlashSale,
         left: i64,
@@ -102,13 +133,13 @@ impl RedisCache {
         orders: &[(OrderId, UserId, i64)],
         seen: &[OrderId],
     ) -> bool {
-        let inner = &self.inner;
-        let Some(conn) = inner.conn().await else {
+        let redis = &self.redis;
+        let Some(conn) = redis.conn().await else {
             return false;
         };
-        let k = keys(&inner.prefix, sale.sale_id);
+        let k = keys(redis.prefix(), sale.sale_id);
         let ends = sale.ended_at.map_or(sale.ends_at, |e| e.min(sale.ends_at));
-        let mut cmd = evalsha(&inner.scripts.gate_rebuild, &[&k[0], &k[1], &k[2], &k[3], &k[4]]);
+        let mut cmd = evalsha(&self.scripts.rebuild, &[&k[0], &k[1], &k[2], &k[3], &k[4]]);
         cmd.arg(sale.starts_at.timestamp_millis())
             .arg(ends.timestamp_millis())
             .arg(sale.per_user_limit)
@@ -125,12 +156,12 @@ impl RedisCache {
         for (order, user, units) in orders {
             cmd.arg(order.get()).arg(format!("{user}:{units}"));
         }
-        inner.query::<i64>(&conn, &cmd).await.is_some()
+        redis.query::<i64>(&conn, &cmd).await.is_some()
     }
 }
 
-/// The gate's scripts (loaded with the cache's, see `lua::ALL`).
-pub(super) mod scripts {
+/// The gate's scripts.
+mod scripts {
     /// KEYS meta, left, buyers, orders, seen. ARGV[1] order, ARGV[2] buyer, ARGV[3] units.
     /// Returns 1 took, 2 already taken by this order, 3 refused but seen before, 0 sold out,
     /// -1 over the buyer's limit, -2 outside the window, -3 no gate.
