@@ -487,7 +487,10 @@ async fn acknowledged_writes_survive_a_storm_of_cancelled_requests() {
 #[tokio::test]
 async fn a_connection_released_inside_a_transaction_is_never_handed_out_again() {
     let app = TestApp::spawn().await;
-    let pool = app.commerce.clone();
+    // A pool as the service opens every pool of its own (the harness's pools are plain).
+    let pool = orderly::storage::connect(&app.settings.commerce.url, &app.settings.database)
+        .await
+        .unwrap();
     for _ in 0..5 {
         let mut c = pool.acquire().await.unwrap();
         // A raw BEGIN: the driver does not count it as a transaction.
