@@ -72,8 +72,9 @@ pub(super) async fn event_row(
 }
 
 /// The SQL expression of an order's snapshot (the JSON of
-/// [`crate::domain::events::OrderSnapshot`]), over the order row aliased `o`.
-fn snapshot_json(t: &ShardTables) -> String {
+/// [`crate::domain::events::OrderSnapshot`]), over the order row aliased `o`. A read, public
+/// so that the testkit's raw baseline builds its events with the very same expression.
+pub fn snapshot_json(t: &ShardTables) -> String {
     let time = |col: &str| format!("DATE_FORMAT({col}, {RFC3339})");
     format!(
         "JSON_OBJECT(

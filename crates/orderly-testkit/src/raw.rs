@@ -160,7 +160,7 @@ pub async fn insert_created_event(
     use sqlx::{AssertSqlSafe, Row};
     let row = sqlx::query(AssertSqlSafe(format!(
         "SELECT o.version, o.shop_id, {} FROM {} o WHERE o.order_id = ?",
-        snapshot_json(t),
+        orderly::storage::outbox::snapshot_json(t),
         t.orders
     )))
     .bind(id.get())
@@ -184,53 +184,4 @@ pub async fn insert_created_event(
     .execute(conn)
     .await?;
     Ok(())
-}
-
-/// The JSON of an order's snapshot over the order row aliased `o`: a copy of the service's
-/// outbox statement (`storage::outbox`), for the raw baseline.
-fn snapshot_json(t: &ShardTables) -> String {
-    const RFC3339: &str = "'%Y-%m-%dT%H:%i:%s.%fZ'";
-    let time = |col: &str| format!("DATE_FORMAT({col}, {RFC3339})");
-    format!(
-        "JSON_OBJECT(
-            'order_id', o.order_id, 'user_id', o.user_id, 'shop_id', o.shop_id,
-            'status', o.status, 'version', o.version, 'currency', o.currency,
-            'total_amount', o.total_amount, 'discount_amount', o.discount_amount,
-            'pay_amount', o.pay_amount,
-            'receiver_name', o.receiver_name, 'receiver_phone', o.receiver_phone,
-            'receiver_region', o.receiver_region, 'receiver_detail', o.receiver_detail,
-            'remark', o.remark, 'tracking_number', o.tracking_number, 'carrier', o.carrier,
-            'close_reason', o.close_reason, 'refund_required', o.refund_required <> 0,
-            'pay_deadline', {deadline},
-            'created_at', {created}, 'updated_at', {updated}, 'paid_at', {paid},
-            'shipped_at', {shipped}, 'completed_at', {completed}, 'closed_at', {closed},
-            'invalidated_at', {invalidated},
-            'items', (SELECT JSON_ARRAYAGG(JSON_OBJECT('line_no', i.line_no,
-                    'product_id', i.product_id, 'product_name', i.product_name,
-                    'unit_price', i.unit_price, 'quantity', i.quantity,
-                    'line_total', i.line_total) ORDER BY i.line_no)
-                FROM {items} i WHERE i.order_id = o.order_id),
-            'payments', (SELECT JSON_ARRAYAGG(JSON_OBJECT('kind', p.kind,
-                    'transaction_no', p.transaction_no, 'channel', p.channel,
-                    'amount', p.amount, 'created_at', {p_created}) ORDER BY p.id)
-                FROM {payments} p WHERE p.order_id = o.order_id),
-            'discounts', (SELECT JSON_ARRAYAGG(JSON_OBJECT('line_no', d.line_no,
-                    'coupon_id', d.coupon_id, 'kind', d.kind, 'amount', d.amount,
-                    'description', d.description)
-                    ORDER BY d.line_no)
-                FROM {discounts} d WHERE d.order_id = o.order_id)
-         )",
-        created = time("o.created_at"),
-        updated = time("o.updated_at"),
-        deadline = time("o.pay_deadline"),
-        paid = time("o.paid_at"),
-        shipped = time("o.shipped_at"),
-        completed = time("o.completed_at"),
-        closed = time("o.closed_at"),
-        invalidated = time("o.invalidated_at"),
-        p_created = time("p.created_at"),
-        items = t.items,
-        payments = t.payments,
-        discounts = t.discounts,
-    )
 }
