@@ -253,7 +253,7 @@ impl MariaDbServer {
 
     /// Freezes the server (SIGSTOP).
     pub fn pause(&self) -> Result<(), ClusterError> {
-        self.process.signal(libc::SIGSTOP)
+        self.process.pause()
     }
 
     /// Unfreezes the server (SIGCONT).

@@ -98,6 +98,28 @@ impl ServerProcess {
         send_signal(pid, signal).map_err(|e| ClusterError::io(format!("signalling {}", self.name), e))
     }
 
+    /// SIGSTOP, and returns only once every thread of the child is stopped. `kill` returns
+    /// when the signal is queued; on a busy machine a thread of the server can still answer
+    /// a query for a moment after it, and a test that pauses a server and then checks what a
+    /// client sees would race it.
+    pub(super) fn pause(&self) -> Result<(), ClusterError> {
+        self.signal(libc::SIGSTOP)?;
+        let Some(pid) = self.pid() else {
+            return Err(ClusterError::NotRunning(self.name.clone()));
+        };
+        let deadline = Instant::now() + PAUSE_WAIT;
+        while !all_threads_stopped(pid) {
+            if Instant::now() > deadline {
+                return Err(ClusterError::io(
+                    format!("pausing {}", self.name),
+                    io::Error::new(io::ErrorKind::TimedOut, "threads still running after SIGSTOP"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
+    }
+
     /// SIGTERM, plus SIGCONT so that a paused child can act on it.
     pub(super) fn terminate(&self) {
         if let Some(pid) = self.pid() {
@@ -525,4 +547,25 @@ pub(super) fn process_belongs_to(pid: libc::pid_t, cluster_dir: &Path) -> bool {
     fs::read(format!("/proc/{pid}/cmdline"))
         .map(|cmdline| cmdline.windows(needle.len()).any(|w| w == needle.as_bytes()))
         .unwrap_or(false)
+}
+
+/// How long [`ServerProcess::pause`] waits for every thread of a server to stop: a group stop
+/// takes microseconds; seconds only on a machine starved of CPU.
+const PAUSE_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether every thread of `pid` is stopped (state `T` or `t` in `/proc/<pid>/task/*/stat`).
+fn all_threads_stopped(pid: u32) -> bool {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|task| {
+        fs::read_to_string(task.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .map(|(_, rest)| rest.trim_start().starts_with(['T', 't']))
+            })
+            // A thread that exited meanwhile is not running.
+            .unwrap_or(true)
+    })
 }

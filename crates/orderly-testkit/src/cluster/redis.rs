@@ -116,7 +116,7 @@ impl RedisServer {
 
     /// Freezes Redis (SIGSTOP).
     pub fn pause(&self) -> Result<(), ClusterError> {
-        self.process.signal(libc::SIGSTOP)
+        self.process.pause()
     }
 
     /// Unfreezes Redis (SIGCONT).
