@@ -9,8 +9,7 @@ use futures::future::join_all;
 use orderly::domain::ids::{OrderId, UserId};
 use orderly::domain::order::{price_order, CreateOrderRequest, NewOrder};
 use orderly::storage::commerce::{self, Reservation, ReserveOutcome};
-#[cfg(feature = "failpoints")]
-use orderly::storage::orders::{self, NotWritten};
+use orderly::storage::orders::{self, NotWritten, OrderDoor};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
@@ -305,8 +304,7 @@ async fn stalled_commit_open_order_transaction_is_never_swept() {
     assert_eq!(app.stock_of(&cat.products[0]).await, 6);
 }
 
-// The late shard write goes through the door's fault-test entry, built with the failpoints.
-#[cfg(feature = "failpoints")]
+// The late shard write goes through the door without `after_commit` (the testkit's entry).
 #[tokio::test]
 async fn stalled_commit_late_insert_after_a_void_writes_nothing() {
     let app = TestApp::spawn().await;
@@ -338,7 +336,7 @@ async fn stalled_commit_late_insert_after_a_void_writes_nothing() {
         now,
         pay_deadline: now + TimeDelta::hours(1),
     };
-    let written = orders::late_create_for_fault_tests(&mut conn, &shard.tables, write)
+    let written = orders::commit_without_after_commit(&mut conn, OrderDoor::Shard(&shard.tables, write))
         .await
         .unwrap();
     assert_eq!(written, Err(NotWritten::Voided));

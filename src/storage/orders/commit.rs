@@ -755,21 +755,10 @@ pub(crate) async fn remove_stale(conn: &mut MySqlConnection, stale: &[(OrderId, 
 
 // ---------------------------------------------------------------- outside callers
 
-/// A create's shard write replayed by hand, for the fault tests that make it arrive after
-/// the sweeper voided its id (`--features failpoints` only; never in a release build).
-#[cfg(feature = "failpoints")]
-#[doc(hidden)]
-pub async fn late_create_for_fault_tests(
-    conn: &mut MySqlConnection,
-    t: &ShardTables,
-    write: OrderWrite<'_>,
-) -> Result<std::result::Result<Committed, NotWritten>> {
-    write_order(conn, t, write).await
-}
-
 /// The door without the service's `after_commit` (no cache notice, no watermark, no relay
-/// wake-up): for the testkit's fixtures (orders written at old times) and the bench's raw
-/// baselines (the service's SQL without the service). Compiled only with the `testkit`
+/// wake-up): for the testkit's fixtures (orders written at old times), the bench's raw
+/// baselines (the service's SQL without the service) and the fault tests' hand-made late
+/// creates. Compiled only with the `testkit`
 /// feature, which only `orderly-testkit` turns on: the server is never built with it, and
 /// inside the crate every write goes through `OrderService::commit`.
 #[cfg(feature = "testkit")]

@@ -50,8 +50,6 @@ pub use archive_move::{archive_counts, archive_scan_end, last_logged_gtid, versi
 pub use changes::{FieldChanges, StatusChange};
 #[cfg(feature = "testkit")]
 pub use commit::commit_without_after_commit;
-#[cfg(feature = "failpoints")]
-pub use commit::late_create_for_fault_tests;
 pub(crate) use commit::{commit, delete_archived, void_unless_written};
 pub use commit::{ArchiveWrite, Committed, NotWritten, OrderDoor, OrderWrite};
 pub use create::{id_state, request_hash_of, request_hashes, IdState};
