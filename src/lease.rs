@@ -34,12 +34,13 @@
 //!
 //! Redis plays no part: its outage cannot stop ids or creates.
 
+use crate::storage::Db;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use sqlx::{MySqlPool, Row};
+use sqlx::Row;
 
 use crate::domain::ids::{Clock, IdError, IdGenerator, OrderId, SystemClock, UserId, WorkerId, MAX_WORKERS};
 
@@ -152,7 +153,7 @@ struct Free {
 
 /// Our hold on one row of `worker_leases`.
 pub struct Lease {
-    pool: MySqlPool,
+    pool: Db,
     worker: u16,
     holder: String,
     ttl: Duration,
@@ -220,7 +221,7 @@ impl Lease {
 }
 
 /// The rows that are free now (all of them, or only `worker`'s).
-async fn free_rows(pool: &MySqlPool, worker: Option<u16>) -> Result<Vec<Free>, sqlx::Error> {
+async fn free_rows(pool: &Db, worker: Option<u16>) -> Result<Vec<Free>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT worker_id, issued_below_ms, generation FROM worker_leases
          WHERE expires_at < NOW(6) AND (? IS NULL OR worker_id = ?) ORDER BY worker_id",
@@ -250,7 +251,7 @@ fn open(source: &IdSource, free: Free, deadline: Deadline) {
 /// Leases a free worker id (a random one of the free rows) in the commerce database `pool`.
 /// The lease must then be kept: [`crate::jobs::lease_keeper`] renews it until shutdown and
 /// releases it then.
-pub async fn take_worker(pool: MySqlPool, ttl: Duration) -> Result<(Arc<IdSource>, Lease), LeaseError> {
+pub async fn take_worker(pool: Db, ttl: Duration) -> Result<(Arc<IdSource>, Lease), LeaseError> {
     let holder = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
     for _ in 0..TAKE_ROUNDS {
         let free = free_rows(&pool, None).await?;

@@ -11,11 +11,11 @@
 //! of `/metrics` are the reference; docs/operations.md says what a dashboard plots from them.
 //! No label ever takes an unbounded value (an order id, a raw path, a user).
 
+use crate::storage::Db;
 use std::sync::OnceLock;
 
 use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use sqlx::MySqlPool;
 use tracing_subscriber::EnvFilter;
 
 /// How logs are written.
@@ -291,7 +291,7 @@ fn describe_metrics() {
 }
 
 /// Samples the connections of one pool into `orderly_db_pool_connections`.
-pub fn record_pool(database: &str, pool: &MySqlPool) {
+pub fn record_pool(database: &str, pool: &Db) {
     let idle = pool.num_idle() as f64;
     let in_use = (f64::from(pool.size()) - idle).max(0.0);
     metrics::gauge!("orderly_db_pool_connections", "database" => database.to_owned(), "state" => "in_use")

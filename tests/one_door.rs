@@ -350,3 +350,56 @@ fn the_matcher_catches_the_forms_the_crate_writes_sql_in() {
     assert_eq!(order_writes(unpark, true), Vec::new());
     assert_eq!(order_writes(unpark, false).len(), 1);
 }
+
+/// Where a transaction is begun other than through `storage::pool` (whose `begin` and
+/// `begin_raw` mark the connection, so that one cut off inside a transaction is closed, not
+/// reused): `file:line` of each.
+fn transactions_begun_around_the_pool(root: &Path) -> Vec<String> {
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    let forms = [
+        "Connection::begin(",
+        ".begin().await",
+        ".begin_with(",
+        "\"BEGIN\"",
+        "START TRANSACTION",
+        "autocommit",
+    ];
+    let mut found = Vec::new();
+    for path in files {
+        let rel = path
+            .strip_prefix(root)
+            .expect("under the root")
+            .to_string_lossy()
+            .replace('\\', "/");
+        if rel == "src/storage/pool.rs" {
+            continue;
+        }
+        let source = std::fs::read_to_string(&path).expect("read a source file");
+        for (i, line) in source.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            if forms.iter().any(|f| code.contains(f)) {
+                found.push(format!("{rel}:{}: {}", i + 1, code));
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn every_transaction_is_begun_through_the_pool_guard() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let found = transactions_begun_around_the_pool(root);
+    assert!(
+        found.is_empty(),
+        "transactions begun around storage::pool::begin (a connection cut off inside one \
+         would be reused):\n{}",
+        found.join("\n")
+    );
+    // The scan sees the guard's own forms (a scan that finds nothing would pass everything).
+    let pool = std::fs::read_to_string(root.join("src/storage/pool.rs")).expect("read pool.rs");
+    assert!(pool.contains("sqlx::Connection::begin(") && pool.contains("\"BEGIN\""));
+}

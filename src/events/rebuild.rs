@@ -55,7 +55,7 @@ pub enum RebuildError {
 pub async fn rebuild<P, R>(
     broker: &Broker,
     shards: &ShardMap,
-    archive: &sqlx::MySqlPool,
+    archive: &crate::storage::Db,
     projection: &P,
     reset: R,
     progress: bool,

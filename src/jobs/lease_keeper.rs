@@ -4,10 +4,10 @@
 //! next holder. The lease itself (its SQL, the deadlines on two clocks, the floor) is
 //! [`crate::lease`]'s; this is its loop.
 
+use crate::storage::Db;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::MySqlPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -19,7 +19,7 @@ const RELEASE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Leases a free worker id (a random one of the free rows) in the commerce database `pool`
 /// and keeps it renewed until `shutdown`, then releases it. The keeper is the returned task.
 pub async fn lease_worker(
-    pool: MySqlPool,
+    pool: Db,
     ttl: Duration,
     shutdown: CancellationToken,
 ) -> Result<(Arc<IdSource>, JoinHandle<()>), LeaseError> {

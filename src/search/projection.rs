@@ -5,11 +5,12 @@
 //! consumer acknowledges only what the index holds. Idempotency by version is the index's
 //! (see [`OrderIndex::upsert`]).
 
+use crate::storage::Db;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{MySqlConnection, MySqlPool};
+use sqlx::MySqlConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::index::TantivyIndex;
@@ -82,7 +83,7 @@ impl Projection for Search {
 pub async fn run(
     settings: EventSettings,
     index: Arc<TantivyIndex>,
-    commerce: MySqlPool,
+    commerce: Db,
     shutdown: CancellationToken,
 ) {
     let mut told = false;
@@ -153,10 +154,7 @@ const LOCK_CHECK: Duration = Duration::from_secs(5);
 /// Takes the directory's writer, then the deployment's: `Ok(Some(connection holding the
 /// lock))` elected, `Ok(None)` another host holds the deployment's, `Err(Locked)` another
 /// process holds this directory's.
-async fn elect(
-    index: &Arc<TantivyIndex>,
-    commerce: &MySqlPool,
-) -> Result<Option<MySqlConnection>, IndexError> {
+async fn elect(index: &Arc<TantivyIndex>, commerce: &Db) -> Result<Option<MySqlConnection>, IndexError> {
     let attempt = index.clone();
     tokio::task::spawn_blocking(move || attempt.take_writer())
         .await

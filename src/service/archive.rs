@@ -43,7 +43,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-use sqlx::{MySqlConnection, MySqlPool};
+use sqlx::MySqlConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ArchiveSettings;
@@ -51,6 +51,7 @@ use crate::domain::ids::OrderId;
 use crate::storage::archive::{self, ArchivedDoc, Checkpoint};
 use crate::storage::replicas::Database;
 use crate::storage::shards::{Shard, ShardMap};
+use crate::storage::Db;
 use crate::storage::{commerce, orders, outbox, StorageError};
 
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +206,7 @@ impl Throttle {
 pub struct Archiver {
     shards: ShardMap,
     archive: Arc<Database>,
-    commerce: MySqlPool,
+    commerce: Db,
     settings: ArchiveSettings,
 }
 
@@ -215,12 +216,7 @@ impl Archiver {
         &self.settings
     }
 
-    pub fn new(
-        shards: ShardMap,
-        archive: Arc<Database>,
-        commerce: MySqlPool,
-        settings: ArchiveSettings,
-    ) -> Self {
+    pub fn new(shards: ShardMap, archive: Arc<Database>, commerce: Db, settings: ArchiveSettings) -> Self {
         Archiver {
             shards,
             archive,

@@ -36,11 +36,10 @@
 //! - Redis Cluster: a cart and its bucket's dirty set share a hash tag, but the flusher's
 //!   pipelines of all buckets would have to go to each bucket's node.
 
+use crate::storage::Db;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Mutex;
-
-use sqlx::MySqlPool;
 
 use crate::clock::Clock;
 use crate::config::CartSettings;
@@ -115,7 +114,7 @@ pub struct FlushOutcome {
 }
 
 pub struct CartService {
-    commerce: MySqlPool,
+    commerce: Db,
     /// `None`: no Redis (`[cache] enabled = false`), carts live in MySQL only.
     store: Option<CartStore>,
     settings: CartSettings,
@@ -147,7 +146,7 @@ fn too_many_lines() -> Error {
 }
 
 impl CartService {
-    pub fn new(commerce: MySqlPool, store: Option<CartStore>, settings: CartSettings) -> CartService {
+    pub fn new(commerce: Db, store: Option<CartStore>, settings: CartSettings) -> CartService {
         CartService {
             commerce,
             store,

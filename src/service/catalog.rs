@@ -1,8 +1,8 @@
 //! Catalog use cases: enough to set up a shop — users, shops, products with price and stock,
 //! stock top-ups, coupons. Administrators do everything; a merchant manages its own shop.
 
+use crate::storage::Db;
 use chrono::{DateTime, Utc};
-use sqlx::MySqlPool;
 
 use std::sync::Arc;
 
@@ -92,7 +92,7 @@ pub struct CouponView {
 #[derive(Clone)]
 pub struct CatalogService {
     /// The commerce primary: every catalog write and read but profiles.
-    commerce: MySqlPool,
+    commerce: Db,
     /// The commerce database with its replicas, for user profiles.
     profiles: Arc<Database>,
     cache: Cache,

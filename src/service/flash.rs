@@ -24,7 +24,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, TimeDelta, Utc};
-use sqlx::MySqlPool;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::clock::Clock;
@@ -34,6 +33,7 @@ use crate::domain::flash::{FlashSale, NewFlashSale, NewFlashSaleRequest};
 use crate::domain::ids::{FlashSaleId, OrderId, ProductId, UserId};
 use crate::domain::order::FieldErrors;
 use crate::redis::gate::{FlashGate, GateAnswer};
+use crate::storage::Db;
 use crate::storage::{commerce, flash};
 
 use super::{Error, Result};
@@ -43,7 +43,7 @@ use super::{Error, Result};
 const LOOKAHEAD: TimeDelta = TimeDelta::minutes(10);
 
 pub struct FlashSales {
-    commerce: MySqlPool,
+    commerce: Db,
     /// `None`: no Redis (`[cache] enabled = false`), the database decides every buyer.
     gate: Option<FlashGate>,
     settings: FlashSettings,
@@ -92,7 +92,7 @@ impl FlashSales {
         &self.settings
     }
 
-    pub fn new(commerce: MySqlPool, gate: Option<FlashGate>, settings: FlashSettings) -> FlashSales {
+    pub fn new(commerce: Db, gate: Option<FlashGate>, settings: FlashSettings) -> FlashSales {
         FlashSales {
             commerce,
             gate,
@@ -329,7 +329,7 @@ impl FlashSales {
 
 /// Replaces `sale`'s gate with what the database holds; whether Redis took it.
 /// Without a gate (no Redis) nothing is written: `false`.
-async fn rebuild_gate(commerce: &MySqlPool, gate: Option<&FlashGate>, sale: &FlashSale) -> Result<bool> {
+async fn rebuild_gate(commerce: &Db, gate: Option<&FlashGate>, sale: &FlashSale) -> Result<bool> {
     let state = flash::gate_state(commerce, sale).await?;
     Ok(match gate {
         Some(gate) => {

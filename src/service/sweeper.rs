@@ -39,8 +39,7 @@ use std::ops::AddAssign;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use sqlx::pool::PoolConnection;
-use sqlx::{MySql, MySqlConnection};
+use sqlx::MySqlConnection;
 use tokio::task::JoinSet;
 
 use crate::domain::ids::OrderId;
@@ -184,7 +183,7 @@ impl OrderService {
     /// all); puts each of the others through the void handshake.
     async fn settle_claims(
         &self,
-        conn: &mut PoolConnection<MySql>,
+        conn: &mut crate::storage::Conn,
         database: usize,
         claims: Vec<StaleClaim>,
         out: &mut SweepOutcome,
@@ -296,7 +295,7 @@ impl OrderService {
 
     async fn finish_releases(
         &self,
-        conn: &mut PoolConnection<MySql>,
+        conn: &mut crate::storage::Conn,
         shard: &Shard,
         before: DateTime<Utc>,
         batch: u32,

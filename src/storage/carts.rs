@@ -10,8 +10,9 @@
 //! two first changes of one cart would both start from the empty cart, the second
 //! overwriting the first).
 
+use crate::storage::Db;
 use chrono::{DateTime, Utc};
-use sqlx::{AssertSqlSafe, MySqlPool, Row};
+use sqlx::{AssertSqlSafe, Row};
 
 use crate::domain::cart::{Cart, StoredCart};
 use crate::domain::ids::UserId;
@@ -28,7 +29,7 @@ fn stored_from(version: i64, lines: &str, checkouts: &str) -> Result<StoredCart>
 }
 
 /// The stored cart of `user` (version 0, empty: none stored).
-pub async fn load(pool: &MySqlPool, user: UserId) -> Result<StoredCart> {
+pub async fn load(pool: &Db, user: UserId) -> Result<StoredCart> {
     let row = sqlx::query("SELECT version, items, checkouts FROM carts WHERE user_id = ?")
         .bind(user.get())
         .fetch_optional(pool)
@@ -45,11 +46,7 @@ pub async fn load(pool: &MySqlPool, user: UserId) -> Result<StoredCart> {
 
 /// Writes each cart whose version is newer than the stored one; older ones change nothing.
 /// `version` is assigned last, so the other columns compare against the old version.
-pub async fn upsert_newer(
-    pool: &MySqlPool,
-    carts: &[(UserId, StoredCart)],
-    now: DateTime<Utc>,
-) -> Result<()> {
+pub async fn upsert_newer(pool: &Db, carts: &[(UserId, StoredCart)], now: DateTime<Utc>) -> Result<()> {
     for chunk in carts.chunks(UPSERT_CHUNK) {
         let sql = format!(
             "INSERT INTO carts (user_id, version, items, checkouts, updated_at) VALUES {}
@@ -75,7 +72,7 @@ pub async fn upsert_newer(
 }
 
 /// The stored versions of these users' carts (users without a row are left out).
-pub async fn versions(pool: &MySqlPool, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
+pub async fn versions(pool: &Db, users: &[UserId]) -> Result<Vec<(UserId, i64)>> {
     let mut out = Vec::with_capacity(users.len());
     for chunk in users.chunks(UPSERT_CHUNK) {
         let sql = format!(
@@ -101,13 +98,14 @@ pub async fn versions(pool: &MySqlPool, users: &[UserId]) -> Result<Vec<(UserId,
 /// (`Ok(false)`: nothing to write), and it is written back at its version plus `step`, in one
 /// transaction. Answers the cart as it now stands and whether it changed.
 pub async fn change<E>(
-    pool: &MySqlPool,
+    pool: &Db,
     user: UserId,
     step: i64,
     now: DateTime<Utc>,
     apply: impl Fn(&mut Cart) -> std::result::Result<bool, E>,
 ) -> Result<std::result::Result<(StoredCart, bool), E>> {
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = crate::storage::pool::begin(&mut conn).await?;
     // A row to lock (see the module docs): a new cart's, empty at version 0, which is what
     // `load` answers for no row. `ON DUPLICATE KEY UPDATE` locks an existing row
     // exclusively; a plain insert's duplicate-key error would take a shared lock, which two

@@ -5,9 +5,10 @@
 //! [`super::commerce::reserve`] and `give_back`): the database alone never sells more than a
 //! sale's allotment or more than a buyer's limit, whatever the gate in front of it says.
 
+use crate::storage::Db;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlRow;
-use sqlx::{MySqlPool, Row};
+use sqlx::Row;
 
 use crate::domain::flash::{FlashSale, NewFlashSale};
 use crate::domain::ids::{FlashSaleId, OrderId, ProductId, ShopId, UserId};
@@ -54,12 +55,13 @@ pub enum NotCreated {
 /// its window. The product's row is locked meanwhile, so two overlapping creates cannot both
 /// pass the check.
 pub async fn insert_sale(
-    pool: &MySqlPool,
+    pool: &Db,
     shop: ShopId,
     s: &NewFlashSale,
     now: DateTime<Utc>,
 ) -> Result<std::result::Result<FlashSale, NotCreated>> {
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = crate::storage::pool::begin(&mut conn).await?;
     sqlx::query("SELECT id FROM products WHERE id = ? FOR UPDATE")
         .bind(s.product_id.get())
         .fetch_optional(&mut *tx)
@@ -104,7 +106,7 @@ pub async fn insert_sale(
     Ok(Ok(sale))
 }
 
-pub async fn load_sale(pool: &MySqlPool, id: FlashSaleId) -> Result<Option<FlashSale>> {
+pub async fn load_sale(pool: &Db, id: FlashSaleId) -> Result<Option<FlashSale>> {
     let sql = format!("SELECT {COLUMNS} FROM flash_sales WHERE id = ?");
     sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.get())
@@ -117,7 +119,7 @@ pub async fn load_sale(pool: &MySqlPool, id: FlashSaleId) -> Result<Option<Flash
 
 /// Ends a sale now (it stops selling; orders already made stay). Returns whether it was
 /// running or still to come.
-pub async fn end_sale(pool: &MySqlPool, id: FlashSaleId, now: DateTime<Utc>) -> Result<bool> {
+pub async fn end_sale(pool: &Db, id: FlashSaleId, now: DateTime<Utc>) -> Result<bool> {
     let done = sqlx::query("UPDATE flash_sales SET ended_at = ? WHERE id = ? AND ended_at IS NULL")
         .bind(ts(now))
         .bind(id.get())
@@ -128,11 +130,7 @@ pub async fn end_sale(pool: &MySqlPool, id: FlashSaleId, now: DateTime<Utc>) -> 
 
 /// Sales not ended whose window contains some time in `from..to`: what the service keeps in
 /// memory to price orders and what the gates are rebuilt for.
-pub async fn sales_between(
-    pool: &MySqlPool,
-    from: DateTime<Utc>,
-    to: DateTime<Utc>,
-) -> Result<Vec<FlashSale>> {
+pub async fn sales_between(pool: &Db, from: DateTime<Utc>, to: DateTime<Utc>) -> Result<Vec<FlashSale>> {
     let sql = format!(
         "SELECT {COLUMNS} FROM flash_sales WHERE ended_at IS NULL AND ends_at > ? AND starts_at < ? ORDER BY id"
     );
@@ -158,13 +156,13 @@ pub struct GateState {
 }
 
 /// The gate state of `sale`, in one consistent read (a snapshot transaction).
-pub async fn gate_state(pool: &MySqlPool, sale: &FlashSale) -> Result<GateState> {
+pub async fn gate_state(pool: &Db, sale: &FlashSale) -> Result<GateState> {
     let mut conn = pool.acquire().await?;
     // The pool's sessions read committed; the next transaction alone reads one snapshot.
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *conn)
         .await?;
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = crate::storage::pool::begin(&mut *conn).await?;
     let sold: i64 = sqlx::query_scalar("SELECT sold FROM flash_sales WHERE id = ?")
         .bind(sale.sale_id.get())
         .fetch_one(&mut *tx)

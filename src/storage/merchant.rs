@@ -23,12 +23,13 @@
 //!   by shop and day, whatever the order of its events: two appliers wait for each other
 //!   instead of deadlocking.
 
+use crate::storage::Db;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use chrono::{DateTime, NaiveDate, TimeDelta, Utc};
 use sqlx::mysql::MySqlRow;
-use sqlx::{AssertSqlSafe, MySqlConnection, MySqlPool, Row};
+use sqlx::{AssertSqlSafe, MySqlConnection, Row};
 
 use super::{ts, Result};
 use crate::config::{DatabaseSettings, MerchantSettings};
@@ -56,7 +57,7 @@ pub struct MerchantMap(Arc<Inner>);
 #[derive(Debug)]
 struct Inner {
     tables: Vec<MerchantTable>,
-    pools: Vec<MySqlPool>,
+    pools: Vec<Db>,
     utc_offset: TimeDelta,
 }
 
@@ -93,11 +94,11 @@ impl MerchantMap {
         &self.0.tables
     }
 
-    pub fn pools(&self) -> &[MySqlPool] {
+    pub fn pools(&self) -> &[Db] {
         &self.0.pools
     }
 
-    pub fn pool(&self, table: &MerchantTable) -> &MySqlPool {
+    pub fn pool(&self, table: &MerchantTable) -> &Db {
         &self.0.pools[table.database]
     }
 
@@ -205,7 +206,8 @@ impl ReportDelta {
 pub async fn apply(map: &MerchantMap, database: usize, events: &[&OrderEvent]) -> Result<Applied> {
     let mut events = events.to_vec();
     events.sort_by_key(|e| (e.order.order_id, e.order.version));
-    let mut tx = map.0.pools[database].begin().await?;
+    let mut conn = map.0.pools[database].acquire().await?;
+    let mut tx = crate::storage::pool::begin(&mut conn).await?;
     let mut done = Applied::default();
     let mut reports: BTreeMap<(i64, NaiveDate), ReportDelta> = BTreeMap::new();
     for e in events {
@@ -523,7 +525,7 @@ async fn reset_database(map: &MerchantMap, database: usize) -> Result<()> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *conn)
         .await?;
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = crate::storage::pool::begin(&mut *conn).await?;
     for t in map.tables().iter().filter(|t| t.database == database) {
         sqlx::query(AssertSqlSafe(format!("DELETE FROM {}", t.name)))
             .execute(&mut *tx)

@@ -32,15 +32,18 @@ pub mod flash;
 pub mod merchant;
 pub mod orders;
 pub mod outbox;
+pub mod pool;
 pub mod replicas;
 pub mod schema;
 pub mod shards;
 
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{MySqlConnectOptions, MySqlDatabaseError, MySqlPoolOptions};
 
 use crate::config::DatabaseSettings;
+
+pub use pool::{Conn, Db};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -186,9 +189,9 @@ pub const DEADLOCK_RETRIES: usize = 3;
 /// the bench's own replica sessions are set up as the service's are.
 pub const STATEMENT_CACHE: usize = 512;
 
-/// Opens a pool against `url` with the shared pool settings and the transaction guard
-/// ([`release_guard`]).
-pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<MySqlPool> {
+/// Opens a pool against `url` with the shared pool settings (see [`pool`] for how its
+/// connections are reused without a round trip, and how none is reused inside a transaction).
+pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<Db> {
     let opts: MySqlConnectOptions = url.parse().map_err(StorageError::Db)?;
     // The pool's name in logs and metrics: the database, never the credentials.
     let name: std::sync::Arc<str> = opts.get_database().unwrap_or("-").into();
@@ -204,10 +207,9 @@ pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<MySqlPool
         // No ping before every checkout: it is a round trip per request. A dead connection
         // fails its statement instead, is dropped by the pool, and the request answers 503.
         .test_before_acquire(false)
-        .after_release(move |conn, _| {
-            let name = name.clone();
-            Box::pin(async move { release_guard(conn, &name).await })
-        })
+        // A connection sqlx takes back directly (a kept one unused for a while, see
+        // [`pool`]) is checked as a `Conn` is, without a round trip.
+        .after_release(|conn, _| Box::pin(async move { Ok(release_guard(conn)) }))
         .after_connect(|conn, _| {
             Box::pin(async move {
                 // READ COMMITTED: our transactions are compare-and-set updates that never
@@ -222,37 +224,13 @@ pub async fn connect(url: &str, settings: &DatabaseSettings) -> Result<MySqlPool
         })
         .connect_with(opts)
         .await?;
-    Ok(pool)
+    Ok(Db::new(pool, &name))
 }
 
-/// The pool guard: no connection goes back to the pool inside a transaction.
-///
-/// A request future dropped while its `BEGIN` was in flight leaves the server-side
-/// transaction open while the driver believes there is none (sqlx counts a transaction only
-/// once `BEGIN` answered). The next borrower's autocommit statements would then run inside
-/// that transaction and never commit: a 2xx for a write that is lost. So every connection
-/// is asked on release whether the server holds a transaction for it; one that does is
-/// closed (which rolls the transaction back) and counted, and the pool opens a fresh one.
-///
-/// The question costs one round trip per release. It runs on the pool's release task, after
-/// the request has its answer, and the driver cannot tell without it: the server's
-/// in-transaction flag is in every OK packet, but sqlx keeps it private. A queued `ROLLBACK`
-/// of a dropped [`sqlx::Transaction`] is flushed before the question, so a properly rolled
-/// back transaction is not counted. It must be zero in normal operation.
-async fn release_guard(
-    conn: &mut sqlx::MySqlConnection,
-    pool: &str,
-) -> std::result::Result<bool, sqlx::Error> {
-    let open: u64 = sqlx::query_scalar("SELECT @@in_transaction")
-        .fetch_one(&mut *conn)
-        .await?;
-    if open == 0 {
-        return Ok(true);
-    }
-    metrics::counter!("orderly_db_connections_in_transaction_total", "pool" => pool.to_owned()).increment(1);
-    tracing::error!(
-        pool,
-        "a pooled connection was released inside a transaction; closing it"
-    );
-    Ok(false)
+/// The pool guard for connections sqlx takes back itself: one with a statement in flight
+/// (a use cut off) or a transaction the driver counts open is closed, not reused (see
+/// [`pool`]).
+fn release_guard(conn: &mut sqlx::MySqlConnection) -> bool {
+    use sqlx::Connection;
+    !(conn.should_flush() || conn.is_in_transaction())
 }

@@ -229,7 +229,7 @@ pub async fn backlog(conn: &mut MySqlConnection) -> Result<u64> {
 /// Moves outbox row `id` into [`PARKED`], with the number of refusals and the last one, in
 /// one transaction; false when the row was not there (another relay moved it).
 pub async fn park(conn: &mut MySqlConnection, id: i64, attempts: u32, reason: &str) -> Result<bool> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     // The column holds 512 characters; the reason is for a person, its start is enough.
     let reason: String = reason.chars().take(512).collect();
     let moved = sqlx::query(AssertSqlSafe(format!(
@@ -253,7 +253,7 @@ pub async fn park(conn: &mut MySqlConnection, id: i64, attempts: u32, reason: &s
 /// Moves every parked row back into the outbox under its old id, in one transaction, so the
 /// relay publishes it again in its place; answers how many.
 pub async fn unpark_all(conn: &mut MySqlConnection) -> Result<u64> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     // What is parked now; the INSERT's locking read then holds the range until the commit,
     // so the DELETE removes exactly the rows it copied.
     let last: Option<i64> = sqlx::query_scalar(AssertSqlSafe(format!("SELECT MAX(id) FROM {PARKED}")))

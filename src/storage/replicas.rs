@@ -35,6 +35,7 @@
 //! primary over a small pool of their own ([`CONTROL_CONNECTIONS`]), so a request pool
 //! exhausted by heavy writes never blinds them.
 
+use crate::storage::Db;
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -43,7 +44,7 @@ use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{MySqlConnection, MySqlPool};
+use sqlx::MySqlConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{DatabaseSettings, ReplicaSettings};
@@ -91,7 +92,7 @@ pub const CONTROL_CONNECTIONS: u32 = 2;
 struct Replica {
     /// `<database>/r<index>`: a metric label, never a URL (it could hold credentials).
     name: String,
-    pool: MySqlPool,
+    pool: Db,
     in_rotation: AtomicBool,
     /// The last position a probe read (what it had applied then, at least).
     position: RwLock<GtidPosition>,
@@ -126,9 +127,9 @@ struct LastFence {
 pub struct Database {
     name: String,
     reference: DatabaseRef,
-    primary: MySqlPool,
+    primary: Db,
     /// The probe's and the fences' own connections to the primary.
-    control: MySqlPool,
+    control: Db,
     /// Held while a fence is read; the answer serves every read that began before it was sent.
     fence: AsyncMutex<LastFence>,
     replicas: Vec<Replica>,
@@ -200,7 +201,7 @@ impl Database {
     }
 
     /// The primary: the only handle that writes, and the one `strong` reads use.
-    pub fn write(&self) -> &MySqlPool {
+    pub fn write(&self) -> &Db {
         &self.primary
     }
 
@@ -458,7 +459,7 @@ impl Database {
 
     /// The pools of this database by label: the primary's under the database's name, each
     /// replica's under its own (for the pool gauges).
-    pub fn pools(&self) -> impl Iterator<Item = (&str, &MySqlPool)> {
+    pub fn pools(&self) -> impl Iterator<Item = (&str, &Db)> {
         std::iter::once((self.name.as_str(), &self.primary))
             .chain(self.replicas.iter().map(|r| (r.name.as_str(), &r.pool)))
     }
@@ -474,7 +475,7 @@ fn lag_of(pos: &GtidPosition, history: &VecDeque<(Instant, GtidPosition)>, now: 
 }
 
 /// `sql` reads one GTID position variable.
-async fn position(pool: &MySqlPool, sql: &'static str) -> Result<GtidPosition> {
+async fn position(pool: &Db, sql: &'static str) -> Result<GtidPosition> {
     let raw: String = sqlx::query_scalar(sql).fetch_one(pool).await?;
     GtidPosition::parse(&raw).ok_or_else(|| super::corrupt("GTID position", raw))
 }
@@ -508,22 +509,24 @@ pub async fn wait_for_gtid(conn: &mut MySqlConnection, gtid: &Gtid, timeout: Dur
 
 /// The control pool of a primary: the probe and the fences, [`CONTROL_CONNECTIONS`] at
 /// most, opened lazily, each statement bounded by the probe's timeout.
-fn connect_control(url: &str, settings: &ReplicaSettings) -> Result<MySqlPool> {
+fn connect_control(url: &str, settings: &ReplicaSettings) -> Result<Db> {
     let opts: MySqlConnectOptions = url.parse().map_err(StorageError::Db)?;
-    Ok(MySqlPoolOptions::new()
+    let pool = MySqlPoolOptions::new()
         .max_connections(CONTROL_CONNECTIONS)
         .min_connections(0)
         .acquire_timeout(Duration::from_millis(settings.probe_timeout_ms))
         .test_before_acquire(false)
-        .connect_lazy_with(opts))
+        .connect_lazy_with(opts);
+    Ok(Db::new(pool, "control"))
 }
 
 /// A replica pool: opened lazily, read-only sessions, and a short acquire timeout so that a
 /// dead replica costs a read `replicas.acquire_timeout_ms` at most before it moves on.
-fn connect_replica(url: &str, database: &DatabaseSettings, settings: &ReplicaSettings) -> Result<MySqlPool> {
+fn connect_replica(url: &str, database: &DatabaseSettings, settings: &ReplicaSettings) -> Result<Db> {
     let opts: MySqlConnectOptions = url.parse().map_err(StorageError::Db)?;
     let opts = opts.statement_cache_capacity(super::STATEMENT_CACHE);
-    Ok(MySqlPoolOptions::new()
+    let name = opts.get_database().unwrap_or("-").to_owned();
+    let pool = MySqlPoolOptions::new()
         .max_connections(database.max_connections)
         .min_connections(0)
         .acquire_timeout(Duration::from_millis(settings.acquire_timeout_ms))
@@ -537,7 +540,8 @@ fn connect_replica(url: &str, database: &DatabaseSettings, settings: &ReplicaSet
                 Ok(())
             })
         })
-        .connect_lazy_with(opts))
+        .connect_lazy_with(opts);
+    Ok(Db::new(pool, &name))
 }
 
 /// Probes every database's replicas every `interval` until `shutdown` fires.

@@ -5,8 +5,9 @@
 //! holds it. Applying is idempotent (`CREATE TABLE IF NOT EXISTS` plus the record), so a
 //! migrate interrupted halfway is simply run again.
 
+use crate::storage::Db;
 use sqlx::AssertSqlSafe;
-use sqlx::{MySqlPool, Row};
+use sqlx::Row;
 
 use super::merchant::MerchantMap;
 use super::shards::{ShardMap, ShardTables};
@@ -488,7 +489,7 @@ fn render(stmt: &str, t: &ShardTables) -> String {
 }
 
 async fn apply(
-    pool: &MySqlPool,
+    pool: &Db,
     scope: &str,
     migrations: &[Migration],
     render_stmt: impl Fn(&str) -> String,
@@ -545,7 +546,7 @@ const ARCHIVE: &[Migration] = &[
 ];
 
 /// Creates the archive's tables on its database (scope `archive`).
-pub async fn migrate_archive(pool: &MySqlPool) -> Result<MigrateReport> {
+pub async fn migrate_archive(pool: &Db) -> Result<MigrateReport> {
     let mut report = MigrateReport::default();
     apply(pool, "archive", ARCHIVE, str::to_owned, &mut report).await?;
     Ok(report)
@@ -555,11 +556,7 @@ pub async fn migrate_archive(pool: &MySqlPool) -> Result<MigrateReport> {
 /// every buyer of that shard who already has orders in the archive (moved by an archiver
 /// from before the table): without it their lists would skip the archive. Idempotent; run by
 /// `migrate` after the archive's migrations. Answers the buyers recorded.
-pub async fn backfill_archived_users(
-    archive: &MySqlPool,
-    shards: &ShardMap,
-    report: &MigrateReport,
-) -> Result<u64> {
+pub async fn backfill_archived_users(archive: &Db, shards: &ShardMap, report: &MigrateReport) -> Result<u64> {
     // Rows per INSERT: far below the 65 535 placeholders a statement may bind.
     const CHUNK: usize = 1000;
     let new: Vec<&super::shards::Shard> = shards
@@ -620,7 +617,7 @@ pub async fn migrate_merchant(map: &MerchantMap) -> Result<MigrateReport> {
 }
 
 /// Creates every table of the commerce database and of every shard on its server.
-pub async fn migrate(commerce: &MySqlPool, shards: &ShardMap) -> Result<MigrateReport> {
+pub async fn migrate(commerce: &Db, shards: &ShardMap) -> Result<MigrateReport> {
     let mut report = MigrateReport::default();
     apply(commerce, "commerce", COMMERCE, str::to_owned, &mut report).await?;
     for shard in shards.all() {
@@ -638,7 +635,7 @@ pub async fn migrate(commerce: &MySqlPool, shards: &ShardMap) -> Result<MigrateR
 /// of them can pay or refund another order once the cross-shard check is in force. Run by
 /// the migration that creates the table; idempotent (a number already claimed is kept).
 /// Returns the numbers claimed now.
-pub async fn backfill_payment_numbers(commerce: &MySqlPool, shards: &ShardMap) -> Result<u64> {
+pub async fn backfill_payment_numbers(commerce: &Db, shards: &ShardMap) -> Result<u64> {
     // Rows per INSERT: 7 placeholders each, far below the 65 535 a statement may bind.
     const CHUNK: usize = 500;
     let mut claimed = 0;

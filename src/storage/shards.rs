@@ -4,9 +4,8 @@
 //! user's hash ([`crate::domain::shard`]) and gets a [`Shard`]: its [`Database`] (primary and
 //! replicas) and its table names. Moving shards to more servers is a change of the settings, not of code.
 
+use crate::storage::Db;
 use std::sync::Arc;
-
-use sqlx::MySqlPool;
 
 use crate::config::Settings;
 use crate::domain::ids::{OrderId, UserId};
@@ -135,7 +134,7 @@ impl ShardMap {
 
     /// The primary pool of a shard: the only handle that writes. Inside the crate only: the
     /// harness opens pools of its own (`orderly_testkit::raw`).
-    pub(crate) fn primary(&self, shard: &Shard) -> &MySqlPool {
+    pub(crate) fn primary(&self, shard: &Shard) -> &Db {
         self.0.databases[shard.database].write()
     }
 }

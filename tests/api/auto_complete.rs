@@ -2,6 +2,7 @@
 //! after shipment, each exactly once however many processes run the completer, and beside
 //! the payment-timeout closer.
 
+use orderly::storage::Db;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -10,7 +11,7 @@ use orderly::domain::ids::OrderId;
 use orderly::service::sweeper::{CloseOutcome, CompleteOutcome};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::{AssertSqlSafe, MySqlPool};
+use sqlx::AssertSqlSafe;
 
 use crate::helpers::{Catalog, TestApp};
 
@@ -46,7 +47,7 @@ async fn pay_and_ship(app: &TestApp, cat: &Catalog, order: &Value) -> Value {
 }
 
 /// The primary pool and the orders table of the shard of `order`.
-fn table_of(app: &TestApp, order: &Value) -> (MySqlPool, String) {
+fn table_of(app: &TestApp, order: &Value) -> (Db, String) {
     let shards = &app.raw;
     let shard = shards.of_order(OrderId::parse(id_of(order)).unwrap());
     (shards.primary(shard).clone(), shard.tables.orders.clone())
@@ -170,7 +171,7 @@ async fn shipped_orders_complete_themselves_after_auto_complete_days() {
 /// of the table that a step could write locked, these are updates waiting for the lock.
 /// (MariaDB 10.11 shows these autocommit updates in neither `INNODB_TRX` nor
 /// `INNODB_LOCK_WAITS` while they wait; the process list does.)
-async fn updates_of(pool: &MySqlPool, table: &str) -> i64 {
+async fn updates_of(pool: &Db, table: &str) -> i64 {
     sqlx::query_scalar(
         "SELECT COUNT(*) FROM information_schema.PROCESSLIST
          WHERE DB = DATABASE() AND INFO LIKE CONCAT('UPDATE ', ?, ' %')",
@@ -216,7 +217,8 @@ async fn two_completers_and_two_closers_move_each_order_once() {
     // its list without waiting for locks and only then writes, so each of them holds every
     // order in its list when the lock goes, and every order is fought over by two steps.
     let (pool, table) = table_of(&app, &shipped[0]);
-    let mut holder = pool.begin().await.unwrap();
+    let mut holder_conn = pool.acquire().await.unwrap();
+    let mut holder = orderly::storage::pool::begin(&mut holder_conn).await.unwrap();
     let locked = sqlx::query(AssertSqlSafe(format!(
         "SELECT order_id FROM {table} WHERE user_id = ? FOR UPDATE"
     )))

@@ -482,23 +482,37 @@ async fn acknowledged_writes_survive_a_storm_of_cancelled_requests() {
     assert!(acknowledged > 0, "no write after the storm was acknowledged");
 }
 
-/// The pool guard itself: a connection handed back inside a transaction the driver does not
-/// know about (what a dropped `BEGIN` leaves) never reaches the next borrower.
+/// The pool guard itself: a connection whose use ended inside a transaction (a `BEGIN` whose
+/// answer was never read, a transaction dropped or left by an error without its end) never
+/// reaches the next borrower, and its writes are rolled back.
 #[tokio::test]
 async fn a_connection_released_inside_a_transaction_is_never_handed_out_again() {
+    use futures::FutureExt;
+    use orderly::storage::pool;
     let app = TestApp::spawn().await;
     // A pool as the service opens every pool of its own (the harness's pools are plain).
     let pool = orderly::storage::connect(&app.settings.commerce.url, &app.settings.database)
         .await
         .unwrap();
-    for _ in 0..5 {
+    let leak = "INSERT INTO shops (name, created_at) VALUES ('leaked', UTC_TIMESTAMP(6))";
+    for _ in 0..3 {
+        // A transaction dropped after a write (its `ROLLBACK` only queued).
         let mut c = pool.acquire().await.unwrap();
-        // A raw BEGIN: the driver does not count it as a transaction.
-        sqlx::raw_sql("BEGIN").execute(&mut *c).await.unwrap();
-        sqlx::query("INSERT INTO shops (name, created_at) VALUES ('leaked', UTC_TIMESTAMP(6))")
-            .execute(&mut *c)
-            .await
-            .unwrap();
+        let mut tx = pool::begin(&mut c).await.unwrap();
+        sqlx::query(leak).execute(&mut *tx).await.unwrap();
+        drop(tx);
+        drop(c);
+        // A transaction of the door left by an error path: no `ROLLBACK` at all.
+        let mut c = pool.acquire().await.unwrap();
+        pool::begin_raw(&mut c).await.unwrap();
+        sqlx::query(leak).execute(&mut *c).await.unwrap();
+        drop(c);
+        // A `BEGIN` whose future is dropped after one poll: its answer unread (or, on a fast
+        // loopback, read and the transaction dropped at once); either way a write after it
+        // on the next borrower must not land inside it.
+        let mut c = pool.acquire().await.unwrap();
+        let _ = pool::begin(&mut c).now_or_never();
+        drop(c);
     }
     // Every connection the pool hands out now is outside any transaction, and the leaked
     // inserts were rolled back, not committed by a later borrower.
@@ -523,4 +537,41 @@ async fn a_connection_released_inside_a_transaction_is_never_handed_out_again() 
     .await
     .unwrap();
     assert_eq!((leaked, fine), (0, 20));
+}
+
+/// A statement on a pool costs one round trip: the pool takes its connection back without a
+/// ping or a question (sqlx's own pool pings every connection it takes back, and the guard
+/// asked `@@in_transaction` on top). Pings are counted by the server in
+/// `Com_admin_commands`.
+#[tokio::test]
+async fn a_pooled_statement_costs_one_round_trip() {
+    let app = TestApp::spawn().await;
+    let pool = orderly::storage::connect(&app.settings.commerce.url, &app.settings.database)
+        .await
+        .unwrap();
+    let mut admin = fresh(&app.settings.commerce.url).await;
+    const STATEMENTS: i64 = 300;
+    let before = admin_commands(&mut admin).await;
+    for _ in 0..STATEMENTS {
+        let one: i64 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await.unwrap();
+        assert_eq!(one, 1);
+        let mut c = pool.acquire().await.unwrap();
+        let one: i64 = sqlx::query_scalar("SELECT 1").fetch_one(&mut *c).await.unwrap();
+        assert_eq!(one, 1);
+    }
+    let extra = admin_commands(&mut admin).await - before;
+    // The service under test runs its jobs on the same server; they ping no more than this.
+    assert!(
+        extra < STATEMENTS / 10,
+        "{extra} pings or admin commands for {} uses of the pool",
+        2 * STATEMENTS
+    );
+}
+
+async fn admin_commands(c: &mut MySqlConnection) -> i64 {
+    let (_, v): (String, String) = sqlx::query_as("SHOW GLOBAL STATUS LIKE 'Com_admin_commands'")
+        .fetch_one(c)
+        .await
+        .unwrap();
+    v.parse().unwrap()
 }

@@ -2,6 +2,7 @@
 //! the commerce database; two live processes never share one) and survive the clock
 //! stepping back; SPEC 2.5: Redis down does not stop id issuing or creates.
 
+use orderly::storage::Db;
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -12,7 +13,6 @@ use orderly::config::Settings;
 use orderly::domain::ids::{IdError, OrderId, UserId};
 use orderly::lease::{IdSource, IdSourceError};
 use reqwest::StatusCode;
-use sqlx::MySqlPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -37,7 +37,7 @@ async fn second_process(
 }
 
 /// Marks every free lease row but `except` as held by somebody else for a day.
-async fn block_free_rows(commerce: &MySqlPool, except: Option<u16>) {
+async fn block_free_rows(commerce: &Db, except: Option<u16>) {
     sqlx::query(
         "UPDATE worker_leases SET holder = 'someone else', expires_at = NOW(6) + INTERVAL 1 DAY
          WHERE expires_at < NOW(6) AND (? IS NULL OR worker_id <> ?)",

@@ -13,17 +13,15 @@
 
 use std::sync::Arc;
 
-use sqlx::MySqlPool;
-
 use orderly::config::Settings;
 use orderly::domain::ids::{OrderId, UserId};
 use orderly::domain::shard::{ShardCount, ShardIndex};
 use orderly::storage::shards::{Shard, ShardTables};
-use orderly::storage::{self, StorageError};
+use orderly::storage::{self, Db, StorageError};
 
 /// A pool of `settings.database`'s size that pings before every checkout, with the
 /// service's session settings (READ COMMITTED).
-async fn checked_pool(url: &str, settings: &Settings) -> Result<MySqlPool, StorageError> {
+async fn checked_pool(url: &str, settings: &Settings) -> Result<Db, StorageError> {
     let pool = sqlx::mysql::MySqlPoolOptions::new()
         .max_connections(settings.database.max_connections)
         .test_before_acquire(true)
@@ -37,7 +35,7 @@ async fn checked_pool(url: &str, settings: &Settings) -> Result<MySqlPool, Stora
         })
         .connect(url)
         .await?;
-    Ok(pool)
+    Ok(Db::unkept(pool, "checked"))
 }
 
 /// The harness's pools: the primary of every shard database and the commerce database, with
@@ -50,8 +48,8 @@ struct Inner {
     count: ShardCount,
     shards: Vec<Shard>,
     /// Primaries of `settings.shards.databases`, in that order.
-    databases: Vec<MySqlPool>,
-    commerce: MySqlPool,
+    databases: Vec<Db>,
+    commerce: Db,
 }
 
 impl RawDb {
@@ -127,17 +125,17 @@ impl RawDb {
     }
 
     /// The primary of `shard`'s database.
-    pub fn primary(&self, shard: &Shard) -> &MySqlPool {
+    pub fn primary(&self, shard: &Shard) -> &Db {
         &self.0.databases[shard.database]
     }
 
     /// The primary of every shard database, in the settings' order.
-    pub fn databases(&self) -> &[MySqlPool] {
+    pub fn databases(&self) -> &[Db] {
         &self.0.databases
     }
 
     /// The commerce database.
-    pub fn commerce(&self) -> &MySqlPool {
+    pub fn commerce(&self) -> &Db {
         &self.0.commerce
     }
 }

@@ -2,6 +2,7 @@
 //! binaries on PATH) per test binary, and a [`TestApp`] per test with its own databases, its
 //! own Redis key prefix and its own server bound on port 0.
 
+use orderly::storage::Db;
 use sqlx::AssertSqlSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -19,7 +20,6 @@ use orderly::http::auth::AuthKeys;
 use orderly::storage::shards::ShardMap;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
 /// Shards used by tests: the default, on two servers (16 each).
@@ -73,7 +73,7 @@ pub struct TestApp {
     pub settings: Settings,
     pub keys: AuthKeys,
     /// The harness's own pool on the commerce database (the same as `raw.commerce()`).
-    pub commerce: MySqlPool,
+    pub commerce: Db,
     /// The harness's own pools on every shard database, with the shard routing: for reading
     /// and checking rows (see [`crate::raw`]).
     pub raw: RawDb,
@@ -427,7 +427,7 @@ impl TestApp {
     }
 
     /// A pool on the archive's database.
-    pub async fn archive_pool(&self) -> MySqlPool {
+    pub async fn archive_pool(&self) -> Db {
         orderly::storage::connect(&self.settings.archive.url, &self.settings.database)
             .await
             .unwrap()

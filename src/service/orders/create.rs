@@ -2,8 +2,6 @@
 //! the [parent module](super)'s docs), and the pricing a preview answers.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use sqlx::pool::PoolConnection;
-use sqlx::MySql;
 
 use crate::domain::actor::Caller;
 use crate::domain::flash::FlashSale;
@@ -432,7 +430,7 @@ impl OrderService {
 
     pub(super) async fn replay(
         &self,
-        conn: &mut PoolConnection<MySql>,
+        conn: &mut crate::storage::Conn,
         shard: &Shard,
         id: OrderId,
         stored_hash: &[u8],

@@ -2,9 +2,6 @@
 //! each a compare-and-set on the order's version through [`OrderService::commit`], and the
 //! release of an order's stock when it closes.
 
-use sqlx::pool::PoolConnection;
-use sqlx::MySql;
-
 use crate::domain::actor::Caller;
 use crate::domain::ids::OrderId;
 use crate::domain::order::{
@@ -86,7 +83,7 @@ impl OrderService {
     /// A compare-and-set matched nothing: say whether the version or the status moved.
     async fn explain_lost_race(
         &self,
-        conn: &mut PoolConnection<MySql>,
+        conn: &mut crate::storage::Conn,
         shard: &Shard,
         id: OrderId,
         expected: i64,

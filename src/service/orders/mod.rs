@@ -30,13 +30,13 @@
 //! - `lifecycle`: patch, ship, confirm, cancel, invalidate, and the release of stock.
 //! - `payments`: pay and refund.
 
+use crate::storage::Db;
 use std::sync::Arc;
 
 use tokio_util::task::TaskTracker;
 
 use chrono::{DateTime, TimeDelta, Utc};
-use sqlx::pool::PoolConnection;
-use sqlx::{MySql, MySqlConnection, MySqlPool};
+use sqlx::MySqlConnection;
 
 use crate::clock::Clock;
 use crate::config::{ArchiveSettings, CartSettings, FlashSettings, OrderSettings};
@@ -77,7 +77,7 @@ pub const COMMIT_FAILPOINT_DELAY: std::time::Duration = std::time::Duration::fro
 #[derive(Clone)]
 pub struct OrderService {
     shards: ShardMap,
-    commerce: MySqlPool,
+    commerce: Db,
     cache: Cache,
     settings: Arc<OrderSettings>,
     /// `limits.max_unpaid_units_per_user`; `None`: off.
@@ -253,7 +253,7 @@ fn voided_id() -> Error {
 impl OrderService {
     /// Flash sales without a gate and carts without a store (the database alone) until
     /// [`Self::with_flash`] and [`Self::with_carts`] hand in the ones over Redis.
-    pub fn new(shards: ShardMap, commerce: MySqlPool, cache: Cache, settings: OrderSettings) -> Self {
+    pub fn new(shards: ShardMap, commerce: Db, cache: Cache, settings: OrderSettings) -> Self {
         OrderService {
             shards,
             commerce: commerce.clone(),
@@ -436,7 +436,7 @@ impl OrderService {
         &self.shards
     }
 
-    pub(crate) fn commerce(&self) -> &MySqlPool {
+    pub(crate) fn commerce(&self) -> &Db {
         &self.commerce
     }
 
@@ -476,7 +476,7 @@ impl OrderService {
         inside
     }
 
-    async fn conn(&self, shard: &Shard) -> Result<PoolConnection<MySql>> {
+    async fn conn(&self, shard: &Shard) -> Result<crate::storage::Conn> {
         Ok(self
             .shards
             .primary(shard)

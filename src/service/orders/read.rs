@@ -7,8 +7,6 @@
 //! `archive_unavailable` when the archive fails.
 
 use chrono::{DateTime, TimeDelta, Utc};
-use sqlx::pool::PoolConnection;
-use sqlx::MySql;
 
 use crate::domain::actor::Caller;
 use crate::domain::consistency::{Consistency, Gtid, Watermark};
@@ -359,7 +357,7 @@ impl OrderService {
 
     pub(super) async fn load_visible(
         &self,
-        conn: &mut PoolConnection<MySql>,
+        conn: &mut crate::storage::Conn,
         shard: &Shard,
         caller: Caller,
         id: OrderId,

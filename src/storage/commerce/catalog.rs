@@ -1,10 +1,11 @@
 //! The catalog of the commerce database: users, shops, products (with their stock) and
 //! coupons, as orders price and reserve them.
 
+use crate::storage::Db;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::MySqlRow;
 use sqlx::AssertSqlSafe;
-use sqlx::{MySqlPool, Row};
+use sqlx::Row;
 
 use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
@@ -18,7 +19,7 @@ pub use crate::domain::user::User;
 
 /// Creates a user; with `id` given, under that id (Duplicate if taken).
 pub async fn insert_user(
-    pool: &MySqlPool,
+    pool: &Db,
     id: Option<UserId>,
     name: &str,
     level: i32,
@@ -57,7 +58,7 @@ pub struct Shop {
     pub name: String,
 }
 
-pub async fn insert_shop(pool: &MySqlPool, name: &str, now: DateTime<Utc>) -> Result<ShopId> {
+pub async fn insert_shop(pool: &Db, name: &str, now: DateTime<Utc>) -> Result<ShopId> {
     let done = sqlx::query("INSERT INTO shops (name, created_at) VALUES (?, ?)")
         .bind(name)
         .bind(ts(now))
@@ -67,7 +68,7 @@ pub async fn insert_shop(pool: &MySqlPool, name: &str, now: DateTime<Utc>) -> Re
     ShopId::new(v).ok_or_else(|| corrupt("shop id", v))
 }
 
-pub async fn shop_exists(pool: &MySqlPool, id: ShopId) -> Result<bool> {
+pub async fn shop_exists(pool: &Db, id: ShopId) -> Result<bool> {
     Ok(sqlx::query("SELECT 1 FROM shops WHERE id = ?")
         .bind(id.get())
         .fetch_optional(pool)
@@ -115,7 +116,7 @@ fn product_from_row(r: &MySqlRow) -> Result<Product> {
 }
 
 pub async fn insert_product(
-    pool: &MySqlPool,
+    pool: &Db,
     shop: ShopId,
     name: &str,
     price: Money,
@@ -140,7 +141,7 @@ pub async fn insert_product(
     ProductId::new(v).ok_or_else(|| corrupt("product id", v))
 }
 
-pub async fn load_product(pool: &MySqlPool, id: ProductId) -> Result<Option<Product>> {
+pub async fn load_product(pool: &Db, id: ProductId) -> Result<Option<Product>> {
     let row = sqlx::query("SELECT id, shop_id, name, price, currency, stock FROM products WHERE id = ?")
         .bind(id.get())
         .fetch_optional(pool)
@@ -148,7 +149,7 @@ pub async fn load_product(pool: &MySqlPool, id: ProductId) -> Result<Option<Prod
     row.as_ref().map(product_from_row).transpose()
 }
 
-pub async fn load_products(pool: &MySqlPool, ids: &[ProductId]) -> Result<Vec<Product>> {
+pub async fn load_products(pool: &Db, ids: &[ProductId]) -> Result<Vec<Product>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
@@ -166,7 +167,7 @@ pub async fn load_products(pool: &MySqlPool, ids: &[ProductId]) -> Result<Vec<Pr
 /// Adds `quantity` units of stock unless that would exceed `max`; `false` if it would (or
 /// there is no such product).
 pub async fn add_stock(
-    pool: &MySqlPool,
+    pool: &Db,
     id: ProductId,
     quantity: i64,
     max: i64,
@@ -196,7 +197,7 @@ pub struct NewCoupon {
     pub currency: Currency,
 }
 
-pub async fn insert_coupon(pool: &MySqlPool, c: &NewCoupon, now: DateTime<Utc>) -> Result<CouponId> {
+pub async fn insert_coupon(pool: &Db, c: &NewCoupon, now: DateTime<Utc>) -> Result<CouponId> {
     let done = sqlx::query(
         "INSERT INTO coupons (user_id, shop_id, amount, min_spend, currency, valid_from, valid_to, created_at)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
@@ -236,7 +237,7 @@ fn coupon_from_row(r: &MySqlRow) -> Result<CouponSnapshot> {
     })
 }
 
-pub async fn load_coupons(pool: &MySqlPool, ids: &[CouponId]) -> Result<Vec<CouponSnapshot>> {
+pub async fn load_coupons(pool: &Db, ids: &[CouponId]) -> Result<Vec<CouponSnapshot>> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }

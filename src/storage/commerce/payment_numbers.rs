@@ -2,8 +2,8 @@
 //! commerce database, before the payment is recorded on the order's shard (the shard's own
 //! unique key covers one shard only).
 
+use crate::storage::Db;
 use chrono::{DateTime, Utc};
-use sqlx::MySqlPool;
 
 use crate::domain::ids::OrderId;
 use crate::domain::money::Money;
@@ -43,7 +43,7 @@ pub enum NumberClaim {
 /// Claims a payment or refund number for one order, so that one number can never be
 /// recorded on two orders (the shards only see their own tables).
 pub async fn claim_payment_number(
-    pool: &MySqlPool,
+    pool: &Db,
     n: &PaymentNumber<'_>,
     now: DateTime<Utc>,
 ) -> Result<NumberClaim> {
@@ -97,7 +97,7 @@ pub async fn claim_payment_number(
 /// no such order: nothing was recorded under it), so the channel may use it again. Only the
 /// call that claimed or last took over the number may: a retry that took it over meanwhile
 /// may be recording it right now.
-pub async fn release_payment_number(pool: &MySqlPool, n: &PaymentNumber<'_>) -> Result<()> {
+pub async fn release_payment_number(pool: &Db, n: &PaymentNumber<'_>) -> Result<()> {
     sqlx::query("DELETE FROM payment_numbers WHERE transaction_no = ? AND attempt = ?")
         .bind(n.transaction_no)
         .bind(n.attempt)

@@ -168,7 +168,7 @@ pub(crate) async fn write_order(
             change,
             now,
         } => {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let mut tx = crate::storage::pool::begin(&mut *conn).await?;
             if !cas_status(&mut tx, t, id, expected_version, from, to, change, now).await? {
                 tx.rollback().await?;
                 return Ok(Err(NotWritten::Lost));
@@ -184,7 +184,7 @@ pub(crate) async fn write_order(
             changes,
             now,
         } => {
-            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let mut tx = crate::storage::pool::begin(&mut *conn).await?;
             if !cas_fields(&mut tx, t, id, expected_version, status, changes, now).await? {
                 tx.rollback().await?;
                 return Ok(Err(NotWritten::Lost));
@@ -293,7 +293,7 @@ async fn insert_order(
     now: DateTime<Utc>,
     pay_deadline: DateTime<Utc>,
 ) -> Result<Inserted> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     let a = &order.address;
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
@@ -473,7 +473,7 @@ pub(crate) async fn void_unless_written(
     id: OrderId,
     now: DateTime<Utc>,
 ) -> Result<VoidOutcome> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     let inserted = sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (order_id, voided_at) VALUES (?, ?)",
         t.voids
@@ -511,7 +511,7 @@ pub(crate) async fn delete_archived(
     }
     let mut ids: Vec<(OrderId, i64)> = chunk.to_vec();
     ids.sort_by_key(|(id, _)| id.get());
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     let (out, users) = plan_delete(&mut tx, t, &ids).await?;
     if !users.is_empty() {
         let sql = format!(
@@ -551,7 +551,7 @@ async fn record_money(
     m: &MoneyMovement,
     now: DateTime<Utc>,
 ) -> Result<std::result::Result<(OrderStatus, OrderStatus, i64), NotWritten>> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     let MoneyPlan {
         from: status,
         to,
@@ -617,7 +617,7 @@ async fn record_archived_money(
     m: &MoneyMovement,
     now: DateTime<Utc>,
 ) -> Result<std::result::Result<Committed, NotWritten>> {
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let mut tx = crate::storage::pool::begin(&mut *conn).await?;
     let ArchivedMoneyPlan {
         snapshot: s,
         payload,
@@ -706,7 +706,7 @@ pub(crate) async fn store_batch(
     checkpoint: &Checkpoint,
     now: DateTime<Utc>,
 ) -> Result<()> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     for chunk in docs.chunks(INSERT_CHUNK) {
         let sql = format!(
             "INSERT INTO archived_orders

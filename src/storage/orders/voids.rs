@@ -36,7 +36,7 @@ pub const SWEEPER_LOCK_WAIT_SECS: u32 = 5;
 /// A connection of its own for the sweeper's void transactions, with short lock waits. It is
 /// detached from the pool, so its session settings never reach another request; it closes
 /// when dropped.
-pub async fn sweeper_connection(pool: &sqlx::MySqlPool) -> Result<MySqlConnection> {
+pub async fn sweeper_connection(pool: &crate::storage::Db) -> Result<MySqlConnection> {
     let mut conn = pool.acquire().await?.detach();
     sqlx::query(AssertSqlSafe(format!(
         "SET SESSION innodb_lock_wait_timeout = {SWEEPER_LOCK_WAIT_SECS},

@@ -23,6 +23,7 @@
 //! the search index: the seeded orders' events would keep those busy for minutes, a load
 //! that falls on the phases unevenly.
 
+use orderly::storage::Db;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -30,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use chrono::TimeDelta;
 use serde_json::{json, Value};
-use sqlx::{AssertSqlSafe, MySqlConnection, MySqlPool, Row};
+use sqlx::{AssertSqlSafe, MySqlConnection, Row};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -174,7 +175,7 @@ fn mean_rate(runs: &[&Move]) -> f64 {
 /// The raw move of `ids` (see the module docs), shard after shard as the archiver goes.
 async fn raw_move(
     shards: &RawDb,
-    archive: &MySqlPool,
+    archive: &Db,
     ids: &[OrderId],
     batch: u32,
     delete_chunk: usize,
@@ -258,7 +259,7 @@ async fn insert_raw(conn: &mut MySqlConnection, docs: &[ArchivedDoc]) -> anyhow:
 }
 
 /// A copy of `archived_orders`' definition named `name`, in `row_format`.
-async fn create_like_archive(pool: &MySqlPool, name: &str, row_format: &str) -> anyhow::Result<()> {
+async fn create_like_archive(pool: &Db, name: &str, row_format: &str) -> anyhow::Result<()> {
     sqlx::query(AssertSqlSafe(format!("DROP TABLE IF EXISTS {name}")))
         .execute(pool)
         .await?;
@@ -285,7 +286,7 @@ struct TableSize {
     bytes: i64,
 }
 
-async fn table_size(pool: &MySqlPool, name: &'static str) -> anyhow::Result<TableSize> {
+async fn table_size(pool: &Db, name: &'static str) -> anyhow::Result<TableSize> {
     sqlx::query(AssertSqlSafe(format!("ANALYZE TABLE {name}")))
         .fetch_all(pool)
         .await?;

@@ -1,11 +1,12 @@
 //! Correctness checks after a scenario, straight against the databases. Each returns a
 //! named [`Check`]; a failed one fails the run.
 
+use orderly::storage::Db;
 use sqlx::AssertSqlSafe;
 use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
-use sqlx::{MySqlPool, Row};
+use sqlx::Row;
 
 use crate::raw::RawDb;
 use orderly::domain::ids::{OrderId, ProductId};
@@ -38,7 +39,7 @@ fn check(name: &str, problems: Vec<String>, what: &str) -> Check {
 /// Reservations of claims still `reserved`: (order, product, quantity). Most belong to
 /// orders just written; one whose order does not exist is a create that failed half-way,
 /// which the sweeper gives back after its grace period.
-async fn unconfirmed_reservations(commerce: &MySqlPool) -> anyhow::Result<Vec<(i64, i64, i64)>> {
+async fn unconfirmed_reservations(commerce: &Db) -> anyhow::Result<Vec<(i64, i64, i64)>> {
     let rows = sqlx::query(
         "SELECT r.order_id, r.product_id, r.quantity FROM stock_reservations r
          JOIN order_claims c ON c.order_id = r.order_id WHERE c.state = ?",
@@ -52,7 +53,7 @@ async fn unconfirmed_reservations(commerce: &MySqlPool) -> anyhow::Result<Vec<(i
 }
 
 /// Live reserved units per product (reservations not released).
-async fn reserved_units(commerce: &MySqlPool) -> anyhow::Result<HashMap<i64, i64>> {
+async fn reserved_units(commerce: &Db) -> anyhow::Result<HashMap<i64, i64>> {
     let rows = sqlx::query(
         "SELECT product_id, CAST(SUM(quantity) AS SIGNED) FROM stock_reservations WHERE state <> ? GROUP BY product_id",
     )
@@ -66,7 +67,7 @@ async fn reserved_units(commerce: &MySqlPool) -> anyhow::Result<HashMap<i64, i64
 /// product; `acked` the order ids answered with success.
 pub async fn run(
     shards: &RawDb,
-    commerce: &MySqlPool,
+    commerce: &Db,
     loaded: &HashMap<ProductId, i64>,
     acked: &[OrderId],
 ) -> anyhow::Result<Vec<Check>> {
@@ -236,7 +237,7 @@ pub fn phases_ran(phases: &[(&str, &super::PhaseStats)]) -> Check {
 }
 
 /// A flash sale sold exactly its stock: nothing left, exactly `stock` units reserved.
-pub async fn sold_exactly(commerce: &MySqlPool, product: ProductId, stock: i64) -> anyhow::Result<Check> {
+pub async fn sold_exactly(commerce: &Db, product: ProductId, stock: i64) -> anyhow::Result<Check> {
     let left: i64 = sqlx::query_scalar("SELECT stock FROM products WHERE id = ?")
         .bind(product.get())
         .fetch_one(commerce)
@@ -264,7 +265,7 @@ pub async fn sold_exactly(commerce: &MySqlPool, product: ProductId, stock: i64) 
 /// each (every buyer asks for one). `name` tells the sales apart (one per service phase).
 pub async fn flash_sale_sold_exactly(
     shards: &RawDb,
-    commerce: &MySqlPool,
+    commerce: &Db,
     name: &str,
     sale: &super::workload::FlashSaleMade,
 ) -> anyhow::Result<Check> {

@@ -176,14 +176,15 @@ where
 /// One order row and one line, with or without its outbox event, in one transaction: the
 /// create's shard write without the service around it.
 async fn raw_create(
-    pool: &sqlx::MySqlPool,
+    pool: &orderly::storage::Db,
     t: &orderly::storage::shards::ShardTables,
     id: i64,
     shop: i64,
     with_outbox: bool,
 ) -> bool {
     let work = async {
-        let mut tx = pool.begin().await?;
+        let mut conn = pool.acquire().await?;
+        let mut tx = orderly::storage::pool::begin(&mut conn).await?;
         let now = raw::ts(Utc::now());
         sqlx::query(AssertSqlSafe(format!(
             "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,

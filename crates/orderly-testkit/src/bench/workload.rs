@@ -4,6 +4,7 @@
 //! pools the operations draw from, the flash sales of the `flash` scenario, and the GTID wait
 //! measurement on a replica.
 
+use orderly::storage::Db;
 use sqlx::AssertSqlSafe;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,7 +15,7 @@ use chrono::{TimeDelta, Utc};
 use rand::Rng;
 use serde_json::{json, Value};
 use sqlx::mysql::MySqlConnectOptions;
-use sqlx::{ConnectOptions, MySqlConnection, MySqlPool};
+use sqlx::{ConnectOptions, MySqlConnection};
 
 use crate::cluster::LocalCluster;
 use crate::raw::RawDb;
@@ -170,7 +171,7 @@ pub struct Workload {
     key_prefix: String,
     /// The bench's own pools on every shard primary, for the raw baselines and the checks.
     shards: RawDb,
-    commerce: MySqlPool,
+    commerce: Db,
     ids: Arc<IdSource>,
     /// Stops the keeper of the raw phase's worker id; the guard also when the workload is
     /// dropped.
@@ -1038,7 +1039,7 @@ impl Workload {
 
     /// Every distinct MariaDB server the service writes to (commerce and shard primaries; a
     /// server holding several of them counts once), keyed by host name and port.
-    async fn servers(&self) -> anyhow::Result<Vec<(String, &MySqlPool)>> {
+    async fn servers(&self) -> anyhow::Result<Vec<(String, &Db)>> {
         let mut seen = Vec::new();
         let pools = std::iter::once(&self.commerce).chain(self.shards.databases().iter());
         for pool in pools {
