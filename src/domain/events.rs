@@ -183,6 +183,78 @@ impl OrderSnapshot {
         self.items.iter().map(|l| l.quantity).sum()
     }
 
+    /// The snapshot of `order`: what the database builds from its rows
+    /// (`storage::outbox::snapshot_json`), built in the process from an order it just wrote
+    /// (the create's event, which then needs no read of what it inserted).
+    /// [`OrderSnapshot::to_order`] gives `order` back.
+    pub fn of(order: &Order) -> OrderSnapshot {
+        OrderSnapshot {
+            order_id: order.order_id.get(),
+            user_id: order.user_id.get(),
+            shop_id: order.shop_id.get(),
+            status: i64::from(order.status.code()),
+            version: order.version,
+            currency: order.currency.as_str().to_owned(),
+            total_amount: order.total_amount.minor(),
+            discount_amount: order.discount_amount.minor(),
+            pay_amount: order.pay_amount.minor(),
+            receiver_name: order.address.name.clone(),
+            receiver_phone: order.address.phone.clone(),
+            receiver_region: order.address.region.clone(),
+            receiver_detail: order.address.detail.clone(),
+            remark: order.remark.clone(),
+            tracking_number: order.tracking_number.clone(),
+            carrier: order.carrier.clone(),
+            close_reason: order.close_reason.clone(),
+            refund_required: order.refund_required,
+            created_at: order.created_at,
+            pay_deadline: order.pay_deadline,
+            updated_at: order.updated_at,
+            paid_at: order.paid_at,
+            shipped_at: order.shipped_at,
+            completed_at: order.completed_at,
+            closed_at: order.closed_at,
+            invalidated_at: order.invalidated_at,
+            items: order
+                .items
+                .iter()
+                .map(|l| LineSnapshot {
+                    line_no: i64::from(l.line_no),
+                    product_id: l.product_id.get(),
+                    product_name: l.product_name.clone(),
+                    unit_price: l.unit_price.minor(),
+                    quantity: l.quantity,
+                    line_total: l.line_total.minor(),
+                })
+                .collect(),
+            payments: order
+                .payments
+                .iter()
+                .map(|p| PaymentSnapshot {
+                    kind: match p.kind {
+                        PaymentKind::Payment => 0,
+                        PaymentKind::Refund => 1,
+                    },
+                    transaction_no: p.transaction_no.clone(),
+                    channel: p.channel.clone(),
+                    amount: p.amount.minor(),
+                    created_at: p.created_at,
+                })
+                .collect(),
+            discounts: order
+                .discounts
+                .iter()
+                .map(|d| DiscountSnapshot {
+                    line_no: i64::from(d.line_no),
+                    coupon_id: d.coupon_id.map(|c| c.get()),
+                    kind: d.kind.clone(),
+                    amount: d.amount.minor(),
+                    description: d.description.clone(),
+                })
+                .collect(),
+        }
+    }
+
     /// The order this snapshot describes, as the API shows orders; `None` if a field is out
     /// of its domain (no snapshot the database built can be).
     pub fn to_order(&self) -> Option<Order> {

@@ -162,7 +162,7 @@ pub async fn gate_state(pool: &Db, sale: &FlashSale) -> Result<GateState> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *conn)
         .await?;
-    let mut tx = crate::storage::pool::begin(&mut *conn).await?;
+    let mut tx = crate::storage::pool::begin(&mut conn).await?;
     let sold: i64 = sqlx::query_scalar("SELECT sold FROM flash_sales WHERE id = ?")
         .bind(sale.sale_id.get())
         .fetch_one(&mut *tx)

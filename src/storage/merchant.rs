@@ -525,7 +525,7 @@ async fn reset_database(map: &MerchantMap, database: usize) -> Result<()> {
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *conn)
         .await?;
-    let mut tx = crate::storage::pool::begin(&mut *conn).await?;
+    let mut tx = crate::storage::pool::begin(&mut conn).await?;
     for t in map.tables().iter().filter(|t| t.database == database) {
         sqlx::query(AssertSqlSafe(format!("DELETE FROM {}", t.name)))
             .execute(&mut *tx)

@@ -115,6 +115,12 @@ async fn every_order_write_leaves_one_event_that_the_relay_publishes_once() {
         .await;
     assert_eq!(s, StatusCode::CONFLICT);
 
+    // Created only, with text that JSON escapes.
+    let d = app
+        .place_order(user, &[(&cat.products[0], 1), (&cat.products[1], 2)])
+        .await;
+    let d_id = d["order_id"].as_str().unwrap().to_owned();
+
     app.wait_outbox_drained(Duration::from_secs(20)).await;
     let events = app.stream_events().await;
     assert_unique(&events);
@@ -132,7 +138,26 @@ async fn every_order_write_leaves_one_event_that_the_relay_publishes_once() {
     );
     assert_eq!(kinds(&b_id), vec![(1, Created), (2, Changed), (3, Closed)]);
     assert_eq!(kinds(&c_id), vec![(1, Created), (2, Paid), (3, Refunded)]);
-    assert_eq!(orders.len(), 3, "no event of another order");
+    assert_eq!(kinds(&d_id), vec![(1, Created)]);
+    assert_eq!(orders.len(), 4, "no event of another order");
+
+    // A create's event is built in the process from what it inserted: it is the snapshot
+    // the database builds from the order's rows.
+    let d_order: i64 = d_id.parse().unwrap();
+    let shard = app
+        .raw
+        .of_order(orderly::domain::ids::OrderId::new(d_order).unwrap());
+    let built: String = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT {} FROM {} o WHERE o.order_id = ?",
+        orderly::storage::outbox::snapshot_json(&shard.tables),
+        shard.tables.orders
+    )))
+    .bind(d_order)
+    .fetch_one(app.raw.primary(shard))
+    .await
+    .unwrap();
+    let built: orderly::domain::events::OrderSnapshot = serde_json::from_str(&built).unwrap();
+    assert_eq!(orders[&d_order][0].order, built);
 
     // Each snapshot is the order as it committed at that version.
     let a_events = &orders[&a_id.parse::<i64>().unwrap()];

@@ -37,14 +37,15 @@
 //! reserves afresh counts them once again. Lock order everywhere: claim, user, products.
 //! Without a cap, claims hold 0 units and nothing is counted.
 
+use crate::storage::Db;
 use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::AssertSqlSafe;
-use sqlx::{MySqlConnection, MySqlPool, Row};
+use sqlx::{MySqlConnection, Row};
 
 use crate::domain::ids::{CouponId, FlashSaleId, OrderId, ProductId, UserId};
 use crate::domain::order::NewLine;
 
-use crate::storage::{corrupt, ts, Result, StorageError};
+use crate::storage::{corrupt, pool, ts, Result, StorageError};
 
 // ---------------------------------------------------------------- claims and reservations
 
@@ -149,87 +150,214 @@ pub async fn claim_terms(conn: &mut MySqlConnection, order: OrderId) -> Result<O
 }
 
 /// Takes stock and coupons for an order id exactly once; see the module docs.
+///
+/// Round trips, for an order without flash lines or coupons: two. The first sends `BEGIN`
+/// with the claim, the user's held units (with a cap), the stock of every line and the
+/// reservations, each one statement ([`opening_statements`]); the second is the `COMMIT`, sent
+/// once each statement's count says it took what it must. Flash lines and coupons add a
+/// statement each, after the products (the lock order).
 pub async fn reserve(
     conn: &mut MySqlConnection,
     r: &Reservation<'_>,
     now: DateTime<Utc>,
 ) -> Result<ReserveOutcome> {
     let units: i64 = r.lines.iter().map(|l| l.quantity).sum();
-    if r.max_held_units.is_some() {
-        ensure_user_holds_row(conn, r.user_id).await?;
-    }
-    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-    // A plain insert: the duplicate-key error of a second attempt is the signal (it waits
-    // for the first attempt's transaction, so attempts of one order id serialise here).
-    let inserted = sqlx::query(
-        "INSERT INTO order_claims
-            (order_id, user_id, request_hash, state, attempt, held_units, created_at, touched_at, priced_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(r.order_id.get())
-    .bind(r.user_id.get())
-    .bind(&r.request_hash[..])
-    .bind(CLAIM_RESERVED)
-    .bind(r.attempt)
-    .bind(if r.max_held_units.is_some() { units } else { 0 })
-    .bind(ts(now))
-    .bind(ts(r.priced_at))
-    .bind(ts(now))
-    .execute(&mut *tx)
-    .await;
-    match inserted.map_err(StorageError::from) {
-        Ok(_) => {}
-        Err(StorageError::Duplicate(_)) => {
-            // Another attempt holds the claim. Roll back first: the failed insert left a
-            // shared lock on the claim, and upgrading it while other waiters hold theirs is
-            // InnoDB's classic insert deadlock.
-            tx.rollback().await?;
-            return touch_claim(conn, r, now).await;
-        }
-        Err(e) => return Err(e),
-    }
-    if let Some(max) = r.max_held_units {
-        // The user's row is the lock that serialises the check of every create of theirs.
-        let held: i64 = sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ? FOR UPDATE")
-            .bind(r.user_id.get())
-            .fetch_one(&mut *tx)
-            .await?;
-        if held + units > max {
-            tx.rollback().await?;
-            return Ok(ReserveOutcome::LimitExceeded { held });
-        }
-        sqlx::query("UPDATE user_holds SET held_units = held_units + ? WHERE user_id = ?")
-            .bind(units)
-            .bind(r.user_id.get())
-            .execute(&mut *tx)
-            .await?;
-    }
-    // Lock products in id order so two orders of the same products cannot deadlock.
+    // Products in id order, so two orders of the same products lock them alike.
     let mut lines = r.lines.to_vec();
     lines.sort_by_key(|l| l.product_id);
-    for l in &lines {
-        let taken =
-            sqlx::query("UPDATE products SET stock = stock - ?, updated_at = ? WHERE id = ? AND stock >= ?")
-                .bind(l.quantity)
-                .bind(ts(now))
-                .bind(l.product_id.get())
-                .bind(l.quantity)
-                .execute(&mut *tx)
-                .await?;
-        if taken.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(ReserveOutcome::OutOfStock(l.product_id));
-        }
-    }
-    // Flash sales after products (lock order: claim, user, products, sales, buyers).
     let sale_of = |p: ProductId| r.flash.iter().find(|f| f.product_id == p);
-    for l in &lines {
-        let Some(f) = sale_of(l.product_id) else { continue };
-        if let Some(refusal) = take_from_sale(&mut tx, f, r.user_id, l.quantity, now).await? {
-            tx.rollback().await?;
-            return Ok(refusal);
+    let with_reservations = r.flash.is_empty();
+    // At most twice: the user's first create inserts the row of their held units and opens
+    // again (see `ensure_user_holds_row`); a refusal by a moving count reads again once.
+    for _ in 0..3 {
+        let sql = opening_statements(r, &lines, units, with_reservations, now);
+        let counts = match pool::begin_batch(conn, sql).await.map_err(StorageError::from) {
+            Ok(counts) => counts,
+            Err(StorageError::Duplicate(_)) => {
+                // Another attempt holds the claim. Roll back first: the failed insert left a
+                // shared lock on the claim, and upgrading it while other waiters hold theirs
+                // is InnoDB's classic insert deadlock.
+                pool::rollback_raw(conn).await?;
+                return touch_claim(conn, r, now).await;
+            }
+            Err(e) => {
+                pool::rollback_raw(conn).await?;
+                return Err(e);
+            }
+        };
+        let mut counts = counts.iter().map(|c| c.rows_affected());
+        let _claim = counts.next();
+        if let Some(max) = r.max_held_units {
+            if counts.next() != Some(1) {
+                // Over the cap, or the user has no row yet: the row says which.
+                let held: Option<i64> =
+                    sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ?")
+                        .bind(r.user_id.get())
+                        .fetch_optional(&mut *conn)
+                        .await?;
+                pool::rollback_raw(conn).await?;
+                match held {
+                    None => ensure_user_holds_row(conn, r.user_id).await?,
+                    Some(held) if held + units > max => return Ok(ReserveOutcome::LimitExceeded { held }),
+                    // Units went back in between: open again.
+                    Some(_) => {}
+                }
+                continue;
+            }
         }
+        if counts.next() != Some(lines.len() as u64) {
+            let short = short_product(conn, &lines).await?;
+            pool::rollback_raw(conn).await?;
+            return Ok(ReserveOutcome::OutOfStock(short));
+        }
+        // Flash sales after products (lock order: claim, user, products, sales, buyers).
+        for l in &lines {
+            let Some(f) = sale_of(l.product_id) else { continue };
+            if let Some(refusal) = take_from_sale(conn, f, r.user_id, l.quantity, now).await? {
+                pool::rollback_raw(conn).await?;
+                return Ok(refusal);
+            }
+        }
+        if !with_reservations {
+            insert_reservations(conn, r, &lines, now).await?;
+        }
+        // Coupons in id order too, for the same reason as products.
+        let mut coupons = r.coupons.to_vec();
+        coupons.sort_unstable();
+        for c in &coupons {
+            let redeemed = sqlx::query(
+                "UPDATE coupons SET redeemed_order_id = ?, redeemed_at = ?
+                 WHERE id = ? AND user_id = ? AND redeemed_order_id IS NULL",
+            )
+            .bind(r.order_id.get())
+            .bind(ts(now))
+            .bind(c.get())
+            .bind(r.user_id.get())
+            .execute(&mut *conn)
+            .await?;
+            if redeemed.rows_affected() != 1 {
+                pool::rollback_raw(conn).await?;
+                return Ok(ReserveOutcome::CouponUnavailable(*c));
+            }
+        }
+        pool::commit_raw(conn).await?;
+        return Ok(ReserveOutcome::Reserved);
     }
+    Err(StorageError::Db(sqlx::Error::Protocol(
+        "the user's held units kept changing while reserving".into(),
+    )))
+}
+
+/// The statements that open a reservation, sent with its `BEGIN` in one round trip (see
+/// [`pool::begin_batch`]): the claim, then with a cap the user's held units raised only within
+/// it, then every line's stock taken only where it suffices (one statement; its count of rows
+/// changed is the lines that got their stock), then, for an order without flash lines, the
+/// reservations. A text batch carries no parameters, so its values are written into it, and
+/// only values of these kinds: integers, the request hash in hexadecimal and times the
+/// process formats. No text of a client's reaches it.
+fn opening_statements(
+    r: &Reservation<'_>,
+    lines: &[NewLine],
+    units: i64,
+    with_reservations: bool,
+    now: DateTime<Utc>,
+) -> String {
+    let now_sql = datetime_literal(now);
+    let mut sql = format!(
+        "INSERT INTO order_claims
+            (order_id, user_id, request_hash, state, attempt, held_units, created_at, touched_at, priced_at)
+         VALUES ({}, {}, {}, {CLAIM_RESERVED}, {}, {}, {now_sql}, {}, {now_sql});",
+        r.order_id.get(),
+        r.user_id.get(),
+        hex_literal(&r.request_hash[..]),
+        r.attempt,
+        if r.max_held_units.is_some() { units } else { 0 },
+        datetime_literal(r.priced_at),
+    );
+    if let Some(max) = r.max_held_units {
+        sql.push_str(&format!(
+            " UPDATE user_holds SET held_units = held_units + {units}
+              WHERE user_id = {} AND held_units + {units} <= {max};",
+            r.user_id.get()
+        ));
+    }
+    let quantity: String = lines
+        .iter()
+        .map(|l| format!(" WHEN {} THEN {}", l.product_id.get(), l.quantity))
+        .collect();
+    let ids: Vec<String> = lines.iter().map(|l| l.product_id.get().to_string()).collect();
+    sql.push_str(&format!(
+        " UPDATE products SET stock = stock - CASE id{quantity} END, updated_at = {now_sql}
+          WHERE id IN ({}) AND stock >= CASE id{quantity} END;",
+        ids.join(", ")
+    ));
+    if with_reservations {
+        let price_of = |p: ProductId| {
+            r.unit_prices
+                .iter()
+                .find(|(q, _)| *q == p)
+                .map(|(_, price)| *price)
+        };
+        let rows: Vec<String> = lines
+            .iter()
+            .map(|l| {
+                format!(
+                    "({}, {}, {}, {CLAIM_RESERVED}, NULL, {}, {now_sql}, {now_sql})",
+                    r.order_id.get(),
+                    l.product_id.get(),
+                    l.quantity,
+                    price_of(l.product_id).map_or("NULL".to_owned(), |p| p.to_string()),
+                )
+            })
+            .collect();
+        sql.push_str(&format!(
+            " INSERT INTO stock_reservations (order_id, product_id, quantity, state, flash_sale_id, unit_price, created_at, updated_at) VALUES {};",
+            rows.join(", ")
+        ));
+    }
+    sql
+}
+
+/// A time as a `DATETIME(6)` literal, formatted here (never text of a client's).
+fn datetime_literal(t: DateTime<Utc>) -> String {
+    format!("'{}'", ts(t).format("%Y-%m-%d %H:%M:%S%.6f"))
+}
+
+/// Bytes as a hexadecimal literal (`X'…'`), which no content can break out of.
+fn hex_literal(bytes: &[u8]) -> String {
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("X'{hex}'")
+}
+
+/// The first of `lines` whose product has less stock than the line wants (or no row): what
+/// a refused stock statement refused, read inside the reservation before it rolls back.
+async fn short_product(conn: &mut MySqlConnection, lines: &[NewLine]) -> Result<ProductId> {
+    let placeholders = vec!["?"; lines.len()].join(", ");
+    let sql = format!("SELECT id, stock FROM products WHERE id IN ({placeholders})");
+    let mut q = sqlx::query_as::<_, (i64, i64)>(AssertSqlSafe(sql));
+    for l in lines {
+        q = q.bind(l.product_id.get());
+    }
+    let stocks = q.fetch_all(&mut *conn).await?;
+    let short = lines.iter().find(|l| {
+        stocks
+            .iter()
+            .find(|(id, _)| *id == l.product_id.get())
+            .is_none_or(|(_, stock)| *stock < l.quantity)
+    });
+    // The stock moved back between the two statements: the first line stands for the refusal.
+    Ok(short.unwrap_or(&lines[0]).product_id)
+}
+
+/// The reservations of an order with flash lines (each naming its sale), after the sales'
+/// units were taken.
+async fn insert_reservations(
+    conn: &mut MySqlConnection,
+    r: &Reservation<'_>,
+    lines: &[NewLine],
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let sale_of = |p: ProductId| r.flash.iter().find(|f| f.product_id == p);
     let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; lines.len()].join(", ");
     let sql = format!(
         "INSERT INTO stock_reservations (order_id, product_id, quantity, state, flash_sale_id, unit_price, created_at, updated_at) VALUES {placeholders}"
@@ -241,7 +369,7 @@ pub async fn reserve(
             .map(|(_, price)| *price)
     };
     let mut q = sqlx::query(AssertSqlSafe(&*sql));
-    for l in &lines {
+    for l in lines {
         q = q
             .bind(r.order_id.get())
             .bind(l.product_id.get())
@@ -252,28 +380,8 @@ pub async fn reserve(
             .bind(ts(now))
             .bind(ts(now));
     }
-    q.execute(&mut *tx).await?;
-    // Coupons in id order too, for the same reason as products.
-    let mut coupons = r.coupons.to_vec();
-    coupons.sort_unstable();
-    for c in &coupons {
-        let redeemed = sqlx::query(
-            "UPDATE coupons SET redeemed_order_id = ?, redeemed_at = ?
-             WHERE id = ? AND user_id = ? AND redeemed_order_id IS NULL",
-        )
-        .bind(r.order_id.get())
-        .bind(ts(now))
-        .bind(c.get())
-        .bind(r.user_id.get())
-        .execute(&mut *tx)
-        .await?;
-        if redeemed.rows_affected() != 1 {
-            tx.rollback().await?;
-            return Ok(ReserveOutcome::CouponUnavailable(*c));
-        }
-    }
-    tx.commit().await?;
-    Ok(ReserveOutcome::Reserved)
+    q.execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Takes `units` of a flash sale for `user` inside `tx`: within the allotment and the
@@ -372,14 +480,14 @@ async fn unhold_in(tx: &mut MySqlConnection, order: OrderId) -> Result<bool> {
 /// shard commit (and again by a replayed payment, so a failure here is repaired by the
 /// channel's retry). Exactly once per claim; returns whether this call did it.
 pub async fn unhold_claim(conn: &mut MySqlConnection, order: OrderId) -> Result<bool> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     let done = unhold_in(&mut tx, order).await?;
     tx.commit().await?;
     Ok(done)
 }
 
 /// Units the unpaid orders of `user` hold (0 for a user never counted).
-pub async fn held_units(pool: &MySqlPool, user: UserId) -> Result<i64> {
+pub async fn held_units(pool: &Db, user: UserId) -> Result<i64> {
     Ok(
         sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ?")
             .bind(user.get())
@@ -425,7 +533,7 @@ async fn touch_claim(
 /// Confirms the still-reserved claims of these orders, whose orders were seen on their
 /// shards, in one statement. Returns how many moved (a claim released meanwhile stays
 /// released).
-pub async fn confirm_claims(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64> {
+pub async fn confirm_claims(pool: &Db, orders: &[OrderId]) -> Result<u64> {
     if orders.is_empty() {
         return Ok(0);
     }
@@ -520,7 +628,7 @@ pub async fn abandon_claim(
     sole_attempt: bool,
     now: DateTime<Utc>,
 ) -> Result<GivenBack> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     let locked = sqlx::query(
         "SELECT touches FROM order_claims WHERE order_id = ? AND state = ? AND attempt = ? FOR UPDATE",
     )
@@ -564,7 +672,7 @@ pub async fn release_claim(
     order: OrderId,
     now: DateTime<Utc>,
 ) -> Result<GivenBack> {
-    let mut tx = sqlx::Connection::begin(conn).await?;
+    let mut tx = crate::storage::pool::begin(conn).await?;
     let moved =
         sqlx::query("UPDATE order_claims SET state = ?, touched_at = ? WHERE order_id = ? AND state <> ?")
             .bind(CLAIM_RELEASED)
@@ -599,7 +707,7 @@ pub struct StaleClaim {
 }
 
 /// Claims still `reserved` and untouched since `before`, oldest first.
-pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -> Result<Vec<StaleClaim>> {
+pub async fn stale_claims(pool: &Db, before: DateTime<Utc>, limit: u32) -> Result<Vec<StaleClaim>> {
     let rows = sqlx::query(
         "SELECT order_id, attempt, request_hash FROM order_claims
          WHERE state = ? AND touched_at < ? ORDER BY touched_at LIMIT ?",
@@ -630,7 +738,7 @@ pub async fn stale_claims(pool: &MySqlPool, before: DateTime<Utc>, limit: u32) -
 /// `touched_at` becomes just before `before`, so they stay stale (a later step looks again)
 /// but no longer head the oldest-first queue and starve the claims of healthy databases.
 /// A claim touched since (a create came through) or settled meanwhile is left as it is.
-pub async fn postpone_claims(pool: &MySqlPool, orders: &[OrderId], before: DateTime<Utc>) -> Result<u64> {
+pub async fn postpone_claims(pool: &Db, orders: &[OrderId], before: DateTime<Utc>) -> Result<u64> {
     if orders.is_empty() {
         return Ok(0);
     }
@@ -651,12 +759,13 @@ pub async fn postpone_claims(pool: &MySqlPool, orders: &[OrderId], before: DateT
 /// transaction; units a claim still counts against its buyer (an unhold that failed after the
 /// payment) stop counting first. Payment numbers stay: they keep a number from paying a
 /// second order, archived or not.
-pub async fn prune_archived(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64> {
+pub async fn prune_archived(pool: &Db, orders: &[OrderId]) -> Result<u64> {
     if orders.is_empty() {
         return Ok(0);
     }
     let list = vec!["?"; orders.len()].join(", ");
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = crate::storage::pool::begin(&mut conn).await?;
     let sql = format!(
         "SELECT order_id FROM order_claims WHERE order_id IN ({list}) AND held_units > 0
          ORDER BY order_id"
@@ -688,7 +797,7 @@ pub async fn prune_archived(pool: &MySqlPool, orders: &[OrderId]) -> Result<u64>
 /// The claim and reservation a create and its end leave behind, written for an old order
 /// put straight into storage (demo data, tests): confirmed, or released with its stock.
 pub async fn record_old_claim(
-    pool: &MySqlPool,
+    pool: &Db,
     order: OrderId,
     user: UserId,
     product: ProductId,
@@ -696,7 +805,8 @@ pub async fn record_old_claim(
     released: bool,
     at: DateTime<Utc>,
 ) -> Result<()> {
-    let mut tx = pool.begin().await?;
+    let mut conn = pool.acquire().await?;
+    let mut tx = crate::storage::pool::begin(&mut conn).await?;
     sqlx::query(
         "INSERT IGNORE INTO order_claims
             (order_id, user_id, request_hash, state, attempt, touches, created_at, touched_at)

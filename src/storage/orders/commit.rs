@@ -33,14 +33,14 @@ use chrono::{DateTime, Utc};
 use sqlx::AssertSqlSafe;
 use sqlx::{MySqlConnection, Row};
 
-use crate::domain::events::EventKind;
+use crate::domain::events::{EventKind, OrderSnapshot};
 use crate::domain::ids::{OrderId, ShopId, UserId};
-use crate::domain::order::{NewOrder, PaymentKind, Pricing};
+use crate::domain::order::{NewOrder, Order, PaymentKind, Pricing};
 use crate::domain::status::OrderStatus;
 use crate::storage::archive::{write_checkpoint, ArchivedDoc, Checkpoint};
 use crate::storage::outbox::{self, event_row};
 use crate::storage::shards::ShardTables;
-use crate::storage::{corrupt, ts, Result, StorageError};
+use crate::storage::{corrupt, pool, ts, Result, StorageError};
 
 use super::archive_move::{plan_delete, Deleted};
 use super::changes::{timestamp_column, FieldChanges, StatusChange, BY_PRIMARY};
@@ -151,15 +151,23 @@ pub(crate) async fn write_order(
             request_hash,
             now,
             pay_deadline,
-        } => match insert_order(conn, t, order, pricing, request_hash, now, pay_deadline).await? {
-            Inserted::Voided => return Ok(Err(NotWritten::Voided)),
-            Inserted::Written => (
-                order.order_id,
-                Some(1),
-                Some(OrderStatus::PendingPayment),
-                Some(OrderStatus::PendingPayment),
-            ),
-        },
+        } => {
+            // Everything the answer needs is known: the create reads nothing back.
+            return Ok(
+                match insert_order(conn, t, order, pricing, request_hash, now, pay_deadline).await? {
+                    Inserted::Voided => Err(NotWritten::Voided),
+                    Inserted::Written { gtid } => Ok(Committed {
+                        order_id: order.order_id,
+                        user_id: order.user_id,
+                        shop_id: pricing.shop_id,
+                        version: 1,
+                        status: OrderStatus::PendingPayment,
+                        previous: OrderStatus::PendingPayment,
+                        gtid,
+                    }),
+                },
+            );
+        }
         OrderWrite::Status {
             id,
             expected_version,
@@ -273,10 +281,10 @@ pub(crate) async fn commit(
 // ---------------------------------------------------------------- the statements
 
 /// What [`insert_order`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Inserted {
-    /// The order is committed.
-    Written,
+    /// The order is committed, in the transaction of this GTID (`None`: no binary log).
+    Written { gtid: Option<String> },
     /// The sweeper voided this id (and gave its reservation back): nothing was written.
     Voided,
 }
@@ -284,6 +292,11 @@ enum Inserted {
 /// Writes a new order with its lines and discounts in one transaction, unless the id is void
 /// (see [`super::voids`]: the order row first, then the void check). A second create of the
 /// same id fails with [`crate::storage::StorageError::Duplicate`] and writes nothing.
+///
+/// Round trips: `BEGIN`, the order, its lines (its discounts), the void check, the event, and
+/// `COMMIT` with the read of its GTID. The event's snapshot is built in the process from the
+/// values inserted ([`OrderSnapshot::of`]): the database would build the same from the rows
+/// (the events test compares the two).
 async fn insert_order(
     conn: &mut MySqlConnection,
     t: &ShardTables,
@@ -293,7 +306,8 @@ async fn insert_order(
     now: DateTime<Utc>,
     pay_deadline: DateTime<Utc>,
 ) -> Result<Inserted> {
-    let mut tx = crate::storage::pool::begin(conn).await?;
+    pool::begin_raw(&mut *conn).await?;
+    let tx = &mut *conn;
     let a = &order.address;
     sqlx::query(AssertSqlSafe(format!(
         "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
@@ -359,13 +373,27 @@ async fn insert_order(
         q.execute(&mut *tx).await?;
     }
     // After the order row, never before: see `voids`.
-    if is_void_locked(&mut tx, t, order.order_id).await? {
-        tx.rollback().await?;
+    if is_void_locked(&mut *tx, t, order.order_id).await? {
+        pool::rollback_raw(tx).await?;
         return Ok(Inserted::Voided);
     }
-    record_event(&mut tx, t, order.order_id, EventKind::Created, now).await?;
-    tx.commit().await?;
-    Ok(Inserted::Written)
+    let snapshot = OrderSnapshot::of(&Order::from_new(order, pricing.clone(), now, pay_deadline));
+    let payload = serde_json::to_string(&snapshot).map_err(|e| corrupt("the created order's snapshot", e))?;
+    insert_event(
+        &mut *tx,
+        order.order_id,
+        1,
+        pricing.shop_id.get(),
+        EventKind::Created,
+        &payload,
+        now,
+    )
+    .await?;
+    let row = pool::commit_with(tx, "SELECT @@last_gtid").await?;
+    let gtid: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
+    Ok(Inserted::Written {
+        gtid: gtid.filter(|g| !g.is_empty()),
+    })
 }
 
 /// Moves `id` from `from` to `to` if it is still at `expected_version` and `from`.
