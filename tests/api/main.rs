@@ -30,6 +30,7 @@ mod openapi;
 mod payments;
 mod problems;
 mod read_your_writes;
+mod round_trips;
 mod routing;
 mod search;
 mod shutdown;
