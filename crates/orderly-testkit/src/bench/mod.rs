@@ -280,6 +280,9 @@ pub enum Phase {
     RawPipelined,
     /// `get-hot` with the Redis baseline: the SQL read, as a second baseline.
     RawSql,
+    /// `create`: the least work that keeps a create's guarantees, raw (see
+    /// `workload/floor.rs`).
+    Floor,
 }
 
 impl Phase {
@@ -292,6 +295,7 @@ impl Phase {
             Phase::Raw => "raw",
             Phase::RawPipelined => "raw pipelined",
             Phase::RawSql => "raw SQL",
+            Phase::Floor => "floor",
         }
     }
 }
@@ -471,6 +475,10 @@ pub struct PhaseStats {
     /// service (lease renewals, the sweeper) is counted too; it is a few commits in 10 s.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub commits_per_create: Option<f64>,
+    /// `create` only: what the servers counted during the phase, per order created (the
+    /// service's background work included, as for `commits_per_create`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_create: Option<PerCreate>,
     /// Each run's ops/s, in the order they ran, when the phase ran more than once (the two
     /// halves of an ABBA comparison); `ops_per_sec` is their mean.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -496,6 +504,11 @@ impl PhaseStats {
             .map(|r| r.hist.len() - r.refused.values().sum::<u64>())
             .sum();
         let commits: Option<u64> = runs.iter().map(|r| r.commits).sum();
+        let counted: Option<Vec<ServerCounters>> = runs.iter().map(|r| r.counters).collect();
+        let per_create = counted.filter(|_| created > 0).map(|c| {
+            let sum = c.iter().fold(ServerCounters::default(), |a, b| a.plus(b));
+            sum.per(created)
+        });
         let ms = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
         PhaseStats {
             ops: hist.len(),
@@ -507,6 +520,7 @@ impl PhaseStats {
             errors,
             refused,
             commits_per_create: commits.filter(|_| created > 0).map(|c| c as f64 / created as f64),
+            per_create,
             runs_ops_per_sec: if rates.len() > 1 { rates } else { Vec::new() },
         }
     }
@@ -530,6 +544,102 @@ pub struct Sample {
     /// `create` only: transactions committed to the binary log over every server during the
     /// run (`None` when not measured).
     pub commits: Option<u64>,
+    /// `create` only: the servers' counters over the run (`None` when not measured).
+    pub counters: Option<ServerCounters>,
+}
+
+/// Counters of the servers' global status, summed over every server: how much a phase asked
+/// of them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerCounters {
+    /// `Questions`: statements the clients sent (each statement of a batch counts).
+    pub statements: u64,
+    /// `Com_admin_commands`: pings and other admin commands (round trips with no statement).
+    pub admin_commands: u64,
+    /// `Binlog_commits`: transactions written to the binary log.
+    pub binlog_commits: u64,
+    /// `Binlog_group_commits`: binary log group commits (with `sync_binlog=1`, one fsync each).
+    pub group_commits: u64,
+    /// `Innodb_data_fsyncs`: InnoDB's fsyncs (the redo log's among them).
+    pub innodb_fsyncs: u64,
+}
+
+impl ServerCounters {
+    pub const NAMES: [&'static str; 5] = [
+        "Questions",
+        "Com_admin_commands",
+        "Binlog_commits",
+        "Binlog_group_commits",
+        "Innodb_data_fsyncs",
+    ];
+
+    pub fn set(&mut self, name: &str, value: u64) {
+        match name {
+            "Questions" => self.statements = value,
+            "Com_admin_commands" => self.admin_commands = value,
+            "Binlog_commits" => self.binlog_commits = value,
+            "Binlog_group_commits" => self.group_commits = value,
+            "Innodb_data_fsyncs" => self.innodb_fsyncs = value,
+            _ => {}
+        }
+    }
+
+    pub fn plus(&self, o: &ServerCounters) -> ServerCounters {
+        ServerCounters {
+            statements: self.statements + o.statements,
+            admin_commands: self.admin_commands + o.admin_commands,
+            binlog_commits: self.binlog_commits + o.binlog_commits,
+            group_commits: self.group_commits + o.group_commits,
+            innodb_fsyncs: self.innodb_fsyncs + o.innodb_fsyncs,
+        }
+    }
+
+    pub fn since(&self, before: &ServerCounters) -> ServerCounters {
+        ServerCounters {
+            statements: self.statements.saturating_sub(before.statements),
+            admin_commands: self.admin_commands.saturating_sub(before.admin_commands),
+            binlog_commits: self.binlog_commits.saturating_sub(before.binlog_commits),
+            group_commits: self.group_commits.saturating_sub(before.group_commits),
+            innodb_fsyncs: self.innodb_fsyncs.saturating_sub(before.innodb_fsyncs),
+        }
+    }
+
+    fn per(&self, created: u64) -> PerCreate {
+        let n = created as f64;
+        PerCreate {
+            statements: self.statements as f64 / n,
+            admin_commands: self.admin_commands as f64 / n,
+            binlog_commits: self.binlog_commits as f64 / n,
+            group_commits: self.group_commits as f64 / n,
+            commits_per_group_commit: self.binlog_commits as f64 / (self.group_commits.max(1)) as f64,
+            innodb_fsyncs: self.innodb_fsyncs as f64 / n,
+        }
+    }
+}
+
+/// [`ServerCounters`] per order created.
+#[derive(Debug, Clone, Serialize)]
+pub struct PerCreate {
+    pub statements: f64,
+    pub admin_commands: f64,
+    pub binlog_commits: f64,
+    pub group_commits: f64,
+    pub commits_per_group_commit: f64,
+    pub innodb_fsyncs: f64,
+}
+
+impl PerCreate {
+    fn cell(&self) -> String {
+        format!(
+            "{:.1} statements, {:.2} pings, {:.2} binlog commits ({:.2} group commits, {:.1} per group), {:.2} InnoDB fsyncs",
+            self.statements,
+            self.admin_commands,
+            self.binlog_commits,
+            self.group_commits,
+            self.commits_per_group_commit,
+            self.innodb_fsyncs
+        )
+    }
 }
 
 impl Sample {
@@ -777,6 +887,11 @@ pub struct ScenarioResult {
     /// `cart`: the flusher against a raw batched upsert.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cart_flush: Option<CartFlush>,
+    /// `create`: the floor (see [`Phase::Floor`]) and service / floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<PhaseStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_floor: Option<f64>,
     pub checks: Vec<Check>,
 }
 
@@ -905,6 +1020,7 @@ where
         errors,
         refused,
         commits: None,
+        counters: None,
     }
 }
 
@@ -955,6 +1071,11 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             } else {
                 None
             };
+            let counters_before = if count_commits {
+                w.server_counters().await.ok()
+            } else {
+                None
+            };
             let mut sample = drive(&label, opts.concurrency, duration, max_ops, opts.progress, op).await;
             if let Some(before) = keyspace_before {
                 if let Some(after) = w.keyspace().await {
@@ -970,6 +1091,9 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             };
             if let (Some(before), Some(after)) = (before, after) {
                 sample.commits = Some(after.saturating_sub(before));
+            }
+            if let Some(before) = counters_before {
+                sample.counters = w.server_counters().await.ok().map(|after| after.since(&before));
             }
             runs.push((phase, sample));
         }
@@ -1017,6 +1141,7 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
         let raw_pipelined = take(Phase::RawPipelined);
         let in_process = take(Phase::InProcess);
         let raw_sql = take(Phase::RawSql);
+        let floor = take(Phase::Floor);
         let per = |a: &PhaseStats, b: &PhaseStats| a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE);
         let vs_cache_off = service_cache_off.as_ref().map(|off| per(&service, off));
         // Replicas against primaries, both without a cache (see the module docs).
@@ -1051,6 +1176,8 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             hit_ratio,
             flash_gate,
             cart_flush,
+            ratio_floor: floor.as_ref().map(|f| per(&service, f)),
+            floor,
             service,
             raw,
             checks,
@@ -1129,6 +1256,17 @@ fn summary_line(r: &ScenarioResult) -> String {
     }
     if r.scenario == Scenario::Create {
         line.push_str(&format!("  commits/create {}", commits_cell(r)));
+    }
+    if let (Some(f), Some(ratio)) = (&r.floor, r.ratio_floor) {
+        line.push_str(&format!(
+            "  floor {:.0} ops/s (p99 {:.1} ms)  service / floor {ratio:.2}",
+            f.ops_per_sec, f.p99_ms
+        ));
+    }
+    for (label, stats) in [("service", Some(&r.service)), ("raw", Some(&r.raw)), ("floor", r.floor.as_ref())] {
+        if let Some(per) = stats.and_then(|s| s.per_create.as_ref()) {
+            line.push_str(&format!("\n    per create, {label}: {}", per.cell()));
+        }
     }
     if let Some(f) = &r.flash_gate {
         line.push_str(&format!(
@@ -1333,6 +1471,21 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
                     "cache on / off"
                 }
             ));
+        }
+        if let (Some(f), Some(ratio)) = (&r.floor, r.ratio_floor) {
+            notes.push(format!(
+                "- {}: against the floor (the least work that keeps a create's guarantees, raw): \
+                 **{ratio:.2}** (floor {:.0} ops/s, p50 {:.1} ms, p99 {:.1} ms).",
+                r.scenario.name(),
+                f.ops_per_sec,
+                f.p50_ms,
+                f.p99_ms,
+            ));
+        }
+        for (label, stats) in [("service", Some(&r.service)), ("raw", Some(&r.raw)), ("floor", r.floor.as_ref())] {
+            if let Some(per) = stats.and_then(|s| s.per_create.as_ref()) {
+                notes.push(format!("- {}: per create, {label}: {}.", r.scenario.name(), per.cell()));
+            }
         }
         if let Some(cost) = r.invalidation_cost {
             notes.push(format!(

@@ -39,9 +39,10 @@ use orderly::storage::shards::ShardTables;
 use orderly::storage::{self, StorageError};
 
 mod cart;
+mod floor;
 
 use super::checks::{self, Check};
-use super::{drive, new_histogram, Baseline, BenchOptions, GtidWaitLevel, Phase, Run, Scenario, ServedBy};
+use super::{drive, new_histogram, Baseline, BenchOptions, GtidWaitLevel, Phase, Run, Scenario, ServedBy, ServerCounters};
 
 /// The durability settings of one MariaDB server, as it reports them.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -486,6 +487,9 @@ impl Workload {
             runs.push(full(Phase::InProcess));
         }
         runs.push(full(Phase::Raw));
+        if scenario == Scenario::Create {
+            runs.push(full(Phase::Floor));
+        }
         if self.baseline(scenario) == Baseline::RedisGet {
             runs.push(full(Phase::RawPipelined));
             runs.push(full(Phase::RawSql));
@@ -1094,6 +1098,25 @@ impl Workload {
         Ok(Some(total))
     }
 
+    /// The servers' counters of [`ServerCounters::NAMES`], summed over every server.
+    pub async fn server_counters(&self) -> anyhow::Result<ServerCounters> {
+        let mut total = ServerCounters::default();
+        let names = ServerCounters::NAMES.map(|n| format!("'{n}'")).join(", ");
+        for (_, pool) in self.servers().await? {
+            let rows: Vec<(String, String)> = sqlx::query_as(AssertSqlSafe(format!(
+                "SHOW GLOBAL STATUS WHERE Variable_name IN ({names})"
+            )))
+            .fetch_all(pool)
+            .await?;
+            let mut one = ServerCounters::default();
+            for (name, value) in rows {
+                one.set(&name, value.parse()?);
+            }
+            total = total.plus(&one);
+        }
+        Ok(total)
+    }
+
     /// Gives the raw phase's worker id back and waits until it is released (or expires).
     pub async fn release_lease(&self) {
         self.lease_stop.cancel();
@@ -1342,6 +1365,12 @@ impl Workload {
                 self.redis_get_shared(id).await.err().unwrap_or(Outcome::Ok)
             }
             Phase::Raw | Phase::RawSql => self.raw_op(scenario, slot, i).await,
+            Phase::Floor => {
+                let user = rand::thread_rng().gen_range(0..self.users.len());
+                let (p, q) = self.random_line();
+                let p = p.clone();
+                self.floor_create(user, &p, q).await.err().unwrap_or(Outcome::Ok)
+            }
         }
     }
 
