@@ -144,8 +144,8 @@ fn describe_metrics() {
     // storage
     describe_counter!(
         "orderly_db_connections_in_transaction_total",
-        "Pooled connections released with a transaction open (closed by the guard), by pool; \
-         must stay 0"
+        "Pooled connections whose use ended inside a transaction (cut off, or an error), closed \
+         instead of reused, by pool"
     );
     describe_counter!(
         "orderly_db_errors_total",

@@ -165,7 +165,6 @@ pub async fn reserve(
     // Products in id order, so two orders of the same products lock them alike.
     let mut lines = r.lines.to_vec();
     lines.sort_by_key(|l| l.product_id);
-    let sale_of = |p: ProductId| r.flash.iter().find(|f| f.product_id == p);
     let with_reservations = r.flash.is_empty();
     // At most twice: the user's first create inserts the row of their held units and opens
     // again (see `ensure_user_holds_row`); a refusal by a moving count reads again once.
@@ -181,71 +180,99 @@ pub async fn reserve(
                 return touch_claim(conn, r, now).await;
             }
             Err(e) => {
-                pool::rollback_raw(conn).await?;
+                let _ = pool::rollback_raw(conn).await;
                 return Err(e);
             }
         };
-        let mut counts = counts.iter().map(|c| c.rows_affected());
-        let _claim = counts.next();
-        if let Some(max) = r.max_held_units {
-            if counts.next() != Some(1) {
-                // Over the cap, or the user has no row yet: the row says which.
-                let held: Option<i64> =
-                    sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ?")
-                        .bind(r.user_id.get())
-                        .fetch_optional(&mut *conn)
-                        .await?;
-                pool::rollback_raw(conn).await?;
-                match held {
-                    None => ensure_user_holds_row(conn, r.user_id).await?,
-                    Some(held) if held + units > max => return Ok(ReserveOutcome::LimitExceeded { held }),
-                    // Units went back in between: open again.
-                    Some(_) => {}
-                }
-                continue;
+        let counts: Vec<u64> = counts.iter().map(|c| c.rows_affected()).collect();
+        let taken = take_the_rest(conn, r, &lines, units, &counts, with_reservations, now).await;
+        match taken {
+            Ok(Some(outcome)) => return Ok(outcome),
+            // Open again (the user's held-units row was missing, or the count moved).
+            Ok(None) => continue,
+            Err(e) => {
+                // End the transaction here, so the connection goes back to the pool.
+                let _ = pool::rollback_raw(conn).await;
+                return Err(e);
             }
         }
-        if counts.next() != Some(lines.len() as u64) {
-            let short = short_product(conn, &lines).await?;
-            pool::rollback_raw(conn).await?;
-            return Ok(ReserveOutcome::OutOfStock(short));
-        }
-        // Flash sales after products (lock order: claim, user, products, sales, buyers).
-        for l in &lines {
-            let Some(f) = sale_of(l.product_id) else { continue };
-            if let Some(refusal) = take_from_sale(conn, f, r.user_id, l.quantity, now).await? {
-                pool::rollback_raw(conn).await?;
-                return Ok(refusal);
-            }
-        }
-        if !with_reservations {
-            insert_reservations(conn, r, &lines, now).await?;
-        }
-        // Coupons in id order too, for the same reason as products.
-        let mut coupons = r.coupons.to_vec();
-        coupons.sort_unstable();
-        for c in &coupons {
-            let redeemed = sqlx::query(
-                "UPDATE coupons SET redeemed_order_id = ?, redeemed_at = ?
-                 WHERE id = ? AND user_id = ? AND redeemed_order_id IS NULL",
-            )
-            .bind(r.order_id.get())
-            .bind(ts(now))
-            .bind(c.get())
-            .bind(r.user_id.get())
-            .execute(&mut *conn)
-            .await?;
-            if redeemed.rows_affected() != 1 {
-                pool::rollback_raw(conn).await?;
-                return Ok(ReserveOutcome::CouponUnavailable(*c));
-            }
-        }
-        pool::commit_raw(conn).await?;
-        return Ok(ReserveOutcome::Reserved);
     }
     Err(StorageError::Db(sqlx::Error::Protocol(
         "the user's held units kept changing while reserving".into(),
     )))
+}
+
+/// The rest of a reservation whose opening statements ran ([`reserve`]), given their counts
+/// of rows changed: it checks them, takes the flash units, writes the reservations of an
+/// order with flash lines, redeems the coupons, and ends the transaction. `None`: rolled back
+/// to open again.
+#[allow(clippy::too_many_arguments)]
+async fn take_the_rest(
+    conn: &mut MySqlConnection,
+    r: &Reservation<'_>,
+    lines: &[NewLine],
+    units: i64,
+    counts: &[u64],
+    with_reservations: bool,
+    now: DateTime<Utc>,
+) -> Result<Option<ReserveOutcome>> {
+    let sale_of = |p: ProductId| r.flash.iter().find(|f| f.product_id == p);
+    let mut counts = counts.iter().copied();
+    let _claim = counts.next();
+    if let Some(max) = r.max_held_units {
+        if counts.next() != Some(1) {
+            // Over the cap, or the user has no row yet: the row says which.
+            let held: Option<i64> = sqlx::query_scalar("SELECT held_units FROM user_holds WHERE user_id = ?")
+                .bind(r.user_id.get())
+                .fetch_optional(&mut *conn)
+                .await?;
+            pool::rollback_raw(conn).await?;
+            match held {
+                None => ensure_user_holds_row(conn, r.user_id).await?,
+                Some(held) if held + units > max => return Ok(Some(ReserveOutcome::LimitExceeded { held })),
+                // Units went back in between: open again.
+                Some(_) => {}
+            }
+            return Ok(None);
+        }
+    }
+    if counts.next() != Some(lines.len() as u64) {
+        let short = short_product(conn, &lines).await?;
+        pool::rollback_raw(conn).await?;
+        return Ok(Some(ReserveOutcome::OutOfStock(short)));
+    }
+    // Flash sales after products (lock order: claim, user, products, sales, buyers).
+    for l in lines {
+        let Some(f) = sale_of(l.product_id) else { continue };
+        if let Some(refusal) = take_from_sale(conn, f, r.user_id, l.quantity, now).await? {
+            pool::rollback_raw(conn).await?;
+            return Ok(Some(refusal));
+        }
+    }
+    if !with_reservations {
+        insert_reservations(conn, r, &lines, now).await?;
+    }
+    // Coupons in id order too, for the same reason as products.
+    let mut coupons = r.coupons.to_vec();
+    coupons.sort_unstable();
+    for c in &coupons {
+        let redeemed = sqlx::query(
+            "UPDATE coupons SET redeemed_order_id = ?, redeemed_at = ?
+             WHERE id = ? AND user_id = ? AND redeemed_order_id IS NULL",
+        )
+        .bind(r.order_id.get())
+        .bind(ts(now))
+        .bind(c.get())
+        .bind(r.user_id.get())
+        .execute(&mut *conn)
+        .await?;
+        if redeemed.rows_affected() != 1 {
+            pool::rollback_raw(conn).await?;
+            return Ok(Some(ReserveOutcome::CouponUnavailable(*c)));
+        }
+    }
+    pool::commit_raw(conn).await?;
+    Ok(Some(ReserveOutcome::Reserved))
 }
 
 /// The statements that open a reservation, sent with its `BEGIN` in one round trip (see

@@ -307,6 +307,25 @@ async fn insert_order(
     pay_deadline: DateTime<Utc>,
 ) -> Result<Inserted> {
     pool::begin_raw(&mut *conn).await?;
+    let written = insert_order_in(conn, t, order, pricing, request_hash, now, pay_deadline).await;
+    if written.is_err() {
+        // A duplicate id (a replay) or a failed statement: end the transaction here, so the
+        // connection goes back to the pool (one left inside it would be closed).
+        let _ = pool::rollback_raw(conn).await;
+    }
+    written
+}
+
+/// [`insert_order`]'s statements, inside its transaction, which they end on success.
+async fn insert_order_in(
+    conn: &mut MySqlConnection,
+    t: &ShardTables,
+    order: &NewOrder,
+    pricing: &Pricing,
+    request_hash: &[u8; 32],
+    now: DateTime<Utc>,
+    pay_deadline: DateTime<Utc>,
+) -> Result<Inserted> {
     let tx = &mut *conn;
     let a = &order.address;
     sqlx::query(AssertSqlSafe(format!(

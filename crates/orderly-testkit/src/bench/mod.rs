@@ -283,6 +283,9 @@ pub enum Phase {
     /// `create`: the least work that keeps a create's guarantees, raw (see
     /// `workload/floor.rs`).
     Floor,
+    /// `get-hot`: the least an HTTP service does to answer a cached read, in this process
+    /// (see `workload/http_floor.rs`).
+    HttpFloor,
 }
 
 impl Phase {
@@ -296,6 +299,7 @@ impl Phase {
             Phase::RawPipelined => "raw pipelined",
             Phase::RawSql => "raw SQL",
             Phase::Floor => "floor",
+            Phase::HttpFloor => "HTTP floor",
         }
     }
 }
@@ -892,6 +896,11 @@ pub struct ScenarioResult {
     pub floor: Option<PhaseStats>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio_floor: Option<f64>,
+    /// `get-hot`: the HTTP floor (see [`Phase::HttpFloor`]) and service / HTTP floor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http_floor: Option<PhaseStats>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_http_floor: Option<f64>,
     pub checks: Vec<Check>,
 }
 
@@ -1142,6 +1151,7 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
         let in_process = take(Phase::InProcess);
         let raw_sql = take(Phase::RawSql);
         let floor = take(Phase::Floor);
+        let http_floor = take(Phase::HttpFloor);
         let per = |a: &PhaseStats, b: &PhaseStats| a.ops_per_sec / b.ops_per_sec.max(f64::MIN_POSITIVE);
         let vs_cache_off = service_cache_off.as_ref().map(|off| per(&service, off));
         // Replicas against primaries, both without a cache (see the module docs).
@@ -1178,6 +1188,8 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
             cart_flush,
             ratio_floor: floor.as_ref().map(|f| per(&service, f)),
             floor,
+            ratio_http_floor: http_floor.as_ref().map(|f| per(&service, f)),
+            http_floor,
             service,
             raw,
             checks,
@@ -1263,7 +1275,17 @@ fn summary_line(r: &ScenarioResult) -> String {
             f.ops_per_sec, f.p99_ms
         ));
     }
-    for (label, stats) in [("service", Some(&r.service)), ("raw", Some(&r.raw)), ("floor", r.floor.as_ref())] {
+    if let (Some(f), Some(ratio)) = (&r.http_floor, r.ratio_http_floor) {
+        line.push_str(&format!(
+            "  HTTP floor {:.0} ops/s (p99 {:.1} ms)  service / HTTP floor {ratio:.2}",
+            f.ops_per_sec, f.p99_ms
+        ));
+    }
+    for (label, stats) in [
+        ("service", Some(&r.service)),
+        ("raw", Some(&r.raw)),
+        ("floor", r.floor.as_ref()),
+    ] {
         if let Some(per) = stats.and_then(|s| s.per_create.as_ref()) {
             line.push_str(&format!("\n    per create, {label}: {}", per.cell()));
         }
@@ -1482,9 +1504,28 @@ pub fn markdown(results: &[ScenarioResult], opts: &BenchOptions) -> String {
                 f.p99_ms,
             ));
         }
-        for (label, stats) in [("service", Some(&r.service)), ("raw", Some(&r.raw)), ("floor", r.floor.as_ref())] {
+        if let (Some(f), Some(ratio)) = (&r.http_floor, r.ratio_http_floor) {
+            notes.push(format!(
+                "- {}: against the HTTP floor (axum, the JWT check, one Redis GET, the cached \
+                 bytes as they are, in this process): **{ratio:.2}** (floor {:.0} ops/s, p50 \
+                 {:.1} ms, p99 {:.1} ms).",
+                r.scenario.name(),
+                f.ops_per_sec,
+                f.p50_ms,
+                f.p99_ms,
+            ));
+        }
+        for (label, stats) in [
+            ("service", Some(&r.service)),
+            ("raw", Some(&r.raw)),
+            ("floor", r.floor.as_ref()),
+        ] {
             if let Some(per) = stats.and_then(|s| s.per_create.as_ref()) {
-                notes.push(format!("- {}: per create, {label}: {}.", r.scenario.name(), per.cell()));
+                notes.push(format!(
+                    "- {}: per create, {label}: {}.",
+                    r.scenario.name(),
+                    per.cell()
+                ));
             }
         }
         if let Some(cost) = r.invalidation_cost {

@@ -40,9 +40,13 @@ use orderly::storage::{self, StorageError};
 
 mod cart;
 mod floor;
+mod http_floor;
 
 use super::checks::{self, Check};
-use super::{drive, new_histogram, Baseline, BenchOptions, GtidWaitLevel, Phase, Run, Scenario, ServedBy, ServerCounters};
+use super::{
+    drive, new_histogram, Baseline, BenchOptions, GtidWaitLevel, Phase, Run, Scenario, ServedBy,
+    ServerCounters,
+};
 
 /// The durability settings of one MariaDB server, as it reports them.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -170,6 +174,9 @@ pub struct Workload {
     /// keep-alive connection, so no client's GET rides in another's pipeline.
     redis_per_client: Mutex<Arc<Vec<redis::aio::MultiplexedConnection>>>,
     key_prefix: String,
+    /// The base URL of get-hot's HTTP floor (see `workload/http_floor.rs`), when get-hot runs
+    /// with Redis.
+    http_floor: Option<String>,
     /// The bench's own pools on every shard primary, for the raw baselines and the checks.
     shards: RawDb,
     commerce: Db,
@@ -340,8 +347,20 @@ impl Workload {
         } else {
             (None, None)
         };
+        let http_floor = match (&redis, opts.scenarios.contains(&Scenario::GetHot)) {
+            (Some(redis), true) => Some(
+                http_floor::start(
+                    AuthKeys::new(&settings.auth),
+                    redis.clone(),
+                    settings.redis.key_prefix.clone(),
+                )
+                .await?,
+            ),
+            _ => None,
+        };
         Ok(Workload {
             base: base.trim_end_matches('/').to_owned(),
+            http_floor,
             base_cache_off: None,
             base_primary_only: None,
             served: Default::default(),
@@ -489,6 +508,9 @@ impl Workload {
         runs.push(full(Phase::Raw));
         if scenario == Scenario::Create {
             runs.push(full(Phase::Floor));
+        }
+        if scenario == Scenario::GetHot && self.http_floor.is_some() {
+            runs.push(full(Phase::HttpFloor));
         }
         if self.baseline(scenario) == Baseline::RedisGet {
             runs.push(full(Phase::RawPipelined));
@@ -1365,6 +1387,16 @@ impl Workload {
                 self.redis_get_shared(id).await.err().unwrap_or(Outcome::Ok)
             }
             Phase::Raw | Phase::RawSql => self.raw_op(scenario, slot, i).await,
+            Phase::HttpFloor => match &self.http_floor {
+                Some(base) => {
+                    let (user, id) = self.read_target(scenario, slot, i);
+                    self.get(base, &format!("/v1/orders/{id}"), &self.tokens[user])
+                        .await
+                        .err()
+                        .unwrap_or(Outcome::Ok)
+                }
+                None => Outcome::Error("no_http_floor".into()),
+            },
             Phase::Floor => {
                 let user = rand::thread_rng().gen_range(0..self.users.len());
                 let (p, q) = self.random_line();

@@ -24,7 +24,12 @@ use orderly::storage::{outbox, pool};
 
 impl Workload {
     /// One create at the floor: see the module docs.
-    pub(super) async fn floor_create(&self, user: usize, product: &ProductSnapshot, quantity: i64) -> Result<(), Outcome> {
+    pub(super) async fn floor_create(
+        &self,
+        user: usize,
+        product: &ProductSnapshot,
+        quantity: i64,
+    ) -> Result<(), Outcome> {
         let user_id = self.users[user];
         let id = self
             .ids
@@ -81,7 +86,8 @@ impl Workload {
 
         // Shard: order, lines, event.
         let line_total = product.price.minor() * quantity;
-        let total = orderly::domain::money::Money::new(line_total).ok_or_else(|| Outcome::Error("price".into()))?;
+        let total =
+            orderly::domain::money::Money::new(line_total).ok_or_else(|| Outcome::Error("price".into()))?;
         let pricing = Pricing {
             shop_id: product.shop_id,
             currency: product.currency,
@@ -99,8 +105,9 @@ impl Workload {
             pay_amount: total,
         };
         let deadline = now + self.pay_timeout;
-        let payload = serde_json::to_string(&OrderSnapshot::of(&Order::from_new(&new, pricing, now, deadline)))
-            .map_err(|e| Outcome::Error(e.to_string()))?;
+        let payload =
+            serde_json::to_string(&OrderSnapshot::of(&Order::from_new(&new, pricing, now, deadline)))
+                .map_err(|e| Outcome::Error(e.to_string()))?;
         let shard = self.shards.of_order(id);
         let t = &shard.tables;
         let mut conn = self.shards.primary(shard).acquire().await?;
