@@ -237,7 +237,7 @@ async fn take_the_rest(
         }
     }
     if counts.next() != Some(lines.len() as u64) {
-        let short = short_product(conn, &lines).await?;
+        let short = short_product(conn, lines).await?;
         pool::rollback_raw(conn).await?;
         return Ok(Some(ReserveOutcome::OutOfStock(short)));
     }
@@ -250,7 +250,7 @@ async fn take_the_rest(
         }
     }
     if !with_reservations {
-        insert_reservations(conn, r, &lines, now).await?;
+        insert_reservations(conn, r, lines, now).await?;
     }
     // Coupons in id order too, for the same reason as products.
     let mut coupons = r.coupons.to_vec();
