@@ -76,7 +76,7 @@ impl Workload {
             }
         };
         let taken: Vec<u64> = counts.iter().map(|c| c.rows_affected()).collect();
-        if taken.iter().any(|&n| n == 0) {
+        if taken.contains(&0) {
             pool::rollback_raw(&mut c).await?;
             // The held units at their cap (the user row is made at start) or the shelf empty.
             return Err(Outcome::Refused("out_of_stock".into()));
