@@ -23,7 +23,7 @@ use crate::events::merchant::MerchantCopy;
 use crate::events::{consumer, rebuild, relay, Broker, RelayWakers};
 use crate::http::auth::AuthKeys;
 use crate::http::limits::{self, UserLimits};
-use crate::http::{router, AppState};
+use crate::http::{router, AppState, Services};
 use crate::jobs;
 use crate::lease::IdSource;
 use crate::redis::cache::{Cache, CacheHealth};
@@ -165,7 +165,7 @@ impl Application {
             true => Some(Arc::new(TantivyIndex::open(&settings.search)?)),
             false => None,
         };
-        let state = AppState {
+        let state = AppState::new(Services {
             orders,
             catalog: CatalogService::new(commerce_db, cache).with_clock(clock),
             merchant: MerchantService::new(merchant_map),
@@ -175,7 +175,7 @@ impl Application {
             metrics: telemetry::metrics(),
             limits: Arc::new(UserLimits::new(&settings.limits)),
             search: search.clone().map(|i| i as Arc<dyn OrderIndex>),
-        };
+        });
         Ok(Application {
             listener,
             addr,
