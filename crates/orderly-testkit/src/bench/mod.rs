@@ -1038,6 +1038,10 @@ pub async fn run_scenarios(w: Arc<Workload>, opts: &BenchOptions) -> anyhow::Res
     let mut results = Vec::new();
     opts.validate()?;
     for &scenario in &opts.scenarios {
+        // What the previous scenario left to the event stream (the relay, then the merchant
+        // copy and the search index) runs in this process too: let it drain first, so that it
+        // does not weigh on this scenario's phases.
+        w.wait_outbox_drained(Duration::from_secs(120)).await;
         w.prepare(scenario, opts).await?;
         let schedule = w.schedule(scenario);
         let mut runs: Vec<(Phase, Sample)> = Vec::new();

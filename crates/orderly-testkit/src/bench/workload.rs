@@ -1120,6 +1120,35 @@ impl Workload {
         Ok(Some(total))
     }
 
+    /// Waits until every shard database's outbox is empty (the relay published every event),
+    /// then a second more for the consumers; at most `within`, and no longer than 5 s without
+    /// progress (a service without a relay never drains it).
+    pub async fn wait_outbox_drained(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        let mut last = (i64::MAX, Instant::now());
+        loop {
+            let mut left = 0i64;
+            for db in self.shards.databases() {
+                left += sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM order_outbox")
+                    .fetch_one(db)
+                    .await
+                    .unwrap_or(0);
+            }
+            if left < last.0 {
+                last = (left, Instant::now());
+            }
+            let stuck = last.1.elapsed() > Duration::from_secs(5);
+            if left == 0 || stuck || Instant::now() >= deadline {
+                if left > 0 {
+                    tracing::warn!(left, "the outbox did not drain before the next scenario");
+                }
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+
     /// The servers' counters of [`ServerCounters::NAMES`], summed over every server.
     pub async fn server_counters(&self) -> anyhow::Result<ServerCounters> {
         let mut total = ServerCounters::default();
