@@ -279,22 +279,33 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-#[test]
-fn only_the_door_writes_order_rows_or_events() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+/// Every `.rs` file under `src/`, by path from the root (`src/…`), with its text, in path
+/// order.
+fn sources(root: &Path) -> Vec<(String, String)> {
     let mut files = Vec::new();
     rust_files(&root.join("src"), &mut files);
     files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let rel = path
+                .strip_prefix(root)
+                .expect("under the root")
+                .to_string_lossy()
+                .replace('\\', "/");
+            (rel, std::fs::read_to_string(&path).expect("read a source file"))
+        })
+        .collect()
+}
+
+#[test]
+fn only_the_door_writes_order_rows_or_events() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let files = sources(root);
     assert!(files.len() > 20, "found only {} files under src/", files.len());
     let mut door_writes = 0;
     let mut violations = Vec::new();
-    for path in files {
-        let rel = path
-            .strip_prefix(root)
-            .expect("under the root")
-            .to_string_lossy()
-            .replace('\\', "/");
-        let source = std::fs::read_to_string(&path).expect("read a source file");
+    for (rel, source) in files {
         let writes = order_writes(&source, rel == "src/storage/outbox.rs");
         if rel == DOOR {
             door_writes = writes.len();
@@ -355,8 +366,6 @@ fn the_matcher_catches_the_forms_the_crate_writes_sql_in() {
 /// `begin_raw` mark the connection, so that one cut off inside a transaction is closed, not
 /// reused): `file:line` of each.
 fn transactions_begun_around_the_pool(root: &Path) -> Vec<String> {
-    let mut files = Vec::new();
-    rust_files(&root.join("src"), &mut files);
     let forms = [
         "Connection::begin(",
         ".begin().await",
@@ -366,16 +375,10 @@ fn transactions_begun_around_the_pool(root: &Path) -> Vec<String> {
         "autocommit",
     ];
     let mut found = Vec::new();
-    for path in files {
-        let rel = path
-            .strip_prefix(root)
-            .expect("under the root")
-            .to_string_lossy()
-            .replace('\\', "/");
+    for (rel, source) in sources(root) {
         if rel == "src/storage/pool.rs" {
             continue;
         }
-        let source = std::fs::read_to_string(&path).expect("read a source file");
         for (i, line) in source.lines().enumerate() {
             let code = line.trim_start();
             if code.starts_with("//") {

@@ -307,112 +307,103 @@ async fn insert_order(
     pay_deadline: DateTime<Utc>,
 ) -> Result<Inserted> {
     pool::begin_raw(&mut *conn).await?;
-    let written = insert_order_in(conn, t, order, pricing, request_hash, now, pay_deadline).await;
+    // The statements, which end the transaction on success.
+    let written: Result<Inserted> = async {
+        let tx = &mut *conn;
+        let a = &order.address;
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
+                discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region,
+                receiver_detail, remark, request_hash, created_at, updated_at, pay_deadline)
+             VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            t.orders
+        )))
+        .bind(order.order_id.get())
+        .bind(order.user_id.get())
+        .bind(pricing.shop_id.get())
+        .bind(OrderStatus::PendingPayment.code())
+        .bind(pricing.currency.as_str())
+        .bind(pricing.total_amount.minor())
+        .bind(pricing.discount_amount.minor())
+        .bind(pricing.pay_amount.minor())
+        .bind(&a.name)
+        .bind(&a.phone)
+        .bind(&a.region)
+        .bind(&a.detail)
+        .bind(&order.remark)
+        .bind(&request_hash[..])
+        .bind(ts(now))
+        .bind(ts(now))
+        .bind(ts(pay_deadline))
+        .execute(&mut *tx)
+        .await?;
+
+        let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?)"; pricing.items.len()].join(", ");
+        let sql = format!(
+            "INSERT INTO {} (order_id, line_no, product_id, product_name, unit_price, quantity, line_total) VALUES {placeholders}",
+            t.items
+        );
+        let mut q = sqlx::query(AssertSqlSafe(&*sql));
+        for l in &pricing.items {
+            q = q
+                .bind(order.order_id.get())
+                .bind(l.line_no)
+                .bind(l.product_id.get())
+                .bind(&l.product_name)
+                .bind(l.unit_price.minor())
+                .bind(l.quantity)
+                .bind(l.line_total.minor());
+        }
+        q.execute(&mut *tx).await?;
+
+        if !pricing.discounts.is_empty() {
+            let placeholders = vec!["(?, ?, ?, ?, ?, ?)"; pricing.discounts.len()].join(", ");
+            let sql = format!(
+                "INSERT INTO {} (order_id, line_no, coupon_id, kind, amount, description) VALUES {placeholders}",
+                t.discounts
+            );
+            let mut q = sqlx::query(AssertSqlSafe(&*sql));
+            for d in &pricing.discounts {
+                q = q
+                    .bind(order.order_id.get())
+                    .bind(d.line_no)
+                    .bind(d.coupon_id.map(|c| c.get()))
+                    .bind(&d.kind)
+                    .bind(d.amount.minor())
+                    .bind(&d.description);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        // After the order row, never before: see `voids`.
+        if is_void_locked(&mut *tx, t, order.order_id).await? {
+            pool::rollback_raw(tx).await?;
+            return Ok(Inserted::Voided);
+        }
+        let snapshot = OrderSnapshot::of(&Order::from_new(order, pricing.clone(), now, pay_deadline));
+        let payload = serde_json::to_string(&snapshot).map_err(|e| corrupt("the created order's snapshot", e))?;
+        insert_event(
+            &mut *tx,
+            order.order_id,
+            1,
+            pricing.shop_id.get(),
+            EventKind::Created,
+            &payload,
+            now,
+        )
+        .await?;
+        let row = pool::commit_with(tx, "SELECT @@last_gtid").await?;
+        let gtid: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
+        Ok(Inserted::Written {
+            gtid: gtid.filter(|g| !g.is_empty()),
+        })
+    }
+    .await;
     if written.is_err() {
         // A duplicate id (a replay) or a failed statement: end the transaction here, so the
         // connection goes back to the pool (one left inside it would be closed).
         let _ = pool::rollback_raw(conn).await;
     }
     written
-}
-
-/// [`insert_order`]'s statements, inside its transaction, which they end on success.
-async fn insert_order_in(
-    conn: &mut MySqlConnection,
-    t: &ShardTables,
-    order: &NewOrder,
-    pricing: &Pricing,
-    request_hash: &[u8; 32],
-    now: DateTime<Utc>,
-    pay_deadline: DateTime<Utc>,
-) -> Result<Inserted> {
-    let tx = &mut *conn;
-    let a = &order.address;
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO {} (order_id, user_id, shop_id, status, version, currency, total_amount,
-            discount_amount, pay_amount, receiver_name, receiver_phone, receiver_region,
-            receiver_detail, remark, request_hash, created_at, updated_at, pay_deadline)
-         VALUES (?, ?, ?, ?, 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        t.orders
-    )))
-    .bind(order.order_id.get())
-    .bind(order.user_id.get())
-    .bind(pricing.shop_id.get())
-    .bind(OrderStatus::PendingPayment.code())
-    .bind(pricing.currency.as_str())
-    .bind(pricing.total_amount.minor())
-    .bind(pricing.discount_amount.minor())
-    .bind(pricing.pay_amount.minor())
-    .bind(&a.name)
-    .bind(&a.phone)
-    .bind(&a.region)
-    .bind(&a.detail)
-    .bind(&order.remark)
-    .bind(&request_hash[..])
-    .bind(ts(now))
-    .bind(ts(now))
-    .bind(ts(pay_deadline))
-    .execute(&mut *tx)
-    .await?;
-
-    let placeholders = vec!["(?, ?, ?, ?, ?, ?, ?)"; pricing.items.len()].join(", ");
-    let sql = format!(
-        "INSERT INTO {} (order_id, line_no, product_id, product_name, unit_price, quantity, line_total) VALUES {placeholders}",
-        t.items
-    );
-    let mut q = sqlx::query(AssertSqlSafe(&*sql));
-    for l in &pricing.items {
-        q = q
-            .bind(order.order_id.get())
-            .bind(l.line_no)
-            .bind(l.product_id.get())
-            .bind(&l.product_name)
-            .bind(l.unit_price.minor())
-            .bind(l.quantity)
-            .bind(l.line_total.minor());
-    }
-    q.execute(&mut *tx).await?;
-
-    if !pricing.discounts.is_empty() {
-        let placeholders = vec!["(?, ?, ?, ?, ?, ?)"; pricing.discounts.len()].join(", ");
-        let sql = format!(
-            "INSERT INTO {} (order_id, line_no, coupon_id, kind, amount, description) VALUES {placeholders}",
-            t.discounts
-        );
-        let mut q = sqlx::query(AssertSqlSafe(&*sql));
-        for d in &pricing.discounts {
-            q = q
-                .bind(order.order_id.get())
-                .bind(d.line_no)
-                .bind(d.coupon_id.map(|c| c.get()))
-                .bind(&d.kind)
-                .bind(d.amount.minor())
-                .bind(&d.description);
-        }
-        q.execute(&mut *tx).await?;
-    }
-    // After the order row, never before: see `voids`.
-    if is_void_locked(&mut *tx, t, order.order_id).await? {
-        pool::rollback_raw(tx).await?;
-        return Ok(Inserted::Voided);
-    }
-    let snapshot = OrderSnapshot::of(&Order::from_new(order, pricing.clone(), now, pay_deadline));
-    let payload = serde_json::to_string(&snapshot).map_err(|e| corrupt("the created order's snapshot", e))?;
-    insert_event(
-        &mut *tx,
-        order.order_id,
-        1,
-        pricing.shop_id.get(),
-        EventKind::Created,
-        &payload,
-        now,
-    )
-    .await?;
-    let row = pool::commit_with(tx, "SELECT @@last_gtid").await?;
-    let gtid: Option<String> = row.map(|r| r.try_get(0)).transpose()?;
-    Ok(Inserted::Written {
-        gtid: gtid.filter(|g| !g.is_empty()),
-    })
 }
 
 /// Moves `id` from `from` to `to` if it is still at `expected_version` and `from`.

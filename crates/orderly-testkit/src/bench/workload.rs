@@ -1547,20 +1547,20 @@ impl Workload {
 
     // ------------------------------------------------------------------ raw (same SQL)
 
-    /// The SQL of a create, in the service's order: replay check, product read,
-    /// reservation, order write, claim confirmation.
-    async fn raw_create(
+    /// A new order of buyer `user` with one line, under a fresh id: what the raw phase and
+    /// the floor write.
+    fn one_line_order(
         &self,
         user: usize,
         product: &ProductSnapshot,
         quantity: i64,
-    ) -> Result<(OrderId, Money), Outcome> {
+    ) -> Result<NewOrder, Outcome> {
         let user_id = self.users[user];
         let id = self
             .ids
             .next_for(user_id)
             .map_err(|_| Outcome::Error("ids".into()))?;
-        let new = NewOrder {
+        Ok(NewOrder {
             order_id: id,
             user_id,
             lines: vec![NewLine {
@@ -1570,7 +1570,19 @@ impl Workload {
             coupon_ids: Vec::new(),
             address: self.address.clone(),
             remark: String::new(),
-        };
+        })
+    }
+
+    /// The SQL of a create, in the service's order: replay check, product read,
+    /// reservation, order write, claim confirmation.
+    async fn raw_create(
+        &self,
+        user: usize,
+        product: &ProductSnapshot,
+        quantity: i64,
+    ) -> Result<(OrderId, Money), Outcome> {
+        let new = self.one_line_order(user, product, quantity)?;
+        let (id, user_id) = (new.order_id, new.user_id);
         let hash = new.request_hash();
         let shard = self.shards.of_order(id);
         let pool = self.shards.primary(shard);

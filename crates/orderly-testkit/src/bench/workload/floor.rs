@@ -18,7 +18,7 @@ use sqlx::AssertSqlSafe;
 
 use super::{Outcome, Workload};
 use orderly::domain::events::{EventKind, OrderSnapshot};
-use orderly::domain::order::{NewLine, NewOrder, Order, OrderLine, Pricing, ProductSnapshot};
+use orderly::domain::order::{Order, OrderLine, Pricing, ProductSnapshot};
 use orderly::domain::status::OrderStatus;
 use orderly::storage::{outbox, pool};
 
@@ -30,22 +30,8 @@ impl Workload {
         product: &ProductSnapshot,
         quantity: i64,
     ) -> Result<(), Outcome> {
-        let user_id = self.users[user];
-        let id = self
-            .ids
-            .next_for(user_id)
-            .map_err(|_| Outcome::Error("ids".into()))?;
-        let new = NewOrder {
-            order_id: id,
-            user_id,
-            lines: vec![NewLine {
-                product_id: product.id,
-                quantity,
-            }],
-            coupon_ids: Vec::new(),
-            address: self.address.clone(),
-            remark: String::new(),
-        };
+        let new = self.one_line_order(user, product, quantity)?;
+        let (id, user_id) = (new.order_id, new.user_id);
         let hash = new.request_hash();
         let now = Utc::now();
         let at = format!("'{}'", now.naive_utc().format("%Y-%m-%d %H:%M:%S%.6f"));
