@@ -38,19 +38,25 @@ impl Projection for MerchantCopy {
                 .or_default()
                 .push(e);
         }
+        let progress = merchant::Progress {
+            pending: batch.pending,
+            newest: batch.events.iter().map(|e| e.occurred_at).max(),
+        };
+        let mut done = Vec::new();
         for (database, events) in by_database {
             let mut tries = 0;
             loop {
-                match merchant::apply(&self.map, database, &events).await {
+                match merchant::apply(&self.map, database, &events, progress).await {
                     Ok(_) => break,
                     // Two processes applying batches that touch the same report rows.
                     Err(e) if e.is_retryable() && tries < DEADLOCK_RETRIES => tries += 1,
                     Err(e) => return Err(ProjectionError::new(e)),
                 }
             }
+            done.push(database);
         }
-        let newest = batch.events.iter().map(|e| e.occurred_at).max();
-        merchant::record_progress(&self.map, batch.pending, newest)
+        // The databases without events in this batch get its progress on their own.
+        merchant::record_progress(&self.map, progress, &done)
             .await
             .map_err(ProjectionError::new)
     }

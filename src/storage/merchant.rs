@@ -200,10 +200,24 @@ impl ReportDelta {
     }
 }
 
+/// How far a batch of the stream got, as `projection_state` records it in every database of
+/// the copy: the events still pending behind it, and the commit time of its newest event.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub pending: u64,
+    pub newest: Option<DateTime<Utc>>,
+}
+
 /// Applies `events` (all of tables in database `database`) in one transaction: first every
 /// copy row, in order id order (an order's events by version), then the report rows they
-/// changed, by shop and day (see "One lock order").
-pub async fn apply(map: &MerchantMap, database: usize, events: &[&OrderEvent]) -> Result<Applied> {
+/// changed, by shop and day (see "One lock order"), then the batch's `progress` in this
+/// database's `projection_state` (one commit for the three, not two).
+pub async fn apply(
+    map: &MerchantMap,
+    database: usize,
+    events: &[&OrderEvent],
+    progress: Progress,
+) -> Result<Applied> {
     let mut events = events.to_vec();
     events.sort_by_key(|e| (e.order.order_id, e.order.version));
     let mut conn = map.0.pools[database].acquire().await?;
@@ -225,6 +239,7 @@ pub async fn apply(map: &MerchantMap, database: usize, events: &[&OrderEvent]) -
     for ((shop, day), d) in reports {
         add_to_report(&mut tx, shop, day, &d).await?;
     }
+    write_progress(&mut tx, progress).await?;
     tx.commit().await?;
     Ok(done)
 }
@@ -354,24 +369,34 @@ pub struct CopyState {
     pub updated_at: DateTime<Utc>,
 }
 
-/// Records a batch's progress in every database of the copy.
-pub async fn record_progress(map: &MerchantMap, pending: u64, newest: Option<DateTime<Utc>>) -> Result<()> {
-    for pool in map.pools() {
-        sqlx::query(
-            "INSERT INTO projection_state (name, pending, applied_through, updated_at)
-             VALUES (?, ?, ?, ?)
-             ON DUPLICATE KEY UPDATE pending = VALUES(pending),
-                applied_through = GREATEST(COALESCE(applied_through, VALUES(applied_through)),
-                                           COALESCE(VALUES(applied_through), applied_through)),
-                updated_at = VALUES(updated_at)",
-        )
-        .bind(PROJECTION)
-        .bind(i64::try_from(pending).unwrap_or(i64::MAX))
-        .bind(newest.map(ts))
-        .bind(ts(Utc::now()))
-        .execute(pool)
-        .await?;
+/// Records a batch's progress in the databases of the copy that [`apply`] did not write it
+/// in (`done`: those it applied events to).
+pub async fn record_progress(map: &MerchantMap, progress: Progress, done: &[usize]) -> Result<()> {
+    for (database, pool) in map.pools().iter().enumerate() {
+        if done.contains(&database) {
+            continue;
+        }
+        let mut conn = pool.acquire().await?;
+        write_progress(&mut conn, progress).await?;
     }
+    Ok(())
+}
+
+async fn write_progress(conn: &mut MySqlConnection, progress: Progress) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO projection_state (name, pending, applied_through, updated_at)
+         VALUES (?, ?, ?, ?)
+         ON DUPLICATE KEY UPDATE pending = VALUES(pending),
+            applied_through = GREATEST(COALESCE(applied_through, VALUES(applied_through)),
+                                       COALESCE(VALUES(applied_through), applied_through)),
+            updated_at = VALUES(updated_at)",
+    )
+    .bind(PROJECTION)
+    .bind(i64::try_from(progress.pending).unwrap_or(i64::MAX))
+    .bind(progress.newest.map(ts))
+    .bind(ts(Utc::now()))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

@@ -405,7 +405,11 @@ async fn apply_events(map: &MerchantMap, events: &[OrderEvent]) {
     for (database, events) in by_database {
         let mut tries = 0;
         loop {
-            match copy_store::apply(map, database, &events).await {
+            let progress = copy_store::Progress {
+                pending: 0,
+                newest: events.iter().map(|e| e.occurred_at).max(),
+            };
+            match copy_store::apply(map, database, &events, progress).await {
                 Ok(_) => break,
                 Err(e) if e.is_retryable() && tries < 100 => tries += 1,
                 Err(e) => panic!("applying {} events: {e}", events.len()),
