@@ -1120,12 +1120,14 @@ impl Workload {
         Ok(Some(total))
     }
 
-    /// Waits until every shard database's outbox is empty (the relay published every event),
-    /// then a second more for the consumers; at most `within`, and no longer than 5 s without
-    /// progress (a service without a relay never drains it).
+    /// Waits until the event stream has caught up: every shard database's outbox empty (the
+    /// relay published every event) and no message pending for any consumer of the stream
+    /// (the merchant copy, the search index); at most `within`, and no longer than 5 s without
+    /// progress (a service without a relay never drains its outbox).
     pub async fn wait_outbox_drained(&self, within: Duration) {
         let deadline = Instant::now() + within;
         let mut last = (i64::MAX, Instant::now());
+        let broker = orderly::events::Broker::open(&self.settings.events).await.ok();
         loop {
             let mut left = 0i64;
             for db in self.shards.databases() {
@@ -1133,6 +1135,9 @@ impl Workload {
                     .fetch_one(db)
                     .await
                     .unwrap_or(0);
+            }
+            if let Some(broker) = &broker {
+                left += consumers_pending(broker, &self.settings.events.stream).await;
             }
             if left < last.0 {
                 last = (left, Instant::now());
@@ -1946,4 +1951,24 @@ async fn connect_redis(url: &str) -> Option<(redis::Client, redis::aio::Connecti
             None
         }
     }
+}
+
+/// Messages not yet delivered or not yet acknowledged, over every consumer of `stream` (0 when
+/// it cannot be read).
+async fn consumers_pending(broker: &orderly::events::Broker, stream: &str) -> i64 {
+    use futures::TryStreamExt;
+    let Ok(stream) = broker.jetstream().get_stream(stream).await else {
+        return 0;
+    };
+    let names: Vec<String> = match stream.consumer_names().try_collect().await {
+        Ok(names) => names,
+        Err(_) => return 0,
+    };
+    let mut pending = 0i64;
+    for name in names {
+        if let Ok(info) = stream.consumer_info(&name).await {
+            pending += info.num_pending as i64 + info.num_ack_pending as i64;
+        }
+    }
+    pending
 }
