@@ -6,13 +6,15 @@
 //! connections it hands out in a stack of its own instead ([`Conn`]'s `Drop`), and gives the
 //! most recently used one to the next caller (LIFO, so a quiet pool's spare connections sink
 //! to the bottom and are handed back to sqlx, which pings them once and lets them idle out).
-//! sqlx still opens, limits and closes the connections; `Db` only skips the return trip.
+//! sqlx still opens, limits and closes the connections; `Db` only skips the return trip, and
+//! makes callers wait for a connection on a semaphore of its own (sqlx would count the kept
+//! connections as in use and keep its waiters waiting).
 //!
 //! # The guard, without a round trip
 //! No connection is reused inside a transaction. Every transaction of the crate begins with
-//! [`begin`] (or [`begin_raw`]), which marks the connection before it sends `BEGIN`; the mark
-//! goes only when its `COMMIT` or `ROLLBACK` has answered ([`Tx::commit`], [`Tx::rollback`],
-//! [`commit_with`], [`rollback_raw`]). A use cut off at an `.await` (the request's future
+//! [`begin`] (or [`begin_raw`], [`begin_batch`]), which marks the connection before it sends
+//! `BEGIN`; the mark goes only when its `COMMIT` or `ROLLBACK` has answered ([`Tx::commit`],
+//! [`Tx::rollback`], [`commit_with`], [`commit_raw`], [`rollback_raw`]). A use cut off at an `.await` (the request's future
 //! dropped, a timeout) or ended by an error inside a transaction leaves the mark, as does a
 //! `BEGIN` whose answer never arrived (the case the old guard read from the server); so does
 //! a [`Tx`] dropped without its end. A marked connection, or one with a statement queued,
