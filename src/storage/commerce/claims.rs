@@ -153,7 +153,7 @@ pub async fn claim_terms(conn: &mut MySqlConnection, order: OrderId) -> Result<O
 ///
 /// Round trips, for an order without flash lines or coupons: two. The first sends `BEGIN`
 /// with the claim, the user's held units (with a cap), the stock of every line and the
-/// reservations, each one statement ([`opening_statements`]); the second is the `COMMIT`, sent
+/// reservations, each one statement (`opening_statements`); the second is the `COMMIT`, sent
 /// once each statement's count says it took what it must. Flash lines and coupons add a
 /// statement each, after the products (the lock order).
 pub async fn reserve(
