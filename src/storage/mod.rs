@@ -105,6 +105,10 @@ impl From<sqlx::Error> for StorageError {
             _ => "other",
         };
         metrics::counter!("orderly_db_errors_total", "kind" => kind).increment(1);
+        if kind == "connection" {
+            // Connections kept by the pools may be dead too: see `pool`'s "Dead connections".
+            pool::connection_failed();
+        }
         StorageError::Db(e)
     }
 }

@@ -22,6 +22,16 @@
 //! for it, and is counted in `orderly_db_connections_in_transaction_total`. An autocommit
 //! statement cut off needs nothing: its answer is read (and dropped) by the next use.
 //! `tests/one_door.rs` fails on a transaction begun any other way.
+//!
+//! # Dead connections
+//! sqlx's ping on release was also what found a connection the server had dropped (a restart,
+//! a kill). Without it, a dead connection would go back on the stack after its failed
+//! statement and fail every use after. So every connection-level failure (an I/O or protocol
+//! error, or the server ending the session: [`super::StorageError`]'s conversion calls
+//! [`connection_failed`]) starts a new *epoch*: a connection checked out before it is handed
+//! back to sqlx when dropped, and a kept one older than it is handed back when popped. sqlx
+//! pings each once on the way (closing the dead ones), so a failure costs the pool one ping per
+//! connection, and a healthy pool none.
 
 use std::collections::{HashSet, VecDeque};
 use std::ops::{Deref, DerefMut};
@@ -37,6 +47,20 @@ use sqlx::mysql::{
 use sqlx::pool::PoolConnection;
 use sqlx::Either;
 use sqlx::{Connection, Execute, Executor};
+
+/// Connection-level failures seen by the process, so far (see "Dead connections").
+static EPOCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A connection failed at the connection level (I/O, protocol, the server ended the
+/// session): every connection in use or kept now is checked by sqlx's ping before its next
+/// use.
+pub fn connection_failed() {
+    EPOCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn epoch() -> u64 {
+    EPOCH.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 /// A kept connection unused this long goes back to sqlx's pool (pinged once there, then
 /// idle until sqlx's idle timeout closes it).
@@ -64,6 +88,8 @@ struct Inner {
 
 struct Kept {
     conn: Box<PoolConnection<MySql>>,
+    /// The epoch its last use began in.
+    epoch: u64,
     since: Instant,
 }
 
@@ -112,7 +138,15 @@ impl Db {
         // With a permit, sqlx has a connection for us at once: those it counts as in use are
         // ours in use (fewer than the maximum, this one not yet among them) and the kept
         // ones, and the stack is empty when we ask it.
-        let kept = self.inner.kept.lock().expect("pool stack poisoned").pop_back();
+        let now = epoch();
+        let kept = loop {
+            let top = self.inner.kept.lock().expect("pool stack poisoned").pop_back();
+            match top {
+                // Kept before a connection failed somewhere: back to sqlx, which pings it.
+                Some(k) if k.epoch != now => drop(k),
+                other => break other,
+            }
+        };
         let conn = match kept {
             Some(k) => k.conn,
             None => Box::new(self.inner.pool.acquire().await?),
@@ -121,6 +155,7 @@ impl Db {
             conn: Some(conn),
             db: Arc::clone(&self.inner),
             close: false,
+            epoch: now,
             _permit: permit,
         })
     }
@@ -151,13 +186,17 @@ impl Db {
 }
 
 impl Inner {
-    fn keep(&self, conn: Box<PoolConnection<MySql>>) {
+    fn keep(&self, conn: Box<PoolConnection<MySql>>, epoch: u64) {
         if !self.keeps {
             return;
         }
         let now = Instant::now();
         let mut kept = self.kept.lock().expect("pool stack poisoned");
-        kept.push_back(Kept { conn, since: now });
+        kept.push_back(Kept {
+            conn,
+            epoch,
+            since: now,
+        });
         // The bottom of the stack is the connection unused longest.
         let stale = kept
             .front()
@@ -177,6 +216,8 @@ pub struct Conn {
     db: Arc<Inner>,
     /// Close instead of keeping when dropped.
     close: bool,
+    /// The epoch this use began in (see "Dead connections").
+    epoch: u64,
     /// Given back after the connection (fields drop after `Drop::drop`).
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
@@ -229,7 +270,11 @@ impl Drop for Conn {
             conn.close_on_drop();
             return;
         }
-        self.db.keep(conn);
+        if self.epoch != epoch() {
+            // A connection failed somewhere during this use: back to sqlx, which pings it.
+            return;
+        }
+        self.db.keep(conn, self.epoch);
     }
 }
 

@@ -575,3 +575,62 @@ async fn admin_commands(c: &mut MySqlConnection) -> i64 {
         .unwrap();
     v.parse().unwrap()
 }
+
+/// A server restarted under a pool that keeps its connections: the uses that meet a dead
+/// connection fail (as a use in flight would), and the pool finds its dead connections then,
+/// instead of handing them out again and again.
+#[tokio::test]
+async fn a_pool_finds_its_dead_connections_after_a_server_restart() {
+    use orderly::storage::StorageError;
+    use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
+    let private = LocalCluster::start(ClusterSpec {
+        mariadb_servers: 1,
+        with_redis: false,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("private MariaDB server");
+    let settings = orderly::config::DatabaseSettings {
+        max_connections: 8,
+        acquire_timeout_ms: 5_000,
+    };
+    let pool = orderly::storage::connect(&private.mariadb(0).admin_url(), &settings)
+        .await
+        .unwrap();
+    // Several connections, all kept.
+    let held: Vec<_> = futures::future::join_all((0..8).map(|_| pool.acquire())).await;
+    drop(held);
+    private.stop_mariadb(0).await.unwrap();
+    private.start_mariadb(0).await.unwrap();
+    let mut failed = 0;
+    let mut answered = 0;
+    for _ in 0..40 {
+        // On a connection taken from the pool, as the door and the jobs use them (a
+        // statement on the pool itself closes its connection on any error anyway).
+        let mut conn = pool.acquire().await.unwrap();
+        match sqlx::query_scalar::<_, i64>("SELECT 1")
+            .fetch_one(&mut *conn)
+            .await
+        {
+            Ok(_) => answered += 1,
+            Err(e) => {
+                // What the service does with every error: the conversion to its own.
+                let e = StorageError::from(e);
+                assert!(e.is_connection_failure(), "{e}");
+                failed += 1;
+            }
+        }
+    }
+    assert!(
+        failed <= 8,
+        "{failed} uses failed after the restart: dead connections handed out again"
+    );
+    assert!(answered >= 32, "{answered} of 40 answered");
+    // And the last ones all answer.
+    for _ in 0..10 {
+        sqlx::query_scalar::<_, i64>("SELECT 1")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    }
+}
