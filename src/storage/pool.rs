@@ -142,8 +142,9 @@ impl Db {
         let kept = loop {
             let top = self.inner.kept.lock().expect("pool stack poisoned").pop_back();
             match top {
-                // Kept before a connection failed somewhere: back to sqlx, which pings it.
-                Some(k) if k.epoch != now => drop(k),
+                // Kept before a connection failed somewhere, or unused for a while (the server
+                // may have closed it: `wait_timeout`): back to sqlx, which pings it.
+                Some(k) if k.epoch != now || k.since.elapsed() > KEPT_IDLE => drop(k),
                 other => break other,
             }
         };
