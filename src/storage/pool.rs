@@ -345,13 +345,27 @@ fn session(conn: &MySqlConnection) -> usize {
     conn as *const MySqlConnection as usize
 }
 
+/// How many sessions [`OPEN`] holds: every connection's release asks [`unmark`], and most
+/// hold no transaction, so they skip the lock.
+static MARKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 fn mark(id: usize) {
-    OPEN.lock().expect("transaction marks poisoned").insert(id);
+    if OPEN.lock().expect("transaction marks poisoned").insert(id) {
+        MARKED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
-/// Removes the mark; answers whether there was one.
+/// Removes the mark; answers whether there was one. (A session is marked and unmarked by the
+/// task using it, so a mark of its own is always counted when it asks.)
 fn unmark(id: usize) -> bool {
-    OPEN.lock().expect("transaction marks poisoned").remove(&id)
+    if MARKED.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        return false;
+    }
+    let removed = OPEN.lock().expect("transaction marks poisoned").remove(&id);
+    if removed {
+        MARKED.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+    removed
 }
 
 /// Begins a transaction on `conn` (see the [module docs](self)).
