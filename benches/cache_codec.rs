@@ -1,9 +1,8 @@
-//! Which codec the cache uses: JSON vs MessagePack vs bincode 1 on a realistic order (3 lines,
+//! Which codec the cache uses: JSON vs MessagePack vs postcard on a realistic order (3 lines,
 //! 1 payment, 1 discount, an address in Chinese), by encoded size and by the time of one
 //! encode + decode of the cache record. Run with `cargo bench --bench cache_codec`; the
 //! figures are copied into the `redis::cache::codec` module docs.
 
-use bincode::Options;
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use orderly::redis::cache::codec::{decode_order, encode_order, sample_order, OrderRecord};
 
@@ -16,10 +15,6 @@ type Codec = (
     fn(&OrderRecord) -> Vec<u8>,
     fn(&[u8]) -> OrderRecord,
 );
-
-fn varint() -> impl Options {
-    bincode::DefaultOptions::new()
-}
 
 fn codecs() -> Vec<Codec> {
     vec![
@@ -39,14 +34,9 @@ fn codecs() -> Vec<Codec> {
             |b| rmp_serde::from_slice(b).unwrap(),
         ),
         (
-            "bincode_fixint",
-            |r| bincode::serialize(r).unwrap(),
-            |b| bincode::deserialize(b).unwrap(),
-        ),
-        (
-            "bincode_varint",
-            |r| varint().serialize(r).unwrap(),
-            |b| varint().deserialize(b).unwrap(),
+            "postcard",
+            |r| postcard::to_stdvec(r).unwrap(),
+            |b| postcard::from_bytes(b).unwrap(),
         ),
     ]
 }

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +16,7 @@ use crate::domain::shard::ShardCount;
 pub const DEFAULT_TOML: &str = include_str!("../config.default.toml");
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
     pub auth: AuthSettings,
@@ -40,6 +41,7 @@ pub struct Settings {
 /// The archive of old orders (see [`crate::service::archive`]); every tunable is explained
 /// in `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ArchiveSettings {
     pub url: String,
     pub older_than_days: u32,
@@ -71,6 +73,7 @@ impl ArchiveSettings {
 
 /// Carts (see [`crate::service::cart`]); every tunable is explained in `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct CartSettings {
     pub loss_window_ms: u64,
     pub flush_batch: usize,
@@ -86,6 +89,7 @@ impl Default for CartSettings {
 /// The merchant copy sharded by shop, with its reports (see [`crate::storage::merchant`]);
 /// every tunable is explained in `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct MerchantSettings {
     pub consume: bool,
     pub tables: u32,
@@ -94,6 +98,7 @@ pub struct MerchantSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct MerchantDatabase {
     pub url: String,
     pub first_table: u32,
@@ -103,8 +108,15 @@ pub struct MerchantDatabase {
 /// The order event stream: the outbox relay to NATS JetStream (see [`crate::events`]); every
 /// tunable is explained in `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct EventSettings {
     pub nats_url: String,
+    /// A NATS `.creds` file; empty: none.
+    #[serde(default)]
+    pub nats_credentials_file: PathBuf,
+    /// PEM CA of the NATS server's certificate (TLS then required); empty: none.
+    #[serde(default)]
+    pub nats_tls_ca_file: PathBuf,
     pub relay: bool,
     pub stream: String,
     pub subject_prefix: String,
@@ -127,6 +139,7 @@ impl Default for EventSettings {
 /// The order search index (see [`crate::search`]); every tunable is explained in
 /// `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct SearchSettings {
     pub enabled: bool,
     pub data_dir: PathBuf,
@@ -143,6 +156,7 @@ impl Default for SearchSettings {
 /// Flash sales (see [`crate::service::flash`]); every tunable is explained in
 /// `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct FlashSettings {
     pub gate_rebuild_interval_secs: u64,
     pub fallback_concurrency: usize,
@@ -158,6 +172,7 @@ impl Default for FlashSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ServerSettings {
     pub listen: SocketAddr,
     pub body_limit_bytes: usize,
@@ -168,6 +183,7 @@ pub struct ServerSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct AuthSettings {
     pub jwt_secret: String,
     /// Required `iss` of every token; empty: not checked.
@@ -179,6 +195,7 @@ pub struct AuthSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct IdSettings {
     /// A fixed worker id; `None` leases one in the commerce database.
     pub worker_id: Option<u16>,
@@ -187,12 +204,14 @@ pub struct IdSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShardSettings {
     pub count: u32,
     pub databases: Vec<ShardDatabase>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ShardDatabase {
     pub name: String,
     pub primary: String,
@@ -204,6 +223,7 @@ pub struct ShardDatabase {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct CommerceSettings {
     pub url: String,
     /// Read replicas of the commerce database: only user profiles are read there; pricing,
@@ -215,6 +235,7 @@ pub struct CommerceSettings {
 /// Read replicas: the GTID wait of read-your-writes, the health probe and rotation (see
 /// [`crate::storage::replicas`]); every tunable is explained in `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct ReplicaSettings {
     pub gtid_wait_ms: u64,
     pub max_lag_ms: u64,
@@ -226,20 +247,26 @@ pub struct ReplicaSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
     pub max_connections: u32,
     pub acquire_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     pub url: String,
     pub key_prefix: String,
+    /// PEM CA of a `rediss://` server's certificate; empty: the system's roots.
+    #[serde(default)]
+    pub tls_ca_file: PathBuf,
 }
 
 /// The Redis cache of orders, user profiles and first pages of "my orders" (see
 /// [`crate::cache`]); every tunable is explained in `config.default.toml`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct CacheSettings {
     pub enabled: bool,
     pub ttl_secs: u64,
@@ -257,6 +284,7 @@ pub struct CacheSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct OrderSettings {
     pub payment_timeout_secs: u64,
     pub reservation_grace_secs: u64,
@@ -273,6 +301,7 @@ impl OrderSettings {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct SweeperSettings {
     pub interval_secs: u64,
     pub batch_size: u32,
@@ -280,6 +309,7 @@ pub struct SweeperSettings {
 
 /// Per-user limits (see [`crate::http::limits`]); 0 turns a limit off.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct LimitSettings {
     pub create_per_user_per_sec: u32,
     pub create_burst: u32,
@@ -301,25 +331,95 @@ impl LimitSettings {
     }
 }
 
+/// The settings whose value may also be read from a file, named by an environment variable
+/// `ORDERLY_<SECTION>__<KEY>_FILE` (e.g. `ORDERLY_AUTH__JWT_SECRET_FILE=/run/secrets/jwt`):
+/// the secret itself, and the URLs that carry a password. The file's content is the value, a
+/// trailing newline removed.
+pub const SECRET_KEYS: &[&str] = &[
+    "auth.jwt_secret",
+    "commerce.url",
+    "archive.url",
+    "redis.url",
+    "events.nats_url",
+];
+
+/// `url` with its password, if any, replaced by `***`: database, Redis and NATS URLs may carry
+/// one, and an error or log line must not.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// Variables with the `ORDERLY_` prefix that are not settings: the binary's `--config`.
+const NOT_SETTINGS: &[&str] = &["CONFIG"];
+
+/// The `ORDERLY_` variables as settings, and the secrets read from the files that the
+/// `…_FILE` variables of [`SECRET_KEYS`] name.
+fn environment() -> Result<(Env, Vec<(String, String)>), ConfigError> {
+    let mut secrets = Vec::new();
+    let mut from_files = Vec::new();
+    for key in SECRET_KEYS {
+        let var = format!("ORDERLY_{}_FILE", key.replace('.', "__").to_uppercase());
+        let Some(path) = std::env::var_os(&var) else {
+            continue;
+        };
+        let plain = &var[..var.len() - "_FILE".len()];
+        if std::env::var_os(plain).is_some() {
+            return Err(ConfigError::Invalid(format!("set {plain} or {var}, not both")));
+        }
+        let value = std::fs::read_to_string(&path).map_err(|e| {
+            ConfigError::Invalid(format!("{var}: cannot read {}: {e}", Path::new(&path).display()))
+        })?;
+        let value = value.strip_suffix('\n').unwrap_or(&value);
+        let value = value.strip_suffix('\r').unwrap_or(value);
+        secrets.push((key.to_string(), value.to_string()));
+        from_files.push(var["ORDERLY_".len()..].to_string());
+    }
+    let env = Env::prefixed("ORDERLY_")
+        .filter(move |k| {
+            let k = k.as_str().to_ascii_uppercase();
+            !NOT_SETTINGS.contains(&k.as_str()) && !from_files.contains(&k)
+        })
+        .split("__");
+    Ok((env, secrets))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read settings: {0}")]
     Load(#[from] Box<figment::Error>),
-    #[error("invalid settings: {0}")]
+    /// Every broken rule, one per line.
+    #[error("invalid settings:\n  - {0}")]
     Invalid(String),
 }
 
 impl Settings {
-    /// Defaults, then `file` if given, then the environment.
+    /// Defaults, then `file` if given, then the environment: `ORDERLY_<SECTION>__<KEY>`, and
+    /// for the keys in [`SECRET_KEYS`] also `ORDERLY_<SECTION>__<KEY>_FILE`, the path of a
+    /// file holding the value (a mounted Kubernetes or Docker secret). A key this version
+    /// does not know, in the file or the environment, is an error that names it: a typo
+    /// (`ORDERLY_SERVER_LISTEN` with one underscore) must not be ignored silently.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
         let mut fig = Figment::from(Toml::string(DEFAULT_TOML));
         if let Some(f) = file {
             fig = fig.merge(Toml::file_exact(f));
         }
-        let settings: Settings = fig
-            .merge(Env::prefixed("ORDERLY_").split("__"))
-            .extract()
-            .map_err(Box::new)?;
+        let (env, secrets) = environment()?;
+        fig = fig.merge(env);
+        for (key, value) in secrets {
+            fig = fig.merge(Serialized::default(&key, value));
+        }
+        let settings: Settings = fig.extract().map_err(Box::new)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -331,93 +431,96 @@ impl Settings {
             .expect("config.default.toml is valid")
     }
 
+    /// Checks every rule and reports every broken one at once (one per line), so that a
+    /// deployment is not fixed one restart at a time.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let mut errors: Vec<String> = Vec::new();
         let count = ShardCount::new(self.shards.count).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.auth.jwt_secret.len() < 32 {
-            return bad("auth.jwt_secret must be at least 32 bytes (set ORDERLY_AUTH__JWT_SECRET)".into());
+            errors.push("auth.jwt_secret must be at least 32 bytes (set ORDERLY_AUTH__JWT_SECRET)".into());
         }
         if self.auth.max_token_lifetime_secs == 0 {
-            return bad("auth.max_token_lifetime_secs must be positive".into());
+            errors.push("auth.max_token_lifetime_secs must be positive".into());
         }
         if let Some(w) = self.ids.worker_id {
             if WorkerId::new(w).is_none() {
-                return bad(format!("ids.worker_id must be below 64, got {w}"));
+                errors.push(format!("ids.worker_id must be below 64, got {w}"));
             }
         }
         // Renewal runs every third of the TTL: below a second that is a statement every few
         // hundred ms for nothing (tests use 1-2 s to see a lost lease quickly).
         if self.ids.lease_ttl_secs < 1 {
-            return bad("ids.lease_ttl_secs must be at least 1".into());
+            errors.push("ids.lease_ttl_secs must be at least 1".into());
         }
         let mut owner = vec![None::<&str>; count.get() as usize];
         for db in &self.shards.databases {
             if db.first_shard > db.last_shard || db.last_shard >= count.get() {
-                return bad(format!(
+                errors.push(format!(
                     "shard database {}: range {}..={} is not within 0..{}",
                     db.name,
                     db.first_shard,
                     db.last_shard,
                     count.get()
                 ));
+                continue;
             }
             for s in db.first_shard..=db.last_shard {
                 if let Some(other) = owner[s as usize].replace(&db.name) {
-                    return bad(format!("shard {s} is held by both {other} and {}", db.name));
+                    errors.push(format!("shard {s} is held by both {other} and {}", db.name));
                 }
             }
         }
         if let Some(s) = owner.iter().position(Option::is_none) {
-            return bad(format!("shard {s} is held by no database"));
+            errors.push(format!("shard {s} is held by no database"));
         }
         if self.server.body_limit_bytes < 1024 {
-            return bad("server.body_limit_bytes must be at least 1024".into());
+            errors.push("server.body_limit_bytes must be at least 1024".into());
         }
         // 0 would complete orders the moment they ship, before any parcel could arrive.
         if self.orders.auto_complete_days < 1 {
-            return bad("orders.auto_complete_days must be at least 1".into());
+            errors.push("orders.auto_complete_days must be at least 1".into());
         }
         if self.orders.reservation_grace_secs * 1000 <= self.server.request_timeout_ms {
-            return bad("orders.reservation_grace_secs must exceed server.request_timeout_ms".into());
+            errors.push("orders.reservation_grace_secs must exceed server.request_timeout_ms".into());
         }
         if self.database.max_connections == 0 || self.sweeper.batch_size == 0 {
-            return bad("database.max_connections and sweeper.batch_size must be positive".into());
+            errors.push("database.max_connections and sweeper.batch_size must be positive".into());
         }
         let c = &self.cache;
         if c.ttl_secs == 0 || c.list_ttl_secs == 0 || c.absent_ttl_secs == 0 {
-            return bad("cache TTLs must be positive".into());
+            errors.push("cache TTLs must be positive".into());
         }
         if c.ttl_jitter_percent > 50 {
-            return bad("cache.ttl_jitter_percent must be at most 50".into());
+            errors.push("cache.ttl_jitter_percent must be at most 50".into());
         }
         // A fill may only land while the marker of a write it missed still stands.
         if c.fill_lease_ms == 0 || c.fill_lease_ms * 2 > c.write_marker_ms {
-            return bad(
+            errors.push(
                 "cache.fill_lease_ms must be positive and at most half of cache.write_marker_ms".into(),
             );
         }
         if c.timeout_ms == 0 || c.timeout_ms >= c.fill_lease_ms {
-            return bad("cache.timeout_ms must be positive and below cache.fill_lease_ms".into());
+            errors.push("cache.timeout_ms must be positive and below cache.fill_lease_ms".into());
         }
         if c.max_concurrent_fills == 0 || c.failures_to_open == 0 {
-            return bad("cache.max_concurrent_fills and cache.failures_to_open must be positive".into());
+            errors.push("cache.max_concurrent_fills and cache.failures_to_open must be positive".into());
         }
         if self.server.max_in_flight == 0 {
-            return bad("server.max_in_flight must be positive".into());
+            errors.push("server.max_in_flight must be positive".into());
         }
-        self.validate_replicas()?;
+        self.validate_replicas(&mut errors);
         let f = &self.flash;
         if f.gate_rebuild_interval_secs == 0 || f.fallback_concurrency == 0 || f.refresh_ms == 0 {
-            return bad(
+            errors.push(
                 "flash: gate_rebuild_interval_secs, fallback_concurrency and refresh_ms must be positive"
                     .into(),
             );
         }
         if self.cart.loss_window_ms == 0 || self.cart.flush_batch == 0 {
-            return bad("cart.loss_window_ms and cart.flush_batch must be positive".into());
+            errors.push("cart.loss_window_ms and cart.flush_batch must be positive".into());
         }
-        self.validate_merchant()?;
-        self.validate_archive()?;
+        self.validate_merchant(&mut errors);
+        self.validate_archive(&mut errors);
         let e = &self.events;
         if e.relay_batch == 0
             || e.relay_poll_ms == 0
@@ -427,7 +530,7 @@ impl Settings {
             || e.retention_days == 0
             || e.max_publish_attempts == 0
         {
-            return bad("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms, duplicate_window_secs, retention_days and max_publish_attempts must be positive".into());
+            errors.push("events: relay_batch, relay_poll_ms, publish_timeout_ms, retry_ms, duplicate_window_secs, retention_days and max_publish_attempts must be positive".into());
         }
         let token = |s: &str| {
             !s.is_empty()
@@ -435,86 +538,88 @@ impl Settings {
                     .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
         };
         if !token(&e.stream) || !e.subject_prefix.split('.').all(token) {
-            return bad("events.stream must be letters, digits, _ or -; events.subject_prefix such tokens joined by dots".into());
+            errors.push("events.stream must be letters, digits, _ or -; events.subject_prefix such tokens joined by dots".into());
         }
         // Tantivy refuses a writer arena below 15 MB, or of 4 GB and more.
         if !(15..4000).contains(&self.search.writer_memory_mb) {
-            return bad("search.writer_memory_mb must be at least 15 and below 4000".into());
+            errors.push("search.writer_memory_mb must be at least 15 and below 4000".into());
         }
         if self.search.data_dir.as_os_str().is_empty() {
-            return bad("search.data_dir must name a directory".into());
+            errors.push("search.data_dir must name a directory".into());
+        }
+        if !self.redis.tls_ca_file.as_os_str().is_empty() && !self.redis.url.starts_with("rediss://") {
+            errors.push("redis.tls_ca_file is set but redis.url is not a rediss:// (TLS) URL".into());
         }
         let l = &self.limits;
         if (l.create_per_user_per_sec > 0 && l.create_burst == 0)
             || (l.ids_per_user_per_sec > 0 && l.ids_burst == 0)
         {
-            return bad(
-                "limits.create_burst and limits.ids_burst must be positive when their rate is".into(),
-            );
+            errors
+                .push("limits.create_burst and limits.ids_burst must be positive when their rate is".into());
         }
-        Ok(())
+        match errors.is_empty() {
+            true => Ok(()),
+            false => Err(ConfigError::Invalid(errors.join("\n  - "))),
+        }
     }
 
-    fn validate_archive(&self) -> Result<(), ConfigError> {
-        let bad = |m: &str| Err(ConfigError::Invalid(m.into()));
+    fn validate_archive(&self, errors: &mut Vec<String>) {
         let a = &self.archive;
         if a.url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
-            return bad("archive.url is not a mysql:// URL");
+            errors.push("archive.url is not a mysql:// URL".into());
         }
         if a.min_age_days < 2 {
-            return bad("archive.min_age_days must be at least 2 (creates are retried for a day)");
+            errors.push("archive.min_age_days must be at least 2 (creates are retried for a day)".into());
         }
         if a.older_than_days < a.min_age_days {
-            return bad("archive.older_than_days must be at least archive.min_age_days");
+            errors.push("archive.older_than_days must be at least archive.min_age_days".into());
         }
         if !(1..=10_000).contains(&a.batch_size) || !(1..=1_000).contains(&a.delete_chunk) {
-            return bad("archive.batch_size must be 1..=10000 and archive.delete_chunk 1..=1000");
+            errors.push("archive.batch_size must be 1..=10000 and archive.delete_chunk 1..=1000".into());
         }
         if !(1..=100).contains(&a.max_busy_percent) {
-            return bad("archive.max_busy_percent must be 1..=100");
+            errors.push("archive.max_busy_percent must be 1..=100".into());
         }
         if a.max_slowdown == 0 || a.interval_secs == 0 || a.read_timeout_ms == 0 {
-            return bad(
-                "archive.max_slowdown, archive.interval_secs and archive.read_timeout_ms must be positive",
+            errors.push(
+                "archive.max_slowdown, archive.interval_secs and archive.read_timeout_ms must be positive"
+                    .into(),
             );
         }
-        Ok(())
     }
 
-    fn validate_merchant(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+    fn validate_merchant(&self, errors: &mut Vec<String>) {
         let m = &self.merchant;
         if !(1..=1024).contains(&m.tables) {
-            return bad("merchant.tables must be between 1 and 1024".into());
+            errors.push("merchant.tables must be between 1 and 1024".into());
         }
         if m.report_utc_offset_minutes.abs() > 14 * 60 {
-            return bad("merchant.report_utc_offset_minutes must be within ±840 (±14 h)".into());
+            errors.push("merchant.report_utc_offset_minutes must be within ±840 (±14 h)".into());
         }
         let mut owner = vec![false; m.tables as usize];
         for (i, db) in m.databases.iter().enumerate() {
             if db.url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
-                return bad(format!("merchant database {i} is not a mysql:// URL"));
+                errors.push(format!("merchant database {i} is not a mysql:// URL"));
             }
             if db.first_table > db.last_table || db.last_table >= m.tables {
-                return bad(format!(
+                errors.push(format!(
                     "merchant database {i}: tables {}..={} are not within 0..{}",
                     db.first_table, db.last_table, m.tables
                 ));
+                continue;
             }
             for t in db.first_table..=db.last_table {
                 if std::mem::replace(&mut owner[t as usize], true) {
-                    return bad(format!("merchant table {t} is held by two databases"));
+                    errors.push(format!("merchant table {t} is held by two databases"));
                 }
             }
         }
         if let Some(t) = owner.iter().position(|held| !held) {
-            return bad(format!("merchant table {t} is held by no database"));
+            errors.push(format!("merchant table {t} is held by no database"));
         }
-        Ok(())
     }
 
-    fn validate_replicas(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+    fn validate_replicas(&self, errors: &mut Vec<String>) {
         let lists = self
             .shards
             .databases
@@ -524,10 +629,10 @@ impl Settings {
         for (name, primary, replicas) in lists {
             for (i, url) in replicas.iter().enumerate() {
                 if url.parse::<sqlx::mysql::MySqlConnectOptions>().is_err() {
-                    return bad(format!("replica {i} of {name} is not a mysql:// URL"));
+                    errors.push(format!("replica {i} of {name} is not a mysql:// URL"));
                 }
                 if url == primary || replicas[..i].contains(url) {
-                    return bad(format!(
+                    errors.push(format!(
                         "replica {i} of {name} repeats its primary or another replica"
                     ));
                 }
@@ -540,7 +645,7 @@ impl Settings {
             || r.acquire_timeout_ms == 0
             || r.read_timeout_ms == 0
         {
-            return bad("replicas: gtid_wait_ms, probe_interval_ms, probe_timeout_ms, acquire_timeout_ms and read_timeout_ms must be positive".into());
+            errors.push("replicas: gtid_wait_ms, probe_interval_ms, probe_timeout_ms, acquire_timeout_ms and read_timeout_ms must be positive".into());
         }
         // A replica may be this far behind and still in rotation: up to max_lag_ms, plus one
         // probe interval before the probe sees it.
@@ -548,16 +653,15 @@ impl Settings {
         // A read with no watermark trusts the replica; that is safe only once every write whose
         // watermark is gone has reached every replica in rotation.
         if r.watermark_ttl_ms <= worst_lag {
-            return bad(
+            errors.push(
                 "replicas.watermark_ttl_ms must exceed max_lag_ms + probe_interval_ms + probe_timeout_ms"
                     .into(),
             );
         }
         // The cache fills from replicas: a fill that missed a write must still meet its marker.
         if self.cache.enabled && self.cache.write_marker_ms <= worst_lag {
-            return bad("cache.write_marker_ms must exceed replicas.max_lag_ms + probe_interval_ms + probe_timeout_ms".into());
+            errors.push("cache.write_marker_ms must exceed replicas.max_lag_ms + probe_interval_ms + probe_timeout_ms".into());
         }
-        Ok(())
     }
 
     pub fn shard_count(&self) -> ShardCount {
@@ -570,6 +674,8 @@ impl Settings {
 }
 
 #[cfg(test)]
+// `figment::Jail`'s closures return its large error type; only tests use them.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
 
@@ -593,6 +699,83 @@ mod tests {
         let mut s = valid();
         s.auth.max_token_lifetime_secs = 0;
         assert!(s.validate().is_err());
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn an_unknown_key_in_the_environment_is_refused_and_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ORDERLY_AUTH__JWT_SECRET", SECRET);
+            jail.set_env("ORDERLY_CONFIG", "ignored.toml");
+            Settings::load(None).expect("ORDERLY_CONFIG is the binary's, not a setting");
+            // One underscore instead of two: a top-level key `server_listen`.
+            jail.set_env("ORDERLY_SERVER_LISTEN", "0.0.0.0:9000");
+            let e = Settings::load(None).unwrap_err().to_string();
+            assert!(e.contains("server_listen"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_in_the_file_is_refused_and_named() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("ORDERLY_AUTH__JWT_SECRET", SECRET);
+            jail.create_file("o.toml", "[server]\nlisten = \"127.0.0.1:1\"\nmax_inflight = 3\n")?;
+            let e = Settings::load(Some(Path::new("o.toml"))).unwrap_err().to_string();
+            assert!(e.contains("max_inflight"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_secret_is_read_from_the_file_its_file_variable_names() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("jwt", &format!("{SECRET}\n"))?;
+            jail.create_file("redis", "redis://:pw@127.0.0.1:6390/\n")?;
+            jail.set_env("ORDERLY_AUTH__JWT_SECRET_FILE", "jwt");
+            jail.set_env("ORDERLY_REDIS__URL_FILE", "redis");
+            let s = Settings::load(None).expect("settings");
+            assert_eq!(s.auth.jwt_secret, SECRET);
+            assert_eq!(s.redis.url, "redis://:pw@127.0.0.1:6390/");
+            // Both ways at once is ambiguous.
+            jail.set_env("ORDERLY_AUTH__JWT_SECRET", SECRET);
+            let e = Settings::load(None).unwrap_err().to_string();
+            assert!(e.contains("not both"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_redacted_url_keeps_everything_but_the_password() {
+        assert_eq!(
+            redact_url("mysql://orderly:s3cret@db:3306/orders?ssl-mode=VERIFY_IDENTITY"),
+            "mysql://orderly:***@db:3306/orders?ssl-mode=VERIFY_IDENTITY"
+        );
+        assert_eq!(
+            redact_url("rediss://:pw@cache:6380/0"),
+            "rediss://:***@cache:6380/0"
+        );
+        assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
+        assert_eq!(redact_url("nats://user@n:4222"), "nats://user@n:4222");
+    }
+
+    #[test]
+    fn every_broken_rule_is_reported_at_once() {
+        let mut s = Settings::defaults();
+        s.server.max_in_flight = 0;
+        s.archive.min_age_days = 1;
+        s.shards.databases[0].last_shard = 99;
+        let e = s.validate().unwrap_err().to_string();
+        for part in [
+            "jwt_secret",
+            "max_in_flight",
+            "min_age_days",
+            "0..32",
+            "held by no database",
+        ] {
+            assert!(e.contains(part), "{part:?} missing from {e}");
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use mimalloc::MiMalloc;
 use tokio_util::sync::CancellationToken;
 
@@ -17,8 +17,18 @@ use orderly::telemetry::LogFormat;
 #[global_allocator]
 static GLOBAL: MiMalloc = MiMalloc;
 
+/// An e-commerce order service.
+///
+/// orderly creates each order exactly once, moves it through its life cycle with no lost or
+/// doubled update, spreads orders over sharded MariaDB servers with read replicas, caches in
+/// Redis without ever serving a state older than an acknowledged write, and publishes every
+/// order change to NATS JetStream.
+///
+/// Settings come from the compiled-in defaults, then the --config file, then ORDERLY_*
+/// environment variables (ORDERLY_<SECTION>__<KEY>, e.g. ORDERLY_SERVER__LISTEN); secrets can
+/// be read from files with ORDERLY_<SECTION>__<KEY>_FILE. `orderly man` prints the manual.
 #[derive(Parser)]
-#[command(name = "orderly", version, about = "An e-commerce order service")]
+#[command(name = "orderly", version, max_term_width = 100)]
 struct Cli {
     /// Settings file (TOML), merged over the defaults; ORDERLY_* variables override both.
     #[arg(long, global = true, env = "ORDERLY_CONFIG")]
@@ -41,7 +51,7 @@ enum Command {
         #[arg(long)]
         republish_parked: bool,
     },
-    /// Move old final orders out of the hot shards into the archive (SPEC 2.7).
+    /// Move old final orders out of the hot shards into the archive (read transparently).
     Archive {
         /// Orders created longer ago than this move, e.g. `90d` (default:
         /// archive.older_than_days; never less than archive.min_age_days).
@@ -72,6 +82,7 @@ enum Command {
     },
     /// A shop's daily report, from the merchant copy.
     Report {
+        /// The shop id.
         #[arg(long)]
         shop: String,
         /// First day, YYYY-MM-DD.
@@ -80,6 +91,7 @@ enum Command {
         /// Last day (inclusive), YYYY-MM-DD.
         #[arg(long)]
         to: chrono::NaiveDate,
+        /// Output format.
         #[arg(long, value_enum, default_value_t = ReportFormat::Table)]
         format: ReportFormat,
     },
@@ -95,11 +107,20 @@ enum Command {
     },
     /// Print the shard of a user id.
     ShardOf {
+        /// The user id (a positive integer).
         user_id: String,
-        /// Number of shards (defaults to the settings').
+        /// Number of table shards (default: the settings' shards.count).
         #[arg(long)]
         shards: Option<u32>,
     },
+    /// Print a shell completion script, e.g. `orderly completions bash > /etc/bash_completion.d/orderly`.
+    Completions {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `orderly man > orderly.1 && man ./orderly.1`.
+    Man,
 }
 
 /// `--shards 0-31` or `--shards 5`.
@@ -158,7 +179,9 @@ fn print_archive_summary(s: &orderly::service::archive::PassSummary) {
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ReportFormat {
+    /// Aligned columns for a terminal.
     Table,
+    /// Comma-separated values with a header line.
     Csv,
 }
 
@@ -166,6 +189,7 @@ enum ReportFormat {
 enum ProjectCommand {
     /// Rebuild a read model from the shards, then follow the stream from where it started.
     Rebuild {
+        /// The read model to rebuild.
         #[arg(value_enum)]
         projection: ProjectionName,
     },
@@ -254,18 +278,25 @@ fn print_report(rows: &[orderly::storage::merchant::DailyReport], format: Report
 enum IdCommand {
     /// Print the time, worker, sequence, gene and shard of an order id.
     Decode {
+        /// The order id.
         order_id: String,
+        /// Number of table shards (default: the settings' shards.count).
         #[arg(long)]
         shards: Option<u32>,
     },
 }
 
+/// `--shards`, else the settings' `shards.count`. Settings that do not load are an error,
+/// not a silent default: a shard computed for the wrong count names the wrong table.
 fn shard_count(explicit: Option<u32>, config: Option<&PathBuf>) -> anyhow::Result<ShardCount> {
     let n = match explicit {
         Some(n) => n,
-        None => Settings::load(config.map(PathBuf::as_path))
-            .map(|s| s.shards.count)
-            .unwrap_or(Settings::defaults().shards.count),
+        None => {
+            Settings::load(config.map(PathBuf::as_path))
+                .map_err(|e| anyhow::anyhow!("{e}\n(or give the shard count with --shards N)"))?
+                .shards
+                .count
+        }
     };
     Ok(ShardCount::new(n)?)
 }
@@ -297,8 +328,15 @@ async fn shutdown_signal(token: CancellationToken) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The processes that run for long (under an orchestrator, read by a log collector) log
+    // JSON lines; the one-shot tools log for the person at the terminal.
     orderly::telemetry::init(match cli.command {
-        Command::Serve => LogFormat::Json,
+        Command::Serve
+        | Command::Relay {
+            republish_parked: false,
+        }
+        | Command::Archive { run_loop: true, .. }
+        | Command::Project { .. } => LogFormat::Json,
         _ => LogFormat::Compact,
     });
     let config = cli.config.as_ref();
@@ -431,6 +469,15 @@ async fn main() -> anyhow::Result<()> {
             println!("shard     {} of {}", count.shard_of_gene(p.gene), count.get());
             Ok(())
         }
+        Command::Completions { shell } => {
+            let mut cli = Cli::command();
+            clap_complete::generate(shell, &mut cli, "orderly", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
         Command::ShardOf { user_id, shards } => {
             let user = UserId::parse(&user_id).ok_or_else(|| anyhow::anyhow!("not a user id: {user_id}"))?;
             let count = shard_count(shards, config)?;
@@ -439,5 +486,45 @@ async fn main() -> anyhow::Result<()> {
             println!("shard     {} of {}", count.shard_of_user(user), count.get());
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subcommand and argument explains itself in `--help`, the man page and the
+    /// completions, and none points at documents a user of the binary does not have.
+    #[test]
+    fn every_command_and_argument_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            let path = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() {
+                missing.push(format!("{path}: no about"));
+            }
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                match arg.get_help() {
+                    None => missing.push(format!("{path} {id}: no help")),
+                    Some(h) if h.to_string().contains("SPEC") => {
+                        missing.push(format!("{path} {id}: refers to the SPEC"))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &path, missing);
+                }
+            }
+        }
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        let mut missing = Vec::new();
+        walk(&cli, "", &mut missing);
+        assert!(missing.is_empty(), "{missing:#?}");
     }
 }

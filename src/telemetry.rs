@@ -30,15 +30,13 @@ pub enum LogFormat {
 }
 
 impl LogFormat {
-    /// The filter used when `RUST_LOG` is unset. A served request logs one `debug` line when
-    /// it finishes (method, route, status, latency, request id): an access log for
-    /// `RUST_LOG=info,tower_http=debug`, off by default (a line per request cost more than a
-    /// cached read). Failed requests (5xx) log at `error` in every profile.
+    /// The filter used when `RUST_LOG` is unset (the same for every format). A served request
+    /// logs one `debug` line when it finishes (method, route, numeric `status` and
+    /// `latency_ms`, request id): an access log for `RUST_LOG=info,orderly::http=debug`, off
+    /// by default (a line per request cost more than a cached read). Failed requests (5xx)
+    /// log at `error`, load-shedding refusals at `warn`, sampled.
     pub fn default_filter(self) -> &'static str {
-        match self {
-            LogFormat::Json | LogFormat::Pretty => "info,sqlx=warn,tower_http=info",
-            LogFormat::Compact => "info,sqlx=warn,tower_http=warn",
-        }
+        "info,sqlx=warn"
     }
 }
 

@@ -64,6 +64,7 @@ async fn fixture_with(cache: CacheSettings) -> Fixture {
     let redis = RedisSettings {
         url: cluster.redis_url().expect("redis url"),
         key_prefix: PREFIX.into(),
+        tls_ca_file: Default::default(),
     };
     let conn = Redis::connect(&redis, &cache).await.expect("connect");
     let gate = FlashGate::new(conn.clone());
@@ -476,6 +477,7 @@ async fn a_cache_whose_redis_is_down_at_start_is_degraded_and_recovers() {
     let redis = RedisSettings {
         url: cluster.redis_url().unwrap(),
         key_prefix: PREFIX.into(),
+        tls_ca_file: Default::default(),
     };
     let conn = Redis::connect(&redis, &settings()).await.unwrap();
     let gate = FlashGate::new(conn.clone());

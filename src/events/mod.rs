@@ -36,6 +36,8 @@ use crate::domain::events::EventKind;
 pub enum BrokerError {
     #[error("cannot connect to NATS: {0}")]
     Connect(#[source] async_nats::ConnectError),
+    #[error("cannot read the NATS credentials file (events.nats_credentials_file): {0}")]
+    Credentials(#[source] std::io::Error),
     #[error("JetStream stream setup failed: {0}")]
     Stream(String),
     #[error("publish failed: {0}")]
@@ -70,7 +72,19 @@ impl Broker {
     /// [`Broker::ensure_stream`]).
     pub async fn open(settings: &EventSettings) -> Result<Broker, BrokerError> {
         let timeout = Duration::from_millis(settings.publish_timeout_ms);
-        let client = async_nats::ConnectOptions::new()
+        let mut options = async_nats::ConnectOptions::new();
+        if !settings.nats_credentials_file.as_os_str().is_empty() {
+            options = options
+                .credentials_file(&settings.nats_credentials_file)
+                .await
+                .map_err(BrokerError::Credentials)?;
+        }
+        if !settings.nats_tls_ca_file.as_os_str().is_empty() {
+            options = options
+                .add_root_certificates(settings.nats_tls_ca_file.clone())
+                .require_tls(true);
+        }
+        let client = options
             .name("orderly")
             .connection_timeout(timeout)
             .request_timeout(Some(timeout))

@@ -245,8 +245,10 @@ fn exempt_from_load_shedding(path: &str) -> bool {
 /// once (see the module docs). The permit is held until the response is ready.
 pub fn bound_in_flight<S: Clone + Send + Sync + 'static>(router: Router<S>, max: usize) -> Router<S> {
     let permits = Arc::new(Semaphore::new(max));
+    let log = Arc::new(SampledLog::new(SHED_LOG_EVERY));
     router.layer(middleware::from_fn(move |req: Request, next: Next| {
         let permits = permits.clone();
+        let log = log.clone();
         async move {
             if exempt_from_load_shedding(req.uri().path()) {
                 return next.run(req).await;
@@ -255,16 +257,82 @@ pub fn bound_in_flight<S: Clone + Send + Sync + 'static>(router: Router<S>, max:
                 Ok(_permit) => next.run(req).await,
                 Err(_) => {
                     metrics::counter!("orderly_http_overloaded_total").increment(1);
-                    ApiError::Overloaded.into_response()
+                    if let Some(refused) = log.tick() {
+                        tracing::warn!(
+                            refused,
+                            max_in_flight = max,
+                            "overloaded: requests refused with 503 (one line per second at most)"
+                        );
+                    }
+                    let mut response = ApiError::Overloaded.into_response();
+                    response.extensions_mut().insert(Shed);
+                    response
                 }
             }
         }
     }))
 }
 
+/// Marks a response as a load-shedding refusal: the access log leaves it to the in-flight
+/// bound's sampled warning.
+#[derive(Debug, Clone, Copy)]
+pub struct Shed;
+
+/// At most one warning per this long about refused requests, with their count.
+const SHED_LOG_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts events and lets one through per period, with the number counted since the last.
+struct SampledLog {
+    start: std::time::Instant,
+    period_ms: u64,
+    /// Milliseconds since `start` before which nothing is let through.
+    next_ms: std::sync::atomic::AtomicU64,
+    counted: std::sync::atomic::AtomicU64,
+}
+
+impl SampledLog {
+    fn new(period: Duration) -> Self {
+        SampledLog {
+            start: std::time::Instant::now(),
+            period_ms: period.as_millis().max(1) as u64,
+            next_ms: 0.into(),
+            counted: 0.into(),
+        }
+    }
+
+    /// Counts one event; answers the count since the last answer once per period.
+    fn tick(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.counted.fetch_add(1, Relaxed);
+        let now = self.start.elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Relaxed);
+        if now < next
+            || self
+                .next_ms
+                .compare_exchange(next, now + self.period_ms, Relaxed, Relaxed)
+                .is_err()
+        {
+            return None;
+        }
+        Some(self.counted.swap(0, Relaxed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sampled_log_lets_one_event_through_per_period_with_the_count() {
+        let log = SampledLog::new(Duration::from_secs(3600));
+        assert_eq!(log.tick(), Some(1));
+        for _ in 0..99 {
+            assert_eq!(log.tick(), None);
+        }
+        // The next period's line would carry the 99 counted since.
+        log.next_ms.store(0, std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(log.tick(), Some(100));
+    }
     use axum::routing::{get, post};
     use governor::clock::FakeRelativeClock;
     use std::sync::atomic::{AtomicUsize, Ordering};

@@ -34,8 +34,8 @@ use axum::{Extension, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::task::TaskTracker;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::{DefaultOnResponse, TraceLayer};
-use tracing::{Instrument, Level, Span};
+use tower_http::trace::TraceLayer;
+use tracing::{Instrument, Span};
 
 use crate::config::ServerSettings;
 use crate::lease::IdSource;
@@ -188,6 +188,20 @@ fn request_span(req: &Request) -> Span {
     )
 }
 
+/// The access log line of a request, with `status` and `latency_ms` as numbers (a log
+/// collector sums and plots them as they are): at DEBUG, or at ERROR for a 5xx. A 503
+/// `overloaded` refusal is logged by the in-flight bound, at WARN and sampled
+/// ([`limits::Shed`]): a saturated process must not also flood its log.
+fn log_response<B>(response: &Response<B>, latency: Duration, _span: &Span) {
+    let status = response.status();
+    let latency_ms = latency.as_secs_f64() * 1000.0;
+    if !status.is_server_error() {
+        tracing::debug!(status = status.as_u16(), latency_ms, "response");
+    } else if response.extensions().get::<limits::Shed>().is_none() {
+        tracing::error!(status = status.as_u16(), latency_ms, "response failed");
+    }
+}
+
 /// Counts each request and times it, by method, route template and status
 /// (`orderly_http_requests_total`, `orderly_http_request_duration_seconds`). Outside the panic
 /// catcher and the time limit, so their 500s and 503s are counted too.
@@ -252,12 +266,13 @@ pub fn router(state: AppState, server: &ServerSettings) -> Router {
         .layer(CatchPanicLayer::custom(panic_problem))
         .layer(middleware::from_fn(record_metrics))
         .layer(
-            // One line per request at DEBUG (an access log: `RUST_LOG=…,tower_http=debug`);
+            // One line per request at DEBUG (an access log: `RUST_LOG=…,orderly::http=debug`);
             // at INFO it cost a formatted line per request on the hot path. Failures (5xx)
-            // still log at ERROR.
+            // log at ERROR, except load shedding (see [`log_response`]).
             TraceLayer::new_for_http()
                 .make_span_with(request_span)
-                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
+                .on_response(log_response)
+                .on_failure(()),
         )
         .layer(middleware::from_fn(request_id))
         .with_state(state)

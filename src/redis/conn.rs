@@ -55,6 +55,22 @@ struct Shared {
     on_connect: Mutex<Vec<OnConnect>>,
 }
 
+/// The client for `redis.url`: with the CA of `redis.tls_ca_file` for a `rediss://` URL
+/// when set, the system's roots otherwise.
+fn client(redis: &RedisSettings) -> anyhow::Result<redis::Client> {
+    let invalid = || format!("invalid Redis URL {:?}", crate::config::redact_url(&redis.url));
+    if redis.tls_ca_file.as_os_str().is_empty() {
+        return redis::Client::open(redis.url.as_str()).with_context(invalid);
+    }
+    let ca = std::fs::read(&redis.tls_ca_file)
+        .with_context(|| format!("reading redis.tls_ca_file {}", redis.tls_ca_file.display()))?;
+    let certificates = redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca),
+    };
+    redis::Client::build_with_tls(redis.url.as_str(), certificates).with_context(invalid)
+}
+
 impl Redis {
     /// The Redis the settings ask for: `None` when `[cache] enabled = false` (no cache, no
     /// flash gate, carts in MySQL only). See [`Redis::connect`].
@@ -72,8 +88,7 @@ impl Redis {
     /// later); only an unparsable URL is an error. The timeouts and the breaker's tunables
     /// are the `[cache]` settings.
     pub async fn connect(redis: &RedisSettings, cache: &CacheSettings) -> anyhow::Result<Redis> {
-        let client = redis::Client::open(redis.url.as_str())
-            .with_context(|| format!("invalid Redis URL {:?}", redis.url))?;
+        let client = client(redis)?;
         let r = Redis {
             inner: Arc::new(Shared {
                 prefix: redis.key_prefix.clone(),
@@ -89,7 +104,7 @@ impl Redis {
             }),
         };
         if r.probe().await.is_none() {
-            tracing::warn!(url = %redis.url, "Redis does not answer: the cache starts degraded");
+            tracing::warn!(url = %crate::config::redact_url(&redis.url), "Redis does not answer: the cache starts degraded");
             r.inner.breaker.trip();
         }
         Ok(r)

@@ -18,6 +18,7 @@ async fn two_mariadb_servers_and_redis_start_serve_and_vanish_on_drop() {
         base_dir: None,
         durable: false,
         replicas_per_server: 0,
+        tls: false,
     })
     .await
     .expect("the cluster starts");
@@ -80,6 +81,7 @@ async fn a_durable_cluster_lives_on_disk_and_syncs_every_commit() {
         base_dir: None,
         durable: true,
         replicas_per_server: 0,
+        tls: false,
     })
     .await
     .expect("the cluster starts");
@@ -114,6 +116,7 @@ async fn killed_or_paused_servers_come_back_with_their_data() {
         base_dir: None,
         durable: false,
         replicas_per_server: 0,
+        tls: false,
     })
     .await
     .expect("the cluster starts");
@@ -165,6 +168,7 @@ async fn redis_restarts_with_its_saved_data_or_empty() {
         base_dir: None,
         durable: false,
         replicas_per_server: 0,
+        tls: false,
     })
     .await
     .expect("the cluster starts");
@@ -210,6 +214,7 @@ async fn cluster_with_replicas(primaries: usize) -> LocalCluster {
         base_dir: None,
         durable: false,
         replicas_per_server: 1,
+        tls: false,
     })
     .await
     .expect("the cluster starts")

@@ -214,6 +214,7 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
         ClusterSpec {
             mariadb_servers: 2,
             replicas_per_server: 1,
+            tls: false,
             with_redis: true,
             with_nats: true,
             base_dir: None,

@@ -158,11 +158,13 @@ pub async fn create_databases(settings: &Settings) -> anyhow::Result<()> {
         .chain([settings.commerce.url.clone(), settings.archive.url.clone()])
         .chain(settings.merchant.databases.iter().map(|d| d.url.clone()));
     for url in urls {
-        let (server, rest) = url
-            .rsplit_once('/')
-            .ok_or_else(|| anyhow::anyhow!("bad url {url}"))?;
-        let db = rest.split('?').next().unwrap_or(rest);
-        let pool = storage::connect(&format!("{server}/?ssl-mode=disabled"), &settings.database).await?;
+        // `mysql://user:pw@host:port/db?params`: the parameters (TLS among them) stay.
+        let bad = || anyhow::anyhow!("bad url {url}");
+        let authority_end = url.find("://").ok_or_else(bad)? + 3;
+        let slash = authority_end + url[authority_end..].find('/').ok_or_else(bad)?;
+        let (server, rest) = (&url[..slash], &url[slash + 1..]);
+        let (db, params) = rest.split_once('?').unwrap_or((rest, "ssl-mode=disabled"));
+        let pool = storage::connect(&format!("{server}/?{params}"), &settings.database).await?;
         sqlx::query(AssertSqlSafe(format!(
             "CREATE DATABASE IF NOT EXISTS `{db}` CHARACTER SET utf8mb4"
         )))

@@ -118,6 +118,8 @@ pub struct MariaDbServer {
     pub(super) mariadbd: PathBuf,
     pub(super) init_file: PathBuf,
     pub(super) process: ServerProcess,
+    /// Set for a TLS cluster: the server requires secure transport.
+    pub(super) tls: Option<TlsFiles>,
 }
 
 impl MariaDbServer {
@@ -153,6 +155,7 @@ impl MariaDbServer {
             mariadbd,
             init_file,
             process: ServerProcess::new(name, dir.clone(), dir.join("error.log")),
+            tls: None,
         })
     }
 
@@ -190,9 +193,17 @@ impl MariaDbServer {
         format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{}", self.port)
     }
 
-    /// `mysql://orderly:orderly@127.0.0.1:PORT/{db}?ssl-mode=disabled` (the servers have no TLS).
+    /// `mysql://orderly:orderly@127.0.0.1:PORT/{db}?ssl-mode=disabled`, or for a TLS cluster
+    /// `…?ssl-mode=VERIFY_IDENTITY&ssl-ca=CA`: the certificate and the host name checked.
     pub fn url(&self, db: &str) -> String {
-        format!("{}/{db}?ssl-mode=disabled", self.base_url())
+        match &self.tls {
+            None => format!("{}/{db}?ssl-mode=disabled", self.base_url()),
+            Some(tls) => format!(
+                "{}/{db}?ssl-mode=VERIFY_IDENTITY&ssl-ca={}",
+                self.base_url(),
+                tls.ca.display()
+            ),
+        }
     }
 
     /// `mysql://orderly:orderly@127.0.0.1:PORT/?ssl-mode=disabled`: no default database, for
@@ -287,6 +298,13 @@ impl MariaDbServer {
             .arg(format!("--max-connections={MAX_CONNECTIONS}"));
         if self.durable {
             command.args(DURABLE_MARIADB_OPTIONS);
+        }
+        if let Some(tls) = &self.tls {
+            command
+                .arg(path_arg("--ssl-ca=", &tls.ca))
+                .arg(path_arg("--ssl-cert=", &tls.cert))
+                .arg(path_arg("--ssl-key=", &tls.key))
+                .arg("--require-secure-transport=ON");
         }
         if self.replica_of.is_some() {
             command.args(REPLICA_MARIADB_OPTIONS);

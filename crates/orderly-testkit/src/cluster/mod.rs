@@ -86,11 +86,13 @@ mod mariadb;
 mod nats;
 mod process;
 mod redis;
+mod tls;
 
 pub use mariadb::*;
 pub use nats::*;
 use process::*;
 pub use redis::*;
+pub use tls::TlsFiles;
 
 /// The MariaDB user every server of the cluster has, with every privilege.
 pub const USER: &str = "orderly";
@@ -241,6 +243,11 @@ pub struct ClusterSpec {
     /// Number of read-only GTID replicas of every MariaDB server (0 to 99), each a server of its
     /// own. 0, the default, starts none.
     pub replicas_per_server: usize,
+    /// TLS everywhere it is tested: a CA and a server certificate ([`TlsFiles`]); every
+    /// MariaDB server requires secure transport (`require_secure_transport=ON`) and its URLs
+    /// verify the full identity; Redis listens for TLS on a second port
+    /// ([`RedisServer::tls_url`]). Off by default. Not with replicas.
+    pub tls: bool,
 }
 
 impl Default for ClusterSpec {
@@ -252,6 +259,7 @@ impl Default for ClusterSpec {
             base_dir: None,
             durable: false,
             replicas_per_server: 0,
+            tls: false,
         }
     }
 }
@@ -261,6 +269,9 @@ impl ClusterSpec {
     fn validate(&self) -> Result<(), ClusterError> {
         if self.replicas_per_server == 0 {
             return Ok(());
+        }
+        if self.tls {
+            return Err(ClusterError::InvalidSpec("a TLS cluster has no replicas".into()));
         }
         if self.replicas_per_server >= REPLICA_SERVER_ID_STRIDE {
             return Err(ClusterError::InvalidSpec(format!(
@@ -292,6 +303,7 @@ pub struct LocalCluster {
     redis: Option<RedisServer>,
     nats: Option<NatsServer>,
     startup_time: Duration,
+    tls: Option<TlsFiles>,
 }
 
 impl LocalCluster {
@@ -312,12 +324,19 @@ impl LocalCluster {
             redis: None,
             nats: None,
             startup_time: Duration::ZERO,
+            tls: None,
         };
         let mut ports = PortPicker::default();
+        if spec.tls {
+            cluster.tls = Some(TlsFiles::create(&cluster.path)?);
+        }
 
         // Redis first: it boots while MariaDB bootstraps.
         if let Some(binary) = binaries.redis {
-            let redis = RedisServer::new(&cluster.path, binary, ports.pick()?)?;
+            let mut redis = RedisServer::new(&cluster.path, binary, ports.pick()?)?;
+            if let Some(tls) = &cluster.tls {
+                redis.tls = Some((tls.clone(), ports.pick()?));
+            }
             redis.spawn().await?;
             cluster.redis = Some(redis);
         }
@@ -338,7 +357,7 @@ impl LocalCluster {
                     .map_err(|e| ClusterError::io(format!("writing {}", replica_init_file.display()), e))?;
             }
             for index in 0..spec.mariadb_servers {
-                cluster.mariadb.push(MariaDbServer::new(
+                let mut primary = MariaDbServer::new(
                     &cluster.path,
                     index,
                     None,
@@ -346,7 +365,9 @@ impl LocalCluster {
                     init_file.clone(),
                     ports.pick()?,
                     spec.durable,
-                )?);
+                )?;
+                primary.tls = cluster.tls.clone();
+                cluster.mariadb.push(primary);
                 let mut replicas = Vec::with_capacity(spec.replicas_per_server);
                 for r in 0..spec.replicas_per_server {
                     replicas.push(MariaDbServer::new(
@@ -432,6 +453,11 @@ impl LocalCluster {
     }
 
     /// How long [`LocalCluster::start`] took.
+    /// The CA and certificate of a cluster started with [`ClusterSpec::tls`].
+    pub fn tls(&self) -> Option<&TlsFiles> {
+        self.tls.as_ref()
+    }
+
     pub fn startup_time(&self) -> Duration {
         self.startup_time
     }

@@ -8,6 +8,9 @@ pub struct RedisServer {
     pub(super) port: u16,
     pub(super) binary: PathBuf,
     pub(super) process: ServerProcess,
+    /// A TLS cluster's certificate and the port Redis takes TLS connections on (besides the
+    /// plain port, which the harness keeps for its own probes).
+    pub(super) tls: Option<(TlsFiles, u16)>,
 }
 
 impl RedisServer {
@@ -18,6 +21,7 @@ impl RedisServer {
             port,
             binary,
             process: ServerProcess::new("redis".into(), dir.clone(), dir.join("redis.log")),
+            tls: None,
         })
     }
 
@@ -29,6 +33,13 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` in a TLS cluster.
+    pub fn tls_url(&self) -> Option<String> {
+        self.tls
+            .as_ref()
+            .map(|(_, port)| format!("rediss://127.0.0.1:{port}"))
     }
 
     /// Its log (the server's stdout and stderr).
@@ -145,6 +156,18 @@ impl RedisServer {
             // In the foreground, so it stays our child: we signal and reap it directly.
             .arg("--daemonize")
             .arg("no");
+        if let Some((tls, port)) = &self.tls {
+            command
+                .arg("--tls-port")
+                .arg(port.to_string())
+                .arg("--tls-cert-file")
+                .arg(&tls.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.key)
+                .arg("--tls-ca-cert-file")
+                .arg(&tls.ca)
+                .args(["--tls-auth-clients", "no"]);
+        }
         self.process.spawn(command).await
     }
 
