@@ -170,7 +170,8 @@ impl FlashSales {
                 Admission::SoldOut
             }
             GateAnswer::OverLimit => {
-                metrics::counter!("orderly_flash_gate_requests_total", "outcome" => "over_limit").increment(1);
+                metrics::counter!("orderly_flash_gate_requests_total", "outcome" => "over_limit")
+                    .increment(1);
                 Admission::OverLimit {
                     limit: sale.per_user_limit,
                 }
