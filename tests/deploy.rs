@@ -676,7 +676,7 @@ fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
 }
 
 /// The pod template of a workload (a CronJob's job's).
-fn pod_spec<'a>(workload: &'a Value) -> &'a Value {
+fn pod_spec(workload: &Value) -> &Value {
     match workload["kind"].as_str() {
         Some("CronJob") => &workload["spec"]["jobTemplate"]["spec"]["template"]["spec"],
         _ => &workload["spec"]["template"]["spec"],
