@@ -141,7 +141,7 @@ fn describe_metrics() {
     );
     // storage
     describe_counter!(
-        "orderly_db_connections_in_transaction_total",
+        "orderly_db_connections_closed_in_transaction_total",
         "Pooled connections whose use ended inside a transaction (cut off, or an error), closed \
          instead of reused, by pool"
     );
@@ -157,7 +157,7 @@ fn describe_metrics() {
     );
     // flash sales (`crate::service::flash`)
     describe_counter!(
-        "orderly_flash_gate_total",
+        "orderly_flash_gate_requests_total",
         "Flash-sale buyers the Redis gate answered without MySQL (sold_out, over_limit), and \
          those sent to the database path because the gate could not answer (fallback)"
     );
@@ -204,7 +204,7 @@ fn describe_metrics() {
     );
     // the event stream (`crate::events`)
     describe_gauge!(
-        "orderly_outbox_backlog",
+        "orderly_outbox_backlog_events",
         "Order events waiting in a shard database's outbox, sampled by its relay after every \
          failed publish and full batch (0 only once a partial batch all went out); grows while \
          NATS is down"
@@ -217,7 +217,7 @@ fn describe_metrics() {
          events.max_publish_attempts); the row and those after it are retried"
     );
     describe_gauge!(
-        "orderly_outbox_parked",
+        "orderly_outbox_parked_events",
         "Order events the relay parked in order_outbox_parked because JetStream kept refusing \
          them, by database; not published until `orderly relay --republish-parked`; alert on > 0"
     );
@@ -249,7 +249,7 @@ fn describe_metrics() {
          they changed meanwhile)"
     );
     describe_gauge!(
-        "orderly_archive_slowdown",
+        "orderly_archive_slowdown_ratio",
         "How many times the base pause the archiver waits between batches (1: no strain; more \
          while a replica lags or the hot tables' deletes slow down)"
     );
@@ -259,7 +259,7 @@ fn describe_metrics() {
          (a list then answers its hot part, flagged archive: unavailable)"
     );
     describe_counter!(
-        "orderly_archived_money_total",
+        "orderly_archived_money_records_total",
         "Payments and refunds recorded for archived orders (each flags its order \
          refund_required: look at it)"
     );

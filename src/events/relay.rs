@@ -15,7 +15,7 @@
 //!   acknowledged prefix of a batch is deleted; the second version of an order always has a
 //!   higher id than the first (see [`crate::storage::outbox`]).
 //! - **Orders never wait.** Nothing here runs inside an order's transaction; NATS down only
-//!   makes the outbox grow (`orderly_outbox_backlog`).
+//!   makes the outbox grow (`orderly_outbox_backlog_events`).
 //! - **No silent stall.** Every publish that fails is counted by why
 //!   (`orderly_relay_publish_failures_total{reason}`: `send_timeout` — the NATS client's
 //!   buffer is full, as after a long outage; `send_error`, `ack_timeout`, `ack_error`,
@@ -25,8 +25,8 @@
 //! - **A poison row is parked, never an unavailable broker's.** A row JetStream refuses for
 //!   what it is (`refused`: over the maximum message size) is retried, and after
 //!   `events.max_publish_attempts` refusals in a row moved to `order_outbox_parked`
-//!   ([`outbox::park`], logged with its event id, counted in `orderly_outbox_parked`), so the
-//!   rows behind it flow. Timeouts and errors of a broker that is away or slow park nothing:
+//!   ([`outbox::park`], logged with its event id, counted in `orderly_outbox_parked_events`),
+//!   so the rows behind it flow. Timeouts and errors of a broker that is away or slow park nothing:
 //!   those rows wait, in order, however long it takes.
 
 use std::sync::Arc;
@@ -299,7 +299,7 @@ async fn sample_backlog(db: &Database) {
     }
     .await;
     if let Ok(n) = counted {
-        metrics::gauge!("orderly_outbox_backlog", "database" => db.name().to_owned()).set(n as f64);
+        metrics::gauge!("orderly_outbox_backlog_events", "database" => db.name().to_owned()).set(n as f64);
     }
 }
 
@@ -421,8 +421,8 @@ impl DatabaseRelay {
         DatabaseRelay {
             name: name.to_owned(),
             max_attempts,
-            backlog: metrics::gauge!("orderly_outbox_backlog", "database" => name.to_owned()),
-            parked: metrics::gauge!("orderly_outbox_parked", "database" => name.to_owned()),
+            backlog: metrics::gauge!("orderly_outbox_backlog_events", "database" => name.to_owned()),
+            parked: metrics::gauge!("orderly_outbox_parked_events", "database" => name.to_owned()),
             refused: None,
             failing: 0,
             parked_sampled: None,

@@ -415,7 +415,7 @@ impl Archiver {
             let per_chunk = started.elapsed() / chunks.max(1);
             db.probe().await;
             let pause = throttle.after_batch(batch_started.elapsed(), per_chunk, db.max_replica_lag());
-            metrics::gauge!("orderly_archive_slowdown").set(f64::from(throttle.factor()));
+            metrics::gauge!("orderly_archive_slowdown_ratio").set(f64::from(throttle.factor()));
             tokio::select! {
                 _ = opts.stop.cancelled() => {}
                 _ = tokio::time::sleep(pause) => {}

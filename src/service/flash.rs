@@ -166,11 +166,12 @@ impl FlashSales {
             GateAnswer::Already => Admission::Already,
             GateAnswer::Known => Admission::Known,
             GateAnswer::SoldOut | GateAnswer::Closed => {
-                metrics::counter!("orderly_flash_gate_total", "outcome" => "sold_out").increment(1);
+                metrics::counter!("orderly_flash_gate_requests_total", "outcome" => "sold_out").increment(1);
                 Admission::SoldOut
             }
             GateAnswer::OverLimit => {
-                metrics::counter!("orderly_flash_gate_total", "outcome" => "over_limit").increment(1);
+                metrics::counter!("orderly_flash_gate_requests_total", "outcome" => "over_limit")
+                    .increment(1);
                 Admission::OverLimit {
                     limit: sale.per_user_limit,
                 }
@@ -207,15 +208,15 @@ impl FlashSales {
                 .clone()
         };
         if let Ok(place) = bound.places.clone().try_acquire_owned() {
-            metrics::counter!("orderly_flash_gate_total", "outcome" => "fallback").increment(1);
+            metrics::counter!("orderly_flash_gate_requests_total", "outcome" => "fallback").increment(1);
             return Some(place);
         }
         if bound.waiting.fetch_add(1, Ordering::AcqRel) >= self.settings.fallback_queue {
             bound.waiting.fetch_sub(1, Ordering::AcqRel);
-            metrics::counter!("orderly_flash_gate_total", "outcome" => "fallback_full").increment(1);
+            metrics::counter!("orderly_flash_gate_requests_total", "outcome" => "fallback_full").increment(1);
             return None;
         }
-        metrics::counter!("orderly_flash_gate_total", "outcome" => "fallback").increment(1);
+        metrics::counter!("orderly_flash_gate_requests_total", "outcome" => "fallback").increment(1);
         // Acquiring fails only on a closed semaphore, and these are never closed.
         let place = bound.places.clone().acquire_owned().await.ok();
         bound.waiting.fetch_sub(1, Ordering::AcqRel);

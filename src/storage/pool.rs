@@ -19,7 +19,7 @@
 //! `BEGIN` whose answer never arrived (the case the old guard read from the server); so does
 //! a [`Tx`] dropped without its end. A marked connection, or one with a statement queued,
 //! is closed when its [`Conn`] is dropped, which rolls back whatever the server still holds
-//! for it, and is counted in `orderly_db_connections_in_transaction_total`. An autocommit
+//! for it, and is counted in `orderly_db_connections_closed_in_transaction_total`. An autocommit
 //! statement cut off needs nothing: its answer is read (and dropped) by the next use.
 //! `tests/one_door.rs` fails on a transaction begun any other way.
 //!
@@ -265,7 +265,7 @@ impl Drop for Conn {
             return;
         }
         if cut_off {
-            metrics::counter!("orderly_db_connections_in_transaction_total", "pool" => self.db.name.to_string())
+            metrics::counter!("orderly_db_connections_closed_in_transaction_total", "pool" => self.db.name.to_string())
                 .increment(1);
             tracing::debug!(pool = %self.db.name, "a connection's use was cut off; closing it");
             conn.close_on_drop();

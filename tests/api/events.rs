@@ -451,7 +451,7 @@ async fn orders_go_on_through_a_long_nats_outage_whose_backlog_shows_and_no_even
     // relay never reports itself caught up.
     let waiting = app.outbox_rows().await;
     assert!(waiting > 0, "events wait in the outbox while NATS is down");
-    let backlog = "orderly_outbox_backlog";
+    let backlog = "orderly_outbox_backlog_events";
     wait_metric(
         &app,
         backlog,
@@ -554,7 +554,7 @@ async fn a_row_jetstream_refuses_is_parked_after_its_attempts_and_the_rows_behin
     assert_eq!(events.len(), 4, "every event but the refused one");
 
     // Parked after events.max_publish_attempts refusals, counted, and kept whole.
-    assert_eq!(metric(&app, "orderly_outbox_parked", &[ours]).await, 1.0);
+    assert_eq!(metric(&app, "orderly_outbox_parked_events", &[ours]).await, 1.0);
     let attempts = app.settings.events.max_publish_attempts;
     assert_eq!(
         metric(
@@ -588,7 +588,7 @@ async fn a_row_jetstream_refuses_is_parked_after_its_attempts_and_the_rows_behin
     assert!(events.iter().any(|e| e.order.order_id == poison_id));
     wait_metric(
         &app,
-        "orderly_outbox_parked",
+        "orderly_outbox_parked_events",
         &[ours],
         Duration::from_secs(10),
         "the parked gauge never went back to 0",

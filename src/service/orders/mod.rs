@@ -513,7 +513,7 @@ impl OrderService {
         };
         let order = crate::storage::archive::load(&mut conn, id).await.ok().flatten();
         drop(conn);
-        metrics::counter!("orderly_archived_money_total").increment(1);
+        metrics::counter!("orderly_archived_money_records_total").increment(1);
         tracing::warn!(order_id = %id, transaction_no = %m.transaction_no, "money recorded for an archived order; flagged refund_required");
         self.relay_wakers.wake(a.relay);
         self.after_commit(self.shards.database(shard), &committed, order.as_ref())

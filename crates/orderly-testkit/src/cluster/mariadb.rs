@@ -6,7 +6,7 @@ use super::*;
 /// `mariadbd` options shared by `mariadb-install-db` (which passes unknown options on to its
 /// bootstrap `mariadbd`) and every server start, so the bootstrap creates the InnoDB files with
 /// the geometry the server then uses unchanged.
-pub(super) const SHARED_MARIADB_OPTIONS: &[&str] = &[
+pub const SHARED_MARIADB_OPTIONS: &[&str] = &[
     // Write the redo log to the OS at every commit but never fsync it: nothing on tmpfs is
     // durable anyway, and unlike `=0` a SIGKILLed server (fault tests) still recovers every
     // committed transaction, as a crashed production server would.
@@ -37,7 +37,7 @@ pub(super) const SHARED_MARIADB_OPTIONS: &[&str] = &[
 pub const MAX_CONNECTIONS: u32 = 500;
 
 /// `mariadbd` options for serving (not for the bootstrap).
-pub(super) const SERVER_MARIADB_OPTIONS: &[&str] = &[
+pub const SERVER_MARIADB_OPTIONS: &[&str] = &[
     // Binary log with fixed file names (the default is derived from the host name), so a
     // replica can be attached later.
     "--log-bin=mariadb-bin",
@@ -78,7 +78,7 @@ pub const DURABLE_MARIADB_OPTIONS: &[&str] = &[
 ];
 
 /// `mariadbd` options of a replica, given after the others.
-pub(super) const REPLICA_MARIADB_OPTIONS: &[&str] = &[
+pub const REPLICA_MARIADB_OPTIONS: &[&str] = &[
     // Clients cannot write by mistake, `orderly` included (see `REPLICA_INIT_SQL`); the
     // replication thread still applies the primary's events.
     "--read-only=1",
