@@ -641,8 +641,8 @@ pub struct SchemaStatus {
     pub mismatched: Vec<Version>,
     /// Applied before checksums were kept: `orderly migrate` records them.
     pub unrecorded: Vec<Version>,
-    /// Recorded, but unknown to this build: applied by a newer orderly, or by settings that
-    /// put other shards or tables on this database. Reported only.
+    /// Recorded versions of this database's scopes that this build does not carry: applied
+    /// by a newer orderly. Reported only.
     pub unknown: Vec<Version>,
 }
 
@@ -842,11 +842,11 @@ impl DatabaseSchema {
             }
         }
         for r in rows {
-            let known = self
-                .scopes
-                .iter()
-                .any(|s| s.name == r.scope && s.migrations.iter().any(|m| m.version == r.version));
-            if !known {
+            // Scopes of other settings (another database sharing this one) are theirs.
+            let Some(scope) = self.scopes.iter().find(|s| s.name == r.scope) else {
+                continue;
+            };
+            if !scope.migrations.iter().any(|m| m.version == r.version) {
                 status.unknown.push(Version {
                     scope: r.scope,
                     version: r.version,
@@ -874,8 +874,7 @@ impl DatabaseSchema {
              WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'",
         )
         .fetch_one(&mut *conn)
-        .await
-        .map_err(StorageError::from)?;
+        .await?;
         let mut plan = Vec::new();
         if !table_exists {
             plan.push(MIGRATIONS_TABLE.to_owned());

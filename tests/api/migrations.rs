@@ -358,4 +358,26 @@ async fn a_database_migrated_before_checksums_upgrades_and_keeps_its_versions() 
         assert!(s.unrecorded.is_empty() && s.unknown.is_empty(), "{s}");
     }
     databases.refuse_pending().await.unwrap();
+
+    // A version of a newer orderly is reported, and is no reason to migrate or refuse; a
+    // scope of other settings sharing the database is theirs.
+    sqlx::query(
+        "INSERT INTO schema_migrations (scope, version, description, checksum, applied_at)
+         VALUES ('commerce', 99, 'from a newer orderly', REPEAT('1', 64), NOW(6)),
+                ('shard_31', 1, 'of other settings', REPEAT('1', 64), NOW(6))",
+    )
+    .execute(&mut connect(&settings.commerce.url).await)
+    .await
+    .unwrap();
+    let commerce = databases.list()[0].status().await.unwrap();
+    let unknown: Vec<String> = commerce.unknown.iter().map(|v| v.to_string()).collect();
+    assert_eq!(unknown, ["commerce v99"]);
+    assert!(commerce.is_up_to_date(), "{commerce}");
+    assert!(
+        commerce
+            .to_string()
+            .ends_with("\n  unknown to this build: commerce v99"),
+        "{commerce}"
+    );
+    databases.refuse_pending().await.unwrap();
 }

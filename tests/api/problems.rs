@@ -221,7 +221,9 @@ fn validate(doc: &Value, schema: &Value, value: &Value, at: &str, errors: &mut V
         _ => vec![],
     };
     let actual = type_of(value);
-    if !types.is_empty() && !types.contains(&actual) && !(actual == "integer" && types.contains(&"number")) {
+    let allowed =
+        types.is_empty() || types.contains(&actual) || (actual == "integer" && types.contains(&"number"));
+    if !allowed {
         errors.push(format!("{at}: {value} is not of type {}", schema["type"]));
     }
     if let Some(allowed) = schema["enum"].as_array() {
