@@ -100,6 +100,11 @@ impl Application {
         );
         let commerce = commerce_db.write().clone();
         let archive_db = connect_archive(&settings).await?;
+        let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+        // Code on a schema behind it would fail in the middle of requests: refuse to start.
+        schema::Databases::new(&commerce, &shards, &merchant_map, archive_db.write())
+            .refuse_pending()
+            .await?;
         // One probe before serving, so replicas that answer take reads from the first request.
         let databases: Vec<Arc<Database>> = shards
             .databases()
@@ -159,7 +164,6 @@ impl Application {
             .with_max_unpaid_units(settings.limits.max_unpaid_units_per_user)
             .with_watermark_ttl(Duration::from_millis(settings.replicas.watermark_ttl_ms))
             .with_clock(clock.clone());
-        let merchant_map = MerchantMap::connect(&settings.merchant, &settings.database).await?;
         // Opened (not written) here: a process that cannot open its index should not start.
         let search = match settings.search.enabled {
             true => Some(Arc::new(TantivyIndex::open(&settings.search)?)),
@@ -484,26 +488,21 @@ pub async fn archive_pass(settings: &Settings, opts: &PassOptions) -> anyhow::Re
     Ok(archiver(settings).await?.pass(opts).await?)
 }
 
-/// `orderly migrate`: creates every table on every database of the settings.
+/// `orderly migrate`: creates every table on every database of the settings (see
+/// [`schema::Databases::migrate`]).
 pub async fn migrate(settings: &Settings) -> anyhow::Result<schema::MigrateReport> {
-    let shards = ShardMap::connect(settings).await?;
-    let commerce = storage::connect(&settings.commerce.url, &settings.database).await?;
-    let mut report = schema::migrate(&commerce, &shards).await?;
-    let merchant = MerchantMap::connect(&settings.merchant, &settings.database).await?;
-    let m = schema::migrate_merchant(&merchant).await?;
-    report.applied.extend(m.applied);
-    report.already += m.already;
-    let archive = storage::connect(&settings.archive.url, &settings.database).await?;
-    let a = schema::migrate_archive(&archive).await?;
-    report.applied.extend(a.applied);
-    report.already += a.already;
-    schema::backfill_archived_users(&archive, &shards, &report).await?;
-    Ok(report)
+    let databases = schema::Databases::connect(settings).await?;
+    Ok(databases.migrate(schema::DEFAULT_LOCK_WAIT).await?)
 }
 
 /// `orderly relay`: the outbox relays of every shard database, without the API, until
 /// `shutdown` (one relay per database is active at a time, whichever process holds it).
 pub async fn relay(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // As `serve`: not on a schema behind the code.
+    schema::Databases::connect(settings)
+        .await?
+        .refuse_pending()
+        .await?;
     let shards = ShardMap::connect(settings).await?;
     let archive = connect_archive(settings).await?;
     let databases = relay_databases(&shards, &archive);

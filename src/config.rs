@@ -180,6 +180,8 @@ pub struct ServerSettings {
     pub shutdown_grace_ms: u64,
     /// Requests served at once; beyond, refused at once with 503 (`overloaded`).
     pub max_in_flight: usize,
+    /// Swagger UI at `/docs` over `/openapi.json`.
+    pub swagger_ui: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]

@@ -41,8 +41,19 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API.
     Serve,
-    /// Create every table on every database (idempotent).
-    Migrate,
+    /// Create every table on every database (idempotent; one migrate at a time per
+    /// database); `migrate status` reports where each database stands.
+    #[command(args_conflicts_with_subcommands = true)]
+    Migrate {
+        /// Print the statements that would run on each database; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// How long to wait for another migrate that holds a database, e.g. `30s`.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        lock_timeout: std::time::Duration,
+        #[command(subcommand)]
+        command: Option<MigrateCommand>,
+    },
     /// Publish the order events of every shard database's outbox to NATS JetStream (what
     /// `serve` also does unless `events.relay = false`).
     Relay {
@@ -175,6 +186,13 @@ fn print_archive_summary(s: &orderly::service::archive::PassSummary) {
             s.rate()
         );
     }
+}
+
+#[derive(Subcommand)]
+enum MigrateCommand {
+    /// Per database: versions applied, pending and changed since applied (checksum
+    /// mismatch). Exits 1 unless every database is up to date.
+    Status,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -349,9 +367,37 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!(address = %app.address(), "serving");
             app.run().await
         }
-        Command::Migrate => {
+        Command::Migrate {
+            dry_run,
+            lock_timeout,
+            command,
+        } => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
-            let report = app::migrate(&settings).await?;
+            let databases = orderly::storage::schema::Databases::connect(&settings).await?;
+            if let Some(MigrateCommand::Status) = command {
+                let statuses = databases.status().await?;
+                for status in &statuses {
+                    println!("{status}");
+                }
+                let behind = statuses.iter().filter(|s| !s.is_up_to_date()).count();
+                anyhow::ensure!(behind == 0, "{behind} databases are not up to date");
+                return Ok(());
+            }
+            if dry_run {
+                for (database, plan) in databases.plan().await? {
+                    let n = plan.iter().filter(|s| !s.starts_with("--")).count();
+                    println!("-- database {database}: {n} statements");
+                    for line in plan {
+                        match line.starts_with("--") {
+                            true => println!("{line}"),
+                            false => println!("{line};"),
+                        }
+                    }
+                }
+                println!("-- dry run: nothing changed");
+                return Ok(());
+            }
+            let report = databases.migrate(lock_timeout).await?;
             println!(
                 "applied {} migrations, {} already applied",
                 report.applied.len(),

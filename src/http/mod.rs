@@ -225,7 +225,7 @@ async fn record_metrics(req: Request, next: Next) -> Response {
 /// exactly what the document describes (see [`openapi`]).
 pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
     use utoipa::OpenApi;
-    utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+    let mut api = utoipa_axum::router::OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
         .merge(orders::router())
         .merge(cart::router())
         .merge(catalog::router())
@@ -233,15 +233,22 @@ pub fn api() -> utoipa_axum::router::OpenApiRouter<AppState> {
         .merge(merchant::router())
         .merge(search::router())
         .merge(health::router())
-        .merge(openapi::router())
+        .merge(openapi::router());
+    openapi::add_shared_problems(api.get_openapi_mut());
+    api
 }
 
 /// The whole API.
 pub fn router(state: AppState, server: &ServerSettings) -> Router {
     let timeout = Duration::from_millis(server.request_timeout_ms);
     let (routes, doc) = api().split_for_parts();
+    let routes = routes.layer(Extension(openapi::Document(Arc::new(doc))));
+    // A page for people over the document, not a route of the API (see `openapi`).
+    let routes = match server.swagger_ui {
+        true => routes.merge(openapi::swagger_ui()),
+        false => routes,
+    };
     let routes = routes
-        .layer(Extension(openapi::Document(Arc::new(doc))))
         .fallback(|| async { ApiError::NoRoute })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(

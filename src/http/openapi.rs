@@ -6,14 +6,19 @@
 //! and the document are built from the same list: a served route is a documented route.
 //!
 //! What lives here is the frame: the document's info, the bearer JWT scheme, the reusable
-//! problem responses (RFC 9457, schema [`Problem`]) and the schemas of the domain's newtypes,
-//! which serialize as decimal strings (ids), integers (money) or currency codes.
+//! problem responses (RFC 9457, schema [`Problem`], whose `code` is a [`ProblemCode`]), the
+//! problems every operation can answer ([`add_shared_problems`]: 405, 500, and 429 on the
+//! rate-limited routes) and the schemas of the domain's newtypes, which serialize as decimal
+//! strings (ids), integers (money) or currency codes. And, behind `server.swagger_ui`, Swagger
+//! UI at `/docs` ([`swagger_ui`]): a page over this document for people, not a route of the
+//! API, so not in it.
 
 use std::sync::Arc;
 
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use axum::Extension;
+use utoipa::openapi::header::HeaderBuilder;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
@@ -21,11 +26,11 @@ use utoipa::{Modify, OpenApi, PartialSchema, ToResponse, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::domain::ids::{CouponId, OrderId, ProductId, ShopId, UserId};
+use crate::domain::ids::{CouponId, FlashSaleId, OrderId, ProductId, ShopId, UserId};
 use crate::domain::money::{Currency, Money};
 use crate::domain::order::FieldError;
 
-use super::error::{ApiError, Problem, PROBLEM_JSON};
+use super::error::{ApiError, Problem, ProblemCode, PROBLEM_JSON};
 use super::AppState;
 
 /// The document's frame; the paths and their schemas come from the feature routers.
@@ -40,17 +45,20 @@ use super::AppState;
     modifiers(&BearerJwt),
     security(("bearer" = [])),
     components(
-        schemas(Problem, FieldError),
+        schemas(Problem, ProblemCode, FieldError),
         responses(
             BadRequest,
             Unauthorized,
             Forbidden,
             NotFound,
+            MethodNotAllowed,
             RequestTimeout,
             Conflict,
             PayloadTooLarge,
             UnsupportedMediaType,
             Unprocessable,
+            TooManyRequests,
+            InternalError,
             Unavailable
         )
     ),
@@ -156,6 +164,13 @@ impl PartialSchema for CouponId {
 }
 impl ToSchema for CouponId {}
 
+impl PartialSchema for FlashSaleId {
+    fn schema() -> RefOr<Schema> {
+        id_schema("A flash sale id")
+    }
+}
+impl ToSchema for FlashSaleId {}
+
 impl PartialSchema for Money {
     fn schema() -> RefOr<Schema> {
         ObjectBuilder::new()
@@ -184,21 +199,35 @@ impl ToSchema for Currency {}
 // ---------------------------------------------------------------- problem responses
 
 /// A problem response (`application/problem+json`, schema `Problem`) saying which `code`s
-/// it carries.
-fn problem_response(description: &str) -> RefOr<utoipa::openapi::Response> {
-    ResponseBuilder::new()
-        .description(description)
-        .content(
-            PROBLEM_JSON,
-            ContentBuilder::new()
-                .schema(Some(Ref::from_schema_name("Problem")))
+/// it carries; with the `Retry-After` header when `retry_after`.
+fn problem_response(description: &str, retry_after: bool) -> RefOr<utoipa::openapi::Response> {
+    let mut response = ResponseBuilder::new().description(description).content(
+        PROBLEM_JSON,
+        ContentBuilder::new()
+            .schema(Some(Ref::from_schema_name("Problem")))
+            .build(),
+    );
+    if retry_after {
+        let seconds = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .minimum(Some(0))
+            .build();
+        response = response.header(
+            "Retry-After",
+            HeaderBuilder::new()
+                .schema(seconds)
+                .description(Some(
+                    "Seconds to wait before retrying (also in `retry_after_secs`)",
+                ))
                 .build(),
-        )
-        .into()
+        );
+    }
+    response.into()
 }
 
 /// One reusable response per problem status, referenced from the routes'
 /// `responses(...)` as `response = Unauthorized` and listed in [`ApiDoc`]'s components.
+/// Each names every code of its status (a unit test holds them to [`ProblemCode::status`]).
 /// A macro only because `ToResponse` is implemented once per marker type.
 macro_rules! problem_responses {
     ($($name:ident => $description:literal,)*) => {
@@ -207,12 +236,16 @@ macro_rules! problem_responses {
 
             impl<'r> ToResponse<'r> for $name {
                 fn response() -> (&'r str, RefOr<utoipa::openapi::Response>) {
-                    (stringify!($name), problem_response($description))
+                    let retry_after = WITH_RETRY_AFTER.contains(&stringify!($name));
+                    (stringify!($name), problem_response($description, retry_after))
                 }
             }
         )*
     };
 }
+
+/// The responses whose problems say when to retry (`Retry-After`, `retry_after_secs`).
+const WITH_RETRY_AFTER: &[&str] = &["TooManyRequests", "Unavailable"];
 
 problem_responses! {
     BadRequest => "`malformed_json`: the body is not JSON; `unreadable_body`: the body could not be \
@@ -221,16 +254,64 @@ problem_responses! {
     Unauthorized => "`unauthorized`: no bearer token, or one that does not verify",
     Forbidden => "`forbidden`: the caller's role may not do this",
     NotFound => "`not_found`: no such resource, or one the caller may not see",
+    MethodNotAllowed => "`method_not_allowed`: the path exists, but not with this method",
     Conflict => "`version_conflict` (with `current_version`), `invalid_transition` (with \
                  `current_status`), `idempotency_conflict`, `out_of_stock` (with `product_id`), \
-                 `coupon_unavailable` (with `coupon_id`), `payment_mismatch` or `archived` (the order \
-                 was moved to the archive and changes no more)",
+                 `coupon_unavailable` (with `coupon_id`), `limit_exceeded` (with `held_units` and \
+                 `max_unpaid_units`, or `flash_sale_id` and `per_user_limit`), `payment_mismatch` \
+                 or `archived` (the order was moved to the archive and changes no more)",
     PayloadTooLarge => "`payload_too_large`: the body is over the limit",
     UnsupportedMediaType => "`unsupported_media_type`: the body is not sent as application/json",
     Unprocessable => "`validation_failed`: the failing fields are in `errors`",
+    TooManyRequests => "`rate_limited`: over this buyer's rate limit of the route; retry after \
+                    `Retry-After` seconds (also in `retry_after_secs`)",
+    InternalError => "`internal`: a bug of ours, logged; the body says nothing more",
     Unavailable => "`unavailable`, `overloaded` or `timeout`: a dependency is down or refuses \
                     connections, the service is full, or the request took too long; retry after \
-                    `Retry-After` seconds (with the same ids for a write)",
+                    `Retry-After` seconds (also in `retry_after_secs`; with the same ids for a write)",
+}
+
+/// The routes with per-user rate limits (see [`super::limits`]), as `(method, path)`: they
+/// can answer 429.
+pub const RATE_LIMITED: &[(&str, &str)] = &[("post", "/v1/orders"), ("post", "/v1/order-ids")];
+
+/// Adds the problems every operation can answer to every operation of `doc`, once the
+/// feature routers are merged into it ([`super::api`]): 405 `method_not_allowed` (its path
+/// with another method), 500 `internal` (a bug), and 429 `rate_limited` on [`RATE_LIMITED`].
+pub fn add_shared_problems(doc: &mut utoipa::openapi::OpenApi) {
+    let shared = |status: &str, name: &str| (status.to_owned(), Ref::from_response_name(name).into());
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [
+            ("get", &mut item.get),
+            ("put", &mut item.put),
+            ("post", &mut item.post),
+            ("delete", &mut item.delete),
+            ("options", &mut item.options),
+            ("head", &mut item.head),
+            ("patch", &mut item.patch),
+            ("trace", &mut item.trace),
+        ];
+        for (method, operation) in operations {
+            let Some(operation) = operation else { continue };
+            let responses = &mut operation.responses.responses;
+            let mut add = |(status, response): (String, RefOr<utoipa::openapi::Response>)| {
+                responses.entry(status).or_insert(response);
+            };
+            add(shared("405", "MethodNotAllowed"));
+            add(shared("500", "InternalError"));
+            if RATE_LIMITED.contains(&(method, path.as_str())) {
+                add(shared("429", "TooManyRequests"));
+            }
+        }
+    }
+}
+
+/// Swagger UI at `/docs` over `/openapi.json` (`server.swagger_ui`), from the files compiled
+/// into the binary (nothing is fetched at run time).
+pub fn swagger_ui<S: Clone + Send + Sync + 'static>() -> axum::Router<S> {
+    utoipa_swagger_ui::SwaggerUi::new("/docs")
+        .config(utoipa_swagger_ui::Config::from("/openapi.json"))
+        .into()
 }
 
 /// The problems a JSON write can answer, as one `responses(...)` entry: 400, 401, 403, 404,

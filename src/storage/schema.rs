@@ -2,17 +2,45 @@
 //!
 //! Migrations are numbered and recorded per *scope* in `schema_migrations` on each database:
 //! `commerce` on the commerce database, `shard_NN` for each table shard on the server that
-//! holds it. Applying is idempotent (`CREATE TABLE IF NOT EXISTS` plus the record), so a
-//! migrate interrupted halfway is simply run again.
+//! holds it, `merchant_NN` for each table of the merchant copy, `archive` on the archive's.
+//! Applying is idempotent (`CREATE TABLE IF NOT EXISTS` plus the record), so a migrate
+//! interrupted halfway is simply run again. [`Databases`] is every database of a deployment:
+//! `orderly migrate` applies ([`Databases::migrate`]), `orderly migrate status` reports
+//! ([`Databases::status`]), `orderly migrate --dry-run` prints ([`Databases::plan`]), and
+//! `serve` and `relay` check ([`Databases::refuse_pending`]).
+//!
+//! # Invariants
+//! * One migrate at a time per database: applying holds the named lock
+//!   `orderly_migrate.<database>` (`GET_LOCK`, on the connection that runs every statement and
+//!   reads what is recorded), so a second migrate waits, then finds every version recorded and
+//!   applies nothing. A migrate that dies releases the lock with its connection.
+//! * A released migration's text never changes: each record keeps the SHA-256 of the
+//!   statements that were applied (`checksum`), and `orderly migrate status` reports a
+//!   version whose compiled-in text differs. Change a schema with a new version instead
+//!   (a unit test pins every checksum).
+//! * The bookkeeping table migrates like the rest, as scope `schema_migrations`, first on
+//!   every database (its v1 added `checksum`). Versions recorded before it have their checksum
+//!   recorded by the next migrate, from the text that migrate carries.
+//! * `serve` and `relay` refuse to start while a version is pending on any database: the
+//!   code would meet tables or columns it needs missing in the middle of requests.
 
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use sqlx::mysql::MySqlConnection;
+use sqlx::{AssertSqlSafe, Connection, Row};
+
+use crate::config::Settings;
 use crate::storage::Db;
-use sqlx::AssertSqlSafe;
-use sqlx::Row;
 
 use super::merchant::MerchantMap;
 use super::shards::{ShardMap, ShardTables};
-use super::Result;
+use super::{Result, StorageError};
 
+/// The bookkeeping table as the first orderly created it; what it gained since is in
+/// [`BOOKKEEPING`].
 const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     scope VARCHAR(32) NOT NULL,
     version INT NOT NULL,
@@ -20,6 +48,25 @@ const MIGRATIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
     applied_at DATETIME(6) NOT NULL,
     PRIMARY KEY (scope, version)
 ) ENGINE=InnoDB";
+
+/// How long `orderly migrate` waits by default for another migrate that holds a database's
+/// lock: a migrate that builds an index on a large table takes minutes, and a deploy that
+/// starts several migrate jobs at once should see the later ones wait for it, not fail.
+pub const DEFAULT_LOCK_WAIT: Duration = Duration::from_secs(300);
+
+/// The scope of the bookkeeping table's own migrations, on every database.
+pub const BOOKKEEPING_SCOPE: &str = "schema_migrations";
+
+/// The bookkeeping table's own migrations. `checksum` is the SHA-256 (hex) of the version's
+/// statements as applied (see [`checksum`]); `NULL` on versions recorded before it, until
+/// the next migrate records it.
+const BOOKKEEPING: &[Migration] = &[Migration {
+    version: 1,
+    description: "the checksum of each applied version",
+    statements: &[
+        "ALTER TABLE schema_migrations ADD COLUMN IF NOT EXISTS checksum CHAR(64) CHARACTER SET ascii NULL AFTER description",
+    ],
+}];
 
 /// Commerce tables. One database, not sharded: the catalog is small next to the orders.
 const COMMERCE_V1: &[&str] = &[
@@ -395,6 +442,8 @@ const MERCHANT: &[Migration] = &[Migration {
     statements: MERCHANT_V1,
 }];
 
+/// One version of a scope: statements applied in order, then recorded.
+#[derive(Debug)]
 struct Migration {
     version: i32,
     description: &'static str,
@@ -471,62 +520,6 @@ const SHARD: &[Migration] = &[
         statements: SHARD_V6,
     },
 ];
-
-/// What a migrate run did.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct MigrateReport {
-    pub applied: Vec<String>,
-    pub already: usize,
-}
-
-fn render(stmt: &str, t: &ShardTables) -> String {
-    stmt.replace("{orders}", &t.orders)
-        .replace("{items}", &t.items)
-        .replace("{payments}", &t.payments)
-        .replace("{discounts}", &t.discounts)
-        .replace("{voids}", &t.voids)
-        .replace("{archived_users}", &t.archived_users)
-}
-
-async fn apply(
-    pool: &Db,
-    scope: &str,
-    migrations: &[Migration],
-    render_stmt: impl Fn(&str) -> String,
-    report: &mut MigrateReport,
-) -> Result<()> {
-    sqlx::query(MIGRATIONS_TABLE).execute(pool).await?;
-    let done: Vec<i32> = sqlx::query("SELECT version FROM schema_migrations WHERE scope = ?")
-        .bind(scope)
-        .fetch_all(pool)
-        .await?
-        .iter()
-        .map(|r| r.try_get(0))
-        .collect::<Result<_, _>>()?;
-    for m in migrations {
-        if done.contains(&m.version) {
-            report.already += 1;
-            continue;
-        }
-        for stmt in m.statements {
-            sqlx::query(AssertSqlSafe(&*render_stmt(stmt)))
-                .execute(pool)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT IGNORE INTO schema_migrations (scope, version, description, applied_at)
-             VALUES (?, ?, ?, NOW(6))",
-        )
-        .bind(scope)
-        .bind(m.version)
-        .bind(m.description)
-        .execute(pool)
-        .await?;
-        report.applied.push(format!("{scope} v{}", m.version));
-    }
-    Ok(())
-}
-
 const ARCHIVE: &[Migration] = &[
     Migration {
         version: 1,
@@ -545,11 +538,610 @@ const ARCHIVE: &[Migration] = &[
     },
 ];
 
-/// Creates the archive's tables on its database (scope `archive`).
-pub async fn migrate_archive(pool: &Db) -> Result<MigrateReport> {
-    let mut report = MigrateReport::default();
-    apply(pool, "archive", ARCHIVE, str::to_owned, &mut report).await?;
-    Ok(report)
+/// What a migrate run did. Only the schema's versions count: the bookkeeping table's own
+/// ([`BOOKKEEPING_SCOPE`]) are not in it.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MigrateReport {
+    /// `scope vN` of every version applied now.
+    pub applied: Vec<String>,
+    /// Versions found applied.
+    pub already: usize,
+}
+
+impl MigrateReport {
+    fn extend(&mut self, other: MigrateReport) {
+        self.applied.extend(other.applied);
+        self.already += other.already;
+    }
+}
+
+/// The SHA-256 (lowercase hex) of a migration's statements as written here, each followed
+/// by a NUL: the same for every shard (the table names are not filled in), and a different
+/// one as soon as a statement's text changes.
+fn checksum(m: &Migration) -> String {
+    let mut hash = Sha256::new();
+    for s in m.statements {
+        hash.update(s.as_bytes());
+        hash.update([0]);
+    }
+    hash.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// How a scope's statements name its tables.
+#[derive(Debug, Clone)]
+enum Names {
+    /// As written.
+    Plain,
+    /// `{orders}`, `{items}`, … are the shard's tables.
+    Shard(Arc<ShardTables>),
+    /// `{merchant_orders}` is this table of the merchant copy.
+    Merchant(String),
+}
+
+impl Names {
+    fn render(&self, stmt: &str) -> String {
+        match self {
+            Names::Plain => stmt.to_owned(),
+            Names::Shard(t) => stmt
+                .replace("{orders}", &t.orders)
+                .replace("{items}", &t.items)
+                .replace("{payments}", &t.payments)
+                .replace("{discounts}", &t.discounts)
+                .replace("{voids}", &t.voids)
+                .replace("{archived_users}", &t.archived_users),
+            Names::Merchant(table) => stmt.replace("{merchant_orders}", table),
+        }
+    }
+}
+
+/// One scope of a database: its migrations, and the names its statements use.
+#[derive(Debug, Clone)]
+struct Scope {
+    name: String,
+    migrations: &'static [Migration],
+    names: Names,
+}
+
+/// One version of one scope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Version {
+    pub scope: String,
+    pub version: i32,
+    pub description: String,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} v{}", self.scope, self.version)
+    }
+}
+
+impl Version {
+    fn of(scope: &Scope, m: &Migration) -> Version {
+        Version {
+            scope: scope.name.clone(),
+            version: m.version,
+            description: m.description.to_owned(),
+        }
+    }
+}
+
+/// Where one database's schema stands against the migrations this build carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SchemaStatus {
+    /// The database's name in the settings (`commerce`, a shard database's `name`,
+    /// `merchant0`, …, `archive`).
+    pub database: String,
+    /// Applied, with the checksum of the text this build carries.
+    pub applied: Vec<Version>,
+    /// Not applied yet: `orderly migrate` applies them.
+    pub pending: Vec<Version>,
+    /// Applied from a text other than the one this build carries: someone changed a released
+    /// migration. The database may differ from what the code expects; compare by hand.
+    pub mismatched: Vec<Version>,
+    /// Applied before checksums were kept: `orderly migrate` records them.
+    pub unrecorded: Vec<Version>,
+    /// Recorded versions of this database's scopes that this build does not carry: applied
+    /// by a newer orderly. Reported only.
+    pub unknown: Vec<Version>,
+}
+
+impl SchemaStatus {
+    /// Nothing for `orderly migrate` to do, and nothing changed behind its back: what
+    /// `orderly migrate status` exits 0 for.
+    pub fn is_up_to_date(&self) -> bool {
+        self.pending.is_empty() && self.mismatched.is_empty() && self.unrecorded.is_empty()
+    }
+}
+
+/// The versions of `list`, at most `MAX_LISTED` of them, then how many more.
+fn listed(list: &[Version]) -> String {
+    // Enough to recognise what is missing; a fresh database has ~200 pending versions.
+    const MAX_LISTED: usize = 12;
+    let mut text = list
+        .iter()
+        .take(MAX_LISTED)
+        .map(Version::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if list.len() > MAX_LISTED {
+        text.push_str(&format!(" and {} more", list.len() - MAX_LISTED));
+    }
+    text
+}
+
+/// What `orderly migrate status` prints for one database: a line, then one indented line
+/// per kind of trouble.
+impl fmt::Display for SchemaStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let applied = self.applied.len() + self.mismatched.len() + self.unrecorded.len();
+        if self.pending.is_empty() {
+            write!(f, "{}: {applied} versions applied, none pending", self.database)?;
+        } else {
+            write!(
+                f,
+                "{}: {applied} versions applied, {} pending: {}",
+                self.database,
+                self.pending.len(),
+                listed(&self.pending)
+            )?;
+        }
+        for m in &self.mismatched {
+            write!(
+                f,
+                "\n  checksum mismatch: {m} ({}) was applied from another text than this build's",
+                m.description
+            )?;
+        }
+        if !self.unrecorded.is_empty() {
+            write!(
+                f,
+                "\n  checksum not recorded (applied before checksums were kept): {}",
+                listed(&self.unrecorded)
+            )?;
+        }
+        if !self.unknown.is_empty() {
+            write!(f, "\n  unknown to this build: {}", listed(&self.unknown))?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SchemaError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// Another migrate held the database's lock for all of `waited`.
+    #[error(
+        "database {database}: another `orderly migrate` held its lock for {}s; nothing was applied there",
+        waited.as_secs()
+    )]
+    Busy { database: String, waited: Duration },
+    /// Versions are pending on these databases (see [`Databases::refuse_pending`]).
+    #[error("{}", pending_message(.0))]
+    Pending(Vec<SchemaStatus>),
+}
+
+impl From<sqlx::Error> for SchemaError {
+    fn from(e: sqlx::Error) -> Self {
+        SchemaError::Storage(e.into())
+    }
+}
+
+fn pending_message(behind: &[SchemaStatus]) -> String {
+    let each: Vec<String> = behind
+        .iter()
+        .map(|s| {
+            format!(
+                "database {} has {} pending ({})",
+                s.database,
+                s.pending.len(),
+                listed(&s.pending)
+            )
+        })
+        .collect();
+    format!(
+        "the schema is behind this build: {}; run `orderly migrate`",
+        each.join("; ")
+    )
+}
+
+/// A row of `schema_migrations`.
+struct Recorded {
+    scope: String,
+    version: i32,
+    description: String,
+    /// `None` before the bookkeeping's v1, or until the next migrate records it.
+    checksum: Option<String>,
+}
+
+const ER_NO_SUCH_TABLE: u16 = 1146;
+const ER_BAD_FIELD_ERROR: u16 = 1054;
+
+/// Every row of `schema_migrations` on `conn`'s database: none when the table does not
+/// exist yet, and no checksums before the bookkeeping's v1 added the column. Reads only.
+async fn recorded(conn: &mut MySqlConnection) -> Result<Vec<Recorded>> {
+    let with_checksum = sqlx::query("SELECT scope, version, description, checksum FROM schema_migrations")
+        .fetch_all(&mut *conn)
+        .await;
+    let rows = match with_checksum {
+        Ok(rows) => rows,
+        Err(e) => match super::mysql_error_number(&e) {
+            Some(ER_NO_SUCH_TABLE) => return Ok(Vec::new()),
+            Some(ER_BAD_FIELD_ERROR) => {
+                sqlx::query("SELECT scope, version, description, NULL FROM schema_migrations")
+                    .fetch_all(&mut *conn)
+                    .await?
+            }
+            _ => return Err(e.into()),
+        },
+    };
+    rows.iter()
+        .map(|r| {
+            Ok(Recorded {
+                scope: r.try_get(0)?,
+                version: r.try_get(1)?,
+                description: r.try_get(2)?,
+                checksum: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// The migrations of one database: the scopes it holds, in the order they apply, after the
+/// bookkeeping table's own.
+#[derive(Debug, Clone)]
+pub struct DatabaseSchema {
+    name: String,
+    pool: Db,
+    scopes: Vec<Scope>,
+}
+
+impl DatabaseSchema {
+    fn new(name: &str, pool: &Db, scopes: Vec<Scope>) -> DatabaseSchema {
+        let bookkeeping = Scope {
+            name: BOOKKEEPING_SCOPE.to_owned(),
+            migrations: BOOKKEEPING,
+            names: Names::Plain,
+        };
+        DatabaseSchema {
+            name: name.to_owned(),
+            pool: pool.clone(),
+            scopes: std::iter::once(bookkeeping).chain(scopes).collect(),
+        }
+    }
+
+    /// The database's name in the settings.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Where the database stands (reads only). Its `pending` is what [`Self::pending`]
+    /// answers.
+    pub async fn status(&self) -> Result<SchemaStatus> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = recorded(&mut conn).await?;
+        let mut status = SchemaStatus {
+            database: self.name.clone(),
+            ..SchemaStatus::default()
+        };
+        for scope in &self.scopes {
+            for m in scope.migrations {
+                let v = Version::of(scope, m);
+                match rows
+                    .iter()
+                    .find(|r| r.scope == scope.name && r.version == m.version)
+                {
+                    None => status.pending.push(v),
+                    Some(r) => match &r.checksum {
+                        None => status.unrecorded.push(v),
+                        Some(c) if *c == checksum(m) => status.applied.push(v),
+                        Some(_) => status.mismatched.push(v),
+                    },
+                }
+            }
+        }
+        for r in rows {
+            // Scopes of other settings (another database sharing this one) are theirs.
+            let Some(scope) = self.scopes.iter().find(|s| s.name == r.scope) else {
+                continue;
+            };
+            if !scope.migrations.iter().any(|m| m.version == r.version) {
+                status.unknown.push(Version {
+                    scope: r.scope,
+                    version: r.version,
+                    description: r.description,
+                });
+            }
+        }
+        Ok(status)
+    }
+
+    /// The versions `orderly migrate` would apply here: what readiness checks and what
+    /// `serve` and `relay` refuse to start with. Reads only.
+    pub async fn pending(&self) -> Result<Vec<Version>> {
+        Ok(self.status().await?.pending)
+    }
+
+    /// The statements `orderly migrate` would run here, in order, each pending version's
+    /// preceded by a `-- scope vN: description` comment; empty when there is nothing to do.
+    /// Reads only.
+    pub async fn plan(&self) -> Result<Vec<String>> {
+        let mut conn = self.pool.acquire().await?;
+        let rows = recorded(&mut conn).await?;
+        let table_exists: bool = sqlx::query_scalar(
+            "SELECT COUNT(*) > 0 FROM information_schema.tables
+             WHERE table_schema = DATABASE() AND table_name = 'schema_migrations'",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let mut plan = Vec::new();
+        if !table_exists {
+            plan.push(MIGRATIONS_TABLE.to_owned());
+        }
+        let mut unrecorded = 0;
+        for scope in &self.scopes {
+            for m in scope.migrations {
+                match rows
+                    .iter()
+                    .find(|r| r.scope == scope.name && r.version == m.version)
+                {
+                    Some(r) => unrecorded += usize::from(r.checksum.is_none()),
+                    None => {
+                        plan.push(format!("-- {} v{}: {}", scope.name, m.version, m.description));
+                        plan.extend(m.statements.iter().map(|s| scope.names.render(s)));
+                    }
+                }
+            }
+        }
+        if unrecorded > 0 {
+            plan.push(format!(
+                "-- record the checksums of {unrecorded} versions applied before checksums were kept"
+            ));
+        }
+        Ok(plan)
+    }
+
+    /// Applies every pending version, holding the database's migrate lock (waiting at most
+    /// `lock_wait` for another migrate to finish), and records the checksum of versions
+    /// applied before checksums were kept.
+    pub async fn migrate(&self, lock_wait: Duration) -> std::result::Result<MigrateReport, SchemaError> {
+        // Its own connection: the lock lives on it, and a migrate that dies releases it.
+        let mut conn = self.pool.acquire().await?.detach();
+        let got: Option<i64> =
+            sqlx::query_scalar("SELECT GET_LOCK(LEFT(CONCAT('orderly_migrate.', DATABASE()), 64), ?)")
+                .bind(lock_wait.as_secs_f64().ceil() as i64)
+                .fetch_one(&mut conn)
+                .await?;
+        if got != Some(1) {
+            return Err(SchemaError::Busy {
+                database: self.name.clone(),
+                waited: lock_wait,
+            });
+        }
+        let applied = self.apply_locked(&mut conn).await;
+        // Closing the connection would release it too; this says so at once.
+        let released = sqlx::query("DO RELEASE_LOCK(LEFT(CONCAT('orderly_migrate.', DATABASE()), 64))")
+            .execute(&mut conn)
+            .await;
+        let _ = conn.close().await;
+        let report = applied?;
+        released?;
+        Ok(report)
+    }
+
+    /// [`Self::migrate`]'s work, on the connection that holds the lock.
+    async fn apply_locked(&self, conn: &mut MySqlConnection) -> Result<MigrateReport> {
+        sqlx::query(MIGRATIONS_TABLE).execute(&mut *conn).await?;
+        // Read under the lock: nobody else applies here until it is released.
+        let rows = recorded(conn).await?;
+        let mut report = MigrateReport::default();
+        let mut checksums_recorded = 0;
+        for scope in &self.scopes {
+            let counted = scope.name != BOOKKEEPING_SCOPE;
+            for m in scope.migrations {
+                let sum = checksum(m);
+                match rows
+                    .iter()
+                    .find(|r| r.scope == scope.name && r.version == m.version)
+                {
+                    Some(r) => {
+                        report.already += usize::from(counted);
+                        if r.checksum.is_none() {
+                            // The bookkeeping's v1 is applied: it comes first.
+                            sqlx::query(
+                                "UPDATE schema_migrations SET checksum = ?
+                                 WHERE scope = ? AND version = ? AND checksum IS NULL",
+                            )
+                            .bind(&sum)
+                            .bind(&scope.name)
+                            .bind(m.version)
+                            .execute(&mut *conn)
+                            .await?;
+                            checksums_recorded += 1;
+                        }
+                    }
+                    None => {
+                        for stmt in m.statements {
+                            sqlx::query(AssertSqlSafe(scope.names.render(stmt)))
+                                .execute(&mut *conn)
+                                .await?;
+                        }
+                        // IGNORE: a migrate of an older orderly takes no lock, and may have
+                        // recorded it meanwhile.
+                        sqlx::query(
+                            "INSERT IGNORE INTO schema_migrations
+                                (scope, version, description, checksum, applied_at)
+                             VALUES (?, ?, ?, ?, NOW(6))",
+                        )
+                        .bind(&scope.name)
+                        .bind(m.version)
+                        .bind(m.description)
+                        .bind(&sum)
+                        .execute(&mut *conn)
+                        .await?;
+                        if counted {
+                            report.applied.push(format!("{} v{}", scope.name, m.version));
+                        }
+                    }
+                }
+            }
+        }
+        if checksums_recorded > 0 {
+            tracing::info!(
+                database = %self.name,
+                versions = checksums_recorded,
+                "recorded the checksums of versions applied before checksums were kept"
+            );
+        }
+        Ok(report)
+    }
+}
+
+/// Every database of a deployment with its migrations, in the order they are applied: the
+/// commerce database, each shard database, each database of the merchant copy, the archive.
+pub struct Databases {
+    commerce: Db,
+    shards: ShardMap,
+    archive: Db,
+    list: Vec<DatabaseSchema>,
+}
+
+impl Databases {
+    /// Over pools already open (`serve`'s).
+    pub fn new(commerce: &Db, shards: &ShardMap, merchant: &MerchantMap, archive: &Db) -> Databases {
+        let mut list = vec![DatabaseSchema::new(
+            "commerce",
+            commerce,
+            vec![Scope {
+                name: "commerce".into(),
+                migrations: COMMERCE,
+                names: Names::Plain,
+            }],
+        )];
+        for (i, db) in shards.databases().iter().enumerate() {
+            let scopes = shards
+                .all()
+                .iter()
+                .filter(|s| s.database == i)
+                .map(|s| Scope {
+                    name: format!("shard_{}", s.index.suffix()),
+                    migrations: SHARD,
+                    names: Names::Shard(s.tables.clone()),
+                })
+                .collect();
+            list.push(DatabaseSchema::new(db.name(), db.write(), scopes));
+        }
+        for (i, pool) in merchant.pools().iter().enumerate() {
+            let scopes = merchant
+                .tables()
+                .iter()
+                .filter(|t| t.database == i)
+                .map(|t| Scope {
+                    name: format!("merchant_{:02}", t.index),
+                    migrations: MERCHANT,
+                    names: Names::Merchant(t.name.clone()),
+                })
+                .collect();
+            list.push(DatabaseSchema::new(&format!("merchant{i}"), pool, scopes));
+        }
+        list.push(DatabaseSchema::new(
+            "archive",
+            archive,
+            vec![Scope {
+                name: "archive".into(),
+                migrations: ARCHIVE,
+                names: Names::Plain,
+            }],
+        ));
+        Databases {
+            commerce: commerce.clone(),
+            shards: shards.clone(),
+            archive: archive.clone(),
+            list,
+        }
+    }
+
+    /// Opens a pool on every database of `settings` (`orderly migrate`, `orderly relay`).
+    pub async fn connect(settings: &Settings) -> Result<Databases> {
+        let shards = ShardMap::connect(settings).await?;
+        let commerce = super::connect(&settings.commerce.url, &settings.database).await?;
+        let merchant = MerchantMap::connect(&settings.merchant, &settings.database).await?;
+        let archive = super::connect(&settings.archive.url, &settings.database).await?;
+        Ok(Databases::new(&commerce, &shards, &merchant, &archive))
+    }
+
+    pub fn list(&self) -> &[DatabaseSchema] {
+        &self.list
+    }
+
+    /// Where each database stands (reads only).
+    pub async fn status(&self) -> Result<Vec<SchemaStatus>> {
+        let mut all = Vec::with_capacity(self.list.len());
+        for db in &self.list {
+            all.push(db.status().await?);
+        }
+        Ok(all)
+    }
+
+    /// The statements `orderly migrate` would run, per database (reads only). The backfills
+    /// that follow some versions are named in a comment where they would run.
+    pub async fn plan(&self) -> Result<Vec<(String, Vec<String>)>> {
+        let mut all = Vec::with_capacity(self.list.len());
+        for db in &self.list {
+            all.push((db.name.clone(), db.plan().await?));
+        }
+        let new_archived_users = all
+            .iter()
+            .flat_map(|(_, plan)| plan)
+            .any(|s| s.starts_with("-- shard_") && s.contains(" v6:"));
+        for (name, plan) in &mut all {
+            if name == "commerce" && plan.iter().any(|s| s.starts_with("-- commerce v3:")) {
+                plan.push("-- then: claim every payment number already on the shards (backfill)".into());
+            }
+            if name == "archive" && new_archived_users {
+                plan.push("-- then: record the buyers with archived orders of each new archived_users table (backfill)".into());
+            }
+        }
+        Ok(all)
+    }
+
+    /// Applies every pending version, database after database, each under its migrate lock
+    /// (see [`DatabaseSchema::migrate`]), then the backfills some versions call for.
+    pub async fn migrate(&self, lock_wait: Duration) -> std::result::Result<MigrateReport, SchemaError> {
+        let mut report = MigrateReport::default();
+        for db in &self.list {
+            report.extend(db.migrate(lock_wait).await?);
+        }
+        if report.applied.iter().any(|m| m == "commerce v3") {
+            backfill_payment_numbers(&self.commerce, &self.shards).await?;
+        }
+        backfill_archived_users(&self.archive, &self.shards, &report).await?;
+        Ok(report)
+    }
+
+    /// `Ok` when no version is pending on any database; else [`SchemaError::Pending`],
+    /// naming each database behind and its versions. A checksum mismatch is logged, not
+    /// refused: the schema is there, from another text.
+    pub async fn refuse_pending(&self) -> std::result::Result<(), SchemaError> {
+        let mut behind = Vec::new();
+        for status in self.status().await? {
+            for m in &status.mismatched {
+                tracing::warn!(
+                    database = %status.database,
+                    version = %m,
+                    "migration applied from another text than this build's (see `orderly migrate status`)"
+                );
+            }
+            if !status.pending.is_empty() {
+                behind.push(status);
+            }
+        }
+        match behind.is_empty() {
+            true => Ok(()),
+            false => Err(SchemaError::Pending(behind)),
+        }
+    }
 }
 
 /// Records, in each table shard whose `archived_users` table `report` says was created now,
@@ -599,38 +1191,6 @@ pub async fn backfill_archived_users(archive: &Db, shards: &ShardMap, report: &M
     Ok(recorded)
 }
 
-/// Creates every table of the merchant copy on its database.
-pub async fn migrate_merchant(map: &MerchantMap) -> Result<MigrateReport> {
-    let mut report = MigrateReport::default();
-    for t in map.tables() {
-        let scope = format!("merchant_{:02}", t.index);
-        apply(
-            map.pool(t),
-            &scope,
-            MERCHANT,
-            |s| s.replace("{merchant_orders}", &t.name),
-            &mut report,
-        )
-        .await?;
-    }
-    Ok(report)
-}
-
-/// Creates every table of the commerce database and of every shard on its server.
-pub async fn migrate(commerce: &Db, shards: &ShardMap) -> Result<MigrateReport> {
-    let mut report = MigrateReport::default();
-    apply(commerce, "commerce", COMMERCE, str::to_owned, &mut report).await?;
-    for shard in shards.all() {
-        let scope = format!("shard_{}", shard.index.suffix());
-        let pool = shards.primary(shard);
-        apply(pool, &scope, SHARD, |s| render(s, &shard.tables), &mut report).await?;
-    }
-    if report.applied.iter().any(|m| m == "commerce v3") {
-        backfill_payment_numbers(commerce, shards).await?;
-    }
-    Ok(report)
-}
-
 /// Claims, in `payment_numbers`, every number already recorded on the shards, so that none
 /// of them can pay or refund another order once the cross-shard check is in force. Run by
 /// the migration that creates the table; idempotent (a number already claimed is kept).
@@ -667,4 +1227,207 @@ pub async fn backfill_payment_numbers(commerce: &Db, shards: &ShardMap) -> Resul
         }
     }
     Ok(claimed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every scope's migrations, by name.
+    fn all() -> [(&'static str, &'static [Migration]); 5] {
+        [
+            (BOOKKEEPING_SCOPE, BOOKKEEPING),
+            ("commerce", COMMERCE),
+            ("shard", SHARD),
+            ("merchant", MERCHANT),
+            ("archive", ARCHIVE),
+        ]
+    }
+
+    /// The checksum of every released version. A released migration never changes (the
+    /// databases that applied it keep its old text's checksum, and `orderly migrate status`
+    /// would report every one of them): change the schema with a new version, and add its
+    /// line here.
+    const RELEASED: &[(&str, i32, &str)] = &[
+        (
+            "schema_migrations",
+            1,
+            "9d72008835950c4ddb13ab2f00c506a71027c1bddf1b18f0d370ba57b6dbcb3b",
+        ),
+        (
+            "commerce",
+            1,
+            "30df627fab837605172e305b10b7e51455c6e9418bf17957160c3ef5e194dd30",
+        ),
+        (
+            "commerce",
+            2,
+            "95c274ad972e961b80b3bb676d3b11e5a089a4a0adb845073e151efd52a4246b",
+        ),
+        (
+            "commerce",
+            3,
+            "5562eda38f9037d4bbdc95ff709cc8130f5cdfea2dd7410746594cb0f9cd7230",
+        ),
+        (
+            "commerce",
+            4,
+            "0f4a5730b437222b8f00f50cd51cc8fbfc7e722320ce162151e9f5f412890554",
+        ),
+        (
+            "commerce",
+            5,
+            "76fa62915f4ef3a4f32cae098f99d1906e311f4cb2cdf31296f2b4315da09478",
+        ),
+        (
+            "commerce",
+            6,
+            "78676e0f74177d8a3c3f0172bc735b8824a44450417d9e3802dfea839f811e18",
+        ),
+        (
+            "commerce",
+            7,
+            "5b68cf5906fd15645ce7ae18a1a2aafc02a8031641d629beda7df814f3b5a3ec",
+        ),
+        (
+            "shard",
+            1,
+            "c64fca9ab9004f6839559c76b7786fe59c7101cbbf974a0291b50924262008fa",
+        ),
+        (
+            "shard",
+            2,
+            "89850a822b4c6726a84d028d3bd2a9340e48c0b1bc24bf266cd2329cf77abb14",
+        ),
+        (
+            "shard",
+            3,
+            "4e108dd908af1b792a3664923b3f4893f2f22b7ebfa7ed8b9bd28b1f10fc2f66",
+        ),
+        (
+            "shard",
+            4,
+            "958c8591506db24520d75b5bdf23fa9b4fa512dc5990a5b93c4ed2a4c153ce29",
+        ),
+        (
+            "shard",
+            5,
+            "1ebd6b6ba2c64988f901c6ee9cd980d67c0a9772c93bdc2ff20c7cd52ced1460",
+        ),
+        (
+            "shard",
+            6,
+            "485c0bcdc6d956a6274407487fa07601abadd0d1559f19cb3ed714291da9630d",
+        ),
+        (
+            "merchant",
+            1,
+            "c8a53d418b12351caba28657240c3549af0b32c397b19d3d555239a00aaa0bb7",
+        ),
+        (
+            "archive",
+            1,
+            "3438a370db506e8c6933bc112118fa8be06569c3cd13a73aea4aa3d92801a25b",
+        ),
+        (
+            "archive",
+            2,
+            "958c8591506db24520d75b5bdf23fa9b4fa512dc5990a5b93c4ed2a4c153ce29",
+        ),
+        (
+            "archive",
+            3,
+            "1ebd6b6ba2c64988f901c6ee9cd980d67c0a9772c93bdc2ff20c7cd52ced1460",
+        ),
+    ];
+
+    #[test]
+    fn released_migrations_keep_their_text() {
+        let mut found = Vec::new();
+        for (scope, migrations) in all() {
+            for m in migrations {
+                found.push((scope, m.version, checksum(m)));
+            }
+        }
+        let found: Vec<(&str, i32, &str)> = found.iter().map(|(s, v, c)| (*s, *v, c.as_str())).collect();
+        assert_eq!(found, RELEASED);
+    }
+
+    /// Versions run 1, 2, 3, … in each scope: a status lists them in order, and a gap would
+    /// be a version nobody can tell from one not written yet.
+    #[test]
+    fn versions_are_consecutive_from_1() {
+        for (scope, migrations) in all() {
+            let versions: Vec<i32> = migrations.iter().map(|m| m.version).collect();
+            let expected: Vec<i32> = (1..=migrations.len() as i32).collect();
+            assert_eq!(versions, expected, "{scope}");
+        }
+    }
+
+    /// A shard's and a merchant table's statements leave no placeholder unfilled.
+    #[test]
+    fn every_placeholder_is_filled() {
+        let shard = Names::Shard(Arc::new(ShardTables::of(
+            crate::domain::shard::ShardCount::new(32)
+                .unwrap()
+                .all()
+                .nth(7)
+                .unwrap(),
+        )));
+        let merchant = Names::Merchant("merchant_orders_03".into());
+        for (names, migrations) in [
+            (shard, SHARD),
+            (merchant, MERCHANT),
+            (Names::Plain, COMMERCE),
+            (Names::Plain, ARCHIVE),
+        ] {
+            for m in migrations {
+                for s in m.statements {
+                    let rendered = names.render(s);
+                    assert!(!rendered.contains('{'), "{names:?}: {rendered}");
+                }
+            }
+        }
+    }
+
+    /// What `orderly migrate status` prints for a database: one line when all is well, a
+    /// line per kind of trouble otherwise.
+    #[test]
+    fn a_status_reads_as_one_line_per_database_and_per_trouble() {
+        let v = |scope: &str, version: i32| Version {
+            scope: scope.into(),
+            version,
+            description: "d".into(),
+        };
+        let good = SchemaStatus {
+            database: "commerce".into(),
+            applied: vec![v("schema_migrations", 1), v("commerce", 1)],
+            ..SchemaStatus::default()
+        };
+        assert!(good.is_up_to_date());
+        assert_eq!(good.to_string(), "commerce: 2 versions applied, none pending");
+        let bad = SchemaStatus {
+            database: "orders0".into(),
+            applied: vec![v("shard_00", 1)],
+            pending: (1..=14).map(|i| v("shard_01", i)).collect(),
+            mismatched: vec![v("shard_00", 2)],
+            ..SchemaStatus::default()
+        };
+        assert!(!bad.is_up_to_date());
+        assert_eq!(
+            bad.to_string(),
+            "orders0: 2 versions applied, 14 pending: shard_01 v1, shard_01 v2, shard_01 v3, \
+             shard_01 v4, shard_01 v5, shard_01 v6, shard_01 v7, shard_01 v8, shard_01 v9, \
+             shard_01 v10, shard_01 v11, shard_01 v12 and 2 more\n  \
+             checksum mismatch: shard_00 v2 (d) was applied from another text than this build's"
+        );
+        let error = SchemaError::Pending(vec![bad]).to_string();
+        assert!(
+            error.starts_with(
+                "the schema is behind this build: database orders0 has 14 pending (shard_01 v1,"
+            ),
+            "{error}"
+        );
+        assert!(error.ends_with("and 2 more); run `orderly migrate`"), "{error}");
+    }
 }

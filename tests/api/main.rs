@@ -25,6 +25,7 @@ mod lifecycle;
 mod limits;
 mod merchant;
 mod metrics;
+mod migrations;
 mod no_lost_update;
 mod no_oversell;
 mod openapi;

@@ -226,3 +226,172 @@ async fn openapi_document_and_live_routes_agree() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// Every operation lists the problems any route can answer (405, 500) as references to the
+/// shared responses; the routes with per-user rate limits list 429, and each of them answers
+/// 429 `rate_limited` once a buyer goes over.
+#[tokio::test]
+async fn openapi_every_operation_lists_405_and_500_and_the_limited_ones_429() {
+    let app = TestApp::spawn_with(|s| {
+        s.limits = orderly::config::LimitSettings {
+            create_per_user_per_sec: 1,
+            create_burst: 1,
+            ids_per_user_per_sec: 1,
+            ids_burst: 1,
+            ..orderly::config::LimitSettings::off()
+        }
+    })
+    .await;
+    let doc = fetch_document(&app).await;
+    let mut limited = Vec::new();
+    for (method, path, op) in operations(&doc) {
+        let responses = &op["responses"];
+        assert_eq!(
+            responses["405"]["$ref"], "#/components/responses/MethodNotAllowed",
+            "{method} {path}"
+        );
+        assert_eq!(
+            responses["500"]["$ref"], "#/components/responses/InternalError",
+            "{method} {path}"
+        );
+        if let Some(r) = responses.get("429") {
+            assert_eq!(
+                r["$ref"], "#/components/responses/TooManyRequests",
+                "{method} {path}"
+            );
+            limited.push((method, path));
+        }
+    }
+    limited.sort();
+    assert_eq!(
+        limited,
+        [
+            ("post".to_owned(), "/v1/order-ids".to_owned()),
+            ("post".to_owned(), "/v1/orders".to_owned())
+        ]
+    );
+    let too_many = &doc["components"]["responses"]["TooManyRequests"];
+    assert!(too_many["headers"]["Retry-After"].is_object(), "{too_many}");
+    let token = app.user_token(4_200);
+    for (method, path) in &limited {
+        let mut last = None;
+        for _ in 0..3 {
+            let (status, answer) = app
+                .call(&method.to_uppercase(), path, Some(&token), Some(json!({})))
+                .await;
+            last = Some((status, answer));
+        }
+        let (status, answer) = last.unwrap();
+        assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{method} {path}: {answer}");
+        assert_eq!(answer["code"], "rate_limited");
+        assert!(answer["retry_after_secs"].as_u64().is_some(), "{answer}");
+    }
+}
+
+/// Each shared problem response names every code of its status, and only those.
+#[tokio::test]
+async fn openapi_each_problem_response_names_the_codes_of_its_status() {
+    use orderly::http::error::ProblemCode;
+    let doc = serde_json::to_value(orderly::http::api().into_openapi()).unwrap();
+    let responses = doc["components"]["responses"].as_object().unwrap();
+    // The status each shared response is listed under, from the operations.
+    let mut status_of = std::collections::BTreeMap::new();
+    for (_, _, op) in operations(&doc) {
+        for (status, r) in op["responses"].as_object().unwrap() {
+            if let Some(name) = r["$ref"]
+                .as_str()
+                .and_then(|r| r.strip_prefix("#/components/responses/"))
+            {
+                let previous = status_of.insert(name.to_owned(), status.clone());
+                assert!(previous.is_none_or(|p| &p == status), "{name} under two statuses");
+            }
+        }
+    }
+    for (name, response) in responses {
+        let status = status_of
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} is listed by no operation"));
+        let description = response["description"].as_str().unwrap();
+        for code in ProblemCode::ALL {
+            let named = description.contains(&format!("`{}`", code.as_str()));
+            let of_status = code.status().as_str() == status;
+            assert_eq!(named, of_status, "{name} ({status}): `{}`", code.as_str());
+        }
+    }
+}
+
+/// The query parameters of the list and search routes are typed in the document: each has
+/// a schema, `limit` an integer range, the times RFC 3339 date-times, ids id strings.
+#[tokio::test]
+async fn openapi_query_parameters_of_lists_and_searches_are_typed() {
+    let doc = serde_json::to_value(orderly::http::api().into_openapi()).unwrap();
+    let ops = operations(&doc);
+    for (method, path) in [
+        ("get", "/v1/orders"),
+        ("get", "/v1/search/orders"),
+        ("get", "/v1/shops/{shop_id}/orders"),
+        ("get", "/v1/shops/{shop_id}/reports/daily"),
+    ] {
+        let (_, _, op) = ops
+            .iter()
+            .find(|(m, p, _)| m == method && p == path)
+            .unwrap_or_else(|| panic!("{method} {path}"));
+        let query: Vec<&Value> = op["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["in"] == "query")
+            .collect();
+        assert!(!query.is_empty(), "{method} {path}");
+        for p in query {
+            let name = p["name"].as_str().unwrap();
+            let schema = &p["schema"];
+            let typed = schema["type"].is_string() || schema["type"].is_array() || schema["$ref"].is_string();
+            assert!(typed, "{method} {path}: {name} has no type: {p}");
+            match name {
+                "limit" => {
+                    assert!(schema["type"].to_string().contains("integer"), "{path}: {p}");
+                    assert_eq!(
+                        (schema["minimum"].as_i64(), schema["maximum"].as_i64()),
+                        (Some(1), Some(100)),
+                        "{path}: {p}"
+                    );
+                }
+                "created_from" | "created_to" => assert_eq!(schema["format"], "date-time", "{path}: {p}"),
+                "user_id" => assert!(schema.to_string().contains("UserId"), "{path}: {p}"),
+                _ => {}
+            }
+        }
+    }
+}
+
+/// `server.swagger_ui`: Swagger UI at `/docs` over `/openapi.json` when on; `/docs` is no
+/// route when off (the default).
+#[tokio::test]
+async fn openapi_swagger_ui_is_served_at_docs_only_when_enabled() {
+    let on = TestApp::spawn_with(|s| s.server.swagger_ui = true).await;
+    let page = on.client.get(format!("{}/docs", on.base)).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    assert!(page.url().path().starts_with("/docs"), "{}", page.url());
+    let content_type = page.headers()["content-type"].to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/html"), "{content_type}");
+    assert!(page.text().await.unwrap().contains("swagger-ui"));
+    // Its configuration points at this service's document, which is still served as before.
+    let config = on
+        .client
+        .get(format!("{}/docs/swagger-initializer.js", on.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(config.status(), StatusCode::OK);
+    assert!(config.text().await.unwrap().contains("/openapi.json"));
+    fetch_document(&on).await;
+
+    let off = TestApp::spawn().await;
+    assert!(!off.settings.server.swagger_ui, "off by default");
+    let (status, _, body) = off.call_full("GET", "/docs", None, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert_eq!(body["code"], "not_found");
+    let (status, _, _) = off.call_full("GET", "/docs/", None, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
