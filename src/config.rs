@@ -165,6 +165,26 @@ pub struct ServerSettings {
     pub shutdown_grace_ms: u64,
     /// Requests served at once; beyond, refused at once with 503 (`overloaded`).
     pub max_in_flight: usize,
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/livez` are served for operators, apart
+    /// from the API (see [`crate::http::health`]); `None` (unset or empty): no admin
+    /// listener.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    pub admin_listen: Option<SocketAddr>,
+    /// On SIGTERM or Ctrl-C, `serve` answers `/readyz` 503 and keeps serving this long before
+    /// it stops accepting.
+    pub shutdown_delay_ms: u64,
+    /// The longest every readiness check together may take; a check still running then fails.
+    pub readiness_timeout_ms: u64,
+}
+
+/// An address that may be given as an empty string (an environment variable set to nothing,
+/// to turn off a listener a settings file turned on): empty is `None`.
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => s.trim().parse().map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -404,6 +424,12 @@ impl Settings {
         }
         if self.server.max_in_flight == 0 {
             return bad("server.max_in_flight must be positive".into());
+        }
+        if self.server.readiness_timeout_ms == 0 {
+            return bad("server.readiness_timeout_ms must be positive".into());
+        }
+        if self.server.admin_listen.is_some_and(|a| a == self.server.listen && a.port() != 0) {
+            return bad("server.admin_listen must differ from server.listen".into());
         }
         self.validate_replicas()?;
         let f = &self.flash;
