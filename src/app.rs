@@ -294,9 +294,9 @@ impl Application {
         });
         // The admin listener outlives the drain: scrapes and probes see the whole shutdown.
         let done = CancellationToken::new();
-        let admin = self.admin.map(|a| {
-            tokio::spawn(a.serve(self.state.readiness.clone(), done.clone()))
-        });
+        let admin = self
+            .admin
+            .map(|a| tokio::spawn(a.serve(self.state.readiness.clone(), done.clone())));
         let gates = tokio::spawn(jobs::gate_rebuild::run(
             self.state.orders.flash().clone(),
             self.stop.clone(),
@@ -337,10 +337,7 @@ impl Application {
             .archive
             .run_in_serve
             .then(|| tokio::spawn(jobs::archiver::run(self.archiver.clone(), self.stop.clone())));
-        let cleanup = tokio::spawn(limits::run_cleanup(
-            self.state.limits.clone(),
-            self.stop.clone(),
-        ));
+        let cleanup = tokio::spawn(limits::run_cleanup(self.state.limits.clone(), self.stop.clone()));
         let writes = self.state.writes.clone();
         let app = router(self.state, &s.server);
         let token = self.stop.clone();
@@ -420,7 +417,10 @@ async fn drain_then_stop(
     }
     readiness.start_draining();
     if !delay.is_zero() {
-        tracing::info!(?delay, "shutting down: unready now, still serving until the delay ends");
+        tracing::info!(
+            ?delay,
+            "shutting down: unready now, still serving until the delay ends"
+        );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.cancelled() => {}
@@ -431,7 +431,11 @@ async fn drain_then_stop(
 
 /// Calls `sample` every [`GAUGE_INTERVAL`] until `shutdown` fires, and drains histogram
 /// samples into their buckets, so a process that nobody scrapes does not pile them up.
-async fn sample_gauges(metrics: PrometheusHandle, sample: impl Fn() + Send + 'static, shutdown: CancellationToken) {
+async fn sample_gauges(
+    metrics: PrometheusHandle,
+    sample: impl Fn() + Send + 'static,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(GAUGE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -481,7 +485,11 @@ fn database_pools(databases: &[Arc<Database>]) -> Vec<(String, Db)> {
 /// [`consumer::oldest_unapplied`]), over a NATS connection of its own opened when it can be.
 /// A projection that cannot be looked at keeps its last value (NATS away: the relay's and
 /// the consumers' own series say so).
-async fn sample_projection_lag(events: EventSettings, projections: Vec<&'static str>, shutdown: CancellationToken) {
+async fn sample_projection_lag(
+    events: EventSettings,
+    projections: Vec<&'static str>,
+    shutdown: CancellationToken,
+) {
     let mut tick = tokio::time::interval(GAUGE_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut broker: Option<Broker> = None;
@@ -593,7 +601,8 @@ fn nats_check(events: EventSettings) -> Check {
 /// The readiness of `serve`: the commerce database and every shard database answer (each on
 /// a pool of its own), and the worker id is held. Replicas in rotation per database and the
 /// cache are reported, never decisive: replicas down move reads to the primary, Redis down
-/// makes the service slower.
+/// makes the service slower. Another check joins with one more `.with(Check::new(name, ..))`
+/// (a schema check: the databases are at the migrations this binary expects).
 async fn serve_readiness(
     settings: &Settings,
     shards: &ShardMap,

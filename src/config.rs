@@ -428,7 +428,11 @@ impl Settings {
         if self.server.readiness_timeout_ms == 0 {
             return bad("server.readiness_timeout_ms must be positive".into());
         }
-        if self.server.admin_listen.is_some_and(|a| a == self.server.listen && a.port() != 0) {
+        if self
+            .server
+            .admin_listen
+            .is_some_and(|a| a == self.server.listen && a.port() != 0)
+        {
             return bad("server.admin_listen must differ from server.listen".into());
         }
         self.validate_replicas()?;
@@ -691,6 +695,27 @@ mod tests {
             stale.is_empty(),
             "docs/configuration.md names keys config.default.toml lacks: {stale:?}"
         );
+    }
+
+    #[test]
+    fn the_admin_listener_is_off_unless_an_address_is_given() {
+        let with = |toml: &str| {
+            Figment::from(Toml::string(DEFAULT_TOML))
+                .merge(Toml::string(toml))
+                .extract::<Settings>()
+        };
+        assert_eq!(valid().server.admin_listen, None, "off by default");
+        let s = with("[server]\nadmin_listen = \"\"").unwrap();
+        assert_eq!(s.server.admin_listen, None, "empty turns it off");
+        let s = with("[server]\nadmin_listen = \"127.0.0.1:9090\"").unwrap();
+        assert_eq!(s.server.admin_listen, Some(([127, 0, 0, 1], 9090).into()));
+        assert!(with("[server]\nadmin_listen = \"nine\"").is_err());
+        let mut s = valid();
+        s.server.admin_listen = Some(s.server.listen);
+        assert!(s.validate().is_err(), "the API's own address");
+        let mut s = valid();
+        s.server.readiness_timeout_ms = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

@@ -220,7 +220,11 @@ impl IntoResponse for Verdict {
 const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 fn prometheus_text(handle: &PrometheusHandle) -> Response {
-    ([(header::CONTENT_TYPE, PROMETHEUS_TEXT)], telemetry::render(handle)).into_response()
+    (
+        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+        telemetry::render(handle),
+    )
+        .into_response()
 }
 
 #[utoipa::path(
