@@ -703,6 +703,7 @@ mod tests {
             Figment::from(Toml::string(DEFAULT_TOML))
                 .merge(Toml::string(toml))
                 .extract::<Settings>()
+                .map_err(Box::new)
         };
         assert_eq!(valid().server.admin_listen, None, "off by default");
         let s = with("[server]\nadmin_listen = \"\"").unwrap();
