@@ -182,6 +182,26 @@ pub struct ServerSettings {
     pub max_in_flight: usize,
     /// Swagger UI at `/docs` over `/openapi.json`.
     pub swagger_ui: bool,
+    /// Where `/metrics`, `/healthz`, `/readyz` and `/livez` are served for operators, apart
+    /// from the API (see [`crate::http::health`]); `None` (unset or empty): no admin
+    /// listener.
+    #[serde(default, deserialize_with = "empty_as_none")]
+    pub admin_listen: Option<SocketAddr>,
+    /// On SIGTERM or Ctrl-C, `serve` answers `/readyz` 503 and keeps serving this long before
+    /// it stops accepting.
+    pub shutdown_delay_ms: u64,
+    /// The longest every readiness check together may take; a check still running then fails.
+    pub readiness_timeout_ms: u64,
+}
+
+/// An address that may be given as an empty string (an environment variable set to nothing,
+/// to turn off a listener a settings file turned on): empty is `None`.
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    match Option::<String>::deserialize(d)? {
+        None => Ok(None),
+        Some(s) if s.trim().is_empty() => Ok(None),
+        Some(s) => s.trim().parse().map(Some).map_err(serde::de::Error::custom),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -509,6 +529,16 @@ impl Settings {
         }
         if self.server.max_in_flight == 0 {
             errors.push("server.max_in_flight must be positive".into());
+        }
+        if self.server.readiness_timeout_ms == 0 {
+            errors.push("server.readiness_timeout_ms must be positive".into());
+        }
+        if self
+            .server
+            .admin_listen
+            .is_some_and(|a| a == self.server.listen && a.port() != 0)
+        {
+            errors.push("server.admin_listen must differ from server.listen".into());
         }
         self.validate_replicas(&mut errors);
         let f = &self.flash;
@@ -850,6 +880,28 @@ mod tests {
             stale.is_empty(),
             "docs/configuration.md names keys config.default.toml lacks: {stale:?}"
         );
+    }
+
+    #[test]
+    fn the_admin_listener_is_off_unless_an_address_is_given() {
+        let with = |toml: &str| {
+            Figment::from(Toml::string(DEFAULT_TOML))
+                .merge(Toml::string(toml))
+                .extract::<Settings>()
+                .map_err(Box::new)
+        };
+        assert_eq!(valid().server.admin_listen, None, "off by default");
+        let s = with("[server]\nadmin_listen = \"\"").unwrap();
+        assert_eq!(s.server.admin_listen, None, "empty turns it off");
+        let s = with("[server]\nadmin_listen = \"127.0.0.1:9090\"").unwrap();
+        assert_eq!(s.server.admin_listen, Some(([127, 0, 0, 1], 9090).into()));
+        assert!(with("[server]\nadmin_listen = \"nine\"").is_err());
+        let mut s = valid();
+        s.server.admin_listen = Some(s.server.listen);
+        assert!(s.validate().is_err(), "the API's own address");
+        let mut s = valid();
+        s.server.readiness_timeout_ms = 0;
+        assert!(s.validate().is_err());
     }
 
     #[test]

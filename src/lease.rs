@@ -129,11 +129,17 @@ impl IdSource {
     }
 
     pub fn next_for(&self, user: UserId) -> Result<OrderId, IdSourceError> {
-        let elapsed = self.base.elapsed().as_nanos();
-        if u64::try_from(elapsed).unwrap_or(u64::MAX) >= self.mono_until_ns.load(Ordering::Acquire) {
+        if !self.is_held() {
             return Err(IdSourceError::LeaseLost);
         }
         Ok(self.generator.next_for(user)?)
+    }
+
+    /// Whether the worker id is held now (always, for a fixed one): ids can be issued. What
+    /// `orderly_lease_valid` and the readiness check `lease` report.
+    pub fn is_held(&self) -> bool {
+        let elapsed = self.base.elapsed().as_nanos();
+        u64::try_from(elapsed).unwrap_or(u64::MAX) < self.mono_until_ns.load(Ordering::Acquire)
     }
 }
 
@@ -345,16 +351,19 @@ mod tests {
         let source = IdSource::leased(IdGenerator::new(WorkerId::new(5).unwrap()));
         let user = UserId::new(42).unwrap();
         assert!(matches!(source.next_for(user), Err(IdSourceError::LeaseLost)));
+        assert!(!source.is_held());
         let far = SystemClock.now_ms() + 3_600_000;
         source.hold_until(Deadline {
             wall_ms: far,
             mono: Instant::now() + Duration::from_secs(60),
         });
         assert!(source.next_for(user).is_ok());
+        assert!(source.is_held());
         source.hold_until(Deadline {
             wall_ms: far,
             mono: Instant::now(),
         });
+        assert!(!source.is_held());
         assert!(matches!(source.next_for(user), Err(IdSourceError::LeaseLost)));
         source.hold_until(Deadline {
             wall_ms: far,

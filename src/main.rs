@@ -364,7 +364,7 @@ async fn main() -> anyhow::Result<()> {
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));
             let app = Application::build(settings, token).await?;
-            tracing::info!(address = %app.address(), "serving");
+            tracing::info!(address = %app.address(), admin = ?app.admin_address(), "serving");
             app.run().await
         }
         Command::Migrate {
@@ -441,18 +441,15 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(shutdown_signal(token.clone()));
             // Ctrl-C stops a pass between two batches; the next one resumes there.
             opts.stop = token.clone();
-            let archiver = app::archiver(&settings).await?;
-            loop {
-                let summary = archiver.pass(&opts).await?;
-                print_archive_summary(&summary);
-                if !run_loop || token.is_cancelled() {
-                    return Ok(());
-                }
-                tokio::select! {
-                    _ = token.cancelled() => return Ok(()),
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(settings.archive.interval_secs)) => {}
-                }
+            if !run_loop {
+                print_archive_summary(&app::archiver(&settings).await?.pass(&opts).await?);
+                return Ok(());
             }
+            let archiving = app::ArchiveLoop::build(&settings).await?;
+            if let Some(admin) = archiving.admin_address() {
+                tracing::info!(address = %admin, "admin listener");
+            }
+            archiving.run(&opts, token, print_archive_summary).await
         }
         Command::Relay {
             republish_parked: true,
@@ -468,7 +465,11 @@ async fn main() -> anyhow::Result<()> {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
             let token = CancellationToken::new();
             tokio::spawn(shutdown_signal(token.clone()));
-            app::relay(&settings, token).await
+            let relay = app::RelayProcess::build(&settings, token).await?;
+            if let Some(admin) = relay.admin_address() {
+                tracing::info!(address = %admin, "admin listener");
+            }
+            relay.run().await
         }
         Command::Report {
             shop,
@@ -488,12 +489,20 @@ async fn main() -> anyhow::Result<()> {
             command: ProjectCommand::Rebuild { projection },
         } => {
             let settings = Settings::load(config.map(PathBuf::as_path))?;
+            // Liveness, metrics and readiness while the rebuild runs (it may take hours).
+            let stop = CancellationToken::new();
+            let admin = app::rebuild_admin(&settings, stop.clone()).await;
             let done = match projection {
                 ProjectionName::Merchant | ProjectionName::Reports => {
-                    app::rebuild_merchant(&settings, true).await?
+                    app::rebuild_merchant(&settings, true).await
                 }
-                ProjectionName::Search => app::rebuild_search(&settings, true).await?,
+                ProjectionName::Search => app::rebuild_search(&settings, true).await,
             };
+            stop.cancel();
+            if let Some(admin) = admin {
+                let _ = admin.await;
+            }
+            let done = done?;
             println!(
                 "{} orders backfilled; following the stream after message {}",
                 done.orders, done.followed_after

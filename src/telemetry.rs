@@ -86,9 +86,19 @@ pub fn metrics() -> PrometheusHandle {
                 tracing::warn!("another metrics recorder is installed: /metrics will stay empty");
             }
             describe_metrics();
+            metrics_process::Collector::default().describe();
+            metrics::gauge!("orderly_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             handle
         })
         .clone()
+}
+
+/// The text of one scrape of `handle`: the process's own series (`process_cpu_seconds_total`,
+/// `process_resident_memory_bytes`, `process_open_fds`, `process_threads`, … from
+/// `metrics-process`) read now, then every series rendered.
+pub fn render(handle: &PrometheusHandle) -> String {
+    metrics_process::Collector::default().collect();
+    handle.render()
 }
 
 /// Every series, with its labels and meaning. Emitted where the thing happens (`metrics::`
@@ -285,6 +295,28 @@ fn describe_metrics() {
         "orderly_cache_up",
         "1 while the cache's Redis answers, 0 while it is degraded; absent when the cache is \
          disabled"
+    );
+    // the process (`crate::app`, every long-running command)
+    describe_gauge!(
+        "orderly_build_info",
+        "Always 1; the label `version` is the release of this process's binary"
+    );
+    describe_gauge!(
+        "orderly_http_requests_in_flight",
+        "Requests this process was serving when sampled (every 5 s), of server.max_in_flight; \
+         the probes and the scrape are not counted"
+    );
+    describe_gauge!(
+        "orderly_lease_valid",
+        "1 while this process holds its worker id (leased and renewed in time, or fixed) and \
+         can issue order ids; 0 while its lease is lost (creates answer 503)"
+    );
+    describe_gauge!(
+        "orderly_projection_lag_seconds",
+        Unit::Seconds,
+        "Age of the oldest order event in the stream that a read model has not applied yet, \
+         by its commit time (0 when the projection has applied everything), by projection; \
+         sampled every 5 s from JetStream by each serve process that runs the projection"
     );
 }
 

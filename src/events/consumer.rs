@@ -134,6 +134,36 @@ pub async fn stream_last_sequence(broker: &Broker) -> Result<u64, ConsumerError>
     Ok(stream.info().await.map_err(nats)?.state.last_sequence)
 }
 
+/// The commit time of the oldest order event the durable consumer `name` has not
+/// acknowledged (`None` when it has acknowledged everything the stream holds): how stale its
+/// read model is, from JetStream's own view, so it keeps growing while the consumer is
+/// stalled or no process runs it. The oldest unacknowledged message is the first one after
+/// the consumer's ack floor (its subjects are the stream's). What
+/// `orderly_projection_lag_seconds` samples.
+pub async fn oldest_unapplied(
+    broker: &Broker,
+    name: &str,
+) -> Result<Option<chrono::DateTime<chrono::Utc>>, ConsumerError> {
+    #[derive(serde::Deserialize)]
+    struct Occurred {
+        occurred_at: chrono::DateTime<chrono::Utc>,
+    }
+    let s = broker.settings();
+    let stream = broker.jetstream().get_stream(&s.stream).await.map_err(nats)?;
+    let mut consumer: PullConsumer = stream.get_consumer(name).await.map_err(nats)?;
+    let info = consumer.info().await.map_err(nats)?;
+    if info.num_pending == 0 && info.num_ack_pending == 0 {
+        return Ok(None);
+    }
+    let after = info.ack_floor.stream_sequence;
+    let message = stream
+        .get_first_raw_message_by_subject(format!("{}.orders.>", s.subject_prefix), after + 1)
+        .await
+        .map_err(nats)?;
+    let event: Occurred = serde_json::from_slice(&message.payload).map_err(nats)?;
+    Ok(Some(event.occurred_at))
+}
+
 /// Parses, applies and acknowledges `messages` (one batch).
 async fn apply_messages<P: Projection>(
     projection: &P,

@@ -241,10 +241,41 @@ fn exempt_from_load_shedding(path: &str) -> bool {
     matches!(path, "/healthz" | "/readyz" | "/metrics")
 }
 
-/// Serves at most `max` requests of `router` at once; the next one gets 503 `overloaded` at
-/// once (see the module docs). The permit is held until the response is ready.
-pub fn bound_in_flight<S: Clone + Send + Sync + 'static>(router: Router<S>, max: usize) -> Router<S> {
-    let permits = Arc::new(Semaphore::new(max));
+/// The requests a process serves at once, bounded by `server.max_in_flight` (see
+/// [`bound_in_flight`]); cheap to clone (the clones share the bound). The count is read, not
+/// kept: the gauge sampler sets `orderly_http_requests_in_flight` from [`InFlight::current`],
+/// so no request pays for a shared counter.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    permits: Arc<Semaphore>,
+    max: usize,
+}
+
+impl InFlight {
+    pub fn new(max: usize) -> InFlight {
+        InFlight {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+        }
+    }
+
+    /// Requests holding a place now (those exempt from the bound are not counted).
+    pub fn current(&self) -> usize {
+        self.max.saturating_sub(self.permits.available_permits())
+    }
+
+    /// Sets `orderly_http_requests_in_flight` to [`Self::current`].
+    pub fn record(&self) {
+        metrics::gauge!("orderly_http_requests_in_flight").set(self.current() as f64);
+    }
+}
+
+/// Serves at most `limit`'s maximum of requests of `router` at once; the next one gets 503
+/// `overloaded` at once (see the module docs). The permit is held until the response is
+/// ready.
+pub fn bound_in_flight<S: Clone + Send + Sync + 'static>(router: Router<S>, limit: InFlight) -> Router<S> {
+    let max = limit.max;
+    let permits = limit.permits;
     let log = Arc::new(SampledLog::new(SHED_LOG_EVERY));
     router.layer(middleware::from_fn(move |req: Request, next: Next| {
         let permits = permits.clone();
@@ -395,7 +426,8 @@ mod tests {
             )
             .route("/fast", get(|| async { "fast" }))
             .route("/healthz", get(|| async { "ok" }));
-        let app = bound_in_flight(app, 2);
+        let limit = InFlight::new(2);
+        let app = bound_in_flight(app, limit.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -406,6 +438,7 @@ mod tests {
         while inside.load(Ordering::SeqCst) < 2 {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        assert_eq!(limit.current(), 2, "the in-flight gauge's count");
         let refused = client.get(format!("{base}/fast")).send().await.unwrap();
         assert_eq!(refused.status(), 503);
         assert_eq!(refused.headers()["retry-after"], "1");
@@ -419,6 +452,7 @@ mod tests {
         }
         let served = client.get(format!("{base}/fast")).send().await.unwrap();
         assert_eq!(served.status(), 200);
+        assert_eq!(limit.current(), 0, "every place given back");
     }
 
     /// Sends `parts` on `stream` with `pause` between them, then reads one answer: its

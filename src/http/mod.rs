@@ -81,6 +81,10 @@ pub struct Services {
     pub limits: Arc<limits::UserLimits>,
     /// The order search index; `None` when `[search] enabled = false` (searches answer 503).
     pub search: Option<Arc<dyn crate::search::OrderIndex>>,
+    /// What `GET /readyz` checks (see [`health`]).
+    pub readiness: Arc<health::Readiness>,
+    /// The requests served at once, bounded by `server.max_in_flight` (see [`limits`]).
+    pub in_flight: limits::InFlight,
 }
 
 /// Runs a mutating use case to completion on its own task and awaits its answer.
@@ -263,7 +267,7 @@ pub fn router(state: AppState, server: &ServerSettings) -> Router {
         }));
     let body_limit = server.body_limit_bytes;
     // Inside the metrics, so that refusals are counted.
-    limits::bound_in_flight(routes, server.max_in_flight)
+    limits::bound_in_flight(routes, state.in_flight.clone())
         // Outside the in-flight bound, so that its refusals find the body read too, and a
         // client slow to send a body holds no place. Bounded by the request timeout: the
         // body is the client's part, and the time limit of the handler starts once it is in.

@@ -2,6 +2,7 @@
 
 mod helpers;
 
+mod admin;
 #[cfg(feature = "failpoints")]
 mod after_commit;
 mod archive;

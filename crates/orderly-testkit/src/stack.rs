@@ -127,6 +127,8 @@ pub fn cluster_settings(base: Settings, cluster: &LocalCluster, db_prefix: &str,
     if let Some(url) = cluster.redis_url() {
         s.redis.url = url;
     }
+    // A local cluster has no load balancer to see a process leave: shutdown stops at once.
+    s.server.shutdown_delay_ms = 0;
     match cluster.nats_url() {
         Some(url) => s.events.nats_url = url,
         // Never the machine's own broker: no NATS in the cluster, no relay.
