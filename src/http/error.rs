@@ -53,7 +53,7 @@ pub enum ApiError {
     #[error(transparent)]
     Service(#[from] Error),
     #[error("unauthorized: {0}")]
-    Unauthorized(&'static str),
+    Unauthorized(super::auth::AuthError),
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
     #[error("unsupported media type")]
@@ -148,7 +148,12 @@ impl IntoResponse for ApiError {
         use StatusCode as S;
         let none = Map::new();
         match self {
-            ApiError::Unauthorized(why) => problem(S::UNAUTHORIZED, "unauthorized", why, none),
+            ApiError::Unauthorized(why) => {
+                // RFC 6750 3: every 401 says how to authenticate, and why a token failed.
+                let mut response = problem(S::UNAUTHORIZED, "unauthorized", why.detail(), none);
+                response.headers_mut().insert(header::WWW_AUTHENTICATE, why.challenge());
+                response
+            }
             ApiError::MalformedJson(why) => problem(S::BAD_REQUEST, "malformed_json", &why, none),
             ApiError::UnsupportedMediaType => problem(
                 S::UNSUPPORTED_MEDIA_TYPE,
@@ -340,7 +345,7 @@ mod tests {
             panic!("Problem is an object schema");
         };
         let errors = [
-            ApiError::Unauthorized("x"),
+            ApiError::Unauthorized(super::super::auth::AuthError::Missing),
             ApiError::MalformedJson("x".into()),
             ApiError::UnsupportedMediaType,
             ApiError::PayloadTooLarge,
