@@ -276,9 +276,10 @@ impl AuthKeys {
     /// The caller a token authenticates. Waits only when the token names an identity
     /// provider's key not held yet (see [`Jwks::refetch_for_unknown_kid`]).
     pub async fn verify(&self, token: &str) -> Result<Caller, AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
-            ErrorKind::InvalidAlgorithmName => AuthError::Invalid("token algorithm is not allowed"),
-            _ => AuthError::Invalid("malformed token"),
+        let header = jsonwebtoken::decode_header(token).map_err(|_| match names_an_alg(token) {
+            // `none`, or a name the library does not know: a header that parses otherwise.
+            true => AuthError::Invalid("token algorithm is not allowed"),
+            false => AuthError::Invalid("malformed token"),
         })?;
         let Some((_, validation)) = self.validations.iter().find(|(a, _)| *a == header.alg) else {
             return Err(AuthError::Invalid("token algorithm is not allowed"));
@@ -375,6 +376,18 @@ fn first_verifying<'k>(
         true => "signature does not verify",
         false => "no key for this token",
     }))
+}
+
+/// Whether the token's header is JSON naming some `alg`: a header refused for its algorithm,
+/// not for its form.
+fn names_an_alg(token: &str) -> bool {
+    use base64::Engine;
+    token
+        .split('.')
+        .next()
+        .and_then(|h| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|h| serde_json::from_slice::<Value>(&h).ok())
+        .is_some_and(|h| h.get("alg").is_some_and(Value::is_string))
 }
 
 fn reason(kind: &ErrorKind) -> &'static str {
@@ -601,7 +614,14 @@ mod tests {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
         };
         let unsigned = format!("{}.{}.", b64(json!({"alg": "none"})), b64(claims(json!({}))));
-        assert!(check(&open, &unsigned).is_err());
+        assert_eq!(
+            check(&open, &unsigned),
+            Err(AuthError::Invalid("token algorithm is not allowed"))
+        );
+        assert_eq!(
+            check(&open, "not.a.token"),
+            Err(AuthError::Invalid("malformed token"))
+        );
         // HS384 under a configured secret is not HS256.
         let hs384 = jsonwebtoken::encode(
             &Header::new(Algorithm::HS384),
