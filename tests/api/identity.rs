@@ -2,7 +2,7 @@
 //! (key pairs in `tests/fixtures/jwks`), HS256 secret rotation, the algorithm allow-list,
 //! claims read through configured pointers, and the `WWW-Authenticate` of every 401.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -25,6 +25,8 @@ struct Idp {
     listed: Arc<Mutex<Vec<&'static str>>>,
     fetches: Arc<AtomicUsize>,
     up: Arc<AtomicBool>,
+    /// How long the provider takes to answer.
+    delay_ms: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -32,6 +34,7 @@ struct IdpState {
     listed: Arc<Mutex<Vec<&'static str>>>,
     fetches: Arc<AtomicUsize>,
     up: Arc<AtomicBool>,
+    delay_ms: Arc<AtomicU64>,
 }
 
 fn public_jwk(kid: &str) -> Value {
@@ -41,6 +44,7 @@ fn public_jwk(kid: &str) -> Value {
 
 async fn jwks(State(s): State<IdpState>) -> axum::response::Response {
     s.fetches.fetch_add(1, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(s.delay_ms.load(Ordering::SeqCst))).await;
     if !s.up.load(Ordering::SeqCst) {
         return AxumStatus::SERVICE_UNAVAILABLE.into_response();
     }
@@ -54,6 +58,7 @@ impl Idp {
             listed: Arc::new(Mutex::new(kids.to_vec())),
             fetches: Arc::new(AtomicUsize::new(0)),
             up: Arc::new(AtomicBool::new(true)),
+            delay_ms: Arc::new(AtomicU64::new(0)),
         };
         let app = axum::Router::new()
             .route("/.well-known/jwks.json", get(jwks))
@@ -66,6 +71,7 @@ impl Idp {
             listed: state.listed,
             fetches: state.fetches,
             up: state.up,
+            delay_ms: state.delay_ms,
         }
     }
 
@@ -256,6 +262,41 @@ async fn unknown_kids_cost_the_provider_at_most_one_fetch_per_interval() {
     assert!(answers.iter().all(|s| *s == StatusCode::UNAUTHORIZED), "{answers:?}");
     assert_eq!(idp.fetches(), 2);
     refused_because(&app, &forged(1000), "unknown signing key").await;
+}
+
+#[tokio::test]
+async fn a_hanging_fetch_holds_up_only_the_unknown_kid_and_no_longer_than_its_timeout() {
+    let idp = Idp::start(&["rsa-1"]).await;
+    let app = idp
+        .app(|s| {
+            s.auth.jwks_refresh_secs = 3600;
+            s.auth.jwks_min_refresh_secs = 1;
+            s.auth.jwks_timeout_ms = 1000;
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    idp.delay_ms.store(5000, Ordering::SeqCst);
+    let known = signed(Algorithm::RS256, "rsa-1", Some("rsa-1"), &user_claims());
+    let unknown = signed(Algorithm::RS256, "rsa-1", Some("rsa-9"), &user_claims());
+    let started = std::time::Instant::now();
+    let waiting = async {
+        let answer = as_user(&app, &unknown).await.0;
+        (answer, started.elapsed())
+    };
+    let served = async {
+        // Sent while the unknown kid's fetch hangs.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let ok = accepted(&app, &known).await;
+        (ok, started.elapsed())
+    };
+    let ((refused, refused_after), (ok, served_after)) = tokio::join!(waiting, served);
+    assert_eq!(idp.fetches(), 2, "the unknown kid's fetch was under way");
+    assert!(ok && served_after < Duration::from_millis(900), "known kid served after {served_after:?}");
+    assert_eq!(refused, StatusCode::UNAUTHORIZED);
+    assert!(
+        refused_after >= Duration::from_millis(900) && refused_after < Duration::from_millis(3000),
+        "the fetch gave up at its timeout: {refused_after:?}"
+    );
 }
 
 #[tokio::test]

@@ -4,12 +4,12 @@
 //! Invariants:
 //! - Requests read the held key set without waiting: a read lock held for an `Arc` clone,
 //!   never across an `.await`.
-//! - At most one fetch runs at a time, and at most one starts per `auth.jwks_min_refresh_secs`
-//!   (the periodic refresh, the start and the on-demand ones alike). A request whose token
-//!   names a `kid` not held asks for a fetch ([`Jwks::refetch_for_unknown_kid`]): it waits for
-//!   the fetch under way, or starts one if the last started long enough ago, or is answered
-//!   at once with the keys held. Forged kids therefore cost the provider at most one fetch
-//!   per that interval.
+//! - At most one fetch runs at a time. A request whose token names a `kid` not held asks for
+//!   a fetch ([`Jwks::refetch_for_unknown_kid`]): it waits for the fetch under way, or starts
+//!   one if the last (of any kind: the start's, the periodic refresh's, another request's)
+//!   ended at least `auth.jwks_min_refresh_secs` ago, or is answered at once with the keys
+//!   held. Forged kids therefore cost the provider at most one fetch per that interval, even
+//!   when the provider is slow or down.
 //! - A failed fetch (unreachable, slow past `auth.jwks_timeout_ms`, not a JWKS) keeps the
 //!   keys held: a provider's bad minute does not log everyone out.
 //! - Only signing keys of an asymmetric type are kept: `use: enc` keys and symmetric (`oct`)
@@ -144,7 +144,7 @@ pub struct Jwks {
     url: String,
     client: reqwest::Client,
     held: RwLock<Arc<KeySet>>,
-    /// When the last fetch started (`None`: never). Held across the fetch: the single flight.
+    /// When the last fetch ended (`None`: never). Held across the fetch: the single flight.
     gate: Mutex<Option<Instant>>,
     /// Whether the last fetch succeeded (the refresh loop retries sooner when not).
     last_ok: AtomicBool,
@@ -183,26 +183,27 @@ impl Jwks {
     /// Fetches now (after the fetch under way, if any); whether it succeeded. The start and
     /// the periodic refresh call this.
     pub async fn refresh_now(&self) -> bool {
-        let mut started = self.gate.lock().await;
-        *started = Some(Instant::now());
-        self.fetch_and_hold().await
+        let mut ended = self.gate.lock().await;
+        let ok = self.fetch_and_hold().await;
+        *ended = Some(Instant::now());
+        ok
     }
 
     /// A token named a kid that `seen` (the set it was looked up in) lacks: fetch again if
     /// allowed, and answer the keys held after it. Waits for a fetch under way; starts one
-    /// only if none started in the last `auth.jwks_min_refresh_secs`.
+    /// only if none ended in the last `auth.jwks_min_refresh_secs`.
     pub async fn refetch_for_unknown_kid(&self, seen: &Arc<KeySet>) -> Arc<KeySet> {
-        let mut started = self.gate.lock().await;
+        let mut ended = self.gate.lock().await;
         let now = self.current();
         if !Arc::ptr_eq(&now, seen) {
             // A fetch ended while this request waited or looked: that is the answer.
             return now;
         }
-        if started.is_some_and(|at| at.elapsed() < self.min_refresh) {
+        if ended.is_some_and(|at| at.elapsed() < self.min_refresh) {
             return now;
         }
-        *started = Some(Instant::now());
         self.fetch_and_hold().await;
+        *ended = Some(Instant::now());
         self.current()
     }
 
