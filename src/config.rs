@@ -249,11 +249,15 @@ impl AuthSettings {
         let mut kids = std::collections::BTreeSet::new();
         for (i, key) in self.keys.iter().enumerate() {
             if key.secret.expose_secret().len() < MIN_HMAC_SECRET_BYTES {
-                return Err(format!("auth.keys[{i}].secret must be at least {MIN_HMAC_SECRET_BYTES} bytes"));
+                return Err(format!(
+                    "auth.keys[{i}].secret must be at least {MIN_HMAC_SECRET_BYTES} bytes"
+                ));
             }
             if let Some(kid) = &key.kid {
                 if kid.is_empty() || !kids.insert(kid) {
-                    return Err(format!("auth.keys[{i}].kid must be non-empty and unique, got {kid:?}"));
+                    return Err(format!(
+                        "auth.keys[{i}].kid must be non-empty and unique, got {kid:?}"
+                    ));
                 }
             }
         }
@@ -275,7 +279,9 @@ impl AuthSettings {
             .iter()
             .find(|a| matches!(a, Algorithm::HS384 | Algorithm::HS512))
         {
-            return Err(format!("auth.algorithms: {a:?} is not supported (the shared secrets are HS256 keys)"));
+            return Err(format!(
+                "auth.algorithms: {a:?} is not supported (the shared secrets are HS256 keys)"
+            ));
         }
         for (name, pointer) in [
             ("user_claim", &self.user_claim),
@@ -738,10 +744,19 @@ mod tests {
         let s = valid();
         assert_eq!(
             s.auth.algorithms,
-            [Algorithm::HS256, Algorithm::RS256, Algorithm::ES256, Algorithm::EdDSA]
+            [
+                Algorithm::HS256,
+                Algorithm::RS256,
+                Algorithm::ES256,
+                Algorithm::EdDSA
+            ]
         );
         assert_eq!(
-            (s.auth.user_claim.as_str(), s.auth.role_claim.as_str(), s.auth.shop_claim.as_str()),
+            (
+                s.auth.user_claim.as_str(),
+                s.auth.role_claim.as_str(),
+                s.auth.shop_claim.as_str()
+            ),
             ("/sub", "/role", "/shop_id")
         );
         let mut s = valid();
@@ -767,11 +782,20 @@ mod tests {
             secret: "second-secret-second-secret-second".into(),
         }];
         let debug = format!("{s:?}");
-        assert!(!debug.contains("first-secret") && !debug.contains("second-secret"), "{debug}");
+        assert!(
+            !debug.contains("first-secret") && !debug.contains("second-secret"),
+            "{debug}"
+        );
         let written = toml::to_string(&s).unwrap();
         let back: Settings = Figment::from(Toml::string(&written)).extract().unwrap();
-        assert_eq!(back.auth.jwt_secret.expose_secret(), s.auth.jwt_secret.expose_secret());
-        assert_eq!(back.auth.keys[0].secret.expose_secret(), "second-secret-second-secret-second");
+        assert_eq!(
+            back.auth.jwt_secret.expose_secret(),
+            s.auth.jwt_secret.expose_secret()
+        );
+        assert_eq!(
+            back.auth.keys[0].secret.expose_secret(),
+            "second-secret-second-secret-second"
+        );
     }
 
     #[test]

@@ -405,7 +405,8 @@ fn reason(kind: &ErrorKind) -> &'static str {
 
 /// A NumericDate (RFC 7519 2): seconds, possibly with a fraction.
 fn seconds(v: &Value) -> Option<u64> {
-    v.as_u64().or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
+    v.as_u64()
+        .or_else(|| v.as_f64().filter(|f| *f >= 0.0).map(|f| f as u64))
 }
 
 /// An id claim as text: a decimal string, or a JSON integer.
@@ -590,7 +591,10 @@ mod tests {
         ];
         let keys = AuthKeys::new(&s);
         let t = keys.issue("7", Role::User, None, Duration::from_secs(60));
-        assert_eq!(jsonwebtoken::decode_header(&t).unwrap().kid.as_deref(), Some("k2"));
+        assert_eq!(
+            jsonwebtoken::decode_header(&t).unwrap().kid.as_deref(),
+            Some("k2")
+        );
         let only_second = AuthKeys::new(&AuthSettings {
             jwt_secret: SECOND.into(),
             ..settings("", "")
@@ -649,7 +653,9 @@ mod tests {
         let keys = AuthKeys::new(&s);
         let t = |extra: Value| {
             let mut c = claims(json!({"sub": "someone@idp", "role": null}));
-            c.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            c.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
             sign(&c, SECRET, None)
         };
         let merchant = t(json!({
@@ -694,7 +700,11 @@ mod tests {
     #[test]
     fn every_401_carries_its_challenge() {
         use axum::response::IntoResponse;
-        for e in [AuthError::Missing, AuthError::NotBearer, AuthError::Invalid("token expired")] {
+        for e in [
+            AuthError::Missing,
+            AuthError::NotBearer,
+            AuthError::Invalid("token expired"),
+        ] {
             let response = super::super::error::ApiError::Unauthorized(e).into_response();
             assert_eq!(response.status(), axum::http::StatusCode::UNAUTHORIZED);
             assert_eq!(response.headers()["www-authenticate"], e.challenge());

@@ -151,7 +151,9 @@ impl IntoResponse for ApiError {
             ApiError::Unauthorized(why) => {
                 // RFC 6750 3: every 401 says how to authenticate, and why a token failed.
                 let mut response = problem(S::UNAUTHORIZED, "unauthorized", why.detail(), none);
-                response.headers_mut().insert(header::WWW_AUTHENTICATE, why.challenge());
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, why.challenge());
                 response
             }
             ApiError::MalformedJson(why) => problem(S::BAD_REQUEST, "malformed_json", &why, none),

@@ -58,7 +58,12 @@ impl FromRequestParts<AppState> for Auth {
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim())
             .ok_or(ApiError::Unauthorized(AuthError::NotBearer))?;
-        state.auth.verify(token).await.map(Auth).map_err(ApiError::Unauthorized)
+        state
+            .auth
+            .verify(token)
+            .await
+            .map(Auth)
+            .map_err(ApiError::Unauthorized)
     }
 }
 

@@ -108,7 +108,13 @@ fn user_claims() -> Value {
 
 /// `claims` signed by the fixture key `key` with `alg`, naming `kid` in the header.
 fn signed(alg: Algorithm, key: &str, kid: Option<&str>, claims: &Value) -> String {
-    let pem = |name: &str| std::fs::read(format!("{}/tests/fixtures/jwks/{name}.pem", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let pem = |name: &str| {
+        std::fs::read(format!(
+            "{}/tests/fixtures/jwks/{name}.pem",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .unwrap()
+    };
     let encoding = match alg {
         Algorithm::RS256 | Algorithm::PS256 => EncodingKey::from_rsa_pem(&pem(key)).unwrap(),
         Algorithm::ES256 => EncodingKey::from_ec_pem(&pem(key)).unwrap(),
@@ -206,7 +212,10 @@ async fn a_new_key_of_the_provider_is_fetched_on_first_sight_and_old_ones_keep_w
     // The provider rotates: the new key is listed beside the old one.
     idp.publish(&["rsa-1", "rsa-2"]);
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    assert!(accepted(&app, &new).await, "the unknown kid fetched the set again");
+    assert!(
+        accepted(&app, &new).await,
+        "the unknown kid fetched the set again"
+    );
     assert_eq!(idp.fetches(), 2);
     assert!(accepted(&app, &old).await, "the old key is still listed");
     assert!(accepted(&app, &new).await);
@@ -243,7 +252,14 @@ async fn unknown_kids_cost_the_provider_at_most_one_fetch_per_interval() {
             s.auth.jwks_min_refresh_secs = 2;
         })
         .await;
-    let forged = |i: usize| signed(Algorithm::RS256, "rsa-1", Some(&format!("forged-{i}")), &user_claims());
+    let forged = |i: usize| {
+        signed(
+            Algorithm::RS256,
+            "rsa-1",
+            Some(&format!("forged-{i}")),
+            &user_claims(),
+        )
+    };
     let burst = |from: usize| {
         let app = &app;
         futures::future::join_all((from..from + 20).map(move |i| {
@@ -254,12 +270,18 @@ async fn unknown_kids_cost_the_provider_at_most_one_fetch_per_interval() {
     assert_eq!(idp.fetches(), 1);
     // Within the interval of the start's fetch: no fetch at all.
     let answers = burst(0).await;
-    assert!(answers.iter().all(|s| *s == StatusCode::UNAUTHORIZED), "{answers:?}");
+    assert!(
+        answers.iter().all(|s| *s == StatusCode::UNAUTHORIZED),
+        "{answers:?}"
+    );
     assert_eq!(idp.fetches(), 1);
     // After it: twenty unknown kids at once make one fetch.
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let answers = burst(100).await;
-    assert!(answers.iter().all(|s| *s == StatusCode::UNAUTHORIZED), "{answers:?}");
+    assert!(
+        answers.iter().all(|s| *s == StatusCode::UNAUTHORIZED),
+        "{answers:?}"
+    );
     assert_eq!(idp.fetches(), 2);
     refused_because(&app, &forged(1000), "unknown signing key").await;
 }
@@ -291,7 +313,10 @@ async fn a_hanging_fetch_holds_up_only_the_unknown_kid_and_no_longer_than_its_ti
     };
     let ((refused, refused_after), (ok, served_after)) = tokio::join!(waiting, served);
     assert_eq!(idp.fetches(), 2, "the unknown kid's fetch was under way");
-    assert!(ok && served_after < Duration::from_millis(900), "known kid served after {served_after:?}");
+    assert!(
+        ok && served_after < Duration::from_millis(900),
+        "known kid served after {served_after:?}"
+    );
     assert_eq!(refused, StatusCode::UNAUTHORIZED);
     assert!(
         refused_after >= Duration::from_millis(900) && refused_after < Duration::from_millis(3000),
@@ -310,7 +335,10 @@ async fn the_service_starts_while_the_provider_is_down_and_takes_its_keys_once_i
         })
         .await;
     let token = signed(Algorithm::RS256, "rsa-1", Some("rsa-1"), &user_claims());
-    assert!(accepted(&app, &app.user_token(41)).await, "HS256 is served meanwhile");
+    assert!(
+        accepted(&app, &app.user_token(41)).await,
+        "HS256 is served meanwhile"
+    );
     refused_because(&app, &token, "unknown signing key").await;
     idp.up.store(true, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -343,7 +371,12 @@ async fn hs256_secrets_rotate_by_kid() {
     .await;
     refused_because(
         &app,
-        &signed(Algorithm::HS256, "a-secret-nobody-here-knows-at-all!!", None, &claims),
+        &signed(
+            Algorithm::HS256,
+            "a-secret-nobody-here-knows-at-all!!",
+            None,
+            &claims,
+        ),
         "signature does not verify",
     )
     .await;
@@ -356,13 +389,22 @@ async fn algorithms_outside_the_allow_list_are_refused() {
     let claims = user_claims();
     assert!(accepted(&app, &signed(Algorithm::RS256, "rsa-1", Some("rsa-1"), &claims)).await);
     let not_allowed = "token algorithm is not allowed";
-    refused_because(&app, &signed(Algorithm::ES256, "ec-1", Some("ec-1"), &claims), not_allowed).await;
+    refused_because(
+        &app,
+        &signed(Algorithm::ES256, "ec-1", Some("ec-1"), &claims),
+        not_allowed,
+    )
+    .await;
     refused_because(&app, &app.user_token(41), not_allowed).await;
     let b64 = |v: Value| {
         use base64::Engine;
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string())
     };
-    let unsigned = format!("{}.{}.", b64(json!({"alg": "none", "typ": "JWT"})), b64(claims.clone()));
+    let unsigned = format!(
+        "{}.{}.",
+        b64(json!({"alg": "none", "typ": "JWT"})),
+        b64(claims.clone())
+    );
     refused_because(&app, &unsigned, not_allowed).await;
 
     // HS256 allowed (the default): a token "signed" with the provider's public key as an
@@ -392,7 +434,10 @@ async fn the_caller_is_read_through_the_configured_claim_pointers() {
     let now = now();
     let token = |extra: Value| {
         let mut claims = json!({"sub": "f3a9c1@idp", "iat": now, "exp": now + 600});
-        claims.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        claims
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
         signed(Algorithm::RS256, "rsa-1", Some("rsa-1"), &claims)
     };
     let user = token(json!({"uid": 41, "realm_access": {"roles": ["offline_access", "user"]}}));
@@ -407,8 +452,13 @@ async fn the_caller_is_read_through_the_configured_claim_pointers() {
     }));
     let (s, body) = app.call("GET", "/v1/shops/9/orders", Some(&merchant), None).await;
     assert_eq!(s, StatusCode::OK, "{body}");
-    let (s, body) = app.call("GET", "/v1/shops/10/orders", Some(&merchant), None).await;
-    assert!(s == StatusCode::FORBIDDEN || s == StatusCode::NOT_FOUND, "{s} {body}");
+    let (s, body) = app
+        .call("GET", "/v1/shops/10/orders", Some(&merchant), None)
+        .await;
+    assert!(
+        s == StatusCode::FORBIDDEN || s == StatusCode::NOT_FOUND,
+        "{s} {body}"
+    );
 
     // The default places are not read any more.
     let by_default = token(json!({"sub": "41", "role": "user"}));
@@ -469,9 +519,15 @@ async fn every_401_says_how_to_authenticate() {
                 req = req.json(&json!({}));
             }
             let resp = req.send().await.unwrap();
-            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {path} {authorization:?}");
             assert_eq!(
-                resp.headers().get("www-authenticate").map(|v| v.to_str().unwrap()),
+                resp.status(),
+                StatusCode::UNAUTHORIZED,
+                "{method} {path} {authorization:?}"
+            );
+            assert_eq!(
+                resp.headers()
+                    .get("www-authenticate")
+                    .map(|v| v.to_str().unwrap()),
                 Some(*challenge),
                 "{method} {path} {authorization:?}"
             );

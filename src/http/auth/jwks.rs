@@ -123,7 +123,10 @@ fn usable(entry: &Value) -> Result<PublicKey, &'static str> {
     let alg = match jwk.common.key_algorithm {
         None => None,
         Some(a) => {
-            let a = a.to_string().parse::<Algorithm>().map_err(|_| "an encryption `alg`")?;
+            let a = a
+                .to_string()
+                .parse::<Algorithm>()
+                .map_err(|_| "an encryption `alg`")?;
             if KeyType::of(a) != Some(kind) {
                 return Err("`alg` does not fit the key type");
             }
@@ -232,7 +235,10 @@ impl Jwks {
         let mut response = self
             .client
             .get(&self.url)
-            .header(reqwest::header::ACCEPT, "application/jwk-set+json, application/json")
+            .header(
+                reqwest::header::ACCEPT,
+                "application/jwk-set+json, application/json",
+            )
             .send()
             .await
             .map_err(|e| crate::http::error::cause_chain(&e))?;
@@ -240,7 +246,11 @@ impl Jwks {
             return Err(format!("answered {}", response.status()));
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(|e| crate::http::error::cause_chain(&e))? {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| crate::http::error::cause_chain(&e))?
+        {
             if body.len() + chunk.len() > MAX_JWKS_BYTES {
                 return Err(format!("larger than {MAX_JWKS_BYTES} bytes"));
             }
