@@ -212,6 +212,10 @@ impl Application {
             true => Some(Arc::new(TantivyIndex::open(&settings.search)?)),
             false => None,
         };
+        // With an identity provider, its keys are fetched here (a failure is logged, not
+        // fatal: see `AuthKeys::start`) and refreshed in the background.
+        let (auth, jwks_refresh) = AuthKeys::start(&settings.auth, shutdown.clone()).await?;
+        background.extend(jwks_refresh);
         let readiness = Arc::new(
             serve_readiness(&settings, orders.shards(), &profiles, ids.clone(), cache.clone())
                 .await?
@@ -228,7 +232,7 @@ impl Application {
             catalog: CatalogService::new(commerce_db, cache).with_clock(clock),
             merchant: MerchantService::new(merchant_map),
             ids,
-            auth: Arc::new(AuthKeys::new(&settings.auth)),
+            auth: Arc::new(auth),
             writes,
             metrics: telemetry::metrics(),
             limits: Arc::new(UserLimits::new(&settings.limits)),

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
 use crate::domain::ids::WorkerId;
@@ -204,16 +205,138 @@ fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Socket
     }
 }
 
+/// How bearer tokens are verified (see [`crate::http::auth`]); every key is explained in
+/// `config.default.toml`. Secrets are [`SecretString`]s: `Debug` (and so every log of the
+/// settings) shows `[REDACTED]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthSettings {
-    pub jwt_secret: String,
+    /// The first HS256 key (no `kid`); empty: none.
+    #[serde(serialize_with = "serialize_secret")]
+    pub jwt_secret: SecretString,
+    /// More HS256 keys, after `jwt_secret` (rotation).
+    pub keys: Vec<HmacKey>,
+    /// An identity provider's JWKS (`https://…/.well-known/jwks.json`); empty: none.
+    pub jwks_url: String,
+    /// The JWKS is fetched again this often.
+    pub jwks_refresh_secs: u64,
+    /// At most one fetch of the JWKS in this long, whatever asks for it.
+    pub jwks_min_refresh_secs: u64,
+    /// A fetch of the JWKS that takes longer fails.
+    pub jwks_timeout_ms: u64,
+    /// The `alg` a token header may name; any other is refused.
+    pub algorithms: Vec<jsonwebtoken::Algorithm>,
+    /// JSON pointers (RFC 6901) into the claims: the user id, the role, a merchant's shop.
+    pub user_claim: String,
+    pub role_claim: String,
+    pub shop_claim: String,
     /// Required `iss` of every token; empty: not checked.
     pub issuer: String,
     /// Required `aud` of every token; empty: not checked.
     pub audience: String,
     /// The longest a token may live (`exp - iat`).
     pub max_token_lifetime_secs: u64,
+}
+
+/// One HS256 secret of `auth.keys`; a token naming `kid` in its header is checked against
+/// the key of that `kid` only.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct HmacKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    #[serde(serialize_with = "serialize_secret")]
+    pub secret: SecretString,
+}
+
+/// Settings are written back out only for a child process (tests, the playground), which
+/// needs the secret itself.
+fn serialize_secret<S: serde::Serializer>(secret: &SecretString, ser: S) -> Result<S::Ok, S::Error> {
+    ser.serialize_str(secret.expose_secret())
+}
+
+/// HS256 secrets shorter than this are refused: RFC 7518 3.2 asks for a key at least as long
+/// as the hash (256 bits).
+const MIN_HMAC_SECRET_BYTES: usize = 32;
+
+impl AuthSettings {
+    /// The HS256 secrets in order: `jwt_secret` (when set) first, then `keys`. Tokens are
+    /// minted with the first.
+    pub fn hmac_keys(&self) -> Vec<HmacKey> {
+        let first = (!self.jwt_secret.expose_secret().is_empty()).then(|| HmacKey {
+            kid: None,
+            secret: self.jwt_secret.clone(),
+        });
+        first.into_iter().chain(self.keys.iter().cloned()).collect()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        use jsonwebtoken::Algorithm;
+        let keys = self.hmac_keys();
+        if keys.is_empty() && self.jwks_url.is_empty() {
+            return Err("auth: no key to verify tokens with: set auth.jwt_secret \
+                        (ORDERLY_AUTH__JWT_SECRET), auth.keys or auth.jwks_url"
+                .into());
+        }
+        if !self.jwt_secret.expose_secret().is_empty()
+            && self.jwt_secret.expose_secret().len() < MIN_HMAC_SECRET_BYTES
+        {
+            return Err(format!(
+                "auth.jwt_secret must be at least {MIN_HMAC_SECRET_BYTES} bytes (set ORDERLY_AUTH__JWT_SECRET)"
+            ));
+        }
+        let mut kids = std::collections::BTreeSet::new();
+        for (i, key) in self.keys.iter().enumerate() {
+            if key.secret.expose_secret().len() < MIN_HMAC_SECRET_BYTES {
+                return Err(format!(
+                    "auth.keys[{i}].secret must be at least {MIN_HMAC_SECRET_BYTES} bytes"
+                ));
+            }
+            if let Some(kid) = &key.kid {
+                if kid.is_empty() || !kids.insert(kid) {
+                    return Err(format!(
+                        "auth.keys[{i}].kid must be non-empty and unique, got {kid:?}"
+                    ));
+                }
+            }
+        }
+        if !self.jwks_url.is_empty() {
+            let url = reqwest::Url::parse(&self.jwks_url)
+                .map_err(|e| format!("auth.jwks_url is not a URL: {e}"))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err("auth.jwks_url must be an http:// or https:// URL".into());
+            }
+        }
+        if self.jwks_refresh_secs == 0 || self.jwks_min_refresh_secs == 0 || self.jwks_timeout_ms == 0 {
+            return Err("auth.jwks_refresh_secs, auth.jwks_min_refresh_secs and auth.jwks_timeout_ms must be positive".into());
+        }
+        if self.algorithms.is_empty() {
+            return Err("auth.algorithms must name at least one algorithm".into());
+        }
+        if let Some(a) = self
+            .algorithms
+            .iter()
+            .find(|a| matches!(a, Algorithm::HS384 | Algorithm::HS512))
+        {
+            return Err(format!(
+                "auth.algorithms: {a:?} is not supported (the shared secrets are HS256 keys)"
+            ));
+        }
+        for (name, pointer) in [
+            ("user_claim", &self.user_claim),
+            ("role_claim", &self.role_claim),
+            ("shop_claim", &self.shop_claim),
+        ] {
+            if !pointer.starts_with('/') {
+                return Err(format!(
+                    "auth.{name} must be a JSON pointer (RFC 6901) starting with '/', got {pointer:?}"
+                ));
+            }
+        }
+        if self.max_token_lifetime_secs == 0 {
+            return Err("auth.max_token_lifetime_secs must be positive".into());
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -458,11 +581,8 @@ impl Settings {
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errors: Vec<String> = Vec::new();
         let count = ShardCount::new(self.shards.count).map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        if self.auth.jwt_secret.len() < 32 {
-            errors.push("auth.jwt_secret must be at least 32 bytes (set ORDERLY_AUTH__JWT_SECRET)".into());
-        }
-        if self.auth.max_token_lifetime_secs == 0 {
-            errors.push("auth.max_token_lifetime_secs must be positive".into());
+        if let Err(e) = self.auth.check() {
+            errors.push(e);
         }
         if let Some(w) = self.ids.worker_id {
             if WorkerId::new(w).is_none() {
@@ -713,7 +833,7 @@ mod tests {
 
     fn valid() -> Settings {
         let mut s = Settings::defaults();
-        s.auth.jwt_secret = "x".repeat(32);
+        s.auth.jwt_secret = "x".repeat(32).into();
         s
     }
 
@@ -768,7 +888,7 @@ mod tests {
             jail.set_env("ORDERLY_AUTH__JWT_SECRET_FILE", "jwt");
             jail.set_env("ORDERLY_REDIS__URL_FILE", "redis");
             let s = Settings::load(None).expect("settings");
-            assert_eq!(s.auth.jwt_secret, SECRET);
+            assert_eq!(secrecy::ExposeSecret::expose_secret(&s.auth.jwt_secret), SECRET);
             assert_eq!(s.redis.url, "redis://:pw@127.0.0.1:6390/");
             // Both ways at once is ambiguous.
             jail.set_env("ORDERLY_AUTH__JWT_SECRET", SECRET);
@@ -808,6 +928,91 @@ mod tests {
         ] {
             assert!(e.contains(part), "{part:?} missing from {e}");
         }
+    }
+
+    #[test]
+    fn auth_needs_a_key_source_and_checks_each_one() {
+        let key = |kid: Option<&str>, secret: &str| HmacKey {
+            kid: kid.map(str::to_owned),
+            secret: secret.into(),
+        };
+        let mut s = Settings::defaults();
+        s.auth.jwks_url = "https://idp.example/.well-known/jwks.json".into();
+        s.validate().unwrap();
+        s.auth.jwks_url = "ftp://idp.example/jwks.json".into();
+        assert!(s.validate().is_err());
+        s.auth.jwks_url = "idp.example/jwks.json".into();
+        assert!(s.validate().is_err());
+        let mut s = Settings::defaults();
+        s.auth.keys = vec![key(Some("a"), &"y".repeat(32)), key(None, &"z".repeat(32))];
+        s.validate().unwrap();
+        s.auth.keys.push(key(Some("a"), &"w".repeat(32)));
+        assert!(s.validate().is_err(), "duplicate kid");
+        s.auth.keys = vec![key(None, &"y".repeat(31))];
+        assert!(s.validate().is_err(), "short secret");
+        let mut s = valid();
+        s.auth.jwt_secret = "x".repeat(31).into();
+        assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn auth_algorithms_and_claim_pointers_are_checked() {
+        use jsonwebtoken::Algorithm;
+        let s = valid();
+        assert_eq!(
+            s.auth.algorithms,
+            [
+                Algorithm::HS256,
+                Algorithm::RS256,
+                Algorithm::ES256,
+                Algorithm::EdDSA
+            ]
+        );
+        assert_eq!(
+            (
+                s.auth.user_claim.as_str(),
+                s.auth.role_claim.as_str(),
+                s.auth.shop_claim.as_str()
+            ),
+            ("/sub", "/role", "/shop_id")
+        );
+        let mut s = valid();
+        s.auth.algorithms = vec![Algorithm::HS512];
+        assert!(s.validate().is_err());
+        s.auth.algorithms = vec![];
+        assert!(s.validate().is_err());
+        let mut s = valid();
+        s.auth.role_claim = "role".into();
+        assert!(s.validate().is_err());
+        let unknown = Figment::from(Toml::string(DEFAULT_TOML))
+            .merge(Toml::string("[auth]\nalgorithms = [\"none\"]"))
+            .extract::<Settings>();
+        assert!(unknown.is_err(), "`none` is no algorithm");
+    }
+
+    #[test]
+    fn secrets_stay_out_of_debug_output_but_reach_a_child_process() {
+        let mut s = valid();
+        s.auth.jwt_secret = "first-secret-first-secret-first-secret".into();
+        s.auth.keys = vec![HmacKey {
+            kid: Some("k2".into()),
+            secret: "second-secret-second-secret-second".into(),
+        }];
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains("first-secret") && !debug.contains("second-secret"),
+            "{debug}"
+        );
+        let written = toml::to_string(&s).unwrap();
+        let back: Settings = Figment::from(Toml::string(&written)).extract().unwrap();
+        assert_eq!(
+            back.auth.jwt_secret.expose_secret(),
+            s.auth.jwt_secret.expose_secret()
+        );
+        assert_eq!(
+            back.auth.keys[0].secret.expose_secret(),
+            "second-secret-second-secret-second"
+        );
     }
 
     #[test]

@@ -244,7 +244,7 @@ pub enum ApiError {
     #[error(transparent)]
     Service(#[from] Error),
     #[error("unauthorized: {0}")]
-    Unauthorized(&'static str),
+    Unauthorized(super::auth::AuthError),
     #[error("malformed JSON: {0}")]
     MalformedJson(String),
     #[error("unsupported media type")]
@@ -313,7 +313,14 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         use ProblemCode as C;
         match self {
-            ApiError::Unauthorized(why) => problem(C::Unauthorized, why),
+            ApiError::Unauthorized(why) => {
+                // RFC 6750 3: every 401 says how to authenticate, and why a token failed.
+                let mut response = problem(C::Unauthorized, why.detail());
+                response
+                    .headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, why.challenge());
+                response
+            }
             ApiError::MalformedJson(why) => problem(C::MalformedJson, why),
             ApiError::UnsupportedMediaType => {
                 problem(C::UnsupportedMediaType, "send the body as application/json")
@@ -465,7 +472,7 @@ mod tests {
     /// Every error the edge maps, one or more per code: every code is answered by one.
     fn samples() -> Vec<ApiError> {
         vec![
-            ApiError::Unauthorized("x"),
+            ApiError::Unauthorized(super::super::auth::AuthError::Missing),
             ApiError::MalformedJson("x".into()),
             ApiError::UnsupportedMediaType,
             ApiError::PayloadTooLarge,

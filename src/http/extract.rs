@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::order::FieldErrors;
 
-use super::auth::Auth;
+use super::auth::{Auth, AuthError};
 use super::error::ApiError;
 use super::AppState;
 
@@ -49,13 +49,21 @@ impl FromRequestParts<AppState> for Auth {
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)
-            .ok_or(ApiError::Unauthorized("missing bearer token"))?;
+            .ok_or(ApiError::Unauthorized(AuthError::Missing))?;
+        // The scheme name is case-insensitive (RFC 9110 11.1).
         let token = header
             .to_str()
             .ok()
-            .and_then(|h| h.strip_prefix("Bearer "))
-            .ok_or(ApiError::Unauthorized("expected 'Authorization: Bearer <token>'"))?;
-        state.auth.verify(token).map(Auth)
+            .and_then(|h| h.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim())
+            .ok_or(ApiError::Unauthorized(AuthError::NotBearer))?;
+        state
+            .auth
+            .verify(token)
+            .await
+            .map(Auth)
+            .map_err(ApiError::Unauthorized)
     }
 }
 

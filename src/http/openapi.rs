@@ -404,9 +404,19 @@ mod tests {
     /// plain axum `.route(` or `routing::` in the HTTP layer would serve an undocumented route.
     #[test]
     fn no_route_is_added_around_the_document() {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/src/http");
-        for entry in std::fs::read_dir(dir).unwrap() {
-            let path = entry.unwrap().path();
+        let mut dirs = vec![std::path::PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/src/http"
+        ))];
+        // Every file under src/http, those of module directories (`auth/`) too.
+        let files = std::iter::from_fn(|| {
+            let dir = dirs.pop()?;
+            let entries = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path());
+            let (sub, files): (Vec<_>, Vec<_>) = entries.partition(|p| p.is_dir());
+            dirs.extend(sub);
+            Some(files)
+        });
+        for path in files.collect::<Vec<_>>().concat() {
             if path.ends_with("openapi.rs") {
                 continue; // this test names what it looks for
             }

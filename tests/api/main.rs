@@ -21,6 +21,7 @@ mod events;
 mod exactly_once;
 mod flash;
 mod fuzz;
+mod identity;
 mod keep_alive;
 mod lifecycle;
 mod limits;

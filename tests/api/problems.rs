@@ -130,7 +130,7 @@ async fn a_request_cut_off_by_its_timeout_is_a_503_problem_and_its_write_complet
 /// One error per way the edge answers, so that every code is answered by some of them.
 fn every_kind_of_error() -> Vec<ApiError> {
     vec![
-        ApiError::Unauthorized("missing bearer token"),
+        ApiError::Unauthorized(orderly::http::auth::AuthError::Missing),
         ApiError::MalformedJson("expected value".into()),
         ApiError::UnsupportedMediaType,
         ApiError::PayloadTooLarge,

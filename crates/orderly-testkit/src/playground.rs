@@ -200,7 +200,7 @@ pub async fn run(config: Option<&Path>, port: u16) -> anyhow::Result<()> {
         None => Settings::defaults(),
     };
     base.auth.jwt_secret =
-        uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string();
+        (uuid::Uuid::new_v4().simple().to_string() + &uuid::Uuid::new_v4().simple().to_string()).into();
     base.server.listen = ([127, 0, 0, 1], port).into();
     // The playground's service and a command run beside it with the settings written below
     // (`orderly archive`) fit into every server's max_connections together, whatever pool

@@ -419,7 +419,7 @@ pub async fn run(opts: ArchiveOptions, out: PathBuf) -> anyhow::Result<String> {
         if opts.durable { "durable" } else { "fast" }
     );
     let mut base = Settings::defaults();
-    base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
+    base.auth.jwt_secret = (format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret").into();
     base.server.listen = ([127, 0, 0, 1], 0).into();
     let wanted = base.database.max_connections.max(opts.concurrency as u32);
     base.limits = LimitSettings::off();

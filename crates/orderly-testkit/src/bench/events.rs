@@ -223,7 +223,7 @@ async fn raw_create(
 /// Runs the events bench on a self-started cluster and writes `DIR/events.md`.
 pub async fn run(opts: EventsOptions, out: PathBuf) -> anyhow::Result<String> {
     let mut base = Settings::defaults();
-    base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
+    base.auth.jwt_secret = (format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret").into();
     base.server.listen = ([127, 0, 0, 1], 0).into();
     let wanted = base.database.max_connections.max(opts.concurrency as u32);
     base.limits = LimitSettings::off();

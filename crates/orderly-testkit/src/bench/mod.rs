@@ -1960,8 +1960,10 @@ pub async fn run(
                 },
             );
             let mut base = settings.unwrap_or_else(Settings::defaults);
-            if base.auth.jwt_secret.len() < 32 {
-                base.auth.jwt_secret = format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret";
+            // Tokens are minted with the first HS256 secret: make one if there is none.
+            if base.auth.hmac_keys().is_empty() {
+                base.auth.jwt_secret =
+                    (format!("bench-{}", uuid::Uuid::new_v4().simple()) + "-bench-secret").into();
             }
             base.server.listen = ([127, 0, 0, 1], 0).into();
             // The service gets as many connections per server as the raw baseline may use.

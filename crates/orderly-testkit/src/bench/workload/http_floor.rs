@@ -46,7 +46,11 @@ async fn read(State(floor): State<Arc<Floor>>, Path(id): Path<String>, headers: 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    if token.is_none_or(|t| floor.keys.verify(t).is_err()) {
+    let verified = match token {
+        Some(t) => floor.keys.verify(t).await.is_ok(),
+        None => false,
+    };
+    if !verified {
         return StatusCode::UNAUTHORIZED.into_response();
     }
     let Some(id) = OrderId::parse(&id) else {
