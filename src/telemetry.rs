@@ -195,6 +195,19 @@ fn describe_metrics() {
          (MASTER_GTID_WAIT); reads whose replica was known to have it do not wait"
     );
     describe_counter!(
+        "orderly_replica_fences_total",
+        "Primary GTID positions read for session reads (the fence), by database and outcome: \
+         read, shared (a read joined one in flight), failed"
+    );
+    describe_counter!(
+        "orderly_replica_read_timeouts_total",
+        "Replica reads cut off at replicas.read_timeout_ms (the read moved on), by replica"
+    );
+    describe_counter!(
+        "orderly_order_replays_total",
+        "Creates answered as an identical replay of an order already created (200, not 201)"
+    );
+    describe_counter!(
         "orderly_replica_gtid_wait_timeouts_total",
         "Session reads whose replica did not apply the watermark within \
          replicas.gtid_wait_ms (the primary answered), by replica"

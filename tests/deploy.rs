@@ -20,14 +20,8 @@ use orderly_testkit::cluster::{
 use serde_yaml_ng::Value;
 
 /// Series emitted by code not described in `src/telemetry.rs`: the process metrics of the
-/// `metrics-process` crate, which describes them itself, and series another change of the
-/// same issue adds (a build-info gauge, requests in flight, the worker-id lease, projection
-/// lag). Once those are described in `telemetry.rs` they need not be listed here.
+/// `metrics-process` crate, which describes them itself.
 const EMITTED_ELSEWHERE: &[&str] = &[
-    "orderly_build_info",
-    "orderly_http_requests_in_flight",
-    "orderly_lease_valid",
-    "orderly_projection_lag_seconds",
     "process_cpu_seconds_total",
     "process_open_fds",
     "process_max_fds",

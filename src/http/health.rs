@@ -30,7 +30,6 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use axum::{Json, Router};
 use futures::future::BoxFuture;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -277,6 +276,7 @@ struct Admin {
 /// authentication, limits or request metrics (bind it where only operators reach it). Not
 /// part of the API: not in the OpenAPI document.
 pub fn admin_router(readiness: Arc<Readiness>, metrics: PrometheusHandle) -> Router {
+    use axum::routing::get;
     Router::new()
         .route("/metrics", get(admin_metrics))
         .route("/healthz", get(healthz))
