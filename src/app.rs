@@ -931,7 +931,7 @@ impl RelayProcess {
     }
 
     /// Relays until the shutdown token fires; the admin listener and the gauges (the
-    /// relayed databases' pools; the relays set `orderly_outbox_backlog` and
+    /// relayed databases' pools; the relays set `orderly_outbox_backlog_events` and
     /// `orderly_relay_active` themselves) run beside.
     pub async fn run(self) -> anyhow::Result<()> {
         let admin = self.admin.map(|(admin, readiness)| {

@@ -205,7 +205,7 @@ enum ReportFormat {
 
 #[derive(Subcommand)]
 enum ProjectCommand {
-    /// Rebuild a read model from the shards, then follow the stream from where it started.
+    /// Rebuild a read model from the shards; the consumer in `serve` follows the stream from where the rebuild started.
     Rebuild {
         /// The read model to rebuild.
         #[arg(value_enum)]

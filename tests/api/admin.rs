@@ -117,7 +117,7 @@ async fn admin_a_relay_on_its_own_is_scraped_and_probed_on_its_admin_listener() 
         let settled = databases.iter().all(|db| {
             let label = format!("database=\"{db}\"");
             value(&text, "orderly_relay_active", &label) == Some(1.0)
-                && value(&text, "orderly_outbox_backlog", &label) == Some(0.0)
+                && value(&text, "orderly_outbox_backlog_events", &label) == Some(0.0)
         });
         if settled {
             break text;

@@ -190,9 +190,9 @@ async fn pools_that_cannot_fit_a_server_are_warned_about_at_start() {
     let _log = tracing::subscriber::set_default(subscriber);
     // Pools open lazily beyond their first connection, so this many per pool costs nothing
     // here. The first server holds the commerce, archive and a shard database: 3 × 200, the
-    // lease's 2, a relay's connection for two of them and the search writer's lock, 605 over
-    // its 500. The second holds
-    // a shard database and the merchant copy: 401, which fits.
+    // lease's 2, a relay's connection for two of them, the search writer's lock and the
+    // readiness probes' one connection for commerce and the shard, 607 over its 500. The
+    // second holds a shard database and the merchant copy: 402, which fits.
     let app = TestApp::spawn_with(|s| s.database.max_connections = 200).await;
     let fits = TestApp::spawn_with(|s| s.database.max_connections = 8).await;
     drop((app, fits));
@@ -205,9 +205,9 @@ async fn pools_that_cannot_fit_a_server_are_warned_about_at_start() {
     assert!(
         warnings.iter().any(|l| l.contains(&first)
             && l.contains("max_connections=500")
-            && l.contains("connections=605")
+            && l.contains("connections=607")
             && l.contains("commerce")),
-        "no warning names the first server, its 500 and the 605 connections: {text}"
+        "no warning names the first server, its 500 and the 607 connections: {text}"
     );
     assert_eq!(
         warnings.len(),
