@@ -612,8 +612,8 @@ fn the_compose_services_load_valid_settings_against_the_compose_servers() {
             humantime::parse_duration(str_of(&services[name]["stop_grace_period"], "stop_grace_period"))
                 .expect("a duration");
         assert!(
-            grace.as_millis() > u128::from(s.server.shutdown_grace_ms),
-            "{name}: compose waits {grace:?} after SIGTERM, less than server.shutdown_grace_ms"
+            grace.as_millis() > u128::from(s.server.shutdown_delay_ms + s.server.shutdown_grace_ms),
+            "{name}: compose waits {grace:?} after SIGTERM, less than server.shutdown_delay_ms + shutdown_grace_ms"
         );
     }
     assert_eq!(
@@ -752,22 +752,37 @@ fn the_kubernetes_workloads_load_valid_settings_and_fit_the_shutdown_grace() {
         );
         assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
         assert!(!s.archive.run_in_serve, "the CronJob archives, not serve");
-        // SIGTERM: the preStop pause, then server.shutdown_grace_ms, within the pod's grace.
+        // SIGTERM: server.shutdown_delay_ms (unready, still serving), then
+        // server.shutdown_grace_ms, within the pod's grace.
         if command == "serve" {
             let grace_secs = pod_spec(w)["terminationGracePeriodSeconds"]
                 .as_u64()
                 .expect("a grace");
-            let pause_secs: u64 = strings(&container(w)["lifecycle"]["preStop"]["exec"]["command"])
-                .last()
-                .and_then(|s| s.parse().ok())
-                .expect("a preStop pause");
             assert!(
-                (pause_secs * 1000 + s.server.shutdown_grace_ms) < grace_secs * 1000,
-                "{kind} {name}: {pause_secs} s + shutdown_grace_ms must end within {grace_secs} s"
+                s.server.shutdown_delay_ms + s.server.shutdown_grace_ms < grace_secs * 1000,
+                "{kind} {name}: shutdown_delay_ms + shutdown_grace_ms must end within {grace_secs} s"
+            );
+            assert!(
+                s.server.shutdown_delay_ms > 0,
+                "{kind} {name}: no unready phase on SIGTERM"
             );
             let probe = |p: &str| str_of(&container(w)[p]["httpGet"]["path"], p).to_owned();
             assert_eq!(probe("readinessProbe"), "/readyz", "{kind} {name}");
-            assert_eq!(probe("livenessProbe"), "/healthz", "{kind} {name}");
+            assert_eq!(probe("livenessProbe"), "/livez", "{kind} {name}");
+            // The probes reach the admin listener: their port is the one it binds.
+            let admin = s.server.admin_listen.expect("an admin listener").port();
+            let port_of = |name: &str| {
+                container(w)["ports"]
+                    .as_sequence()
+                    .into_iter()
+                    .flatten()
+                    .find(|p| p["name"].as_str() == Some(name))
+                    .and_then(|p| p["containerPort"].as_u64())
+            };
+            for p in ["readinessProbe", "livenessProbe"] {
+                let name = str_of(&container(w)[p]["httpGet"]["port"], p);
+                assert_eq!(port_of(name), Some(u64::from(admin)), "{kind} {name}: {p} port");
+            }
         }
         // One search writer: the StatefulSet, with its index on its volume claim.
         let writer = kind == "StatefulSet";
