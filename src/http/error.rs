@@ -309,6 +309,59 @@ pub fn cause_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+impl ApiError {
+    /// Every error the edge maps, one or more per code: every code is answered by one. For
+    /// the contract's tests (here and in `tests/api/problems.rs`), not for serving.
+    #[doc(hidden)]
+    pub fn every_kind() -> Vec<ApiError> {
+        use crate::domain::ids::{CouponId, FlashSaleId, ProductId};
+        use crate::domain::status::OrderStatus;
+        use crate::service::Error;
+        vec![
+            ApiError::Unauthorized(super::auth::AuthError::Missing),
+            ApiError::MalformedJson("x".into()),
+            ApiError::UnsupportedMediaType,
+            ApiError::PayloadTooLarge,
+            ApiError::UnreadableBody,
+            ApiError::BodyTimeout,
+            ApiError::NoRoute,
+            ApiError::MethodNotAllowed,
+            ApiError::Timeout,
+            ApiError::RateLimited { retry_after_secs: 3 },
+            ApiError::Overloaded,
+            ApiError::Internal("x".into()),
+            FieldErrors::single("f", "m").into(),
+            Error::NotFound.into(),
+            Error::Forbidden("x").into(),
+            Error::VersionConflict { current_version: 3 }.into(),
+            Error::InvalidTransition {
+                status: OrderStatus::Shipped,
+            }
+            .into(),
+            Error::IdempotencyConflict.into(),
+            Error::Archived.into(),
+            Error::OutOfStock {
+                product_id: ProductId::new(7).unwrap(),
+            }
+            .into(),
+            Error::CouponUnavailable {
+                coupon_id: CouponId::new(7).unwrap(),
+            }
+            .into(),
+            Error::LimitExceeded { held: 9, max: 10 }.into(),
+            Error::FlashLimit {
+                sale_id: FlashSaleId::new(5).unwrap(),
+                limit: 2,
+            }
+            .into(),
+            Error::PaymentMismatch { detail: "x".into() }.into(),
+            Error::Unavailable("x".into()).into(),
+            crate::storage::StorageError::Db(sqlx::Error::PoolTimedOut).into(),
+            crate::storage::StorageError::Corrupt("x".into()).into(),
+        ]
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         use ProblemCode as C;
@@ -460,59 +513,11 @@ fn service_problem(e: Error) -> Response {
 mod tests {
     use super::cause_chain;
     use super::{ApiError, Problem, ProblemCode};
-    use crate::domain::ids::{CouponId, FlashSaleId, ProductId};
-    use crate::domain::order::FieldErrors;
-    use crate::domain::status::OrderStatus;
     use crate::service::Error;
     use axum::response::IntoResponse;
     use utoipa::openapi::schema::Schema;
     use utoipa::openapi::RefOr;
     use utoipa::PartialSchema;
-
-    /// Every error the edge maps, one or more per code: every code is answered by one.
-    fn samples() -> Vec<ApiError> {
-        vec![
-            ApiError::Unauthorized(super::super::auth::AuthError::Missing),
-            ApiError::MalformedJson("x".into()),
-            ApiError::UnsupportedMediaType,
-            ApiError::PayloadTooLarge,
-            ApiError::UnreadableBody,
-            ApiError::BodyTimeout,
-            ApiError::NoRoute,
-            ApiError::MethodNotAllowed,
-            ApiError::Timeout,
-            ApiError::RateLimited { retry_after_secs: 3 },
-            ApiError::Overloaded,
-            ApiError::Internal("x".into()),
-            FieldErrors::single("f", "m").into(),
-            Error::NotFound.into(),
-            Error::Forbidden("x").into(),
-            Error::VersionConflict { current_version: 3 }.into(),
-            Error::InvalidTransition {
-                status: OrderStatus::Shipped,
-            }
-            .into(),
-            Error::IdempotencyConflict.into(),
-            Error::Archived.into(),
-            Error::OutOfStock {
-                product_id: ProductId::new(7).unwrap(),
-            }
-            .into(),
-            Error::CouponUnavailable {
-                coupon_id: CouponId::new(7).unwrap(),
-            }
-            .into(),
-            Error::LimitExceeded { held: 9, max: 10 }.into(),
-            Error::FlashLimit {
-                sale_id: FlashSaleId::new(5).unwrap(),
-                limit: 2,
-            }
-            .into(),
-            Error::PaymentMismatch { detail: "x".into() }.into(),
-            Error::Unavailable("x".into()).into(),
-            crate::storage::StorageError::Corrupt("x".into()).into(),
-        ]
-    }
 
     /// Every body carries the members the schema requires and only members it has; its
     /// status and type follow from its code; every code is answered by some error.
@@ -522,7 +527,7 @@ mod tests {
             panic!("Problem is an object schema");
         };
         let mut codes = std::collections::HashSet::new();
-        for e in samples() {
+        for e in ApiError::every_kind() {
             let text = format!("{e:?}");
             let response = e.into_response();
             let status = response.status();
@@ -579,7 +584,7 @@ mod tests {
     /// Where a problem says when to retry, the header says the same.
     #[tokio::test]
     async fn retry_after_header_and_member_agree() {
-        for e in samples() {
+        for e in ApiError::every_kind() {
             let text = format!("{e:?}");
             let response = e.into_response();
             let header = response

@@ -7,12 +7,7 @@
 use std::time::{Duration, Instant};
 
 use axum::response::IntoResponse;
-use orderly::domain::ids::{CouponId, FlashSaleId, ProductId};
-use orderly::domain::order::FieldErrors;
-use orderly::domain::status::OrderStatus;
 use orderly::http::error::{ApiError, ProblemCode};
-use orderly::service::Error;
-use orderly::storage::StorageError;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use sqlx::{Connection, MySqlConnection};
@@ -127,55 +122,6 @@ async fn a_request_cut_off_by_its_timeout_is_a_503_problem_and_its_write_complet
 
 // ---------------------------------------------------------------- the contract
 
-/// One error per way the edge answers, so that every code is answered by some of them.
-fn every_kind_of_error() -> Vec<ApiError> {
-    vec![
-        ApiError::Unauthorized(orderly::http::auth::AuthError::Missing),
-        ApiError::MalformedJson("expected value".into()),
-        ApiError::UnsupportedMediaType,
-        ApiError::PayloadTooLarge,
-        ApiError::UnreadableBody,
-        ApiError::BodyTimeout,
-        ApiError::NoRoute,
-        ApiError::MethodNotAllowed,
-        ApiError::Timeout,
-        ApiError::RateLimited { retry_after_secs: 2 },
-        ApiError::Overloaded,
-        ApiError::Internal("a bug".into()),
-        FieldErrors::single("items", "must not be empty").into(),
-        Error::NotFound.into(),
-        Error::Forbidden("merchants do not pay").into(),
-        Error::VersionConflict { current_version: 4 }.into(),
-        Error::InvalidTransition {
-            status: OrderStatus::Shipped,
-        }
-        .into(),
-        Error::IdempotencyConflict.into(),
-        Error::Archived.into(),
-        Error::OutOfStock {
-            product_id: ProductId::new(17).unwrap(),
-        }
-        .into(),
-        Error::CouponUnavailable {
-            coupon_id: CouponId::new(18).unwrap(),
-        }
-        .into(),
-        Error::LimitExceeded { held: 9, max: 10 }.into(),
-        Error::FlashLimit {
-            sale_id: FlashSaleId::new(19).unwrap(),
-            limit: 2,
-        }
-        .into(),
-        Error::PaymentMismatch {
-            detail: "amount 5 against 7 due".into(),
-        }
-        .into(),
-        Error::Unavailable("redis is down".into()).into(),
-        StorageError::Db(sqlx::Error::PoolTimedOut).into(),
-        StorageError::Corrupt("bad row".into()).into(),
-    ]
-}
-
 /// `value` against `schema`, a JSON Schema of the OpenAPI 3.1 document `doc`, as far as the
 /// document's schemas go: `$ref`, `oneOf`/`anyOf`/`allOf`, `type` (one or a list), `enum`,
 /// `properties`, `required`, `items`, `minimum`. Every failure, as a path into `value`.
@@ -285,7 +231,7 @@ async fn every_problem_body_validates_against_the_documented_problem_schema() {
     assert_eq!(documented, codes);
     let mut sent = std::collections::BTreeSet::new();
     let mut failures = Vec::new();
-    for e in every_kind_of_error() {
+    for e in ApiError::every_kind() {
         let what = format!("{e:?}");
         let response = e.into_response();
         let status = response.status();
