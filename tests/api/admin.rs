@@ -3,7 +3,6 @@
 //! phases of `serve`'s shutdown (unready first, still serving; then stop), and the projection
 //! lag read from JetStream.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
@@ -17,15 +16,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::TestApp;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::helpers::{free_port, orderly_command, TestApp};
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -85,19 +76,8 @@ async fn admin_a_relay_on_its_own_is_scraped_and_probed_on_its_admin_listener() 
     let mut settings = app.settings.clone();
     let port = free_port();
     settings.server.admin_listen = Some(([127, 0, 0, 1], port).into());
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("orderly.toml");
-    std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .arg("--config")
-        .arg(&config)
-        .arg("relay")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut command, _dir) = orderly_command(&settings);
+    let mut child = command.arg("relay").spawn().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let up = Instant::now();
     while client().get(format!("{base}/livez")).send().await.is_err() {

@@ -67,15 +67,10 @@ async fn tables_of(url: &str) -> i64 {
 
 /// `orderly --config <settings> <args>`, run to its end.
 async fn orderly(settings: &Settings, args: &[&str]) -> Output {
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("orderly.toml");
-    std::fs::write(&config, toml::to_string(settings).unwrap()).unwrap();
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .arg("--config")
-        .arg(&config)
+    let (mut command, _dir) = crate::helpers::orderly_command(settings);
+    command
         .args(args)
-        .env("RUST_LOG", "warn")
-        .kill_on_drop(true)
+        .stdout(std::process::Stdio::piped())
         .output()
         .await
         .unwrap()

@@ -3,7 +3,6 @@
 //! period and exits cleanly; every order it answered 2xx for is complete in the database, and
 //! no create is left half-written (a reservation without its order).
 
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,15 +10,7 @@ use orderly::domain::ids::OrderId;
 use reqwest::StatusCode;
 use sqlx::{AssertSqlSafe, Connection, MySqlConnection};
 
-use crate::helpers::TestApp;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use crate::helpers::{free_port, orderly_command, TestApp};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_are_complete_after_sigterm_during_a_burst() {
@@ -31,20 +22,8 @@ async fn acknowledged_writes_are_complete_after_sigterm_during_a_burst() {
     let port = free_port();
     settings.server.listen = ([127, 0, 0, 1], port).into();
     settings.server.shutdown_grace_ms = 10_000;
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("orderly.toml");
-    std::fs::write(&config, toml::to_string(&settings).unwrap()).unwrap();
-
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_orderly"))
-        .arg("--config")
-        .arg(&config)
-        .arg("serve")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut command, _dir) = orderly_command(&settings);
+    let mut child = command.arg("serve").spawn().unwrap();
     let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let up = Instant::now();
