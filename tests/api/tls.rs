@@ -1,8 +1,8 @@
 //! TLS to the dependencies: a cluster whose MariaDB server requires secure transport
 //! (`require_secure_transport=ON`, a certificate signed by a throwaway CA made with the
-//! `openssl` tool) and whose Redis is reached over `rediss://`. The service is configured as
-//! an operator would: `ssl-mode=VERIFY_IDENTITY&ssl-ca=…` in every database URL and
-//! `redis.tls_ca_file`.
+//! `openssl` tool), whose Redis is reached over `rediss://` and whose NATS requires TLS. The
+//! service is configured as an operator would: `ssl-mode=VERIFY_IDENTITY&ssl-ca=…` in every
+//! database URL, `redis.tls_ca_file` and `events.nats_tls_ca_file`.
 
 use orderly::domain::ids::OrderId;
 use orderly::redis::cache::order_key;
@@ -13,7 +13,7 @@ use sqlx::{Connection, MySqlConnection};
 use crate::helpers::*;
 
 #[tokio::test]
-async fn the_service_works_against_a_mariadb_that_requires_tls_and_a_tls_redis() {
+async fn the_service_works_over_tls_to_mariadb_redis_and_nats() {
     let cluster = LocalCluster::start(ClusterSpec {
         tls: true,
         ..ClusterSpec::default()
@@ -61,9 +61,11 @@ async fn the_service_works_against_a_mariadb_that_requires_tls_and_a_tls_redis()
     let app = TestApp::spawn_on(&cluster, |s| {
         s.redis.url = rediss.clone();
         s.redis.tls_ca_file = tls.ca.clone();
+        s.events.nats_tls_ca_file = tls.ca.clone();
     })
     .await;
     assert!(app.settings.commerce.url.contains("ssl-mode=VERIFY_IDENTITY"));
+    assert!(app.settings.events.nats_url.starts_with("tls://"));
     let catalog = app.catalog(&[10]).await;
     let order = app.place_order(7, &[(&catalog.products[0], 1)]).await;
     let id = order["order_id"].as_str().unwrap();
@@ -95,4 +97,7 @@ async fn the_service_works_against_a_mariadb_that_requires_tls_and_a_tls_redis()
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(cached.is_some(), "the order was never cached over rediss://");
+
+    // The relay published the order's event to the TLS-only NATS: the outbox drains.
+    app.wait_outbox_drained(std::time::Duration::from_secs(20)).await;
 }

@@ -246,7 +246,8 @@ pub struct ClusterSpec {
     /// TLS everywhere it is tested: a CA and a server certificate ([`TlsFiles`]); every
     /// MariaDB server requires secure transport (`require_secure_transport=ON`) and its URLs
     /// verify the full identity; Redis listens for TLS on a second port
-    /// ([`RedisServer::tls_url`]). Off by default. Not with replicas.
+    /// ([`RedisServer::tls_url`]); NATS requires TLS (`tls://` URL). Off by default. Not with
+    /// replicas.
     pub tls: bool,
 }
 
@@ -341,7 +342,8 @@ impl LocalCluster {
             cluster.redis = Some(redis);
         }
         if let Some(binary) = binaries.nats {
-            let nats = NatsServer::new(&cluster.path, binary, ports.pick()?)?;
+            let mut nats = NatsServer::new(&cluster.path, binary, ports.pick()?)?;
+            nats.tls = cluster.tls.clone();
             nats.spawn().await?;
             cluster.nats = Some(nats);
         }

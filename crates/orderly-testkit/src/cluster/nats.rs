@@ -8,6 +8,8 @@ pub struct NatsServer {
     pub(super) port: u16,
     pub(super) binary: PathBuf,
     pub(super) process: ServerProcess,
+    /// A TLS cluster's certificate: the server then requires TLS of every client.
+    pub(super) tls: Option<TlsFiles>,
 }
 
 impl NatsServer {
@@ -18,6 +20,7 @@ impl NatsServer {
             port,
             binary,
             process: ServerProcess::new("nats".into(), dir.clone(), dir.join("nats.log")),
+            tls: None,
         })
     }
 
@@ -26,9 +29,12 @@ impl NatsServer {
         self.port
     }
 
-    /// `nats://127.0.0.1:PORT`.
+    /// `nats://127.0.0.1:PORT`, or `tls://127.0.0.1:PORT` in a TLS cluster.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
+        match self.tls {
+            None => format!("nats://127.0.0.1:{}", self.port),
+            Some(_) => format!("tls://127.0.0.1:{}", self.port),
+        }
     }
 
     /// Its log (the server's stdout and stderr).
@@ -78,6 +84,14 @@ impl NatsServer {
             // (a broker crash loses nothing it acknowledged), and go with the cluster.
             .arg("-sd")
             .arg(self.process.dir.join("js"));
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--tls")
+                .arg("--tlscert")
+                .arg(&tls.cert)
+                .arg("--tlskey")
+                .arg(&tls.key);
+        }
         self.process.spawn(command).await
     }
 
@@ -101,13 +115,15 @@ impl NatsServer {
 
     pub(super) async fn wait_ready(&self) -> Result<(), Failure> {
         let port = self.port;
-        self.process.wait_ready(|| nats_ping(port)).await
+        let tls = self.tls.is_some();
+        self.process.wait_ready(|| nats_ping(port, tls)).await
     }
 }
 
 /// Speaks the start of the NATS protocol on `port`: the server's `INFO`, then `CONNECT` and
-/// `PING`, expecting `PONG`.
-pub(super) async fn nats_ping(port: u16) -> Result<(), String> {
+/// `PING`, expecting `PONG`. A server that requires TLS (`tls`) is ready once its `INFO` says
+/// so: the harness does not speak TLS.
+pub(super) async fn nats_ping(port: u16, tls: bool) -> Result<(), String> {
     let mut stream = tokio::net::TcpStream::connect((Ipv4Addr::LOCALHOST, port))
         .await
         .map_err(|e| e.to_string())?;
@@ -124,6 +140,12 @@ pub(super) async fn nats_ping(port: u16) -> Result<(), String> {
         if !sent && text.contains("\r\n") {
             if !text.starts_with("INFO ") {
                 return Err(format!("unexpected greeting {:?}", text));
+            }
+            if tls {
+                return match text.contains("\"tls_required\":true") {
+                    true => Ok(()),
+                    false => Err(format!("TLS not required: {text:?}")),
+                };
             }
             stream
                 .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
