@@ -241,6 +241,7 @@ pub struct AuthSettings {
 /// One HS256 secret of `auth.keys`; a token naming `kid` in its header is checked against
 /// the key of that `kid` only.
 #[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct HmacKey {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kid: Option<String>,
@@ -491,22 +492,61 @@ pub const SECRET_KEYS: &[&str] = &[
 /// `url` with its password, if any, replaced by `***`: database, Redis and NATS URLs may carry
 /// one, and an error or log line must not.
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => match userinfo.split_once(':') {
-            Some((user, _password)) => format!("{scheme}://{user}:***@{host}{tail}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
+    redact_urls_in(url)
+}
+
+/// `text` with the password (or lone token) of every URL in it replaced by `***`: for
+/// messages that may quote a setting's value, such as a settings file's parse error.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '"' | '\'' | '`'))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                match userinfo.split_once(':') {
+                    Some((user, _password)) => out.push_str(&format!("{user}:***@")),
+                    // A lone token (`nats://TOKEN@host`) is the secret itself.
+                    None => out.push_str("***@"),
+                }
+                out.push_str(host);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
     }
+    out.push_str(rest);
+    out
 }
 
 /// Variables with the `ORDERLY_` prefix that are not settings: the binary's `--config`.
 const NOT_SETTINGS: &[&str] = &["CONFIG"];
+
+/// Whether `key` (an `ORDERLY_` variable without its prefix) is one of the variables
+/// Kubernetes sets for a Service named `orderly…` (`ORDERLY_SERVICE_HOST`,
+/// `ORDERLY_SEARCH_PORT_80_TCP_ADDR`, …): not a setting, and no setting looks like one (they
+/// have no `__`).
+fn is_service_link(key: &str) -> bool {
+    if key.contains("__") {
+        return false;
+    }
+    let parts: Vec<&str> = key.split('_').collect();
+    let service = parts
+        .windows(2)
+        .any(|w| w[0] == "SERVICE" && (w[1] == "HOST" || w[1] == "PORT"));
+    let port = parts.iter().enumerate().any(|(i, p)| {
+        *p == "PORT"
+            && (i + 1 == parts.len()
+                || (parts[i + 1].bytes().all(|b| b.is_ascii_digit())
+                    && matches!(parts.get(i + 2), Some(&("TCP" | "UDP" | "SCTP")))))
+    });
+    service || port
+}
 
 /// The `ORDERLY_` variables as settings, and the secrets read from the files that the
 /// `…_FILE` variables of [`SECRET_KEYS`] name.
@@ -533,7 +573,7 @@ fn environment() -> Result<(Env, Vec<(String, String)>), ConfigError> {
     let env = Env::prefixed("ORDERLY_")
         .filter(move |k| {
             let k = k.as_str().to_ascii_uppercase();
-            !NOT_SETTINGS.contains(&k.as_str()) && !from_files.contains(&k)
+            !NOT_SETTINGS.contains(&k.as_str()) && !from_files.contains(&k) && !is_service_link(&k)
         })
         .split("__");
     Ok((env, secrets))
@@ -541,7 +581,8 @@ fn environment() -> Result<(Env, Vec<(String, String)>), ConfigError> {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read settings: {0}")]
+    /// A value that does not parse; URLs quoted in the message have their passwords masked.
+    #[error("cannot read settings: {}", redact_urls_in(&.0.to_string()))]
     Load(#[from] Box<figment::Error>),
     /// Every broken rule, one per line.
     #[error("invalid settings:\n  - {0}")]
@@ -861,6 +902,19 @@ mod tests {
             jail.set_env("ORDERLY_AUTH__JWT_SECRET", SECRET);
             jail.set_env("ORDERLY_CONFIG", "ignored.toml");
             Settings::load(None).expect("ORDERLY_CONFIG is the binary's, not a setting");
+            // What Kubernetes sets for the Services `orderly` and `orderly-search`: not settings.
+            for k in [
+                "ORDERLY_SERVICE_HOST",
+                "ORDERLY_SERVICE_PORT",
+                "ORDERLY_SERVICE_PORT_HTTP",
+                "ORDERLY_PORT",
+                "ORDERLY_PORT_80_TCP_ADDR",
+                "ORDERLY_SEARCH_SERVICE_HOST",
+                "ORDERLY_SEARCH_PORT_80_TCP",
+            ] {
+                jail.set_env(k, "10.0.0.1");
+            }
+            Settings::load(None).expect("Kubernetes service links are not settings");
             // One underscore instead of two: a top-level key `server_listen`.
             jail.set_env("ORDERLY_SERVER_LISTEN", "0.0.0.0:9000");
             let e = Settings::load(None).unwrap_err().to_string();
@@ -909,7 +963,11 @@ mod tests {
             "rediss://:***@cache:6380/0"
         );
         assert_eq!(redact_url("redis://cache:6379"), "redis://cache:6379");
-        assert_eq!(redact_url("nats://user@n:4222"), "nats://user@n:4222");
+        assert_eq!(redact_url("nats://s3cr3t@n:4222"), "nats://***@n:4222");
+        assert_eq!(
+            redact_urls_in("invalid type: found string \"mysql://a:pw@h/x, redis://:t@r\""),
+            "invalid type: found string \"mysql://a:***@h/x, redis://:***@r\""
+        );
     }
 
     #[test]

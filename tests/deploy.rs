@@ -571,7 +571,7 @@ fn the_compose_services_load_valid_settings_against_the_compose_servers() {
             .into_iter()
             .map(|(k, v)| {
                 let v = interpolate(&v, |var| match var {
-                    "ORDERLY_JWT_SECRET" => A_SECRET.to_owned(),
+                    "JWT_SECRET" => A_SECRET.to_owned(),
                     other => panic!("{name}: ${{{other}}} has no default"),
                 });
                 (k, v)
@@ -752,6 +752,12 @@ fn the_kubernetes_workloads_load_valid_settings_and_fit_the_shutdown_grace() {
         );
         assert_eq!(s.server.listen.to_string(), "0.0.0.0:8080");
         assert!(!s.archive.run_in_serve, "the CronJob archives, not serve");
+        // No service links: the Services named orderly… would set ORDERLY_SERVICE_HOST & co.
+        assert_eq!(
+            pod_spec(w)["enableServiceLinks"].as_bool(),
+            Some(false),
+            "{kind} {name}: enableServiceLinks"
+        );
         // SIGTERM: server.shutdown_delay_ms (unready, still serving), then
         // server.shutdown_grace_ms, within the pod's grace.
         if command == "serve" {

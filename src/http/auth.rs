@@ -235,11 +235,18 @@ impl AuthKeys {
         let Some(jwks) = Jwks::new(settings)? else {
             return Ok((keys, None));
         };
+        let url = crate::config::redact_url(&settings.jwks_url);
+        if settings.jwks_url.starts_with("http://") {
+            tracing::warn!(
+                %url,
+                "auth.jwks_url is plain http: whoever can change the answer on the way can mint tokens; use https"
+            );
+        }
         if jwks.refresh_now().await {
-            tracing::info!(url = %settings.jwks_url, keys = jwks.current().len(), "JWKS fetched");
+            tracing::info!(%url, keys = jwks.current().len(), "JWKS fetched");
         } else {
             tracing::error!(
-                url = %settings.jwks_url,
+                %url,
                 "cannot fetch the JWKS at start: tokens of the identity provider are refused until a fetch succeeds"
             );
         }
@@ -328,6 +335,14 @@ impl AuthKeys {
             .ok_or(AuthError::Invalid("token without exp"))?;
         if exp.saturating_sub(iat) > self.max_lifetime_secs {
             return Err(AuthError::Invalid("token lifetime exceeds the maximum"));
+        }
+        // The library checks a numeric `nbf`; one of another type would be skipped there.
+        if let Some(nbf) = claims.get("nbf") {
+            match seconds(nbf) {
+                Some(nbf) if nbf <= unix_now().saturating_add(LEEWAY_SECS) => {}
+                Some(_) => return Err(AuthError::Invalid("token not valid yet")),
+                None => return Err(AuthError::Invalid("token with a malformed nbf")),
+            }
         }
         let role = claims
             .pointer(&self.claims.role)
@@ -499,6 +514,7 @@ mod tests {
         assert!(accepts(&keys, json!({})));
         assert!(accepts(&keys, json!({"nbf": now - 10})));
         assert!(!accepts(&keys, json!({"nbf": now + 3600})));
+        assert!(!accepts(&keys, json!({"nbf": "soon"})));
     }
 
     #[test]

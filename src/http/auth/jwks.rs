@@ -4,25 +4,28 @@
 //! Invariants:
 //! - Requests read the held key set without waiting: a read lock held for an `Arc` clone,
 //!   never across an `.await`.
-//! - At most one fetch runs at a time. A request whose token names a `kid` not held asks for
-//!   a fetch ([`Jwks::refetch_for_unknown_kid`]): it waits for the fetch under way, or starts
-//!   one if the last (of any kind: the start's, the periodic refresh's, another request's)
-//!   ended at least `auth.jwks_min_refresh_secs` ago, or is answered at once with the keys
-//!   held. Forged kids therefore cost the provider at most one fetch per that interval, even
-//!   when the provider is slow or down.
-//! - A failed fetch (unreachable, slow past `auth.jwks_timeout_ms`, not a JWKS) keeps the
-//!   keys held: a provider's bad minute does not log everyone out.
+//! - At most one fetch runs at a time, in a task of its own (a dropped waiter cannot cancel
+//!   it or start a second one). A request whose token names a `kid` not held asks for a fetch
+//!   ([`Jwks::refetch_for_unknown_kid`]): it joins the fetch under way, or starts one if the
+//!   last (of any kind: the start's, the periodic refresh's, another request's) ended at
+//!   least `auth.jwks_min_refresh_secs` ago, or is answered at once with the keys held; it
+//!   waits at most [`UNKNOWN_KID_WAIT`]. Forged kids therefore cost the provider at most one
+//!   fetch per that interval, and hold a request for half a second at most, even when the
+//!   provider is slow or down.
+//! - A failed fetch (unreachable, slow past `auth.jwks_timeout_ms`, not a JWKS, or a set
+//!   with no usable key) keeps the keys held: a provider's bad minute does not log everyone
+//!   out.
 //! - Only signing keys of an asymmetric type are kept: `use: enc` keys and symmetric (`oct`)
 //!   keys are dropped, so a JWKS can never supply an HS256 secret.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use futures::future::{BoxFuture, FutureExt, Shared};
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde_json::Value;
-use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -144,16 +147,34 @@ fn usable(entry: &Value) -> Result<PublicKey, &'static str> {
 
 /// The key set of `auth.jwks_url`, and the one gate every fetch of it passes.
 pub struct Jwks {
+    /// `auth.jwks_url` with its password masked, for logs.
     url: String,
+    fetch_url: String,
     client: reqwest::Client,
     held: RwLock<Arc<KeySet>>,
-    /// When the last fetch ended (`None`: never). Held across the fetch: the single flight.
-    gate: Mutex<Option<Instant>>,
+    /// The single flight: the fetch under way, and when the last one ended. Never held across
+    /// an `.await`.
+    gate: Mutex<Gate>,
+    /// How long a request with an unknown kid waits for the fetch it asked for.
+    unknown_kid_wait: Duration,
     /// Whether the last fetch succeeded (the refresh loop retries sooner when not).
     last_ok: AtomicBool,
     refresh: Duration,
     min_refresh: Duration,
 }
+
+/// See [`Jwks::fetch_in`].
+#[derive(Default)]
+struct Gate {
+    running: Option<Shared<BoxFuture<'static, bool>>>,
+    /// When the last fetch ended (`None`: never).
+    ended: Option<Instant>,
+}
+
+/// The longest a request whose token names an unknown kid waits for the fetch it caused
+/// (or joined); a key the provider just published arrives well within it, and a forged kid
+/// holds its request (and its place under `server.max_in_flight`) no longer.
+pub const UNKNOWN_KID_WAIT: Duration = Duration::from_millis(500);
 
 impl Jwks {
     /// An empty key set for `settings.jwks_url` (nothing fetched yet); `None` when no URL is
@@ -168,10 +189,13 @@ impl Jwks {
             .connect_timeout(timeout)
             .build()?;
         Ok(Some(Arc::new(Jwks {
-            url: settings.jwks_url.clone(),
+            // Only for logs: a URL may carry credentials.
+            url: crate::config::redact_url(&settings.jwks_url),
+            fetch_url: settings.jwks_url.clone(),
             client,
             held: RwLock::default(),
-            gate: Mutex::new(None),
+            gate: Mutex::new(Gate::default()),
+            unknown_kid_wait: timeout.min(UNKNOWN_KID_WAIT),
             last_ok: AtomicBool::new(false),
             refresh: Duration::from_secs(settings.jwks_refresh_secs),
             min_refresh: Duration::from_secs(settings.jwks_min_refresh_secs),
@@ -183,42 +207,67 @@ impl Jwks {
         self.held.read().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
-    /// Fetches now (after the fetch under way, if any); whether it succeeded. The start and
-    /// the periodic refresh call this.
-    pub async fn refresh_now(&self) -> bool {
-        let mut ended = self.gate.lock().await;
-        let ok = self.fetch_and_hold().await;
-        *ended = Some(Instant::now());
-        ok
+    /// Fetches now (or joins the fetch under way); whether it succeeded. The start and the
+    /// periodic refresh call this.
+    pub async fn refresh_now(self: &Arc<Self>) -> bool {
+        let fetch = {
+            let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            self.fetch_in(&mut gate)
+        };
+        fetch.await
     }
 
     /// A token named a kid that `seen` (the set it was looked up in) lacks: fetch again if
-    /// allowed, and answer the keys held after it. Waits for a fetch under way; starts one
-    /// only if none ended in the last `auth.jwks_min_refresh_secs`.
-    pub async fn refetch_for_unknown_kid(&self, seen: &Arc<KeySet>) -> Arc<KeySet> {
-        let mut ended = self.gate.lock().await;
-        let now = self.current();
-        if !Arc::ptr_eq(&now, seen) {
-            // A fetch ended while this request waited or looked: that is the answer.
-            return now;
-        }
-        if ended.is_some_and(|at| at.elapsed() < self.min_refresh) {
-            return now;
-        }
-        self.fetch_and_hold().await;
-        *ended = Some(Instant::now());
+    /// allowed, and answer the keys held after it. Joins a fetch under way; starts one only if
+    /// none ended in the last `auth.jwks_min_refresh_secs`; waits for it at most
+    /// [`UNKNOWN_KID_WAIT`] (a forged kid must not hold a request for a provider's timeout).
+    pub async fn refetch_for_unknown_kid(self: &Arc<Self>, seen: &Arc<KeySet>) -> Arc<KeySet> {
+        let fetch = {
+            let mut gate = self.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            let now = self.current();
+            if !Arc::ptr_eq(&now, seen) {
+                // A fetch ended while this request looked: that is the answer.
+                return now;
+            }
+            if gate.running.is_none() && gate.ended.is_some_and(|at| at.elapsed() < self.min_refresh) {
+                return now;
+            }
+            self.fetch_in(&mut gate)
+        };
+        let _ = tokio::time::timeout(self.unknown_kid_wait, fetch).await;
         self.current()
+    }
+
+    /// The fetch under way, or a new one. The fetch runs in a task of its own, which records
+    /// its end: a waiter that is dropped (a client gone) neither cancels it nor lets the next
+    /// waiter start another one.
+    fn fetch_in(self: &Arc<Self>, gate: &mut Gate) -> Shared<BoxFuture<'static, bool>> {
+        if let Some(running) = &gate.running {
+            return running.clone();
+        }
+        let jwks = self.clone();
+        let task = tokio::spawn(async move {
+            let ok = jwks.fetch_and_hold().await;
+            let mut gate = jwks.gate.lock().unwrap_or_else(PoisonError::into_inner);
+            gate.ended = Some(Instant::now());
+            gate.running = None;
+            ok
+        });
+        let running = async move { task.await.unwrap_or(false) }.boxed().shared();
+        gate.running = Some(running.clone());
+        running
     }
 
     /// Fetches the set and holds it; on failure logs and keeps the keys held.
     async fn fetch_and_hold(&self) -> bool {
         let ok = match self.fetch().await {
+            Ok(set) if set.is_empty() => {
+                // Most likely a provider's mistake: keep the keys held (the module's promise).
+                tracing::warn!(url = %self.url, "the JWKS holds no usable key; the keys held stay in use");
+                false
+            }
             Ok(set) => {
-                if set.is_empty() {
-                    tracing::warn!(url = %self.url, "the JWKS holds no usable key");
-                } else {
-                    tracing::debug!(url = %self.url, keys = set.len(), "JWKS fetched");
-                }
+                tracing::debug!(url = %self.url, keys = set.len(), "JWKS fetched");
                 *self.held.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(set);
                 true
             }
@@ -234,7 +283,7 @@ impl Jwks {
     async fn fetch(&self) -> Result<KeySet, String> {
         let mut response = self
             .client
-            .get(&self.url)
+            .get(&self.fetch_url)
             .header(
                 reqwest::header::ACCEPT,
                 "application/jwk-set+json, application/json",
