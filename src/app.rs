@@ -214,12 +214,14 @@ impl Application {
         };
         // With an identity provider, its keys are fetched here (a failure is logged, not
         // fatal: see `AuthKeys::start`) and refreshed in the background.
-        let (auth, jwks_refresh) = AuthKeys::start(&settings.auth, shutdown.clone()).await?;
+        let (auth, jwks_refresh) = AuthKeys::start(&settings.auth, stop.clone()).await?;
         background.extend(jwks_refresh);
+        let (schema_check, schema_watch) = watch_schema(schemas, stop.clone());
+        background.push(schema_watch);
         let readiness = Arc::new(
             serve_readiness(&settings, orders.shards(), &profiles, ids.clone(), cache.clone())
                 .await?
-                .with(schema_check(schemas)),
+                .with(schema_check),
         );
         let drain = tokio::spawn(drain_then_stop(
             shutdown,
@@ -379,6 +381,9 @@ impl Application {
                 }
             },
         };
+        // Stopped by the token, or (a listener error) on its own: either way everything
+        // else stops now, or the loops below would wait for a token nobody fires.
+        self.stop.cancel();
         writes.close();
         if tokio::time::timeout_at(deadline, writes.wait()).await.is_err() {
             tracing::warn!(
@@ -405,8 +410,7 @@ impl Application {
         for task in [relays, copy, searcher, archiver, lag].into_iter().flatten() {
             let _ = task.await;
         }
-        // Served on its own (the server stopped without a shutdown): the drain ends too.
-        self.stop.cancel();
+        // The drain ends at `stop` too (cancelled above).
         let _ = self.drain.await;
         done.cancel();
         if let Some(admin) = admin {
@@ -644,24 +648,49 @@ async fn serve_readiness(
     }))
 }
 
-/// Readiness check `schema`: no database has a migration pending (`orderly migrate` has run
-/// for this version). One small read of the bookkeeping table per database.
-fn schema_check(schemas: Arc<schema::Databases>) -> Check {
-    Check::new("schema", move || {
-        let schemas = schemas.clone();
-        async move {
-            let status = schemas.status().await.map_err(|e| e.to_string())?;
-            let behind: Vec<String> = status
-                .iter()
-                .filter(|s| !s.pending.is_empty())
-                .map(|s| format!("{}: {} pending", s.database, s.pending.len()))
-                .collect();
-            match behind.is_empty() {
-                true => Ok(()),
-                false => Err(format!("{}; run orderly migrate", behind.join(", "))),
+/// How often a running `serve` reads the migrations' bookkeeping again for its readiness: a
+/// database restored from an old backup, or an older release's database swapped in, shows
+/// within this long. Off the probe's path: a probe reads the last finding.
+const SCHEMA_RECHECK: Duration = Duration::from_secs(30);
+
+/// Readiness check `schema` (no database has a migration pending), and the task that keeps
+/// its finding fresh until `stop`. A database that cannot be read keeps the last finding:
+/// its own check (or the request path) reports it, and an archive or merchant database
+/// being down must not make every `serve` unready.
+fn watch_schema(schemas: Arc<schema::Databases>, stop: CancellationToken) -> (Check, JoinHandle<()>) {
+    // `serve` refused to start with anything pending: nothing is behind at first.
+    let behind = Arc::new(std::sync::Mutex::new(None::<String>));
+    let found = behind.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(SCHEMA_RECHECK) => {}
+            }
+            match schemas.status().await {
+                Ok(status) => {
+                    let pending: Vec<String> = status
+                        .iter()
+                        .filter(|s| !s.pending.is_empty())
+                        .map(|s| format!("{}: {} pending", s.database, s.pending.len()))
+                        .collect();
+                    *found.lock().unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        (!pending.is_empty()).then(|| format!("{}; run orderly migrate", pending.join(", ")));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the migrations' bookkeeping; readiness keeps the last finding")
+                }
             }
         }
-    })
+    });
+    let check = Check::new("schema", move || {
+        let finding = behind
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        async move { finding.map_or(Ok(()), Err) }
+    });
+    (check, task)
 }
 
 /// The admin listener of a process (`server.admin_listen`), bound: `/metrics`, `/healthz`,

@@ -87,7 +87,13 @@ pub struct Readiness {
     reports: Vec<Report>,
     timeout: Duration,
     draining: AtomicBool,
+    /// The last verdict and when it was reached; its lock is held by the evaluation running.
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Verdict)>>,
 }
+
+/// A verdict this fresh answers the probes that waited for it (or came right after); older,
+/// the checks run again.
+const SHARED_VERDICT: Duration = Duration::from_millis(100);
 
 /// What one readiness probe found.
 #[derive(Debug, Clone, PartialEq)]
@@ -109,6 +115,7 @@ impl Readiness {
             reports: Vec::new(),
             timeout,
             draining: AtomicBool::new(false),
+            last: tokio::sync::Mutex::new(None),
         }
     }
 
@@ -151,7 +158,10 @@ impl Readiness {
         self.draining.load(Ordering::Acquire)
     }
 
-    /// Runs every check at once, each within the timeout, and reads the reports.
+    /// Runs every check at once, each within the timeout, and reads the reports. One
+    /// evaluation at a time: probes that arrive while one runs wait for it and share its
+    /// verdict (a flood of `/readyz` costs the databases one check each per
+    /// [`SHARED_VERDICT`], not one per request).
     pub async fn evaluate(&self) -> Verdict {
         if self.is_draining() {
             return Verdict {
@@ -161,6 +171,18 @@ impl Readiness {
                 checks: Map::new(),
             };
         }
+        let mut last = self.last.lock().await;
+        if let Some((at, verdict)) = last.as_ref() {
+            if at.elapsed() < SHARED_VERDICT {
+                return verdict.clone();
+            }
+        }
+        let verdict = self.run_checks().await;
+        *last = Some((std::time::Instant::now(), verdict.clone()));
+        verdict
+    }
+
+    async fn run_checks(&self) -> Verdict {
         let outcomes = futures::future::join_all(self.checks.iter().map(|c| async move {
             let outcome = tokio::time::timeout(self.timeout, (c.probe)()).await;
             (c.name.as_str(), outcome)
@@ -306,6 +328,27 @@ mod tests {
 
     /// Checks run at once: one that hangs is cut off at the timeout and named, the others
     /// still answer; reports never decide; draining answers at once.
+    /// A flood of probes runs the checks once, not once per probe.
+    #[tokio::test]
+    async fn probes_that_arrive_together_share_one_round_of_checks() {
+        let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = runs.clone();
+        let readiness = Readiness::new(Duration::from_millis(500)).with(Check::new("db", move || {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                Ok(())
+            }
+        }));
+        let verdicts = futures::future::join_all((0..50).map(|_| readiness.evaluate())).await;
+        assert!(verdicts.iter().all(|v| v.ready));
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+        // Later, the checks run again.
+        tokio::time::sleep(SHARED_VERDICT * 2).await;
+        readiness.evaluate().await;
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 2);
+    }
+
     #[tokio::test]
     async fn checks_run_at_once_each_within_the_timeout() {
         let timeout = Duration::from_millis(300);
