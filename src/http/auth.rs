@@ -242,6 +242,12 @@ impl AuthKeys {
                 "auth.jwks_url is plain http: whoever can change the answer on the way can mint tokens; use https"
             );
         }
+        if settings.audience.is_empty() && settings.issuer.is_empty() {
+            tracing::warn!(
+                %url,
+                "auth.jwks_url without auth.audience or auth.issuer: every token the provider signs, for any of its clients, is accepted; set auth.audience"
+            );
+        }
         if jwks.refresh_now().await {
             tracing::info!(%url, keys = jwks.current().len(), "JWKS fetched");
         } else {
