@@ -579,11 +579,19 @@ fn environment() -> Result<(Env, Vec<(String, String)>), ConfigError> {
     Ok((env, secrets))
 }
 
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        ConfigError::Load(redact_urls_in(&e.to_string()))
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A value that does not parse; URLs quoted in the message have their passwords masked.
-    #[error("cannot read settings: {}", redact_urls_in(&.0.to_string()))]
-    Load(#[from] Box<figment::Error>),
+    /// A value that does not parse, or a key that is not one. The parser's message, with the
+    /// passwords of URLs it quotes masked (kept as text: the parser's error, as a source,
+    /// would print them again).
+    #[error("cannot read settings: {0}")]
+    Load(String),
     /// Every broken rule, one per line.
     #[error("invalid settings:\n  - {0}")]
     Invalid(String),
@@ -605,7 +613,7 @@ impl Settings {
         for (key, value) in secrets {
             fig = fig.merge(Serialized::default(&key, value));
         }
-        let settings: Settings = fig.extract().map_err(Box::new)?;
+        let settings: Settings = fig.extract().map_err(ConfigError::from)?;
         settings.validate()?;
         Ok(settings)
     }
@@ -915,6 +923,16 @@ mod tests {
                 jail.set_env(k, "10.0.0.1");
             }
             Settings::load(None).expect("Kubernetes service links are not settings");
+            // A value that does not parse is quoted, its password masked (here and in the
+            // error's chain).
+            jail.set_env("ORDERLY_COMMERCE__REPLICAS", "mysql://orderly:s3cret@db:3306/c");
+            let e = Settings::load(None).unwrap_err();
+            let text = format!("{e} {:?}", std::error::Error::source(&e));
+            assert!(
+                text.contains("orderly:***@db") && !text.contains("s3cret"),
+                "{text}"
+            );
+            jail.set_env("ORDERLY_COMMERCE__REPLICAS", "[]");
             // One underscore instead of two: a top-level key `server_listen`.
             jail.set_env("ORDERLY_SERVER_LISTEN", "0.0.0.0:9000");
             let e = Settings::load(None).unwrap_err().to_string();
