@@ -11,12 +11,11 @@ use orderly::events::consumer::{self, StartAt};
 use orderly::events::merchant::MerchantCopy;
 use orderly::events::Broker;
 use orderly::storage::merchant::MerchantMap;
-use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
 use reqwest::StatusCode;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{free_port, orderly_command, TestApp};
+use crate::helpers::{app_with_own_archive, free_port, orderly_command, TestApp};
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
@@ -150,21 +149,7 @@ async fn admin_a_relay_on_its_own_is_scraped_and_probed_on_its_admin_listener() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_readiness_names_the_check_that_hangs_or_fails_within_its_timeout() {
     const TIMEOUT_MS: u64 = 500;
-    let own = LocalCluster::start(ClusterSpec {
-        mariadb_servers: 1,
-        with_redis: false,
-        with_nats: false,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("the archive's own MariaDB server");
-    let server = own.mariadb(0).base_url();
-    let app = TestApp::spawn_with(|s| {
-        s.events.relay = false;
-        let name = s.archive.url.rsplit_once('/').unwrap().1.to_owned();
-        s.archive.url = format!("{server}/{name}");
-    })
-    .await;
+    let (own, app) = app_with_own_archive(|s| s.events.relay = false).await;
     let mut settings = app.settings.clone();
     settings.server.admin_listen = Some(([127, 0, 0, 1], 0).into());
     settings.server.readiness_timeout_ms = TIMEOUT_MS;

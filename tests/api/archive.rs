@@ -14,7 +14,7 @@ use orderly::domain::ids::{OrderId, ProductId, UserId};
 use orderly::domain::money::Money;
 use orderly::domain::status::OrderStatus;
 use orderly::service::archive::{PassOptions, PassSummary};
-use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
+use orderly_testkit::cluster::LocalCluster;
 use orderly_testkit::fixtures::{write_old_orders, OldOrders};
 
 use crate::helpers::TestApp;
@@ -721,25 +721,13 @@ async fn serve_archives_in_the_background_beside_a_twin_process() {
 /// which the test stops or freezes while the shards stay up on the shared cluster. Archive
 /// reads wait at most `read_timeout_ms`.
 async fn app_with_own_archive(read_timeout_ms: u64) -> (LocalCluster, TestApp) {
-    let own = LocalCluster::start(ClusterSpec {
-        mariadb_servers: 1,
-        with_redis: false,
-        with_nats: false,
-        ..ClusterSpec::default()
-    })
-    .await
-    .expect("the archive's own MariaDB server");
-    let server = own.mariadb(0).base_url();
-    let app = TestApp::spawn_with(|s| {
+    crate::helpers::app_with_own_archive(|s| {
         s.sweeper.interval_secs = 3600;
         s.archive.min_age_days = 30;
         s.archive.older_than_days = 90;
         s.archive.read_timeout_ms = read_timeout_ms;
-        let name = s.archive.url.rsplit_once('/').unwrap().1.to_owned();
-        s.archive.url = format!("{server}/{name}");
     })
-    .await;
-    (own, app)
+    .await
 }
 
 /// How the archive's server is down.

@@ -33,3 +33,28 @@ pub fn orderly_command(settings: &Settings) -> (tokio::process::Command, tempfil
         .kill_on_drop(true);
     (command, dir)
 }
+
+/// An app whose archive database is on a MariaDB server of the test's own, which the test
+/// stops or freezes while the shards stay up on the shared cluster; `tweak` as
+/// [`TestApp::spawn_with`]'s.
+pub async fn app_with_own_archive(
+    tweak: impl FnOnce(&mut Settings),
+) -> (orderly_testkit::cluster::LocalCluster, TestApp) {
+    use orderly_testkit::cluster::{ClusterSpec, LocalCluster};
+    let own = LocalCluster::start(ClusterSpec {
+        mariadb_servers: 1,
+        with_redis: false,
+        with_nats: false,
+        ..ClusterSpec::default()
+    })
+    .await
+    .expect("the archive's own MariaDB server");
+    let server = own.mariadb(0).base_url();
+    let app = TestApp::spawn_with(|s| {
+        tweak(s);
+        let name = s.archive.url.rsplit_once('/').unwrap().1.to_owned();
+        s.archive.url = format!("{server}/{name}");
+    })
+    .await;
+    (own, app)
+}
